@@ -1,0 +1,1 @@
+"""LoRA trainer for FLUX image models."""

@@ -1,0 +1,312 @@
+"""The job spec: one validated description of a training run, saved as TOML.
+
+Sections and key names follow DESIGN.md. A value a later issue will add (another optimiser, a LoRA format,
+a low-VRAM strategy) is absent from the allowed values until it works, so validation never accepts a
+setting the trainer would silently ignore.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainer import registry
+
+SPEC_VERSION = 1
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class SpecError(ValueError):
+    """Every problem found in a spec, one line each, naming the field and what is allowed."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__("\n".join(f"{where}{p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSection(_Section):
+    family: Literal["flux2", "flux1"] = "flux2"
+    flavour: str = "demo"
+    # Hub repo id or a diffusers-layout folder; empty means the flavour's default hub repo.
+    source: str = ""
+    base_precision: Precision = "bf16"
+    text_encoder_precision: Precision = "bf16"
+
+    @model_validator(mode="after")
+    def _flavour_belongs_to_family(self) -> ModelSection:
+        allowed = registry.flavour_names(self.family)
+        if self.flavour not in allowed:
+            raise ValueError(
+                f"flavour '{self.flavour}' is not a {self.family} flavour; allowed: {', '.join(allowed)}"
+            )
+        if not self.source and registry.get_flavour(self.family, self.flavour).hub_id is None:
+            raise ValueError("source is empty; the demo flavour needs the folder built by `python -m trainer demo`")
+        return self
+
+
+class LoraSection(_Section):
+    type: Literal["lora"] = "lora"
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    # "all" targets every Linear inside the transformer blocks; anything else is a module-name regex.
+    targets: str = "all"
+    init: Literal["default", "gaussian"] = "default"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class DatasetEntry(_Section):
+    path: str
+    resolution: int | None = Field(None, ge=64, le=4096)
+    repeats: int = Field(1, ge=1, le=10000)
+    caption_strategy: Literal["textfile", "filename", "instance_prompt"] = "textfile"
+    instance_prompt: str = ""
+    trigger: str = ""
+    crop: Literal["center", "random"] = "center"
+
+    @model_validator(mode="after")
+    def _instance_prompt_given(self) -> DatasetEntry:
+        if self.caption_strategy == "instance_prompt" and not self.instance_prompt.strip():
+            raise ValueError("caption_strategy 'instance_prompt' needs instance_prompt set to the caption to use")
+        return self
+
+
+class DataSection(_Section):
+    datasets: list[DatasetEntry] = Field(default_factory=list)
+    resolution: int = Field(512, ge=64, le=4096)
+    cache_latents: bool = True
+    cache_text_embeddings: Literal["memory"] = "memory"
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class TrainSection(_Section):
+    max_steps: int = Field(1000, ge=1, le=10_000_000)
+    batch_size: int = Field(1, ge=1, le=256)
+    gradient_accumulation: int = Field(1, ge=1, le=1024)
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    optimizer: Literal["adamw"] = "adamw"
+    scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear", "polynomial"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0.0)  # 0 turns clipping off
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    seed: int = Field(42, ge=0)
+
+
+class LowVramSection(_Section):
+    strategy: Literal["none"] = "none"
+    gradient_checkpointing: bool = False
+
+
+class SampleSection(_Section):
+    prompts: list[str] = Field(default_factory=list)
+    every_steps: int = Field(0, ge=0)  # 0: only at the end of the run
+    # Unset values take the flavour's defaults from the registry.
+    steps: int | None = Field(None, ge=1, le=200)
+    guidance: float | None = Field(None, ge=0.0, le=30.0)
+    seed: int = Field(42, ge=0)
+    resolution: int | None = Field(None, ge=64, le=4096)
+
+
+class OutputSection(_Section):
+    dir: str = "output"
+    name: str = Field("lora", min_length=1)
+    save_every_steps: int = Field(0, ge=0)  # 0: only at the end of the run
+    formats: list[Literal["diffusers"]] = Field(default_factory=lambda: ["diffusers"], min_length=1)
+
+
+class AdvancedSection(_Section):
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+    shift: float = Field(1.0, gt=0)
+    # Resolution-dependent shift as the flavour's scheduler computes it; overrides `shift` when on.
+    auto_shift: bool = True
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    guidance_mode: Literal["constant"] = "constant"
+    guidance_value: float = Field(1.0, ge=0.0, le=30.0)
+
+
+class JobSpec(_Section):
+    spec_version: int = SPEC_VERSION
+    model: ModelSection = Field(default_factory=ModelSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    lowvram: LowVramSection = Field(default_factory=LowVramSection)
+    sample: SampleSection = Field(default_factory=SampleSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    advanced: AdvancedSection = Field(default_factory=AdvancedSection)
+
+    @model_validator(mode="after")
+    def _version_known(self) -> JobSpec:
+        if self.spec_version != SPEC_VERSION:
+            raise ValueError(f"spec_version {self.spec_version} is not supported; this trainer reads {SPEC_VERSION}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+# ---------------------------------------------------------------- parsing and error messages
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys at the place an unknown key was found, following the error's location."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        current = args[0] if args else annotation
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+    return list(current.model_fields)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(p for p in error["loc"] if p not in ("function-after",))
+    field = _format_loc(loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(JobSpec, loc)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(allowed)}"
+        return f"{field}: unknown key; {hint}"
+    if kind == "missing":
+        return f"{field}: required but missing"
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) or kind == "value_error" else f" (got {got!r})"
+    return f"{field or 'spec'}: {message}{shown}" if field else f"{message}{shown}"
+
+
+def parse_spec(data: dict[str, Any], source: str | None = None) -> JobSpec:
+    """Validate a plain dict; every problem is reported at once in one SpecError."""
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError([_describe(e) for e in exc.errors()], source) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(["file not found; give the path of a job TOML (make one with `python -m trainer demo`)"],
+                        str(path)) from None
+    except OSError as exc:
+        raise SpecError([f"cannot read the file: {exc.strerror}"], str(path)) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError([f"not valid TOML: {exc}"], str(path)) from None
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return parse_spec(data, str(path))
+
+
+def spec_to_toml(spec: JobSpec) -> str:
+    return tomli_w.dumps(spec.to_dict())
+
+
+def save_spec(spec: JobSpec, path: str | Path) -> None:
+    from trainer.files import write_text_atomic  # local import keeps this module's import graph tiny
+
+    write_text_atomic(Path(path), spec_to_toml(spec))
+
+
+# ---------------------------------------------------------------- overrides and merging
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` with a TOML literal value; a bare word is taken as a string."""
+    key, sep, raw = item.partition("=")
+    parts = [p.strip() for p in key.strip().split(".")]
+    if not sep or len(parts) < 2 or not all(parts):
+        raise SpecError([f"--set {item!r}: expected section.key=value, e.g. lora.rank=16"])
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    result = deep_merge({}, data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = result
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError([f"--set {item!r}: '{part}' is a value, not a section"])
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def deep_merge(base: dict[str, Any], *layers: dict[str, Any]) -> dict[str, Any]:
+    """Later layers win; tables merge key by key, everything else (lists included) is replaced."""
+    result = {k: (deep_merge({}, v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(result.get(key), dict):
+                result[key] = deep_merge(result[key], value)
+            elif isinstance(value, dict):
+                result[key] = deep_merge({}, value)
+            else:
+                result[key] = value
+    return result
+
+
+# ---------------------------------------------------------------- paths
+
+
+def _resolve(path: str, base: Path) -> str:
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def is_local_path(source: str) -> bool:
+    """A hub id is `owner/name`; anything that exists, or looks like a filesystem path, is local."""
+    if not source:
+        return False
+    if Path(source).expanduser().exists():
+        return True
+    return source.startswith((".", "/", "~", "\\")) or ":" in source or source.count("/") != 1
+
+
+def resolve_paths(spec: JobSpec, base_dir: str | Path) -> JobSpec:
+    """A copy whose relative paths are taken from `base_dir` (the job file's folder)."""
+    base = Path(base_dir)
+    data = spec.to_dict()
+    if is_local_path(spec.model.source):
+        data["model"]["source"] = _resolve(spec.model.source, base)
+    for entry in data["data"]["datasets"]:
+        entry["path"] = _resolve(entry["path"], base)
+    data["output"]["dir"] = _resolve(spec.output.dir, base)
+    return JobSpec.model_validate(data)
