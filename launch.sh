@@ -58,14 +58,18 @@ find_python() {
     return 1
 }
 
+# "Python 3.x.y", or why there is none, on one line.
+python_version_of() {
+    local version
+    version=$("$1" --version 2>/dev/null | head -n 1) || true
+    echo "${version:-$1 not found or not runnable}"
+}
+
 python_missing_message() {
-    local found=""
     if [[ -n ${PYTHON:-} ]]; then
-        found=$("$PYTHON" --version 2>&1 || echo "not runnable")
-        echo "PYTHON=$PYTHON is not Python $MIN_PYTHON or newer ($found)"
+        echo "PYTHON=$PYTHON is not Python $MIN_PYTHON or newer ($(python_version_of "$PYTHON"))"
     else
-        found=$(python3 --version 2>&1 || echo "no python3 on PATH")
-        echo "Python $MIN_PYTHON or newer is needed ($found); install it, or set PYTHON=/path/to/python3"
+        echo "Python $MIN_PYTHON or newer is needed ($(python_version_of python3)); install it, or set PYTHON=/path/to/python3"
     fi
 }
 

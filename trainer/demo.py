@@ -7,8 +7,10 @@ before downloading anything and every test runs on the same code path as a real 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
+from trainer.events import Event, PhaseChanged
 from trainer.files import write_text_atomic
 
 DEMO_SEED = 0
@@ -231,7 +233,10 @@ name = "demo_lora"
 """
 
 
-def build_demo(out_dir: str | Path, families: tuple[str, ...] = ("flux2", "flux1")) -> Path:
+FAMILIES = ("flux2", "flux1")
+
+
+def build_demo(out_dir: str | Path, families: tuple[str, ...] = FAMILIES) -> Path:
     """Build the demo pipelines, dataset and job.toml under `out_dir`; returns the job file's path."""
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -248,3 +253,14 @@ def build_demo(out_dir: str | Path, families: tuple[str, ...] = ("flux2", "flux1
 
 def is_demo_folder(path: str | Path) -> bool:
     return (Path(path) / "job.toml").is_file() and (Path(path) / "dataset").is_dir()
+
+
+def ensure_demo(out_dir: str | Path, emit: Callable[[Event], None] | None = None) -> Path:
+    """Build the demo under `out_dir` unless a complete one is already there; returns the job file."""
+    out = Path(out_dir)
+    complete = is_demo_folder(out) and all((out / family / "model_index.json").is_file() for family in FAMILIES)
+    if not complete:
+        if emit is not None:
+            emit(PhaseChanged(phase="building demo", detail=str(out)))
+        build_demo(out)
+    return out / "job.toml"

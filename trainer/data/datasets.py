@@ -1,0 +1,52 @@
+"""Image folders with captions: what each training item is, decided before any model loads (no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.spec import DatasetEntry, JobSpec
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CAPTION_EXTENSIONS = (".txt", ".caption")
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    image_path: Path
+    caption: str
+    resolution: int
+    repeats: int
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def read_caption(image_path: Path, entry: DatasetEntry) -> str:
+    """The caption for one image by the dataset's strategy, with the trigger word in front."""
+    if entry.caption_strategy == "instance_prompt":
+        caption = entry.instance_prompt
+    elif entry.caption_strategy == "filename":
+        caption = image_path.stem.replace("_", " ")
+    else:
+        caption = ""
+        for ext in CAPTION_EXTENSIONS:
+            sidecar = image_path.with_suffix(ext)
+            if sidecar.is_file():
+                caption = sidecar.read_text(encoding="utf-8", errors="replace").strip()
+                break
+    caption = " ".join(caption.split())
+    if entry.trigger and entry.trigger not in caption:
+        caption = f"{entry.trigger} {caption}".strip()
+    return caption
+
+
+def collect_items(spec: JobSpec) -> list[TrainItem]:
+    """Every image of every dataset, in a stable order; paths must already be resolved."""
+    items: list[TrainItem] = []
+    for entry in spec.data.datasets:
+        resolution = entry.resolution or spec.data.resolution
+        for image_path in list_images(Path(entry.path)):
+            items.append(TrainItem(image_path, read_caption(image_path, entry), resolution, entry.repeats))
+    return items

@@ -1,0 +1,142 @@
+"""What a training run tells the world: frozen dataclasses, sent to a queue (thread) or events.jsonl (CLI).
+
+No torch here: the UI imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: ClassVar[str] = "event"
+    time: float = field(default_factory=time.time, kw_only=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class RunStarted(Event):
+    kind: ClassVar[str] = "run_started"
+    max_steps: int
+    output_dir: str
+    family: str
+    flavour: str
+
+
+@dataclass(frozen=True)
+class PhaseChanged(Event):
+    """Loading, caching, training, sampling, saving: what the run is busy with right now."""
+
+    kind: ClassVar[str] = "phase"
+    phase: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Progress(Event):
+    kind: ClassVar[str] = "progress"
+    step: int
+    max_steps: int
+    loss: float
+    learning_rate: float
+    steps_per_second: float
+    eta_seconds: float
+
+
+@dataclass(frozen=True)
+class SampleSaved(Event):
+    kind: ClassVar[str] = "sample"
+    step: int
+    path: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class LoraSaved(Event):
+    kind: ClassVar[str] = "lora_saved"
+    step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class LogMessage(Event):
+    kind: ClassVar[str] = "log"
+    level: Literal["info", "warning", "error"]
+    message: str
+
+
+@dataclass(frozen=True)
+class RunFinished(Event):
+    kind: ClassVar[str] = "run_finished"
+    status: Literal["completed", "stopped", "failed"]
+    step: int
+    lora_path: str = ""
+    message: str = ""
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.kind: cls for cls in (RunStarted, PhaseChanged, Progress, SampleSaved, LoraSaved, LogMessage, RunFinished)
+}
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    values = dict(data)
+    cls = EVENT_TYPES[values.pop("event")]
+    return cls(**values)
+
+
+class EventQueue:
+    """Thread-safe sink the app drains with a timer."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
+
+    def __call__(self, event: Event) -> None:
+        self._queue.put(event)
+
+    def drain(self) -> list[Event]:
+        events: list[Event] = []
+        while True:
+            try:
+                events.append(self._queue.get_nowait())
+            except queue.Empty:
+                return events
+
+
+class JsonlWriter:
+    """Appends one JSON object per event and flushes it, so a crash loses at most the event being written."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def __call__(self, event: Event) -> None:
+        with self._lock:
+            if not self._handle.closed:
+                self._handle.write(json.dumps(event.to_dict()) + "\n")
+                self._handle.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._handle.close()
+
+
+def read_events(path: Path) -> list[Event]:
+    """Events from an events.jsonl; a half-written last line (a crash mid-write) is skipped."""
+    events: list[Event] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(event_from_dict(json.loads(line)))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return events

@@ -1,0 +1,90 @@
+"""FLUX.1: CLIP-L (pooled) + T5-XXL (sequence) prompts, a 16-channel VAE and 2x2-packed latent tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+from trainer.registry import Flavour
+
+
+def load_pipeline(source: str, flavour: Flavour, dtype: torch.dtype) -> Any:
+    import diffusers
+
+    pipeline_class = getattr(diffusers, flavour.pipeline_class)
+    return pipeline_class.from_pretrained(source, dtype=dtype)
+
+
+def _max_sequence_length(flavour: Flavour) -> int:
+    # T5 token budget: the demo's one-character-per-token prompts fit in 64; schnell was trained with 256, the dev models with 512.
+    if flavour.is_demo:
+        return 64
+    return 256 if flavour.name == "schnell" else 512
+
+
+def encode_prompts(pipe: Any, prompts: list[str], flavour: Flavour) -> dict[str, torch.Tensor]:
+    """T5 sequence embeddings (B, L, D) and CLIP pooled embeddings (B, D_clip), as the pipeline computes them."""
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=prompts, prompt_2=prompts, device=pipe.text_encoder.device,
+            max_sequence_length=_max_sequence_length(flavour),
+        )
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
+def encode_images(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] (B, 3, H, W) to shifted and scaled latents (B, 16, H/8, W/8)."""
+    vae = pipe.vae
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def image_seq_len(latents: torch.Tensor) -> int:
+    """Number of image tokens once the latents are packed into 2x2 patches."""
+    return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+
+
+def shift_mu(image_seq_len: int, flavour: Flavour) -> float:
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    # The FLUX.1 scheduler's resolution-dependent shift; its defaults are those of every FLUX.1 flavour.
+    return calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
+
+
+def predict(transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, text: dict[str, torch.Tensor],
+            guidance: torch.Tensor | None) -> torch.Tensor:
+    """The transformer's flow prediction for latents (B, 16, h, w), returned in the same layout."""
+    from diffusers import FluxPipeline
+
+    batch, channels, height, width = noisy.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"FLUX.1 packs 2x2 latent patches; latent size {height}x{width} must be even")
+    dtype, device = transformer.dtype, noisy.device
+    embeds = text["prompt_embeds"]
+    tokens = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
+    img_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
+    txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
+    # The pipeline passes t / 1000 with t = sigma * 1000, i.e. sigma itself; the transformer rescales by 1000,
+    # and it does the same to the raw guidance scale.
+    out = transformer(
+        hidden_states=tokens.to(dtype), encoder_hidden_states=embeds.to(dtype),
+        pooled_projections=text["pooled_prompt_embeds"].to(dtype), timestep=sigmas.to(dtype),
+        img_ids=img_ids, txt_ids=txt_ids,
+        guidance=guidance if transformer.config.guidance_embeds else None, return_dict=False,
+    )[0]
+    # _unpack_latents takes pixel sizes and the VAE factor; latent sizes with a factor of 1 give the same layout.
+    return FluxPipeline._unpack_latents(out, height, width, 1)
+
+
+def sample(pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None,
+           steps: int, guidance: float, seed: int, resolution: int) -> Image.Image:
+    device = pipe.transformer.device
+    del negative  # FLUX.1 dev is guidance-distilled: the scale goes in as an embedding, no true CFG pass
+    return pipe(
+        prompt_embeds=text["prompt_embeds"].to(device), pooled_prompt_embeds=text["pooled_prompt_embeds"].to(device),
+        guidance_scale=guidance, num_inference_steps=steps, height=resolution, width=resolution,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]

@@ -1,0 +1,89 @@
+"""FLUX.2: Qwen3 (klein) or Mistral (dev) hidden states, a 32-channel VAE with 2x2 patchify and BatchNorm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+from trainer.registry import Flavour
+
+
+def load_pipeline(source: str, flavour: Flavour, dtype: torch.dtype) -> Any:
+    import diffusers
+
+    pipeline_class = getattr(diffusers, flavour.pipeline_class)
+    return pipeline_class.from_pretrained(source, dtype=dtype)
+
+
+def _max_sequence_length(flavour: Flavour) -> int:
+    # The demo's tiny prompts fit in 64 tokens; real flavours use the pipeline's default of 512.
+    return 64 if flavour.is_demo else 512
+
+
+def encode_prompts(pipe: Any, prompts: list[str], flavour: Flavour) -> dict[str, torch.Tensor]:
+    """Stacked hidden states of the flavour's text encoder layers, as the pipeline itself computes them."""
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt(
+            prompt=prompts, device=pipe.text_encoder.device, max_sequence_length=_max_sequence_length(flavour),
+            text_encoder_out_layers=flavour.text_encoder_layers,
+        )
+    return {"prompt_embeds": embeds}
+
+
+def encode_images(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] (B, 3, H, W) to normalised, patchified latents (B, 128, H/16, W/16)."""
+    vae = pipe.vae
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        latents = pipe._patchify_latents(latents)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
+    return (latents - mean) / std
+
+
+def image_seq_len(latents: torch.Tensor) -> int:
+    return latents.shape[-2] * latents.shape[-1]
+
+
+def shift_mu(image_seq_len: int, flavour: Flavour) -> float:
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    # The pipeline's own resolution-dependent shift, at the flavour's default number of sampling steps.
+    return compute_empirical_mu(image_seq_len=image_seq_len, num_steps=flavour.sample_steps)
+
+
+def _position_ids(latents: torch.Tensor, text_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from diffusers import Flux2KleinPipeline
+
+    img_ids = Flux2KleinPipeline._prepare_latent_ids(latents).to(latents.device)
+    txt_ids = Flux2KleinPipeline._prepare_text_ids(text_embeds).to(latents.device)
+    return img_ids, txt_ids
+
+
+def predict(transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, text: dict[str, torch.Tensor],
+            guidance: torch.Tensor | None) -> torch.Tensor:
+    """The transformer's flow prediction for latents (B, C, h, w), returned in the same layout."""
+    batch, channels, height, width = noisy.shape
+    embeds = text["prompt_embeds"]
+    img_ids, txt_ids = _position_ids(noisy, embeds)
+    tokens = noisy.reshape(batch, channels, height * width).permute(0, 2, 1)
+    out = transformer(
+        hidden_states=tokens.to(transformer.dtype), encoder_hidden_states=embeds.to(transformer.dtype),
+        timestep=sigmas.to(transformer.dtype), img_ids=img_ids, txt_ids=txt_ids,
+        guidance=guidance if transformer.config.guidance_embeds else None, return_dict=False,
+    )[0]
+    return out.permute(0, 2, 1).reshape(batch, channels, height, width)
+
+
+def sample(pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None,
+           steps: int, guidance: float, seed: int, resolution: int) -> Image.Image:
+    device = pipe.transformer.device
+    kwargs: dict[str, Any] = {"guidance_scale": guidance}
+    if negative is not None:  # klein base: real classifier-free guidance against the empty prompt
+        kwargs["negative_prompt_embeds"] = negative["prompt_embeds"].to(device)
+    return pipe(
+        prompt_embeds=text["prompt_embeds"].to(device), num_inference_steps=steps, height=resolution,
+        width=resolution, generator=torch.Generator("cpu").manual_seed(seed), **kwargs,
+    ).images[0]

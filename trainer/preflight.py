@@ -1,0 +1,66 @@
+"""Checks of everything a job names on disk, before any model loads (no torch): one line per problem."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from trainer import registry
+from trainer.data.datasets import IMAGE_EXTENSIONS, list_images
+from trainer.spec import JobSpec, is_local_path
+
+
+def model_source(spec: JobSpec) -> str:
+    """The folder or hub id the model loads from: the spec's source, else the flavour's hub repo."""
+    return spec.model.source or (registry.get_flavour(spec.model.family, spec.model.flavour).hub_id or "")
+
+
+def _check_model(spec: JobSpec) -> list[str]:
+    source = model_source(spec)
+    if not is_local_path(source):
+        return []  # a hub id: checked when it downloads
+    folder = Path(source)
+    if not folder.exists():
+        hint = " (build it with `python -m trainer demo --out DIR`)" if spec.model.flavour == "demo" else ""
+        return [f"model.source: folder '{folder}' does not exist{hint}"]
+    if not (folder / "model_index.json").is_file():
+        return [f"model.source: '{folder}' is not a diffusers pipeline folder (no model_index.json in it)"]
+    return []
+
+
+def _check_datasets(spec: JobSpec) -> list[str]:
+    if not spec.data.datasets:
+        return ["data.datasets: no dataset given; add one with a `path` to a folder of images"]
+    problems: list[str] = []
+    total = 0
+    for index, entry in enumerate(spec.data.datasets):
+        folder = Path(entry.path)
+        field = f"data.datasets[{index}].path"
+        if not folder.is_dir():
+            problems.append(f"{field}: folder '{folder}' does not exist")
+            continue
+        images = list_images(folder)
+        if not images:
+            problems.append(f"{field}: no images ({', '.join(IMAGE_EXTENSIONS)}) in '{folder}'")
+        total += len(images) * entry.repeats
+    if total and total < spec.train.batch_size:
+        problems.append(
+            f"train.batch_size: {spec.train.batch_size} is larger than the dataset ({total} images with repeats); "
+            "lower it or add images"
+        )
+    return problems
+
+
+def _check_output(spec: JobSpec) -> list[str]:
+    folder = Path(spec.output.dir)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        return [f"output.dir: cannot write to '{folder}' ('{existing}' is not a writable folder); choose another"]
+    return []
+
+
+def check_files(spec: JobSpec) -> list[str]:
+    """Every problem with the files and folders of a resolved spec; empty when the job can start."""
+    return _check_model(spec) + _check_datasets(spec) + _check_output(spec)

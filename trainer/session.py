@@ -1,0 +1,316 @@
+"""One training session, read top to bottom: setup → train → validate → save → end.
+
+The runner (app thread) and the CLI drive the same class; it talks back only through events and listens
+only to the `Commands` object, checked between steps.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer import flow, registry
+from trainer.checkpoint import save_lora_diffusers
+from trainer.data.cache import TextEmbeddingCache
+from trainer.data.datasets import TrainItem, collect_items
+from trainer.data.images import load_pixels
+from trainer.errors import UserError
+from trainer.events import (
+    Event,
+    JsonlWriter,
+    LogMessage,
+    LoraSaved,
+    PhaseChanged,
+    Progress,
+    RunFinished,
+    RunStarted,
+    SampleSaved,
+)
+from trainer.families import family_ops
+from trainer.preflight import check_files, model_source
+from trainer.spec import JobSpec, save_spec
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_LINEAR_BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+
+
+class _NoCommands:
+    stop_requested = False
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def lora_target_modules(transformer: torch.nn.Module, targets: str) -> list[str]:
+    """Module names the adapter wraps: "all" is every Linear inside the blocks except AdaLN modulation."""
+    import re
+
+    linear_names = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+    if targets == "all":
+        chosen = [n for n in linear_names if n.startswith(_LINEAR_BLOCK_PREFIXES) and ".norm" not in n]
+    else:
+        try:
+            pattern = re.compile(targets)
+        except re.error as exc:
+            raise UserError(f"lora.targets: '{targets}' is not a valid regular expression ({exc})") from None
+        chosen = [n for n in linear_names if pattern.fullmatch(n)]
+    if not chosen:
+        raise UserError(f"lora.targets: '{targets}' matches no Linear layer of the transformer; "
+                        f"examples of names: {', '.join(linear_names[:4])}")
+    return chosen
+
+
+class Session:
+    def __init__(self, spec: JobSpec, emit: Callable[[Event], None] | None = None, commands: Any = None) -> None:
+        self.spec = spec
+        self.flavour = registry.get_flavour(spec.model.family, spec.model.flavour)
+        self.ops = family_ops(spec.model.family)
+        self.output_dir = Path(spec.output.dir)
+        self.commands = commands or _NoCommands()
+        self._listeners: list[Callable[[Event], None]] = [emit] if emit else []
+        self._jsonl: JsonlWriter | None = None
+        self.step = 0
+        self.device = pick_device()
+        self.pipe: Any = None
+        self.transformer: Any = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lr_scheduler: Any = None
+        self.items: list[TrainItem] = []
+        self.latents: list[torch.Tensor] = []
+        self.text_cache = TextEmbeddingCache()
+        self.generator = torch.Generator("cpu").manual_seed(spec.train.seed)
+        self._order: list[list[int]] = []
+        self.losses: list[float] = []
+        self.last_lora_path: Path | None = None
+
+    def emit(self, event: Event) -> None:
+        for listener in self._listeners:
+            listener(event)
+
+    # ------------------------------------------------------------------ the whole run
+
+    def run(self) -> Path:
+        """Setup, train to max_steps (or until stopped), save; returns the final LoRA file."""
+        self.setup()
+        self.train()
+        path = self.save()
+        if self.spec.sample.prompts and (self.spec.sample.every_steps == 0 or self.step % self.spec.sample.every_steps):
+            self.validate()
+        stopped = self.commands.stop_requested
+        self.emit(RunFinished(status="stopped" if stopped else "completed", step=self.step, lora_path=str(path),
+                              message=f"LoRA saved to {path}"))
+        return path
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        spec = self.spec
+        problems = check_files(spec)
+        if problems:
+            raise UserError("\n".join(problems))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = JsonlWriter(self.output_dir / "events.jsonl")
+        self._listeners.append(self._jsonl)
+        save_spec(spec, self.output_dir / "job.resolved.toml")
+        self.emit(RunStarted(max_steps=spec.train.max_steps, output_dir=str(self.output_dir),
+                             family=spec.model.family, flavour=spec.model.flavour))
+        torch.manual_seed(spec.train.seed)
+
+        self.emit(PhaseChanged(phase="loading", detail=model_source(spec)))
+        self.pipe = self.ops.load_pipeline(model_source(spec), self.flavour, _DTYPES[spec.model.base_precision])
+        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe.to(self.device)
+        self.items = collect_items(spec)
+        self._cache_text_embeddings()
+        self._cache_latents()
+        self._add_lora()
+        self._make_optimizer()
+
+    def _cache_text_embeddings(self) -> None:
+        captions = [item.caption for item in self.items] + [""] + list(self.spec.sample.prompts)
+        self.emit(PhaseChanged(phase="caching text embeddings", detail=f"{len(set(captions))} prompts"))
+        self.text_cache.fill(captions, lambda chunk: self.ops.encode_prompts(self.pipe, chunk, self.flavour))
+        if self.device.type == "cuda":
+            for name in ("text_encoder", "text_encoder_2"):
+                if getattr(self.pipe, name, None) is not None:
+                    getattr(self.pipe, name).to("cpu")  # embeddings are cached: free the card for training
+            torch.cuda.empty_cache()
+
+    def _cache_latents(self) -> None:
+        self.emit(PhaseChanged(phase="caching latents", detail=f"{len(self.items)} images"))
+        for index, item in enumerate(self.items):
+            if self.commands.stop_requested:
+                raise UserError("stopped while caching latents; nothing was trained")
+            pixels = load_pixels(item.image_path, item.resolution).unsqueeze(0)
+            self.latents.append(self.ops.encode_images(self.pipe, pixels).to("cpu", torch.float32))
+            if (index + 1) % 10 == 0:
+                self.emit(PhaseChanged(phase="caching latents", detail=f"{index + 1}/{len(self.items)} images"))
+
+    def _add_lora(self) -> None:
+        from peft import LoraConfig
+
+        lora = self.spec.lora
+        self.transformer = self.pipe.transformer
+        self.transformer.requires_grad_(False)
+        config = LoraConfig(
+            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            init_lora_weights=True if lora.init == "default" else "gaussian",
+            target_modules=lora_target_modules(self.transformer, lora.targets),
+        )
+        self.transformer.add_adapter(config)
+        for param in self.trainable_parameters():
+            param.data = param.data.float()  # fp32 adapter weights whatever the base precision
+        if self.spec.lowvram.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        count = sum(p.numel() for p in self.trainable_parameters())
+        self.emit(LogMessage(level="info", message=f"LoRA on {len(config.target_modules)} modules, {count:,} parameters"))
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def _make_optimizer(self) -> None:
+        from diffusers.optimization import get_scheduler
+
+        train = self.spec.train
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=train.learning_rate, fused=fused)
+        self.lr_scheduler = get_scheduler(
+            train.scheduler, optimizer=self.optimizer, num_warmup_steps=train.warmup_steps,
+            num_training_steps=train.max_steps,
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def _next_batch(self) -> list[int]:
+        """Item indices of one batch; every batch holds latents of one shape (one resolution)."""
+        if not self._order:
+            by_shape: dict[tuple[int, ...], list[int]] = {}
+            for index, item in enumerate(self.items):
+                by_shape.setdefault(tuple(self.latents[index].shape), []).extend([index] * item.repeats)
+            batches: list[list[int]] = []
+            size = self.spec.train.batch_size
+            for indices in by_shape.values():
+                perm = torch.randperm(len(indices), generator=self.generator).tolist()
+                shuffled = [indices[i] for i in perm]
+                batches += [shuffled[i:i + size] for i in range(0, len(shuffled) - size + 1, size)]
+            if not batches:
+                raise UserError(f"train.batch_size: {size} is larger than every resolution group of the dataset")
+            order = torch.randperm(len(batches), generator=self.generator).tolist()
+            self._order = [batches[i] for i in order]
+        return self._order.pop(0)
+
+    def _batch_loss(self, indices: list[int]) -> torch.Tensor:
+        spec = self.spec
+        latents = torch.cat([self.latents[i] for i in indices]).to(self.device)
+        captions = [self.items[i].caption for i in indices]
+        if spec.data.caption_dropout > 0:
+            drop = torch.rand(len(captions), generator=self.generator) < spec.data.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        text = self.text_cache.batch(captions, self.device)
+        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
+        mu = self.ops.shift_mu(self.ops.image_seq_len(latents), self.flavour)
+        sigmas = flow.sample_sigmas(spec.advanced, len(indices), mu, self.generator).to(self.device)
+        noisy, target = flow.noisy_latents(latents, noise, sigmas)
+        guidance = None
+        if self.flavour.guidance == "embedded":
+            guidance = torch.full((len(indices),), spec.advanced.guidance_value, device=self.device)
+        with self._autocast():
+            prediction = self.ops.predict(self.transformer, noisy, sigmas, text, guidance)
+        weights = flow.loss_weights(spec.advanced, sigmas).view(-1, 1, 1, 1).to(self.device)
+        return (weights * (prediction.float() - target.float()) ** 2).mean()
+
+    def _autocast(self) -> Any:
+        precision = self.spec.train.mixed_precision
+        if precision == "no":
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=_DTYPES[precision])
+
+    def train(self, steps: int | None = None) -> None:
+        """Train `steps` optimiser steps (default: up to max_steps), sampling and saving on the spec's intervals."""
+        spec = self.spec
+        end = spec.train.max_steps if steps is None else min(spec.train.max_steps, self.step + steps)
+        accumulation = spec.train.gradient_accumulation
+        self.emit(PhaseChanged(phase="training", detail=f"steps {self.step + 1}–{end}"))
+        self.transformer.train()
+        started, start_step = time.perf_counter(), self.step
+        while self.step < end and not self.commands.stop_requested:
+            total = 0.0
+            for _ in range(accumulation):
+                loss = self._batch_loss(self._next_batch())
+                if not math.isfinite(loss.item()):
+                    raise UserError(f"the loss became {loss.item()} at step {self.step + 1}; lower "
+                                    "train.learning_rate, or use bf16 instead of fp16")
+                (loss / accumulation).backward()
+                total += loss.item() / accumulation
+            if spec.train.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), spec.train.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.losses.append(total)
+            rate = (self.step - start_step) / max(time.perf_counter() - started, 1e-9)
+            self.emit(Progress(step=self.step, max_steps=spec.train.max_steps, loss=total,
+                               learning_rate=self.lr_scheduler.get_last_lr()[0], steps_per_second=rate,
+                               eta_seconds=(spec.train.max_steps - self.step) / rate))
+            if spec.sample.prompts and spec.sample.every_steps and self.step % spec.sample.every_steps == 0:
+                self.validate()
+            if spec.output.save_every_steps and self.step % spec.output.save_every_steps == 0 and self.step < end:
+                self.save(intermediate=True)
+
+    # ------------------------------------------------------------------ validation and saving
+
+    def validate(self) -> list[Path]:
+        """Render every sample prompt with the current LoRA; images go to output.dir/samples."""
+        sample = self.spec.sample
+        steps = sample.steps or self.flavour.sample_steps
+        guidance = self.flavour.sample_guidance if sample.guidance is None else sample.guidance
+        resolution = sample.resolution or self.flavour.sample_resolution
+        negative = self.text_cache[""] if self.flavour.guidance == "cfg" and guidance > 1.0 else None
+        self.emit(PhaseChanged(phase="sampling", detail=f"{len(sample.prompts)} prompts at step {self.step}"))
+        self.transformer.eval()
+        paths: list[Path] = []
+        with torch.no_grad(), self._autocast():
+            for index, prompt in enumerate(sample.prompts):
+                image = self.ops.sample(self.pipe, self.text_cache[prompt], negative, steps, guidance,
+                                        sample.seed, resolution)
+                path = self.output_dir / "samples" / f"step{self.step:06d}_{index}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image.save(path)
+                paths.append(path)
+                self.emit(SampleSaved(step=self.step, path=str(path), prompt=prompt))
+        self.transformer.train()
+        return paths
+
+    def save(self, intermediate: bool = False) -> Path:
+        """Write the LoRA (diffusers format); intermediate saves carry the step in the file name."""
+        name = self.spec.output.name
+        filename = f"{name}-step{self.step:06d}.safetensors" if intermediate else f"{name}.safetensors"
+        self.emit(PhaseChanged(phase="saving", detail=filename))
+        pipeline_class = type(self.pipe)
+        path = save_lora_diffusers(self.transformer, pipeline_class, self.output_dir / filename)
+        self.last_lora_path = path
+        self.emit(LoraSaved(step=self.step, path=str(path)))
+        return path
+
+    # ------------------------------------------------------------------ end
+
+    def end(self) -> None:
+        """Free everything the session holds: models, caches, optimiser state, CUDA memory."""
+        self.pipe = self.transformer = self.optimizer = self.lr_scheduler = None
+        self.latents = []
+        self.text_cache = TextEmbeddingCache()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if self._jsonl is not None:
+            self._listeners.remove(self._jsonl)
+            self._jsonl.close()
+            self._jsonl = None
