@@ -217,9 +217,9 @@ trigger = "shapez"
 resolution = {DEMO_IMAGE_SIZE}
 
 [train]
-max_steps = 40
+max_steps = 60
 batch_size = 2
-learning_rate = 0.001            # a tiny random model needs a large step to show a change
+learning_rate = 0.005            # a tiny random model needs a large step to show a change
 mixed_precision = "no"
 seed = 42
 

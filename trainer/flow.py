@@ -34,7 +34,9 @@ def loss_weights(advanced: AdvancedSection, sigmas: torch.Tensor) -> torch.Tenso
     return compute_loss_weighting_for_sd3(scheme, sigmas)
 
 
-def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def noisy_latents(
+    latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x_σ = (1 − σ)·x₀ + σ·ε and the velocity target ε − x₀ the model learns to predict."""
     s = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents)
     return (1.0 - s) * latents + s * noise, noise - latents

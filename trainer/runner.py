@@ -38,7 +38,9 @@ def run_session(spec: JobSpec, emit: Callable[[Event], None], commands: Commands
 
     With `demo_dir`, the demo models and dataset are built there first if they are missing.
     """
-    from trainer.errors import UserError
+    from trainer.quiet import silence_library_noise
+
+    silence_library_noise()
     from trainer.session import Session
 
     session = Session(spec, emit=emit, commands=commands)
@@ -47,12 +49,14 @@ def run_session(spec: JobSpec, emit: Callable[[Event], None], commands: Commands
             from trainer.demo import ensure_demo
 
             ensure_demo(demo_dir, emit)
-        session.run()
-    except UserError as exc:
-        emit(RunFinished(status="failed", step=session.step, message=str(exc)))
     except Exception as exc:  # noqa: BLE001 - the app must survive anything the trainer does
         emit(LogMessage(level="error", message=traceback.format_exc()))
-        emit(RunFinished(status="failed", step=session.step, message=f"{type(exc).__name__}: {exc}"))
+        emit(RunFinished(status="failed", step=0, message=f"building the demo failed: {exc}"))
+        return
+    try:
+        session.run()
+    except Exception:  # noqa: BLE001, S110 - Session.run has already reported it as RunFinished
+        pass
     finally:
         session.end()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -97,12 +98,24 @@ class Session:
     # ------------------------------------------------------------------ the whole run
 
     def run(self) -> Path:
-        """Setup, train to max_steps (or until stopped), save; returns the final LoRA file."""
-        self.setup()
-        self.train()
-        path = self.save()
-        if self.spec.sample.prompts and (self.spec.sample.every_steps == 0 or self.step % self.spec.sample.every_steps):
-            self.validate()
+        """Setup, train to max_steps (or until stopped), save; returns the final LoRA file.
+
+        A failure is reported as a RunFinished event (and in events.jsonl) before it propagates.
+        """
+        try:
+            self.setup()
+            self.train()
+            path = self.save()
+            every = self.spec.sample.every_steps
+            if self.spec.sample.prompts and (every == 0 or self.step % every):
+                self.validate()
+        except UserError as exc:
+            self.emit(RunFinished(status="failed", step=self.step, message=str(exc)))
+            raise
+        except Exception as exc:
+            self.emit(LogMessage(level="error", message=traceback.format_exc()))
+            self.emit(RunFinished(status="failed", step=self.step, message=f"{type(exc).__name__}: {exc}"))
+            raise
         stopped = self.commands.stop_requested
         self.emit(RunFinished(status="stopped" if stopped else "completed", step=self.step, lora_path=str(path),
                               message=f"LoRA saved to {path}"))
@@ -170,7 +183,8 @@ class Session:
         if self.spec.lowvram.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         count = sum(p.numel() for p in self.trainable_parameters())
-        self.emit(LogMessage(level="info", message=f"LoRA on {len(config.target_modules)} modules, {count:,} parameters"))
+        modules = len(config.target_modules)
+        self.emit(LogMessage(level="info", message=f"LoRA on {modules} modules, {count:,} parameters"))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]

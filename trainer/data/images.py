@@ -11,7 +11,7 @@ from trainer.errors import UserError
 
 
 def load_pixels(path: Path, resolution: int) -> torch.Tensor:
-    """RGB pixels in [-1, 1], (3, resolution, resolution): EXIF orientation applied, shorter side resized, centre crop."""
+    """RGB pixels in [-1, 1], (3, res, res): EXIF orientation applied, shorter side resized, centre crop."""
     try:
         with Image.open(path) as opened:
             image = ImageOps.exif_transpose(opened).convert("RGB")

@@ -18,7 +18,8 @@ def load_pipeline(source: str, flavour: Flavour, dtype: torch.dtype) -> Any:
 
 
 def _max_sequence_length(flavour: Flavour) -> int:
-    # T5 token budget: the demo's one-character-per-token prompts fit in 64; schnell was trained with 256, the dev models with 512.
+    # T5 token budget: the demo's one-character-per-token prompts fit in 64; schnell was trained with 256,
+    # the dev models with 512.
     if flavour.is_demo:
         return 64
     return 256 if flavour.name == "schnell" else 512

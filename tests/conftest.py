@@ -1,0 +1,37 @@
+"""Shared fixtures: the demo (tiny random models + dataset) is built once per test run."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from trainer.quiet import silence_library_noise  # noqa: E402
+
+silence_library_noise()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer.demo import build_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    build_demo(out)
+    return out
+
+
+def python_env() -> dict[str, str]:
+    """Environment for subprocesses that run the project's code."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["HF_HUB_OFFLINE"] = "1"
+    return env

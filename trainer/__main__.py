@@ -1,0 +1,152 @@
+"""Command line: `python -m trainer demo | train | validate`.
+
+Problems the user can fix print as `error: ...` lines and exit 2; anything else exits 1 with one line, and
+`--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from trainer.errors import UserError
+from trainer.spec import JobSpec, SpecError, load_spec, resolve_paths
+
+EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
+
+
+def _load_job(path: str, overrides: list[str]) -> JobSpec:
+    spec = load_spec(path, overrides)
+    return resolve_paths(spec, Path(path).expanduser().resolve().parent)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from trainer.demo import FAMILIES, build_demo
+
+    families = FAMILIES if args.family == "all" else (args.family,)
+    print(f"building the demo ({', '.join(families)}) in {Path(args.out).resolve()} ...", flush=True)
+    job = build_demo(args.out, families)
+    print(f"done. train it with:\n  python -m trainer train {job}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from trainer.data.datasets import collect_items
+    from trainer.preflight import check_files, model_source
+
+    spec = _load_job(args.job, args.set)
+    problems = check_files(spec)
+    if problems:
+        raise SpecError(problems, args.job)
+    images = len(collect_items(spec))
+    print(f"ok: {args.job} is valid — {spec.model.family} {spec.model.flavour} from {model_source(spec)}, "
+          f"{images} images, {spec.train.max_steps} steps, output in {spec.output.dir}")
+    return 0
+
+
+class _ConsoleProgress:
+    """Shows the run's events in a terminal: a progress bar for steps, a line for everything else."""
+
+    def __init__(self, show_bar: bool) -> None:
+        self.show_bar = show_bar
+        self.bar = None
+        self.failed_message = ""
+
+    def __call__(self, event: object) -> None:
+        from tqdm import tqdm
+
+        from trainer import events
+
+        if isinstance(event, events.Progress):
+            if self.bar is None and self.show_bar:
+                self.bar = tqdm(total=event.max_steps, unit="step", dynamic_ncols=True)
+            if self.bar is not None:
+                self.bar.update(event.step - self.bar.n)
+                self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.learning_rate:.2e}")
+            return
+        line = self._describe(event)
+        if line:
+            (self.bar.write if self.bar is not None else print)(line)
+        if isinstance(event, events.RunFinished) and self.bar is not None:
+            self.bar.close()
+
+    def _describe(self, event: object) -> str:
+        from trainer import events
+
+        if isinstance(event, events.PhaseChanged) and event.phase != "training":
+            return f"[{event.phase}] {event.detail}"
+        if isinstance(event, events.SampleSaved):
+            return f"sample (step {event.step}): {event.path}"
+        if isinstance(event, events.LoraSaved):
+            return f"LoRA saved (step {event.step}): {event.path}"
+        if isinstance(event, events.LogMessage) and event.level != "error":
+            return f"{event.level}: {event.message}"
+        if isinstance(event, events.RunFinished):
+            return f"run {event.status} at step {event.step}. {event.message}"
+        return ""
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.quiet import silence_library_noise
+
+    silence_library_noise()
+    from trainer.session import Session
+
+    spec = _load_job(args.job, args.set)
+    session = Session(spec, emit=_ConsoleProgress(show_bar=not args.no_progress))
+    try:
+        session.run()
+    finally:
+        session.end()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Flux LoRA Studio, headless.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="build the tiny offline demo models, dataset and job.toml")
+    demo.add_argument("--out", required=True, help="folder to build the demo in")
+    demo.add_argument("--family", choices=["all", "flux2", "flux1"], default="all")
+    demo.add_argument("--debug", action="store_true", help="show tracebacks")
+    demo.set_defaults(func=cmd_demo)
+
+    for name, func, text in (("train", cmd_train, "train a LoRA from a job file"),
+                             ("validate", cmd_validate, "check a job file and every file it names")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("job", help="job TOML file")
+        command.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                             help="override a setting; the value is a TOML literal, a bare word is a string")
+        command.add_argument("--debug", action="store_true", help="show tracebacks")
+        if name == "train":
+            command.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+        command.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SpecError, UserError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
