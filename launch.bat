@@ -62,7 +62,7 @@ if errorlevel 1 (
 :venv_ok
 "%VENV_PY%" -c "import sys; sys.exit(sys.version_info < (3, 10))" >nul 2>nul
 if errorlevel 1 (
-    set "ERR=%VENV% has a Python older than 3.10; delete the %VENV% folder and run launch.bat again"
+    set "ERR=%VENV_PY% does not run or is older than Python 3.10; delete the %VENV% folder and run launch.bat again"
     goto fail
 )
 if exist "%VENV%\.requirements.sha256" del /f /q "%VENV%\.requirements.sha256"

@@ -8,22 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.demo import build_flux1_demo
 from trainer.families import family_ops, flux1
 from trainer.registry import get_flavour
 
-PROMPTS = ["a red circle", "a green square on blue"]  # under the demo's 32 T5 tokens
+PROMPTS = ["a red circle", "a green square on blue"]  # under the demo's 64 T5 tokens
 FLAVOUR = get_flavour("flux1", "demo")
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_flux1_demo(tmp_path_factory.mktemp("flux1_demo"))
+def flux1_dir(demo_dir: Path) -> Path:
+    return demo_dir / "flux1"
 
 
 @pytest.fixture(scope="module")
-def pipe(demo_dir: Path):
-    pipe = flux1.load_pipeline(str(demo_dir), FLAVOUR, torch.float32)
+def pipe(flux1_dir: Path):
+    pipe = flux1.load_pipeline(str(flux1_dir), FLAVOUR, torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -44,7 +43,7 @@ def test_registry_resolves_the_module() -> None:
 
 def test_encode_prompts_gives_batched_t5_sequence_and_clip_pooled(pipe, text) -> None:
     embeds, pooled = text["prompt_embeds"], text["pooled_prompt_embeds"]
-    assert embeds.shape == (2, 32, pipe.text_encoder_2.config.d_model)  # demo: 32 T5 tokens
+    assert embeds.shape == (2, 64, pipe.text_encoder_2.config.d_model)  # demo: 64 T5 tokens
     assert pooled.shape == (2, pipe.text_encoder.config.projection_dim)
     assert not embeds.requires_grad and not pooled.requires_grad
     # The session indexes items out of a batch: encoding one prompt alone must give the same row.
@@ -56,7 +55,7 @@ def test_encode_prompts_gives_batched_t5_sequence_and_clip_pooled(pipe, text) ->
 def test_t5_sequence_length_per_flavour() -> None:
     lengths = {name: flux1._max_sequence_length(get_flavour("flux1", name))
                for name in ("demo", "dev", "krea", "kontext", "schnell")}
-    assert lengths == {"demo": 32, "dev": 512, "krea": 512, "kontext": 512, "schnell": 256}
+    assert lengths == {"demo": 64, "dev": 512, "krea": 512, "kontext": 512, "schnell": 256}
 
 
 def test_predict_matches_the_pipelines_transformer_call(pipe, text) -> None:
@@ -122,10 +121,10 @@ def test_sample_is_deterministic_for_a_seed(pipe, text) -> None:
     assert not np.array_equal(np.asarray(first), np.asarray(other))
 
 
-def test_lora_training_with_predict_reduces_the_loss(demo_dir: Path) -> None:
+def test_lora_training_with_predict_reduces_the_loss(flux1_dir: Path) -> None:
     from peft import LoraConfig
 
-    pipe = flux1.load_pipeline(str(demo_dir), FLAVOUR, torch.float32)  # own copy: the adapter changes it
+    pipe = flux1.load_pipeline(str(flux1_dir), FLAVOUR, torch.float32)  # own copy: the adapter changes it
     text = flux1.encode_prompts(pipe, PROMPTS, FLAVOUR)
     latents = flux1.encode_images(pipe, _pixels(2))
     transformer = pipe.transformer

@@ -1,0 +1,67 @@
+"""The headless CLI as a user runs it: exit codes, one clear line per problem, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, python_env
+
+
+def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, env=python_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_demo_command_builds_a_trainable_job(tmp_path: Path) -> None:
+    result = _run("demo", "--out", str(tmp_path / "my demo"), "--family", "flux2")
+    assert result.returncode == 0, result.stderr
+    job = tmp_path / "my demo" / "job.toml"
+    assert job.is_file()
+    assert (tmp_path / "my demo" / "flux2" / "model_index.json").is_file()
+    images = sorted((tmp_path / "my demo" / "dataset").glob("*.png"))
+    assert len(images) >= 8
+    assert all(image.with_suffix(".txt").read_text().strip() for image in images)
+
+
+def test_train_runs_the_demo_headless(demo_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = _run("train", str(demo_dir / "job.toml"), "--set", "train.max_steps=4", "--set", "sample.every_steps=2",
+                  "--set", f"output.dir='{out}'", "--set", "output.name=cli_lora")
+    assert result.returncode == 0, result.stderr
+    assert (out / "cli_lora.safetensors").is_file()
+    assert (out / "job.resolved.toml").is_file()
+    assert len(list((out / "samples").glob("*.png"))) == 4  # two prompts at steps 2 and 4
+    kinds = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_finished" and kinds.count("progress") == 4
+    assert "run completed at step 4" in result.stdout
+    assert "4/4" in result.stderr  # the progress bar
+
+
+def test_bad_values_give_one_line_each_and_no_traceback(demo_dir: Path) -> None:
+    result = _run("train", str(demo_dir / "job.toml"), "--set", "lora.rank=0", "--set", "train.lerning_rate=1")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr
+    assert any("lora.rank" in line and "greater than or equal to 1" in line for line in lines)
+    assert any("train.lerning_rate: unknown key; did you mean 'learning_rate'?" in line for line in lines)
+    assert all(line.startswith(f"error: {demo_dir / 'job.toml'}") for line in lines)
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_dataset_folder_is_named(demo_dir: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no such folder"
+    result = _run("train", str(demo_dir / "job.toml"), "--set", f"data.datasets=[{{path='{missing}'}}]")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: data.datasets[0].path: folder '{missing}' does not exist"
+
+
+def test_validate_checks_files_and_debug_shows_traceback(demo_dir: Path, tmp_path: Path) -> None:
+    ok = _run("validate", str(demo_dir / "job.toml"))
+    assert ok.returncode == 0 and ok.stdout.startswith("ok:")
+    bad = _run("validate", str(demo_dir / "job.toml"), "--set", f"model.source='{tmp_path}'", "--debug")
+    assert bad.returncode == 2
+    assert "model.source" in bad.stderr and "no model_index.json" in bad.stderr
+    assert "Traceback" in bad.stderr
