@@ -93,7 +93,10 @@ def test_load_spec_names_the_file(tmp_path: Path) -> None:
     bad.write_text("[train]\nmax_steps = 'many'\n", encoding="utf-8")
     with pytest.raises(SpecError) as caught:
         load_spec(bad)
-    assert caught.value.problems == ["model: required but missing", "train.max_steps: Input should be a valid integer, unable to parse string as an integer (got 'many')"]
+    assert caught.value.problems == [
+        "model: required but missing",
+        "train.max_steps: Input should be a valid integer, unable to parse string as an integer (got 'many')",
+    ]
     assert str(caught.value).startswith(f"{bad}: model: required")
     broken = tmp_path / "broken.toml"
     broken.write_text("[train\n", encoding="utf-8")
@@ -140,7 +143,8 @@ def test_relative_paths_resolve_from_the_job_folder(tmp_path: Path) -> None:
 
 
 def test_hub_ids_are_not_treated_as_paths(tmp_path: Path) -> None:
-    data = deep_merge(_demo_dict(), {"model": {"flavour": "klein-base-4b", "source": "black-forest-labs/FLUX.2-klein-base-4B"}})
+    hub_id = "black-forest-labs/FLUX.2-klein-base-4B"
+    data = deep_merge(_demo_dict(), {"model": {"flavour": "klein-base-4b", "source": hub_id}})
     resolved = resolve_paths(parse_spec(data), tmp_path)
     assert resolved.model.source == "black-forest-labs/FLUX.2-klein-base-4B"
 
