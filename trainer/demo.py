@@ -238,6 +238,9 @@ FAMILIES = ("flux2", "flux1")
 
 def build_demo(out_dir: str | Path, families: tuple[str, ...] = FAMILIES) -> Path:
     """Build the demo pipelines, dataset and job.toml under `out_dir`; returns the job file's path."""
+    from trainer.quiet import disable_loading_bars
+
+    disable_loading_bars()
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     if "flux2" in families:

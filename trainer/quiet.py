@@ -16,3 +16,12 @@ def silence_library_noise() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+def disable_loading_bars() -> None:
+    """The libraries' own load bars would interleave with ours; the session reports loading as a phase."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()

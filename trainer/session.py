@@ -35,6 +35,7 @@ from trainer.events import (
 )
 from trainer.families import family_ops
 from trainer.preflight import check_files, model_source
+from trainer.quiet import disable_loading_bars
 from trainer.spec import JobSpec, save_spec
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -137,6 +138,7 @@ class Session:
         torch.manual_seed(spec.train.seed)
 
         self.emit(PhaseChanged(phase="loading", detail=model_source(spec)))
+        disable_loading_bars()
         self.pipe = self.ops.load_pipeline(model_source(spec), self.flavour, _DTYPES[spec.model.base_precision])
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.to(self.device)
