@@ -1,0 +1,331 @@
+"""The Run view from synthetic events, and the form ↔ spec mapping (pure python: no gradio, no torch)."""
+
+from __future__ import annotations
+
+import pytest
+import tomli_w
+
+from trainer.events import LogMessage, LoraSaved, PhaseChanged, Progress, RunFinished, RunStarted, SampleSaved
+from trainer.spec import SpecError, deep_merge, parse_spec
+from ui import form
+from ui.run_state import LOG_LINES, LOSS_SMOOTHING, RunView, format_duration
+from ui.studio import ALREADY_RUNNING, Studio
+
+
+def progress(step: int, loss: float, max_steps: int = 10) -> Progress:
+    return Progress(step=step, max_steps=max_steps, loss=loss, learning_rate=1e-3, steps_per_second=2.0,
+                    eta_seconds=(max_steps - step) / 2.0)
+
+
+# ---------------------------------------------------------------------- RunView
+
+
+def test_idle_view():
+    view = RunView()
+    assert view.status_text() == "idle"
+    assert view.losses == [] and view.gallery() == [] and view.log_text() == ""
+    assert view.progress_fraction() == 0.0
+
+
+def test_running_status_and_progress():
+    view = RunView()
+    view.begin(10, "starting demo")
+    assert view.status_text() == "starting"
+    view.apply([PhaseChanged(phase="building demo", detail="/tmp/demo")])
+    assert view.status_text() == "starting: building demo"
+    view.apply([RunStarted(max_steps=10, output_dir="/out", family="flux2", flavour="demo"),
+                PhaseChanged(phase="training"), progress(3, 0.5)])
+    assert view.status_text() == "running: step 3/10"
+    assert view.progress_fraction() == pytest.approx(0.3)
+    line = view.progress_line()
+    assert "step 3/10" in line and "2.00 it/s" in line and "ETA 0:00:04" in line and "loss 0.5000" in line
+    view.apply([PhaseChanged(phase="sampling")])
+    assert view.status_text() == "running: step 3/10 (sampling)"
+
+
+def test_loss_smoothing_is_an_exponential_moving_average():
+    view = RunView()
+    view.begin(10)
+    view.apply([progress(1, 1.0), progress(2, 0.0), progress(3, 0.0)])
+    smoothed = [point.smoothed for point in view.losses]
+    beta = LOSS_SMOOTHING
+    assert smoothed == pytest.approx([1.0, beta, beta * beta])
+    rows = view.loss_rows()
+    assert [(r["step"], r["series"]) for r in rows[:2]] == [(1, "loss"), (1, "smoothed")]
+    assert {r["series"] for r in rows} == {"loss", "smoothed"} and len(rows) == 6
+
+
+def test_samples_keep_their_order_and_the_gallery_shows_newest_first():
+    view = RunView()
+    view.begin(10)
+    view.apply([SampleSaved(step=5, path="/o/a.png", prompt="a cat"),
+                SampleSaved(step=5, path="/o/b.png", prompt="a dog"),
+                SampleSaved(step=10, path="/o/c.png", prompt="a cat")])
+    assert [s.path for s in view.samples] == ["/o/a.png", "/o/b.png", "/o/c.png"]
+    assert view.gallery() == [("/o/c.png", "step 10: a cat"), ("/o/b.png", "step 5: a dog"),
+                              ("/o/a.png", "step 5: a cat")]
+
+
+def test_log_tail_is_capped():
+    view = RunView()
+    view.begin(10)
+    view.apply([LogMessage(level="info", message=f"line {i}") for i in range(LOG_LINES + 50)])
+    lines = view.log_text().splitlines()
+    assert len(lines) == LOG_LINES
+    assert lines[-1].endswith(f"line {LOG_LINES + 49}")
+    view.apply([LogMessage(level="error", message="Traceback\n  boom")])
+    assert view.log_text().splitlines()[-2:][0].endswith("error: Traceback")
+
+
+@pytest.mark.parametrize(("status", "expected"), [
+    ("completed", "completed: LoRA saved to /out/demo.safetensors"),
+    ("stopped", "stopped: LoRA saved to /out/demo.safetensors"),
+])
+def test_finished_status(status, expected):
+    view = RunView()
+    view.begin(10)
+    view.apply([progress(4, 0.2), LoraSaved(step=4, path="/out/demo.safetensors"),
+                RunFinished(status=status, step=4, lora_path="/out/demo.safetensors")])
+    assert view.status_text() == expected
+    assert not view.active
+
+
+def test_finished_message_is_not_repeated():
+    view = RunView()
+    view.begin(10)
+    view.apply([RunFinished(status="completed", step=10, lora_path="/l.safetensors",
+                            message="LoRA saved to /l.safetensors")])
+    assert view.status_text() == "completed: LoRA saved to /l.safetensors"
+    view.begin(10)
+    view.apply([RunFinished(status="stopped", step=3, lora_path="/l.safetensors", message="stopped by the user")])
+    assert view.status_text() == "stopped: LoRA saved to /l.safetensors (stopped by the user)"
+
+
+def test_failed_status_carries_the_message():
+    view = RunView()
+    view.begin(10)
+    view.apply([RunFinished(status="failed", step=0, message="model.source: folder missing")])
+    assert view.status_text() == "failed: model.source: folder missing"
+    assert "failed" in view.log_text()
+
+
+def test_a_thread_that_dies_silently_fails_the_run():
+    view = RunView()
+    view.begin(10)
+    view.thread_ended()
+    assert view.status_text().startswith("failed: the training thread ended")
+    view.thread_ended()  # a finished run stays as it is
+    assert view.log_text().count("training thread ended") == 1
+
+
+def test_begin_forgets_the_previous_run():
+    view = RunView()
+    view.begin(10)
+    view.apply([progress(1, 1.0), SampleSaved(step=1, path="/x.png", prompt="p"),
+                RunFinished(status="completed", step=1, lora_path="/l")])
+    first = view.run_id
+    view.begin(20)
+    assert view.run_id == first + 1
+    assert view.losses == [] and view.samples == [] and view.step == 0 and view.status_text() == "starting"
+
+
+def test_stop_request_shows_until_the_run_ends():
+    view = RunView()
+    assert view.request_stop() is False
+    view.begin(10)
+    view.apply([progress(2, 0.3)])
+    assert view.request_stop() is True
+    assert view.status_text() == "stopping: step 2/10"
+    view.apply([RunFinished(status="stopped", step=3, lora_path="/l.safetensors")])
+    assert view.status_text() == "stopped: LoRA saved to /l.safetensors"
+
+
+def test_format_duration():
+    assert format_duration(0) == "0:00:00"
+    assert format_duration(3725.4) == "1:02:05"
+    assert format_duration(float("nan")) == "?"
+
+
+# ---------------------------------------------------------------------- form ↔ spec
+
+
+@pytest.fixture
+def defaults(tmp_path):
+    return form.spec_to_values(parse_spec(form.default_job(tmp_path)))
+
+
+def test_every_form_key_names_a_spec_field():
+    spec_dict = parse_spec(form.default_job("/w")).model_dump()
+    for key in form.FORM_KEYS:
+        section, name = key.split(".", 1)
+        holder = spec_dict["data"]["datasets"][0] if section == "dataset" else spec_dict[section]
+        assert name in holder, key
+    assert len(set(form.FORM_KEYS)) == len(form.FORM_KEYS)
+
+
+def test_defaults_give_the_demo_job_with_absolute_paths(tmp_path, defaults):
+    spec = form.form_to_spec(defaults)
+    expected = parse_spec(form.default_job(tmp_path))
+    assert spec == expected
+    demo = (tmp_path / ".studio" / "demo").resolve()
+    assert spec.model.family == "flux2" and spec.model.flavour == "demo"
+    assert spec.model.source == str(demo / "flux2")
+    assert spec.data.datasets[0].path == str(demo / "dataset")
+    assert spec.output.dir == str((tmp_path / "output" / "demo_lora").resolve())
+    assert spec.sample.steps is None and spec.sample.guidance is None  # flavour defaults
+
+
+def test_prompts_split_on_the_separator(defaults):
+    values = dict(defaults, **{"sample.prompts": " a red circle |a blue square|| shapez  "})
+    assert form.form_to_spec(values).sample.prompts == ["a red circle", "a blue square", "shapez"]
+    assert form.spec_to_values(form.form_to_spec(values))["sample.prompts"] == \
+        "a red circle | a blue square | shapez"
+
+
+def test_dataset_fields_map_to_the_first_dataset(defaults):
+    values = dict(defaults, **{"dataset.trigger": "ohwx", "dataset.repeats": 3})
+    entry = form.form_to_spec(values).data.datasets[0]
+    assert entry.trigger == "ohwx" and entry.repeats == 3
+
+
+def test_bad_values_raise_spec_error_naming_the_field(defaults):
+    values = dict(defaults, **{"lora.rank": 0, "train.scheduler": "fancy"})
+    with pytest.raises(SpecError) as caught:
+        form.form_to_spec(values)
+    text = "\n".join(caught.value.problems)
+    assert "lora.rank" in text and "train.scheduler" in text
+    with pytest.raises(SpecError) as caught:
+        form.form_to_spec(dict(defaults, **{"dataset.repeats": 0}))
+    assert any(p.startswith("data.datasets[0].repeats") for p in caught.value.problems)
+
+
+def test_empty_optional_numbers_mean_the_flavour_default(defaults):
+    assert (defaults["sample.steps"], defaults["sample.guidance"]) == ("", "")
+    spec = form.form_to_spec(dict(defaults, **{"sample.steps": " 8 ", "sample.guidance": "2.5"}))
+    assert (spec.sample.steps, spec.sample.guidance) == (8, 2.5)
+    assert form.spec_to_values(spec)["sample.steps"] == "8"
+    spec = form.form_to_spec(dict(defaults, **{"sample.steps": "", "sample.guidance": None}))
+    assert (spec.sample.steps, spec.sample.guidance) == (None, None)
+    with pytest.raises(SpecError) as caught:
+        form.form_to_spec(dict(defaults, **{"sample.steps": "many"}))
+    assert caught.value.problems[0].startswith("sample.steps")
+
+
+def test_hidden_fields_of_a_loaded_job_survive_the_form(defaults):
+    loaded = parse_spec(deep_merge(form.default_job("/w"), {"lora": {"init": "gaussian"},
+                                                                  "sample": {"resolution": 128}}))
+    spec = form.form_to_spec(defaults, form.hidden_fields(loaded))
+    assert spec.lora.init == "gaussian" and spec.sample.resolution == 128
+    assert spec.model.source == defaults["model.source"]  # the form wins over the loaded job
+
+
+def test_field_choices_come_from_the_spec():
+    assert form.field_choices("train.scheduler")[0] == "constant"
+    assert "logit_normal" in form.field_choices("advanced.timestep_sampling")
+    assert form.field_choices("dataset.caption_strategy") == ["textfile", "filename", "instance_prompt"]
+
+
+def test_keyword_handler_maps_api_names_to_keys():
+    seen = {}
+    handler = form.keyword_handler(lambda values: seen.update(values), extra=("base",))
+    handler(train_max_steps=6, sample_every_steps=3, base={"x": 1})
+    assert seen == {"train.max_steps": 6, "sample.every_steps": 3, "base": {"x": 1}}
+
+
+# ---------------------------------------------------------------------- the controller, without training
+
+
+class FakeRunner:
+    def __init__(self, running: bool = False) -> None:
+        self.running = running
+        self.started = []
+
+    def start(self, spec, demo_dir=None):
+        self.started.append((spec, demo_dir))
+        self.running = True
+
+    def stop(self):
+        pass
+
+    def drain(self):
+        return []
+
+
+def test_start_with_defaults_asks_the_runner_to_build_the_demo(tmp_path):
+    runner = FakeRunner()
+    studio = Studio(runner, tmp_path)
+    outcome = studio.start(studio.default_values())
+    assert outcome.ok, outcome.problems
+    spec, demo_dir = runner.started[0]
+    assert demo_dir == (tmp_path / ".studio" / "demo").resolve()
+    assert spec == parse_spec(form.default_job(tmp_path))
+    assert studio.view.status_text() == "starting"
+
+
+def test_start_refuses_a_second_run(tmp_path):
+    runner = FakeRunner(running=True)
+    studio = Studio(runner, tmp_path)
+    outcome = studio.start(studio.default_values())
+    assert not outcome.ok and outcome.message == ALREADY_RUNNING
+    assert "already in progress" in outcome.message
+    assert runner.started == []
+
+
+def test_start_reports_spec_and_file_problems_and_starts_nothing(tmp_path):
+    runner = FakeRunner()
+    studio = Studio(runner, tmp_path)
+    bad = dict(studio.default_values(), **{"lora.rank": -1})
+    outcome = studio.start(bad)
+    assert not outcome.ok and any("lora.rank" in p for p in outcome.problems)
+    missing = dict(studio.default_values(), **{"dataset.path": str(tmp_path / "nowhere")})
+    outcome = studio.start(missing)
+    assert any(p.startswith("data.datasets[0].path") for p in outcome.problems)
+    assert runner.started == []
+
+
+def test_save_and_load_a_job_round_trips(tmp_path):
+    studio = Studio(FakeRunner(), tmp_path)
+    values = dict(studio.default_values(), **{"lora.rank": 8, "sample.prompts": "one | two"})
+    path, outcome = studio.save_job(values)
+    assert outcome.ok and path is not None and path.is_file()
+    loaded, hidden, outcome = studio.load_job(path)
+    assert outcome.ok
+    assert loaded == values
+    assert form.form_to_spec(loaded, hidden) == form.form_to_spec(values)
+
+
+def test_load_keeps_the_first_dataset_and_says_so(tmp_path):
+    studio = Studio(FakeRunner(), tmp_path)
+    job = form.default_job(tmp_path)
+    job["data"]["datasets"].append({"path": "elsewhere", "trigger": "other"})
+    job["lora"]["init"] = "gaussian"
+    path = tmp_path / "two.toml"
+    path.write_text(tomli_w.dumps(job), encoding="utf-8")
+    values, hidden, outcome = studio.load_job(path)
+    assert outcome.ok and "only the first of 2" in outcome.notes[0]
+    spec = form.form_to_spec(values, hidden)
+    assert len(spec.data.datasets) == 1 and spec.data.datasets[0].trigger == "shapez"
+    assert spec.lora.init == "gaussian"
+
+
+def test_load_reports_a_bad_file(tmp_path):
+    studio = Studio(FakeRunner(), tmp_path)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[lora]\nrank = 0\n", encoding="utf-8")
+    values, hidden, outcome = studio.load_job(bad)
+    assert values is None and any("lora.rank" in p for p in outcome.problems)
+    bad.write_text("not = [toml", encoding="utf-8")
+    assert "not valid TOML" in studio.load_job(bad)[2].problems[0]
+
+
+def test_check_dataset_lists_images_and_captions(tmp_path):
+    from trainer.demo import build_demo_dataset
+
+    studio = Studio(FakeRunner(), tmp_path)
+    values = studio.default_values()
+    assert "built on the first Start" in studio.check_dataset(values)
+    build_demo_dataset(studio.demo_dir)
+    report = studio.check_dataset(values)
+    assert "12 images" in report and "shapez a" in report
+    report = studio.check_dataset(dict(values, **{"dataset.path": str(tmp_path / "none")}))
+    assert "not found" in report

@@ -1,0 +1,64 @@
+"""The Gradio app: one module per tab. Nothing here imports torch; gradio itself is imported by `build_app`,
+so the pure-python parts (`ui.form`, `ui.run_state`, `ui.studio`) load without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from trainer.runner import TrainingRunner
+
+TITLE = "Flux LoRA Studio"
+
+
+def allowed_paths(workdir: Path) -> list[str]:
+    """Folders the app must be allowed to serve (sample images, the demo, saved jobs); pass them to launch()."""
+    from ui.form import output_root
+
+    workdir = Path(workdir).resolve()
+    return [str(output_root(workdir)), str(workdir / ".studio")]
+
+
+def build_app(runner: TrainingRunner, workdir: Path) -> gr.Blocks:
+    """The whole UI around one runner; every default comes from the demo job, so Start trains the demo."""
+    import gradio as gr
+
+    from ui import advanced_tab, dataset_tab, lowvram_tab, model_tab, run_tab, training_tab
+    from ui.form import FORM_KEYS
+    from ui.studio import Studio
+
+    studio = Studio(runner, Path(workdir))
+    defaults = studio.default_values()
+    fields: dict[str, gr.components.Component] = {}
+    with gr.Blocks(title=TITLE) as app:
+        gr.Markdown(f"## {TITLE}")
+        base = gr.State({})  # fields of a loaded job that the form has no control for
+        with gr.Tabs():
+            with gr.Tab("Model"):
+                model_tab.build(fields, defaults, studio)
+            with gr.Tab("Dataset & Captioning"):
+                dataset_tab.build(fields, defaults, studio)
+            with gr.Tab("Low VRAM"):
+                lowvram_tab.build(fields, defaults)
+            with gr.Tab("Training"):
+                training_tab.build(fields, defaults)
+            with gr.Tab("Advanced"):
+                advanced_tab.build(fields, defaults)
+            with gr.Tab("Run"):
+                run_tab.build(fields, studio, base, model_tab.flavour_choices)
+        missing = set(FORM_KEYS) - set(fields)
+        if missing:
+            raise RuntimeError(f"form keys without a control: {sorted(missing)}")
+
+        def placeholders(family: str, flavour: str) -> tuple[object, object]:
+            steps, guidance = advanced_tab.sample_placeholders(family, flavour)
+            return gr.update(placeholder=steps), gr.update(placeholder=guidance)
+
+        gr.on([fields["model.family"].change, fields["model.flavour"].change], placeholders,
+              [fields["model.family"], fields["model.flavour"]], [fields["sample.steps"], fields["sample.guidance"]],
+              api_visibility="private", show_progress="hidden")
+    return app

@@ -1,0 +1,186 @@
+"""Form values ↔ job spec, by key, never by position.
+
+Every control of the job form is registered under a key: `section.key` for a spec field, `dataset.key` for a
+field of the (single) dataset the form edits, which lives at `data.datasets[0]` in the spec. Handlers receive a
+dict key → value and turn it into a nested dict that `parse_spec` validates. Pure python: no gradio import.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from trainer.demo import demo_job_toml
+from trainer.spec import JobSpec, deep_merge, parse_spec
+
+DATASET = "dataset."
+PROMPT_SEPARATOR = "|"
+
+# Order = order of the controls in the tabs.
+FORM_KEYS: tuple[str, ...] = (
+    # Model
+    "model.family", "model.flavour", "model.source", "model.base_precision", "model.text_encoder_precision",
+    # Dataset & Captioning
+    "dataset.path", "dataset.trigger", "dataset.caption_strategy", "dataset.instance_prompt", "dataset.repeats",
+    "data.resolution", "data.caption_dropout",
+    # Low VRAM
+    "lowvram.gradient_checkpointing",
+    # Training
+    "lora.rank", "lora.alpha", "lora.dropout",
+    "train.learning_rate", "train.max_steps", "train.batch_size", "train.gradient_accumulation", "train.scheduler",
+    "train.warmup_steps", "train.max_grad_norm", "train.mixed_precision", "train.seed",
+    "sample.prompts", "sample.every_steps",
+    "output.dir", "output.name", "output.save_every_steps",
+    # Advanced
+    "advanced.timestep_sampling", "advanced.logit_mean", "advanced.logit_std", "advanced.shift",
+    "advanced.auto_shift", "advanced.loss_weighting", "advanced.guidance_value",
+    "lora.targets", "sample.steps", "sample.guidance", "sample.seed",
+)
+
+# Optional numbers, shown as text boxes: empty means "not set" (the flavour's default). gr.Number cannot be
+# empty in the browser (its frontend turns an empty value into 0); pydantic parses the text and names the field.
+OPTIONAL_KEYS = frozenset({"sample.steps", "sample.guidance"})
+
+
+def api_name(key: str) -> str:
+    """The keyword a key has in the app's API: `train.max_steps` → `train_max_steps`."""
+    return key.replace(".", "_")
+
+
+KEY_BY_API_NAME: dict[str, str] = {api_name(key): key for key in FORM_KEYS}
+
+
+# ---------------------------------------------------------------------- paths and defaults
+
+
+def demo_dir(workdir: Path) -> Path:
+    """Where the app builds the embedded demo (models and dataset) on the first Start."""
+    return Path(workdir) / ".studio" / "demo"
+
+
+def output_root(workdir: Path) -> Path:
+    return Path(workdir) / "output"
+
+
+def default_job(workdir: Path, family: str = "flux2") -> dict[str, Any]:
+    """The demo job with absolute paths: model and dataset in the demo folder, output in WORKDIR/output/<name>."""
+    job = tomllib.loads(demo_job_toml(family))
+    demo = demo_dir(workdir).resolve()
+    job["model"]["source"] = str(demo / job["model"]["source"])
+    for entry in job["data"]["datasets"]:
+        entry["path"] = str(demo / entry["path"])
+    job["output"]["dir"] = str(output_root(workdir).resolve() / job["output"]["name"])
+    return job
+
+
+def field_choices(key: str) -> list[str]:
+    """The allowed values of a Literal spec field, read from JobSpec so the menus offer only what works."""
+    section, name = key.split(".", 1)
+    if section == "dataset":
+        from trainer.spec import DatasetEntry
+
+        model: Any = DatasetEntry
+    else:
+        model = JobSpec.model_fields[section].annotation
+    annotation = model.model_fields[name].annotation
+    if typing.get_origin(annotation) is list:
+        annotation = typing.get_args(annotation)[0]
+    return [str(value) for value in typing.get_args(annotation)]
+
+
+# ---------------------------------------------------------------------- conversion
+
+
+def split_prompts(text: str) -> list[str]:
+    return [part.strip() for part in (text or "").split(PROMPT_SEPARATOR) if part.strip()]
+
+
+def _to_spec_value(key: str, value: Any) -> Any:
+    if key == "sample.prompts":
+        return split_prompts(value)
+    if isinstance(value, str):
+        value = value.strip()
+    if key in OPTIONAL_KEYS and value in (None, ""):
+        return None
+    return value
+
+
+def values_to_dict(values: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Nested spec dict from form values (key → value), laid over `base` (a loaded job's fields the form lacks)."""
+    data: dict[str, Any] = deep_merge({}, dict(base or {}))
+    datasets = data.setdefault("data", {}).get("datasets") or [{}]
+    dataset: dict[str, Any] = dict(datasets[0])
+    for key in FORM_KEYS:
+        if key not in values:
+            continue
+        value = _to_spec_value(key, values[key])
+        if key.startswith(DATASET):
+            target, name = dataset, key.removeprefix(DATASET)
+        else:
+            section, name = key.split(".", 1)
+            target = data.setdefault(section, {})
+        if value is None:
+            target.pop(name, None)
+        else:
+            target[name] = value
+    data["data"]["datasets"] = [dataset]
+    return data
+
+
+def form_to_spec(values: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> JobSpec:
+    """Validated spec from the form; raises SpecError naming each bad field."""
+    return parse_spec(values_to_dict(values, base))
+
+
+def spec_to_values(spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
+    """Form values (key → value) showing a spec; the first dataset fills the dataset fields."""
+    data = spec.to_dict() if isinstance(spec, JobSpec) else dict(spec)
+    datasets = data.get("data", {}).get("datasets") or [{}]
+    values: dict[str, Any] = {}
+    for key in FORM_KEYS:
+        if key.startswith(DATASET):
+            value = datasets[0].get(key.removeprefix(DATASET))
+        else:
+            section, name = key.split(".", 1)
+            value = data.get(section, {}).get(name)
+        if key == "sample.prompts":
+            value = f" {PROMPT_SEPARATOR} ".join(value or [])
+        elif key in OPTIONAL_KEYS:
+            value = "" if value is None else str(value)
+        values[key] = value
+    return values
+
+
+def hidden_fields(spec: JobSpec) -> dict[str, Any]:
+    """What a spec holds beyond the form's controls, kept so a loaded job round-trips (first dataset only)."""
+    data = spec.to_dict()
+    data["data"]["datasets"] = data["data"]["datasets"][:1]
+    return data
+
+
+# ---------------------------------------------------------------------- handlers by keyword
+
+
+def keyword_handler(fn: Callable[[dict[str, Any]], Any], extra: tuple[str, ...] = ()) -> Callable[..., Any]:
+    """Wrap `fn(values)` as a function of keyword arguments named by `api_name`, for gradio's `inputs_kwargs`.
+
+    The API then lists every parameter by name (`train_max_steps`, ...), each defaulting to its control's value.
+    `extra` names further inputs (states) that are passed through under their own names.
+    """
+
+    def handler(**kwargs: Any) -> Any:
+        values = {KEY_BY_API_NAME[name]: value for name, value in kwargs.items() if name in KEY_BY_API_NAME}
+        values.update({name: kwargs[name] for name in extra if name in kwargs})
+        return fn(values)
+
+    handler.__name__ = getattr(fn, "__name__", "handler")
+    handler.__doc__ = fn.__doc__
+    return handler
+
+
+def values_by_key(fields: Mapping[str, Any], by_component: Mapping[Any, Any]) -> dict[str, Any]:
+    """Key → value from gradio's component → value dict (a handler whose inputs are a set of components)."""
+    return {key: by_component[component] for key, component in fields.items() if component in by_component}

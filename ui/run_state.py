@@ -1,0 +1,234 @@
+"""What the Run tab shows, accumulated from the runner's events on the server (pure python, no gradio).
+
+One RunView is shared by every browser session, so a second browser sees the job that is already running.
+Every method takes the view's lock: poll handlers of several sessions may run at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from trainer.events import (
+    Event,
+    LogMessage,
+    LoraSaved,
+    PhaseChanged,
+    Progress,
+    RunFinished,
+    RunStarted,
+    SampleSaved,
+)
+
+LOG_LINES = 200
+LOSS_SMOOTHING = 0.9  # weight of the previous average in the exponential moving average of the loss
+
+ACTIVE = ("starting", "running", "stopping")
+FINISHED = ("completed", "stopped", "failed")
+
+
+@dataclass(frozen=True)
+class LossPoint:
+    step: int
+    loss: float
+    smoothed: float
+
+
+@dataclass(frozen=True)
+class Sample:
+    step: int
+    path: str
+    prompt: str
+
+    @property
+    def label(self) -> str:
+        return f"step {self.step}: {self.prompt}"
+
+
+def format_duration(seconds: float) -> str:
+    """H:MM:SS for an ETA; '?' when unknown."""
+    if seconds is None or seconds != seconds or seconds < 0 or seconds == float("inf"):
+        return "?"
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+class RunView:
+    """State of the current (or last) run as the UI shows it: status, progress, losses, samples, log."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.run_id = 0  # counts begin() calls
+        self.version = 0  # changes whenever anything shown changes
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = "idle"  # idle | starting | running | stopping | completed | stopped | failed
+        self.phase = ""
+        self.phase_detail = ""
+        self.step = 0
+        self.max_steps = 0
+        self.loss: float | None = None
+        self.learning_rate: float | None = None
+        self.steps_per_second = 0.0
+        self.eta_seconds = float("nan")
+        self.output_dir = ""
+        self.lora_path = ""
+        self.finished_message = ""
+        self.losses: list[LossPoint] = []
+        self.samples: list[Sample] = []
+        self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
+
+    # ------------------------------------------------------------------ changes
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held by the app around starting a run, so no poll drains events in between."""
+        return self._lock
+
+    def begin(self, max_steps: int, description: str = "") -> None:
+        """A new run was handed to the runner: forget the previous one."""
+        with self._lock:
+            self._reset()
+            self.run_id += 1
+            self.version += 1
+            self.status = "starting"
+            self.max_steps = max_steps
+            if description:
+                self._log("info", description)
+
+    def request_stop(self) -> bool:
+        """The user pressed Stop; False when nothing is running."""
+        with self._lock:
+            if self.status not in ACTIVE:
+                return False
+            self.status = "stopping"
+            self._log("info", "stop requested: the run ends after the current step and saves the LoRA")
+            self.version += 1
+            return True
+
+    def apply(self, events: Iterable[Event]) -> None:
+        with self._lock:
+            for event in events:
+                self._apply(event)
+                self.version += 1
+
+    def thread_ended(self) -> None:
+        """The runner is no longer running; a run still shown as active ended without saying so."""
+        with self._lock:
+            if self.status in ACTIVE:
+                self.status = "failed"
+                self.finished_message = "the training thread ended without a result; see the console for the error"
+                self._log("error", self.finished_message)
+                self.version += 1
+
+    def _apply(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            self.max_steps = event.max_steps
+            self.output_dir = event.output_dir
+            if self.status not in ("stopping",):
+                self.status = "running"
+            self._log("info", f"run started: {event.family}/{event.flavour}, {event.max_steps} steps, "
+                              f"output {event.output_dir}", event.time)
+        elif isinstance(event, PhaseChanged):
+            self.phase, self.phase_detail = event.phase, event.detail
+            detail = f" ({event.detail})" if event.detail else ""
+            self._log("info", f"{event.phase}{detail}", event.time)
+        elif isinstance(event, Progress):
+            if self.status == "starting":
+                self.status = "running"
+            self.step, self.max_steps = event.step, event.max_steps
+            self.loss, self.learning_rate = event.loss, event.learning_rate
+            self.steps_per_second, self.eta_seconds = event.steps_per_second, event.eta_seconds
+            previous = self.losses[-1].smoothed if self.losses else event.loss
+            smoothed = LOSS_SMOOTHING * previous + (1 - LOSS_SMOOTHING) * event.loss
+            self.losses.append(LossPoint(event.step, event.loss, smoothed))
+        elif isinstance(event, SampleSaved):
+            self.samples.append(Sample(event.step, event.path, event.prompt))
+            self._log("info", f"sample at step {event.step}: {event.path}", event.time)
+        elif isinstance(event, LoraSaved):
+            self.lora_path = event.path
+            self._log("info", f"LoRA saved at step {event.step}: {event.path}", event.time)
+        elif isinstance(event, LogMessage):
+            self._log(event.level, event.message, event.time)
+        elif isinstance(event, RunFinished):
+            self.status = event.status
+            self.step = max(self.step, event.step)
+            if event.lora_path:
+                self.lora_path = event.lora_path
+            self.finished_message = event.message
+            self._log("error" if event.status == "failed" else "info",
+                      f"run {event.status} at step {event.step}" + (f": {event.message}" if event.message else ""),
+                      event.time)
+
+    def _log(self, level: str, message: str, when: float | None = None) -> None:
+        stamp = time.strftime("%H:%M:%S", time.localtime(when if when is not None else time.time()))
+        prefix = f"{stamp} {level}: " if level != "info" else f"{stamp} "
+        for index, line in enumerate(message.rstrip().splitlines() or [""]):
+            self.log_lines.append((prefix if index == 0 else "    ") + line)
+
+    # ------------------------------------------------------------------ what the UI shows
+
+    @property
+    def active(self) -> bool:
+        with self._lock:
+            return self.status in ACTIVE
+
+    def status_text(self) -> str:
+        """One plain line: 'idle', 'starting: building demo', 'running: step 12/40', 'completed: LoRA saved to …'."""
+        with self._lock:
+            if self.status == "idle":
+                return "idle"
+            if self.status in ("starting", "running", "stopping"):
+                if self.step > 0 or (self.status == "running" and self.max_steps):
+                    text = f"{self.status}: step {self.step}/{self.max_steps}"
+                    if self.phase and self.phase != "training":
+                        text += f" ({self.phase})"
+                    return text
+                return f"{self.status}: {self.phase}" if self.phase else self.status
+            if self.status == "failed":
+                return f"failed: {self.finished_message or 'see the log'}"
+            where = f"LoRA saved to {self.lora_path}" if self.lora_path else "no LoRA saved"
+            extra = self.finished_message
+            if extra and (extra == where or (self.lora_path and self.lora_path in extra)):
+                extra = ""  # the run's own message already says where the LoRA is
+            return f"{self.status}: {where}" + (f" ({extra})" if extra else "")
+
+    def progress_fraction(self) -> float:
+        with self._lock:
+            return min(1.0, self.step / self.max_steps) if self.max_steps else 0.0
+
+    def progress_line(self) -> str:
+        """'step 12/40 · 3.1 it/s · ETA 0:00:09 · loss 0.1234'."""
+        with self._lock:
+            parts = [f"step {self.step}/{self.max_steps}" if self.max_steps else "step -"]
+            if self.steps_per_second > 0:
+                parts.append(f"{self.steps_per_second:.2f} it/s")
+            if self.status in ACTIVE and self.step:
+                parts.append(f"ETA {format_duration(self.eta_seconds)}")
+            if self.loss is not None:
+                parts.append(f"loss {self.loss:.4f}")
+            if self.learning_rate is not None:
+                parts.append(f"lr {self.learning_rate:.2e}")
+            return " · ".join(parts)
+
+    def loss_rows(self) -> list[dict[str, float | int | str]]:
+        """Long-format rows for a line plot: one series for the raw loss, one for its moving average."""
+        with self._lock:
+            rows: list[dict[str, float | int | str]] = []
+            for point in self.losses:
+                rows.append({"step": point.step, "loss": point.loss, "series": "loss"})
+                rows.append({"step": point.step, "loss": point.smoothed, "series": "smoothed"})
+            return rows
+
+    def gallery(self) -> list[tuple[str, str]]:
+        """(path, 'step N: prompt'), newest first."""
+        with self._lock:
+            return [(sample.path, sample.label) for sample in reversed(self.samples)]
+
+    def log_text(self) -> str:
+        with self._lock:
+            return "\n".join(self.log_lines)

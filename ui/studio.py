@@ -1,0 +1,183 @@
+"""What the buttons do, in plain python: validate the form, start and stop runs, save and load jobs.
+
+The gradio handlers in the tab modules call these and only turn the results into component updates.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer import registry
+from trainer.demo import FAMILIES as DEMO_FAMILIES
+from trainer.demo import is_demo_folder
+from trainer.preflight import check_files
+from trainer.runner import AlreadyRunning, TrainingRunner
+from trainer.spec import JobSpec, SpecError, parse_spec, resolve_paths, spec_to_toml
+from ui import form
+from ui.run_state import RunView
+
+ALREADY_RUNNING = "a run is already in progress; stop it or wait for it to finish"
+DATASET_PREVIEW_CAPTIONS = 5
+
+
+@dataclass
+class Outcome:
+    """A message for the status line and the problems (one per line) for the error box; empty = success."""
+
+    message: str
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # worth a warning, but nothing failed
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class Studio:
+    """The app's server-side state: one runner and one RunView shared by every browser session."""
+
+    def __init__(self, runner: TrainingRunner, workdir: Path) -> None:
+        self.runner = runner
+        self.workdir = Path(workdir).resolve()
+        self.demo_dir = form.demo_dir(self.workdir).resolve()
+        self.output_root = form.output_root(self.workdir).resolve()
+        self.jobs_dir = self.workdir / ".studio" / "jobs"
+        self.view = RunView()
+
+    # ------------------------------------------------------------------ form → spec
+
+    def default_values(self) -> dict[str, Any]:
+        return form.spec_to_values(parse_spec(form.default_job(self.workdir)))
+
+    def resolve(self, values: dict[str, Any], base: dict[str, Any] | None = None) -> JobSpec:
+        """The form's spec with relative paths taken from the workdir; raises SpecError."""
+        return resolve_paths(form.form_to_spec(values, base), self.workdir)
+
+    def uses_demo(self, spec: JobSpec) -> bool:
+        paths = [spec.model.source, *(entry.path for entry in spec.data.datasets)]
+        return any(path and Path(path).is_relative_to(self.demo_dir) for path in paths)
+
+    def demo_built(self) -> bool:
+        return is_demo_folder(self.demo_dir) and all(
+            (self.demo_dir / family / "model_index.json").is_file() for family in DEMO_FAMILIES
+        )
+
+    def preflight(self, spec: JobSpec) -> list[str]:
+        """File problems, leaving out the demo folder's while the runner is still to build it."""
+        problems = check_files(spec)
+        if self.uses_demo(spec) and not self.demo_built():
+            problems = [p for p in problems if str(self.demo_dir) not in p]
+        return problems
+
+    # ------------------------------------------------------------------ run control
+
+    def start(self, values: dict[str, Any], base: dict[str, Any] | None = None) -> Outcome:
+        try:
+            spec = self.resolve(values, base)
+        except SpecError as exc:
+            return Outcome("not started: the job has problems", exc.problems)
+        problems = self.preflight(spec)
+        if problems:
+            return Outcome("not started: files or folders are missing", problems)
+        demo = self.demo_dir if self.uses_demo(spec) and not self.demo_built() else None
+        with self.view.lock:  # no poll may drain the new run's first events before the view is reset
+            if self.runner.running:
+                return Outcome(ALREADY_RUNNING, [ALREADY_RUNNING])
+            try:
+                self.runner.start(spec, demo_dir=demo)
+            except AlreadyRunning:
+                return Outcome(ALREADY_RUNNING, [ALREADY_RUNNING])
+            building = f"; building the demo in {demo} first" if demo else ""
+            self.view.begin(spec.train.max_steps, f"starting {spec.output.name}: {spec.train.max_steps} steps, "
+                                                  f"output {spec.output.dir}{building}")
+        return Outcome(f"started: {spec.train.max_steps} steps{building}")
+
+    def stop(self) -> str:
+        if not self.runner.running:
+            return "no run in progress"
+        self.runner.stop()
+        self.view.request_stop()
+        return "stopping: the run ends after the current step and saves the LoRA"
+
+    def poll(self) -> RunView:
+        with self.view.lock:
+            running = self.runner.running  # before draining: events of a thread that just ended are all queued
+            self.view.apply(self.runner.drain())
+            if not running:
+                self.view.thread_ended()
+        return self.view
+
+    # ------------------------------------------------------------------ jobs as files
+
+    def save_job(self, values: dict[str, Any], base: dict[str, Any] | None = None) -> tuple[Path | None, Outcome]:
+        try:
+            spec = self.resolve(values, base)
+        except SpecError as exc:
+            return None, Outcome("not saved: the job has problems", exc.problems)
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        path = self.jobs_dir / f"{spec.output.name}.toml"
+        path.write_text(spec_to_toml(spec), encoding="utf-8")
+        return path, Outcome(f"saved {path}")
+
+    def load_job(self, path: str | Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None, Outcome]:
+        """(form values, hidden fields, outcome) of a job TOML; relative paths are taken from the workdir."""
+        name = Path(path).name
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            spec = resolve_paths(parse_spec(data, name), self.workdir)
+        except tomllib.TOMLDecodeError as exc:
+            return None, None, Outcome(f"not loaded: {name}", [f"{name}: not valid TOML: {exc}"])
+        except (OSError, UnicodeDecodeError) as exc:
+            return None, None, Outcome(f"not loaded: {name}", [f"{name}: cannot read the file: {exc}"])
+        except SpecError as exc:
+            return None, None, Outcome(f"not loaded: {name}", [f"{name}: {p}" for p in exc.problems])
+        notes = []
+        if len(spec.data.datasets) > 1:
+            notes.append(f"{name}: the form edits one dataset; only the first of {len(spec.data.datasets)} is kept")
+        return form.spec_to_values(spec), form.hidden_fields(spec), Outcome(f"loaded {name}", notes=notes)
+
+    # ------------------------------------------------------------------ dataset check
+
+    def check_dataset(self, values: dict[str, Any]) -> str:
+        """Markdown: how many images the dataset has and the first few captions (no model, no torch)."""
+        from trainer.data.datasets import collect_items
+
+        data = form.values_to_dict(values)["data"]
+        # Only the data section matters for listing images; a hub flavour needs no model source.
+        try:
+            spec = resolve_paths(parse_spec({"model": {"family": "flux1", "flavour": "dev"}, "data": data}),
+                                 self.workdir)
+        except SpecError as exc:
+            return "**Problems:**\n" + "\n".join(f"- {p}" for p in exc.problems)
+        folder = Path(spec.data.datasets[0].path)
+        if not folder.is_dir():
+            if folder.is_relative_to(self.demo_dir):
+                return f"The demo dataset `{folder}` is built on the first Start."
+            return f"**Folder not found:** `{folder}`"
+        items = collect_items(spec)
+        if not items:
+            return f"**No images** in `{folder}`."
+        entry = spec.data.datasets[0]
+        lines = [f"**{len(items)} images** in `{folder}` × {entry.repeats} repeats = "
+                 f"{len(items) * entry.repeats} per epoch.", "", "First captions:"]
+        lines += [f"- `{item.image_path.name}`: {item.caption or '(empty)'}" for item in
+                  items[:DATASET_PREVIEW_CAPTIONS]]
+        empty = sum(1 for item in items if not item.caption)
+        if empty:
+            lines.append(f"\n{empty} images have an empty caption.")
+        return "\n".join(lines)
+
+
+def flavour_summary(family: str, flavour: str) -> str:
+    """Markdown line describing a flavour, shown under the menus."""
+    try:
+        info = registry.get_flavour(family, flavour)
+    except KeyError as exc:
+        return str(exc)
+    source = "built locally, random weights" if info.is_demo else f"hub `{info.hub_id}`"
+    return (f"**{info.label}** — {source}; text encoder {info.text_encoder_label}; "
+            f"samples with {info.sample_steps} steps, guidance {info.sample_guidance}, "
+            f"{info.sample_resolution} px")
