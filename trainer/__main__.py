@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.session import Session
 
     spec = _load_job(args.job, args.set)
-    session = Session(spec, emit=_ConsoleProgress(show_bar=not args.no_progress))
+    session = Session(spec, emit=_ConsoleProgress(show_bar=not args.no_progress), resume=args.resume)
     try:
         session.run()
     finally:
@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--debug", action="store_true", help="show tracebacks")
         if name == "train":
             command.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+            command.add_argument("--resume", action="store_true",
+                                 help="continue exactly from the latest training state in output.dir")
         command.set_defaults(func=func)
     return parser
 

@@ -7,6 +7,7 @@ only to the `Commands` object, checked between steps.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import time
 import traceback
@@ -17,7 +18,14 @@ from typing import Any
 import torch
 
 from trainer import flow, registry
-from trainer.checkpoint import save_lora_diffusers
+from trainer.checkpoint import (
+    latest_state,
+    load_training_state,
+    prune_checkpoints,
+    save_lora_diffusers,
+    save_training_state,
+    state_path,
+)
 from trainer.data.cache import TextEmbeddingCache
 from trainer.data.datasets import TrainItem, collect_items
 from trainer.data.images import load_pixels
@@ -40,6 +48,9 @@ from trainer.spec import JobSpec, save_spec
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _LINEAR_BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+STATE_FORMAT = 1
+# What a saved state must agree with to be resumed: the model, the adapter and the data it was trained on.
+_RESUME_SECTIONS = ("model", "lora", "data")
 
 
 class _NoCommands:
@@ -70,8 +81,10 @@ def lora_target_modules(transformer: torch.nn.Module, targets: str) -> list[str]
 
 
 class Session:
-    def __init__(self, spec: JobSpec, emit: Callable[[Event], None] | None = None, commands: Any = None) -> None:
+    def __init__(self, spec: JobSpec, emit: Callable[[Event], None] | None = None, commands: Any = None,
+                 resume: bool = False) -> None:
         self.spec = spec
+        self.resume = resume
         self.flavour = registry.get_flavour(spec.model.family, spec.model.flavour)
         self.ops = family_ops(spec.model.family)
         self.output_dir = Path(spec.output.dir)
@@ -105,6 +118,8 @@ class Session:
         """
         try:
             self.setup()
+            if self.spec.sample.prompts and self.spec.sample.every_steps and self.step == 0:
+                self.validate()  # the baseline every later sample is compared with
             self.train()
             path = self.save()
             every = self.spec.sample.every_steps
@@ -147,6 +162,8 @@ class Session:
         self._cache_latents()
         self._add_lora()
         self._make_optimizer()
+        if self.resume:
+            self._resume_latest()
 
     def _cache_text_embeddings(self) -> None:
         captions = [item.caption for item in self.items] + [""] + list(self.spec.sample.prompts)
@@ -201,6 +218,59 @@ class Session:
             train.scheduler, optimizer=self.optimizer, num_warmup_steps=train.warmup_steps,
             num_training_steps=train.max_steps,
         )
+
+    # ------------------------------------------------------------------ state for exact resume
+
+    def _section_identity(self, section: str) -> str:
+        return json.dumps(self.spec.to_dict()[section], sort_keys=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next step depends on: adapter, optimiser, scheduler, every RNG, the data order."""
+        return {
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "identity": {k: self._section_identity(k) for k in _RESUME_SECTIONS},
+            "lora": {n: p.detach().to("cpu").clone() for n, p in self.transformer.named_parameters()
+                     if p.requires_grad},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "order": [list(batch) for batch in self._order],
+            "losses": list(self.losses),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "state") -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise UserError(f"{source}: saved by another version of the trainer (format {state.get('format')})")
+        changed = [k for k in _RESUME_SECTIONS if state["identity"].get(k) != self._section_identity(k)]
+        if changed:
+            raise UserError(f"{source}: the job's [{'], ['.join(changed)}] settings differ from the run being "
+                            "resumed; restore them, or start a new run in another output.dir")
+        params = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
+        if set(params) != set(state["lora"]):
+            raise UserError(f"{source}: its adapter does not match this job's (lora.targets or lora.type differ)")
+        with torch.no_grad():
+            for name, value in state["lora"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self._order = [list(batch) for batch in state["order"]]
+        self.losses = list(state["losses"])
+        self.step = int(state["step"])
+
+    def _resume_latest(self) -> None:
+        path = latest_state(self.output_dir)
+        if path is None:
+            raise UserError(f"output.dir: no saved training state in '{self.output_dir / 'state'}' to resume; "
+                            "run without --resume to start afresh")
+        self.load_state_dict(load_training_state(path), str(path))
+        self.emit(LogMessage(level="info", message=f"resumed from {path} at step {self.step}"))
 
     # ------------------------------------------------------------------ training
 
@@ -312,6 +382,9 @@ class Session:
         self.emit(PhaseChanged(phase="saving", detail=filename))
         pipeline_class = type(self.pipe)
         path = save_lora_diffusers(self.transformer, pipeline_class, self.output_dir / filename)
+        if self.spec.output.save_state:
+            save_training_state(state_path(self.output_dir, self.step), self.state_dict())
+        prune_checkpoints(self.output_dir, name, self.spec.output.keep_last)
         self.last_lora_path = path
         self.emit(LoraSaved(step=self.step, path=str(path)))
         return path

@@ -123,6 +123,9 @@ class OutputSection(_Section):
     dir: str = "output"
     name: str = Field("lora", min_length=1)
     save_every_steps: int = Field(0, ge=0)  # 0: only at the end of the run
+    keep_last: int = Field(3, ge=1)  # intermediate LoRAs and training states kept on disk
+    # Training state (optimiser, scheduler, RNG, data order) beside each save, for an exact resume.
+    save_state: bool = True
     formats: list[Literal["diffusers"]] = Field(default_factory=lambda: ["diffusers"], min_length=1)
 
 

@@ -15,7 +15,7 @@ from trainer.demo import FAMILIES as DEMO_FAMILIES
 from trainer.demo import is_demo_folder
 from trainer.preflight import check_files
 from trainer.runner import AlreadyRunning, TrainingRunner
-from trainer.spec import JobSpec, SpecError, parse_spec, resolve_paths, spec_to_toml
+from trainer.spec import JobSpec, SpecError, parse_spec, resolve_paths, save_spec
 from ui import form
 from ui.run_state import RunView
 
@@ -119,7 +119,7 @@ class Studio:
             return None, Outcome("not saved: the job has problems", exc.problems)
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         path = self.jobs_dir / f"{spec.output.name}.toml"
-        path.write_text(spec_to_toml(spec), encoding="utf-8")
+        save_spec(spec, path)
         return path, Outcome(f"saved {path}")
 
     def load_job(self, path: str | Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None, Outcome]:
