@@ -15,17 +15,41 @@ from trainer.spec import JobSpec
 
 
 class Commands:
-    """Requests from the UI, checked by the session between steps."""
+    """Requests from the UI, checked by the session between steps.
+
+    Stop stays set until `clear_stop()`; sample-now and save-now are one-shot and consumed by `take_*`.
+    """
 
     def __init__(self) -> None:
         self._stop = threading.Event()
+        self._sample = threading.Event()
+        self._save = threading.Event()
 
     def request_stop(self) -> None:
         self._stop.set()
 
+    def clear_stop(self) -> None:
+        self._stop.clear()
+
     @property
     def stop_requested(self) -> bool:
         return self._stop.is_set()
+
+    def request_sample(self) -> None:
+        self._sample.set()
+
+    def request_save(self) -> None:
+        self._save.set()
+
+    def take_sample_request(self) -> bool:
+        requested = self._sample.is_set()
+        self._sample.clear()
+        return requested
+
+    def take_save_request(self) -> bool:
+        requested = self._save.is_set()
+        self._save.clear()
+        return requested
 
 
 class AlreadyRunning(RuntimeError):

@@ -56,6 +56,12 @@ _RESUME_SECTIONS = ("model", "lora", "data")
 class _NoCommands:
     stop_requested = False
 
+    def take_sample_request(self) -> bool:
+        return False
+
+    def take_save_request(self) -> bool:
+        return False
+
 
 def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -346,9 +352,11 @@ class Session:
             self.emit(Progress(step=self.step, max_steps=spec.train.max_steps, loss=total,
                                learning_rate=self.lr_scheduler.get_last_lr()[0], steps_per_second=rate,
                                eta_seconds=(spec.train.max_steps - self.step) / rate))
-            if spec.sample.prompts and spec.sample.every_steps and self.step % spec.sample.every_steps == 0:
+            every = spec.sample.every_steps
+            if self.commands.take_sample_request() or (spec.sample.prompts and every and self.step % every == 0):
                 self.validate()
-            if spec.output.save_every_steps and self.step % spec.output.save_every_steps == 0 and self.step < end:
+            save_due = spec.output.save_every_steps and self.step % spec.output.save_every_steps == 0
+            if self.commands.take_save_request() or (save_due and self.step < end):
                 self.save(intermediate=True)
 
     # ------------------------------------------------------------------ validation and saving
