@@ -152,3 +152,11 @@ def test_hub_ids_are_not_treated_as_paths(tmp_path: Path) -> None:
 def test_defaults_are_a_valid_spec_for_a_hub_flavour() -> None:
     spec = JobSpec.model_validate({"model": {"flavour": "klein-base-9b"}})
     assert spec.model.source == "" and spec.train.optimizer == "adamw"
+
+
+def test_overrides_reach_into_dataset_entries() -> None:
+    data = apply_overrides(_demo_dict(), ["data.datasets[0].trigger=ohwx", "data.datasets[0].repeats=3"])
+    entry = parse_spec(data).data.datasets[0]
+    assert (entry.trigger, entry.repeats) == ("ohwx", 3)
+    with pytest.raises(SpecError, match="'datasets' has 1 entries; no entry 4"):
+        apply_overrides(_demo_dict(), ["data.datasets[4].trigger=x"])

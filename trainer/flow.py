@@ -26,7 +26,16 @@ def sample_sigmas(advanced: AdvancedSection, batch_size: int, mu: float | None,
         generator=generator,
     )
     shift = math.exp(mu) if (advanced.auto_shift and mu is not None) else advanced.shift
-    return shift_sigmas(u, shift)
+    low, high = advanced.min_timestep / 1000.0, advanced.max_timestep / 1000.0
+    return low + (high - low) * shift_sigmas(u, shift)
+
+
+def guidance_values(advanced: AdvancedSection, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """The guidance a guidance-distilled model is conditioned on while training: fixed, or uniform in a range."""
+    if advanced.guidance_mode == "random":
+        span = advanced.guidance_max - advanced.guidance_min
+        return advanced.guidance_min + span * torch.rand(batch_size, generator=generator)
+    return torch.full((batch_size,), advanced.guidance_value)
 
 
 def loss_weights(advanced: AdvancedSection, sigmas: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 from trainer import registry
-from trainer.data.datasets import IMAGE_EXTENSIONS, list_images
+from trainer.data.datasets import IMAGE_EXTENSIONS, find_mask, list_images
+from trainer.errors import UserError
+from trainer.prompts import sample_prompts
 from trainer.spec import JobSpec, is_local_path
 
 
@@ -42,6 +44,7 @@ def _check_datasets(spec: JobSpec) -> list[str]:
         images = list_images(folder)
         if not images:
             problems.append(f"{field}: no images ({', '.join(IMAGE_EXTENSIONS)}) in '{folder}'")
+        problems += _check_masks(entry.masks, images, f"data.datasets[{index}].masks")
         total += len(images) * entry.repeats
     if total and total < spec.train.batch_size:
         problems.append(
@@ -49,6 +52,26 @@ def _check_datasets(spec: JobSpec) -> list[str]:
             "lower it or add images"
         )
     return problems
+
+
+def _check_masks(masks: str, images: list[Path], field: str) -> list[str]:
+    if not masks:
+        return []
+    if not Path(masks).is_dir():
+        return [f"{field}: folder '{masks}' does not exist"]
+    missing = [image.name for image in images if find_mask(image, Path(masks)) is None]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        return [f"{field}: no mask with the same name for {shown}; add them or clear {field}"]
+    return []
+
+
+def _check_prompts(spec: JobSpec) -> list[str]:
+    try:
+        sample_prompts(spec)
+    except UserError as exc:
+        return [str(exc)]
+    return []
 
 
 def _check_output(spec: JobSpec) -> list[str]:
@@ -63,4 +86,4 @@ def _check_output(spec: JobSpec) -> list[str]:
 
 def check_files(spec: JobSpec) -> list[str]:
     """Every problem with the files and folders of a resolved spec; empty when the job can start."""
-    return _check_model(spec) + _check_datasets(spec) + _check_output(spec)
+    return _check_model(spec) + _check_datasets(spec) + _check_prompts(spec) + _check_output(spec)

@@ -1,17 +1,34 @@
-"""Runs one training session at a time in a background thread and relays its events.
+"""Drives one training session at a time from a worker thread and relays its events.
+
+The worker owns one live `Session` and takes actions from a queue, in the order users think in:
+
+    init → train n steps → validate → save → … → end
+
+Between actions the session stays live and paused, holding its models, caches and optimiser. `start` is the
+whole run in one action (setup, train to max_steps, save, end), as the CLI does it. One action runs at a time;
+stop, sample-now and save-now also reach an action in progress, through the `Commands` the session checks
+between steps. Every failure ends as a RunFinished event, never as an exception in the app.
 
 The app talks to this module only; torch is imported inside the worker thread so the UI starts fast.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
-from trainer.events import Event, EventQueue, LogMessage, RunFinished
+from trainer.errors import UserError
+from trainer.events import Event, EventQueue, LogMessage, PhaseChanged, RunFinished
 from trainer.spec import JobSpec
+
+# Actions during which the session is between training steps often enough to take stop/sample/save requests.
+TRAINING_ACTIONS = ("start", "train_steps")
+PAUSED_PHASE = "paused"
 
 
 class Commands:
@@ -53,77 +70,354 @@ class Commands:
 
 
 class AlreadyRunning(RuntimeError):
-    pass
+    """An action is in progress, or a live session stands where a new one was asked for."""
+
+
+class NothingToDo(RuntimeError):
+    """The action cannot act in the runner's present state; the message says why, in the user's words."""
+
+
+def _build_demo(demo_dir: Path | None, emit: Callable[[Event], None]) -> bool:
+    """Build the demo in `demo_dir` when it is missing; False (and a failed RunFinished) when that fails."""
+    if demo_dir is None:
+        return True
+    try:
+        from trainer.demo import ensure_demo
+
+        ensure_demo(demo_dir, emit)
+    except Exception as exc:  # noqa: BLE001 - the app must survive anything the trainer does
+        emit(LogMessage(level="error", message=traceback.format_exc()))
+        emit(RunFinished(status="failed", step=0, message=f"building the demo failed: {exc}"))
+        return False
+    return True
 
 
 def run_session(spec: JobSpec, emit: Callable[[Event], None], commands: Commands,
-                demo_dir: Path | None = None) -> None:
+                demo_dir: Path | None = None, resume: bool = False,
+                on_live: Callable[[Any], None] | None = None) -> None:
     """Set up, train, save and end one session; every failure ends as a RunFinished event, never an exception.
 
-    With `demo_dir`, the demo models and dataset are built there first if they are missing.
+    With `demo_dir`, the demo models and dataset are built there first if they are missing. `on_live` is told
+    the session once it exists and None once it has ended.
     """
     from trainer.quiet import silence_library_noise
 
     silence_library_noise()
     from trainer.session import Session
 
-    session = Session(spec, emit=emit, commands=commands)
-    try:
-        if demo_dir is not None:
-            from trainer.demo import ensure_demo
-
-            ensure_demo(demo_dir, emit)
-    except Exception as exc:  # noqa: BLE001 - the app must survive anything the trainer does
-        emit(LogMessage(level="error", message=traceback.format_exc()))
-        emit(RunFinished(status="failed", step=0, message=f"building the demo failed: {exc}"))
+    session = Session(spec, emit=emit, commands=commands, resume=resume)
+    if not _build_demo(demo_dir, emit):
         return
+    if on_live is not None:
+        on_live(session)
     try:
         session.run()
     except Exception:  # noqa: BLE001, S110 - Session.run has already reported it as RunFinished
         pass
     finally:
         session.end()
+        if on_live is not None:
+            on_live(None)
+
+
+@dataclass(frozen=True)
+class _Action:
+    name: str
+    work: Callable[[], None]
 
 
 class TrainingRunner:
-    """One training thread at a time; the app polls `drain()` for what happened."""
+    """One live session at a time, driven by actions that a worker thread runs one by one.
+
+    The app polls `drain()` for what happened. Actions (each returns at once; the work runs in the worker):
+
+    - `start(spec)`: the whole run — setup, train to max_steps, save, RunFinished, end.
+    - `train_steps(spec, n)`: set a session up if none is live, train n more steps, then pause (live).
+    - `validate_now()`, `save_now()`: while training, a request taken after the current step; while paused,
+      the work itself in the worker.
+    - `stop()`: training stops after the current step. A `start` run then saves and ends as it always has; a
+      `train_steps` action saves the LoRA (and state) and pauses, so training can continue.
+    - `end_training()`: save what was trained since the last save, RunFinished, free the session.
+
+    An action asked for while another is in progress raises AlreadyRunning (stop, validate_now and save_now
+    reach a training action instead); one that cannot act now raises NothingToDo with the reason.
+    """
 
     def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._actions: queue.SimpleQueue[_Action] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._action: str | None = None  # the action in progress
         self._commands = Commands()
         self._events = EventQueue()
-        self._lock = threading.Lock()
-        self.spec: JobSpec | None = None
+        self._session: Any = None  # the live Session; only the worker changes it
+        self._saved_step: int | None = None  # the step of the last final save (or of setup/resume)
+        self._saved_path: Path | None = None  # the last final LoRA of the live session
+        self.spec: JobSpec | None = None  # the spec of the live (or last) session
+
+    # ------------------------------------------------------------------ state
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """An action is in progress."""
+        return self._action is not None
 
-    def start(self, spec: JobSpec, demo_dir: Path | None = None) -> None:
-        """Start `spec` (validated, paths resolved); raises AlreadyRunning if a run is in progress.
+    @property
+    def action(self) -> str | None:
+        """The name of the action in progress ('start', 'train_steps', 'validate_now', …), or None."""
+        return self._action
 
-        `demo_dir`: build the embedded demo there first when it is missing (the app's default job uses it).
-        """
-        with self._lock:
-            if self.running:
-                raise AlreadyRunning("a training run is already in progress; stop it or wait for it to finish")
-            self.spec = spec
-            self._commands = Commands()
-            self._thread = threading.Thread(
-                target=run_session, args=(spec, self._events, self._commands, demo_dir), name="trainer", daemon=True
-            )
-            self._thread.start()
+    @property
+    def live(self) -> bool:
+        """A session exists: set up (or being set up), holding its models; paused when nothing is running."""
+        return self._session is not None
 
-    def stop(self) -> None:
-        """Ask the run to finish after the current step; it saves the LoRA before it ends."""
-        self._commands.request_stop()
+    @property
+    def paused(self) -> bool:
+        return self.live and not self.running
+
+    @property
+    def step(self) -> int | None:
+        """The live session's step (optimizer steps done), or None without one."""
+        session = self._session
+        return None if session is None else session.step
+
+    def output_dir(self) -> Path | None:
+        return Path(self.spec.output.dir) if self.spec else None
 
     def drain(self) -> list[Event]:
         return self._events.drain()
 
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until no action is in progress; False if `timeout` passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._action is None, timeout)
 
-    def output_dir(self) -> Path | None:
-        return Path(self.spec.output.dir) if self.spec else None
+    # ------------------------------------------------------------------ actions
+
+    def start(self, spec: JobSpec, demo_dir: Path | None = None, resume: bool = False) -> None:
+        """The whole run of `spec` (validated, paths resolved): setup, train to max_steps, save, end.
+
+        `demo_dir`: build the embedded demo there first when it is missing (the app's default job uses it).
+        `resume`: continue exactly from the latest training state in output.dir.
+        Raises AlreadyRunning while an action is in progress or a session is live (paused).
+        """
+        with self._lock:
+            self._refuse_if_busy()
+            self._refuse_if_live()
+            self.spec = spec
+            self._commands = commands = Commands()
+            self._submit("start", lambda: run_session(spec, self._events, commands, demo_dir, resume,
+                                                      on_live=self._set_session))
+
+    def train_steps(self, spec: JobSpec, steps: int, demo_dir: Path | None = None, resume: bool = False) -> None:
+        """Train `steps` more steps, then pause with the session live; sets a session up first if none is live.
+
+        While a session is live, `spec`, `demo_dir` and `resume` are ignored: the session keeps the spec it was
+        set up with (End training, then train again, to change settings).
+        """
+        if steps < 1:
+            raise NothingToDo(f"steps: train at least 1 step, not {steps}")
+        with self._lock:
+            self._refuse_if_busy()
+            session = self._session
+            if session is not None and session.step >= session.spec.train.max_steps:
+                raise NothingToDo(f"max_steps ({session.spec.train.max_steps}) reached at step {session.step}: "
+                                  "End training to save the final LoRA")
+            if session is None:
+                self.spec = spec
+                self._commands = Commands()
+                self._submit("train_steps", lambda: self._setup_and_train(spec, steps, demo_dir, resume))
+            else:
+                self._commands.clear_stop()
+                self._submit("train_steps", lambda: self._train(steps))
+
+    def validate_now(self) -> Literal["requested", "started"]:
+        """Render the sample prompts with the current LoRA: after the current step while training ('requested'),
+        at once in the worker while paused ('started')."""
+        with self._lock:
+            spec = self._request_target("sample")
+            if not spec.sample.prompts:
+                raise NothingToDo("this session has no sample prompts (sample.prompts); End training and start "
+                                  "again with some to sample")
+            if self.running:
+                self._commands.request_sample()
+                return "requested"
+            self._submit("validate_now", self._guarded(self._validate))
+            return "started"
+
+    def save_now(self) -> Literal["requested", "started"]:
+        """Write an intermediate LoRA (and state) at the current step: after the current step while training
+        ('requested'), at once in the worker while paused ('started')."""
+        with self._lock:
+            self._request_target("save")
+            if self.running:
+                self._commands.request_save()
+                return "requested"
+            self._submit("save_now", self._guarded(self._save_intermediate))
+            return "started"
+
+    def stop(self) -> bool:
+        """Ask training to stop after the current step; False when no training action is in progress.
+
+        A `start` run then saves the LoRA and ends; `train_steps` saves the LoRA and state and pauses.
+        """
+        with self._lock:
+            if self._action not in TRAINING_ACTIONS:
+                return False
+            self._commands.request_stop()
+            return True
+
+    def end_training(self) -> None:
+        """Save the final LoRA and state (if anything was trained since the last save), emit RunFinished and
+        free the session."""
+        with self._lock:
+            self._refuse_if_busy()
+            if self._session is None:
+                raise NothingToDo("no session to end: start or train first")
+            self._submit("end_training", self._guarded(self._end_training))
+
+    # ------------------------------------------------------------------ bookkeeping (lock held)
+
+    def _refuse_if_busy(self) -> None:
+        if self._action is not None:
+            raise AlreadyRunning(f"a training action ({self._action}) is in progress; stop it or wait for it "
+                                 "to finish")
+
+    def _refuse_if_live(self) -> None:
+        if self._session is not None:
+            raise AlreadyRunning(f"a session is paused at step {self._session.step}; End training before "
+                                 "starting a new run (or Train N steps to continue it)")
+
+    def _request_target(self, what: str) -> JobSpec:
+        """The spec of the session a sample/save request is for; refuses when there is none to ask."""
+        if self._action is not None and self._action not in TRAINING_ACTIONS:
+            raise AlreadyRunning(f"busy with {self._action}; try again when it is done")
+        if self._action is None and self._session is None:
+            raise NothingToDo(f"nothing to {what}: start or train first")
+        assert self.spec is not None
+        return self.spec
+
+    def _submit(self, name: str, work: Callable[[], None]) -> None:
+        self._action = name
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name="trainer", daemon=True)
+            self._worker.start()
+        self._actions.put(_Action(name, work))
+
+    # ------------------------------------------------------------------ the worker
+
+    def _work(self) -> None:
+        from trainer.quiet import silence_library_noise
+
+        silence_library_noise()
+        while True:
+            action = self._actions.get()
+            try:
+                action.work()
+            except Exception:  # noqa: BLE001 - last resort: the view marks a run that said nothing as failed
+                traceback.print_exc()
+            finally:
+                with self._idle:
+                    self._action = None
+                    self._idle.notify_all()
+
+    def _set_session(self, session: Any) -> None:  # noqa: ANN401 - a Session; torch-free module
+        self._session = session
+        self._saved_step = None if session is None else session.step
+        self._saved_path = None
+
+    def _emit(self, event: Event) -> None:
+        """Through the live session (so events.jsonl has it too), else straight to the app."""
+        (self._session.emit if self._session is not None else self._events)(event)
+
+    def _guarded(self, work: Callable[[], None]) -> Callable[[], None]:
+        """`work` whose failure is reported as RunFinished(failed) and ends the session."""
+
+        def run() -> None:
+            try:
+                work()
+            except Exception as exc:  # noqa: BLE001 - the app must survive anything the trainer does
+                step = self._session.step if self._session is not None else 0
+                if isinstance(exc, UserError):
+                    message = str(exc)
+                else:
+                    self._emit(LogMessage(level="error", message=traceback.format_exc()))
+                    message = f"{type(exc).__name__}: {exc}"
+                self._emit(RunFinished(status="failed", step=step, message=message))
+                self._end_session()
+
+        return run
+
+    def _end_session(self) -> None:
+        session, self._session = self._session, None
+        self._saved_step = self._saved_path = None
+        if session is not None:
+            try:
+                session.end()
+            except Exception:  # noqa: BLE001 - freeing memory must not take the app down
+                self._events(LogMessage(level="error", message=traceback.format_exc()))
+
+    def _pause(self) -> None:
+        self._emit(PhaseChanged(phase=PAUSED_PHASE, detail=f"step {self._session.step}"))
+
+    def _setup_and_train(self, spec: JobSpec, steps: int, demo_dir: Path | None, resume: bool) -> None:
+        if not _build_demo(demo_dir, self._events):
+            return
+
+        def setup() -> None:
+            from trainer.session import Session
+
+            session = Session(spec, emit=self._events, commands=self._commands, resume=resume)
+            self._set_session(session)
+            session.setup()
+            self._saved_step = session.step
+            if spec.sample.prompts and spec.sample.every_steps and session.step == 0:
+                session.validate()  # the baseline every later sample is compared with, as in a whole run
+            self._train(steps)
+
+        self._guarded(setup)()
+
+    def _train(self, steps: int) -> None:
+        self._guarded(lambda: self._train_unguarded(steps))()
+
+    def _train_unguarded(self, steps: int) -> None:
+        session, commands = self._session, self._commands
+        session.train(steps)
+        # Requests that came in during the last step, which the loop no longer checked.
+        if commands.take_sample_request():
+            session.validate()
+        saves = commands.take_save_request()
+        every = session.spec.output.save_every_steps
+        due = every and session.step % every == 0 and session.step < session.spec.train.max_steps
+        if commands.stop_requested:
+            commands.clear_stop()
+            if session.step != self._saved_step:
+                self._save_final()
+            self._emit(LogMessage(level="info", message=f"stopped at step {session.step}; Train N steps to "
+                                                        "continue, End training to finish"))
+        elif saves or due:  # the loop skips the interval save on a chunk's last step
+            session.save(intermediate=True)
+        self._pause()
+
+    def _save_final(self) -> Path:
+        self._saved_path = self._session.save()
+        self._saved_step = self._session.step
+        return self._saved_path
+
+    def _validate(self) -> None:
+        self._session.validate()
+        self._pause()
+
+    def _save_intermediate(self) -> None:
+        self._session.save(intermediate=True)
+        self._pause()
+
+    def _end_training(self) -> None:
+        session = self._session
+        path = self._save_final() if session.step != self._saved_step else self._saved_path
+        status = "completed" if session.step >= session.spec.train.max_steps else "stopped"
+        message = f"LoRA saved to {path}" if path else "nothing was trained; no LoRA saved"
+        self._emit(RunFinished(status=status, step=session.step, lora_path=str(path or ""), message=message))
+        self._end_session()

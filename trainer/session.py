@@ -28,7 +28,7 @@ from trainer.checkpoint import (
 )
 from trainer.data.cache import TextEmbeddingCache
 from trainer.data.datasets import TrainItem, collect_items
-from trainer.data.images import load_pixels
+from trainer.data.images import load_mask, load_pixels
 from trainer.errors import UserError
 from trainer.events import (
     Event,
@@ -42,7 +42,9 @@ from trainer.events import (
     SampleSaved,
 )
 from trainer.families import family_ops
+from trainer.optimizers import build_optimizer, build_scheduler, effective_learning_rate
 from trainer.preflight import check_files, model_source
+from trainer.prompts import SamplePrompt, sample_prompts
 from trainer.quiet import disable_loading_bars
 from trainer.spec import JobSpec, save_spec
 
@@ -105,6 +107,8 @@ class Session:
         self.lr_scheduler: Any = None
         self.items: list[TrainItem] = []
         self.latents: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor | None] = []
+        self.prompts: list[SamplePrompt] = []
         self.text_cache = TextEmbeddingCache()
         self.generator = torch.Generator("cpu").manual_seed(spec.train.seed)
         self._order: list[list[int]] = []
@@ -150,6 +154,7 @@ class Session:
         problems = check_files(spec)
         if problems:
             raise UserError("\n".join(problems))
+        self.prompts = sample_prompts(spec)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = JsonlWriter(self.output_dir / "events.jsonl")
         self._listeners.append(self._jsonl)
@@ -172,7 +177,7 @@ class Session:
             self._resume_latest()
 
     def _cache_text_embeddings(self) -> None:
-        captions = [item.caption for item in self.items] + [""] + list(self.spec.sample.prompts)
+        captions = [item.caption for item in self.items] + [""] + [prompt.text for prompt in self.prompts]
         self.emit(PhaseChanged(phase="caching text embeddings", detail=f"{len(set(captions))} prompts"))
         self.text_cache.fill(captions, lambda chunk: self.ops.encode_prompts(self.pipe, chunk, self.flavour))
         if self.device.type == "cuda":
@@ -187,7 +192,10 @@ class Session:
             if self.commands.stop_requested:
                 raise UserError("stopped while caching latents; nothing was trained")
             pixels = load_pixels(item.image_path, item.resolution).unsqueeze(0)
-            self.latents.append(self.ops.encode_images(self.pipe, pixels).to("cpu", torch.float32))
+            latents = self.ops.encode_images(self.pipe, pixels).to("cpu", torch.float32)
+            self.latents.append(latents)
+            mask = load_mask(item.mask_path, item.resolution, tuple(latents.shape[-2:])) if item.mask_path else None
+            self.masks.append(mask)
             if (index + 1) % 10 == 0:
                 self.emit(PhaseChanged(phase="caching latents", detail=f"{index + 1}/{len(self.items)} images"))
 
@@ -215,15 +223,10 @@ class Session:
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
     def _make_optimizer(self) -> None:
-        from diffusers.optimization import get_scheduler
-
         train = self.spec.train
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=train.learning_rate, fused=fused)
-        self.lr_scheduler = get_scheduler(
-            train.scheduler, optimizer=self.optimizer, num_warmup_steps=train.warmup_steps,
-            num_training_steps=train.max_steps,
-        )
+        self.optimizer = build_optimizer(self.trainable_parameters(), train.optimizer, train.learning_rate,
+                                         weight_decay=train.weight_decay, device_type=self.device.type)
+        self.lr_scheduler = build_scheduler(self.optimizer, train.scheduler, train.warmup_steps, train.max_steps)
 
     # ------------------------------------------------------------------ state for exact resume
 
@@ -312,11 +315,23 @@ class Session:
         noisy, target = flow.noisy_latents(latents, noise, sigmas)
         guidance = None
         if self.flavour.guidance == "embedded":
-            guidance = torch.full((len(indices),), spec.advanced.guidance_value, device=self.device)
+            guidance = flow.guidance_values(spec.advanced, len(indices), self.generator).to(self.device)
         with self._autocast():
             prediction = self.ops.predict(self.transformer, noisy, sigmas, text, guidance)
         weights = flow.loss_weights(spec.advanced, sigmas).view(-1, 1, 1, 1).to(self.device)
-        return (weights * (prediction.float() - target.float()) ** 2).mean()
+        prior = [spec.data.prior_loss_weight if self.items[i].is_regularisation else 1.0 for i in indices]
+        weights = weights * torch.tensor(prior, device=self.device).view(-1, 1, 1, 1)
+        error = weights * (prediction.float() - target.float()) ** 2
+        if any(self.masks[i] is not None for i in indices):
+            return self._masked_mean(error, indices)
+        return error.mean()
+
+    def _masked_mean(self, error: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """Mean error over the masked-in area only; an image without a mask counts everywhere."""
+        masks = torch.cat([self.masks[i] if self.masks[i] is not None else torch.ones_like(self.masks[j])
+                           for i in indices for j in [next(k for k in indices if self.masks[k] is not None)]])
+        masks = masks.to(error)
+        return (error * masks).sum() / (masks.sum() * error.shape[1]).clamp_min(1e-8)
 
     def _autocast(self) -> Any:
         precision = self.spec.train.mixed_precision
@@ -350,7 +365,7 @@ class Session:
             self.losses.append(total)
             rate = (self.step - start_step) / max(time.perf_counter() - started, 1e-9)
             self.emit(Progress(step=self.step, max_steps=spec.train.max_steps, loss=total,
-                               learning_rate=self.lr_scheduler.get_last_lr()[0], steps_per_second=rate,
+                               learning_rate=effective_learning_rate(self.optimizer), steps_per_second=rate,
                                eta_seconds=(spec.train.max_steps - self.step) / rate))
             every = spec.sample.every_steps
             if self.commands.take_sample_request() or (spec.sample.prompts and every and self.step % every == 0):
@@ -368,18 +383,18 @@ class Session:
         guidance = self.flavour.sample_guidance if sample.guidance is None else sample.guidance
         resolution = sample.resolution or self.flavour.sample_resolution
         negative = self.text_cache[""] if self.flavour.guidance == "cfg" and guidance > 1.0 else None
-        self.emit(PhaseChanged(phase="sampling", detail=f"{len(sample.prompts)} prompts at step {self.step}"))
+        self.emit(PhaseChanged(phase="sampling", detail=f"{len(self.prompts)} prompts at step {self.step}"))
         self.transformer.eval()
         paths: list[Path] = []
         with torch.no_grad(), self._autocast():
-            for index, prompt in enumerate(sample.prompts):
-                image = self.ops.sample(self.pipe, self.text_cache[prompt], negative, steps, guidance,
+            for prompt in self.prompts:
+                image = self.ops.sample(self.pipe, self.text_cache[prompt.text], negative, steps, guidance,
                                         sample.seed, resolution)
-                path = self.output_dir / "samples" / f"step{self.step:06d}_{index}.png"
+                path = self.output_dir / "samples" / f"step{self.step:06d}_{prompt.name}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 image.save(path)
                 paths.append(path)
-                self.emit(SampleSaved(step=self.step, path=str(path), prompt=prompt))
+                self.emit(SampleSaved(step=self.step, path=str(path), prompt=prompt.text))
         self.transformer.train()
         return paths
 
@@ -403,6 +418,7 @@ class Session:
         """Free everything the session holds: models, caches, optimiser state, CUDA memory."""
         self.pipe = self.transformer = self.optimizer = self.lr_scheduler = None
         self.latents = []
+        self.masks = []
         self.text_cache = TextEmbeddingCache()
         gc.collect()
         if torch.cuda.is_available():

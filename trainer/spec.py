@@ -7,6 +7,7 @@ setting the trainer would silently ignore.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import tomllib
@@ -74,7 +75,10 @@ class DatasetEntry(_Section):
     caption_strategy: Literal["textfile", "filename", "instance_prompt"] = "textfile"
     instance_prompt: str = ""
     trigger: str = ""
-    crop: Literal["center", "random"] = "center"
+    # Folder of mask images named like the training images: white is learned, black is ignored by the loss.
+    masks: str = ""
+    # Regularisation (prior preservation) images: trained with data.prior_loss_weight to keep the base's prior.
+    is_regularisation: bool = False
 
     @model_validator(mode="after")
     def _instance_prompt_given(self) -> DatasetEntry:
@@ -89,6 +93,13 @@ class DataSection(_Section):
     cache_latents: bool = True
     cache_text_embeddings: Literal["memory"] = "memory"
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    prior_loss_weight: float = Field(1.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _some_training_data(self) -> DataSection:
+        if self.datasets and all(entry.is_regularisation for entry in self.datasets):
+            raise ValueError("datasets: every dataset is marked is_regularisation; at least one must be the subject")
+        return self
 
 
 class TrainSection(_Section):
@@ -96,12 +107,20 @@ class TrainSection(_Section):
     batch_size: int = Field(1, ge=1, le=256)
     gradient_accumulation: int = Field(1, ge=1, le=1024)
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
-    optimizer: Literal["adamw"] = "adamw"
+    # Lion's learning rate is usually 3-10x below AdamW's; Prodigy's is a multiplier, normally 1.0.
+    optimizer: Literal["adamw", "adamw8bit", "lion8bit", "adafactor", "prodigy"] = "adamw"
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0)
     scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear", "polynomial"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0.0)  # 0 turns clipping off
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     seed: int = Field(42, ge=0)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainSection:
+        if self.scheduler != "constant" and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps: {self.warmup_steps} must be below max_steps ({self.max_steps})")
+        return self
 
 
 class LowVramSection(_Section):
@@ -110,7 +129,9 @@ class LowVramSection(_Section):
 
 
 class SampleSection(_Section):
+    # `<token>` in a prompt becomes the trigger word; `@name` takes the prompt called `name` from prompt_library.
     prompts: list[str] = Field(default_factory=list)
+    prompt_library: str = ""  # a TOML file of `name = "prompt"` lines
     every_steps: int = Field(0, ge=0)  # 0: only at the end of the run
     # Unset values take the flavour's defaults from the registry.
     steps: int | None = Field(None, ge=1, le=200)
@@ -138,8 +159,22 @@ class AdvancedSection(_Section):
     # Resolution-dependent shift as the flavour's scheduler computes it; overrides `shift` when on.
     auto_shift: bool = True
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
-    guidance_mode: Literal["constant"] = "constant"
+    # Noise levels are drawn, shifted, then mapped into [min_timestep, max_timestep] / 1000.
+    min_timestep: int = Field(0, ge=0, le=1000)
+    max_timestep: int = Field(1000, ge=0, le=1000)
+    # Guidance-distilled flavours (FLUX.1 dev, krea, kontext; FLUX.2 dev) see this guidance value while training.
+    guidance_mode: Literal["constant", "random"] = "constant"
     guidance_value: float = Field(1.0, ge=0.0, le=30.0)
+    guidance_min: float = Field(1.0, ge=0.0, le=30.0)
+    guidance_max: float = Field(4.0, ge=0.0, le=30.0)
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> AdvancedSection:
+        if self.min_timestep >= self.max_timestep:
+            raise ValueError(f"min_timestep: {self.min_timestep} must be below max_timestep ({self.max_timestep})")
+        if self.guidance_mode == "random" and self.guidance_min > self.guidance_max:
+            raise ValueError(f"guidance_min: {self.guidance_min} is above guidance_max ({self.guidance_max})")
+        return self
 
 
 class JobSpec(_Section):
@@ -257,16 +292,33 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+_INDEXED = re.compile(r"^(\w+)\[(\d+)\]$")
+
+
+def _child(node: dict[str, Any], part: str, item: str) -> dict[str, Any]:
+    """The table at `part` of `node`, created if missing; `name[i]` picks entry i of an array of tables."""
+    indexed = _INDEXED.match(part)
+    if indexed:
+        entries = node.get(indexed.group(1))
+        index = int(indexed.group(2))
+        if not isinstance(entries, list) or index >= len(entries) or not isinstance(entries[index], dict):
+            count = len(entries) if isinstance(entries, list) else 0
+            raise SpecError([f"--set {item!r}: '{indexed.group(1)}' has {count} entries; no entry {index}"])
+        return entries[index]
+    child = node.setdefault(part, {})
+    if not isinstance(child, dict):
+        raise SpecError([f"--set {item!r}: '{part}' is a value, not a section"])
+    return child
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    result = deep_merge({}, data)
+    """`section.key=value` overrides; `data.datasets[0].trigger=x` reaches into an array of tables."""
+    result = copy.deepcopy(data)
     for item in overrides:
         parts, value = parse_override(item)
         node = result
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise SpecError([f"--set {item!r}: '{part}' is a value, not a section"])
-            node = child
+            node = _child(node, part, item)
         node[parts[-1]] = value
     return result
 
@@ -310,5 +362,9 @@ def resolve_paths(spec: JobSpec, base_dir: str | Path) -> JobSpec:
         data["model"]["source"] = _resolve(spec.model.source, base)
     for entry in data["data"]["datasets"]:
         entry["path"] = _resolve(entry["path"], base)
+        if entry.get("masks"):
+            entry["masks"] = _resolve(entry["masks"], base)
+    if spec.sample.prompt_library:
+        data["sample"]["prompt_library"] = _resolve(spec.sample.prompt_library, base)
     data["output"]["dir"] = _resolve(spec.output.dir, base)
     return JobSpec.model_validate(data)

@@ -17,6 +17,8 @@ class TrainItem:
     caption: str
     resolution: int
     repeats: int
+    mask_path: Path | None = None
+    is_regularisation: bool = False
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -42,11 +44,22 @@ def read_caption(image_path: Path, entry: DatasetEntry) -> str:
     return caption
 
 
+def find_mask(image_path: Path, mask_folder: Path) -> Path | None:
+    """The mask image with the same name (any image extension) as `image_path`."""
+    for ext in IMAGE_EXTENSIONS:
+        for candidate in (mask_folder / f"{image_path.stem}{ext}", mask_folder / f"{image_path.stem}{ext.upper()}"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
 def collect_items(spec: JobSpec) -> list[TrainItem]:
     """Every image of every dataset, in a stable order; paths must already be resolved."""
     items: list[TrainItem] = []
     for entry in spec.data.datasets:
         resolution = entry.resolution or spec.data.resolution
         for image_path in list_images(Path(entry.path)):
-            items.append(TrainItem(image_path, read_caption(image_path, entry), resolution, entry.repeats))
+            mask = find_mask(image_path, Path(entry.masks)) if entry.masks else None
+            items.append(TrainItem(image_path, read_caption(image_path, entry), resolution, entry.repeats,
+                                   mask, entry.is_regularisation))
     return items
