@@ -81,7 +81,8 @@ def test_white_masks_change_nothing_and_black_masks_silence_the_loss(demo_dir: P
 
 
 def _dataset_override(demo_dir: Path, extra: str) -> str:
-    return f"data.datasets=[{{path='{demo_dir / 'dataset'}', trigger='shapez'}}, {{path='{demo_dir / 'dataset'}'{extra}}}]"
+    folder = demo_dir / "dataset"
+    return f"data.datasets=[{{path='{folder}', trigger='shapez'}}, {{path='{folder}'{extra}}}]"
 
 
 def test_mask_folder_missing_a_mask_is_named(demo_dir: Path, tmp_path: Path) -> None:
@@ -123,7 +124,8 @@ def test_prompt_library_nicknames_and_token(demo_dir: Path, tmp_path: Path) -> N
     assert [(p.name, p.text) for p in prompts] == [("portrait", "a photo of shapez, studio light"),
                                                    ("1", "a drawing of shapez")]
     with pytest.raises(UserError, match=r"sample.prompts\[0\]: '@nope' is not in the prompt library"):
-        sample_prompts(_spec(demo_dir, tmp_path / "o", f"sample.prompt_library='{library}'", 'sample.prompts=["@nope"]'))
+        sample_prompts(_spec(demo_dir, tmp_path / "o", f"sample.prompt_library='{library}'",
+                             'sample.prompts=["@nope"]'))
 
 
 def test_samples_are_named_by_step_and_nickname(demo_dir: Path, tmp_path: Path) -> None:
