@@ -362,7 +362,8 @@ def _adapter_state(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
-    return {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in state.items()}
+    # A copy, never a view of the live parameters (the initial state must not follow training).
+    return {key: value.detach().to("cpu", torch.float32, copy=True).contiguous() for key, value in state.items()}
 
 
 def adapter_export(transformer: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

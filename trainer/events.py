@@ -50,6 +50,18 @@ class Progress(Event):
     learning_rate: float
     steps_per_second: float
     eta_seconds: float
+    step_seconds: float = 0.0
+    ram_gib: float = 0.0  # resident memory of the trainer process
+    vram_gib: float = 0.0  # peak CUDA memory allocated during the step; 0 without a GPU
+
+
+@dataclass(frozen=True)
+class EvalLoss(Event):
+    """Loss on held-out images at fixed noise levels and noise: comparable from one evaluation to the next."""
+
+    kind: ClassVar[str] = "eval_loss"
+    step: int
+    loss: float
 
 
 @dataclass(frozen=True)
@@ -84,7 +96,8 @@ class RunFinished(Event):
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.kind: cls for cls in (RunStarted, PhaseChanged, Progress, SampleSaved, LoraSaved, LogMessage, RunFinished)
+    cls.kind: cls
+    for cls in (RunStarted, PhaseChanged, Progress, EvalLoss, SampleSaved, LoraSaved, LogMessage, RunFinished)
 }
 
 

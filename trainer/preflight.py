@@ -10,6 +10,7 @@ from trainer.data.datasets import IMAGE_EXTENSIONS, find_mask, list_images
 from trainer.errors import UserError
 from trainer.prompts import sample_prompts
 from trainer.spec import JobSpec, is_local_path
+from trainer.trackers import missing_trackers
 
 
 def model_source(spec: JobSpec) -> str:
@@ -46,7 +47,13 @@ def _check_datasets(spec: JobSpec) -> list[str]:
             problems.append(f"{field}: no images ({', '.join(IMAGE_EXTENSIONS)}) in '{folder}'")
         problems += _check_masks(entry.masks, images, f"data.datasets[{index}].masks")
         total += len(images) * entry.repeats
-    if total and total < spec.train.batch_size:
+    first = Path(spec.data.datasets[0].path)
+    first_images = len(list_images(first)) if first.is_dir() else 0
+    if spec.data.eval_holdout and spec.data.eval_holdout >= first_images:
+        problems.append(f"data.eval_holdout: {spec.data.eval_holdout} images held out of a first dataset of "
+                        f"{first_images}; hold out fewer so some are left to train on")
+    total -= spec.data.eval_holdout * spec.data.datasets[0].repeats
+    if total > 0 and total < spec.train.batch_size:
         problems.append(
             f"train.batch_size: {spec.train.batch_size} is larger than the dataset ({total} images with repeats); "
             "lower it or add images"
@@ -86,4 +93,5 @@ def _check_output(spec: JobSpec) -> list[str]:
 
 def check_files(spec: JobSpec) -> list[str]:
     """Every problem with the files and folders of a resolved spec; empty when the job can start."""
-    return _check_model(spec) + _check_datasets(spec) + _check_prompts(spec) + _check_output(spec)
+    problems = _check_model(spec) + _check_datasets(spec) + _check_prompts(spec) + _check_output(spec)
+    return problems + missing_trackers(spec.output.log_with)

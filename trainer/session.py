@@ -31,6 +31,7 @@ from trainer.data.datasets import TrainItem, collect_items
 from trainer.data.images import load_mask, load_pixels
 from trainer.errors import UserError
 from trainer.events import (
+    EvalLoss,
     Event,
     JsonlWriter,
     LogMessage,
@@ -47,10 +48,12 @@ from trainer.preflight import check_files, model_source
 from trainer.prompts import SamplePrompt, sample_prompts
 from trainer.quiet import disable_loading_bars
 from trainer.spec import JobSpec, save_spec
+from trainer.trackers import TrackerLogger
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _LINEAR_BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 STATE_FORMAT = 1
+_EVAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 # What a saved state must agree with to be resumed: the model, the adapter and the data it was trained on.
 _RESUME_SECTIONS = ("model", "lora", "data")
 
@@ -63,6 +66,24 @@ class _NoCommands:
 
     def take_save_request(self) -> bool:
         return False
+
+
+def memory_gib(device: torch.device) -> dict[str, float]:
+    """Resident memory of this process and, on a GPU, the peak allocated since the last reset."""
+    import psutil
+
+    vram = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    return {"ram_gib": psutil.Process().memory_info().rss / 2**30, "vram_gib": vram}
+
+
+def _flat(spec: JobSpec) -> dict[str, Any]:
+    """`section.key` → scalar, for trackers' hyper-parameter tables."""
+    flat: dict[str, Any] = {}
+    for section, values in spec.to_dict().items():
+        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            name = f"{section}.{key}" if key else section
+            flat[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
 
 
 def pick_device() -> torch.device:
@@ -99,6 +120,8 @@ class Session:
         self.commands = commands or _NoCommands()
         self._listeners: list[Callable[[Event], None]] = [emit] if emit else []
         self._jsonl: JsonlWriter | None = None
+        self._trackers: TrackerLogger | None = None
+        self.eval_indices: list[int] = []
         self.step = 0
         self.device = pick_device()
         self.pipe: Any = None
@@ -158,6 +181,9 @@ class Session:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = JsonlWriter(self.output_dir / "events.jsonl")
         self._listeners.append(self._jsonl)
+        if spec.output.log_with:
+            self._trackers = TrackerLogger(spec.output.log_with, self.output_dir, spec.output.name, _flat(spec))
+            self._listeners.append(self._trackers)
         save_spec(spec, self.output_dir / "job.resolved.toml")
         self.emit(RunStarted(max_steps=spec.train.max_steps, output_dir=str(self.output_dir),
                              family=spec.model.family, flavour=spec.model.flavour))
@@ -169,6 +195,7 @@ class Session:
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.to(self.device)
         self.items = collect_items(spec)
+        self.eval_indices = self._held_out_indices()
         self._cache_text_embeddings()
         self._cache_latents()
         self._add_lora()
@@ -283,11 +310,21 @@ class Session:
 
     # ------------------------------------------------------------------ training
 
+    def _held_out_indices(self) -> list[int]:
+        """The last `data.eval_holdout` images of the first dataset: never trained on, used for the eval loss."""
+        count = self.spec.data.eval_holdout
+        folder = Path(self.spec.data.datasets[0].path)
+        first = [i for i, item in enumerate(self.items) if item.image_path.parent == folder]
+        return first[len(first) - count:] if count else []
+
     def _next_batch(self) -> list[int]:
         """Item indices of one batch; every batch holds latents of one shape (one resolution)."""
         if not self._order:
             by_shape: dict[tuple[int, ...], list[int]] = {}
+            held_out = set(self.eval_indices)
             for index, item in enumerate(self.items):
+                if index in held_out:
+                    continue
                 by_shape.setdefault(tuple(self.latents[index].shape), []).extend([index] * item.repeats)
             batches: list[list[int]] = []
             size = self.spec.train.batch_size
@@ -343,36 +380,93 @@ class Session:
         """Train `steps` optimiser steps (default: up to max_steps), sampling and saving on the spec's intervals."""
         spec = self.spec
         end = spec.train.max_steps if steps is None else min(spec.train.max_steps, self.step + steps)
-        accumulation = spec.train.gradient_accumulation
         self.emit(PhaseChanged(phase="training", detail=f"steps {self.step + 1}–{end}"))
         self.transformer.train()
         started, start_step = time.perf_counter(), self.step
         while self.step < end and not self.commands.stop_requested:
-            total = 0.0
-            for _ in range(accumulation):
-                loss = self._batch_loss(self._next_batch())
-                if not math.isfinite(loss.item()):
-                    raise UserError(f"the loss became {loss.item()} at step {self.step + 1}; lower "
-                                    "train.learning_rate, or use bf16 instead of fp16")
-                (loss / accumulation).backward()
-                total += loss.item() / accumulation
-            if spec.train.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), spec.train.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            step_started = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            total = self._optimizer_step_or_explain()
             self.step += 1
             self.losses.append(total)
-            rate = (self.step - start_step) / max(time.perf_counter() - started, 1e-9)
+            now = time.perf_counter()
+            rate = (self.step - start_step) / max(now - started, 1e-9)
             self.emit(Progress(step=self.step, max_steps=spec.train.max_steps, loss=total,
                                learning_rate=effective_learning_rate(self.optimizer), steps_per_second=rate,
-                               eta_seconds=(spec.train.max_steps - self.step) / rate))
+                               eta_seconds=(spec.train.max_steps - self.step) / rate,
+                               step_seconds=now - step_started, **memory_gib(self.device)))
+            if spec.train.eval_every_steps and self.step % spec.train.eval_every_steps == 0:
+                self.evaluate()
             every = spec.sample.every_steps
             if self.commands.take_sample_request() or (spec.sample.prompts and every and self.step % every == 0):
                 self.validate()
             save_due = spec.output.save_every_steps and self.step % spec.output.save_every_steps == 0
             if self.commands.take_save_request() or (save_due and self.step < end):
                 self.save(intermediate=True)
+
+    def _optimizer_step(self) -> float:
+        """Forward and backward over the accumulated batches, clip, step; returns the mean loss."""
+        accumulation = self.spec.train.gradient_accumulation
+        total = 0.0
+        for _ in range(accumulation):
+            loss = self._batch_loss(self._next_batch())
+            if not math.isfinite(loss.item()):
+                raise UserError(f"the loss became {loss.item()} at step {self.step + 1}, so the run stopped with "
+                                "the last saved state kept; lower train.learning_rate, set train.max_grad_norm "
+                                "(e.g. 1.0), or use bf16 instead of fp16")
+            (loss / accumulation).backward()
+            total += loss.item() / accumulation
+        if self.spec.train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.spec.train.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _optimizer_step_or_explain(self) -> float:
+        """One step; out of memory saves the last completed step's state and says which setting to change."""
+        before = (self.generator.get_state(), torch.get_rng_state(), [list(b) for b in self._order])
+        try:
+            return self._optimizer_step()
+        except torch.OutOfMemoryError:
+            # Back to the end of the last completed step, so the saved state resumes exactly.
+            self.generator.set_state(before[0])
+            torch.set_rng_state(before[1])
+            self._order = before[2]
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            saved = ""
+            if self.step > 0 and self.spec.output.save_state:
+                self.save(intermediate=True)
+                saved = f" The state of step {self.step} is saved: fix the setting, then resume."
+            raise UserError(
+                f"out of memory at step {self.step + 1}. Turn on lowvram.gradient_checkpointing, lower "
+                f"train.batch_size ({self.spec.train.batch_size}) or data.resolution ({self.spec.data.resolution}), "
+                f"or choose a smaller model.base_precision.{saved}") from None
+
+    def evaluate(self) -> float:
+        """Mean loss over the held-out images at fixed noise levels with fixed noise, so values compare over time."""
+        levels = torch.tensor(_EVAL_SIGMAS)
+        generator = torch.Generator("cpu").manual_seed(self.spec.train.seed)
+        losses: list[float] = []
+        self.transformer.eval()
+        with torch.no_grad(), self._autocast():
+            for index in self.eval_indices:
+                latents = self.latents[index].expand(len(levels), -1, -1, -1).to(self.device)
+                noise = torch.randn(latents.shape, generator=generator).to(self.device)
+                noisy, target = flow.noisy_latents(latents, noise, levels.to(self.device))
+                text = self.text_cache.batch([self.items[index].caption] * len(levels), self.device)
+                guidance = None
+                if self.flavour.guidance == "embedded":
+                    guidance = torch.full((len(levels),), self.spec.advanced.guidance_value, device=self.device)
+                prediction = self.ops.predict(self.transformer, noisy, levels.to(self.device), text, guidance)
+                losses.append(((prediction.float() - target.float()) ** 2).mean().item())
+        self.transformer.train()
+        loss = sum(losses) / len(losses)
+        self.emit(EvalLoss(step=self.step, loss=loss))
+        return loss
 
     # ------------------------------------------------------------------ validation and saving
 
@@ -423,6 +517,10 @@ class Session:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        if self._trackers is not None:
+            self._listeners.remove(self._trackers)
+            self._trackers.close()
+            self._trackers = None
         if self._jsonl is not None:
             self._listeners.remove(self._jsonl)
             self._jsonl.close()

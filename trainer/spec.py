@@ -94,6 +94,8 @@ class DataSection(_Section):
     cache_text_embeddings: Literal["memory"] = "memory"
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
     prior_loss_weight: float = Field(1.0, ge=0.0)
+    # Images held out of training (taken from the end of the first dataset) for the evaluation loss.
+    eval_holdout: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _some_training_data(self) -> DataSection:
@@ -115,6 +117,7 @@ class TrainSection(_Section):
     max_grad_norm: float = Field(1.0, ge=0.0)  # 0 turns clipping off
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     seed: int = Field(42, ge=0)
+    eval_every_steps: int = Field(0, ge=0)  # 0: no evaluation loss; needs data.eval_holdout images
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainSection:
@@ -148,6 +151,7 @@ class OutputSection(_Section):
     # Training state (optimiser, scheduler, RNG, data order) beside each save, for an exact resume.
     save_state: bool = True
     formats: list[Literal["diffusers"]] = Field(default_factory=lambda: ["diffusers"], min_length=1)
+    log_with: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)  # logs go to output.dir/logs
 
 
 class AdvancedSection(_Section):
@@ -187,6 +191,13 @@ class JobSpec(_Section):
     sample: SampleSection = Field(default_factory=SampleSection)
     output: OutputSection = Field(default_factory=OutputSection)
     advanced: AdvancedSection = Field(default_factory=AdvancedSection)
+
+    @model_validator(mode="after")
+    def _evaluation_has_images(self) -> JobSpec:
+        if self.train.eval_every_steps and not self.data.eval_holdout:
+            raise ValueError("train.eval_every_steps: the evaluation loss needs held-out images; "
+                             "set data.eval_holdout to 1 or more")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
@@ -231,7 +242,7 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{field}: required but missing"
     message = error["msg"].removeprefix("Value error, ")
-    named = re.match(r"^(\w+): ", message) if kind == "value_error" else None
+    named = re.match(r"^([\w.]+): ", message) if kind == "value_error" else None
     if named:  # a section-level check names the key it is about
         field = f"{field}.{named.group(1)}" if field else named.group(1)
         message = message[named.end():]
