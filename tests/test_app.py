@@ -83,17 +83,31 @@ def _wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> None:
     raise AssertionError(f"app did not answer at {url} within {timeout} s")
 
 
+def _launch(workdir: Path) -> tuple[subprocess.Popen, str, object]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    log = (workdir / "app.log").open("w")
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--workdir", str(workdir)],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return process, url, log
+
+
+def _shut_down(process: subprocess.Popen, log) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
 @pytest.mark.slow
 def test_app_trains_the_demo_through_its_api(tmp_path):
     from gradio_client import Client
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    log = (tmp_path / "app.log").open("w")
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--workdir", str(tmp_path)],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    process, url, log = _launch(tmp_path)
     try:
         _wait_until_up(url, process, timeout=120)
         client = Client(url, verbose=False, download_files=False)
@@ -118,9 +132,98 @@ def test_app_trains_the_demo_through_its_api(tmp_path):
         assert list((output / "samples").glob("*.png"))
         assert str(output) in status
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        _shut_down(process, log)
+
+
+# ---------------------------------------------------------------------- one session, step by step; resume
+
+
+@pytest.fixture(scope="module")
+def studio_app(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path):
+    """(client, workdir, form values that train the prebuilt demo) of one app shared by the tests below."""
+    from gradio_client import Client
+
+    workdir = tmp_path_factory.mktemp("studio")
+    process, url, log = _launch(workdir)
+    try:
+        _wait_until_up(url, process, timeout=120)
+        form = {"model_source": str((demo_dir / "flux2").resolve()),
+                "dataset_path": str((demo_dir / "dataset").resolve()),
+                "sample_prompts": "", "sample_every_steps": 0, "sample_steps": "2"}
+        yield Client(url, verbose=False, download_files=False), workdir, form
+    finally:
+        _shut_down(process, log)
+
+
+def _wait_for(client, workdir: Path, *prefixes: str, timeout: float = 120) -> str:
+    status = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.predict(api_name="/poll")[0]
+        if status.startswith(prefixes):
+            return status
+        if status.startswith("failed"):
+            break
+        time.sleep(0.3)
+    raise AssertionError(f"waited for {prefixes}, status {status!r}\n" + (workdir / "app.log").read_text()[-3000:])
+
+
+@pytest.mark.slow
+def test_train_steps_validate_save_and_end_through_the_api(studio_app):
+    client, workdir, form = studio_app
+    out = workdir / "stepwise"
+    job = dict(form, output_dir=str(out), train_max_steps=20, sample_prompts="shapez a red circle")
+    assert client.predict(api_name="/validate_now")[0] == "nothing to sample: start or train first"
+    started, problems = client.predict(steps=3, **job, api_name="/train_steps")
+    assert started.startswith("started: training 3 steps"), (started, problems)
+    assert _wait_for(client, workdir, "paused") == \
+        "paused at step 3 — Train N steps to continue, End training to finish"
+    assert client.predict(steps=2, **job, api_name="/train_steps")[0] == "training 2 more steps from step 3"
+    assert _wait_for(client, workdir, "paused").startswith("paused at step 5 ")
+
+    assert client.predict(api_name="/validate_now")[0] == "sampling at step 5"
+    _wait_for(client, workdir, "paused")
+    assert (out / "samples" / "step000005_0.png").is_file()
+    assert client.predict(api_name="/save_now")[0] == "saving the LoRA at step 5"
+    _wait_for(client, workdir, "paused")
+    assert (out / "demo_lora-step000005.safetensors").is_file()
+
+    assert client.predict(api_name="/end_training")[0].startswith("ending")
+    status = _wait_for(client, workdir, "completed", "stopped")
+    assert status == f"stopped: LoRA saved to {out / 'demo_lora.safetensors'}"  # 5 of 20 steps
+    assert (out / "demo_lora.safetensors").is_file()
+    assert client.predict(api_name="/end_training")[0] == "no session to end: start or train first"
+
+
+@pytest.mark.slow
+def test_the_app_offers_to_resume_an_interrupted_run(studio_app, demo_dir: Path):
+    from trainer.events import Progress
+    from trainer.runner import Commands
+    from trainer.session import Session
+    from trainer.spec import load_spec, resolve_paths
+
+    client, workdir, form = studio_app
+    out = workdir / "interrupted"
+    spec = resolve_paths(load_spec(demo_dir / "job.toml", ["train.max_steps=6", "sample.prompts=[]",
+                                                          f"output.dir='{out}'"]), demo_dir)
+    commands = Commands()
+
+    def stop_at_step_2(event) -> None:
+        if isinstance(event, Progress) and event.step == 2:
+            commands.request_stop()
+
+    session = Session(spec, emit=stop_at_step_2, commands=commands)  # a headless run, stopped halfway
+    try:
+        session.run()
+    finally:
+        session.end()
+
+    offer = client.predict(output_dir=str(out), train_max_steps=6, api_name="/resume_offer")
+    assert offer.startswith(f"An interrupted run was found at step 2 in {out}"), offer
+    assert client.predict(output_dir=str(workdir / "elsewhere"), train_max_steps=6, api_name="/resume_offer") == ""
+
+    resumed, problems = client.predict(**form, output_dir=str(out), train_max_steps=6, api_name="/resume")
+    assert resumed.startswith("resumed: 6 steps"), (resumed, problems)
+    status = _wait_for(client, workdir, "completed", "stopped")
+    assert status.startswith(f"completed: LoRA saved to {out / 'demo_lora.safetensors'}"), status
+    assert client.predict(output_dir=str(out), train_max_steps=6, api_name="/resume_offer") == ""

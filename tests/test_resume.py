@@ -88,6 +88,6 @@ def test_keep_last_prunes_old_states_and_loras(demo_dir: Path, tmp_path: Path) -
 def test_resume_refuses_a_changed_adapter_or_a_missing_state(demo_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no saved training state"):
         _run(_spec(demo_dir, tmp_path), resume=True)
-    _run(_spec(demo_dir, tmp_path, "train.max_steps=2"))
+    _run(_spec(demo_dir, tmp_path, "train.max_steps=2", "train.warmup_steps=1"))
     with pytest.raises(UserError, match=r"\[lora\] settings differ"):
         _run(_spec(demo_dir, tmp_path, "lora.rank=8"), resume=True)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import tomli_w
 
 from trainer.events import LogMessage, LoraSaved, PhaseChanged, Progress, RunFinished, RunStarted, SampleSaved
 from trainer.spec import SpecError, deep_merge, parse_spec
 from ui import form
+from ui.resume import find_interrupted_run, latest_state_step
 from ui.run_state import LOG_LINES, LOSS_SMOOTHING, RunView, format_duration
 from ui.studio import ALREADY_RUNNING, Studio
 
@@ -140,6 +143,25 @@ def test_stop_request_shows_until_the_run_ends():
     assert view.status_text() == "stopped: LoRA saved to /l.safetensors"
 
 
+def test_paused_session_shows_how_to_go_on():
+    view = RunView()
+    view.begin(10)
+    view.apply([RunStarted(max_steps=10, output_dir="/out", family="flux2", flavour="demo"), progress(3, 0.5),
+                PhaseChanged(phase="paused", detail="step 3")])
+    assert view.status_text() == "paused at step 3 — Train N steps to continue, End training to finish"
+    assert view.paused and not view.active
+    view.thread_ended()  # the runner is idle while paused: that is no failure
+    assert view.paused
+    view.resume_action("training 7 more steps from step 3")
+    assert view.status_text() == "running: step 3/10" and view.active
+    view.apply([PhaseChanged(phase="training"), progress(10, 0.4), PhaseChanged(phase="paused", detail="step 10")])
+    assert view.status_text() == "paused at step 10 — max_steps reached, End training to finish"
+    assert [p.step for p in view.losses] == [3, 10]  # a paused session keeps its history
+    view.resume_action()
+    view.apply([RunFinished(status="completed", step=10, lora_path="/l.safetensors")])
+    assert view.status_text() == "completed: LoRA saved to /l.safetensors"
+
+
 def test_format_duration():
     assert format_duration(0) == "0:00:00"
     assert format_duration(3725.4) == "1:02:05"
@@ -238,14 +260,22 @@ def test_keyword_handler_maps_api_names_to_keys():
 class FakeRunner:
     def __init__(self, running: bool = False) -> None:
         self.running = running
+        self.live = False
+        self.step = None
+        self.action = "start" if running else None
+        self.spec = None
         self.started = []
 
-    def start(self, spec, demo_dir=None):
+    def start(self, spec, demo_dir=None, resume=False):
         self.started.append((spec, demo_dir))
         self.running = True
+        self.spec = spec
 
     def stop(self):
-        pass
+        return self.running
+
+    def output_dir(self):
+        return Path(self.spec.output.dir) if self.spec else None
 
     def drain(self):
         return []
@@ -329,3 +359,63 @@ def test_check_dataset_lists_images_and_captions(tmp_path):
     assert "12 images" in report and "shapez a" in report
     report = studio.check_dataset(dict(values, **{"dataset.path": str(tmp_path / "none")}))
     assert "not found" in report
+
+
+def test_studio_answers_clearly_without_a_session(tmp_path):
+    from trainer.runner import TrainingRunner
+
+    studio = Studio(TrainingRunner(), tmp_path)
+    outcome = studio.validate_now()
+    assert outcome.message == "nothing to sample: start or train first" and not outcome.ok
+    assert "nothing to save" in studio.save_now().message
+    assert "no session to end" in studio.end_training().message
+    assert studio.stop() == "no run in progress"
+    assert "at least 1" in studio.train_steps(studio.default_values(), 0).message
+    assert studio.view.status_text() == "idle"
+
+
+# ---------------------------------------------------------------------- the resume offer (files only)
+
+
+def _interrupted(out: Path, steps: list[int], events: list[dict]) -> None:
+    import json
+
+    (out / "state").mkdir(parents=True)
+    for step in steps:
+        (out / "state" / f"step{step:06d}.pt").write_bytes(b"")
+    (out / "state" / "step000099.pt.tmp").write_bytes(b"")  # a torn write is no state
+    lines = [json.dumps(event) for event in events]
+    (out / "events.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+STARTED = {"event": "run_started", "max_steps": 10, "output_dir": "/o", "family": "flux2", "flavour": "demo"}
+
+
+@pytest.mark.parametrize(("events", "offered"), [
+    ([STARTED], True),  # crashed: no run_finished at all
+    ([STARTED, {"event": "run_finished", "status": "stopped", "step": 4}], True),
+    ([STARTED, {"event": "run_finished", "status": "failed", "step": 4}], True),
+    ([STARTED, {"event": "run_finished", "status": "completed", "step": 10}, STARTED], True),  # a later run died
+    ([STARTED, {"event": "run_finished", "status": "completed", "step": 4}], True),  # state short of max_steps
+    ([{**STARTED, "max_steps": 4}, {"event": "run_finished", "status": "completed", "step": 4}], False),
+])
+def test_resume_offer_reads_state_names_and_the_last_run_finished(tmp_path, events, offered):
+    out = tmp_path / "out"
+    _interrupted(out, [2, 4], events)
+    assert latest_state_step(out) == 4
+    found = find_interrupted_run(out, max_steps=10)
+    assert (found is not None) == offered
+    if found:
+        assert found.step == 4
+        assert found.text().startswith(f"An interrupted run was found at step 4 in {out}")
+
+
+def test_no_offer_without_a_state_and_the_studio_resolves_the_form_dir(tmp_path):
+    assert find_interrupted_run(tmp_path / "none") is None and latest_state_step(tmp_path) is None
+    studio = Studio(FakeRunner(), tmp_path)
+    _interrupted(tmp_path / "output" / "x", [3], [STARTED])
+    assert studio.resume_offer("output/x", 10).startswith("An interrupted run was found at step 3 in "
+                                                         f"{(tmp_path / 'output' / 'x').resolve()}")
+    assert studio.resume_offer("", 10) == ""
+    outcome = studio.start(studio.default_values(), resume=True)
+    assert outcome.message.startswith("not resumed: no saved training state")

@@ -71,14 +71,17 @@ alpha 2·alpha (same scale), so other tools apply it to the model users have.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from trainer.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the spec and the UI read the preset names without it
+    import torch
 
 ADAPTER_NAME = "default"
 ADAPTER_TYPES = ("lora", "lokr")
@@ -129,8 +132,9 @@ _PEFT_LORA_INIT: dict[str, bool | str] = {
     "default": True, "gaussian": "gaussian", "pissa": "pissa_niter_4", "olora": "olora", "loftq": True,
 }
 _REWRITES_BASE = ("pissa", "olora", "loftq")
-_FLOAT_PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 _LOFTQ_BLOCKSIZE = 64  # bitsandbytes' and diffusers' BitsAndBytesConfig default for NF4
+_INIT_SEED = 0  # pissa's and loftq's randomised SVDs
 _INITIAL_STATE_ATTR = "_adapter_initial_state"  # A0, B0 of an init that rewrote the base, for adapter_export
 
 _ADAPTER_KEY = re.compile(
@@ -150,15 +154,17 @@ def _check_family(family: str) -> None:
 
 def _linear_names(transformer: torch.nn.Module) -> list[str]:
     """Names of the transformer's Linear layers; a layer already wrapped by peft counts under its own name."""
+    import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     names: list[str] = []
-    wrapped: list[str] = []
+    wrapped: set[str] = set()
     for name, module in transformer.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in wrapped):
+        parts = name.split(".")
+        if wrapped and any(".".join(parts[:i]) in wrapped for i in range(1, len(parts))):
             continue  # the base layer and the adapter's own Linears inside a peft layer
         if isinstance(module, BaseTunerLayer):
-            wrapped.append(name)
+            wrapped.add(name)
             names.append(name)
         elif isinstance(module, torch.nn.Linear):
             names.append(name)
@@ -223,6 +229,9 @@ def _base_weight(transformer: torch.nn.Module, name: str) -> torch.Tensor:
 
 def _weight_precision(weight: torch.Tensor) -> str:
     """What the base weight is stored as, in base_precision words ("bf16", "nf4", ...)."""
+    import torch
+
+    floats = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     kind = type(weight).__name__
     if kind == "Params4bit":
         return str(getattr(weight, "quant_type", "nf4"))
@@ -230,8 +239,8 @@ def _weight_precision(weight: torch.Tensor) -> str:
         return "int8"
     if type(weight.data) is not torch.Tensor:
         return f"quantised ({type(weight.data).__name__})"
-    if weight.dtype in _FLOAT_PRECISIONS:
-        return _FLOAT_PRECISIONS[weight.dtype]
+    if weight.dtype in floats:
+        return floats[weight.dtype]
     if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         return "fp8"
     return str(weight.dtype).removeprefix("torch.")
@@ -252,10 +261,11 @@ def _check_choices(type: str, init: str, init_from: str) -> None:
 
 def _check_init_fits_base(init: str, precision: str, weights: list[torch.Tensor]) -> None:
     stored = sorted({_weight_precision(w) for w in weights})
-    if init == "pissa" and (precision not in ("fp32", "bf16", "fp16") or stored != [precision]):
+    floats = set(_FLOAT_PRECISIONS)
+    if init == "pissa" and (precision not in floats or not set(stored) <= floats):
+        found = precision if precision not in floats else ", ".join(stored)
         raise UserError(f"lora.init: 'pissa' rewrites the base weights (W - BA), so it needs model.base_precision "
-                        f"bf16, fp16 or fp32; the base is {', '.join(stored)}. Use 'loftq' on an nf4 base, "
-                        "or 'default'.")
+                        f"bf16, fp16 or fp32; the base is {found}. Use 'loftq' on an nf4 base, or 'default'.")
     if init == "olora" and not set(stored) <= {"fp32", "bf16", "fp16", "nf4", "fp4", "int8"}:
         raise UserError(f"lora.init: 'olora' rewrites the base weights, which works on bf16, fp16, fp32 and "
                         f"bitsandbytes nf4/int8 bases; the base is {', '.join(stored)}. Use 'default'.")
@@ -264,7 +274,7 @@ def _check_init_fits_base(init: str, precision: str, weights: list[torch.Tensor]
             raise UserError(f"lora.init: 'loftq' fits the LoRA to the error of quantising the base to 4-bit NF4, so "
                             f"it needs model.base_precision = 'nf4' (it is '{precision}'). On a bf16/fp16/fp32 base "
                             "use 'pissa' or 'default'.")
-        if not set(stored) <= set(_FLOAT_PRECISIONS.values()):
+        if not set(stored) <= floats:
             # The session's order, not the user's choice: LoftQ must see W before it is quantised.
             raise RuntimeError(f"loftq needs the unquantised base weights when the adapter is added (found "
                                f"{', '.join(stored)}); quantise the transformer to NF4 after add_adapter")
@@ -282,30 +292,48 @@ def _peft_config(type: str, rank: int, alpha: float, dropout: float, init: str, 
     return LoKrConfig(r=rank, alpha=alpha, rank_dropout=dropout, init_weights=True, target_modules=names)
 
 
-@torch.no_grad()
 def _loftq_fit(transformer: torch.nn.Module, names: list[str]) -> None:
     """LoftQ (one alternation): the base becomes NF4(W), B A the rank-r SVD fit of W − NF4(W) / scale."""
     import bitsandbytes.functional as bnb_functional
+    import torch
 
-    for name in names:
-        layer = transformer.get_submodule(name)
-        base = layer.get_base_layer()
-        weight = base.weight.data.to(torch.float32)
-        packed, state = bnb_functional.quantize_4bit(weight, blocksize=_LOFTQ_BLOCKSIZE, quant_type="nf4")
-        quantised = bnb_functional.dequantize_4bit(packed, state).to(torch.float32)
-        lora_a = layer.lora_A[ADAPTER_NAME].weight
-        lora_b = layer.lora_B[ADAPTER_NAME].weight
-        rank = lora_a.shape[0]
-        keep = min(rank, *weight.shape)
-        u, s, v = torch.svd_lowrank(weight - quantised, q=keep, niter=4)
-        root = (s / layer.scaling[ADAPTER_NAME]).sqrt()
-        new_b = torch.zeros(lora_b.shape, dtype=torch.float32, device=weight.device)
-        new_a = torch.zeros(lora_a.shape, dtype=torch.float32, device=weight.device)
-        new_b[:, :keep] = u * root
-        new_a[:keep] = root[:, None] * v.T
-        lora_a.data = new_a.to(lora_a.device)
-        lora_b.data = new_b.to(lora_b.device)
-        base.weight.data = quantised.to(base.weight.dtype)
+    with torch.no_grad():
+        for name in names:
+            _loftq_fit_layer(transformer.get_submodule(name), bnb_functional)
+
+
+def _loftq_fit_layer(layer: Any, bnb_functional: Any) -> None:
+    import torch
+
+    base = layer.get_base_layer()
+    weight = base.weight.data.to(torch.float32)
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=_LOFTQ_BLOCKSIZE, quant_type="nf4")
+    quantised = bnb_functional.dequantize_4bit(packed, state).to(torch.float32)
+    lora_a = layer.lora_A[ADAPTER_NAME].weight
+    lora_b = layer.lora_B[ADAPTER_NAME].weight
+    keep = min(lora_a.shape[0], *weight.shape)  # a rank above the layer's size gets zero rows
+    u, s, v = torch.svd_lowrank(weight - quantised, q=keep, niter=4)
+    root = (s / layer.scaling[ADAPTER_NAME]).sqrt()
+    new_b = torch.zeros(lora_b.shape, dtype=torch.float32, device=weight.device)
+    new_a = torch.zeros(lora_a.shape, dtype=torch.float32, device=weight.device)
+    new_b[:, :keep] = u * root
+    new_a[:keep] = root[:, None] * v.T
+    lora_a.data = new_a.to(lora_a.device)
+    lora_b.data = new_b.to(lora_b.device)
+    base.weight.data = quantised.to(base.weight.dtype)
+
+
+@contextlib.contextmanager
+def _seeded(active: bool) -> Iterator[None]:
+    """A fixed RNG inside, the caller's RNG state untouched outside; so a resumed run rebuilds the same base."""
+    if not active:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        torch.manual_seed(_INIT_SEED)
+        yield
 
 
 def adapter_parameters(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -328,11 +356,15 @@ def add_adapter(
 ) -> list[str]:
     """Add the trainable adapter "default" and return the names of the modules it wraps.
 
-    Freezes the transformer, injects the peft adapter, initialises it as `init` says (pissa, olora and loftq
-    REWRITE base weights in place: keep that transformer in memory, never re-read its weights from the file
-    during the run), keeps the adapter's tensors in fp32 whatever the base precision, and with `init_from`
-    continues from that LoRA file (see `load_adapter_weights`). `base_precision` is the job's
-    model.base_precision; it decides whether loftq applies (None: read from the weights).
+    Freezes the transformer, injects the peft adapter, initialises it as `init` says, keeps the adapter's
+    tensors in fp32 whatever the base precision, and with `init_from` continues from that LoRA file (see
+    `load_adapter_weights`). `base_precision` is the job's model.base_precision; it decides whether loftq
+    applies (None: read from the weights).
+
+    pissa, olora and loftq REWRITE base weights in place: keep that transformer in memory and never re-read
+    its weights from the model file during the run. They are deterministic: adding the adapter again with the
+    same arguments to the same base rebuilds the same base and A0, B0, so an exact resume is that followed by
+    loading the saved adapter tensors.
     """
     _check_family(family)
     _check_choices(type, init, init_from)
@@ -342,9 +374,10 @@ def add_adapter(
     _check_init_fits_base(init, precision, weights)
 
     transformer.requires_grad_(False)
-    transformer.add_adapter(_peft_config(type, rank, alpha, dropout, init, names), adapter_name=ADAPTER_NAME)
-    if init == "loftq":
-        _loftq_fit(transformer, names)
+    with _seeded(init in ("pissa", "loftq")):  # randomised SVDs: the same base gives the same A0, B0 and residual
+        transformer.add_adapter(_peft_config(type, rank, alpha, dropout, init, names), adapter_name=ADAPTER_NAME)
+        if init == "loftq":
+            _loftq_fit(transformer, names)
     for param in adapter_parameters(transformer):
         param.data = param.data.float()  # fp32 adapter weights whatever the base precision
         param.requires_grad_(True)
@@ -359,6 +392,7 @@ def add_adapter(
 
 
 def _adapter_state(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    import torch
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
@@ -375,6 +409,8 @@ def adapter_export(transformer: torch.nn.Module) -> tuple[dict[str, torch.Tensor
     module docstring). The metadata always says init "default": loaders build the adapter from it and must not
     run a data-dependent init (PiSSA would rewrite the user's base weights while loading).
     """
+    import torch
+
     state = _adapter_state(transformer)
     config = transformer.peft_config[ADAPTER_NAME].to_dict()
     metadata = {key: (sorted(value) if isinstance(value, set) else value) for key, value in config.items()}
@@ -515,7 +551,6 @@ def _file_scale(module: str, parts: dict[str, Any], metadata: dict[str, Any], ki
     return float(alpha) / float(rank)
 
 
-@torch.no_grad()
 def load_adapter_weights(transformer: torch.nn.Module, path: str) -> None:
     """Continue from a LoRA (or LoKr) file: load its weights into the adapter "default", strictly.
 
@@ -524,6 +559,7 @@ def load_adapter_weights(transformer: torch.nn.Module, path: str) -> None:
     was trained: if its alpha/rank scale differs from the adapter's (another lora.alpha), B (LoKr: w1) is scaled
     to match, so the loaded model computes what the file's model computed.
     """
+    import torch
     from peft.utils import set_peft_model_state_dict
 
     file = Path(path)
@@ -531,6 +567,8 @@ def load_adapter_weights(transformer: torch.nn.Module, path: str) -> None:
         raise UserError(f"lora.init_from: '{path}' is not a file")
     if file.suffix != ".safetensors":
         raise UserError(f"lora.init_from: '{file.name}' is not a .safetensors LoRA file")
+    if ADAPTER_NAME not in getattr(transformer, "peft_config", {}):
+        raise RuntimeError("load_adapter_weights needs the adapter added first (add_adapter)")
     config = transformer.peft_config[ADAPTER_NAME]
     kind = "lokr" if "LOKR" in str(config.peft_type) else "lora"
     tensors, metadata = _read_adapter_file(transformer, file)
@@ -548,7 +586,8 @@ def load_adapter_weights(transformer: torch.nn.Module, path: str) -> None:
         for part, tensor in parts.items():
             if part != "alpha":
                 state[f"{module}.{part}"] = tensor * ratio if part == scaled and ratio != 1.0 else tensor
-    result = set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER_NAME)
+    with torch.no_grad():
+        result = set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER_NAME)
     leftover = [key for key in result.unexpected_keys if ".lora_" in key or ".lokr_" in key]
     if leftover:
         raise RuntimeError(f"adapter keys were not loaded: {_few(leftover)}")

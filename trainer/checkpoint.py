@@ -1,4 +1,7 @@
-"""LoRA files: written atomically in the diffusers/PEFT format that `load_lora_weights` reads."""
+"""LoRA files and training states: written atomically; the LoRA in the diffusers/PEFT format.
+
+torch is imported where tensors are handled, so the UI can list saved states without it.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +11,20 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from trainer.errors import UserError
 from trainer.files import write_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 LORA_WEIGHT_SUFFIX = ".safetensors"
 
 
 def lora_state_dict(transformer: Any) -> dict[str, torch.Tensor]:
     """The trained adapter's tensors, keyed as PEFT names them inside the transformer (no prefix)."""
+    import torch
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(transformer)
@@ -65,12 +70,16 @@ def state_path(output_dir: Path, step: int) -> Path:
 
 def save_training_state(path: Path, state: dict[str, Any]) -> Path:
     """Write the state atomically: a crash mid-write leaves the previous state, never a torn file."""
+    import torch
+
     write_atomic(Path(path), lambda tmp: torch.save(state, tmp))
     return Path(path)
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
     """Tensors, numbers, strings and lists only: loaded with weights_only, so no pickled code ever runs."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable state is the same problem for the user

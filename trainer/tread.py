@@ -94,9 +94,10 @@ def kept_token_count(image_tokens: int, selection_ratio: float) -> int:
 def tread_routing(transformer: Any, config: TreadConfig, generator: torch.Generator) -> Iterator[None]:
     """Route image tokens around the span in every training-mode forward made inside the block.
 
-    One draw from `generator` per routed forward. With gradient checkpointing on, call `backward()` inside the
-    block too: the recomputation needs the hooks. Wrapping the whole training loop is the intended use;
-    validation switches the model to eval() and is then not routed.
+    One draw from `generator` per routed forward, when the transformer is called (none in eval mode, none at
+    ratio 0). With gradient checkpointing on, call `backward()` inside the block too: the recomputation needs the
+    hooks. Wrapping the whole training loop is the intended use; validation switches the model to eval() and is
+    then not routed. Gradient checkpointing must be non-reentrant (diffusers' default); a reentrant one is refused.
     """
     blocks = transformer_blocks(transformer)
     problems = validate_tread(config, len(blocks))
@@ -112,8 +113,9 @@ def tread_routing(transformer: Any, config: TreadConfig, generator: torch.Genera
 class _Route:
     """One routed forward: which image tokens take the span, and what the span's end needs to put them back."""
 
-    def __init__(self, rope_key: Any, text_len: int, image_len: int, kept: torch.Tensor, grad_enabled: bool):
-        self.rope_key = weakref.ref(rope_key)  # the forward's RoPE table identifies it, recomputation included
+    def __init__(self, text_len: int, image_len: int, kept: torch.Tensor, grad_enabled: bool):
+        # The forward's RoPE table, set when the span starts: it identifies the forward to its recomputations.
+        self.rope_key: weakref.ref | None = None
         self.text_len = text_len
         self.image_len = image_len
         self.kept = kept  # sorted image-token indices, on the stream's device
@@ -168,21 +170,13 @@ class _Route:
         return self.sliced_rope
 
 
-class _Pending:
-    """What the transformer's own call tells the span about the forward that is starting."""
-
-    def __init__(self, text_len: int, grad_enabled: bool):
-        self.text_len = text_len
-        self.grad_enabled = grad_enabled
-
-
 class _Router:
     def __init__(self, transformer: Any, blocks: list[Any], config: TreadConfig, generator: torch.Generator):
         self.transformer = transformer
         self.ratio = config.selection_ratio
         self.generator = generator
         self.start, self.end = resolve_span(config, len(blocks))
-        self._pending: _Pending | None = None
+        self._pending: _Route | None = None  # drawn at the transformer's call, until its span starts
         self._routes: dict[int, _Route] = {}
         self._in_call: _Route | None = None  # the route of the span block being called right now
         self._signatures: dict[type, inspect.Signature] = {}
@@ -223,7 +217,20 @@ class _Router:
             return
         if "attention_mask" in (bound.get("joint_attention_kwargs") or {}):
             raise RuntimeError("TREAD does not slice attention masks; turn advanced.tread off for this job")
-        self._pending = _Pending(bound["encoder_hidden_states"].shape[1], torch.is_grad_enabled())
+        hidden = bound["hidden_states"]  # every image token the blocks will see, before the embedding
+        image_len = hidden.shape[1]
+        kept_len = kept_token_count(image_len, self.ratio)
+        if kept_len == image_len:
+            return
+        # Drawn here, before this forward queues any GPU work, and copied without making the host wait for the
+        # device: a blocking copy in the middle of the forward would stall the CPU/GPU pipeline.
+        order = torch.randperm(image_len, generator=self.generator, device=self.generator.device)
+        kept = order[:kept_len].sort().values
+        if hidden.device.type == "cuda" and kept.device.type == "cpu":
+            kept = kept.pin_memory().to(hidden.device, non_blocking=True)
+        else:
+            kept = kept.to(hidden.device)
+        self._pending = _Route(bound["encoder_hidden_states"].shape[1], image_len, kept, torch.is_grad_enabled())
 
     def _after_transformer(self, module: Any, args: tuple, output: Any) -> None:
         self._pending = None  # also when the forward failed before the span
@@ -231,23 +238,17 @@ class _Router:
     def _find_route(self, rope: Any) -> _Route | None:
         key = _rope_key(rope)
         route = self._routes.get(id(key)) if key is not None else None
-        return route if route is not None and route.rope_key() is key else None
+        return route if route is not None and route.rope_key is not None and route.rope_key() is key else None
 
-    def _new_route(self, rope: Any, image_len: int, device: torch.device) -> _Route | None:
-        import torch
-
-        pending, self._pending = self._pending, None
+    def _start_route(self, rope: Any) -> _Route | None:
+        """The pending route, now that its forward reaches the span, registered under the forward's RoPE table."""
+        route, self._pending = self._pending, None
         key = _rope_key(rope)
-        if pending is None or key is None:
+        if route is None or key is None:
             return None
-        kept_len = kept_token_count(image_len, self.ratio)
-        if kept_len == image_len:
-            return None
-        order = torch.randperm(image_len, generator=self.generator, device=self.generator.device)
-        kept = order[:kept_len].sort().values.to(device)
-        for stale in [k for k, r in self._routes.items() if r.rope_key() is None]:
+        for stale in [k for k, r in self._routes.items() if r.rope_key is None or r.rope_key() is None]:
             del self._routes[stale]  # forwards whose graphs (and RoPE tables) are gone
-        route = _Route(key, pending.text_len, image_len, kept, pending.grad_enabled)
+        route.rope_key = weakref.ref(key)
         self._routes[id(key)] = route
         return route
 
@@ -258,9 +259,8 @@ class _Router:
         hidden = bound.arguments["hidden_states"]
         joint = bound.arguments.get("encoder_hidden_states") is None
         rope = bound.arguments.get("image_rotary_emb")
-        if self._pending is not None:  # a forward starting the span: draw its kept tokens
-            text_len = self._pending.text_len
-            route = self._new_route(rope, hidden.shape[1] - (text_len if joint else 0), hidden.device)
+        if self._pending is not None:  # a forward reaching its span
+            route = self._start_route(rope)
         else:  # a checkpoint recomputation in the backward (or an unrouted forward): find its forward's route
             route = self._find_route(rope)
         self._in_call = route

@@ -49,7 +49,7 @@ def build_app(runner: TrainingRunner, workdir: Path) -> gr.Blocks:
             with gr.Tab("Advanced"):
                 advanced_tab.build(fields, defaults)
             with gr.Tab("Run"):
-                run_tab.build(fields, studio, base, model_tab.flavour_choices)
+                run_tab.build(fields, studio, base, model_tab.flavour_choices, app)
         missing = set(FORM_KEYS) - set(fields)
         if missing:
             raise RuntimeError(f"form keys without a control: {sorted(missing)}")

@@ -28,6 +28,7 @@ LOSS_SMOOTHING = 0.9  # weight of the previous average in the exponential moving
 
 ACTIVE = ("starting", "running", "stopping")
 FINISHED = ("completed", "stopped", "failed")
+PAUSED = "paused"  # a live session waits between actions (the runner's PhaseChanged "paused")
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class RunView:
         self._reset()
 
     def _reset(self) -> None:
-        self.status = "idle"  # idle | starting | running | stopping | completed | stopped | failed
+        self.status = "idle"  # idle | starting | running | stopping | paused | completed | stopped | failed
         self.phase = ""
         self.phase_detail = ""
         self.step = 0
@@ -100,13 +101,23 @@ class RunView:
             if description:
                 self._log("info", description)
 
-    def request_stop(self) -> bool:
+    def resume_action(self, description: str = "") -> None:
+        """A paused session was given another action (train, sample, save, end): it is running again."""
+        with self._lock:
+            self.status = "running"
+            self.phase, self.phase_detail = "", ""
+            if description:
+                self._log("info", description)
+            self.version += 1
+
+    def request_stop(self, message: str = "stop requested: the run ends after the current step and saves the LoRA"
+                     ) -> bool:
         """The user pressed Stop; False when nothing is running."""
         with self._lock:
             if self.status not in ACTIVE:
                 return False
             self.status = "stopping"
-            self._log("info", "stop requested: the run ends after the current step and saves the LoRA")
+            self._log("info", message)
             self.version += 1
             return True
 
@@ -135,6 +146,10 @@ class RunView:
                               f"output {event.output_dir}", event.time)
         elif isinstance(event, PhaseChanged):
             self.phase, self.phase_detail = event.phase, event.detail
+            if event.phase == PAUSED:
+                self.status = PAUSED
+            elif self.status == PAUSED:
+                self.status = "running"
             detail = f" ({event.detail})" if event.detail else ""
             self._log("info", f"{event.phase}{detail}", event.time)
         elif isinstance(event, Progress):
@@ -177,11 +192,21 @@ class RunView:
         with self._lock:
             return self.status in ACTIVE
 
+    @property
+    def paused(self) -> bool:
+        with self._lock:
+            return self.status == PAUSED
+
     def status_text(self) -> str:
-        """One plain line: 'idle', 'starting: building demo', 'running: step 12/40', 'completed: LoRA saved to …'."""
+        """One plain line: 'idle', 'starting: building demo', 'running: step 12/40', 'paused at step 12 — …',
+        'completed: LoRA saved to …'."""
         with self._lock:
             if self.status == "idle":
                 return "idle"
+            if self.status == PAUSED:
+                if self.max_steps and self.step >= self.max_steps:
+                    return f"paused at step {self.step} — max_steps reached, End training to finish"
+                return f"paused at step {self.step} — Train N steps to continue, End training to finish"
             if self.status in ("starting", "running", "stopping"):
                 if self.step > 0 or (self.status == "running" and self.max_steps):
                     text = f"{self.status}: step {self.step}/{self.max_steps}"

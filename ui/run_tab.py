@@ -1,4 +1,5 @@
-"""Run tab: start and stop, live progress, loss plot, samples and log; save and load the job as TOML."""
+"""Run tab: drive a session (start, train N steps, validate, save, stop, end), resume an interrupted run; live
+progress, loss plot, samples and log; save and load the job as TOML."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ FOLLOW_LOG_JS = """() => {
 
 def progress_html(view: RunView) -> str:
     percent = round(100 * view.progress_fraction(), 1)
-    colour = {"failed": "#dc2626", "stopped": "#d97706", "completed": "#16a34a"}.get(view.status, "#f97316")
+    colour = {"failed": "#dc2626", "stopped": "#d97706", "completed": "#16a34a", "paused": "#2563eb"}.get(
+        view.status, "#f97316")
     return (
         '<div style="display:flex;flex-direction:column;gap:6px">'
         '<div style="height:14px;border-radius:7px;background:var(--neutral-200,#e5e7eb);overflow:hidden">'
@@ -67,12 +69,27 @@ def problems_update(outcome: Outcome) -> Any:  # noqa: ANN401 - a gradio update
     return gr.update(visible=True, value="\n".join(outcome.problems))
 
 
+def offer_updates(text: str) -> tuple[str, Any]:
+    """The resume offer's text (plain, for the API) and its row with the Resume button, shown only when there is
+    something to resume."""
+    return text, gr.update(visible=bool(text))
+
+
 def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.State,
-          flavour_choices: Callable[[str], list[tuple[str, str]]]) -> None:
-    """The Run tab; `base` holds the fields of a loaded job that the form has no control for."""
+          flavour_choices: Callable[[str], list[tuple[str, str]]], app: gr.Blocks | None = None) -> None:
+    """The Run tab; `base` holds the fields of a loaded job that the form has no control for. With `app`, the
+    resume offer is also checked when the page loads."""
     with gr.Row():
-        start = gr.Button("Start", variant="primary")
-        stop = gr.Button("Stop", variant="stop")
+        start = gr.Button("Start", variant="primary", scale=2)
+        steps = gr.Number(10, label="Steps", precision=0, minimum=1, step=1, scale=1, min_width=90)
+        train = gr.Button("Train N steps", scale=2)
+        validate = gr.Button("Validate now", scale=2)
+        save_lora = gr.Button("Save LoRA", scale=2)
+        stop = gr.Button("Stop", variant="stop", scale=2)
+        end = gr.Button("End training", scale=2)
+    with gr.Row(visible=False, equal_height=True) as offer_row:
+        offer = gr.Markdown("", label="Resume offer")
+        resume = gr.Button("Resume", variant="primary", scale=0, min_width=120)
     status = gr.Textbox(value=studio.view.status_text(), label="Status", interactive=False)
     problems = gr.Textbox(label="Problems", visible=False, interactive=False, lines=3)
     progress = gr.HTML(progress_html(studio.view), label="Progress")
@@ -88,26 +105,87 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
     job_file = gr.File(label="Job file", visible=False, interactive=False)
     seen = gr.State({})  # per browser session: what it was last sent, so unchanged plots are not re-sent
     roots = allowed_paths(studio.workdir)
+    form_kwargs = {**{form.api_name(k): fields[k] for k in form.FORM_KEYS}, "base": base}
+    offer_inputs = {"output_dir": fields["output.dir"], "train_max_steps": fields["train.max_steps"]}
 
-    # ---------------------------------------------------------------- start, stop, poll
+    # ---------------------------------------------------------------- the resume offer
+
+    def resume_offer(output_dir: str, train_max_steps: Any) -> tuple[Any, Any]:  # noqa: ANN401
+        """'An interrupted run was found at step N in DIR …' when output_dir holds an unfinished run, else ''."""
+        return offer_updates(studio.resume_offer(output_dir, train_max_steps))
+
+    triggers = [fields["output.dir"].change, fields["train.max_steps"].change]
+    if app is not None:
+        triggers.insert(0, app.load)
+    gr.on(triggers, resume_offer, inputs_kwargs=offer_inputs, outputs=[offer, offer_row], api_name="resume_offer",
+          show_progress="hidden")
+
+    def refresh_offer(event: Any) -> None:  # noqa: ANN401 - a gradio Dependency
+        """After an action that starts or ends a session, the offer may have changed."""
+        event.then(resume_offer, inputs_kwargs=offer_inputs, outputs=[offer, offer_row], api_visibility="private",
+                   show_progress="hidden")
+
+    def resume_run(values: dict[str, Any]) -> tuple[str, Any]:
+        """Start the form's job from the latest training state in its output.dir (exact resume)."""
+        outcome = studio.start(values, values.pop("base", None), resume=True)
+        return outcome.message, problems_update(outcome)
+
+    refresh_offer(resume.click(form.keyword_handler(resume_run, extra=("base",)), inputs_kwargs=form_kwargs,
+                               outputs=[status, problems], api_name="resume", concurrency_limit=1))
+
+    # ---------------------------------------------------------------- session actions
 
     def start_run(values: dict[str, Any]) -> tuple[str, Any]:
         """Validate the form and start training it; with every value left at its default this trains the demo."""
         outcome = studio.start(values, values.pop("base", None))
         return outcome.message, problems_update(outcome)
 
-    start.click(form.keyword_handler(start_run, extra=("base",)),
-                inputs_kwargs={**{form.api_name(k): fields[k] for k in form.FORM_KEYS}, "base": base},
-                outputs=[status, problems], api_name="start", concurrency_limit=1)
+    refresh_offer(start.click(form.keyword_handler(start_run, extra=("base",)), inputs_kwargs=form_kwargs,
+                              outputs=[status, problems], api_name="start", concurrency_limit=1))
+
+    def train_run(values: dict[str, Any]) -> tuple[str, Any]:
+        """Train `steps` more steps, then pause: on the live session, or on one set up from the form first
+        (the form is ignored while a session is live)."""
+        outcome = studio.train_steps(values, values.pop("steps", None), values.pop("base", None))
+        for note in outcome.notes:
+            gr.Warning(note)
+        return outcome.message, problems_update(outcome)
+
+    refresh_offer(train.click(form.keyword_handler(train_run, extra=("base", "steps")),
+                              inputs_kwargs={"steps": steps, **form_kwargs}, outputs=[status, problems],
+                              api_name="train_steps", concurrency_limit=1))
+
+    def validate_now() -> tuple[str, Any]:
+        """Render the sample prompts with the current LoRA: now while paused, after the current step while
+        training."""
+        outcome = studio.validate_now()
+        return outcome.message, problems_update(outcome)
+
+    validate.click(validate_now, None, [status, problems], api_name="validate_now", concurrency_limit=1)
+
+    def save_now() -> tuple[str, Any]:
+        """Save an intermediate LoRA (name-stepNNNNNN) now while paused, after the current step while training."""
+        outcome = studio.save_now()
+        return outcome.message, problems_update(outcome)
+
+    save_lora.click(save_now, None, [status, problems], api_name="save_now", concurrency_limit=1)
 
     def stop_run() -> str:
-        """Ask the run to end after the current step; it saves the LoRA."""
+        """Stop training after the current step; the LoRA is saved. Train N steps continues a paused session."""
         return studio.stop()
 
     stop.click(stop_run, None, status, api_name="stop")
 
+    def end_training() -> tuple[str, Any]:
+        """Save the final LoRA (if anything is unsaved) and free the session."""
+        outcome = studio.end_training()
+        return outcome.message, problems_update(outcome)
+
+    end.click(end_training, None, [status, problems], api_name="end_training", concurrency_limit=1)
+
     def poll(last: dict[str, int]) -> tuple[Any, ...]:
-        """Status line first ('idle', 'running: step 12/40', 'completed: LoRA saved to …', 'failed: …')."""
+        """Status line first ('idle', 'running: step 12/40', 'paused at step 12 — …', 'completed: LoRA saved to
+        …', 'failed: …')."""
         view = studio.poll()
         with view.lock:
             key = {"run": view.run_id, "losses": len(view.losses), "samples": len(view.samples),

@@ -14,12 +14,15 @@ from trainer import registry
 from trainer.demo import FAMILIES as DEMO_FAMILIES
 from trainer.demo import is_demo_folder
 from trainer.preflight import check_files
-from trainer.runner import AlreadyRunning, TrainingRunner
+from trainer.runner import AlreadyRunning, NothingToDo, TrainingRunner
 from trainer.spec import JobSpec, SpecError, parse_spec, resolve_paths, save_spec
 from ui import form
+from ui.resume import find_interrupted_run, latest_state_step
 from ui.run_state import RunView
 
 ALREADY_RUNNING = "a run is already in progress; stop it or wait for it to finish"
+SESSION_PAUSED = ("a session is paused at step {step}; End training before starting a new run (or Train N steps "
+                  "to continue it)")
 DATASET_PREVIEW_CAPTIONS = 5
 
 
@@ -74,33 +77,166 @@ class Studio:
 
     # ------------------------------------------------------------------ run control
 
-    def start(self, values: dict[str, Any], base: dict[str, Any] | None = None) -> Outcome:
+    def _prepare(self, values: dict[str, Any], base: dict[str, Any] | None,
+                 refused: str) -> tuple[JobSpec | None, Path | None, Outcome | None]:
+        """(spec, demo folder to build or None, None) for a form that can run, else (None, None, why not)."""
         try:
             spec = self.resolve(values, base)
         except SpecError as exc:
-            return Outcome("not started: the job has problems", exc.problems)
+            return None, None, Outcome(f"{refused}: the job has problems", exc.problems)
         problems = self.preflight(spec)
         if problems:
-            return Outcome("not started: files or folders are missing", problems)
+            return None, None, Outcome(f"{refused}: files or folders are missing", problems)
         demo = self.demo_dir if self.uses_demo(spec) and not self.demo_built() else None
+        return spec, demo, None
+
+    def _refusal(self) -> Outcome | None:
+        """Why no new session can start now (an action in progress, a paused session), or None."""
+        if self.runner.running:
+            return Outcome(ALREADY_RUNNING, [ALREADY_RUNNING])
+        if self.runner.live:
+            message = SESSION_PAUSED.format(step=self.runner.step)
+            return Outcome(message, [message])
+        return None
+
+    def start(self, values: dict[str, Any], base: dict[str, Any] | None = None, resume: bool = False) -> Outcome:
+        """The whole run of the form's job; `resume` continues from the latest training state in output.dir."""
+        verb = "not resumed" if resume else "not started"
+        spec, demo, refused = self._prepare(values, base, verb)
+        if refused:
+            return refused
+        if resume and latest_state_step(spec.output.dir) is None:
+            message = f"{verb}: no saved training state in {Path(spec.output.dir) / 'state'}"
+            return Outcome(message, [message])
         with self.view.lock:  # no poll may drain the new run's first events before the view is reset
-            if self.runner.running:
-                return Outcome(ALREADY_RUNNING, [ALREADY_RUNNING])
+            refusal = self._refusal()
+            if refusal:
+                return refusal
             try:
-                self.runner.start(spec, demo_dir=demo)
-            except AlreadyRunning:
-                return Outcome(ALREADY_RUNNING, [ALREADY_RUNNING])
+                if resume:
+                    self.runner.start(spec, demo_dir=demo, resume=True)
+                else:
+                    self.runner.start(spec, demo_dir=demo)
+            except AlreadyRunning as exc:
+                return Outcome(str(exc), [str(exc)])
             building = f"; building the demo in {demo} first" if demo else ""
-            self.view.begin(spec.train.max_steps, f"starting {spec.output.name}: {spec.train.max_steps} steps, "
+            what = "resuming" if resume else "starting"
+            self.view.begin(spec.train.max_steps, f"{what} {spec.output.name}: {spec.train.max_steps} steps, "
                                                   f"output {spec.output.dir}{building}")
-        return Outcome(f"started: {spec.train.max_steps} steps{building}")
+        return Outcome(f"{'resumed' if resume else 'started'}: {spec.train.max_steps} steps{building}")
+
+    def train_steps(self, values: dict[str, Any], steps: Any, base: dict[str, Any] | None = None) -> Outcome:  # noqa: ANN401
+        """Train `steps` more steps: on the live session, or on a new one set up from the form first."""
+        try:
+            steps = int(steps)
+        except (TypeError, ValueError):
+            steps = 0
+        if steps < 1:
+            message = "not trained: Steps must be a whole number of at least 1"
+            return Outcome(message, [message])
+        if self.runner.live:
+            return self._continue(values, base, steps)
+        spec, demo, refused = self._prepare(values, base, "not started")
+        if refused:
+            return refused
+        with self.view.lock:
+            if self.runner.live:
+                return self._continue(values, base, steps)
+            refusal = self._refusal()
+            if refusal:
+                return refusal
+            try:
+                self.runner.train_steps(spec, steps, demo_dir=demo)
+            except (AlreadyRunning, NothingToDo) as exc:
+                return Outcome(str(exc), [str(exc)])
+            building = f"; building the demo in {demo} first" if demo else ""
+            self.view.begin(spec.train.max_steps, f"setting up {spec.output.name} to train {steps} steps of "
+                                                  f"{spec.train.max_steps}, output {spec.output.dir}{building}")
+        return Outcome(f"started: training {steps} steps, then pausing{building}")
+
+    def _continue(self, values: dict[str, Any], base: dict[str, Any] | None, steps: int) -> Outcome:
+        with self.view.lock:
+            step = self.runner.step
+            try:
+                self.runner.train_steps(self.runner.spec, steps)
+            except (AlreadyRunning, NothingToDo) as exc:
+                return Outcome(str(exc), [str(exc)])
+            self.view.resume_action(f"training {steps} more steps from step {step}")
+        notes = []
+        try:
+            if self.resolve(values, base) != self.runner.spec:
+                notes.append("the live session keeps the settings it was set up with; End training, then train "
+                             "again to use the form's")
+        except SpecError:
+            notes.append("the form has problems; the live session goes on with the settings it was set up with")
+        return Outcome(f"training {steps} more steps from step {step}", notes=notes)
+
+    def validate_now(self) -> Outcome:
+        """Sample with the current LoRA: after the current step while training, at once while paused."""
+        with self.view.lock:
+            try:
+                how = self.runner.validate_now()
+            except (AlreadyRunning, NothingToDo) as exc:
+                return Outcome(str(exc), [str(exc)])
+            if how == "requested":
+                return Outcome("sampling after the current step")
+            self.view.resume_action(f"sampling at step {self.runner.step}")
+            return Outcome(f"sampling at step {self.runner.step}")
+
+    def save_now(self) -> Outcome:
+        """Save an intermediate LoRA: after the current step while training, at once while paused."""
+        with self.view.lock:
+            try:
+                how = self.runner.save_now()
+            except (AlreadyRunning, NothingToDo) as exc:
+                return Outcome(str(exc), [str(exc)])
+            if how == "requested":
+                return Outcome("saving the LoRA after the current step")
+            self.view.resume_action(f"saving the LoRA at step {self.runner.step}")
+            return Outcome(f"saving the LoRA at step {self.runner.step}")
+
+    def end_training(self) -> Outcome:
+        """Save the final LoRA (if anything is unsaved) and free the live session."""
+        with self.view.lock:
+            try:
+                self.runner.end_training()
+            except (AlreadyRunning, NothingToDo) as exc:
+                return Outcome(str(exc), [str(exc)])
+            self.view.resume_action(f"ending the session at step {self.runner.step}: saving the final LoRA")
+            return Outcome("ending: saving the final LoRA and freeing the session")
 
     def stop(self) -> str:
-        if not self.runner.running:
+        with self.view.lock:
+            action = self.runner.action
+            if self.runner.running and self.runner.stop():
+                if action == "train_steps":
+                    text = ("stopping: training pauses after the current step and saves the LoRA; Train N steps "
+                            "continues it")
+                else:
+                    text = "stopping: the run ends after the current step and saves the LoRA"
+                self.view.request_stop(text)
+                return text
+            if self.runner.running:
+                return f"busy with {action}: it ends by itself"
+            if self.runner.live:
+                return f"nothing is training: the session is paused at step {self.runner.step} (End training " \
+                       "to finish)"
             return "no run in progress"
-        self.runner.stop()
-        self.view.request_stop()
-        return "stopping: the run ends after the current step and saves the LoRA"
+
+    def resume_offer(self, output_dir: str | None, max_steps: Any = None) -> str:  # noqa: ANN401
+        """'An interrupted run was found at step N in DIR …' when output_dir holds an unfinished run, else ''."""
+        if not output_dir or not str(output_dir).strip():
+            return ""
+        folder = Path(str(output_dir).strip()).expanduser()
+        folder = (folder if folder.is_absolute() else self.workdir / folder).resolve()
+        if (self.runner.running or self.runner.live) and self.runner.output_dir() == folder:
+            return ""  # this app's own session is working there
+        try:
+            max_steps = int(max_steps) if max_steps not in (None, "") else None
+        except (TypeError, ValueError):
+            max_steps = None
+        found = find_interrupted_run(folder, max_steps)
+        return found.text() if found else ""
 
     def poll(self) -> RunView:
         with self.view.lock:

@@ -1,0 +1,164 @@
+"""The runner without gradio: one live session driven by actions — train n steps, validate, save, stop, end."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer.events import Event, LogMessage, LoraSaved, PhaseChanged, Progress, RunFinished, RunStarted, SampleSaved
+from trainer.runner import AlreadyRunning, NothingToDo, TrainingRunner
+from trainer.spec import load_spec, resolve_paths
+
+TIMEOUT = 120
+
+
+def _spec(demo_dir: Path, out: Path, *extra: str):  # noqa: ANN202
+    settings = ["train.max_steps=10", "sample.prompts=[]", f"output.dir='{out}'", *extra]
+    return resolve_paths(load_spec(demo_dir / "job.toml", settings), demo_dir)
+
+
+def _finish(runner: TrainingRunner, events: list[Event]) -> list[Event]:
+    assert runner.join(TIMEOUT), f"the action {runner.action} did not finish"
+    events.extend(runner.drain())
+    return events
+
+
+def _of(events: list[Event], kind: type) -> list:
+    return [event for event in events if isinstance(event, kind)]
+
+
+def _paused_steps(events: list[Event]) -> list[str]:
+    return [event.detail for event in _of(events, PhaseChanged) if event.phase == "paused"]
+
+
+def test_nothing_to_do_without_a_session():
+    runner = TrainingRunner()
+    with pytest.raises(NothingToDo, match="nothing to sample: start or train first"):
+        runner.validate_now()
+    with pytest.raises(NothingToDo, match="nothing to save"):
+        runner.save_now()
+    with pytest.raises(NothingToDo, match="no session to end"):
+        runner.end_training()
+    assert runner.stop() is False
+    assert not runner.running and not runner.live and runner.step is None
+
+
+def test_train_steps_continue_the_same_session_and_end_frees_it(demo_dir: Path, tmp_path: Path):
+    runner = TrainingRunner()
+    events: list[Event] = []
+    runner.train_steps(_spec(demo_dir, tmp_path), 3)
+    _finish(runner, events)
+    assert runner.live and runner.paused and runner.step == 3
+    runner.train_steps(_spec(demo_dir, tmp_path / "ignored"), 2)  # the live session keeps its own spec
+    _finish(runner, events)
+    assert [event.step for event in _of(events, Progress)] == [1, 2, 3, 4, 5]
+    assert len(_of(events, RunStarted)) == 1
+    assert [event.phase for event in _of(events, PhaseChanged)].count("loading") == 1
+    assert _paused_steps(events) == ["step 3", "step 5"]
+    assert not _of(events, RunFinished) and not (tmp_path / "ignored").exists()
+    with pytest.raises(AlreadyRunning, match="paused at step 5"):
+        runner.start(_spec(demo_dir, tmp_path))
+
+    runner.end_training()
+    _finish(runner, events)
+    finished = _of(events, RunFinished)
+    assert [(f.status, f.step) for f in finished] == [("stopped", 5)]  # 5 of max_steps 10
+    assert finished[0].lora_path == str(tmp_path / "demo_lora.safetensors") and Path(finished[0].lora_path).is_file()
+    assert (tmp_path / "state" / "step000005.pt").is_file()
+    assert not runner.live and runner.step is None
+    assert '"run_finished"' in (tmp_path / "events.jsonl").read_text().splitlines()[-1]
+
+
+def test_validate_and_save_while_paused(demo_dir: Path, tmp_path: Path):
+    runner = TrainingRunner()
+    events: list[Event] = []
+    spec = _spec(demo_dir, tmp_path, "train.max_steps=2", "sample.prompts=['shapez a red circle']",
+                 "sample.every_steps=0", "sample.steps=2")
+    runner.train_steps(spec, 2)
+    _finish(runner, events)
+    assert runner.step == 2 and not _of(events, SampleSaved)
+
+    assert runner.validate_now() == "started"
+    _finish(runner, events)
+    assert [(s.step, Path(s.path).name) for s in _of(events, SampleSaved)] == [(2, "step000002_0.png")]
+    assert (tmp_path / "samples" / "step000002_0.png").is_file()
+
+    assert runner.save_now() == "started"
+    _finish(runner, events)
+    assert (tmp_path / "demo_lora-step000002.safetensors").is_file()
+    assert [saved.step for saved in _of(events, LoraSaved)] == [2]
+    assert _paused_steps(events) == ["step 2"] * 3 and runner.live
+
+    runner.end_training()
+    _finish(runner, events)
+    assert [(f.status, f.step) for f in _of(events, RunFinished)] == [("completed", 2)]  # max_steps reached
+    assert (tmp_path / "demo_lora.safetensors").is_file() and not runner.live
+
+
+def test_stop_during_a_long_run_pauses_with_the_lora_saved(demo_dir: Path, tmp_path: Path):
+    runner = TrainingRunner()
+    events: list[Event] = []
+    spec = _spec(demo_dir, tmp_path, "train.max_steps=100000")
+    runner.train_steps(spec, 100000)
+    deadline = time.monotonic() + TIMEOUT
+    while not _of(events, Progress) and time.monotonic() < deadline:
+        events.extend(runner.drain())
+        time.sleep(0.05)
+    assert runner.running and runner.action == "train_steps"
+    with pytest.raises(AlreadyRunning):
+        runner.train_steps(spec, 1)
+    with pytest.raises(AlreadyRunning):
+        runner.start(spec)
+    with pytest.raises(AlreadyRunning):
+        runner.end_training()
+    with pytest.raises(NothingToDo, match="no sample prompts"):
+        runner.validate_now()
+    assert runner.save_now() == "requested"
+    assert runner.stop() is True
+    _finish(runner, events)
+
+    step = runner.step
+    assert 0 < step < 100000 and runner.paused
+    assert _paused_steps(events) == [f"step {step}"]
+    assert (tmp_path / "demo_lora.safetensors").is_file()
+    assert (tmp_path / "state" / f"step{step:06d}.pt").is_file()
+    assert any("stopped at step" in log.message for log in _of(events, LogMessage))
+    assert not _of(events, RunFinished)
+
+    runner.train_steps(spec, 2)  # training continues from where it stopped
+    _finish(runner, events)
+    assert [p.step for p in _of(events, Progress)][-2:] == [step + 1, step + 2]
+    runner.end_training()
+    _finish(runner, events)
+    assert _of(events, RunFinished)[-1].status == "stopped" and not runner.live
+
+
+def test_a_failing_action_leaves_the_runner_usable(demo_dir: Path, tmp_path: Path):
+    runner = TrainingRunner()
+    events: list[Event] = []
+    missing = _spec(demo_dir, tmp_path / "a", f"data.datasets=[{{path='{tmp_path / 'nowhere'}'}}]")
+    runner.train_steps(missing, 2)
+    _finish(runner, events)
+    failed = _of(events, RunFinished)
+    assert [f.status for f in failed] == ["failed"] and "nowhere" in failed[0].message
+    assert not runner.live and not runner.running
+
+    runner.train_steps(_spec(demo_dir, tmp_path / "b", "sample.prompts=['x']", "sample.every_steps=0"), 1)
+    _finish(runner, events)
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    runner._session.validate = boom  # a failure inside an action on a live session
+    runner.validate_now()
+    _finish(runner, events)
+    assert _of(events, RunFinished)[-1].status == "failed"
+    assert _of(events, RunFinished)[-1].message == "RuntimeError: boom"
+    assert not runner.live
+
+    runner.start(_spec(demo_dir, tmp_path / "c", "train.max_steps=2"))
+    _finish(runner, events)
+    assert _of(events, RunFinished)[-1].status == "completed"
+    assert (tmp_path / "c" / "demo_lora.safetensors").is_file() and not runner.live
