@@ -51,10 +51,10 @@ def bare_step_times(demo: Path, family: str, steps: int) -> list[float]:
     from peft import LoraConfig
 
     from trainer import registry
+    from trainer.adapters import target_modules
     from trainer.data.datasets import collect_items
     from trainer.data.images import load_pixels
     from trainer.families import family_ops
-    from trainer.session import lora_target_modules
 
     spec = _spec(demo, family, steps)
     flavour = registry.get_flavour(family, "demo")
@@ -66,7 +66,7 @@ def bare_step_times(demo: Path, family: str, steps: int) -> list[float]:
     transformer = pipe.transformer
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha,
-                                       target_modules=lora_target_modules(transformer, "all")))
+                                       target_modules=target_modules(transformer, family, "all")))
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.train.learning_rate)
     guidance = torch.ones(latents.shape[0]) if flavour.guidance == "embedded" else None

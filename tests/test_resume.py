@@ -18,7 +18,8 @@ from trainer.spec import load_spec, resolve_paths
 STEPS = 8
 # Dropouts make the run depend on every RNG the state must carry.
 SETTINGS = [f"train.max_steps={STEPS}", "output.save_every_steps=4", "sample.prompts=[]", "lora.dropout=0.1",
-            "data.caption_dropout=0.3", "train.scheduler='cosine'", "train.warmup_steps=2", "train.learning_rate=0.01"]
+            "data.caption_dropout=0.3", "train.scheduler='cosine'", "train.warmup_steps=2", "train.learning_rate=0.01",
+            "advanced.tread=true"]
 
 
 class SimulatedCrash(Exception):

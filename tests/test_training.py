@@ -54,7 +54,7 @@ def test_run_writes_lora_resolved_spec_events_and_samples(trained) -> None:  # n
     assert lines[-1]["event"] == "run_finished" and lines[-1]["status"] == "completed"
     assert [e.step for e in events if isinstance(e, Progress)] == list(range(1, STEPS + 1))
     samples = [e for e in events if isinstance(e, SampleSaved)]
-    assert sorted({e.step for e in samples}) == [6, 12]
+    assert sorted({e.step for e in samples}) == [0, 6, 12]  # step 0 is the baseline
     assert all(Path(e.path).is_file() for e in samples)
     assert all(torch.isfinite(torch.tensor(session.losses)))
 

@@ -11,43 +11,31 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from trainer.errors import UserError
 from trainer.files import write_atomic
 
-if TYPE_CHECKING:
-    import torch
-
 LORA_WEIGHT_SUFFIX = ".safetensors"
 
 
-def lora_state_dict(transformer: Any) -> dict[str, torch.Tensor]:
-    """The trained adapter's tensors, keyed as PEFT names them inside the transformer (no prefix)."""
-    import torch
-    from peft.utils import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(transformer)
-    return {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in state.items()}
-
-
-def lora_metadata(transformer: Any) -> dict[str, Any]:
-    """The adapter config stored beside the weights, so loaders use our alpha rather than guess it from the rank."""
-    config = transformer.peft_config["default"].to_dict()
-    return {key: (sorted(value) if isinstance(value, set) else value) for key, value in config.items()}
-
-
 def save_lora_diffusers(transformer: Any, pipeline_class: type, path: Path) -> Path:
-    """Write `path` (a .safetensors file) with `transformer.`-prefixed keys via the pipeline's own saver."""
+    """Write `path` (a .safetensors file) with `transformer.`-prefixed keys via the pipeline's own saver.
+
+    The adapter config goes in the file's metadata, so loaders use our alpha rather than guess it from the rank.
+    """
+    from trainer.adapters import adapter_export
+
+    tensors, metadata = adapter_export(transformer)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=path.parent))
     try:
         pipeline_class.save_lora_weights(
             save_directory=staging,
-            transformer_lora_layers=lora_state_dict(transformer),
+            transformer_lora_layers=tensors,
             weight_name=path.name,
-            transformer_lora_adapter_metadata=lora_metadata(transformer),
+            transformer_lora_adapter_metadata=metadata,
         )
         written = staging / path.name
         with open(written, "rb") as handle:

@@ -6,6 +6,7 @@ only to the `Commands` object, checked between steps.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from trainer import flow, registry
+from trainer.adapters import add_adapter
 from trainer.checkpoint import (
     latest_state,
     load_training_state,
@@ -49,9 +51,9 @@ from trainer.prompts import SamplePrompt, sample_prompts
 from trainer.quiet import disable_loading_bars
 from trainer.spec import JobSpec, save_spec
 from trainer.trackers import TrackerLogger
+from trainer.tread import TreadConfig, tread_routing
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_LINEAR_BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 STATE_FORMAT = 1
 _EVAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 # What a saved state must agree with to be resumed: the model, the adapter and the data it was trained on.
@@ -90,25 +92,6 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def lora_target_modules(transformer: torch.nn.Module, targets: str) -> list[str]:
-    """Module names the adapter wraps: "all" is every Linear inside the blocks except AdaLN modulation."""
-    import re
-
-    linear_names = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
-    if targets == "all":
-        chosen = [n for n in linear_names if n.startswith(_LINEAR_BLOCK_PREFIXES) and ".norm" not in n]
-    else:
-        try:
-            pattern = re.compile(targets)
-        except re.error as exc:
-            raise UserError(f"lora.targets: '{targets}' is not a valid regular expression ({exc})") from None
-        chosen = [n for n in linear_names if pattern.fullmatch(n)]
-    if not chosen:
-        raise UserError(f"lora.targets: '{targets}' matches no Linear layer of the transformer; "
-                        f"examples of names: {', '.join(linear_names[:4])}")
-    return chosen
-
-
 class Session:
     def __init__(self, spec: JobSpec, emit: Callable[[Event], None] | None = None, commands: Any = None,
                  resume: bool = False) -> None:
@@ -134,6 +117,8 @@ class Session:
         self.prompts: list[SamplePrompt] = []
         self.text_cache = TextEmbeddingCache()
         self.generator = torch.Generator("cpu").manual_seed(spec.train.seed)
+        # TREAD draws from its own stream so turning it on does not change the noise and timesteps.
+        self.tread_generator = torch.Generator("cpu").manual_seed(spec.train.seed + 1)
         self._order: list[list[int]] = []
         self.losses: list[float] = []
         self.last_lora_path: Path | None = None
@@ -227,24 +212,17 @@ class Session:
                 self.emit(PhaseChanged(phase="caching latents", detail=f"{index + 1}/{len(self.items)} images"))
 
     def _add_lora(self) -> None:
-        from peft import LoraConfig
-
         lora = self.spec.lora
         self.transformer = self.pipe.transformer
-        self.transformer.requires_grad_(False)
-        config = LoraConfig(
-            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            init_lora_weights=True if lora.init == "default" else "gaussian",
-            target_modules=lora_target_modules(self.transformer, lora.targets),
+        names = add_adapter(
+            self.transformer, self.spec.model.family, type=lora.type, rank=lora.rank, alpha=lora.alpha,
+            dropout=lora.dropout, targets=lora.targets, init=lora.init, init_from=lora.init_from,
+            base_precision=self.spec.model.base_precision,
         )
-        self.transformer.add_adapter(config)
-        for param in self.trainable_parameters():
-            param.data = param.data.float()  # fp32 adapter weights whatever the base precision
         if self.spec.lowvram.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         count = sum(p.numel() for p in self.trainable_parameters())
-        modules = len(config.target_modules)
-        self.emit(LogMessage(level="info", message=f"LoRA on {modules} modules, {count:,} parameters"))
+        self.emit(LogMessage(level="info", message=f"{lora.type} on {len(names)} modules, {count:,} parameters"))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
@@ -271,6 +249,7 @@ class Session:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "generator": self.generator.get_state(),
+            "tread_generator": self.tread_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "order": [list(batch) for batch in self._order],
@@ -293,6 +272,7 @@ class Session:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.generator.set_state(state["generator"])
+        self.tread_generator.set_state(state["tread_generator"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -382,6 +362,19 @@ class Session:
         end = spec.train.max_steps if steps is None else min(spec.train.max_steps, self.step + steps)
         self.emit(PhaseChanged(phase="training", detail=f"steps {self.step + 1}–{end}"))
         self.transformer.train()
+        with self._token_routing():
+            self._train_until(end)
+
+    def _token_routing(self) -> Any:
+        """TREAD around the training steps (validation switches to eval mode, which is never routed)."""
+        advanced = self.spec.advanced
+        if not advanced.tread:
+            return contextlib.nullcontext()
+        config = TreadConfig(advanced.tread_selection_ratio, advanced.tread_start_block, advanced.tread_end_block)
+        return tread_routing(self.transformer, config, self.tread_generator)
+
+    def _train_until(self, end: int) -> None:
+        spec = self.spec
         started, start_step = time.perf_counter(), self.step
         while self.step < end and not self.commands.stop_requested:
             step_started = time.perf_counter()
@@ -426,7 +419,8 @@ class Session:
 
     def _optimizer_step_or_explain(self) -> float:
         """One step; out of memory saves the last completed step's state and says which setting to change."""
-        before = (self.generator.get_state(), torch.get_rng_state(), [list(b) for b in self._order])
+        before = (self.generator.get_state(), torch.get_rng_state(), [list(b) for b in self._order],
+                  self.tread_generator.get_state())
         try:
             return self._optimizer_step()
         except torch.OutOfMemoryError:
@@ -434,6 +428,7 @@ class Session:
             self.generator.set_state(before[0])
             torch.set_rng_state(before[1])
             self._order = before[2]
+            self.tread_generator.set_state(before[3])
             self.optimizer.zero_grad(set_to_none=True)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -59,13 +59,24 @@ class ModelSection(_Section):
 
 
 class LoraSection(_Section):
-    type: Literal["lora"] = "lora"
+    type: Literal["lora", "lokr"] = "lora"
     rank: int = Field(16, ge=1, le=1024)
     alpha: float = Field(16.0, gt=0)
-    # "all" targets every Linear inside the transformer blocks; anything else is a module-name regex.
+    # A preset of model.family (flux2: all, attention, mlp, tiny; flux1 also mmdit, context, all+ffs,
+    # context+ffs; see trainer/adapters.py) or a regex matching whole module names.
     targets: str = "all"
-    init: Literal["default", "gaussian"] = "default"
+    # pissa and olora rewrite the frozen base at the start (the saved LoRA still applies to the original base).
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    init_from: str = ""  # a LoRA .safetensors to continue training from (same type, rank and targets)
+
+    @model_validator(mode="after")
+    def _init_fits_type(self) -> LoraSection:
+        if self.type == "lokr" and self.init != "default":
+            raise ValueError(f"init: '{self.init}' applies to LoRA only; LoKr starts from 'default'")
+        if self.init_from and self.init != "default":
+            raise ValueError(f"init: '{self.init}' cannot be combined with init_from; use 'default'")
+        return self
 
 
 class DatasetEntry(_Section):
@@ -171,6 +182,11 @@ class AdvancedSection(_Section):
     guidance_value: float = Field(1.0, ge=0.0, le=30.0)
     guidance_min: float = Field(1.0, ge=0.0, le=30.0)
     guidance_max: float = Field(4.0, ge=0.0, le=30.0)
+    # TREAD: a random share of image tokens skips the blocks start..end (negative counts from the end).
+    tread: bool = False
+    tread_selection_ratio: float = Field(0.5, ge=0.0, lt=1.0)
+    tread_start_block: int = 2
+    tread_end_block: int = -2
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> AdvancedSection:
@@ -193,10 +209,31 @@ class JobSpec(_Section):
     advanced: AdvancedSection = Field(default_factory=AdvancedSection)
 
     @model_validator(mode="after")
-    def _evaluation_has_images(self) -> JobSpec:
+    def _sections_agree(self) -> JobSpec:
+        from trainer.adapters import TARGET_PRESETS
+        from trainer.tread import TreadConfig, validate_tread
+
+        problems: list[str] = []
         if self.train.eval_every_steps and not self.data.eval_holdout:
-            raise ValueError("train.eval_every_steps: the evaluation loss needs held-out images; "
-                             "set data.eval_holdout to 1 or more")
+            problems.append("train.eval_every_steps: the evaluation loss needs held-out images; "
+                            "set data.eval_holdout to 1 or more")
+        targets, family = self.lora.targets, self.model.family
+        other_presets = {p for f, presets in TARGET_PRESETS.items() if f != family for p in presets}
+        if targets in other_presets - set(TARGET_PRESETS[family]):
+            problems.append(f"lora.targets: '{targets}' is not a {family} preset; "
+                            f"allowed: {', '.join(TARGET_PRESETS[family])} or a module-name regex")
+        elif targets not in TARGET_PRESETS[family]:
+            try:
+                re.compile(targets)
+            except re.error as exc:
+                problems.append(f"lora.targets: '{targets}' is neither a preset nor a valid regex ({exc})")
+        if self.advanced.tread:
+            a = self.advanced
+            blocks = registry.get_flavour(family, self.model.flavour).total_blocks
+            problems += validate_tread(TreadConfig(a.tread_selection_ratio, a.tread_start_block, a.tread_end_block),
+                                       blocks)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -256,7 +293,11 @@ def parse_spec(data: dict[str, Any], source: str | None = None) -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError([_describe(e) for e in exc.errors()], source) from None
+        problems: list[str] = []
+        for error in exc.errors():
+            lines = error["msg"].removeprefix("Value error, ").split("\n")
+            problems += [_describe({**error, "msg": line}) for line in lines]
+        raise SpecError(problems, source) from None
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
@@ -378,4 +419,6 @@ def resolve_paths(spec: JobSpec, base_dir: str | Path) -> JobSpec:
     if spec.sample.prompt_library:
         data["sample"]["prompt_library"] = _resolve(spec.sample.prompt_library, base)
     data["output"]["dir"] = _resolve(spec.output.dir, base)
+    if spec.lora.init_from:
+        data["lora"]["init_from"] = _resolve(spec.lora.init_from, base)
     return JobSpec.model_validate(data)
