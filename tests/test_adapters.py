@@ -460,3 +460,13 @@ def _with_adapter(targets: str) -> torch.nn.Module:
     transformer = make_transformer("flux2")
     add_adapter(transformer, "flux2", **adapter_kwargs(targets=targets))
     return transformer
+
+
+def test_flavour_preset_counts_from_registry_facts_alone() -> None:
+    from trainer.adapters import flavour_preset_counts
+
+    klein = flavour_preset_counts("flux2", "klein-base-9b")
+    assert klein == {"all": 144, "attention": 112, "mlp": 32, "tiny": 24}
+    flux1 = flavour_preset_counts("flux1", "dev")
+    assert flux1["all"] == 418 and flux1["mmdit"] == 228 and flux1["all+ffs"] == 419
+    assert all(count > 0 for count in flux1.values())

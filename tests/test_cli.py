@@ -61,6 +61,7 @@ def test_missing_dataset_folder_is_named(demo_dir: Path, tmp_path: Path) -> None
 def test_validate_checks_files_and_debug_shows_traceback(demo_dir: Path, tmp_path: Path) -> None:
     ok = _run("validate", str(demo_dir / "job.toml"))
     assert ok.returncode == 0 and ok.stdout.startswith("ok:")
+    assert "lora.targets 'all' hits 28 modules (presets: all 28, attention 20, mlp 8, tiny 6)" in ok.stdout
     bad = _run("validate", str(demo_dir / "job.toml"), "--set", f"model.source='{tmp_path}'", "--debug")
     assert bad.returncode == 2
     assert "model.source" in bad.stderr and "no model_index.json" in bad.stderr

@@ -44,6 +44,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     images = len(collect_items(spec))
     print(f"ok: {args.job} is valid — {spec.model.family} {spec.model.flavour} from {model_source(spec)}, "
           f"{images} images, {spec.train.max_steps} steps, output in {spec.output.dir}")
+    from trainer.adapters import flavour_preset_counts
+
+    counts = flavour_preset_counts(spec.model.family, spec.model.flavour)
+    presets = ", ".join(f"{name} {count}" for name, count in counts.items())
+    hits = f"{counts[spec.lora.targets]} modules" if spec.lora.targets in counts else "a custom regex"
+    print(f"lora.targets '{spec.lora.targets}' hits {hits} (presets: {presets})")
     return 0
 
 

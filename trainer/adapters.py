@@ -591,3 +591,25 @@ def load_adapter_weights(transformer: torch.nn.Module, path: str) -> None:
     leftover = [key for key in result.unexpected_keys if ".lora_" in key or ".lokr_" in key]
     if leftover:
         raise RuntimeError(f"adapter keys were not loaded: {_few(leftover)}")
+
+
+def flavour_preset_counts(family: str, flavour: str) -> dict[str, int]:
+    """Preset name -> modules hit on a flavour's transformer, built on the meta device from the registry's facts.
+
+    Module names depend only on the block counts, so no weights are needed; the UI and `validate` show this.
+    """
+    import diffusers
+    import torch
+
+    from trainer import registry
+
+    info = registry.get_flavour(family, flavour)
+    model_class = getattr(diffusers, info.transformer_class)
+    kwargs = {"num_layers": info.double_blocks, "num_single_layers": info.single_blocks,
+              "num_attention_heads": info.num_heads, "attention_head_dim": info.head_dim,
+              "joint_attention_dim": info.joint_attention_dim, "guidance_embeds": info.guidance == "embedded"}
+    if family == "flux1":
+        kwargs["pooled_projection_dim"] = 768 if not info.is_demo else info.joint_attention_dim
+    with torch.device("meta"):
+        transformer = model_class(**kwargs)
+    return preset_report(transformer, family)
