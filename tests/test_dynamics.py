@@ -140,3 +140,25 @@ def test_samples_are_named_by_step_and_nickname(demo_dir: Path, tmp_path: Path) 
         session.end()
     assert sorted(p.name for p in (tmp_path / "o" / "samples").iterdir()) == [
         "step000000_portrait.png", "step000002_portrait.png"]
+
+
+def test_loss_weighting_schemes() -> None:
+    sigmas = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.equal(flow.loss_weights(AdvancedSection(loss_weighting="none"), sigmas), torch.ones(3))
+    sqrt = flow.loss_weights(AdvancedSection(loss_weighting="sigma_sqrt"), sigmas)
+    torch.testing.assert_close(sqrt, sigmas ** -2.0)
+    cosmap = flow.loss_weights(AdvancedSection(loss_weighting="cosmap"), sigmas)
+    assert cosmap[1] > cosmap[0] and cosmap[1] > cosmap[2]  # peaks at mid noise
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_keeps_fp32_adapter_weights(demo_dir: Path, tmp_path: Path, precision: str) -> None:
+    session = Session(_spec(demo_dir, tmp_path, f"train.mixed_precision='{precision}'", "train.learning_rate=0.01"))
+    try:
+        session.run()
+        params = session.trainable_parameters()
+        assert params and all(p.dtype == torch.float32 for p in params)
+        assert all(torch.isfinite(torch.tensor(session.losses)))
+        assert any(p.abs().sum() > 0 for p in params if p.dim() == 2)
+    finally:
+        session.end()

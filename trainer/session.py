@@ -111,6 +111,7 @@ class Session:
         self.transformer: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_scheduler: Any = None
+        self.grad_scaler: Any = None
         self.items: list[TrainItem] = []
         self.latents: list[torch.Tensor] = []
         self.masks: list[torch.Tensor | None] = []
@@ -232,6 +233,8 @@ class Session:
         self.optimizer = build_optimizer(self.trainable_parameters(), train.optimizer, train.learning_rate,
                                          weight_decay=train.weight_decay, device_type=self.device.type)
         self.lr_scheduler = build_scheduler(self.optimizer, train.scheduler, train.warmup_steps, train.max_steps)
+        # fp16 activations underflow small gradients; the scaler keeps them representable (a no-op otherwise).
+        self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=train.mixed_precision == "fp16")
 
     # ------------------------------------------------------------------ state for exact resume
 
@@ -248,6 +251,7 @@ class Session:
                      if p.requires_grad},
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
+            "grad_scaler": self.grad_scaler.state_dict(),
             "generator": self.generator.get_state(),
             "tread_generator": self.tread_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -271,6 +275,7 @@ class Session:
                 params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.generator.set_state(state["generator"])
         self.tread_generator.set_state(state["tread_generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -408,11 +413,13 @@ class Session:
                 raise UserError(f"the loss became {loss.item()} at step {self.step + 1}, so the run stopped with "
                                 "the last saved state kept; lower train.learning_rate, set train.max_grad_norm "
                                 "(e.g. 1.0), or use bf16 instead of fp16")
-            (loss / accumulation).backward()
+            self.grad_scaler.scale(loss / accumulation).backward()
             total += loss.item() / accumulation
+        self.grad_scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
         if self.spec.train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.spec.train.max_grad_norm)
-        self.optimizer.step()
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
