@@ -1,4 +1,5 @@
-"""The Run view from synthetic events, and the form ↔ spec mapping (pure python: no gradio, no torch)."""
+"""The Run view from synthetic events, and the form ↔ spec mapping (pure python: no gradio; torch only in the
+target-count test, which builds a transformer on the meta device)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,21 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from trainer.events import LogMessage, LoraSaved, PhaseChanged, Progress, RunFinished, RunStarted, SampleSaved
-from trainer.spec import SpecError, deep_merge, parse_spec
+from trainer.events import (
+    EvalLoss,
+    LogMessage,
+    LoraSaved,
+    PhaseChanged,
+    Progress,
+    RunFinished,
+    RunStarted,
+    SampleSaved,
+)
+from trainer.spec import SpecError, deep_merge, parse_spec, resolve_paths
 from ui import form
 from ui.resume import find_interrupted_run, latest_state_step
 from ui.run_state import LOG_LINES, LOSS_SMOOTHING, RunView, format_duration
-from ui.studio import ALREADY_RUNNING, Studio
+from ui.studio import ALREADY_RUNNING, Studio, target_counts
 
 
 def progress(step: int, loss: float, max_steps: int = 10) -> Progress:
@@ -56,6 +66,31 @@ def test_loss_smoothing_is_an_exponential_moving_average():
     rows = view.loss_rows()
     assert [(r["step"], r["series"]) for r in rows[:2]] == [(1, "loss"), (1, "smoothed")]
     assert {r["series"] for r in rows} == {"loss", "smoothed"} and len(rows) == 6
+
+
+def test_evaluation_losses_are_a_plot_series_and_in_the_progress_line():
+    view = RunView()
+    view.begin(10)
+    view.apply([progress(1, 0.5), progress(2, 0.4)])
+    assert "eval" not in view.progress_line()
+    view.apply([EvalLoss(step=2, loss=0.3125), progress(3, 0.2), EvalLoss(step=3, loss=0.25)])
+    evals = [(r["step"], r["loss"]) for r in view.loss_rows() if r["series"] == "eval"]
+    assert evals == [(2, 0.3125), (3, 0.25)]
+    assert len(view.loss_rows()) == 3 * 2 + 2
+    assert "eval loss 0.2500 (step 3)" in view.progress_line()
+    assert "evaluation loss at step 2: 0.3125" in view.log_text()
+    view.begin(10)
+    assert view.eval_losses == [] and "eval" not in view.progress_line()
+
+
+def test_progress_line_shows_memory_and_step_time():
+    view = RunView()
+    view.begin(10)
+    view.apply([progress(1, 0.5)])  # a Progress without measurements (an old events.jsonl) shows none
+    assert "GiB" not in view.progress_line() and "s/step" not in view.progress_line()
+    view.apply([Progress(step=2, max_steps=10, loss=0.4, learning_rate=1e-3, steps_per_second=16.0,
+                         eta_seconds=0.5, step_seconds=0.0625, ram_gib=1.23, vram_gib=0.0)])
+    assert view.progress_line().endswith("RAM 1.2 GiB · VRAM 0.0 GiB · 0.06 s/step")
 
 
 def test_samples_keep_their_order_and_the_gallery_shows_newest_first():
@@ -234,17 +269,139 @@ def test_empty_optional_numbers_mean_the_flavour_default(defaults):
 
 
 def test_hidden_fields_of_a_loaded_job_survive_the_form(defaults):
-    loaded = parse_spec(deep_merge(form.default_job("/w"), {"lora": {"init": "gaussian"},
+    loaded = parse_spec(deep_merge(form.default_job("/w"), {"advanced": {"mode_scale": 1.5},
                                                                   "sample": {"resolution": 128}}))
     spec = form.form_to_spec(defaults, form.hidden_fields(loaded))
-    assert spec.lora.init == "gaussian" and spec.sample.resolution == 128
+    assert spec.advanced.mode_scale == 1.5 and spec.sample.resolution == 128
     assert spec.model.source == defaults["model.source"]  # the form wins over the loaded job
+
+
+# Every key the form gained for the extended spec, with a value that differs from the demo job's.
+NEW_KEYS = {
+    "dataset.masks": "/data/masks", "data.prior_loss_weight": 0.5, "data.eval_holdout": 2,
+    "train.optimizer": "prodigy", "train.weight_decay": 0.1, "sample.prompt_library": "/data/prompts.toml",
+    "output.keep_last": 5, "output.save_state": False, "output.log_with": ["tensorboard"],
+    "advanced.min_timestep": 100, "advanced.max_timestep": 900, "advanced.guidance_mode": "random",
+    "advanced.guidance_min": 2.0, "advanced.guidance_max": 5.0, "advanced.tread": True,
+    "advanced.tread_selection_ratio": 0.25, "advanced.tread_start_block": 1, "advanced.tread_end_block": -1,
+    "lora.type": "lora", "lora.init": "gaussian", "lora.init_from": "", "lora.targets": "attention",
+    "train.eval_every_steps": 10,
+}
+
+
+def test_new_spec_settings_have_controls_and_keep_the_demo_defaults(tmp_path, defaults):
+    assert set(NEW_KEYS) <= set(form.FORM_KEYS)
+    assert defaults["train.optimizer"] == "adamw" and defaults["output.save_state"] is True
+    assert defaults["output.log_with"] == [] and defaults["lora.targets"] == "all"
+    assert defaults["advanced.tread"] is False and defaults["train.eval_every_steps"] == 0
+    assert defaults["dataset.masks"] == "" and defaults["sample.prompt_library"] == ""
+    assert form.form_to_spec(defaults) == parse_spec(form.default_job(tmp_path))  # Start unchanged trains the demo
+
+
+def test_new_keys_map_to_the_spec_and_back(defaults):
+    values = dict(defaults, **NEW_KEYS)
+    spec = form.form_to_spec(values)
+    assert spec.data.datasets[0].masks == "/data/masks" and spec.data.eval_holdout == 2
+    assert spec.data.prior_loss_weight == 0.5
+    assert (spec.train.optimizer, spec.train.weight_decay, spec.train.eval_every_steps) == ("prodigy", 0.1, 10)
+    assert spec.sample.prompt_library == "/data/prompts.toml"
+    assert (spec.output.keep_last, spec.output.save_state, spec.output.log_with) == (5, False, ["tensorboard"])
+    a = spec.advanced
+    assert (a.min_timestep, a.max_timestep, a.guidance_mode, a.guidance_min, a.guidance_max) == \
+        (100, 900, "random", 2.0, 5.0)
+    assert (a.tread, a.tread_selection_ratio, a.tread_start_block, a.tread_end_block) == (True, 0.25, 1, -1)
+    assert (spec.lora.type, spec.lora.init, spec.lora.targets) == ("lora", "gaussian", "attention")
+    assert form.spec_to_values(spec) == values
+    spec = form.form_to_spec(dict(defaults, **{"lora.init_from": " /loras/old.safetensors "}))
+    assert spec.lora.init_from == "/loras/old.safetensors"
+
+
+def test_a_loaded_job_with_the_new_keys_round_trips(tmp_path):
+    studio = Studio(FakeRunner(), tmp_path)
+    job = deep_merge(form.default_job(tmp_path), {
+        "lora": {"type": "lokr", "targets": r"transformer_blocks\.\d+\.attn\.to_(q|v)"},
+        "data": {"eval_holdout": 1, "prior_loss_weight": 0.75},
+        "train": {"optimizer": "lion8bit", "weight_decay": 0.0, "eval_every_steps": 5},
+        "sample": {"prompt_library": "prompts.toml", "prompts": ["@portrait", "<token> on a beach"]},
+        "output": {"keep_last": 1, "save_state": False, "log_with": ["tensorboard", "wandb"]},
+        "advanced": {"min_timestep": 50, "max_timestep": 950, "guidance_mode": "random", "guidance_max": 6.0,
+                     "tread": True, "tread_start_block": 0, "tread_end_block": -2, "mode_scale": 1.1},
+    })
+    job["data"]["datasets"][0]["masks"] = "masks"
+    job["data"]["datasets"].append({"path": "reg", "is_regularisation": True})
+    path = tmp_path / "job.toml"
+    path.write_text(tomli_w.dumps(job), encoding="utf-8")
+    values, hidden, outcome = studio.load_job(path)
+    assert outcome.ok, outcome.problems
+    assert values["lora.type"] == "lokr" and values["output.log_with"] == ["tensorboard", "wandb"]
+    assert values["dataset.masks"] == str((tmp_path / "masks").resolve())
+    assert values["sample.prompt_library"] == str((tmp_path / "prompts.toml").resolve())
+    assert values["sample.prompts"] == "@portrait | <token> on a beach"
+    assert "the others are kept as loaded" in outcome.notes[0]
+    spec = form.form_to_spec(values, hidden)
+    assert spec == resolve_paths(parse_spec(job), tmp_path)  # nothing lost: the regularisation set included
+    assert spec.data.datasets[1].is_regularisation and spec.advanced.mode_scale == 1.1
+
+
+@pytest.mark.parametrize(("changes", "problem"), [
+    ({"advanced.min_timestep": 600, "advanced.max_timestep": 400}, "advanced.min_timestep: 600 must be below"),
+    ({"advanced.guidance_mode": "random", "advanced.guidance_min": 5.0, "advanced.guidance_max": 2.0},
+     "advanced.guidance_min: 5.0 is above guidance_max"),
+    ({"train.eval_every_steps": 5}, "train.eval_every_steps: the evaluation loss needs held-out images"),
+    ({"lora.targets": "mmdit"}, "lora.targets: 'mmdit' is not a flux2 preset"),
+    ({"lora.targets": "blocks.(("}, "lora.targets: 'blocks.((' is neither a preset nor a valid regex"),
+    ({"lora.type": "lokr", "lora.init": "pissa"}, "lora.init: 'pissa' applies to LoRA only"),
+    ({"advanced.tread": True, "advanced.tread_end_block": 9}, "advanced.tread_end_block = 9 is outside"),
+    ({"train.weight_decay": 2.0, "output.keep_last": 0}, "train.weight_decay"),
+    ({"data.eval_holdout": -1}, "data.eval_holdout"),
+    ({"output.log_with": ["mlflow"]}, "output.log_with[0]"),
+])
+def test_bad_new_values_reach_the_problems_box(tmp_path, changes, problem):
+    runner = FakeRunner()
+    studio = Studio(runner, tmp_path)
+    outcome = studio.start(dict(studio.default_values(), **changes))
+    assert not outcome.ok and runner.started == []
+    assert any(p.startswith(problem) for p in outcome.problems), outcome.problems
+
+
+def test_a_hold_out_from_the_demo_is_checked_once_the_demo_is_built(tmp_path):
+    runner = FakeRunner()
+    studio = Studio(runner, tmp_path)
+    outcome = studio.start(dict(studio.default_values(), **{"data.eval_holdout": 2, "train.eval_every_steps": 5}))
+    assert outcome.ok, outcome.problems
+    spec, demo_dir = runner.started[0]
+    assert demo_dir is not None and spec.data.eval_holdout == 2 and spec.train.eval_every_steps == 5
+
+
+def test_target_choices_follow_the_family():
+    assert form.target_choices("flux2") == ["all", "attention", "mlp", "tiny"]
+    assert form.target_choices("flux1")[:4] == ["all", "attention", "mlp", "tiny"]
+    assert {"mmdit", "context", "all+ffs", "context+ffs"} <= set(form.target_choices("flux1"))
+    assert form.targets_for_family("flux2", "mmdit") == "all"  # a FLUX.1-only preset falls back
+    assert form.targets_for_family("flux1", "mmdit") == "mmdit"
+    assert form.targets_for_family("flux2", "attention") == "attention"
+    assert form.targets_for_family("flux2", r"transformer_blocks\.0\..+") == r"transformer_blocks\.0\..+"
+    assert form.targets_for_family("flux1", "") == "all"
+
+
+def test_count_targets_shows_each_preset_on_the_demo():
+    text = target_counts("flux2", "demo", "attention")
+    rows = dict(line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith("| ")
+                and "---" not in line and "preset" not in line)
+    assert rows == {"all": "28", "**attention** (selected)": "20", "mlp": "8", "tiny": "6"}
+    assert "2 double + 2 single blocks" in text
+    assert "Cannot count" in target_counts("flux2", "nope")
 
 
 def test_field_choices_come_from_the_spec():
     assert form.field_choices("train.scheduler")[0] == "constant"
     assert "logit_normal" in form.field_choices("advanced.timestep_sampling")
     assert form.field_choices("dataset.caption_strategy") == ["textfile", "filename", "instance_prompt"]
+    assert form.field_choices("train.optimizer") == ["adamw", "adamw8bit", "lion8bit", "adafactor", "prodigy"]
+    assert form.field_choices("lora.init") == ["default", "gaussian", "pissa", "olora"]
+    assert form.field_choices("lora.type") == ["lora", "lokr"]
+    assert form.field_choices("advanced.guidance_mode") == ["constant", "random"]
+    assert form.field_choices("output.log_with") == ["tensorboard", "wandb"]
 
 
 def test_keyword_handler_maps_api_names_to_keys():
@@ -324,18 +481,19 @@ def test_save_and_load_a_job_round_trips(tmp_path):
     assert form.form_to_spec(loaded, hidden) == form.form_to_spec(values)
 
 
-def test_load_keeps_the_first_dataset_and_says_so(tmp_path):
+def test_load_edits_the_first_dataset_and_keeps_the_others(tmp_path):
     studio = Studio(FakeRunner(), tmp_path)
     job = form.default_job(tmp_path)
     job["data"]["datasets"].append({"path": "elsewhere", "trigger": "other"})
-    job["lora"]["init"] = "gaussian"
+    job["sample"]["resolution"] = 128
     path = tmp_path / "two.toml"
     path.write_text(tomli_w.dumps(job), encoding="utf-8")
     values, hidden, outcome = studio.load_job(path)
-    assert outcome.ok and "only the first of 2" in outcome.notes[0]
-    spec = form.form_to_spec(values, hidden)
-    assert len(spec.data.datasets) == 1 and spec.data.datasets[0].trigger == "shapez"
-    assert spec.lora.init == "gaussian"
+    assert outcome.ok and "the first of 2 datasets" in outcome.notes[0]
+    spec = form.form_to_spec(dict(values, **{"dataset.trigger": "ohwx"}), hidden)
+    assert [entry.trigger for entry in spec.data.datasets] == ["ohwx", "other"]
+    assert spec.data.datasets[1].path == str((tmp_path / "elsewhere").resolve())
+    assert spec.sample.resolution == 128
 
 
 def test_load_reports_a_bad_file(tmp_path):

@@ -96,12 +96,16 @@ class _ConsoleProgress:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.preflight import check_files
     from trainer.quiet import silence_library_noise
 
+    spec = _load_job(args.job, args.set)
+    problems = check_files(spec)  # before torch loads: a mistake in the job is reported at once
+    if problems:
+        raise SpecError(problems)
     silence_library_noise()
     from trainer.session import Session
 
-    spec = _load_job(args.job, args.set)
     session = Session(spec, emit=_ConsoleProgress(show_bar=not args.no_progress), resume=args.resume)
     try:
         session.run()

@@ -1,4 +1,5 @@
-"""Advanced tab: how timesteps are drawn and weighted, guidance during training, LoRA targets, sampling."""
+"""Advanced tab: how timesteps are drawn and weighted, guidance during training, TREAD token routing, the LoRA
+adapter (type, init, targets), the evaluation loss, and sampling."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any
 import gradio as gr
 
 from trainer import registry
-from ui.form import field_choices
+from ui.form import field_choices, target_choices, targets_for_family
+from ui.studio import target_counts
 
 
 def sample_placeholders(family: str, flavour: str) -> tuple[str, str]:
@@ -19,7 +21,13 @@ def sample_placeholders(family: str, flavour: str) -> tuple[str, str]:
     return f"flavour default: {info.sample_steps}", f"flavour default: {info.sample_guidance}"
 
 
+def guidance_interactivity(mode: str) -> tuple[bool, bool]:
+    """(fixed value editable, range editable) for a guidance mode: each mode reads only its own controls."""
+    return mode != "random", mode == "random"
+
+
 def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
+    """The tab's controls; needs `fields["model.family"]` and `fields["model.flavour"]` (the Model tab) first."""
     gr.Markdown("### Timesteps and loss")
     with gr.Row():
         fields["advanced.timestep_sampling"] = gr.Dropdown(
@@ -36,15 +44,77 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
         fields["advanced.loss_weighting"] = gr.Dropdown(
             choices=field_choices("advanced.loss_weighting"), value=defaults["advanced.loss_weighting"],
             label="Loss weighting")
+    with gr.Row():
+        fields["advanced.min_timestep"] = gr.Number(
+            value=defaults["advanced.min_timestep"], precision=0, label="Min timestep",
+            info="0-1000: drawn noise levels are mapped into [min, max] / 1000; raise it to skip the finest detail")
+        fields["advanced.max_timestep"] = gr.Number(
+            value=defaults["advanced.max_timestep"], precision=0, label="Max timestep",
+            info="0-1000, above min; lower it to leave out the noisiest steps (composition)")
+
+    gr.Markdown("### Guidance while training")
+    fixed, ranged = guidance_interactivity(defaults["advanced.guidance_mode"])
+    with gr.Row():
+        fields["advanced.guidance_mode"] = gr.Dropdown(
+            choices=field_choices("advanced.guidance_mode"), value=defaults["advanced.guidance_mode"],
+            label="Guidance mode",
+            info="for models with a guidance embedding (FLUX.1 dev/krea/kontext, FLUX.2 dev): constant uses the "
+                 "value, random draws one per image between min and max")
         fields["advanced.guidance_value"] = gr.Number(
-            value=defaults["advanced.guidance_value"], label="Training guidance",
-            info="guidance fed to models with a guidance embedding")
-    gr.Markdown("### LoRA targets")
-    fields["lora.targets"] = gr.Textbox(
-        value=defaults["lora.targets"], label="Target modules",
-        info="'all': every Linear in the transformer blocks; anything else is a module-name regex")
+            value=defaults["advanced.guidance_value"], label="Training guidance", interactive=fixed,
+            info="constant mode: the guidance fed to the model (and to the evaluation loss)")
+        fields["advanced.guidance_min"] = gr.Number(
+            value=defaults["advanced.guidance_min"], label="Guidance min", interactive=ranged,
+            info="random mode: lowest guidance drawn")
+        fields["advanced.guidance_max"] = gr.Number(
+            value=defaults["advanced.guidance_max"], label="Guidance max", interactive=ranged,
+            info="random mode: highest guidance drawn")
+
+    gr.Markdown("### TREAD (faster steps)")
+    with gr.Row():
+        fields["advanced.tread"] = gr.Checkbox(
+            value=defaults["advanced.tread"], label="TREAD token routing",
+            info="a random share of image tokens skips a span of blocks: faster steps, usually at a small cost "
+                 "in quality")
+        fields["advanced.tread_selection_ratio"] = gr.Slider(
+            0.0, 0.99, value=defaults["advanced.tread_selection_ratio"], step=0.01, label="Selection ratio",
+            info="share of image tokens that skip the span")
+        fields["advanced.tread_start_block"] = gr.Number(
+            value=defaults["advanced.tread_start_block"], precision=0, label="Start block",
+            info="first skipped block (double blocks first, then single); negative counts from the end")
+        fields["advanced.tread_end_block"] = gr.Number(
+            value=defaults["advanced.tread_end_block"], precision=0, label="End block",
+            info="last skipped block; negative counts from the end (-1 is the last block)")
+
+    gr.Markdown("### LoRA adapter")
+    with gr.Row():
+        fields["lora.type"] = gr.Dropdown(
+            choices=field_choices("lora.type"), value=defaults["lora.type"], label="Adapter type",
+            info="lora: B·A low-rank update; lokr: Kronecker-product update (peft LoKr)")
+        fields["lora.init"] = gr.Dropdown(
+            choices=field_choices("lora.init"), value=defaults["lora.init"], label="Init",
+            info="how the adapter starts; pissa and olora start from the base weights' structure (LoRA only)")
+    fields["lora.init_from"] = gr.Textbox(
+        value=defaults["lora.init_from"], label="Continue from LoRA file",
+        info="optional: a LoRA .safetensors to continue training from (same type, rank and targets)")
+    family_now = defaults["model.family"]
+    with gr.Row(equal_height=True):
+        fields["lora.targets"] = gr.Dropdown(
+            choices=target_choices(family_now), value=defaults["lora.targets"], allow_custom_value=True,
+            label="Target modules", scale=3,
+            info="a preset of the model family (all: every Linear in the transformer blocks), or type a regex "
+                 "matching whole module names")
+        count = gr.Button("Count target modules", scale=1)
+    counts = gr.Markdown()
+
+    gr.Markdown("### Evaluation loss")
+    fields["train.eval_every_steps"] = gr.Number(
+        value=defaults["train.eval_every_steps"], precision=0, label="Evaluate every N steps",
+        info="loss on the held-out images (Dataset tab: evaluation hold-out) at fixed noise, plotted in the Run "
+             "tab; 0: off")
+
     gr.Markdown("### Sampling")
-    steps_hint, guidance_hint = sample_placeholders(defaults["model.family"], defaults["model.flavour"])
+    steps_hint, guidance_hint = sample_placeholders(family_now, defaults["model.flavour"])
     with gr.Row():
         fields["sample.steps"] = gr.Textbox(
             value=defaults["sample.steps"], label="Sample steps", placeholder=steps_hint,
@@ -53,3 +123,27 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
             value=defaults["sample.guidance"], label="Sample guidance", placeholder=guidance_hint,
             info="empty: the flavour's default")
         fields["sample.seed"] = gr.Number(value=defaults["sample.seed"], precision=0, label="Sample seed")
+
+    def guidance_mode_change(mode: str) -> tuple[Any, Any, Any]:
+        value_on, range_on = guidance_interactivity(mode)
+        return gr.update(interactive=value_on), gr.update(interactive=range_on), gr.update(interactive=range_on)
+
+    fields["advanced.guidance_mode"].change(
+        guidance_mode_change, fields["advanced.guidance_mode"],
+        [fields["advanced.guidance_value"], fields["advanced.guidance_min"], fields["advanced.guidance_max"]],
+        api_visibility="private", show_progress="hidden")
+
+    def family_change(family: str, targets: str) -> Any:  # noqa: ANN401 - a gradio update
+        """The family's presets as choices; another family's preset falls back to 'all', a regex stays."""
+        return gr.update(choices=target_choices(family), value=targets_for_family(family, targets))
+
+    fields["model.family"].change(family_change, [fields["model.family"], fields["lora.targets"]],
+                                  fields["lora.targets"], api_visibility="private", show_progress="hidden")
+
+    def count_targets(family: str, flavour: str, targets: str) -> str:
+        """Markdown table: how many modules each target preset hits on the chosen flavour (a few seconds the
+        first time: it builds the transformer without weights)."""
+        return target_counts(family, flavour, targets)
+
+    count.click(count_targets, [fields["model.family"], fields["model.flavour"], fields["lora.targets"]], counts,
+                api_name="count_targets")

@@ -1,4 +1,5 @@
-"""Dataset & Captioning tab: one image folder, how its captions are made, and a check that lists it."""
+"""Dataset & Captioning tab: one image folder, how its captions are made, its masks, the images held out for the
+evaluation loss, and a check that lists it."""
 
 from __future__ import annotations
 
@@ -38,6 +39,18 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
         fields["data.caption_dropout"] = gr.Slider(
             0.0, 1.0, value=defaults["data.caption_dropout"], step=0.01, label="Caption dropout",
             info="share of steps trained with an empty caption")
+    fields["dataset.masks"] = gr.Textbox(
+        value=defaults["dataset.masks"], label="Mask folder",
+        info="optional: mask images with the same names as the training images; white is trained, black is "
+             "ignored by the loss")
+    with gr.Row():
+        fields["data.eval_holdout"] = gr.Number(
+            value=defaults["data.eval_holdout"], precision=0, label="Evaluation hold-out",
+            info="images held out of the first dataset (from its end) for the evaluation loss; 0: none")
+        fields["data.prior_loss_weight"] = gr.Number(
+            value=defaults["data.prior_loss_weight"], label="Prior loss weight",
+            info="loss weight of regularisation (prior-preservation) datasets, those marked is_regularisation "
+                 "in a loaded job")
     check = gr.Button("Check dataset")
     report = gr.Markdown()
 

@@ -1,8 +1,9 @@
 """Form values ↔ job spec, by key, never by position.
 
 Every control of the job form is registered under a key: `section.key` for a spec field, `dataset.key` for a
-field of the (single) dataset the form edits, which lives at `data.datasets[0]` in the spec. Handlers receive a
-dict key → value and turn it into a nested dict that `parse_spec` validates. Pure python: no gradio import.
+field of the dataset the form edits, which lives at `data.datasets[0]` in the spec (further datasets of a loaded
+job, e.g. regularisation images, are kept as loaded). Handlers receive a dict key → value and turn it into a
+nested dict that `parse_spec` validates. Pure python: no gradio import.
 """
 
 from __future__ import annotations
@@ -25,19 +26,25 @@ FORM_KEYS: tuple[str, ...] = (
     "model.family", "model.flavour", "model.source", "model.base_precision", "model.text_encoder_precision",
     # Dataset & Captioning
     "dataset.path", "dataset.trigger", "dataset.caption_strategy", "dataset.instance_prompt", "dataset.repeats",
-    "data.resolution", "data.caption_dropout",
+    "dataset.masks", "data.resolution", "data.caption_dropout", "data.prior_loss_weight", "data.eval_holdout",
     # Low VRAM
     "lowvram.gradient_checkpointing",
     # Training
     "lora.rank", "lora.alpha", "lora.dropout",
-    "train.learning_rate", "train.max_steps", "train.batch_size", "train.gradient_accumulation", "train.scheduler",
+    "train.optimizer", "train.learning_rate", "train.weight_decay",
+    "train.max_steps", "train.batch_size", "train.gradient_accumulation", "train.scheduler",
     "train.warmup_steps", "train.max_grad_norm", "train.mixed_precision", "train.seed",
-    "sample.prompts", "sample.every_steps",
-    "output.dir", "output.name", "output.save_every_steps",
+    "sample.prompts", "sample.prompt_library", "sample.every_steps",
+    "output.dir", "output.name", "output.save_every_steps", "output.keep_last", "output.save_state",
+    "output.log_with",
     # Advanced
     "advanced.timestep_sampling", "advanced.logit_mean", "advanced.logit_std", "advanced.shift",
-    "advanced.auto_shift", "advanced.loss_weighting", "advanced.guidance_value",
-    "lora.targets", "sample.steps", "sample.guidance", "sample.seed",
+    "advanced.auto_shift", "advanced.loss_weighting", "advanced.min_timestep", "advanced.max_timestep",
+    "advanced.guidance_mode", "advanced.guidance_value", "advanced.guidance_min", "advanced.guidance_max",
+    "advanced.tread", "advanced.tread_selection_ratio", "advanced.tread_start_block", "advanced.tread_end_block",
+    "lora.type", "lora.init", "lora.init_from", "lora.targets",
+    "train.eval_every_steps",
+    "sample.steps", "sample.guidance", "sample.seed",
 )
 
 # Optional numbers, shown as text boxes: empty means "not set" (the flavour's default). gr.Number cannot be
@@ -91,6 +98,26 @@ def field_choices(key: str) -> list[str]:
     return [str(value) for value in typing.get_args(annotation)]
 
 
+def target_choices(family: str) -> list[str]:
+    """The LoRA target presets of a model family (trainer.adapters.TARGET_PRESETS; no torch)."""
+    from trainer.adapters import TARGET_PRESETS
+
+    return list(TARGET_PRESETS.get(family, ()))
+
+
+def targets_for_family(family: str, targets: str | None) -> str:
+    """The targets to keep when the family changes: a preset of another family falls back to the first preset
+    ('all'); this family's presets and custom regexes stay."""
+    from trainer.adapters import TARGET_PRESETS
+
+    targets = (targets or "").strip()
+    choices = target_choices(family)
+    other_presets = {preset for presets in TARGET_PRESETS.values() for preset in presets}
+    if not targets or (targets in other_presets and targets not in choices):
+        return choices[0] if choices else targets
+    return targets
+
+
 # ---------------------------------------------------------------------- conversion
 
 
@@ -126,7 +153,7 @@ def values_to_dict(values: Mapping[str, Any], base: Mapping[str, Any] | None = N
             target.pop(name, None)
         else:
             target[name] = value
-    data["data"]["datasets"] = [dataset]
+    data["data"]["datasets"] = [dataset, *datasets[1:]]
     return data
 
 
@@ -155,10 +182,9 @@ def spec_to_values(spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def hidden_fields(spec: JobSpec) -> dict[str, Any]:
-    """What a spec holds beyond the form's controls, kept so a loaded job round-trips (first dataset only)."""
-    data = spec.to_dict()
-    data["data"]["datasets"] = data["data"]["datasets"][:1]
-    return data
+    """What a spec holds beyond the form's controls (datasets after the first included), kept so a loaded job
+    round-trips."""
+    return spec.to_dict()
 
 
 # ---------------------------------------------------------------------- handlers by keyword

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from trainer.events import (
+    EvalLoss,
     Event,
     LogMessage,
     LoraSaved,
@@ -36,6 +37,12 @@ class LossPoint:
     step: int
     loss: float
     smoothed: float
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    step: int
+    loss: float
 
 
 @dataclass(frozen=True)
@@ -76,10 +83,14 @@ class RunView:
         self.learning_rate: float | None = None
         self.steps_per_second = 0.0
         self.eta_seconds = float("nan")
+        self.step_seconds = 0.0
+        self.ram_gib = 0.0  # of the trainer process, from the last Progress; 0 = not measured
+        self.vram_gib = 0.0  # peak CUDA memory of the last step; 0 without a GPU
         self.output_dir = ""
         self.lora_path = ""
         self.finished_message = ""
         self.losses: list[LossPoint] = []
+        self.eval_losses: list[EvalPoint] = []
         self.samples: list[Sample] = []
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
 
@@ -158,9 +169,13 @@ class RunView:
             self.step, self.max_steps = event.step, event.max_steps
             self.loss, self.learning_rate = event.loss, event.learning_rate
             self.steps_per_second, self.eta_seconds = event.steps_per_second, event.eta_seconds
+            self.step_seconds, self.ram_gib, self.vram_gib = event.step_seconds, event.ram_gib, event.vram_gib
             previous = self.losses[-1].smoothed if self.losses else event.loss
             smoothed = LOSS_SMOOTHING * previous + (1 - LOSS_SMOOTHING) * event.loss
             self.losses.append(LossPoint(event.step, event.loss, smoothed))
+        elif isinstance(event, EvalLoss):
+            self.eval_losses.append(EvalPoint(event.step, event.loss))
+            self._log("info", f"evaluation loss at step {event.step}: {event.loss:.4f}", event.time)
         elif isinstance(event, SampleSaved):
             self.samples.append(Sample(event.step, event.path, event.prompt))
             self._log("info", f"sample at step {event.step}: {event.path}", event.time)
@@ -227,7 +242,8 @@ class RunView:
             return min(1.0, self.step / self.max_steps) if self.max_steps else 0.0
 
     def progress_line(self) -> str:
-        """'step 12/40 · 3.1 it/s · ETA 0:00:09 · loss 0.1234'."""
+        """'step 12/40 · 3.10 it/s · ETA 0:00:09 · loss 0.1234 · lr 1.00e-04 · eval loss 0.1301 (step 10) ·
+        RAM 1.2 GiB · VRAM 0.0 GiB · 0.32 s/step'."""
         with self._lock:
             parts = [f"step {self.step}/{self.max_steps}" if self.max_steps else "step -"]
             if self.steps_per_second > 0:
@@ -238,15 +254,23 @@ class RunView:
                 parts.append(f"loss {self.loss:.4f}")
             if self.learning_rate is not None:
                 parts.append(f"lr {self.learning_rate:.2e}")
+            if self.eval_losses:
+                last = self.eval_losses[-1]
+                parts.append(f"eval loss {last.loss:.4f} (step {last.step})")
+            if self.ram_gib > 0 or self.vram_gib > 0:
+                parts.append(f"RAM {self.ram_gib:.1f} GiB · VRAM {self.vram_gib:.1f} GiB")
+            if self.step_seconds > 0:
+                parts.append(f"{self.step_seconds:.2f} s/step")
             return " · ".join(parts)
 
     def loss_rows(self) -> list[dict[str, float | int | str]]:
-        """Long-format rows for a line plot: one series for the raw loss, one for its moving average."""
+        """Long-format rows for a line plot: the raw loss, its moving average, and the evaluation loss."""
         with self._lock:
             rows: list[dict[str, float | int | str]] = []
             for point in self.losses:
                 rows.append({"step": point.step, "loss": point.loss, "series": "loss"})
                 rows.append({"step": point.step, "loss": point.smoothed, "series": "smoothed"})
+            rows += [{"step": point.step, "loss": point.loss, "series": "eval"} for point in self.eval_losses]
             return rows
 
     def gallery(self) -> list[tuple[str, str]]:

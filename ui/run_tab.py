@@ -188,10 +188,11 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
         …', 'failed: …')."""
         view = studio.poll()
         with view.lock:
-            key = {"run": view.run_id, "losses": len(view.losses), "samples": len(view.samples),
-                   "log": view.version, "status": view.status}
+            key = {"run": view.run_id, "losses": len(view.losses), "evals": len(view.eval_losses),
+                   "samples": len(view.samples), "log": view.version, "status": view.status}
             fresh = last.get("run") != key["run"]
-            plot_value = loss_frame(view) if fresh or last.get("losses") != key["losses"] else gr.skip()
+            plot_changed = last.get("losses") != key["losses"] or last.get("evals") != key["evals"]
+            plot_value = loss_frame(view) if fresh or plot_changed else gr.skip()
             gallery_value = (gallery_items(view, roots) if fresh or last.get("samples") != key["samples"]
                              else gr.skip())
             log_value = view.log_text() if fresh or last.get("log") != key["log"] else gr.skip()
@@ -227,6 +228,8 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
             updates[component] = values[key]
         updates[fields["model.flavour"]] = gr.update(choices=flavour_choices(values["model.family"]),
                                                      value=values["model.flavour"])
+        updates[fields["lora.targets"]] = gr.update(choices=form.target_choices(values["model.family"]),
+                                                    value=values["lora.targets"])
         updates[base] = hidden
         gr.Info(outcome.message)
         for note in outcome.notes:

@@ -73,6 +73,9 @@ class Studio:
         problems = check_files(spec)
         if self.uses_demo(spec) and not self.demo_built():
             problems = [p for p in problems if str(self.demo_dir) not in p]
+            if spec.data.datasets and Path(spec.data.datasets[0].path).is_relative_to(self.demo_dir):
+                # The hold-out is counted against images not built yet; the session checks it again once they are.
+                problems = [p for p in problems if not p.startswith("data.eval_holdout:")]
         return problems
 
     # ------------------------------------------------------------------ run control
@@ -272,7 +275,8 @@ class Studio:
             return None, None, Outcome(f"not loaded: {name}", [f"{name}: {p}" for p in exc.problems])
         notes = []
         if len(spec.data.datasets) > 1:
-            notes.append(f"{name}: the form edits one dataset; only the first of {len(spec.data.datasets)} is kept")
+            notes.append(f"{name}: the form edits the first of {len(spec.data.datasets)} datasets; the others are "
+                         "kept as loaded")
         return form.spec_to_values(spec), form.hidden_fields(spec), Outcome(f"loaded {name}", notes=notes)
 
     # ------------------------------------------------------------------ dataset check
@@ -317,3 +321,26 @@ def flavour_summary(family: str, flavour: str) -> str:
     return (f"**{info.label}** — {source}; text encoder {info.text_encoder_label}; "
             f"samples with {info.sample_steps} steps, guidance {info.sample_guidance}, "
             f"{info.sample_resolution} px")
+
+
+def target_counts(family: str, flavour: str, current: str = "") -> str:
+    """Markdown: how many modules each LoRA target preset hits on the flavour's transformer.
+
+    Builds the transformer on the meta device (no weights), so it imports torch and diffusers: call it from a
+    handler, never at import. The first call takes a few seconds.
+    """
+    from trainer.adapters import flavour_preset_counts
+
+    try:
+        info = registry.get_flavour(family, flavour)
+        counts = flavour_preset_counts(family, flavour)
+    except (KeyError, ValueError) as exc:
+        return f"**Cannot count the target modules:** {exc.args[0] if exc.args else exc}"
+    lines = [f"Modules each preset targets on **{info.label}** ({info.double_blocks} double + "
+             f"{info.single_blocks} single blocks):", "", "| preset | modules |", "| --- | ---: |"]
+    for preset, count in counts.items():
+        name = f"**{preset}** (selected)" if preset == (current or "").strip() else preset
+        lines.append(f"| {name} | {count} |")
+    if current and current.strip() not in counts:
+        lines += ["", f"`{current.strip()}` is a custom regex: it must match whole module names."]
+    return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Training tab: the LoRA's size, the optimiser's schedule, samples during training, and where it is saved."""
+"""Training tab: the LoRA's size, the optimiser and its schedule, samples during training, and where and how the
+run is saved and logged."""
 
 from __future__ import annotations
 
@@ -21,7 +22,15 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
             0.0, 0.99, value=defaults["lora.dropout"], step=0.01, label="Dropout")
     gr.Markdown("### Optimisation")
     with gr.Row():
+        fields["train.optimizer"] = gr.Dropdown(
+            choices=field_choices("train.optimizer"), value=defaults["train.optimizer"], label="Optimizer",
+            info="8bit: optimiser states in 8 bits, less memory; Lion wants a 3-10x lower learning rate than "
+                 "AdamW; Prodigy finds its own step size: set the learning rate to ~1.0", scale=2)
         fields["train.learning_rate"] = gr.Number(value=defaults["train.learning_rate"], label="Learning rate")
+        fields["train.weight_decay"] = gr.Number(
+            value=defaults["train.weight_decay"], label="Weight decay",
+            info="pulls the LoRA weights towards 0 each step; 0 turns it off")
+    with gr.Row():
         fields["train.max_steps"] = gr.Number(
             value=defaults["train.max_steps"], precision=0, label="Steps")
         fields["train.batch_size"] = gr.Number(
@@ -44,10 +53,15 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
     gr.Markdown("### Samples")
     fields["sample.prompts"] = gr.Textbox(
         value=defaults["sample.prompts"], label="Sample prompts", lines=2,
-        info=f"separate prompts with {PROMPT_SEPARATOR}")
-    fields["sample.every_steps"] = gr.Number(
-        value=defaults["sample.every_steps"], precision=0, label="Sample every N steps",
-        info="0: only at the end of the run")
+        info=f"separate prompts with {PROMPT_SEPARATOR}; <token> becomes the trigger word; a prompt @name takes "
+             "the prompt called name from the prompt library")
+    with gr.Row():
+        fields["sample.prompt_library"] = gr.Textbox(
+            value=defaults["sample.prompt_library"], label="Prompt library", scale=3,
+            info='optional: a TOML file of name = "prompt" lines, used by @name in the prompts')
+        fields["sample.every_steps"] = gr.Number(
+            value=defaults["sample.every_steps"], precision=0, label="Sample every N steps",
+            info="0: only at the end of the run")
     gr.Markdown("### Output")
     with gr.Row():
         fields["output.dir"] = gr.Textbox(value=defaults["output.dir"], label="Output folder", scale=3)
@@ -55,3 +69,13 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
         fields["output.save_every_steps"] = gr.Number(
             value=defaults["output.save_every_steps"], precision=0, label="Save every N steps",
             info="0: only at the end of the run")
+    with gr.Row():
+        fields["output.keep_last"] = gr.Number(
+            value=defaults["output.keep_last"], precision=0, label="Keep last",
+            info="intermediate LoRAs and training states kept on disk; older ones are deleted")
+        fields["output.save_state"] = gr.Checkbox(
+            value=defaults["output.save_state"], label="Save training state for exact resume",
+            info="optimiser, scheduler, RNG and data order beside each save; Resume continues from it")
+        fields["output.log_with"] = gr.CheckboxGroup(
+            choices=field_choices("output.log_with"), value=defaults["output.log_with"], label="Log with",
+            info="loss, learning rate, speed and memory and the evaluation loss, in the output folder")
