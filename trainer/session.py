@@ -29,8 +29,8 @@ from trainer.checkpoint import (
     state_path,
 )
 from trainer.data.cache import TextEmbeddingCache
+from trainer.data.caching import InputCaches
 from trainer.data.datasets import TrainItem, collect_items
-from trainer.data.images import load_mask, load_pixels
 from trainer.errors import UserError
 from trainer.events import (
     EvalLoss,
@@ -175,42 +175,45 @@ class Session:
                              family=spec.model.family, flavour=spec.model.flavour))
         torch.manual_seed(spec.train.seed)
 
-        self.emit(PhaseChanged(phase="loading", detail=model_source(spec)))
-        disable_loading_bars()
-        self.pipe = self.ops.load_pipeline(model_source(spec), self.flavour, _DTYPES[spec.model.base_precision])
-        self.pipe.set_progress_bar_config(disable=True)
-        self.pipe.to(self.device)
         self.items = collect_items(spec)
         self.eval_indices = self._held_out_indices()
-        self._cache_text_embeddings()
-        self._cache_latents()
+        caches = InputCaches(spec, self.ops, self.flavour, self.emit, lambda: self.commands.stop_requested,
+                             self.output_dir)
+        captions = [item.caption for item in self.items] + [""] + [prompt.text for prompt in self.prompts]
+        self._load_pipeline(skip_text_encoders=caches.text_is_warm(captions))
+        caches.fill_text(self.pipe, captions)
+        self._release_text_encoders()
+        caches.fill_latents(self.pipe, self.items)
+        self.text_cache, self.latents, self.masks = caches.text, caches.latents, caches.masks
+        self.emit(LogMessage(level="info", message=f"caches: {caches.summary()}"))
         self._add_lora()
         self._make_optimizer()
         if self.resume:
             self._resume_latest()
 
-    def _cache_text_embeddings(self) -> None:
-        captions = [item.caption for item in self.items] + [""] + [prompt.text for prompt in self.prompts]
-        self.emit(PhaseChanged(phase="caching text embeddings", detail=f"{len(set(captions))} prompts"))
-        self.text_cache.fill(captions, lambda chunk: self.ops.encode_prompts(self.pipe, chunk, self.flavour))
-        if self.device.type == "cuda":
-            for name in ("text_encoder", "text_encoder_2"):
-                if getattr(self.pipe, name, None) is not None:
-                    getattr(self.pipe, name).to("cpu")  # embeddings are cached: free the card for training
-            torch.cuda.empty_cache()
+    def _load_pipeline(self, skip_text_encoders: bool) -> None:
+        """The flavour's pipeline; without text encoders when every embedding is already cached on disk."""
+        spec = self.spec
+        skip = tuple(c for c in self.flavour.components if c.startswith(("text_encoder", "tokenizer")))
+        detail = model_source(spec) + (" (text encoders not needed: embeddings cached)" if skip_text_encoders else "")
+        self.emit(PhaseChanged(phase="loading", detail=detail))
+        disable_loading_bars()
+        self.pipe = self.ops.load_pipeline(model_source(spec), self.flavour, _DTYPES[spec.model.base_precision],
+                                           skip=skip if skip_text_encoders else ())
+        self.pipe.set_progress_bar_config(disable=True)
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(self.pipe, name, None) is not None:
+                getattr(self.pipe, name).to(_DTYPES[spec.model.text_encoder_precision])
+        self.pipe.to(self.device)
 
-    def _cache_latents(self) -> None:
-        self.emit(PhaseChanged(phase="caching latents", detail=f"{len(self.items)} images"))
-        for index, item in enumerate(self.items):
-            if self.commands.stop_requested:
-                raise UserError("stopped while caching latents; nothing was trained")
-            pixels = load_pixels(item.image_path, item.resolution).unsqueeze(0)
-            latents = self.ops.encode_images(self.pipe, pixels).to("cpu", torch.float32)
-            self.latents.append(latents)
-            mask = load_mask(item.mask_path, item.resolution, tuple(latents.shape[-2:])) if item.mask_path else None
-            self.masks.append(mask)
-            if (index + 1) % 10 == 0:
-                self.emit(PhaseChanged(phase="caching latents", detail=f"{index + 1}/{len(self.items)} images"))
+    def _release_text_encoders(self) -> None:
+        """Embeddings are cached: the text encoders leave the GPU before training needs the memory."""
+        if self.device.type != "cuda":
+            return
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(self.pipe, name, None) is not None:
+                getattr(self.pipe, name).to("cpu")
+        torch.cuda.empty_cache()
 
     def _add_lora(self) -> None:
         lora = self.spec.lora

@@ -101,8 +101,10 @@ class DatasetEntry(_Section):
 class DataSection(_Section):
     datasets: list[DatasetEntry] = Field(default_factory=list)
     resolution: int = Field(512, ge=64, le=4096)
-    cache_latents: bool = True
-    cache_text_embeddings: Literal["memory"] = "memory"
+    # "disk" keeps them in cache_dir (default output.dir/cache), reused by later runs while inputs are unchanged.
+    cache_latents: Literal["memory", "disk"] = "memory"
+    cache_text_embeddings: Literal["memory", "disk"] = "memory"
+    cache_dir: str = ""
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
     prior_loss_weight: float = Field(1.0, ge=0.0)
     # Images held out of training (taken from the end of the first dataset) for the evaluation loss.
@@ -416,6 +418,8 @@ def resolve_paths(spec: JobSpec, base_dir: str | Path) -> JobSpec:
         entry["path"] = _resolve(entry["path"], base)
         if entry.get("masks"):
             entry["masks"] = _resolve(entry["masks"], base)
+    if spec.data.cache_dir:
+        data["data"]["cache_dir"] = _resolve(spec.data.cache_dir, base)
     if spec.sample.prompt_library:
         data["sample"]["prompt_library"] = _resolve(spec.sample.prompt_library, base)
     data["output"]["dir"] = _resolve(spec.output.dir, base)

@@ -10,11 +10,12 @@ from PIL import Image
 from trainer.registry import Flavour
 
 
-def load_pipeline(source: str, flavour: Flavour, dtype: torch.dtype) -> Any:
+def load_pipeline(source: str, flavour: Flavour, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> Any:
+    """The flavour's pipeline; components named in `skip` are not loaded (left None)."""
     import diffusers
 
     pipeline_class = getattr(diffusers, flavour.pipeline_class)
-    return pipeline_class.from_pretrained(source, dtype=dtype)
+    return pipeline_class.from_pretrained(source, dtype=dtype, **{name: None for name in skip})
 
 
 def _max_sequence_length(flavour: Flavour) -> int:
