@@ -8,8 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, flush it to disk, then rename it over `path`."""
+def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, flush it to disk, then rename it over `path`.
+
+    `durable=False` skips the fsync: still never torn for readers, but a power cut may lose the file — right
+    for caches, which are recomputed when an entry is missing or unreadable.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -17,8 +21,9 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        if durable:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

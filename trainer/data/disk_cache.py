@@ -71,7 +71,7 @@ class DiskCache:
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         data = {name: value.detach().to("cpu").contiguous() for name, value in tensors.items()}
-        write_atomic(self._path(key), lambda tmp: save_file(data, str(tmp)))
+        write_atomic(self._path(key), lambda tmp: save_file(data, str(tmp)), durable=False)
 
     def contains(self, key: str) -> bool:
         return self._path(key).is_file()
