@@ -1,4 +1,4 @@
-"""Command line: `python -m trainer demo | train | validate`.
+"""Command line: `python -m trainer demo | train | validate | caption`.
 
 Problems the user can fix print as `error: ...` lines and exit 2; anything else exits 1 with one line, and
 `--debug` shows the traceback.
@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--resume", action="store_true",
                                  help="continue exactly from the latest training state in output.dir")
         command.set_defaults(func=func)
+    from trainer.captioning_cli import add_parser as add_caption_parser
+
+    add_caption_parser(sub)
     return parser
 
 

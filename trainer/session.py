@@ -7,6 +7,7 @@ only to the `Commands` object, checked between steps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -28,9 +29,11 @@ from trainer.checkpoint import (
     save_training_state,
     state_path,
 )
+from trainer.data.buckets import plan_buckets
 from trainer.data.cache import TextEmbeddingCache
 from trainer.data.caching import InputCaches
 from trainer.data.datasets import TrainItem, collect_items
+from trainer.data.health import check_datasets, usable_images
 from trainer.errors import UserError
 from trainer.events import (
     EvalLoss,
@@ -175,7 +178,7 @@ class Session:
                              family=spec.model.family, flavour=spec.model.flavour))
         torch.manual_seed(spec.train.seed)
 
-        self.items = collect_items(spec)
+        self.items = self._plan_items()
         self.eval_indices = self._held_out_indices()
         caches = InputCaches(spec, self.ops, self.flavour, self.emit, lambda: self.commands.stop_requested,
                              self.output_dir)
@@ -190,6 +193,26 @@ class Session:
         self._make_optimizer()
         if self.resume:
             self._resume_latest()
+
+    def _plan_items(self) -> list[TrainItem]:
+        """Health check, then one item per image, resolution and bucket; both reports go to the log."""
+        spec, data = self.spec, self.spec.data
+        self.emit(PhaseChanged(phase="checking dataset", detail=f"{len(data.datasets)} folder(s)"))
+        health = check_datasets(spec)
+        if health.verdict == "will not train":
+            raise UserError("the dataset cannot train:\n" + health.table())
+        if health.rows:
+            self.emit(LogMessage(level="warning", message="dataset check:\n" + health.table()))
+        images = collect_items(spec, set(usable_images(health)))
+        resolutions = sorted({r for item in images for r in item.resolutions})
+        plan = plan_buckets(images, resolutions, sizes=health.sizes, step=data.bucket_step,
+                            max_upscale=data.max_upscale, batch_size=spec.train.batch_size)
+        self.emit(LogMessage(level="info", message=plan.report()))
+        items = [dataclasses.replace(images[p.item_index], resolution=p.resolution, bucket=p.bucket)
+                 for p in plan.placements]
+        if not items:
+            raise UserError("data: no image fits any bucket; lower data.resolution or raise data.max_upscale")
+        return items
 
     def _load_pipeline(self, skip_text_encoders: bool) -> None:
         """The flavour's pipeline; without text encoders when every embedding is already cached on disk."""
@@ -299,11 +322,14 @@ class Session:
     # ------------------------------------------------------------------ training
 
     def _held_out_indices(self) -> list[int]:
-        """The last `data.eval_holdout` images of the first dataset: never trained on, used for the eval loss."""
+        """Every placement of the last `data.eval_holdout` images of the first dataset: never trained on."""
         count = self.spec.data.eval_holdout
+        if not count:
+            return []
         folder = Path(self.spec.data.datasets[0].path)
-        first = [i for i, item in enumerate(self.items) if item.image_path.parent == folder]
-        return first[len(first) - count:] if count else []
+        first = list(dict.fromkeys(item.image_path for item in self.items if item.image_path.parent == folder))
+        held_out = set(first[len(first) - count:])
+        return [i for i, item in enumerate(self.items) if item.image_path in held_out]
 
     def _next_batch(self) -> list[int]:
         """Item indices of one batch; every batch holds latents of one shape (one resolution)."""

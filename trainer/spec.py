@@ -81,7 +81,9 @@ class LoraSection(_Section):
 
 class DatasetEntry(_Section):
     path: str
-    resolution: int | None = Field(None, ge=64, le=4096)
+    # Pixel-area resolution(s) of the aspect buckets; a list trains every image at each. Unset: data.resolution.
+    resolution: int | list[int] | None = None
+    crop: Literal["center", "random"] = "center"  # random is drawn once per image when latents are cached
     repeats: int = Field(1, ge=1, le=10000)
     caption_strategy: Literal["textfile", "filename", "instance_prompt"] = "textfile"
     instance_prompt: str = ""
@@ -100,7 +102,10 @@ class DatasetEntry(_Section):
 
 class DataSection(_Section):
     datasets: list[DatasetEntry] = Field(default_factory=list)
-    resolution: int = Field(512, ge=64, le=4096)
+    resolution: int | list[int] = 512  # pixel area of the buckets, e.g. 1024 or [512, 768, 1024]
+    bucket_step: int = Field(64, ge=16, le=256)  # bucket sides are multiples of this (FLUX needs 16)
+    max_upscale: float = Field(1.0, ge=1.0, le=8.0)  # 1.0: never enlarge; a small image trains in a smaller bucket
+    min_size: int = Field(0, ge=0)  # shorter side in px below which an image is skipped; 0: the buckets decide
     # "disk" keeps them in cache_dir (default output.dir/cache), reused by later runs while inputs are unchanged.
     cache_latents: Literal["memory", "disk"] = "memory"
     cache_text_embeddings: Literal["memory", "disk"] = "memory"
@@ -112,9 +117,28 @@ class DataSection(_Section):
 
     @model_validator(mode="after")
     def _some_training_data(self) -> DataSection:
+        problems = []
         if self.datasets and all(entry.is_regularisation for entry in self.datasets):
-            raise ValueError("datasets: every dataset is marked is_regularisation; at least one must be the subject")
+            problems.append("datasets: every dataset is marked is_regularisation; at least one must be the subject")
+        if self.bucket_step % 16:
+            problems.append(f"bucket_step: {self.bucket_step} must be a multiple of 16 (FLUX latents are 8x smaller "
+                            "and packed in 2x2 patches)")
+        else:
+            named = [("resolution", self.resolution)] + [
+                (f"datasets[{i}].resolution", e.resolution) for i, e in enumerate(self.datasets) if e.resolution]
+            for field, value in named:
+                for resolution in ([value] if isinstance(value, int) else value):
+                    if not 64 <= resolution <= 4096 or resolution % self.bucket_step:
+                        problems.append(f"{field}: {resolution} must be between 64 and 4096 and a multiple of "
+                                        f"bucket_step ({self.bucket_step})")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
+
+    def resolutions(self, entry: DatasetEntry) -> tuple[int, ...]:
+        """The resolutions one dataset trains at: its own, else the data section's."""
+        value = entry.resolution or self.resolution
+        return tuple(value) if isinstance(value, list) else (value,)
 
 
 class TrainSection(_Section):
@@ -281,7 +305,7 @@ def _describe(error: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{field}: required but missing"
     message = error["msg"].removeprefix("Value error, ")
-    named = re.match(r"^([\w.]+): ", message) if kind == "value_error" else None
+    named = re.match(r"^([\w.\[\]]+): ", message) if kind == "value_error" else None
     if named:  # a section-level check names the key it is about
         field = f"{field}.{named.group(1)}" if field else named.group(1)
         message = message[named.end():]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,11 +72,16 @@ class InputCaches:
 
     # ------------------------------------------------------------------ latents
 
+    def _crop_rng(self, item: TrainItem) -> random.Random:
+        """The random crop of an image at a resolution, the same on every run (crc32, not Python's hash)."""
+        return random.Random(zlib.crc32(f"{self.spec.train.seed}:{item.image_path}:{item.resolution}".encode()))
+
     def _latent_key(self, item: TrainItem) -> str:
         model = self.spec.model
+        seed = self.spec.train.seed if item.crop == "random" else None
         return cache_key(kind="latents", image=file_hash(item.image_path), source=model_source(self.spec),
                          family=model.family, flavour=model.flavour, precision=model.base_precision,
-                         resolution=item.resolution, crop="center")
+                         size=item.size, crop=item.crop, crop_seed=seed)
 
     def fill_latents(self, pipe: Any, items: list[TrainItem]) -> None:
         self.emit(PhaseChanged(phase="caching latents", detail=f"{len(items)} images"))
@@ -83,16 +90,20 @@ class InputCaches:
                 raise UserError("stopped while caching latents; nothing was trained")
             key = self._latent_key(item) if self.latent_disk else ""
             stored = self.latent_disk.get(key) if self.latent_disk else None
+            width, height = item.size
             if stored is not None:
                 latents = stored["latents"]
             else:
-                pixels = load_pixels(item.image_path, item.resolution).unsqueeze(0)
+                pixels = load_pixels(item.image_path, width, height, item.crop, self._crop_rng(item)).unsqueeze(0)
                 latents = self.ops.encode_images(pipe, pixels).to("cpu", torch.float32)
                 if self.latent_disk is not None:
                     self.latent_disk.put(key, {"latents": latents})
             self.latents.append(latents)
-            size = tuple(latents.shape[-2:])
-            self.masks.append(load_mask(item.mask_path, item.resolution, size) if item.mask_path else None)
+            mask = None
+            if item.mask_path:  # cut exactly like its image: the same crop generator
+                mask = load_mask(item.mask_path, width, height, tuple(latents.shape[-2:]), item.crop,
+                                 self._crop_rng(item))
+            self.masks.append(mask)
             if (index + 1) % _PROGRESS_EVERY == 0:
                 self.emit(PhaseChanged(phase="caching latents", detail=f"{index + 1}/{len(items)} images"))
 

@@ -13,12 +13,21 @@ CAPTION_EXTENSIONS = (".txt", ".caption")
 
 @dataclass(frozen=True)
 class TrainItem:
+    """One image as training sees it; after bucketing, one image at one resolution in one bucket."""
+
     image_path: Path
     caption: str
     resolution: int
     repeats: int
     mask_path: Path | None = None
     is_regularisation: bool = False
+    resolutions: tuple[int, ...] = ()  # every resolution the image trains at (the planner reads this)
+    crop: str = "center"
+    bucket: tuple[int, int] | None = None  # (width, height) once placed; None: a square of `resolution`
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.bucket or (self.resolution, self.resolution)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -53,13 +62,20 @@ def find_mask(image_path: Path, mask_folder: Path) -> Path | None:
     return None
 
 
-def collect_items(spec: JobSpec) -> list[TrainItem]:
-    """Every image of every dataset, in a stable order; paths must already be resolved."""
+def collect_items(spec: JobSpec, usable: set[Path] | None = None) -> list[TrainItem]:
+    """Every image of every dataset, in a stable order; paths must already be resolved.
+
+    `usable`: the images the health check passed; others (unreadable, too small) are left out.
+    """
     items: list[TrainItem] = []
     for entry in spec.data.datasets:
-        resolution = entry.resolution or spec.data.resolution
+        resolutions = spec.data.resolutions(entry)
         for image_path in list_images(Path(entry.path)):
-            mask = find_mask(image_path, Path(entry.masks)) if entry.masks else None
-            items.append(TrainItem(image_path, read_caption(image_path, entry), resolution, entry.repeats,
-                                   mask, entry.is_regularisation))
+            if usable is not None and image_path not in usable:
+                continue
+            items.append(TrainItem(
+                image_path=image_path, caption=read_caption(image_path, entry), resolution=resolutions[0],
+                repeats=entry.repeats, mask_path=find_mask(image_path, Path(entry.masks)) if entry.masks else None,
+                is_regularisation=entry.is_regularisation, resolutions=resolutions, crop=entry.crop,
+            ))
     return items

@@ -1,0 +1,339 @@
+"""Dataset health: every file of every dataset read and decoded once before training (no torch).
+
+What it finds, one row per file and problem:
+- error (the job will not train as it stands): a dataset folder missing or without images, a dataset whose
+  every image is skipped, fewer samples than one batch;
+- warning (training goes ahead): a file that cannot be read or is truncated, an image below the minimum
+  size, an unreadable mask (these three: the image is skipped), files in the folder that are not training
+  images (ignored), a missing or empty caption file, exact duplicates, fewer samples than one optimiser step.
+
+A file that fails here is left out of training (`usable_images`), so a bad file never stops a run midway.
+Each file is read once, hashed and fully decoded from the same bytes by the decoder training uses (JPEGs at
+reduced scale: the whole stream is still decoded), on a few threads (Pillow and hashlib release the GIL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+from trainer.data.datasets import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, find_mask, list_images
+from trainer.data.images import verify_image, verify_mask
+from trainer.errors import UserError
+from trainer.spec import DatasetEntry, JobSpec
+
+Severity = Literal["error", "warning"]
+Verdict = Literal["ok", "warnings", "will not train"]
+# What a row is about, for grouping long reports: a folder of 300 uncaptioned images says so in a few lines.
+Kind = Literal["dataset", "count", "unreadable", "too small", "mask", "duplicate", "caption", "ignored"]
+_KIND_ORDER = get_args(Kind)  # the order reports list them in
+
+# Left alone without a word: what file managers and editors drop into folders.
+_SILENT_NAMES = {"thumbs.db", "desktop.ini", ".ds_store"}
+# Image formats users have that the trainer does not read: worth a hint to convert them.
+_OTHER_IMAGE_EXTENSIONS = {".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".psd", ".svg", ".raw",
+                           ".cr2", ".nef", ".arw", ".dng", ".jp2", ".ico"}
+
+
+@dataclass(frozen=True)
+class HealthRow:
+    file: Path  # a file, a dataset folder, or a job setting (Path("train.batch_size")) for job-wide rows
+    problem: str
+    severity: Severity
+    kind: Kind
+    skipped: bool = False  # the image is left out of training
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An image that decoded: its upright size and content hash."""
+
+    path: Path
+    size: tuple[int, int]  # (width, height), EXIF orientation applied
+    sha256: str
+    dataset: int  # index in the datasets checked
+
+
+@dataclass
+class HealthReport:
+    datasets: list[Path]
+    rows: list[HealthRow] = field(default_factory=list)
+    images: list[ImageInfo] = field(default_factory=list)  # every image that decoded, skipped or not
+    skipped: set[Path] = field(default_factory=set)
+    image_count: int = 0  # image files found (by extension), readable or not
+    samples: int = 0  # usable images × repeats, held-out images not counted
+
+    @property
+    def verdict(self) -> Verdict:
+        if any(row.severity == "error" for row in self.rows):
+            return "will not train"
+        return "warnings" if self.rows else "ok"
+
+    @property
+    def sizes(self) -> dict[Path, tuple[int, int]]:
+        """Upright (width, height) of every usable image: what `plan_buckets(sizes=...)` takes."""
+        return {info.path: info.size for info in self.images if info.path not in self.skipped}
+
+    def counts(self) -> str:
+        plural = "s" if len(self.datasets) != 1 else ""
+        return (f"{self.image_count} images in {len(self.datasets)} dataset{plural}: "
+                f"{len(usable_images(self))} usable, {len(self.skipped)} skipped, "
+                f"{self.samples} samples with repeats")
+
+    def _lines(self, per_kind: int | None) -> list[tuple[str, str, str]]:
+        """(severity, file, problem): errors first; of each kind at most `per_kind` rows and a count of the rest."""
+        groups: dict[tuple[bool, str], list[HealthRow]] = {}
+        for row in sorted(self.rows, key=lambda row: (row.severity != "error", _KIND_ORDER.index(row.kind),
+                                                      str(row.file))):
+            groups.setdefault((row.severity != "error", row.kind), []).append(row)
+        out: list[tuple[str, str, str]] = []
+        for (_, kind), rows in groups.items():
+            shown = rows if per_kind is None else rows[:per_kind]
+            out += [(row.severity, _display(self.datasets, row.file), row.problem + ("; skipped" * row.skipped))
+                    for row in shown]
+            if len(rows) > len(shown):
+                out.append((rows[0].severity, "…", f"and {len(rows) - len(shown)} more like these ({kind})"))
+        return out
+
+    def table(self, per_kind: int | None = 10) -> str:
+        """Plain text for the CLI: the verdict and counts, then the problems (errors first); at most `per_kind`
+        rows of each kind of problem, with a count of the rest (None: all)."""
+        lines = [f"dataset health: {self.verdict} — {self.counts()}"]
+        cells = self._lines(per_kind)
+        if cells:
+            cells.insert(0, ("severity", "file", "problem"))
+            widths = [max(len(cell[i]) for cell in cells) for i in range(2)]
+            lines += [f"  {a.ljust(widths[0])}  {b.ljust(widths[1])}  {c}" for a, b, c in cells]
+        return "\n".join(lines)
+
+    def markdown(self, per_kind: int | None = 25) -> str:
+        """Markdown for the UI: the verdict in bold, the counts, a table of the problems."""
+        lines = [f"**Dataset health: {self.verdict}** — {_escape(self.counts())}"]
+        cells = self._lines(per_kind)
+        if cells:
+            lines += ["", "| severity | file | problem |", "| --- | --- | --- |"]
+            lines += [f"| {a} | {_escape(b)} | {_escape(c)} |" for a, b, c in cells]
+        return "\n".join(lines)
+
+
+def _display(datasets: list[Path], path: Path) -> str:
+    """A file as `dataset-folder/name`; a folder as `name/`; a job setting (train.batch_size) as it is."""
+    for folder in datasets:
+        if path == folder:
+            return f"{folder.name}/"
+        if path.parent == folder:
+            return f"{folder.name}/{path.name}"
+    return str(path)
+
+
+def _escape(text: str) -> str:
+    for char in "\\|*_`[]<>":
+        text = text.replace(char, "\\" + char)
+    return text.replace("\n", " ")
+
+
+def usable_images(report: HealthReport) -> list[Path]:
+    """Every image that decoded and is not skipped, in dataset order."""
+    return [info.path for info in report.images if info.path not in report.skipped]
+
+
+# ---------------------------------------------------------------------- reading the files
+
+
+@dataclass(frozen=True)
+class _Scan:
+    size: tuple[int, int] | None = None
+    sha256: str = ""
+    error: str = ""
+
+
+def _without_path(exc: UserError, path: Path) -> str:
+    return str(exc).removeprefix(f"{path}: ")  # the row names the file already
+
+
+def _scan(path: Path) -> _Scan:
+    """Read once, hash, decode from the same bytes."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return _Scan(error=f"cannot read this file ({exc.strerror or exc})")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        return _Scan(verify_image(path, data), digest)
+    except UserError as exc:
+        return _Scan(sha256=digest, error=_without_path(exc, path))
+
+
+def _scan_mask(path: Path) -> str:
+    try:
+        verify_mask(path)
+    except UserError as exc:
+        return _without_path(exc, path)
+    return ""
+
+
+def _caption_problem(image: Path, trigger: str) -> str:
+    """What is wrong with an image's caption file (caption_strategy 'textfile'), or ''."""
+    fallback = f"the trigger word '{trigger}' alone" if trigger else "an empty caption"
+    for ext in CAPTION_EXTENSIONS:
+        sidecar = image.with_suffix(ext)
+        if sidecar.is_file():
+            try:
+                text = sidecar.read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                return f"caption file {sidecar.name} is not UTF-8 text; its odd characters become �"
+            except OSError as exc:
+                return f"caption file {sidecar.name} cannot be read ({exc.strerror or exc})"
+            return "" if text.strip() else f"caption file {sidecar.name} is empty; it trains with {fallback}"
+    return f"no caption file ({image.stem}.txt); it trains with {fallback}"
+
+
+def _stray_files(folder: Path, masks: Path | None) -> list[HealthRow]:
+    """Everything in a dataset folder that is not a training image or its caption."""
+    rows: list[HealthRow] = []
+    entries = sorted(folder.iterdir())
+    image_stems = {p.stem for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+    for path in entries:
+        name, suffix = path.name.lower(), path.suffix.lower()
+        if name in _SILENT_NAMES or name.startswith("."):
+            continue
+        if path.is_dir():
+            if masks is None or path.resolve() != masks.resolve():
+                rows.append(HealthRow(path, "a subfolder: not searched (images must be directly in the dataset "
+                                            "folder)", "warning", "ignored"))
+        elif suffix in IMAGE_EXTENSIONS:
+            continue
+        elif suffix in CAPTION_EXTENSIONS:
+            if path.stem not in image_stems:
+                rows.append(HealthRow(path, "a caption with no image of the same name; ignored", "warning",
+                                      "ignored"))
+        elif suffix in _OTHER_IMAGE_EXTENSIONS:
+            rows.append(HealthRow(path, f"{suffix} images are not read (only {', '.join(IMAGE_EXTENSIONS)}); "
+                                        "ignored — convert it to PNG or JPEG to train on it", "warning", "ignored"))
+        else:
+            rows.append(HealthRow(path, "not a training image; ignored", "warning", "ignored"))
+    return rows
+
+
+def _mask_of(entry: DatasetEntry, image: Path) -> Path | None:
+    return find_mask(image, Path(entry.masks)) if entry.masks and Path(entry.masks).is_dir() else None
+
+
+# ---------------------------------------------------------------------- the check
+
+
+def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | None = None,
+                   batch_size: int | None = None, gradient_accumulation: int | None = None, *,
+                   held_out: int | None = None, workers: int | None = None) -> HealthReport:
+    """Check every dataset of a resolved spec, or a list of entries with resolved paths.
+
+    With a spec, arguments left None come from it: data.min_size (when the spec has the key),
+    train.batch_size, train.gradient_accumulation, data.eval_holdout (images at the end of the first dataset
+    kept out of training). `min_size`: the shorter side, in pixels, below which an image is skipped (0 or
+    None: no floor; the bucket plan still skips what no bucket can take).
+    """
+    if isinstance(datasets, JobSpec):
+        spec = datasets
+        entries = list(spec.data.datasets)
+        min_size = getattr(spec.data, "min_size", 0) if min_size is None else min_size
+        batch_size = spec.train.batch_size if batch_size is None else batch_size
+        if gradient_accumulation is None:
+            gradient_accumulation = spec.train.gradient_accumulation
+        held_out = spec.data.eval_holdout if held_out is None else held_out
+    else:
+        entries = list(datasets)
+    min_size, held_out = min_size or 0, held_out or 0
+    batch_size, gradient_accumulation = batch_size or 1, gradient_accumulation or 1
+
+    report = HealthReport([Path(entry.path) for entry in entries])
+    if not entries:
+        report.rows.append(HealthRow(Path("data.datasets"), "no dataset given; add one with a `path` to a folder "
+                                     "of images", "error", "dataset"))
+        return report
+
+    listed: list[tuple[int, Path]] = []
+    for index, entry in enumerate(entries):
+        folder = Path(entry.path)
+        if not folder.is_dir():
+            report.rows.append(HealthRow(folder, "dataset folder does not exist", "error", "dataset"))
+            continue
+        report.rows += _stray_files(folder, Path(entry.masks) if entry.masks else None)
+        images = list_images(folder)
+        if not images:
+            report.rows.append(HealthRow(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder",
+                                         "error", "dataset"))
+        listed += [(index, image) for image in images]
+    report.image_count = len(listed)
+
+    mask_of = {path: _mask_of(entries[index], path) for index, path in listed}
+    masks = sorted({mask for mask in mask_of.values() if mask is not None})
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        scans = list(pool.map(_scan, [path for _, path in listed]))
+        mask_errors = dict(zip(masks, pool.map(_scan_mask, masks), strict=True))
+
+    first_seen: dict[str, Path] = {}
+    for (index, path), scan in zip(listed, scans, strict=True):
+        entry = entries[index]
+        skip = _skip_reason(scan, min_size, mask_of[path], mask_errors)
+        if scan.size is not None:
+            report.images.append(ImageInfo(path, scan.size, scan.sha256, index))
+        if skip is not None:
+            report.rows.append(HealthRow(path, skip[1], "warning", skip[0], skipped=True))
+            report.skipped.add(path)
+            continue  # nothing more worth saying about a file left out
+        if entry.caption_strategy == "textfile":
+            problem = _caption_problem(path, entry.trigger)
+            if problem:
+                report.rows.append(HealthRow(path, problem, "warning", "caption"))
+        if scan.sha256 in first_seen:
+            original = _display(report.datasets, first_seen[scan.sha256])
+            report.rows.append(HealthRow(path, f"the same file as {original}: it trains twice as often; delete one "
+                                               "unless you mean it", "warning", "duplicate"))
+        else:
+            first_seen[scan.sha256] = path
+
+    listed_per_dataset = [sum(1 for index, _ in listed if index == i) for i in range(len(entries))]
+    _check_counts(report, entries, listed_per_dataset, batch_size, gradient_accumulation, held_out)
+    return report
+
+
+def _skip_reason(scan: _Scan, min_size: int, mask: Path | None,
+                 mask_errors: dict[Path, str]) -> tuple[Kind, str] | None:
+    if scan.error or scan.size is None:
+        return "unreadable", scan.error
+    if min(scan.size) < min_size:
+        return "too small", (f"{scan.size[0]}x{scan.size[1]} is below the minimum size ({min_size} pixels on the "
+                             "shorter side)")
+    if mask is not None and mask_errors.get(mask):
+        return "mask", f"its mask {mask.name}: {mask_errors[mask]}"
+    return None
+
+
+def _check_counts(report: HealthReport, entries: list[DatasetEntry], listed: list[int], batch_size: int,
+                  accumulation: int, held_out: int) -> None:
+    """Datasets left empty by skipped files, and too few samples for a batch or an optimiser step."""
+    usable = set(usable_images(report))
+    per_dataset = [sum(1 for info in report.images if info.dataset == i and info.path in usable)
+                   for i in range(len(entries))]
+    for index, entry in enumerate(entries):
+        if listed[index] and not per_dataset[index]:
+            report.rows.append(HealthRow(Path(entry.path), "no usable image in this dataset (every one is skipped)",
+                                         "error", "dataset"))
+    samples = sum(count * entry.repeats for count, entry in zip(per_dataset, entries, strict=True))
+    samples -= min(held_out, per_dataset[0]) * entries[0].repeats
+    report.samples = max(samples, 0)
+    if not report.samples:
+        return  # said above: per dataset, or no images at all
+    if report.samples < batch_size:
+        report.rows.append(HealthRow(Path("train.batch_size"), f"{report.samples} samples (images × repeats) "
+                                     f"cannot fill one batch of {batch_size}; lower it or add images", "error",
+                                     "count"))
+    elif report.samples < batch_size * accumulation:
+        report.rows.append(HealthRow(Path("train.gradient_accumulation"), f"{report.samples} samples are fewer "
+                                     f"than one optimiser step takes ({batch_size} × {accumulation}); every step "
+                                     "repeats some images", "warning", "count"))
