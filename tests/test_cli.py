@@ -60,7 +60,10 @@ def test_missing_dataset_folder_is_named(demo_dir: Path, tmp_path: Path) -> None
 
 def test_validate_checks_files_and_debug_shows_traceback(demo_dir: Path, tmp_path: Path) -> None:
     ok = _run("validate", str(demo_dir / "job.toml"))
-    assert ok.returncode == 0 and ok.stdout.startswith("ok:")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("dataset health: ok — 12 images in 1 dataset")
+    assert "64x64   1:1         12            12" in ok.stdout  # the bucket plan
+    assert f"ok: {demo_dir / 'job.toml'} is valid" in ok.stdout
     assert "lora.targets 'all' hits 28 modules (presets: all 28, attention 20, mlp 8, tiny 6)" in ok.stdout
     bad = _run("validate", str(demo_dir / "job.toml"), "--set", f"model.source='{tmp_path}'", "--debug")
     assert bad.returncode == 2

@@ -34,14 +34,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from trainer.data.datasets import collect_items
+    from trainer.data.health import check_datasets
+    from trainer.data.planning import plan_training_items
     from trainer.preflight import check_files, model_source
 
     spec = _load_job(args.job, args.set)
     problems = check_files(spec)
     if problems:
         raise SpecError(problems, args.job)
-    images = len(collect_items(spec))
+    health = check_datasets(spec)
+    print(health.table())
+    if health.verdict == "will not train":
+        raise UserError(f"{args.job}: the dataset cannot train; see the table above")
+    items, plan = plan_training_items(spec, health)
+    print(plan.report())
+    images = len({item.image_path for item in items})
     print(f"ok: {args.job} is valid — {spec.model.family} {spec.model.flavour} from {model_source(spec)}, "
           f"{images} images, {spec.train.max_steps} steps, output in {spec.output.dir}")
     from trainer.adapters import flavour_preset_counts
@@ -143,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.quiet import silence_library_noise
+
+    silence_library_noise()  # before any command imports torch or diffusers
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

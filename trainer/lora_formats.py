@@ -50,8 +50,11 @@ kept: a fused layer of rank n·r is written with alpha n·alpha. `from_comfyui` 
 FLUX.1 surprises in diffusers 0.42's kohya converter (which also reads the FLUX.1 ComfyUI layout):
 - single_blocks.N.linear1 is split with hard-coded FLUX.1 [dev] widths (3072, 3072, 3072, 12288): it loads on
   the real models, but on a narrower model (the demo) diffusers fails on any file containing linear1.
-- `final_layer.linear` ignores `.alpha` (and keys outside the blocks lose their `transformer.` prefix there);
-  we multiply that module's scale into lora_down and write alpha = rank, so every loader agrees.
+- `final_layer.linear` ignores `.alpha`: we multiply that module's scale into lora_down and write alpha = rank,
+  so every loader agrees on it.
+- every module outside the blocks (img_in, txt_in, time_in, guidance_in, vector_in, final_layer.linear) comes
+  out of that converter without the `transformer.` prefix, so diffusers silently drops it (the block modules
+  load). ComfyUI applies them. Only the FLUX.1 "all+ffs" preset (final proj_out) and regex targets reach these.
 
 LoKr adapters: these layouts are LoRA-only; asking for them raises a UserError naming output.formats.
 """

@@ -7,7 +7,6 @@ only to the `Commands` object, checked between steps.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import json
 import math
@@ -29,11 +28,11 @@ from trainer.checkpoint import (
     save_training_state,
     state_path,
 )
-from trainer.data.buckets import plan_buckets
 from trainer.data.cache import TextEmbeddingCache
 from trainer.data.caching import InputCaches
-from trainer.data.datasets import TrainItem, collect_items
-from trainer.data.health import check_datasets, usable_images
+from trainer.data.datasets import TrainItem
+from trainer.data.health import check_datasets
+from trainer.data.planning import plan_training_items
 from trainer.errors import UserError
 from trainer.events import (
     EvalLoss,
@@ -196,20 +195,15 @@ class Session:
 
     def _plan_items(self) -> list[TrainItem]:
         """Health check, then one item per image, resolution and bucket; both reports go to the log."""
-        spec, data = self.spec, self.spec.data
-        self.emit(PhaseChanged(phase="checking dataset", detail=f"{len(data.datasets)} folder(s)"))
+        spec = self.spec
+        self.emit(PhaseChanged(phase="checking dataset", detail=f"{len(spec.data.datasets)} folder(s)"))
         health = check_datasets(spec)
         if health.verdict == "will not train":
             raise UserError("the dataset cannot train:\n" + health.table())
         if health.rows:
             self.emit(LogMessage(level="warning", message="dataset check:\n" + health.table()))
-        images = collect_items(spec, set(usable_images(health)))
-        resolutions = sorted({r for item in images for r in item.resolutions})
-        plan = plan_buckets(images, resolutions, sizes=health.sizes, step=data.bucket_step,
-                            max_upscale=data.max_upscale, batch_size=spec.train.batch_size)
+        items, plan = plan_training_items(spec, health)
         self.emit(LogMessage(level="info", message=plan.report()))
-        items = [dataclasses.replace(images[p.item_index], resolution=p.resolution, bucket=p.bucket)
-                 for p in plan.placements]
         if not items:
             raise UserError("data: no image fits any bucket; lower data.resolution or raise data.max_upscale")
         return items

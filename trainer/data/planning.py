@@ -1,0 +1,23 @@
+"""From a checked dataset to what training sees: one item per image, resolution and aspect bucket (no torch)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from trainer.data.buckets import BucketPlan, plan_buckets
+from trainer.data.datasets import TrainItem, collect_items
+from trainer.data.health import HealthReport, usable_images
+from trainer.spec import JobSpec
+
+
+def plan_training_items(spec: JobSpec, health: HealthReport) -> tuple[list[TrainItem], BucketPlan]:
+    """The placed items (bucket set, resolution of the placement) and the plan whose report users read."""
+    data = spec.data
+    images = collect_items(spec, set(usable_images(health)))
+    resolutions = sorted({r for item in images for r in item.resolutions})
+    # Buckets are bounded by their aspect ratio; the smallest side only by the step, so small images still fit.
+    plan = plan_buckets(images, resolutions, sizes=health.sizes, step=data.bucket_step, max_upscale=data.max_upscale,
+                        batch_size=spec.train.batch_size, min_side=data.bucket_step)
+    items = [dataclasses.replace(images[p.item_index], resolution=p.resolution, bucket=p.bucket)
+             for p in plan.placements]
+    return items, plan
