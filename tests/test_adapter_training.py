@@ -89,3 +89,48 @@ def test_spec_refuses_presets_of_the_other_family_and_bad_combinations(demo_dir:
         _spec(demo_dir, tmp_path, "advanced.tread=true", "advanced.tread_start_block=9")
     flux1 = _spec(demo_dir, tmp_path, "lora.targets='mmdit'", job="job_flux1.toml")
     assert flux1.lora.targets == "mmdit"
+
+
+def test_every_format_is_written_copied_and_loads_in_diffusers(demo_dir: Path, tmp_path: Path) -> None:
+    comfy = tmp_path / "ComfyUI" / "models" / "loras"
+    comfy.mkdir(parents=True)
+    spec = _spec(demo_dir, tmp_path / "out", "lora.targets='mmdit'", "output.name='shapes'",
+                 'output.formats=["diffusers", "comfyui", "kohya"]', f"output.comfy_lora_dir='{comfy}'",
+                 "output.save_every_steps=2", job="job_flux1.toml")
+    session = Session(spec)
+    try:
+        session.run()
+        text = session.ops.encode_prompts(session.pipe, [PROMPT], session.flavour)
+    finally:
+        session.end()
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("shapes*.safetensors")) == [
+        "shapes-step000002.safetensors", "shapes-step000002_comfyui.safetensors", "shapes-step000002_kohya.safetensors",
+        "shapes.safetensors", "shapes_comfyui.safetensors", "shapes_kohya.safetensors"]
+    assert sorted(p.name for p in comfy.iterdir()) == ["shapes_comfyui.safetensors", "shapes_kohya.safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(out / "shapes_kohya.safetensors", "pt") as handle:
+        header = handle.metadata()
+        assert any(key.startswith("lora_unet_double_blocks_0_img_attn_qkv") for key in handle.keys())
+    assert header["ss_network_dim"] == "4" and header["ss_steps"] == "4"
+    assert "shapez" in header["modelspec.trigger_phrase"]
+    from diffusers import FluxPipeline
+
+    outputs = {}
+    with torch.no_grad():
+        for name in ("shapes.safetensors", "shapes_comfyui.safetensors", "shapes_kohya.safetensors"):
+            pipe = FluxPipeline.from_pretrained(demo_dir / "flux1")
+            pipe.set_progress_bar_config(disable=True)
+            pipe.load_lora_weights(out, weight_name=name)
+            outputs[name] = _latents(pipe, text)
+    for name in ("shapes_comfyui.safetensors", "shapes_kohya.safetensors"):
+        torch.testing.assert_close(outputs[name], outputs["shapes.safetensors"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_missing_comfy_folder_is_refused_before_training(demo_dir: Path, tmp_path: Path) -> None:
+    spec = _spec(demo_dir, tmp_path / "out", 'output.formats=["comfyui"]', f"output.comfy_lora_dir='{tmp_path / 'no'}'")
+    with pytest.raises(UserError, match="output.comfy_lora_dir: .* is not a writable folder"):
+        Session(spec).setup()
+    with pytest.raises(SpecError, match="output.formats: 'kohya' is a FLUX.1 layout"):
+        _spec(demo_dir, tmp_path / "out", 'output.formats=["kohya"]')

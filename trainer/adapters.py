@@ -281,6 +281,9 @@ def _check_init_fits_base(init: str, precision: str, weights: list[torch.Tensor]
 
 
 def _peft_config(type: str, rank: int, alpha: float, dropout: float, init: str, names: list[str]) -> Any:
+    # One anchored pattern of the exact names: a list would match by suffix (`proj_out` would also wrap
+    # every `single_transformer_blocks.N.proj_out`).
+    names = "|".join(re.escape(name) for name in names)  # type: ignore[assignment]
     if type == "lora":
         from peft import LoraConfig
 

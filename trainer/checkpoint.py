@@ -90,12 +90,45 @@ def latest_state(output_dir: Path) -> Path | None:
 
 
 def prune_checkpoints(output_dir: Path, name: str, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` intermediate LoRAs and states; returns what was removed."""
+    """Delete the intermediate LoRAs (every format) and states of all but the newest `keep_last` saved steps."""
+    pattern = re.compile(rf"^{re.escape(name)}-step(\d{{6,}})(_comfyui|_kohya)?{re.escape(LORA_WEIGHT_SUFFIX)}$")
+    by_step: dict[int, list[Path]] = {}
+    for path in Path(output_dir).glob(f"{glob.escape(name)}-step*{LORA_WEIGHT_SUFFIX}"):
+        if match := pattern.match(path.name):
+            by_step.setdefault(int(match.group(1)), []).append(path)
     removed: list[Path] = []
-    loras = sorted(Path(output_dir).glob(f"{glob.escape(name)}-step[0-9]*{LORA_WEIGHT_SUFFIX}"))
-    states = [path for _, path in saved_states(output_dir)]
-    for paths in (loras, states):
-        for path in paths[: max(len(paths) - keep_last, 0)]:
-            path.unlink(missing_ok=True)
-            removed.append(path)
+    for groups in (by_step, {step: [path] for step, path in saved_states(output_dir)}):
+        for step in sorted(groups)[: max(len(groups) - keep_last, 0)]:
+            for path in groups[step]:
+                path.unlink(missing_ok=True)
+                removed.append(path)
     return removed
+
+
+def save_lora_files(transformer: Any, pipeline_class: type, output_dir: Path, name: str, step: int | None,
+                    formats: list[str], metadata: dict[str, Any], comfy_lora_dir: str = "") -> dict[str, Path]:
+    """The LoRA in every requested format (step in the name for intermediate saves), each atomic.
+
+    `metadata`: the keyword arguments of `lora_formats.build_metadata` except rank, alpha and format.
+    Final saves in a ComfyUI layout are also copied into `comfy_lora_dir` when one is set.
+    """
+    from trainer import lora_formats
+    from trainer.adapters import adapter_export
+
+    tensors, config = adapter_export(transformer)
+    rank, alpha = config.get("r", 0), config.get("lora_alpha", config.get("alpha", 0))
+    written: dict[str, Path] = {}
+    for fmt in formats:
+        path = Path(output_dir) / lora_formats.lora_filename(name, fmt, step)
+        header = lora_formats.build_metadata(rank=rank, alpha=alpha, format=fmt, **metadata)
+        if fmt == "diffusers":
+            save_lora_diffusers(transformer, pipeline_class, path)
+            lora_formats.merge_metadata(path, header)
+        elif fmt == "comfyui":
+            lora_formats.write_lora(path, lora_formats.to_comfyui(metadata["family"], tensors, alpha, rank), header)
+        else:
+            lora_formats.write_lora(path, lora_formats.to_kohya(tensors, alpha, rank), header)
+        if comfy_lora_dir and step is None and fmt != "diffusers":
+            lora_formats.copy_to_comfy_loras(path, comfy_lora_dir)
+        written[fmt] = path
+    return written

@@ -82,6 +82,10 @@ def _check_prompts(spec: JobSpec) -> list[str]:
 
 
 def _check_output(spec: JobSpec) -> list[str]:
+    comfy = spec.output.comfy_lora_dir
+    if comfy and not (Path(comfy).is_dir() and os.access(comfy, os.W_OK)):
+        return [f"output.comfy_lora_dir: '{comfy}' is not a writable folder; give ComfyUI's models/loras folder "
+                "or leave it empty"]
     folder = Path(spec.output.dir)
     existing = folder
     while not existing.exists() and existing != existing.parent:

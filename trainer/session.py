@@ -24,7 +24,7 @@ from trainer.checkpoint import (
     latest_state,
     load_training_state,
     prune_checkpoints,
-    save_lora_diffusers,
+    save_lora_files,
     save_training_state,
     state_path,
 )
@@ -51,7 +51,7 @@ from trainer.optimizers import build_optimizer, build_scheduler, effective_learn
 from trainer.preflight import check_files, model_source
 from trainer.prompts import SamplePrompt, sample_prompts
 from trainer.quiet import disable_loading_bars
-from trainer.spec import JobSpec, save_spec
+from trainer.spec import JobSpec, save_spec, spec_to_toml
 from trainer.trackers import TrackerLogger
 from trainer.tread import TreadConfig, tread_routing
 
@@ -518,12 +518,22 @@ class Session:
         return paths
 
     def save(self, intermediate: bool = False) -> Path:
-        """Write the LoRA (diffusers format); intermediate saves carry the step in the file name."""
-        name = self.spec.output.name
-        filename = f"{name}-step{self.step:06d}.safetensors" if intermediate else f"{name}.safetensors"
-        self.emit(PhaseChanged(phase="saving", detail=filename))
-        pipeline_class = type(self.pipe)
-        path = save_lora_diffusers(self.transformer, pipeline_class, self.output_dir / filename)
+        """Write the LoRA in every format of output.formats; intermediate saves carry the step in the file name.
+
+        Returns the first format's file (the diffusers one when it is asked for).
+        """
+        spec = self.spec
+        name = spec.output.name
+        self.emit(PhaseChanged(phase="saving", detail=f"{name} at step {self.step} ({', '.join(spec.output.formats)})"))
+        metadata = {
+            "family": spec.model.family, "flavour": spec.model.flavour, "steps": self.step,
+            "trigger_words": [e.trigger for e in spec.data.datasets if e.trigger],
+            "base_model": model_source(spec), "spec_toml": spec_to_toml(spec), "title": name,
+        }
+        written = save_lora_files(self.transformer, type(self.pipe), self.output_dir, name,
+                                  self.step if intermediate else None, list(spec.output.formats), metadata,
+                                  spec.output.comfy_lora_dir)
+        path = written[spec.output.formats[0]]
         if self.spec.output.save_state:
             save_training_state(state_path(self.output_dir, self.step), self.state_dict())
         prune_checkpoints(self.output_dir, name, self.spec.output.keep_last)

@@ -187,7 +187,10 @@ class OutputSection(_Section):
     keep_last: int = Field(3, ge=1)  # intermediate LoRAs and training states kept on disk
     # Training state (optimiser, scheduler, RNG, data order) beside each save, for an exact resume.
     save_state: bool = True
-    formats: list[Literal["diffusers"]] = Field(default_factory=lambda: ["diffusers"], min_length=1)
+    # diffusers (`transformer.` keys), comfyui (BFL names, fused qkv/linear1), kohya (FLUX.1 only).
+    formats: list[Literal["diffusers", "comfyui", "kohya"]] = Field(default_factory=lambda: ["diffusers"],
+                                                                     min_length=1)
+    comfy_lora_dir: str = ""  # ComfyUI's models/loras: the final comfyui/kohya file is copied there
     log_with: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)  # logs go to output.dir/logs
 
 
@@ -253,6 +256,10 @@ class JobSpec(_Section):
                 re.compile(targets)
             except re.error as exc:
                 problems.append(f"lora.targets: '{targets}' is neither a preset nor a valid regex ({exc})")
+        if "kohya" in self.output.formats and family != "flux1":
+            problems.append("output.formats: 'kohya' is a FLUX.1 layout; for FLUX.2 use 'comfyui' or 'diffusers'")
+        if self.lora.type == "lokr" and set(self.output.formats) - {"diffusers"}:
+            problems.append("output.formats: LoKr is written in the diffusers format only; remove comfyui/kohya")
         if self.advanced.tread:
             a = self.advanced
             blocks = registry.get_flavour(family, self.model.flavour).total_blocks
@@ -447,6 +454,8 @@ def resolve_paths(spec: JobSpec, base_dir: str | Path) -> JobSpec:
     if spec.sample.prompt_library:
         data["sample"]["prompt_library"] = _resolve(spec.sample.prompt_library, base)
     data["output"]["dir"] = _resolve(spec.output.dir, base)
+    if spec.output.comfy_lora_dir:
+        data["output"]["comfy_lora_dir"] = _resolve(spec.output.comfy_lora_dir, base)
     if spec.lora.init_from:
         data["lora"]["init_from"] = _resolve(spec.lora.init_from, base)
     return JobSpec.model_validate(data)
