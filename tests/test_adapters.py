@@ -23,15 +23,6 @@ FAMILIES = ("flux2", "flux1")
 MODULATION = re.compile(r"(.*\.)?norm[^.]*\.linear|.*_modulation.*")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: thread start-up costs more than it saves, and much more on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_transformer(family: str, seed: int = 0) -> torch.nn.Module:
     """The demo transformers' shapes (trainer/demo.py), built directly: fixed seed, fp32."""
     from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel

@@ -25,15 +25,6 @@ PROMPT = "a red circle on a blue background"
 SPEC_TOML = 'spec_version = 1\n[model]\nfamily = "flux2"\n[output]\nname = "shapes"\n'
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():  # noqa: ANN202
-    """These models are tiny: on the shared 2-core test machine one thread runs them ~5x faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _pipeline_class(family: str) -> type:
     from diffusers import Flux2KleinPipeline, FluxPipeline
 

@@ -33,15 +33,6 @@ SETTINGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors this small run fastest on one thread; several threads on a busy machine run 30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def regression_problem(device: str = "cpu") -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
     """A 64×64 Linear (4160 parameters: its weight is big enough for bitsandbytes' 8-bit state) and a target."""
     generator = torch.Generator().manual_seed(0)
