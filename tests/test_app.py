@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ui_and_app_import_without_torch():
-    code = "import sys, ui, app; import ui.run_state, ui.form, ui.studio; print('torch' in sys.modules)"
+    code = ("import sys, ui, app; import ui.run_state, ui.form, ui.studio, ui.dataset_check, ui.captioning, "
+            "ui.caption_editor; print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
@@ -133,6 +134,48 @@ def test_app_trains_the_demo_through_its_api(tmp_path):
         assert str(output) in status
     finally:
         _shut_down(process, log)
+
+
+@pytest.mark.slow
+def test_dataset_tab_endpoints(tmp_path):
+    """check_dataset, the captioning poll and the caption editor through the API of an app built in-process."""
+    from gradio_client import Client
+
+    from trainer.demo import build_demo_dataset
+    from trainer.runner import TrainingRunner
+    from ui import allowed_paths, build_app
+
+    blocks = build_app(TrainingRunner(), tmp_path)
+    blocks.launch(prevent_thread_lock=True, server_port=_free_port(), allowed_paths=allowed_paths(tmp_path),
+                  quiet=True)
+    try:
+        client = Client(blocks.local_url, verbose=False, download_files=False)
+        assert client.predict(api_name="/check_dataset")[0].startswith("not built yet")
+        dataset = build_demo_dataset(tmp_path / ".studio" / "demo")
+        verdict, health, buckets = client.predict(api_name="/check_dataset")
+        assert verdict.startswith("ok — 12 images") and "**Dataset health: ok**" in health
+        assert "```text\nBuckets: 1 for 12 samples" in buckets
+        verdict, health, _ = client.predict(data_resolution="64, big", api_name="/check_dataset")
+        assert verdict.startswith("will not train") and "data.resolution: 'big'" in health
+
+        assert client.predict(api_name="/caption_poll")[0] == "idle"
+        started, _ = client.predict(caption_model="blip", caption_source=str(tmp_path / "no-model"),
+                                    caption_overwrite=True, api_name="/caption_start")
+        assert started.startswith("captioning ")
+        deadline = time.monotonic() + 60
+        while (line := client.predict(api_name="/caption_poll")[0]).startswith(("loading", "captioning")):
+            assert time.monotonic() < deadline, line
+            time.sleep(0.2)
+        assert line.startswith("failed: cannot load the blip captioning model")  # the app goes on
+
+        loaded = client.predict(api_name="/captions_load")
+        assert loaded[0] == f"12 images in {dataset}" and loaded[1].startswith("page 1 of 1")
+        boxes = {f"caption_{i + 1}": update["value"] for i, update in enumerate(loaded[14:26])}
+        saved = client.predict(**dict(boxes, caption_2="a new caption"), api_name="/captions_save")
+        assert saved[0] == "saved 1 changed caption"
+        assert (dataset / "shape_01.txt").read_text(encoding="utf-8") == "a new caption\n"
+    finally:
+        blocks.close()
 
 
 # ---------------------------------------------------------------------- one session, step by step; resume

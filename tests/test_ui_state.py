@@ -511,12 +511,13 @@ def test_check_dataset_lists_images_and_captions(tmp_path):
 
     studio = Studio(FakeRunner(), tmp_path)
     values = studio.default_values()
-    assert "built on the first Start" in studio.check_dataset(values)
+    assert "built on the first Start" in studio.check_dataset(values).details
     build_demo_dataset(studio.demo_dir)
-    report = studio.check_dataset(values)
-    assert "12 images" in report and "shapez a" in report
-    report = studio.check_dataset(dict(values, **{"dataset.path": str(tmp_path / "none")}))
-    assert "not found" in report
+    result = studio.check_dataset(values)
+    assert result.line.startswith("ok — 12 images") and "shapez a" in result.details
+    assert "resolution 64: 12 images" in result.buckets
+    result = studio.check_dataset(dict(values, **{"dataset.path": str(tmp_path / "none")}))
+    assert result.verdict == "will not train" and "does not exist" in result.details
 
 
 def test_studio_answers_clearly_without_a_session(tmp_path):

@@ -221,6 +221,9 @@ class Session:
         for name in ("text_encoder", "text_encoder_2"):
             if getattr(self.pipe, name, None) is not None:
                 getattr(self.pipe, name).to(_DTYPES[spec.model.text_encoder_precision])
+        self.pipe.vae.enable_slicing()  # one image at a time through the VAE: exact, and lighter on memory
+        if spec.data.vae_tiling:
+            self.pipe.vae.enable_tiling()
         self.pipe.to(self.device)
 
     def _release_text_encoders(self) -> None:

@@ -110,6 +110,8 @@ class DataSection(_Section):
     cache_latents: Literal["memory", "disk"] = "memory"
     cache_text_embeddings: Literal["memory", "disk"] = "memory"
     cache_dir: str = ""
+    # Encode large images in overlapping tiles: caching fits a small card, latents differ slightly at tile seams.
+    vae_tiling: bool = False
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
     prior_loss_weight: float = Field(1.0, ge=0.0)
     # Images held out of training (taken from the end of the first dataset) for the evaluation loss.

@@ -41,7 +41,7 @@ def build_app(runner: TrainingRunner, workdir: Path) -> gr.Blocks:
             with gr.Tab("Model"):
                 model_tab.build(fields, defaults, studio)
             with gr.Tab("Dataset & Captioning"):
-                dataset_tab.build(fields, defaults, studio)
+                connect_dataset = dataset_tab.build(fields, defaults, studio, base)
             with gr.Tab("Low VRAM"):
                 lowvram_tab.build(fields, defaults)
             with gr.Tab("Training"):
@@ -53,6 +53,7 @@ def build_app(runner: TrainingRunner, workdir: Path) -> gr.Blocks:
         missing = set(FORM_KEYS) - set(fields)
         if missing:
             raise RuntimeError(f"form keys without a control: {sorted(missing)}")
+        connect_dataset()  # the dataset check reads the Training tab's batch size
 
         def placeholders(family: str, flavour: str) -> tuple[object, object]:
             steps, guidance = advanced_tab.sample_placeholders(family, flavour)

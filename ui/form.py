@@ -8,6 +8,8 @@ nested dict that `parse_spec` validates. Pure python: no gradio import.
 
 from __future__ import annotations
 
+import inspect
+import re
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.demo import demo_job_toml
-from trainer.spec import JobSpec, deep_merge, parse_spec
+from trainer.spec import JobSpec, SpecError, deep_merge, parse_spec
 
 DATASET = "dataset."
 PROMPT_SEPARATOR = "|"
@@ -27,6 +29,8 @@ FORM_KEYS: tuple[str, ...] = (
     # Dataset & Captioning
     "dataset.path", "dataset.trigger", "dataset.caption_strategy", "dataset.instance_prompt", "dataset.repeats",
     "dataset.masks", "data.resolution", "data.caption_dropout", "data.prior_loss_weight", "data.eval_holdout",
+    "data.bucket_step", "data.max_upscale", "data.min_size", "dataset.crop", "data.cache_latents",
+    "data.cache_text_embeddings", "data.cache_dir",
     # Low VRAM
     "lowvram.gradient_checkpointing",
     # Training
@@ -50,6 +54,8 @@ FORM_KEYS: tuple[str, ...] = (
 # Optional numbers, shown as text boxes: empty means "not set" (the flavour's default). gr.Number cannot be
 # empty in the browser (its frontend turns an empty value into 0); pydantic parses the text and names the field.
 OPTIONAL_KEYS = frozenset({"sample.steps", "sample.guidance"})
+# One pixel area or several, typed as text: "1024" or "512, 768, 1024".
+RESOLUTION_KEY = "data.resolution"
 
 
 def api_name(key: str) -> str:
@@ -125,9 +131,47 @@ def split_prompts(text: str) -> list[str]:
     return [part.strip() for part in (text or "").split(PROMPT_SEPARATOR) if part.strip()]
 
 
+def parse_resolution(value: Any) -> int | list[int]:  # noqa: ANN401 - text from the form, or a number from the API
+    """Resolution text as the spec takes it: "1024" → 1024, "512, 768, 1024" → [512, 768, 1024].
+
+    A number or a list of numbers (from the API) is taken as it is.
+
+    Raises ValueError saying what was wrong; the range and the multiple of bucket_step are the spec's to check.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a size in pixels")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        return [parse_resolution(part) for part in value]  # type: ignore[misc]
+    text = str(value if value is not None else "").strip().strip("[]")
+    parts = [part for part in re.split(r"[,;\s]+", text) if part]
+    if not parts:
+        raise ValueError("empty; give a size in pixels such as 1024, or several: 512, 768, 1024")
+    bad = [part for part in parts if not part.isdigit()]
+    if bad:
+        raise ValueError(f"'{bad[0]}' is not a whole number of pixels; give e.g. 1024, or several: 512, 768, 1024")
+    sizes = [int(part) for part in parts]
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def format_resolution(value: int | list[int] | None) -> str:
+    """The text box's view of a resolution: 1024 → "1024", [512, 768] → "512, 768"."""
+    if value is None:
+        return ""
+    return ", ".join(str(size) for size in value) if isinstance(value, list) else str(value)
+
+
 def _to_spec_value(key: str, value: Any) -> Any:
     if key == "sample.prompts":
         return split_prompts(value)
+    if key == RESOLUTION_KEY:
+        try:
+            return parse_resolution(value)
+        except ValueError:
+            return "" if value is None else str(value).strip()  # kept as text: parse_form_dict names the problem
     if isinstance(value, str):
         value = value.strip()
     if key in OPTIONAL_KEYS and value in (None, ""):
@@ -136,7 +180,10 @@ def _to_spec_value(key: str, value: Any) -> Any:
 
 
 def values_to_dict(values: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Nested spec dict from form values (key → value), laid over `base` (a loaded job's fields the form lacks)."""
+    """Nested spec dict from form values (key → value), laid over `base` (a loaded job's fields the form lacks).
+
+    Resolution text the form cannot read ("512, big") stays in as text; `parse_form_dict` names the problem.
+    """
     data: dict[str, Any] = deep_merge({}, dict(base or {}))
     datasets = data.setdefault("data", {}).get("datasets") or [{}]
     dataset: dict[str, Any] = dict(datasets[0])
@@ -157,9 +204,31 @@ def values_to_dict(values: Mapping[str, Any], base: Mapping[str, Any] | None = N
     return data
 
 
+def parse_form_dict(data: dict[str, Any]) -> JobSpec:
+    """`parse_spec` of a dict made by `values_to_dict`: resolution text the form could not read is one more
+    problem; every problem is reported at once in one SpecError."""
+    problems: list[str] = []
+    data = deep_merge({}, data)
+    section, name = RESOLUTION_KEY.split(".")
+    value = data.get(section, {}).get(name)
+    if isinstance(value, str):
+        try:
+            data[section][name] = parse_resolution(value)
+        except ValueError as exc:
+            problems.append(f"{RESOLUTION_KEY}: {exc} (got {value!r})")
+            del data[section][name]  # the rest of the job is still checked
+    try:
+        spec = parse_spec(data)
+    except SpecError as exc:
+        raise SpecError(problems + exc.problems) from None
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
 def form_to_spec(values: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> JobSpec:
     """Validated spec from the form; raises SpecError naming each bad field."""
-    return parse_spec(values_to_dict(values, base))
+    return parse_form_dict(values_to_dict(values, base))
 
 
 def spec_to_values(spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
@@ -175,6 +244,8 @@ def spec_to_values(spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
             value = data.get(section, {}).get(name)
         if key == "sample.prompts":
             value = f" {PROMPT_SEPARATOR} ".join(value or [])
+        elif key == RESOLUTION_KEY:
+            value = format_resolution(value)
         elif key in OPTIONAL_KEYS:
             value = "" if value is None else str(value)
         values[key] = value
@@ -194,13 +265,23 @@ def keyword_handler(fn: Callable[[dict[str, Any]], Any], extra: tuple[str, ...] 
     """Wrap `fn(values)` as a function of keyword arguments named by `api_name`, for gradio's `inputs_kwargs`.
 
     The API then lists every parameter by name (`train_max_steps`, ...), each defaulting to its control's value.
-    `extra` names further inputs (states) that are passed through under their own names.
+    `extra` names further inputs (states) that are passed through under their own names. A generator `fn`
+    gives a generator handler (its yields stream to the outputs).
     """
 
-    def handler(**kwargs: Any) -> Any:
+    def values_of(kwargs: dict[str, Any]) -> dict[str, Any]:
         values = {KEY_BY_API_NAME[name]: value for name, value in kwargs.items() if name in KEY_BY_API_NAME}
         values.update({name: kwargs[name] for name in extra if name in kwargs})
-        return fn(values)
+        return values
+
+    if inspect.isgeneratorfunction(fn):  # gradio streams a generator's updates only when it sees one
+
+        def handler(**kwargs: Any) -> Any:
+            yield from fn(values_of(kwargs))
+    else:
+
+        def handler(**kwargs: Any) -> Any:
+            return fn(values_of(kwargs))
 
     handler.__name__ = getattr(fn, "__name__", "handler")
     handler.__doc__ = fn.__doc__

@@ -13,17 +13,21 @@ from typing import Any
 from trainer import registry
 from trainer.demo import FAMILIES as DEMO_FAMILIES
 from trainer.demo import is_demo_folder
+from trainer.errors import UserError
 from trainer.preflight import check_files
 from trainer.runner import AlreadyRunning, NothingToDo, TrainingRunner
 from trainer.spec import JobSpec, SpecError, parse_spec, resolve_paths, save_spec
-from ui import form
+from ui import caption_editor, form
+from ui.captioning import CaptionJob, make_request
+from ui.dataset_check import DatasetCheck, check_form
 from ui.resume import find_interrupted_run, latest_state_step
 from ui.run_state import RunView
 
 ALREADY_RUNNING = "a run is already in progress; stop it or wait for it to finish"
 SESSION_PAUSED = ("a session is paused at step {step}; End training before starting a new run (or Train N steps "
                   "to continue it)")
-DATASET_PREVIEW_CAPTIONS = 5
+CAPTIONING_IN_PROGRESS = "captioning is in progress; stop it or wait for it to finish (both need the GPU)"
+TRAINING_IN_PROGRESS = "a training run is in progress; caption when it has finished (both need the GPU)"
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Studio:
         self.output_root = form.output_root(self.workdir).resolve()
         self.jobs_dir = self.workdir / ".studio" / "jobs"
         self.view = RunView()
+        self.captioning = CaptionJob()
 
     # ------------------------------------------------------------------ form → spec
 
@@ -97,6 +102,8 @@ class Studio:
         """Why no new session can start now (an action in progress, a paused session), or None."""
         if self.runner.running:
             return Outcome(ALREADY_RUNNING, [ALREADY_RUNNING])
+        if self.captioning.running:
+            return Outcome(CAPTIONING_IN_PROGRESS, [CAPTIONING_IN_PROGRESS])
         if self.runner.live:
             message = SESSION_PAUSED.format(step=self.runner.step)
             return Outcome(message, [message])
@@ -279,36 +286,62 @@ class Studio:
                          "kept as loaded")
         return form.spec_to_values(spec), form.hidden_fields(spec), Outcome(f"loaded {name}", notes=notes)
 
-    # ------------------------------------------------------------------ dataset check
+    # ------------------------------------------------------------------ dataset: check, captions
 
-    def check_dataset(self, values: dict[str, Any]) -> str:
-        """Markdown: how many images the dataset has and the first few captions (no model, no torch)."""
-        from trainer.data.datasets import collect_items
+    def check_dataset(self, values: dict[str, Any], base: dict[str, Any] | None = None) -> DatasetCheck:
+        """Health check and bucket plan of the form's datasets, as a run would make them (no model, no torch)."""
+        return check_form(values, base, self.workdir, self.demo_dir)
 
-        data = form.values_to_dict(values)["data"]
-        # Only the data section matters for listing images; a hub flavour needs no model source.
+    def dataset_folder(self, path: str | None) -> Path:
+        """The form's image folder, a relative one taken from the workdir."""
+        folder = Path(str(path or "").strip()).expanduser()
+        return (folder if folder.is_absolute() else self.workdir / folder).resolve()
+
+    def caption_start(self, folder: str | None, kind: str, source: str | None = None,
+                      **options: Any) -> Outcome:  # noqa: ANN401
+        """Caption the folder's images in a background thread; refused while training runs or captioning does.
+
+        options: trigger, prefix, suffix, max_length, overwrite, batch_size (see make_request).
+        """
+        if self.runner.running:
+            return Outcome(f"not started: {TRAINING_IN_PROGRESS}", [TRAINING_IN_PROGRESS])
         try:
-            spec = resolve_paths(parse_spec({"model": {"family": "flux1", "flavour": "dev"}, "data": data}),
-                                 self.workdir)
-        except SpecError as exc:
-            return "**Problems:**\n" + "\n".join(f"- {p}" for p in exc.problems)
-        folder = Path(spec.data.datasets[0].path)
-        if not folder.is_dir():
-            if folder.is_relative_to(self.demo_dir):
-                return f"The demo dataset `{folder}` is built on the first Start."
-            return f"**Folder not found:** `{folder}`"
-        items = collect_items(spec)
-        if not items:
-            return f"**No images** in `{folder}`."
-        entry = spec.data.datasets[0]
-        lines = [f"**{len(items)} images** in `{folder}` × {entry.repeats} repeats = "
-                 f"{len(items) * entry.repeats} per epoch.", "", "First captions:"]
-        lines += [f"- `{item.image_path.name}`: {item.caption or '(empty)'}" for item in
-                  items[:DATASET_PREVIEW_CAPTIONS]]
-        empty = sum(1 for item in items if not item.caption)
-        if empty:
-            lines.append(f"\n{empty} images have an empty caption.")
-        return "\n".join(lines)
+            request = make_request(folder or "", kind, source, workdir=self.workdir, **options)
+            self.captioning.start(request)
+        except UserError as exc:
+            return Outcome(f"not started: {exc}", [str(exc)])
+        return Outcome(f"captioning {request.folder} with {request.kind}")
+
+    def caption_stop(self) -> str:
+        return self.captioning.stop()
+
+    def load_captions(self, folder: str | None) -> tuple[caption_editor.EditorState, Outcome]:
+        """The caption editor's state for the form's image folder."""
+        if not str(folder or "").strip():
+            message = "no image folder given"
+            return caption_editor.empty_state(), Outcome(message, [message])
+        try:
+            state = caption_editor.load_folder(self.dataset_folder(folder))
+        except UserError as exc:
+            return caption_editor.empty_state(), Outcome(str(exc), [str(exc)])
+        count = len(state["names"])
+        message = f"{count} image{'' if count == 1 else 's'} in {state['folder']}"
+        notes = []
+        if state["left_out"]:
+            notes.append(f"{state['left_out']} images are left out: they or their captions resolve outside the "
+                         "folder")
+        if not count:
+            message = f"no images in {state['folder']}"
+        return state, Outcome(message, notes=notes)
+
+    def save_captions(self, state: caption_editor.EditorState) -> tuple[caption_editor.EditorState, Outcome]:
+        """Write the edited captions; refused while the captioner works in the same folder."""
+        folder = self.captioning.folder
+        if self.captioning.running and folder is not None and state.get("folder") == str(folder):
+            message = "not saved: the captioner is writing captions in this folder; save when it has finished"
+            return state, Outcome(message, [message])
+        state, result = caption_editor.save_captions(state)
+        return state, Outcome(result.message(), result.problems)
 
 
 def flavour_summary(family: str, flavour: str) -> str:

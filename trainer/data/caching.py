@@ -81,7 +81,7 @@ class InputCaches:
         seed = self.spec.train.seed if item.crop == "random" else None
         return cache_key(kind="latents", image=file_hash(item.image_path), source=model_source(self.spec),
                          family=model.family, flavour=model.flavour, precision=model.base_precision,
-                         size=item.size, crop=item.crop, crop_seed=seed)
+                         size=item.size, crop=item.crop, crop_seed=seed, vae_tiling=self.spec.data.vae_tiling)
 
     def fill_latents(self, pipe: Any, items: list[TrainItem]) -> None:
         self.emit(PhaseChanged(phase="caching latents", detail=f"{len(items)} images"))
