@@ -1,0 +1,90 @@
+"""The dataset check behind the tab's button: the health check and the bucket plan a run would make, in plain
+python (no torch, no gradio). It reads every image once, so a big folder takes seconds: the tab shows
+"checking…" first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.spec import SpecError, resolve_paths
+from ui import form
+
+PREVIEW_CAPTIONS = 5
+CHECKING = "checking…"
+# Only the data section and the batch settings matter for a dataset; a hub flavour needs no model source.
+_ANY_MODEL = {"family": "flux1", "flavour": "dev"}
+_TRAIN_KEYS = ("batch_size", "gradient_accumulation")
+
+
+@dataclass(frozen=True)
+class DatasetCheck:
+    """What the check found: `verdict` is the health check's (ok, warnings, will not train) or "not built"
+    (the demo dataset, made on the first Start); `line` is the verdict with the counts, `details` markdown,
+    `buckets` the bucket plan's report (plain text; empty when nothing could be planned)."""
+
+    verdict: str
+    line: str
+    details: str
+    buckets: str = ""
+
+
+def check_form(values: dict[str, Any], base: dict[str, Any] | None, workdir: Path, demo_dir: Path) -> DatasetCheck:
+    """Health check and bucket plan of the form's datasets (the first one edited by the form, any others as
+    loaded), as a run of the form's job would make them."""
+    data = form.values_to_dict(values, base)
+    train = {key: value for key, value in data.get("train", {}).items() if key in _TRAIN_KEYS}
+    try:
+        spec = resolve_paths(form.parse_form_dict({"model": _ANY_MODEL, "data": data["data"], "train": train}),
+                             workdir)
+    except SpecError as exc:
+        details = "**The form has problems:**\n" + "\n".join(f"- {problem}" for problem in exc.problems)
+        return DatasetCheck("will not train", "will not train — the form has problems (listed below)", details)
+    first = Path(spec.data.datasets[0].path)
+    if not first.is_dir() and first.is_relative_to(demo_dir):
+        return DatasetCheck("not built", "not built yet — the demo dataset is made on the first Start",
+                            f"The demo dataset `{first}` is built on the first Start.")
+    return check_spec(spec)
+
+
+def check_spec(spec: Any) -> DatasetCheck:  # noqa: ANN401 - a resolved JobSpec
+    """What a run does before training (health check, then `plan_training_items`), reported instead of raised."""
+    from trainer.data.health import check_datasets, usable_images
+    from trainer.data.planning import plan_training_items
+
+    health = check_datasets(spec)
+    verdict = health.verdict
+    details = [health.markdown()]
+    buckets = ""
+    items: list[Any] = []
+    if usable_images(health):
+        try:
+            items, plan = plan_training_items(spec, health)
+        except ValueError as exc:
+            verdict = "will not train"
+            details.append(f"\n**No bucket plan:** {exc}")
+        else:
+            buckets = plan.report()
+            if not plan.placements:
+                verdict = "will not train"
+                details.append("\n**No image fits any bucket:** lower the resolution or raise max upscale.")
+            elif plan.skipped and verdict == "ok":
+                verdict = "warnings"
+                details.append(f"\n{len(plan.skipped)} image placements are skipped by the bucket plan "
+                               "(listed below it).")
+    details += _caption_preview(spec, items)
+    line = f"{verdict} — {health.counts()}"
+    return DatasetCheck(verdict, line, "\n".join(details), buckets)
+
+
+def _caption_preview(spec: Any, items: list[Any]) -> list[str]:  # noqa: ANN401
+    """The first captions of the first dataset as training reads them (strategy and trigger applied); `items`
+    are the placed ones, an image once per resolution."""
+    folder = Path(spec.data.datasets[0].path)
+    first = list({item.image_path: item for item in items if item.image_path.parent == folder}.values())
+    if not first:
+        return []
+    lines = ["", "First captions as training reads them:"]
+    lines += [f"- `{item.image_path.name}`: {item.caption or '(empty)'}" for item in first[:PREVIEW_CAPTIONS]]
+    return lines
