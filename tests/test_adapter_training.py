@@ -34,15 +34,17 @@ def _latents(pipe, text: dict) -> torch.Tensor:  # noqa: ANN001
     ("advanced.tread=true", "advanced.tread_selection_ratio=0.5"),
 ], ids=["lokr", "pissa", "olora", "attention-preset", "regex", "tread"])
 def test_trained_adapter_reloads_in_diffusers(demo_dir: Path, tmp_path: Path, overrides: tuple[str, ...]) -> None:
-    session = Session(_spec(demo_dir, tmp_path, *overrides))
+    # A sample prompt keeps the VAE (the pipeline needs it even for latents); the text encoder is freed anyway.
+    session = Session(_spec(demo_dir, tmp_path, *overrides, f"sample.prompts=['{PROMPT}']"))
     try:
         path = session.run()
-        text = session.ops.encode_prompts(session.pipe, [PROMPT], session.flavour)
+        assert session.pipe.text_encoder is None, "the text encoder is still held after caching"
+        fresh = type(session.pipe).from_pretrained(demo_dir / "flux2")  # the untouched base
+        fresh.set_progress_bar_config(disable=True)
+        text = session.ops.encode_prompts(fresh, [PROMPT], session.flavour)
         with torch.no_grad():
             session.transformer.eval()
             trained = _latents(session.pipe, text)
-            fresh = type(session.pipe).from_pretrained(demo_dir / "flux2")  # the untouched base
-            fresh.set_progress_bar_config(disable=True)
             base = _latents(fresh, text)
             fresh.load_lora_weights(path.parent, weight_name=path.name)
             loaded = _latents(fresh, text)
@@ -100,9 +102,11 @@ def test_every_format_is_written_copied_and_loads_in_diffusers(demo_dir: Path, t
     session = Session(spec)
     try:
         session.run()
-        text = session.ops.encode_prompts(session.pipe, [PROMPT], session.flavour)
     finally:
         session.end()
+    from diffusers import FluxPipeline
+
+    text = session.ops.encode_prompts(FluxPipeline.from_pretrained(demo_dir / "flux1"), [PROMPT], session.flavour)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("shapes*.safetensors")) == [
         "shapes-step000002.safetensors", "shapes-step000002_comfyui.safetensors", "shapes-step000002_kohya.safetensors",
@@ -115,8 +119,6 @@ def test_every_format_is_written_copied_and_loads_in_diffusers(demo_dir: Path, t
         assert any(key.startswith("lora_unet_double_blocks_0_img_attn_qkv") for key in handle.keys())
     assert header["ss_network_dim"] == "4" and header["ss_steps"] == "4"
     assert "shapez" in header["modelspec.trigger_phrase"]
-    from diffusers import FluxPipeline
-
     outputs = {}
     with torch.no_grad():
         for name in ("shapes.safetensors", "shapes_comfyui.safetensors", "shapes_kohya.safetensors"):

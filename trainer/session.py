@@ -186,6 +186,7 @@ class Session:
         caches.fill_text(self.pipe, captions)
         self._release_text_encoders()
         caches.fill_latents(self.pipe, self.items)
+        self._park_vae()
         self.text_cache, self.latents, self.masks = caches.text, caches.latents, caches.masks
         self.emit(LogMessage(level="info", message=f"caches: {caches.summary()}"))
         self._add_lora()
@@ -227,13 +228,23 @@ class Session:
         self.pipe.to(self.device)
 
     def _release_text_encoders(self) -> None:
-        """Embeddings are cached: the text encoders leave the GPU before training needs the memory."""
-        if self.device.type != "cuda":
-            return
-        for name in ("text_encoder", "text_encoder_2"):
+        """Every embedding training and sampling need is cached: the text encoders are freed entirely."""
+        for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
             if getattr(self.pipe, name, None) is not None:
-                getattr(self.pipe, name).to("cpu")
-        torch.cuda.empty_cache()
+                setattr(self.pipe, name, None)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _park_vae(self) -> None:
+        """Latents are cached: the VAE waits in system RAM for sampling (freed if nothing is ever sampled)."""
+        if not self.prompts:
+            self.pipe.vae = None
+            gc.collect()
+        elif self.device.type == "cuda":
+            self.pipe.vae.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _add_lora(self) -> None:
         lora = self.spec.lora
@@ -506,7 +517,10 @@ class Session:
         resolution = sample.resolution or self.flavour.sample_resolution
         negative = self.text_cache[""] if self.flavour.guidance == "cfg" and guidance > 1.0 else None
         self.emit(PhaseChanged(phase="sampling", detail=f"{len(self.prompts)} prompts at step {self.step}"))
+        if not self.prompts:
+            return []
         self.transformer.eval()
+        self.pipe.vae.to(self.device)
         paths: list[Path] = []
         with torch.no_grad(), self._autocast():
             for prompt in self.prompts:
@@ -517,6 +531,7 @@ class Session:
                 image.save(path)
                 paths.append(path)
                 self.emit(SampleSaved(step=self.step, path=str(path), prompt=prompt.text))
+        self._park_vae()
         self.transformer.train()
         return paths
 
