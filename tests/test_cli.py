@@ -81,3 +81,12 @@ def test_resume_continues_from_the_latest_state(demo_dir: Path, tmp_path: Path) 
     assert "run completed at step 4" in second.stdout
     progress = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in progress if e["event"] == "progress"] == [1, 2, 3, 4]
+
+
+def test_estimate_prints_one_json_object_without_loading_a_model(demo_dir: Path) -> None:
+    result = _run("estimate", str(demo_dir / "job.toml"), "--set", "model.flavour=klein-base-9b",
+                  "--set", "model.source=''", "--gpu-vram", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert {"vram_gib", "ram_gib", "phases", "breakdown", "verdict", "suggestion"} <= report.keys()
+    assert report["verdict"] == "will not fit" and report["phases"]["training step"]["vram_gib"] > 8

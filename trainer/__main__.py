@@ -1,4 +1,4 @@
-"""Command line: `python -m trainer demo | train | validate | caption`.
+"""Command line: `python -m trainer demo | train | validate | estimate | caption`.
 
 Problems the user can fix print as `error: ...` lines and exit 2; anything else exits 1 with one line, and
 `--debug` shows the traceback.
@@ -121,6 +121,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from trainer.estimator import estimate
+
+    result = estimate(_load_job(args.job, args.set), gpu_vram_gib=args.gpu_vram, gpus=args.gpus).to_json()
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'phase':28}{'VRAM GiB':>10}{'RAM GiB':>10}")
+    for phase, memory in result["phases"].items():
+        print(f"{phase:28}{memory['vram_gib']:10.2f}{memory['ram_gib']:10.2f}")
+    print("\nbreakdown (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in result["breakdown"].items()))
+    print(f"peak: VRAM {result['vram_gib']:.2f} GiB, RAM {result['ram_gib']:.2f} GiB")
+    if result.get("verdict"):
+        print(f"verdict: {result['verdict']}" + (f" — {result['suggestion']}" if result.get("suggestion") else ""))
+    for note in result.get("notes", []):
+        print(f"note: {note}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Flux LoRA Studio, headless.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--resume", action="store_true",
                                  help="continue exactly from the latest training state in output.dir")
         command.set_defaults(func=func)
+    estimate = sub.add_parser("estimate", help="predict peak VRAM and RAM per phase, without loading a model")
+    estimate.add_argument("job", help="job TOML file")
+    estimate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    estimate.add_argument("--gpu-vram", type=float, metavar="GIB", help="the GPU's memory, for a verdict")
+    estimate.add_argument("--gpus", type=int, default=1)
+    estimate.add_argument("--json", action="store_true", help="one JSON object")
+    estimate.add_argument("--debug", action="store_true", help="show tracebacks")
+    estimate.set_defaults(func=cmd_estimate)
     from trainer.captioning_cli import add_parser as add_caption_parser
 
     add_caption_parser(sub)
