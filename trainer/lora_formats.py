@@ -240,6 +240,15 @@ def lora_filename(name: str, format: str, step: int | None = None) -> str:
 # ---------------------------------------------------------------------------------------------- diffusers -> BFL
 
 
+def _scope_of(name: str, single: re.Pattern[str], double: re.Pattern[str]) -> tuple[str, str | None, str]:
+    """(single | double | extra, block number, name inside the block) of a module name in either layout."""
+    if match := single.fullmatch(name):
+        return "single", match.group(1), match.group(2)
+    if match := double.fullmatch(name):
+        return "double", match.group(1), match.group(2)
+    return "extra", None, name
+
+
 def _split_adapter_keys(tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     """{module: {"A": lora_A, "B": lora_B}} from `<module>.lora_A.weight` keys (a `transformer.` prefix is dropped)."""
     modules: dict[str, dict[str, Tensor]] = {}
@@ -296,12 +305,7 @@ def _to_bfl(family: str, tensors: dict[str, Tensor]) -> list[tuple[str, Tensor, 
     found: dict[str, tuple[list[_Group], dict[str, dict[str, Tensor]]]] = {}
     unmapped: list[str] = []
     for module, parts in _split_adapter_keys(tensors).items():
-        if match := _SINGLE_RE.fullmatch(module):
-            scope, block, suffix = "single", match.group(1), match.group(2)
-        elif match := _DOUBLE_RE.fullmatch(module):
-            scope, block, suffix = "double", match.group(1), match.group(2)
-        else:
-            scope, block, suffix = "extra", None, module
+        scope, block, suffix = _scope_of(module, _SINGLE_RE, _DOUBLE_RE)
         groups = index.get(f"{scope}:{suffix}")
         if groups is None:
             unmapped.append(module)
@@ -461,12 +465,7 @@ def from_comfyui(family: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     for bfl, parts in sorted(modules.items()):
         if "A" not in parts or "B" not in parts:
             raise UserError(f"LoRA module {bfl!r} lacks its {'up/B' if 'A' in parts else 'down/A'} weight")
-        if match := _BFL_SINGLE_RE.fullmatch(bfl):
-            scope, block, suffix = "single", match.group(1), match.group(2)
-        elif match := _BFL_DOUBLE_RE.fullmatch(bfl):
-            scope, block, suffix = "double", match.group(1), match.group(2)
-        else:
-            scope, block, suffix = "extra", None, bfl
+        scope, block, suffix = _scope_of(bfl, _BFL_SINGLE_RE, _BFL_DOUBLE_RE)
         entry = index.get(f"{scope}:{suffix}")
         if entry is None:
             unknown.append(bfl)
