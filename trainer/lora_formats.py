@@ -193,20 +193,16 @@ def _bfl_index(family: str) -> dict[str, tuple[str, _Group]]:
     return index
 
 
-def _scoped(scope: str, block: str | None, name: str) -> str:
-    if scope == "double":
-        return f"double_blocks.{block}.{name}"
-    if scope == "single":
-        return f"single_blocks.{block}.{name}"
-    return name
+_BLOCK_PREFIXES = {"bfl": ("double_blocks", "single_blocks"),
+                   "diffusers": ("transformer_blocks", "single_transformer_blocks")}
 
 
-def _diffusers_scoped(scope: str, block: str | None, name: str) -> str:
-    if scope == "double":
-        return f"transformer_blocks.{block}.{name}"
-    if scope == "single":
-        return f"single_transformer_blocks.{block}.{name}"
-    return name
+def _in_block(layout: str, scope: str, block: str | None, name: str) -> str:
+    """`name` inside block `block` of `scope` (double / single / extra) in the BFL or diffusers layout."""
+    if scope == "extra":
+        return name
+    double, single = _BLOCK_PREFIXES[layout]
+    return f"{double if scope == 'double' else single}.{block}.{name}"
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -310,7 +306,7 @@ def _to_bfl(family: str, tensors: dict[str, Tensor]) -> list[tuple[str, Tensor, 
         if groups is None:
             unmapped.append(module)
             continue
-        bfl = _scoped(scope, block, groups[0].bfl)
+        bfl = _in_block("bfl", scope, block, groups[0].bfl)
         known, by_name = found.setdefault(bfl, ([], {}))
         known.extend(g for g in groups if g not in known)
         by_name[suffix] = parts
@@ -397,7 +393,7 @@ def _bfl_name(family: str, key_module: str) -> str:
         groups = _DOUBLE[family] if scope == "double" else _SINGLE[family]
         for group in groups:
             if group.bfl.replace(".", "_") == match.group(3):
-                return _scoped(scope, match.group(2), group.bfl)
+                return _in_block("bfl", scope, match.group(2), group.bfl)
         return flat
     for group in _EXTRAS[family]:
         if group.bfl.replace(".", "_") == flat:
@@ -478,7 +474,7 @@ def from_comfyui(family: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
                 a = a * scale
         split = ([(group.parts[0][0], a, b)] if len(group.parts) == 1 else _split_fused(group, a, b))
         for name, part_a, part_b in split:
-            module = _diffusers_scoped(scope, block, name)
+            module = _in_block("diffusers", scope, block, name)
             out[f"{module}.lora_A.weight"] = part_a.contiguous()
             out[f"{module}.lora_B.weight"] = part_b.contiguous()
     if unknown:
