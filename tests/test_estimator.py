@@ -21,7 +21,8 @@ SETTINGS = [
 
 
 def _spec(family: str, flavour: str, **sections: dict) -> object:
-    data = {"model": {"family": family, "flavour": flavour, "source": "x"}, "data": {"resolution": 1024}}
+    data = {"model": {"family": family, "flavour": flavour, "source": "x"}, "data": {"resolution": 1024},
+            "lowvram": {"strategy": "none"}}
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     return parse_spec(data)

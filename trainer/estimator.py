@@ -41,10 +41,11 @@ from typing import Any
 
 from trainer import registry
 from trainer.adapters import _PRESET_PATTERNS  # torch-free at import
+from trainer.memory.strategies import LowVramPlan, resolve_lowvram
 from trainer.spec import JobSpec
 
 GIB = 1024**3
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5, "nf4": 0.5}
 CUDA_CONTEXT_GIB = 0.5
 ALLOCATOR_OVERHEAD = 0.10
 TIGHT_SHARE = 0.90
@@ -292,7 +293,7 @@ def _training_activations(f: registry.Flavour, tokens: int, batch: int, elem: in
 
 
 def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
-             fused_attention: bool | None = None, _suggest: bool = True) -> Estimate:
+             fused_attention: bool | None = None, plan: LowVramPlan | None = None, _suggest: bool = True) -> Estimate:
     """VRAM and RAM per phase of `spec`, with a verdict against `gpu_vram_gib` (per GPU; `gpus` GPUs each hold a
     full copy, as in data-parallel training, and the system RAM holds one staging copy per GPU).
 
@@ -300,6 +301,8 @@ def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
     picks a flash kernel on CUDA and on the CPU (the probe measured no s² tensor on the demo).
     """
     f = registry.get_flavour(spec.model.family, spec.model.flavour)
+    if plan is None:
+        plan = resolve_lowvram(spec, gpu_vram_gib)
     if fused_attention is None:
         fused_attention = True
     base_elem = BYTES[spec.model.base_precision]
@@ -321,7 +324,7 @@ def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
     else:
         optimizer_bytes = lora_params * OPTIMIZER_BYTES[spec.train.optimizer]
     activations, attention = _training_activations(f, tokens, batch, compute_elem,
-                                                   spec.lowvram.gradient_checkpointing, fused_attention)
+                                                   plan.gradient_checkpointing, fused_attention)
     # a base in fp32 under bf16 autocast keeps 16-bit copies of the weights of the block being computed
     step_tensors = base_bytes + lora_bytes + grad_bytes + optimizer_bytes + activations + attention
 
@@ -368,7 +371,7 @@ def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
         "lora weights (fp32)": lora_bytes / GIB,
         "lora grads (fp32)": grad_bytes / GIB,
         f"optimizer state ({spec.train.optimizer})": optimizer_bytes / GIB,
-        "activations" + (" (checkpointed)" if spec.lowvram.gradient_checkpointing else ""): activations / GIB,
+        "activations" + (" (checkpointed)" if plan.gradient_checkpointing else ""): activations / GIB,
         "attention workspace": attention / GIB,
         "cuda context": CUDA_CONTEXT_GIB,
         "allocator overhead": (step_tensors - base_bytes) * ALLOCATOR_OVERHEAD / GIB,

@@ -22,6 +22,10 @@ from trainer import registry
 SPEC_VERSION = 1
 
 Precision = Literal["fp32", "bf16", "fp16"]
+# Storage of the frozen transformer: fp8 is e4m3 with per-row scales; int8/int4/nf4 are weight-only with bf16 compute.
+BasePrecision = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4", "nf4"]
+QUANTISED_PRECISIONS = ("fp8", "int8", "int4", "nf4")
+Strategy = Literal["auto", "none", "conservative", "aggressive", "extreme"]
 
 
 class SpecError(ValueError):
@@ -43,7 +47,7 @@ class ModelSection(_Section):
     flavour: str = "demo"
     # Hub repo id or a diffusers-layout folder; empty means the flavour's default hub repo.
     source: str = ""
-    base_precision: Precision = "bf16"
+    base_precision: BasePrecision = "bf16"
     text_encoder_precision: Precision = "bf16"
 
     @model_validator(mode="after")
@@ -166,8 +170,23 @@ class TrainSection(_Section):
 
 
 class LowVramSection(_Section):
-    strategy: Literal["none"] = "none"
-    gradient_checkpointing: bool = False
+    # A bundle of the settings below (see trainer/memory/strategies.py); any key set here overrides the bundle.
+    # auto picks the lightest bundle the memory estimator says fits the GPU.
+    strategy: Strategy = "auto"
+    vram_gib: float | None = Field(None, gt=0, le=1024)  # the GPU memory auto plans for; unset: the detected GPU
+    # Frozen weights of this many transformer blocks wait in CPU memory and stream to the GPU ahead of use.
+    blocks_to_swap: int | None = Field(None, ge=0)
+    swap_prefetch: int | None = Field(None, ge=1, le=8)  # blocks loaded ahead of the one computing
+    # Pinned (page-locked) host memory makes the copies asynchronous; on some Windows systems it is slower.
+    pin_memory: bool | None = None
+    gradient_checkpointing: bool | None = None  # recompute block activations in backward instead of keeping them
+    checkpointing_interval: int | None = Field(None, ge=1)  # checkpoint every n-th block (swapped blocks always)
+    cpu_offload_checkpointing: bool | None = None  # checkpoint inputs wait in CPU memory during forward
+    optimizer_offload: bool | None = None  # optimiser state and its step on the CPU
+    # The optimiser steps each parameter as soon as its gradient is complete; clipping is then per parameter.
+    fused_backward: bool | None = None
+    # Where text encoders run while embeddings are cached: gpu, cpu, or offload (layers streamed to the GPU).
+    text_encoder_device: Literal["gpu", "cpu", "offload"] | None = None
 
 
 class SampleSection(_Section):
@@ -262,6 +281,7 @@ class JobSpec(_Section):
             problems.append("output.formats: 'kohya' is a FLUX.1 layout; for FLUX.2 use 'comfyui' or 'diffusers'")
         if self.lora.type == "lokr" and set(self.output.formats) - {"diffusers"}:
             problems.append("output.formats: LoKr is written in the diffusers format only; remove comfyui/kohya")
+        problems += _lowvram_agrees(self)
         if self.advanced.tread:
             a = self.advanced
             blocks = registry.get_flavour(family, self.model.flavour).total_blocks
@@ -273,6 +293,30 @@ class JobSpec(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
+
+
+def _lowvram_agrees(spec: JobSpec) -> list[str]:
+    """Explicit low-VRAM settings that contradict each other or the model; bundles are checked when resolved."""
+    low, problems = spec.lowvram, []
+    most = registry.get_flavour(spec.model.family, spec.model.flavour).max_blocks_to_swap
+    if low.blocks_to_swap is not None and low.blocks_to_swap > most:
+        problems.append(f"lowvram.blocks_to_swap: {low.blocks_to_swap} is above {most}, the most this flavour "
+                        "allows (two blocks stay on the GPU)")
+    if low.gradient_checkpointing is False:
+        if low.blocks_to_swap:
+            problems.append("lowvram.blocks_to_swap: swapped blocks need gradient_checkpointing; turn it on or "
+                            "set blocks_to_swap = 0")
+        if low.cpu_offload_checkpointing:
+            problems.append("lowvram.cpu_offload_checkpointing: offloads checkpoint inputs, so it needs "
+                            "gradient_checkpointing = true")
+    if low.fused_backward:
+        if spec.train.mixed_precision == "fp16":
+            problems.append("lowvram.fused_backward: cannot unscale fp16 gradients per parameter; use "
+                            'train.mixed_precision = "bf16" or turn fused_backward off')
+        if spec.train.optimizer == "prodigy":
+            problems.append("lowvram.fused_backward: Prodigy adapts one step size over all parameters; use "
+                            "another optimizer or turn fused_backward off")
+    return problems
 
 
 # ---------------------------------------------------------------- parsing and error messages
