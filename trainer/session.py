@@ -109,6 +109,8 @@ class Session:
         self.eval_indices: list[int] = []
         self.step = 0
         self.device = pick_device()
+        # quantised bases compute in bf16; the others compute in the dtype they are stored in
+        self.compute_dtype = _DTYPES.get(spec.model.base_precision, torch.bfloat16)
         self.pipe: Any = None
         self.transformer: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -216,8 +218,9 @@ class Session:
         detail = model_source(spec) + (" (text encoders not needed: embeddings cached)" if skip_text_encoders else "")
         self.emit(PhaseChanged(phase="loading", detail=detail))
         disable_loading_bars()
-        self.pipe = self.ops.load_pipeline(model_source(spec), self.flavour, _DTYPES[spec.model.base_precision],
-                                           skip=skip if skip_text_encoders else ())
+        self.pipe = self.ops.load_pipeline(model_source(spec), self.flavour, self.compute_dtype,
+                                           skip=skip if skip_text_encoders else (),
+                                           base_precision=spec.model.base_precision)
         self.pipe.set_progress_bar_config(disable=True)
         for name in ("text_encoder", "text_encoder_2"):
             if getattr(self.pipe, name, None) is not None:

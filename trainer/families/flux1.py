@@ -10,8 +10,12 @@ from PIL import Image
 from trainer.registry import Flavour
 
 
-def load_pipeline(source: str, flavour: Flavour, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> Any:
-    """The flavour's pipeline; components named in `skip` are not loaded (left None)."""
+def load_pipeline(source: str, flavour: Flavour, dtype: torch.dtype, skip: tuple[str, ...] = (),
+                  base_precision: str = "bf16") -> Any:
+    """The flavour's pipeline; components named in `skip` are not loaded (left None).
+
+    `dtype` is the compute dtype; `base_precision` the storage of the frozen transformer (fp8/int8/int4/nf4 are
+    quantised while the weights stream from the files)."""
     import diffusers
 
     pipeline_class = getattr(diffusers, flavour.pipeline_class)
