@@ -309,6 +309,9 @@ def _lowvram_agrees(spec: JobSpec) -> list[str]:
         if low.cpu_offload_checkpointing:
             problems.append("lowvram.cpu_offload_checkpointing: offloads checkpoint inputs, so it needs "
                             "gradient_checkpointing = true")
+    if low.cpu_offload_checkpointing and spec.advanced.tread:
+        problems.append("lowvram.cpu_offload_checkpointing: cannot be combined with advanced.tread (the routed "
+                        "tokens bypass the offloaded blocks); turn one of them off")
     if low.fused_backward:
         if spec.train.mixed_precision == "fp16":
             problems.append("lowvram.fused_backward: cannot unscale fp16 gradients per parameter; use "
