@@ -75,7 +75,7 @@ def test_out_of_memory_saves_state_names_settings_and_resumes(demo_dir: Path, tm
     with pytest.raises(UserError) as caught:
         _run(spec)
     message = str(caught.value)
-    assert "out of memory at step 3" in message and "lowvram.gradient_checkpointing" in message
+    assert "out of memory at step 3" in message and "lowvram.strategy" in message
     assert "train.batch_size" in message and "state of step 2 is saved" in message
     finished = json.loads((tmp_path / "events.jsonl").read_text().splitlines()[-1])
     assert finished["event"] == "run_finished" and finished["status"] == "failed"

@@ -47,13 +47,18 @@ from trainer.events import (
     SampleSaved,
 )
 from trainer.families import family_ops
+from trainer.memory.checkpointing import ActivationOffloader, enable_block_checkpointing
+from trainer.memory.optimizer_memory import FusedBackward, build_training_optimizer
+from trainer.memory.placement import TextEncoderPlacement, place_transformer
+from trainer.memory.strategies import LowVramPlan, resolve_lowvram
+from trainer.memory.system_ram import ram_warning
 from trainer.optimizers import build_optimizer, build_scheduler, effective_learning_rate
 from trainer.preflight import check_files, model_source
 from trainer.prompts import SamplePrompt, sample_prompts
 from trainer.quiet import disable_loading_bars
 from trainer.spec import JobSpec, save_spec, spec_to_toml
 from trainer.trackers import TrackerLogger
-from trainer.tread import TreadConfig, tread_routing
+from trainer.tread import TreadConfig, transformer_blocks, tread_routing
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_FORMAT = 1
@@ -94,6 +99,13 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def device_vram_gib(device: torch.device) -> float | None:
+    """The GPU's total memory, for the auto strategy; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
 class Session:
     def __init__(self, spec: JobSpec, emit: Callable[[Event], None] | None = None, commands: Any = None,
                  resume: bool = False) -> None:
@@ -127,6 +139,10 @@ class Session:
         self._order: list[list[int]] = []
         self.losses: list[float] = []
         self.last_lora_path: Path | None = None
+        self.plan: LowVramPlan = resolve_lowvram(spec, device_vram_gib(self.device))
+        self.swapper: Any = None
+        self.offloader: ActivationOffloader | None = None
+        self._text_placement: TextEncoderPlacement | None = None
 
     def emit(self, event: Event) -> None:
         for listener in self._listeners:
@@ -178,6 +194,10 @@ class Session:
         self.emit(RunStarted(max_steps=spec.train.max_steps, output_dir=str(self.output_dir),
                              family=spec.model.family, flavour=spec.model.flavour))
         torch.manual_seed(spec.train.seed)
+        self.emit(LogMessage(level="info", message=f"low-VRAM plan: {self.plan.describe()}"))
+        warning = ram_warning(spec, self.plan, device_vram_gib(self.device))
+        if warning:
+            self.emit(LogMessage(level="warning", message=warning))
 
         self.items = self._plan_items()
         self.eval_indices = self._held_out_indices()
@@ -228,10 +248,16 @@ class Session:
         self.pipe.vae.enable_slicing()  # one image at a time through the VAE: exact, and lighter on memory
         if spec.data.vae_tiling:
             self.pipe.vae.enable_tiling()
-        self.pipe.to(self.device)
+        # the transformer waits in system RAM until the caches are filled: caching needs the GPU to itself
+        self.pipe.vae.to(self.device)
+        self._text_placement = TextEncoderPlacement(self.pipe, self.device, self.plan.text_encoder_device,
+                                                    self.plan.pin_memory)
 
     def _release_text_encoders(self) -> None:
         """Every embedding training and sampling need is cached: the text encoders are freed entirely."""
+        if self._text_placement is not None:
+            self._text_placement.release()
+            self._text_placement = None
         for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
             if getattr(self.pipe, name, None) is not None:
                 setattr(self.pipe, name, None)
@@ -257,19 +283,37 @@ class Session:
             dropout=lora.dropout, targets=lora.targets, init=lora.init, init_from=lora.init_from,
             base_precision=self.spec.model.base_precision,
         )
-        if self.spec.lowvram.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
+        self._place_transformer()
         count = sum(p.numel() for p in self.trainable_parameters())
         self.emit(LogMessage(level="info", message=f"{lora.type} on {len(names)} modules, {count:,} parameters"))
+
+    def _place_transformer(self) -> None:
+        """Checkpointing by the plan (swapped blocks always), then the transformer onto the GPU but for the frozen
+        weights of its swapped blocks, which stream from CPU memory."""
+        plan, blocks = self.plan, transformer_blocks(self.transformer)
+        if plan.gradient_checkpointing:
+            if plan.cpu_offload_checkpointing:
+                self.offloader = ActivationOffloader(self.device, plan.pin_memory)
+            enable_block_checkpointing(self.transformer, blocks, plan.checkpointing_interval,
+                                       range(plan.blocks_to_swap), self.offloader)
+        self.swapper = place_transformer(self.transformer, blocks, self.device, plan.blocks_to_swap,
+                                         plan.swap_prefetch, plan.pin_memory)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
     def _make_optimizer(self) -> None:
         train = self.spec.train
-        self.optimizer = build_optimizer(self.trainable_parameters(), train.optimizer, train.learning_rate,
-                                         weight_decay=train.weight_decay, device_type=self.device.type)
-        self.lr_scheduler = build_scheduler(self.optimizer, train.scheduler, train.warmup_steps, train.max_steps)
+
+        def build(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+            return build_optimizer(params, train.optimizer, train.learning_rate, weight_decay=train.weight_decay,
+                                   device_type=params[0].device.type)
+
+        self.optimizer, self.lr_scheduler = build_training_optimizer(
+            self.trainable_parameters(), build,
+            lambda optimizer: build_scheduler(optimizer, train.scheduler, train.warmup_steps, train.max_steps),
+            offload=self.plan.optimizer_offload, fused_backward=self.plan.fused_backward,
+            max_grad_norm=train.max_grad_norm, pin_memory=self.plan.pin_memory)
         # fp16 activations underflow small gradients; the scaler keeps them representable (a no-op otherwise).
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=train.mixed_precision == "fp16")
 
@@ -446,8 +490,13 @@ class Session:
     def _optimizer_step(self) -> float:
         """Forward and backward over the accumulated batches, clip, step; returns the mean loss."""
         accumulation = self.spec.train.gradient_accumulation
+        fused = isinstance(self.optimizer, FusedBackward)
+        if self.offloader is not None:
+            self.offloader.reset()  # inputs a failed step left behind
         total = 0.0
-        for _ in range(accumulation):
+        for micro in range(accumulation):
+            if fused:  # the optimiser steps inside the last micro-batch's backward
+                self.optimizer.stepping = micro == accumulation - 1
             loss = self._batch_loss(self._next_batch())
             if not math.isfinite(loss.item()):
                 raise UserError(f"the loss became {loss.item()} at step {self.step + 1}, so the run stopped with "
@@ -456,7 +505,7 @@ class Session:
             self.grad_scaler.scale(loss / accumulation).backward()
             total += loss.item() / accumulation
         self.grad_scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
-        if self.spec.train.max_grad_norm > 0:
+        if self.spec.train.max_grad_norm > 0 and not fused:  # fused clipped each parameter in its hook
             torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.spec.train.max_grad_norm)
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
@@ -484,7 +533,8 @@ class Session:
                 self.save(intermediate=True)
                 saved = f" The state of step {self.step} is saved: fix the setting, then resume."
             raise UserError(
-                f"out of memory at step {self.step + 1}. Turn on lowvram.gradient_checkpointing, lower "
+                f"out of memory at step {self.step + 1} ({self.plan.describe()}). Choose a stronger "
+                f"lowvram.strategy (aggressive or extreme) or raise lowvram.blocks_to_swap, lower "
                 f"train.batch_size ({self.spec.train.batch_size}) or data.resolution ({self.spec.data.resolution}), "
                 f"or choose a smaller model.base_precision.{saved}") from None
 
@@ -566,6 +616,12 @@ class Session:
 
     def end(self) -> None:
         """Free everything the session holds: models, caches, optimiser state, CUDA memory."""
+        if self.swapper is not None:
+            self.swapper.remove()
+            self.swapper = None
+        if isinstance(self.optimizer, FusedBackward):
+            self.optimizer.remove()
+        self.offloader = None
         self.pipe = self.transformer = self.optimizer = self.lr_scheduler = None
         self.latents = []
         self.masks = []

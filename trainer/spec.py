@@ -312,6 +312,9 @@ def _lowvram_agrees(spec: JobSpec) -> list[str]:
     if low.cpu_offload_checkpointing and spec.advanced.tread:
         problems.append("lowvram.cpu_offload_checkpointing: cannot be combined with advanced.tread (the routed "
                         "tokens bypass the offloaded blocks); turn one of them off")
+    if low.optimizer_offload and spec.train.mixed_precision == "fp16":
+        problems.append("lowvram.optimizer_offload: fp16 loss scaling needs the optimiser beside the gradients; use "
+                        'train.mixed_precision = "bf16" or turn optimizer_offload off')
     if low.fused_backward:
         if spec.train.mixed_precision == "fp16":
             problems.append("lowvram.fused_backward: cannot unscale fp16 gradients per parameter; use "

@@ -92,6 +92,8 @@ def bundle_plan(spec: JobSpec, strategy: str, blocks_to_swap: int | None = None,
         values["blocks_to_swap"] = blocks_to_swap
     if "fused_backward" not in explicit and _incompatible_with_fused_backward(spec):
         values["fused_backward"] = False  # the bundle's default steps aside; an explicit true is refused by the spec
+    if "optimizer_offload" not in explicit and spec.train.mixed_precision == "fp16":
+        values["optimizer_offload"] = False  # loss scaling unscales gradients beside the optimiser
     if "cpu_offload_checkpointing" not in explicit and spec.advanced.tread:
         values["cpu_offload_checkpointing"] = False  # TREAD's bypass needs torch's non-reentrant checkpoint
     if values["blocks_to_swap"] and "gradient_checkpointing" not in explicit:

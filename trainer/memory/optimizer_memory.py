@@ -1,0 +1,162 @@
+"""Optimiser memory: the state and step on the CPU, and the step fused into the backward pass.
+
+- `OffloadedOptimizer`: fp32 master copies of the trainable parameters and the whole optimiser state live in
+  (pinned) CPU memory; a step copies the gradients down, steps on the CPU and copies the weights back. The GPU
+  keeps only the weights and their gradients. Worth it for large ranks; a rank-16 LoRA saves little.
+- `FusedBackward`: one optimiser per parameter, stepped in the parameter's post-accumulate-grad hook as soon as
+  its gradient is complete on the last micro-batch, after which the gradient is freed; so at most a few
+  gradients are alive at once. Clipping is then per parameter (`max_grad_norm` bounds each parameter's gradient
+  norm, not the global one) — the documented price; with clipping off the maths is the unfused one exactly.
+  Optimisers that couple parameters (Prodigy's shared step size) and fp16's loss scaling are refused by the spec.
+
+Both offer what the session uses of an optimiser (`step`, `zero_grad`, `state_dict`, `load_state_dict`,
+`param_groups`), so state save and exact resume work unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+BuildOptimizer = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+BuildScheduler = Callable[[torch.optim.Optimizer], Any]
+
+
+class OffloadedOptimizer:
+    """An optimiser over CPU copies of `params`; its step runs on the CPU and writes the weights back."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], build: BuildOptimizer, pin_memory: bool = True) -> None:
+        self.params = list(params)
+        cuda = any(p.device.type == "cuda" for p in self.params)
+        pin = pin_memory and cuda
+        self.masters = [torch.nn.Parameter(torch.empty(p.shape, dtype=torch.float32, pin_memory=pin))
+                        for p in self.params]
+        self._grads = [torch.empty(p.shape, dtype=torch.float32, pin_memory=pin) for p in self.params]
+        with torch.no_grad():
+            for master, param in zip(self.masters, self.params, strict=True):
+                master.copy_(param.detach())
+        self.inner = build(self.masters)
+        self._cuda = cuda
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.inner.defaults
+
+    def step(self) -> None:
+        live = [(p, m, g) for p, m, g in zip(self.params, self.masters, self._grads, strict=True) if p.grad is not None]
+        for param, master, buffer in live:
+            buffer.copy_(param.grad.detach(), non_blocking=True)
+        if self._cuda:
+            torch.cuda.current_stream().synchronize()  # the CPU step reads the gradients
+        for _, master, buffer in live:
+            master.grad = buffer
+        self.inner.step()
+        with torch.no_grad():
+            for param, master, _ in live:
+                param.copy_(master, non_blocking=True)  # from pinned memory: overlaps the next forward
+        for _, master, _ in live:
+            master.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.params:
+            param.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+        with torch.no_grad():  # the resumed weights were copied into the parameters; the masters follow them
+            for master, param in zip(self.masters, self.params, strict=True):
+                master.copy_(param.detach())
+
+
+class _Schedulers:
+    """One learning-rate schedule per fused optimiser, stepped together."""
+
+    def __init__(self, schedulers: list[Any]) -> None:
+        self.schedulers = schedulers
+
+    def step(self) -> None:
+        for scheduler in self.schedulers:
+            scheduler.step()
+
+    def get_last_lr(self) -> list[float]:
+        return self.schedulers[0].get_last_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"schedulers": [s.state_dict() for s in self.schedulers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
+
+
+class FusedBackward:
+    """Steps each parameter inside the backward of the last micro-batch; `step()` afterwards does nothing."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], build: BuildOptimizer, build_scheduler: BuildScheduler,
+                 max_grad_norm: float = 0.0, offload: bool = False, pin_memory: bool = True) -> None:
+        self.params = list(params)
+        self.max_grad_norm = max_grad_norm
+        self.optimizers: list[Any] = [
+            OffloadedOptimizer([p], build, pin_memory) if offload else build([p]) for p in self.params]
+        inner = [o.inner if offload else o for o in self.optimizers]
+        self.scheduler = _Schedulers([build_scheduler(o) for o in inner])
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self.stepping = False  # set for the last micro-batch's backward
+        self.steps_taken = 0
+        self._handles = [p.register_post_accumulate_grad_hook(self._step_one) for p in self.params]
+
+    def _step_one(self, param: torch.nn.Parameter) -> None:
+        if not self.stepping or param.grad is None:
+            return  # an earlier micro-batch: the gradient keeps accumulating
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([param], self.max_grad_norm)
+        self.optimizers[self._index[id(param)]].step()
+        param.grad = None
+        self.steps_taken += 1
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizers[0].defaults
+
+    def step(self) -> None:
+        """The parameters were stepped during backward."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.params:
+            param.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fused": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for optimizer, saved in zip(self.optimizers, state["fused"], strict=True):
+            optimizer.load_state_dict(saved)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def build_training_optimizer(params: Sequence[torch.nn.Parameter], build: BuildOptimizer,
+                             build_scheduler: BuildScheduler, *, offload: bool, fused_backward: bool,
+                             max_grad_norm: float, pin_memory: bool = True) -> tuple[Any, Any]:
+    """(optimizer, lr_scheduler) for the plan: plain, offloaded, fused, or fused with offloaded steps."""
+    if fused_backward:
+        fused = FusedBackward(params, build, build_scheduler, max_grad_norm, offload, pin_memory)
+        return fused, fused.scheduler
+    optimizer = OffloadedOptimizer(params, build, pin_memory) if offload else build(list(params))
+    return optimizer, build_scheduler(optimizer.inner if offload else optimizer)

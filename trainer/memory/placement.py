@@ -1,0 +1,82 @@
+"""Where each model lives while the session runs, by the low-VRAM plan.
+
+- Text encoders, while embeddings are cached: on the GPU whole ("gpu"), on the CPU ("cpu": slow, needs no
+  VRAM), or in CPU memory with their layers streamed to the GPU one after another ("offload": the block-swap
+  engine, forward only; only the embeddings, final norm and two layers' buffers occupy the GPU).
+- The transformer, after caching: on the GPU except the frozen weights of its swapped blocks, which the
+  block-swap engine keeps in (pinned) CPU memory and streams ahead of use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from trainer.memory.block_swap import BlockSwapper
+
+
+def move_except(module: torch.nn.Module, device: torch.device, skip: Sequence[torch.nn.Module]) -> None:
+    """Move every parameter and buffer of `module` to `device`, except those inside the `skip` modules.
+
+    Parameters keep their identity (`.data` is replaced), so optimisers and hooks built on them stay valid."""
+    skipped = {id(m) for m in skip}
+
+    def visit(current: torch.nn.Module) -> None:
+        if id(current) in skipped:
+            return
+        for child in current.children():
+            visit(child)
+        for name, param in current._parameters.items():
+            if param is not None and param.device != device:
+                param.data = param.data.to(device)
+        for name, buffer in current._buffers.items():
+            if buffer is not None and buffer.device != device:
+                current._buffers[name] = buffer.to(device)
+
+    visit(module)
+
+
+def decoder_layers(encoder: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated layers of a text encoder: its longest ModuleList (Qwen3/Mistral decoder layers, T5 blocks)."""
+    lists = [m for m in encoder.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+class TextEncoderPlacement:
+    """Puts the pipeline's text encoders where the plan says for caching; `release()` undoes the streaming."""
+
+    def __init__(self, pipe: Any, device: torch.device, mode: str, pin_memory: bool = True) -> None:
+        self.swappers: list[BlockSwapper] = []
+        encoders = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
+        for encoder in encoders:
+            if mode == "cpu" or device.type == "cpu":
+                continue
+            layers = decoder_layers(encoder)
+            if mode == "offload" and len(layers) > 2:
+                swapper = BlockSwapper(layers, len(layers), device, prefetch=1, pin_memory=pin_memory)
+                swapper.install()
+                move_except(encoder, device, layers)
+                self.swappers.append(swapper)
+            else:
+                encoder.to(device)
+
+    def release(self) -> None:
+        for swapper in self.swappers:
+            swapper.remove()
+        self.swappers = []
+
+
+def place_transformer(transformer: torch.nn.Module, blocks: Sequence[torch.nn.Module], device: torch.device,
+                      blocks_to_swap: int, prefetch: int, pin_memory: bool) -> BlockSwapper | None:
+    """The transformer on `device`, its first `blocks_to_swap` blocks streamed from CPU memory.
+
+    Call after the LoRA is added (the swapper keeps trainable weights on the GPU and only frozen ones on the
+    host) and after checkpointing is enabled (swapped blocks must be checkpointed)."""
+    swapper = None
+    if blocks_to_swap:
+        swapper = BlockSwapper(list(blocks), blocks_to_swap, device, prefetch=prefetch, pin_memory=pin_memory)
+        swapper.install()
+    move_except(transformer, device, list(blocks[:blocks_to_swap]))
+    return swapper
