@@ -50,7 +50,7 @@ class OffloadedOptimizer:
 
     def step(self) -> None:
         live = [(p, m, g) for p, m, g in zip(self.params, self.masters, self._grads, strict=True) if p.grad is not None]
-        for param, master, buffer in live:
+        for param, _, buffer in live:
             buffer.copy_(param.grad.detach(), non_blocking=True)
         if self._cuda:
             torch.cuda.current_stream().synchronize()  # the CPU step reads the gradients

@@ -28,7 +28,7 @@ def move_except(module: torch.nn.Module, device: torch.device, skip: Sequence[to
             return
         for child in current.children():
             visit(child)
-        for name, param in current._parameters.items():
+        for param in current._parameters.values():
             if param is not None and param.device != device:
                 param.data = param.data.to(device)
         for name, buffer in current._buffers.items():
