@@ -98,3 +98,28 @@ def test_the_extreme_plan_really_runs_its_techniques(demo_dir: Path, tmp_path: P
         assert all(isinstance(o, OffloadedOptimizer) for o in session.optimizer.optimizers)
     finally:
         session.end()
+
+
+def test_extreme_run_resumes_exactly(demo_dir: Path, tmp_path: Path) -> None:
+    """Fused per-parameter optimisers on CPU copies save and restore their state like the plain optimiser."""
+    settings = ["lowvram.strategy='extreme'", "train.max_grad_norm=1.0"]
+    _, straight_losses, straight = _train(demo_dir, tmp_path / "straight", "job.toml", *settings)
+    spec = resolve_paths(load_spec(demo_dir / "job.toml", [*BASE, f"output.dir='{tmp_path / 'broken'}'",
+                                                           *settings]), demo_dir)
+    first = Session(spec)
+    try:
+        first.setup()
+        first.train(1)
+        first.save(intermediate=True)
+    finally:
+        first.end()
+    resumed = Session(spec, resume=True)
+    try:
+        resumed.setup()
+        resumed.train()
+        assert resumed.losses == pytest.approx(straight_losses, abs=1e-6)
+        for name, param in resumed.transformer.named_parameters():
+            if param.requires_grad:
+                torch.testing.assert_close(param.detach(), straight[name], rtol=1e-6, atol=1e-7, msg=name)
+    finally:
+        resumed.end()
