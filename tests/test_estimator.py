@@ -5,19 +5,18 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import python_env
-from trainer import estimator, registry
+from trainer import estimator, estimator_suggest, registry
+from trainer.memory.strategies import CONCRETE, LowVramPlan, bundle_plan, resolve_lowvram
 from trainer.spec import load_spec, parse_spec, resolve_paths
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = [
-    "lowvram.gradient_checkpointing", "train.batch_size", "data.resolution", "model.base_precision",
-    "data.cache_text_embeddings",
-]
 
 
 def _spec(family: str, flavour: str, **sections: dict) -> object:
@@ -31,19 +30,40 @@ def _spec(family: str, flavour: str, **sections: dict) -> object:
 ALL_FLAVOURS = [(fam, fl) for fam in registry.family_names() for fl in registry.flavour_names(fam)]
 
 
+def _plan(spec: object, strategy: str, **changes: object) -> LowVramPlan:
+    return replace(bundle_plan(spec, strategy), **changes)
+
+
+def _step(result: estimator.Estimate) -> float:
+    return result.phases["training step"].vram_gib
+
+
+def _item(result: estimator.Estimate, prefix: str, ram: bool = False) -> float:
+    items = result.ram_breakdown if ram else result.breakdown
+    return sum(v for k, v in items.items() if k.startswith(prefix))
+
+
 @pytest.mark.parametrize(("family", "flavour"), ALL_FLAVOURS)
 def test_every_flavour_estimates_fast_and_complete(family: str, flavour: str) -> None:
-    spec = _spec(family, flavour)
-    estimator.estimate(spec, 24.0)  # warm the shape caches once
-    started = time.perf_counter()
-    result = estimator.estimate(spec, 24.0)
-    assert time.perf_counter() - started < 0.05
+    spec = _spec(family, flavour, lowvram={"strategy": "auto"})
+    estimator.estimate(spec, 8.0)  # warm the shape caches once
+    # auto runs a binary search of estimates, and a job that does not fit gets a suggestion: still fast
+    elapsed = []
+    for _ in range(3):  # the best of three: other work shares this machine
+        started = time.perf_counter()
+        result = estimator.estimate(spec, 8.0)
+        elapsed.append(time.perf_counter() - started)
+    assert min(elapsed) < 0.05
     data = result.to_json()
-    assert set(data) >= {"vram_gib", "ram_gib", "phases", "breakdown", "verdict", "suggestion"}
+    assert set(data) >= {"vram_gib", "ram_gib", "phases", "breakdown", "verdict", "suggestion", "ram_breakdown"}
     assert set(data["phases"]) == set(estimator.PHASES)
     assert data["vram_gib"] == max(p["vram_gib"] for p in data["phases"].values())
+    assert data["ram_gib"] == max(p["ram_gib"] for p in data["phases"].values())
     assert data["verdict"] in ("fits", "tight", "will not fit")
     assert all(value >= 0 for value in data["breakdown"].values())
+    # the breakdown is the training step on the GPU, the RAM breakdown that step's system RAM
+    assert sum(result.breakdown.values()) == pytest.approx(_step(result), rel=1e-9)
+    assert sum(result.ram_breakdown.values()) == pytest.approx(result.phases["training step"].ram_gib, rel=1e-9)
 
 
 def test_transformer_sizes_match_the_known_models() -> None:
@@ -55,52 +75,153 @@ def test_transformer_sizes_match_the_known_models() -> None:
     assert estimator.transformer_params(registry.get_flavour("flux1", "dev")) / 1e9 == pytest.approx(11.9, abs=0.1)
 
 
-def test_klein_9b_is_plausible_and_dev_needs_more_than_24_gib() -> None:
-    spec = _spec("flux2", "klein-base-9b", lora={"rank": 16}, lowvram={"gradient_checkpointing": True})
+def test_klein_9b_is_plausible_phase_by_phase() -> None:
+    spec = _spec("flux2", "klein-base-9b", lora={"rank": 16}, lowvram={"strategy": "conservative"})
     result = estimator.estimate(spec, 24.0)
-    # the training step: 16.9 GiB of bf16 weights, ≈0.6 GiB LoRA + AdamW, ≈2 GiB checkpointed activations
-    assert 18 < result.phases["training step"].vram_gib < 30
-    # the text encoder (Qwen3-8B, ≈15 GiB) loads beside the transformer unless the embeddings come from disk
-    assert result.phases["loading"].vram_gib > 30
-    warm = estimator.estimate(_spec("flux2", "klein-base-9b", lora={"rank": 16}, lowvram={
-        "gradient_checkpointing": True}, data={"cache_text_embeddings": "disk"}), 24.0)
-    assert 18 < warm.vram_gib < 30
-    assert warm.notes and "first run" in warm.notes[-1]
-    dev = estimator.estimate(_spec("flux2", "dev", lowvram={"gradient_checkpointing": True}), 24.0)
-    assert dev.phases["training step"].vram_gib > 24 and dev.verdict == "will not fit"
+    # the training step: 16.9 GiB of bf16 weights, ≈0.6 GiB LoRA + AdamW, ≈1.5 GiB checkpointed activations
+    assert 18 < _step(result) < 24
+    # the pipeline loads to RAM: the transformer (≈17 GiB) and Qwen3-8B (≈15 GiB) wait there, nothing on the GPU
+    assert result.phases["loading"].vram_gib == estimator.CUDA_CONTEXT_GIB
+    assert 33 < result.phases["loading"].ram_gib < 40
+    # the text encoder streams its layers (offload): its token table and lm_head (≈2.3 GiB) and two layers on the GPU
+    assert 3 < result.phases["caching text embeddings"].vram_gib < 4.5
+    on_gpu = estimator.estimate(spec, 24.0, plan=_plan(spec, "conservative", text_encoder_device="gpu"))
+    assert 15 < on_gpu.phases["caching text embeddings"].vram_gib < 18
+    warm = estimator.estimate(_spec("flux2", "klein-base-9b", lowvram={"strategy": "conservative"},
+                                    data={"cache_text_embeddings": "disk"}), 24.0)
+    assert warm.phases["loading"].ram_gib < result.phases["loading"].ram_gib - 14
+    assert any("first run" in note for note in warm.notes)
+    dev = estimator.estimate(_spec("flux2", "dev", lowvram={"strategy": "conservative"}), 24.0)
+    assert _step(dev) > 24 and dev.verdict == "will not fit"
 
 
 def test_checkpointing_lowers_activations() -> None:
-    def activations(on: bool) -> float:
-        result = estimator.estimate(_spec("flux1", "dev", lowvram={"gradient_checkpointing": on}))
-        return sum(v for k, v in result.breakdown.items() if k.startswith("activations"))
+    def activations(on: bool, every: int = 1) -> float:
+        spec = _spec("flux1", "dev", lowvram={"gradient_checkpointing": on, "checkpointing_interval": every})
+        return _item(estimator.estimate(spec), "activations")
 
-    off, on = activations(False), activations(True)
+    off, on, half = activations(False), activations(True), activations(True, 2)
     assert on < off / 5
     # TECHNIQUES: FLUX.1 at 1024 px ≈40 GB without, ≈2.3 GB with checkpointing
     assert 30 < off * 1.074 < 50 and 1.0 < on * 1.074 < 4.0
+    # every 2nd block: the other half keep their full activations
+    assert on < half < off and half == pytest.approx(off / 2, rel=0.1)
 
 
-def test_small_gpu_gets_a_real_setting() -> None:
-    # 8 GiB: klein-4B's bf16 weights alone are 7.2 GiB; no supported change is enough, and it says so
-    tiny = estimator.estimate(_spec("flux2", "klein-base-4b"), 8.0)
-    assert tiny.verdict == "will not fit" and "none of the supported changes" in tiny.suggestion
-    # 12 GiB takes klein-4B with real settings
-    result = estimator.estimate(_spec("flux2", "klein-base-4b"), 12.0)
-    assert result.verdict == "will not fit"
-    parts = result.suggestion.split("; ")
-    assert all(any(p.startswith(s + " = ") for s in SETTINGS) for p in parts), result.suggestion
-    changed = {"data": {"cache_text_embeddings": "disk"}, "lowvram": {"gradient_checkpointing": True}}
-    assert estimator.estimate(_spec("flux2", "klein-base-4b", **changed), 12.0).verdict == "fits"
-    fits = estimator.estimate(_spec("flux2", "klein-base-4b"), 80.0)
-    assert fits.verdict == "fits" and fits.suggestion is None
-    # the first change of the fixed list that is enough
-    spec = _spec("flux2", "klein-base-4b", data={"cache_text_embeddings": "disk"})
-    need = estimator.estimate(spec).vram_gib
-    checkpointed = estimator.estimate(_spec("flux2", "klein-base-4b", data={"cache_text_embeddings": "disk"},
-                                            lowvram={"gradient_checkpointing": True})).vram_gib
-    gpu = (need + checkpointed) / 2 / 0.9 * 0.95
-    assert estimator.estimate(spec, gpu).suggestion == "lowvram.gradient_checkpointing = true"
+def test_swapping_more_blocks_lowers_vram_and_raises_ram() -> None:
+    for family, flavour in (("flux2", "klein-base-9b"), ("flux1", "dev")):
+        spec = _spec(family, flavour, lowvram={"strategy": "aggressive"})
+        most = registry.get_flavour(family, flavour).max_blocks_to_swap
+        results = [estimator.estimate(spec, plan=_plan(spec, "aggressive", blocks_to_swap=n)) for n in range(most + 1)]
+        vram = [_step(r) for r in results]
+        ram = [r.phases["training step"].ram_gib for r in results]
+        assert all(a >= b for a, b in zip(vram, vram[1:], strict=False)), vram
+        assert all(a <= b for a, b in zip(ram, ram[1:], strict=False)), ram
+        assert vram[-1] < vram[0] / 2 and ram[-1] > ram[0] + 10
+        # the swapped weights move, they do not vanish: GPU + RAM + ring ≈ the whole transformer plus the ring
+        last = results[-1]
+        moved = _item(last, "swapped base weights", ram=True) + _item(last, "base weights on GPU")
+        assert moved == pytest.approx(next(v for k, v in last.components.items() if k.startswith("transformer")))
+        assert _item(last, "swap ring") > 0 and _item(results[0], "swap ring") == 0
+
+
+def test_quantised_bases_shrink_the_block_weights() -> None:
+    def transformer(precision: str) -> float:
+        result = estimator.estimate(_spec("flux2", "klein-base-9b", model={"base_precision": precision}))
+        return next(v for k, v in result.components.items() if k.startswith("transformer"))
+
+    bf16 = transformer("bf16")
+    # fp8 halves the block Linears (plus a scale per row); modulation, embedders and proj_out stay bf16
+    assert 0.5 * bf16 < transformer("fp8") < 0.56 * bf16
+    assert transformer("int8") == transformer("fp8")
+    assert 0.25 * bf16 < transformer("nf4") == transformer("int4") < 0.32 * bf16
+    assert transformer("fp32") == pytest.approx(2 * bf16)
+    flavour = registry.get_flavour("flux2", "klein-base-9b")
+    fp8, plain = estimator.weight_layout(flavour, "fp8"), estimator.weight_layout(flavour, "bf16")
+    assert fp8.other == plain.other
+    # a quantised Linear computes through a bf16 copy of itself: the largest one is the workspace
+    quantised = estimator.estimate(_spec("flux2", "klein-base-9b", model={"base_precision": "nf4"}))
+    assert _item(quantised, "dequantisation") == pytest.approx(2 * 4096 * 9 * 4096 / estimator.GIB)
+
+
+def test_each_strategy_lowers_the_klein_9b_training_step() -> None:
+    spec = _spec("flux2", "klein-base-9b", lowvram={"strategy": "auto"})
+    steps = [_step(estimator.estimate(spec, plan=bundle_plan(spec, name))) for name in CONCRETE]
+    assert all(a > b for a, b in zip(steps, steps[1:], strict=False)), dict(zip(CONCRETE, steps, strict=True))
+
+
+def test_offloads_move_memory_from_the_gpu_to_ram() -> None:
+    spec = _spec("flux2", "klein-base-9b", lora={"rank": 64}, lowvram={"strategy": "conservative"})
+    base = estimator.estimate(spec)
+    ram = base.phases["training step"].ram_gib
+    # checkpoint inputs: all but two blocks' worth go to RAM
+    offload = estimator.estimate(spec, plan=_plan(spec, "conservative", cpu_offload_checkpointing=True))
+    moved = _item(offload, "checkpoint inputs", ram=True)
+    assert moved > 0 and _item(base, "activations") - _item(offload, "activations") == pytest.approx(moved)
+    # the optimiser: its state, fp32 masters and a gradient copy of the LoRA in RAM; the gradients stay on the GPU
+    opt = estimator.estimate(spec, plan=_plan(spec, "conservative", optimizer_offload=True))
+    state, lora = _item(base, "optimizer state"), _item(base, "lora weights")
+    assert _item(opt, "optimizer state") == 0 and _item(opt, "lora grads") == _item(base, "lora grads")
+    assert opt.phases["training step"].ram_gib - ram == pytest.approx(state + 2 * lora)
+    # fused backward: one tensor's gradient at a time (rank 64 x the widest Linear, fp32)
+    fused = estimator.estimate(spec, plan=_plan(spec, "conservative", fused_backward=True))
+    assert _item(fused, "lora grads") == pytest.approx(64 * 9 * 4096 * 4 / estimator.GIB)
+    # the text encoder: whole on the GPU, streamed (2 layers + its token tables on the GPU), or on the CPU
+    caching = {device: estimator.estimate(spec, plan=_plan(spec, "conservative", text_encoder_device=device))
+               .phases["caching text embeddings"] for device in ("gpu", "offload", "cpu")}
+    assert caching["gpu"].vram_gib > caching["offload"].vram_gib > caching["cpu"].vram_gib
+    assert caching["cpu"].vram_gib == estimator.CUDA_CONTEXT_GIB
+    assert caching["cpu"].ram_gib > caching["offload"].ram_gib > caching["gpu"].ram_gib + 12  # the layers, 13 GiB
+
+
+def test_auto_on_an_8_gb_card_swaps_the_fewest_blocks_that_fit() -> None:
+    spec = _spec("flux2", "klein-base-9b", model={"base_precision": "fp8"}, lowvram={"strategy": "auto"},
+                 data={"cache_text_embeddings": "disk"})
+    plan = resolve_lowvram(spec, 7.6)
+    assert plan.blocks_to_swap > 0 and plan.gradient_checkpointing
+    assert estimator.estimate(spec, 7.6, plan=plan).verdict == "fits"
+    assert estimator.estimate(spec, 7.6, plan=replace(plan, blocks_to_swap=plan.blocks_to_swap - 1)).verdict != "fits"
+    assert estimator.estimate(spec, 7.6).verdict == "fits"  # the estimate resolves the same plan itself
+
+
+def _apply_suggestion(spec: object, suggestion: str) -> object:
+    """The suggestion's exact settings, applied: `a.b = v` as written, `a.b ≥ n` at n."""
+    data = spec.to_dict()
+    for part in suggestion.split("; "):
+        key, _, value = part.replace("≥", "=").partition(" = ")
+        section, name = key.split(".")
+        data[section][name] = tomllib.loads(f"v = {value}")["v"]
+    return parse_spec(data)
+
+
+def test_suggestions_are_exact_settings_that_fit() -> None:
+    # an explicit "none" on klein-4B at 1024 px on 24 GiB: checkpointing alone is enough, and the cheapest
+    spec = _spec("flux2", "klein-base-4b")
+    assert estimator.estimate(spec, 24.0).suggestion == "lowvram.gradient_checkpointing = true"
+    # conservative on 8 GiB: the fewest swapped blocks, as a bound
+    spec = _spec("flux2", "klein-base-4b", lowvram={"strategy": "conservative"})
+    suggestion = estimator.estimate(spec, 8.0).suggestion
+    assert suggestion.startswith("lowvram.blocks_to_swap ≥ "), suggestion
+    fewest = int(suggestion.split("≥ ")[1])
+    assert estimator.estimate(_apply_suggestion(spec, suggestion), 8.0).verdict == "fits"
+    fewer = _apply_suggestion(spec, f"lowvram.blocks_to_swap = {fewest - 1}")
+    assert estimator.estimate(fewer, 8.0).verdict != "fits"
+    # auto has done all it can: a GPU between the fp8 and the bf16 needs of its heaviest plan asks for fp8
+    spec = _spec("flux1", "dev", lowvram={"strategy": "auto"})
+    fp8 = _spec("flux1", "dev", lowvram={"strategy": "auto"}, model={"base_precision": "fp8"})
+    need = {name: estimator.estimate(s, plan=bundle_plan(s, "extreme")).vram_gib
+            for name, s in (("bf16", spec), ("fp8", fp8))}
+    gpu = need["fp8"] / estimator.TIGHT_SHARE + 0.05
+    assert need["bf16"] > estimator.TIGHT_SHARE * gpu
+    assert estimator.estimate(spec, gpu).suggestion == 'model.base_precision = "fp8"'
+    # combined changes name each setting once, and applied they fit
+    for family, flavour, gpu in (("flux2", "dev", 16.0), ("flux2", "klein-base-9b", 6.0), ("flux1", "dev", 6.0)):
+        spec = _spec(family, flavour)
+        suggestion = estimator.estimate(spec, gpu).suggestion
+        keys = [part.split(" ")[0] for part in suggestion.split("; ")]
+        assert len(keys) == len(set(keys)), suggestion
+        assert estimator.estimate(_apply_suggestion(spec, suggestion), gpu).verdict == "fits", suggestion
+    assert estimator.estimate(_spec("flux2", "dev"), 4.0).suggestion == estimator_suggest.NOTHING_FITS
     assert estimator.verdict(9.5, 10.0) == "tight"
 
 
