@@ -123,3 +123,15 @@ def test_extreme_run_resumes_exactly(demo_dir: Path, tmp_path: Path) -> None:
                 torch.testing.assert_close(param.detach(), straight[name], rtol=1e-6, atol=1e-7, msg=name)
     finally:
         resumed.end()
+
+
+def test_the_gpu_bench_runs_its_plan_on_a_tiny_shape() -> None:
+    """bench/bench_lowvram.py's case runner (for a GPU) works end to end on the CPU with the demo's shape."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_lowvram.py"
+    module_spec = importlib.util.spec_from_file_location("bench_lowvram", path)
+    bench = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(bench)
+    row = bench.run_case(bench.TINY, "extreme", 64, steps=1, device_name="cpu")
+    assert row["blocks_to_swap"] == 2 and row["swap_gib_per_step"] > 0 and row["s_per_step"] > 0
