@@ -39,9 +39,10 @@ def move_except(module: torch.nn.Module, device: torch.device, skip: Sequence[to
 
 
 def decoder_layers(encoder: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated layers of a text encoder: its longest ModuleList (Qwen3/Mistral decoder layers, T5 blocks)."""
+    """The repeated layers of a text encoder: its heaviest ModuleList (Qwen3/Mistral decoder layers, T5 blocks,
+    CLIP layers), not a list nested inside one of them."""
     lists = [m for m in encoder.modules() if isinstance(m, torch.nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))) if lists else []
 
 
 class TextEncoderPlacement:
@@ -51,10 +52,11 @@ class TextEncoderPlacement:
         self.swappers: list[BlockSwapper] = []
         encoders = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
         for encoder in encoders:
-            if mode == "cpu" or device.type == "cpu":
+            encoder.requires_grad_(False)  # never trained; frozen weights are what the swap engine streams
+            if mode == "cpu":
                 continue
             layers = decoder_layers(encoder)
-            if mode == "offload" and len(layers) > 2:
+            if mode == "offload" and len(layers) >= 2:  # on a CPU device it runs the same code with plain copies
                 swapper = BlockSwapper(layers, len(layers), device, prefetch=1, pin_memory=pin_memory)
                 swapper.install()
                 move_except(encoder, device, layers)
