@@ -126,14 +126,28 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
     from trainer.estimator import estimate
 
-    result = estimate(_load_job(args.job, args.set), gpu_vram_gib=args.gpu_vram, gpus=args.gpus).to_json()
+    gpu_vram, gpu = args.gpu_vram, None
+    if args.gpu is not None:
+        if args.gpu_vram is not None:
+            raise UserError("--gpu and --gpu-vram both give the GPU's memory; use one")
+        from trainer.profiles import gpu_vram_gib
+
+        gpu_vram, gpu = gpu_vram_gib(args.gpu)
+    result = estimate(_load_job(args.job, args.set), gpu_vram_gib=gpu_vram, gpus=args.gpus).to_json()
+    if gpu is not None:
+        result["gpu"] = gpu
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    if gpu is not None:
+        print(f"GPU: {gpu}" + (f", {gpu_vram:g} GiB usable" if gpu_vram else ""))
     print(f"{'phase':28}{'VRAM GiB':>10}{'RAM GiB':>10}")
     for phase, memory in result["phases"].items():
         print(f"{phase:28}{memory['vram_gib']:10.2f}{memory['ram_gib']:10.2f}")
-    print("\nbreakdown (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in result["breakdown"].items()))
+    for title, key in (("training step on the GPU", "breakdown"), ("training step in RAM", "ram_breakdown"),
+                       ("models", "components")):
+        items = ", ".join(f"{k} {v:.2f}" for k, v in result[key].items() if v)
+        print(f"\n{title} (GiB): {items}")
     print(f"peak: VRAM {result['vram_gib']:.2f} GiB, RAM {result['ram_gib']:.2f} GiB")
     if result.get("verdict"):
         print(f"verdict: {result['verdict']}" + (f" — {result['suggestion']}" if result.get("suggestion") else ""))
@@ -168,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("job", help="job TOML file")
     estimate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     estimate.add_argument("--gpu-vram", type=float, metavar="GIB", help="the GPU's memory, for a verdict")
+    estimate.add_argument("--gpu", metavar="PROFILE",
+                          help="a hardware profile (e.g. rtx-3060ti-8gb; see hardware_profiles/), 'detect', or a "
+                               "number of GiB: its usable memory is judged against")
     estimate.add_argument("--gpus", type=int, default=1)
     estimate.add_argument("--json", action="store_true", help="one JSON object")
     estimate.add_argument("--debug", action="store_true", help="show tracebacks")
