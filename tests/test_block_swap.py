@@ -410,6 +410,13 @@ def test_arguments_are_checked() -> None:
     shared.blocks[2].weight = shared.blocks[0].weight
     with pytest.raises(ValueError, match="shared"):
         BlockSwapper(list(shared.blocks), 1, "cpu").install()
+    large_rank = _Stack(count=2)  # a LoRA may outweigh a heavily quantised base: still swapped
+    large_rank.blocks[0].down = nn.Parameter(torch.zeros(16, 64))
+    large_rank.blocks[0].up = nn.Parameter(torch.zeros(64, 16))
+    BlockSwapper(list(large_rank.blocks), 1, "cpu").install().remove()
+    unfrozen = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="freeze the base model"):
+        BlockSwapper(list(unfrozen), 1, "cpu").install()
     swapper = BlockSwapper(list(stack.blocks), 2, "cpu").install()
     with pytest.raises(RuntimeError, match="already installed"):
         swapper.install()

@@ -132,12 +132,11 @@ def _pack_layout(block: nn.Module, index: int) -> _Packed:
                 tensors[id(buffer)] = buffer
     packed.buffers = [(owners[key], place(tensors[key])) for key in owners]
     packed.nbytes = offset
-    trainable_bytes = sum(p.numel() * p.element_size() for p in packed.trainable)
-    if trainable_bytes >= offset:
-        # Trainable tensors stay on the device; a block made mostly of them is a base model left unfrozen.
-        raise ValueError(f"block swap: swapped block {index} has {trainable_bytes:,} trainable bytes against "
-                         f"{offset:,} frozen; freeze the base model (requires_grad_(False)) before adding the "
-                         "adapter and installing block swap")
+    if not offset and packed.trainable:
+        # Trainable tensors stay on the device: a block with nothing frozen is a base model left unfrozen (a
+        # size test would misfire: a large-rank LoRA can outweigh an nf4 base).
+        raise ValueError(f"block swap: nothing in swapped block {index} is frozen; freeze the base model "
+                         "(requires_grad_(False)) before adding the adapter and installing block swap")
     return packed
 
 
