@@ -332,7 +332,7 @@ class BlockSwapper:
         return self._placeholders[dtype]
 
     def _check_not_shared(self) -> None:
-        """A frozen tensor shared with a block that is not swapped (or with a trainable parameter) cannot move."""
+        """A frozen tensor shared with a block that stays resident cannot live in both places."""
         packed_ids = {id(p) for packed in self._packed for p, _ in packed.params}
         packed_ids |= {id(o[0][0]._buffers[o[0][1]]) for packed in self._packed for o, _ in packed.buffers}
         for index, block in enumerate(self.blocks[self.swapped:], start=self.swapped):
