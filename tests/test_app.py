@@ -178,6 +178,43 @@ def test_dataset_tab_endpoints(tmp_path):
         blocks.close()
 
 
+@pytest.mark.slow
+def test_memory_endpoints(tmp_path):
+    """The live low-VRAM verdict and the estimator tab through the API of an app built in-process."""
+    from gradio_client import Client
+
+    from trainer.estimator import PHASES
+    from trainer.runner import TrainingRunner
+    from ui import allowed_paths, build_app
+
+    blocks = build_app(TrainingRunner(), tmp_path)
+    blocks.launch(prevent_thread_lock=True, server_port=_free_port(), allowed_paths=allowed_paths(tmp_path),
+                  quiet=True)
+    try:
+        client = Client(blocks.local_url, verbose=False, download_files=False)
+        job = {"model_flavour": "klein-base-9b", "model_source": "", "model_base_precision": "bf16",
+               "model_text_encoder_precision": "bf16", "data_resolution": "512", "train_batch_size": 1,
+               "train_mixed_precision": "bf16", "sample_prompts": "", "lowvram_vram_gib": "8",
+               "lowvram_strategy": "conservative", "lowvram_override_blocks_to_swap": True}
+        verdict, plan = client.predict(**job, lowvram_blocks_to_swap=0, api_name="/lowvram_check")
+        assert verdict.startswith("will not fit — ") and plan.startswith("**Plan:** strategy conservative")
+        swapped, plan = client.predict(**job, lowvram_blocks_to_swap=30, api_name="/lowvram_check")
+        assert not swapped.startswith("will not fit") and "30 blocks swapped" in plan
+
+        line, details, bars, strategies, breakdown = client.predict(**job, lowvram_blocks_to_swap=30,
+                                                                    gpu_vram_gib=0, api_name="/estimate")
+        assert line == swapped and "| training step |" in details
+        assert list(dict.fromkeys(row[0] for row in bars["data"])) == list(PHASES)
+        assert [row[0] for row in strategies["data"]] == ["none", "conservative (this job)", "aggressive", "extreme"]
+        assert breakdown["data"][0][0].startswith("base weights")
+
+        line, *_ = client.predict(**job, lowvram_swap_prefetch="many", api_name="/estimate")
+        assert line.startswith("problems — lowvram.swap_prefetch:")  # one message naming the field; the app goes on
+        assert client.predict(**job, api_name="/lowvram_check")[0].startswith("will not fit")
+    finally:
+        blocks.close()
+
+
 # ---------------------------------------------------------------------- one session, step by step; resume
 
 

@@ -214,6 +214,8 @@ def defaults(tmp_path):
 def test_every_form_key_names_a_spec_field():
     spec_dict = parse_spec(form.default_job("/w")).model_dump()
     for key in form.FORM_KEYS:
+        if key in form.SWITCHES:  # a slider's "override" checkbox: it names the key it switches
+            key = form.SWITCHES[key]
         section, name = key.split(".", 1)
         holder = spec_dict["data"]["datasets"][0] if section == "dataset" else spec_dict[section]
         assert name in holder, key

@@ -27,12 +27,14 @@ def build_app(runner: TrainingRunner, workdir: Path) -> gr.Blocks:
     """The whole UI around one runner; every default comes from the demo job, so Start trains the demo."""
     import gradio as gr
 
-    from ui import advanced_tab, dataset_tab, lowvram_tab, model_tab, run_tab, training_tab
+    from ui import advanced_tab, dataset_tab, estimator_tab, lowvram_tab, model_tab, run_tab, training_tab
     from ui.form import FORM_KEYS
+    from ui.memory import detected_vram_gib
     from ui.studio import Studio
 
     studio = Studio(runner, Path(workdir))
     defaults = studio.default_values()
+    detected = detected_vram_gib()
     fields: dict[str, gr.components.Component] = {}
     with gr.Blocks(title=TITLE) as app:
         gr.Markdown(f"## {TITLE}")
@@ -43,17 +45,20 @@ def build_app(runner: TrainingRunner, workdir: Path) -> gr.Blocks:
             with gr.Tab("Dataset & Captioning"):
                 connect_dataset = dataset_tab.build(fields, defaults, studio, base)
             with gr.Tab("Low VRAM"):
-                lowvram_tab.build(fields, defaults)
+                connect_lowvram = lowvram_tab.build(fields, defaults, detected)
             with gr.Tab("Training"):
                 training_tab.build(fields, defaults)
             with gr.Tab("Advanced"):
                 advanced_tab.build(fields, defaults)
+            with gr.Tab("Memory Estimator") as estimator:
+                estimator_tab.build(fields, defaults, base, detected, estimator)
             with gr.Tab("Run"):
                 run_tab.build(fields, studio, base, model_tab.flavour_choices, app)
         missing = set(FORM_KEYS) - set(fields)
         if missing:
             raise RuntimeError(f"form keys without a control: {sorted(missing)}")
         connect_dataset()  # the dataset check reads the Training tab's batch size
+        connect_lowvram(base, app)  # the live verdict reads the whole job
 
         def placeholders(family: str, flavour: str) -> tuple[object, object]:
             steps, guidance = advanced_tab.sample_placeholders(family, flavour)

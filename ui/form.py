@@ -32,7 +32,10 @@ FORM_KEYS: tuple[str, ...] = (
     "data.bucket_step", "data.max_upscale", "data.min_size", "dataset.crop", "data.cache_latents",
     "data.cache_text_embeddings", "data.cache_dir",
     # Low VRAM
-    "lowvram.gradient_checkpointing",
+    "lowvram.strategy", "lowvram.vram_gib", "lowvram.override_blocks_to_swap", "lowvram.blocks_to_swap",
+    "lowvram.swap_prefetch", "lowvram.pin_memory", "lowvram.gradient_checkpointing", "lowvram.checkpointing_interval",
+    "lowvram.cpu_offload_checkpointing", "lowvram.optimizer_offload", "lowvram.fused_backward",
+    "lowvram.text_encoder_device", "data.vae_tiling",
     # Training
     "lora.rank", "lora.alpha", "lora.dropout",
     "train.optimizer", "train.learning_rate", "train.weight_decay",
@@ -53,7 +56,20 @@ FORM_KEYS: tuple[str, ...] = (
 
 # Optional numbers, shown as text boxes: empty means "not set" (the flavour's default). gr.Number cannot be
 # empty in the browser (its frontend turns an empty value into 0); pydantic parses the text and names the field.
-OPTIONAL_KEYS = frozenset({"sample.steps", "sample.guidance"})
+OPTIONAL_KEYS = frozenset({"sample.steps", "sample.guidance", "lowvram.vram_gib", "lowvram.swap_prefetch",
+                           "lowvram.checkpointing_interval"})
+# Low-VRAM overrides are unset (None) unless the user sets them: the strategy then decides. Their menus name that
+# state, so a job that leaves a key to the strategy still leaves it unset after a trip through the form.
+FROM_STRATEGY = "from strategy"
+ON, OFF = "on", "off"
+TRISTATE_KEYS = frozenset({"lowvram.pin_memory", "lowvram.gradient_checkpointing",
+                           "lowvram.cpu_offload_checkpointing", "lowvram.optimizer_offload",
+                           "lowvram.fused_backward"})
+MENU_KEYS = TRISTATE_KEYS | {"lowvram.text_encoder_device"}  # menus with a FROM_STRATEGY entry
+# A slider cannot be empty: its value counts only while its switch (a checkbox with a form key of its own, not a
+# spec field) is on. switch key → the key it switches.
+SWITCHES: dict[str, str] = {"lowvram.override_blocks_to_swap": "lowvram.blocks_to_swap"}
+SWITCHED = {target: switch for switch, target in SWITCHES.items()}
 # One pixel area or several, typed as text: "1024" or "512, 768, 1024".
 RESOLUTION_KEY = "data.resolution"
 
@@ -176,6 +192,30 @@ def _to_spec_value(key: str, value: Any) -> Any:
         value = value.strip()
     if key in OPTIONAL_KEYS and value in (None, ""):
         return None
+    if key in MENU_KEYS:
+        if value in (None, "", FROM_STRATEGY):
+            return None
+        if key in TRISTATE_KEYS:  # anything else stays as given: the spec names it as a bad boolean
+            return {ON: True, OFF: False}.get(value, value)
+    return value
+
+
+def _from_spec_value(key: str, value: Any) -> Any:  # noqa: ANN401 - any spec value
+    """The control's view of a spec value (the inverse of `_to_spec_value`)."""
+    if key == "sample.prompts":
+        return f" {PROMPT_SEPARATOR} ".join(value or [])
+    if key == RESOLUTION_KEY:
+        return format_resolution(value)
+    if key in OPTIONAL_KEYS:
+        if value is None:
+            return ""
+        return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    if key in TRISTATE_KEYS:
+        return FROM_STRATEGY if value is None else (ON if value else OFF)
+    if key in MENU_KEYS:
+        return FROM_STRATEGY if value is None else value
+    if key in SWITCHED and value is None:
+        return 0  # the switch is off; the slider shows its lowest position
     return value
 
 
@@ -188,9 +228,11 @@ def values_to_dict(values: Mapping[str, Any], base: Mapping[str, Any] | None = N
     datasets = data.setdefault("data", {}).get("datasets") or [{}]
     dataset: dict[str, Any] = dict(datasets[0])
     for key in FORM_KEYS:
-        if key not in values:
+        if key not in values or key in SWITCHES:
             continue
         value = _to_spec_value(key, values[key])
+        if key in SWITCHED and not values.get(SWITCHED[key], True):
+            value = None  # switched off: the strategy decides (without a switch in `values`, the value counts)
         if key.startswith(DATASET):
             target, name = dataset, key.removeprefix(DATASET)
         else:
@@ -235,20 +277,18 @@ def spec_to_values(spec: JobSpec | Mapping[str, Any]) -> dict[str, Any]:
     """Form values (key → value) showing a spec; the first dataset fills the dataset fields."""
     data = spec.to_dict() if isinstance(spec, JobSpec) else dict(spec)
     datasets = data.get("data", {}).get("datasets") or [{}]
+    def spec_value(key: str) -> Any:  # noqa: ANN401
+        if key.startswith(DATASET):
+            return datasets[0].get(key.removeprefix(DATASET))
+        section, name = key.split(".", 1)
+        return data.get(section, {}).get(name)
+
     values: dict[str, Any] = {}
     for key in FORM_KEYS:
-        if key.startswith(DATASET):
-            value = datasets[0].get(key.removeprefix(DATASET))
+        if key in SWITCHES:
+            values[key] = spec_value(SWITCHES[key]) is not None
         else:
-            section, name = key.split(".", 1)
-            value = data.get(section, {}).get(name)
-        if key == "sample.prompts":
-            value = f" {PROMPT_SEPARATOR} ".join(value or [])
-        elif key == RESOLUTION_KEY:
-            value = format_resolution(value)
-        elif key in OPTIONAL_KEYS:
-            value = "" if value is None else str(value)
-        values[key] = value
+            values[key] = _from_spec_value(key, spec_value(key))
     return values
 
 

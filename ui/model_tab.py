@@ -54,7 +54,8 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
     with gr.Row():
         fields["model.base_precision"] = gr.Dropdown(
             choices=precisions, value=defaults["model.base_precision"], label="Base model precision",
-            info="precision the frozen transformer is loaded in")
+            info="storage of the frozen transformer: bf16/fp16 as trained; fp8, int8, int4, nf4 quantised "
+                 "(less VRAM, computed in bf16)")
         fields["model.text_encoder_precision"] = gr.Dropdown(
             choices=field_choices("model.text_encoder_precision"), value=defaults["model.text_encoder_precision"],
             label="Text encoder precision")

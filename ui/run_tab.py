@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 
 from ui import allowed_paths, form
+from ui.memory import swap_bound
 from ui.run_state import RunView
 from ui.studio import Outcome, Studio
 
@@ -230,6 +231,9 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
                                                      value=values["model.flavour"])
         updates[fields["lora.targets"]] = gr.update(choices=form.target_choices(values["model.family"]),
                                                     value=values["lora.targets"])
+        # The slider's bound follows the loaded flavour at once: a value above the old bound would be clipped.
+        most, _ = swap_bound(values["model.family"], values["model.flavour"])
+        updates[fields["lowvram.blocks_to_swap"]] = gr.update(maximum=most, value=values["lowvram.blocks_to_swap"])
         updates[base] = hidden
         gr.Info(outcome.message)
         for note in outcome.notes:

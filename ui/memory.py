@@ -1,0 +1,275 @@
+"""The memory side of the form in plain python (no gradio, no torch): the Low VRAM tab's resolved plan and live
+verdict, and the Memory Estimator tab's totals, phase bars, strategy comparison and breakdown.
+
+Everything here calls `trainer.estimator.estimate`, which is torch-free and takes a few milliseconds, so the
+tabs can call it from `.change` handlers without ever blocking the page.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from trainer import registry
+from trainer.estimator import PHASES, Estimate, estimate, verdict
+from trainer.memory.strategies import CONCRETE, LowVramPlan, resolve_lowvram
+from trainer.spec import JobSpec, SpecError
+from ui import form
+
+# One line per strategy, for the menu's help and the comparison table (trainer/memory/strategies.py has the bundles).
+STRATEGY_HELP: dict[str, str] = {
+    "auto": "the lightest bundle the estimator says fits the GPU memory planned for (or the detected GPU)",
+    "none": "everything on the GPU, nothing recomputed: fastest, needs the most memory",
+    "conservative": "gradient checkpointing on every block (~25% slower); text encoders streamed while caching",
+    "aggressive": "+ half the blocks streamed from CPU memory, checkpoints offloaded, optimiser fused into "
+                  "backward",
+    "extreme": "every swappable block streamed, optimiser and text encoders on the CPU: the least VRAM, slowest",
+}
+PHASE_COLUMNS = ["phase", "part", "GiB"]
+STRATEGY_COLUMNS = ["strategy", "VRAM (GiB)", "RAM (GiB)", "verdict", "plan"]
+BREAKDOWN_COLUMNS = ["item", "GiB"]
+CONTEXT_PART = "cuda context"
+# The estimate gives each phase's total, and its breakdown itemises the training step only. Another phase shows
+# the CUDA context (in every phase that uses the GPU) and the rest of its total as one part, unless the estimate
+# carries that phase's own parts (a "parts" table in to_json, if the estimator grows one).
+REST_PART = "models and working memory"
+SETTING = re.compile(r"^[a-z_]+\.[a-z_]+ ")  # "section.key …": a suggested setting
+ROUNDING_GIB = 0.01  # the estimate's figures are rounded to a few decimals; parts may overshoot by that much
+
+
+@functools.lru_cache(maxsize=1)
+def detected_vram_gib() -> float | None:
+    """Memory of the first NVIDIA GPU in GiB, asked once from nvidia-smi (torch-free, ~50 ms); None without one.
+
+    The first GPU because the plan is per GPU, and several GPUs of one machine are normally the same model."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        mib = float(out.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    return round(mib / 1024, 1)
+
+
+def gpu_target(spec: JobSpec, detected: float | None, given: Any = None) -> tuple[float | None, str]:  # noqa: ANN401
+    """(GiB to judge against, where it came from): a size given here, else the job's lowvram.vram_gib, else the
+    detected GPU; (None, why) when there is none. `given` 0 or empty counts as not given (a number box that the
+    browser cannot leave empty)."""
+    if given not in (None, "", 0):
+        size = float(given)
+        if size == spec.lowvram.vram_gib:
+            return size, "GPU memory to plan for"
+        return size, "detected GPU" if size == detected else "given here"
+    if spec.lowvram.vram_gib:
+        return spec.lowvram.vram_gib, "GPU memory to plan for"
+    if detected:
+        return detected, "detected GPU"
+    return None, "no GPU detected"
+
+
+def _peak_phase(result: Estimate) -> str:
+    return max(result.phases, key=lambda name: result.phases[name].vram_gib)
+
+
+def verdict_line(result: Estimate, gpu_gib: float | None, source: str) -> str:
+    """The verdict first ("fits", "tight", "will not fit", "no verdict"), then the figures: plain text, coloured by
+    its first word in the tabs and read as it is through the API."""
+    figures = (f"{result.vram_gib:.1f} GiB VRAM at the peak ({_peak_phase(result)}), "
+               f"{result.ram_gib:.1f} GiB RAM")
+    if gpu_gib is None or result.verdict is None:
+        return f"no verdict — {figures}; {source}: set the GPU memory to plan for (Low VRAM tab)"
+    return f"{result.verdict} — {figures}; {gpu_gib:g} GiB GPU ({source})"
+
+
+def _plan_lines(plan: LowVramPlan, result: Estimate) -> list[str]:
+    """Markdown: the plan in words and, when the job does not fit, the estimator's suggestion."""
+    lines = [f"**Plan:** {plan.describe()}"]
+    if result.suggestion:
+        # settings ("lowvram.blocks_to_swap ≥ 16") as code, prose ("none of the supported changes…") as it is
+        changes = [f"`{part}`" if SETTING.match(part) else part for part in result.suggestion.split("; ")]
+        lines.append(f"**To fit:** {'; '.join(changes)}")
+    return lines
+
+
+def problems_line(problems: list[str]) -> str:
+    """One message for a form the estimator cannot read, naming each bad field."""
+    return "problems — " + "; ".join(problems)
+
+
+# ---------------------------------------------------------------------- Low VRAM tab
+
+
+@dataclass(frozen=True)
+class LowVramCheck:
+    """`line`: the verdict line (see verdict_line) or the problems; `plan`: markdown, the resolved plan in words
+    and, when the job does not fit, the estimator's suggestion."""
+
+    line: str
+    plan: str
+    ok: bool = True
+
+
+def swap_bound(family: str, flavour: str, current: Any = 0) -> tuple[int, int]:  # noqa: ANN401
+    """(the flavour's most blocks to swap, the slider value clipped to it); (0, 0) for an unknown flavour."""
+    try:
+        most = registry.get_flavour(family, flavour).max_blocks_to_swap
+    except KeyError:
+        return 0, 0
+    try:
+        value = int(current or 0)
+    except (TypeError, ValueError):
+        value = 0
+    return most, max(0, min(value, most))
+
+
+def largest_swap_bound() -> int:
+    """The most blocks any flavour can swap: the slider's bound before the browser knows the flavour."""
+    return max(flavour.max_blocks_to_swap for family in registry.FAMILIES.values()
+               for flavour in family.flavours.values())
+
+
+def check_lowvram(values: dict[str, Any], base: dict[str, Any] | None, detected: float | None) -> LowVramCheck:
+    """The plan the form's job would run with and the estimator's verdict on it, against the GPU memory to plan
+    for (else the detected GPU)."""
+    try:
+        spec = form.form_to_spec(values, base)
+    except SpecError as exc:
+        return LowVramCheck(problems_line(exc.problems), "", ok=False)
+    gpu_gib, source = gpu_target(spec, detected)
+    plan = resolve_lowvram(spec, gpu_gib)
+    result = estimate(spec, gpu_gib, plan=plan)
+    return LowVramCheck(verdict_line(result, gpu_gib, source), "\n\n".join(_plan_lines(plan, result)))
+
+
+# ---------------------------------------------------------------------- Memory Estimator tab
+
+
+@dataclass
+class EstimatorReport:
+    """Everything the estimator tab shows. `phase_rows` are (phase, part, GiB): one stacked bar per phase whose
+    parts add up to the phase's VRAM; `strategy_rows` and `breakdown_rows` follow STRATEGY_COLUMNS and
+    BREAKDOWN_COLUMNS."""
+
+    line: str
+    details: str = ""
+    phase_rows: list[tuple[str, str, float]] = field(default_factory=list)
+    strategy_rows: list[list[Any]] = field(default_factory=list)
+    breakdown_rows: list[list[Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    result: dict[str, Any] | None = None  # the estimate's to_json(), for the API and the tests
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _part_name(label: str) -> str:
+    """"base weights (nf4, GPU)" → "base weights": the legend names the part, the table keeps the details."""
+    return label.split(" (", 1)[0]
+
+
+def phase_rows(result: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """(phase, part, GiB) for every phase of an estimate's to_json(); each phase's parts add up to its VRAM.
+
+    The training step is itemised by the breakdown when that adds up to it; a phase with its own "parts" by
+    those; any other phase is the CUDA context plus the rest (see REST_PART). Parts that do not add up to their
+    phase's total are not shown: the phase is then one part, its total."""
+    breakdown = {_part_name(label): gib for label, gib in result["breakdown"].items()}
+    context = breakdown.get(CONTEXT_PART, 0.0)
+    rows: list[tuple[str, str, float]] = []
+    for phase in PHASES:
+        memory = result["phases"][phase]
+        total = memory["vram_gib"]
+        if total <= 0:
+            rows.append((phase, "not run", 0.0))  # keeps the phase on the axis
+            continue
+        if memory.get("parts"):
+            parts = [(_part_name(label), gib) for label, gib in memory["parts"].items() if gib > 0]
+        elif phase == "training step" and abs(sum(breakdown.values()) - total) <= ROUNDING_GIB:
+            parts = [(name, gib) for name, gib in breakdown.items() if gib > 0]
+        else:
+            parts = [(CONTEXT_PART, context)] if 0 < context <= total else []
+        known = sum(gib for _, gib in parts)
+        if known > total + ROUNDING_GIB:
+            parts, known = [("total", total)], total
+        rows += [(phase, name, gib) for name, gib in parts]
+        if total - known > ROUNDING_GIB:
+            rows.append((phase, REST_PART, round(total - known, 3)))
+    return rows
+
+
+def _strategy_row(name: str, plan: LowVramPlan, result: Estimate) -> list[Any]:
+    what = replace(plan, reason="").describe().removeprefix(f"strategy {plan.strategy}").removeprefix(", ")
+    return [name, round(result.vram_gib, 2), round(result.ram_gib, 2), result.verdict or "—", what]
+
+
+def strategy_rows(spec: JobSpec, gpu_gib: float | None, job: tuple[LowVramPlan, Estimate] | None = None
+                  ) -> list[list[Any]]:
+    """Each concrete strategy on a copy of the job (its explicit [lowvram] keys still on top), estimated; for a
+    job on auto, first what auto resolves to (it may swap fewer blocks than its bundle's default): `job`, the
+    job's own (plan, estimate) when the caller has them."""
+    rows = []
+    if spec.lowvram.strategy == "auto":
+        plan, result = job or (resolve_lowvram(spec, gpu_gib), None)
+        rows.append(_strategy_row(f"auto → {plan.strategy}", plan, result or estimate(spec, gpu_gib, plan=plan)))
+    for strategy in CONCRETE:
+        copy = spec.model_copy(update={"lowvram": spec.lowvram.model_copy(update={"strategy": strategy})})
+        plan = resolve_lowvram(copy, gpu_gib)
+        # Estimated without a GPU size, so without the search for a suggestion (the table shows none): a few ms
+        # for the four. The verdict is the estimator's own rule.
+        bare = copy.model_copy(update={"lowvram": copy.lowvram.model_copy(update={"vram_gib": None})})
+        result = estimate(bare, None, plan=plan)
+        if gpu_gib is not None:
+            result.verdict = verdict(result.vram_gib, gpu_gib)
+        name = f"{strategy} (this job)" if strategy == spec.lowvram.strategy else strategy
+        rows.append(_strategy_row(name, plan, result))
+    return rows
+
+
+def _details(result: Estimate, plan: LowVramPlan) -> str:
+    lines = _plan_lines(plan, result)
+    table = ["| phase | VRAM (GiB) | RAM (GiB) |", "| --- | ---: | ---: |"]
+    table += [f"| {name} | {memory.vram_gib:.2f} | {memory.ram_gib:.2f} |" for name, memory in result.phases.items()]
+    lines.append("\n".join(table))
+    lines += [f"- {note}" for note in result.notes]
+    return "\n\n".join(lines)
+
+
+def estimate_form(values: dict[str, Any], base: dict[str, Any] | None, gpu_gib: Any,  # noqa: ANN401
+                  detected: float | None) -> EstimatorReport:
+    """The estimator tab's report for the form's job against `gpu_gib` (0 or empty: the job's GPU memory to plan
+    for, else the detected GPU). A form the estimator cannot read gives one problems line naming the fields."""
+    problems: list[str] = []
+    try:
+        given = float(gpu_gib) if gpu_gib not in (None, "") else None
+        if given is not None and not 0 <= given <= 1024:
+            raise ValueError
+    except (TypeError, ValueError):
+        problems.append(f"GPU memory (GiB): {gpu_gib!r} is not a size between 0 and 1024 (0: the planned or "
+                        "detected GPU)")
+        given = None
+    try:
+        spec = form.form_to_spec(values, base)
+    except SpecError as exc:
+        problems += exc.problems
+    if problems:
+        return EstimatorReport(problems_line(problems), problems=problems)
+    target, source = gpu_target(spec, detected, given)
+    plan = resolve_lowvram(spec, target)
+    result = estimate(spec, target, plan=plan)
+    data = result.to_json()
+    return EstimatorReport(
+        line=verdict_line(result, target, source),
+        details=_details(result, plan),
+        phase_rows=phase_rows(data),
+        strategy_rows=strategy_rows(spec, target, (plan, result)),
+        breakdown_rows=[[label, round(gib, 3)] for label, gib in result.breakdown.items()],
+        result=data,
+    )
