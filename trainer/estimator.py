@@ -156,14 +156,27 @@ def _training_activations(f: registry.Flavour, plan: LowVramPlan, tokens: int, b
     swapped = min(plan.blocks_to_swap, total)
     every = plan.checkpointing_interval if plan.gradient_checkpointing else 0
     # swapped blocks (the first ones) are always checkpointed: their weights have left the ring by the backward
-    checkpointed = sum(1 for i in range(total) if (every and i % every == 0) or i < swapped)
+    is_checkpointed = [bool(every and i % every == 0) or i < swapped for i in range(total)]
+    checkpointed = sum(is_checkpointed)
     full_blocks = total - checkpointed
     scale = elem / 2  # the factors are for 16-bit activations
     one_block = ACTIVATION_FACTOR[f.family] * f.hidden_size * tokens * batch * scale
     block_input = CHECKPOINT_FACTOR * f.hidden_size * tokens * batch * scale
-    kept = min(checkpointed, OFFLOAD_KEPT_BLOCKS) if plan.cpu_offload_checkpointing else checkpointed
-    saved = full_blocks * one_block + kept * block_input + (RECOMPUTE_FACTOR * one_block if checkpointed else 0.0)
-    offloaded = (checkpointed - kept) * block_input if plan.cpu_offload_checkpointing else 0.0
+    # the backward runs from the last block to the first: at block i everything saved by the blocks before it
+    # is alive, plus block i's own full activations, or its recomputation when it was checkpointed (the later
+    # blocks' activations are already freed); the peak is the largest of these
+    saved, full_before, inputs_before = 0.0, 0.0, 0
+    for index in range(total):
+        kept = min(inputs_before, OFFLOAD_KEPT_BLOCKS) if plan.cpu_offload_checkpointing else inputs_before
+        alive = full_before + kept * block_input
+        if is_checkpointed[index]:
+            saved = max(saved, alive + RECOMPUTE_FACTOR * one_block)
+            inputs_before += 1
+        else:
+            full_before += one_block
+            saved = max(saved, alive + one_block)
+    # offloaded: every checkpointed block's input passes through pinned RAM
+    offloaded = checkpointed * block_input if plan.cpu_offload_checkpointing else 0.0
     # without a fused kernel the attention probabilities of every non-checkpointed block are saved for backward
     per_block = 0.0 if fused_attention else 4.0 * f.num_heads * tokens * tokens * batch * scale
     attention = per_block * (full_blocks + (1 if checkpointed else 0))

@@ -2,7 +2,9 @@
 
 What is counted (`measure_training_step`):
 - `resident`: bytes of the distinct storages of the transformer's parameters and buffers (frozen base, LoRA),
-  and of any optimiser state and gradients that exist before the step, counted once each;
+  of any optimiser state and gradients that exist before the step (an offloaded optimiser's masters and gradient
+  buffers, a fused backward's per-parameter optimisers included), and of a block swap's host masters and ring
+  slots, counted once each;
 - `step_peak`: the most bytes of storages allocated DURING the step (forward, backward, clipping, optimiser
   step, zero_grad) that were alive at the same time: activations saved for backward, temporaries, gradients,
   the optimiser state created at the first step. A `TorchDispatchMode` sees every tensor an ATen op returns;
@@ -94,11 +96,33 @@ def _storage_bytes(tensors: Any) -> int:
     return sum(seen.values())
 
 
+def _optimizer_tensors(optimizer: Any) -> list[torch.Tensor]:  # noqa: ANN401 - any optimiser or wrapper
+    """State tensors of a torch optimiser or of the plan's wrappers (trainer/memory/optimizer_memory.py): an
+    offloaded optimiser's fp32 masters and gradient buffers and its inner optimiser, a fused backward's
+    per-parameter optimisers."""
+    tensors: list[torch.Tensor] = []
+    for state in getattr(optimizer, "state", {}).values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    tensors += [*getattr(optimizer, "masters", []), *getattr(optimizer, "_grads", [])]
+    for inner in [getattr(optimizer, "inner", None), *getattr(optimizer, "optimizers", [])]:
+        if inner is not None:
+            tensors += _optimizer_tensors(inner)
+    return tensors
+
+
+def _swap_tensors(swapper: Any) -> list[torch.Tensor]:  # noqa: ANN401 - a BlockSwapper or None
+    """A block swap's host masters (one packed buffer per swapped block) and its ring slots."""
+    if swapper is None:
+        return []
+    hosts = [packed.host for packed in getattr(swapper, "_packed", []) if packed.host is not None]
+    return [*hosts, *getattr(swapper, "_slots", [])]
+
+
 def _resident(session: Any) -> list[torch.Tensor]:
     tensors: list[torch.Tensor] = [*session.transformer.parameters(), *session.transformer.buffers()]
     tensors += [p.grad for p in session.transformer.parameters() if p.grad is not None]
-    for state in session.optimizer.state.values():
-        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    tensors += _optimizer_tensors(session.optimizer)
+    tensors += _swap_tensors(getattr(session, "swapper", None))
     return tensors
 
 
