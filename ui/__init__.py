@@ -39,9 +39,10 @@ def build_app(runner: TrainingRunner, workdir: Path) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as app:
         gr.Markdown(f"## {TITLE}")
         base = gr.State({})  # fields of a loaded job that the form has no control for
+        baseline = gr.State(defaults)  # the form's last fill: what differs from it are the user's edits
         with gr.Tabs():
             with gr.Tab("Model"):
-                model_tab.build(fields, defaults, studio)
+                connect_model = model_tab.build(fields, defaults, studio)
             with gr.Tab("Dataset & Captioning"):
                 connect_dataset = dataset_tab.build(fields, defaults, studio, base)
             with gr.Tab("Low VRAM"):
@@ -53,12 +54,13 @@ def build_app(runner: TrainingRunner, workdir: Path) -> gr.Blocks:
             with gr.Tab("Memory Estimator") as estimator:
                 estimator_tab.build(fields, defaults, base, detected, estimator)
             with gr.Tab("Run"):
-                run_tab.build(fields, studio, base, model_tab.flavour_choices, app)
+                run_tab.build(fields, studio, base, model_tab.form_updates, app, baseline, defaults)
         missing = set(FORM_KEYS) - set(fields)
         if missing:
             raise RuntimeError(f"form keys without a control: {sorted(missing)}")
         connect_dataset()  # the dataset check reads the Training tab's batch size
         connect_lowvram(base, app)  # the live verdict reads the whole job
+        connect_model(base, baseline)  # a preset fills the whole form
 
         def placeholders(family: str, flavour: str) -> tuple[object, object]:
             steps, guidance = advanced_tab.sample_placeholders(family, flavour)

@@ -17,6 +17,7 @@ from typing import Any
 from trainer import registry
 from trainer.estimator import PHASES, Estimate, estimate, verdict
 from trainer.memory.strategies import CONCRETE, LowVramPlan, resolve_lowvram
+from trainer.profiles import UNKNOWN_USABLE_SHARE
 from trainer.spec import JobSpec, SpecError
 from ui import form
 
@@ -43,9 +44,16 @@ ROUNDING_GIB = 0.01  # the estimate's figures are rounded to a few decimals; par
 
 @functools.lru_cache(maxsize=1)
 def detected_vram_gib() -> float | None:
-    """Memory of the first NVIDIA GPU in GiB, asked once from nvidia-smi (torch-free, ~50 ms); None without one.
+    """Usable memory of this machine's first NVIDIA GPU in GiB, found once; None without one.
 
-    The first GPU because the plan is per GPU, and several GPUs of one machine are normally the same model."""
+    The detected hardware profile's (NVML, trainer/profiles.py) when there is one; else what nvidia-smi reports,
+    less the share a desktop and the driver keep. The first GPU: the plan is per GPU, and the GPUs of one
+    machine are normally the same model."""
+    from ui.presets import detected_profile
+
+    profile = detected_profile()
+    if profile is not None:
+        return profile.vram_gib or None
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None
@@ -55,7 +63,7 @@ def detected_vram_gib() -> float | None:
         mib = float(out.split()[0])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
-    return round(mib / 1024, 1)
+    return round(mib / 1024 * UNKNOWN_USABLE_SHARE, 1)
 
 
 def gpu_target(spec: JobSpec, detected: float | None, given: Any = None) -> tuple[float | None, str]:  # noqa: ANN401

@@ -1,14 +1,17 @@
-"""Model tab: family, flavour, where the weights come from, and their precision."""
+"""Model tab: a hardware profile and a training preset that fill the form, then family, flavour, where the
+weights come from, and their precision."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
 
 from trainer import registry
+from ui import form, presets
 from ui.form import field_choices
+from ui.memory import swap_bound
 from ui.studio import Studio, flavour_summary
 
 
@@ -31,16 +34,48 @@ def source_note(studio: Studio, family: str, flavour: str) -> str:
 
 def suggested_source(studio: Studio, family: str, flavour: str, current: str) -> str:
     """The demo folder for a demo flavour; empty (the hub repo) for others. A source the user typed stays."""
-    current = (current or "").strip()
-    in_demo = not current or Path(current).expanduser().resolve().is_relative_to(studio.demo_dir)
-    if not in_demo:
-        return current
-    info = registry.get_flavour(family, flavour)
-    return str(studio.demo_dir / family) if info.is_demo else ""
+    return presets.suggested_source(studio.demo_dir, family, flavour, current)
 
 
-def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], studio: Studio) -> None:
+def form_updates(fields: dict[str, gr.components.Component], values: dict[str, Any]) -> dict[Any, Any]:
+    """Component → update showing `values` (a loaded job, a filled preset): the menus whose choices depend on the
+    model (flavours, LoRA targets) and the swap slider's bound follow it in the same update."""
+    updates: dict[Any, Any] = {fields[key]: values[key] for key in fields}
+    family, flavour = values["model.family"], values["model.flavour"]
+    updates[fields["model.flavour"]] = gr.update(choices=flavour_choices(family), value=flavour)
+    updates[fields["lora.targets"]] = gr.update(choices=form.target_choices(family), value=values["lora.targets"])
+    # a value above the old bound would be clipped by the slider before its bound follows the flavour
+    most, _ = swap_bound(family, flavour)
+    updates[fields["lowvram.blocks_to_swap"]] = gr.update(maximum=most, value=values["lowvram.blocks_to_swap"])
+    return updates
+
+
+def preset_menu(profile: str | None, family: str, flavour: str) -> Any:  # noqa: ANN401 - a gradio update
+    """The flavour's presets, the profile's suggestion selected (none when it suggests none)."""
+    choices = presets.preset_choices(family, flavour)
+    return gr.update(choices=choices, value=presets.suggested_preset(profile, family, flavour),
+                     info=("a partial job for this flavour and a VRAM tier, every trade-off commented in presets/"
+                           if choices else "no presets for this flavour"))
+
+
+def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
+          studio: Studio) -> Callable[[gr.State, gr.State], None]:
+    """The tab's controls; returns `connect(base, baseline)`, to call once every tab's fields exist (applying a
+    preset fills the whole form). `baseline` holds the form's last fill: what differs from it are the user's
+    edits, which a preset never overrides."""
     family, flavour = defaults["model.family"], defaults["model.flavour"]
+    profile_name = presets.default_profile()
+    with gr.Row(equal_height=True):
+        profile = gr.Dropdown(
+            choices=presets.profile_choices(), value=profile_name, label="Hardware profile", scale=2,
+            info="your GPU (the detected one is preselected): sets the GPU memory to plan for and suggests a "
+                 "preset")
+        preset = gr.Dropdown(
+            choices=presets.preset_choices(family, flavour), label="Preset", scale=3,
+            value=presets.suggested_preset(profile_name, family, flavour),
+            info="a partial job for this flavour and a VRAM tier, every trade-off commented in presets/")
+        apply = gr.Button("Apply profile and preset", scale=1)
+    applied = gr.Markdown("")
     with gr.Row():
         fields["model.family"] = gr.Dropdown(
             choices=[(f.label, name) for name, f in registry.FAMILIES.items()], value=family, label="Family")
@@ -79,3 +114,23 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
     fields["model.flavour"].input(flavour_input, model, fields["model.source"], api_visibility="private")
     gr.on([fields["model.family"].change, fields["model.flavour"].change], describe, model[:2], [summary, note],
           api_visibility="private", show_progress="hidden")
+
+    gr.on([fields["model.family"].change, fields["model.flavour"].change, profile.change], preset_menu,
+          [profile, fields["model.family"], fields["model.flavour"]], preset, api_visibility="private",
+          show_progress="hidden")
+
+    def connect(base: gr.State, baseline: gr.State) -> None:
+        def apply_layers(by_component: dict[Any, Any]) -> dict[Any, Any]:
+            values = form.values_by_key(fields, by_component)
+            filled = presets.fill(values, by_component[base], by_component[baseline], by_component[profile],
+                                  by_component[preset], studio.demo_dir)
+            if not filled.ok:
+                return {applied: f"**{filled.message}:**\n" + "\n".join(f"- {p}" for p in filled.problems)}
+            gr.Info(filled.message)
+            return {**form_updates(fields, filled.values), base: filled.hidden, baseline: filled.baseline,
+                    applied: filled.message}
+
+        apply.click(apply_layers, {*fields.values(), base, baseline, profile, preset},
+                    [*fields.values(), base, baseline, applied], api_visibility="private")
+
+    return connect

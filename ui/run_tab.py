@@ -11,7 +11,6 @@ from typing import Any
 import gradio as gr
 
 from ui import allowed_paths, form
-from ui.memory import swap_bound
 from ui.run_state import RunView
 from ui.studio import Outcome, Studio
 
@@ -77,9 +76,13 @@ def offer_updates(text: str) -> tuple[str, Any]:
 
 
 def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.State,
-          flavour_choices: Callable[[str], list[tuple[str, str]]], app: gr.Blocks | None = None) -> None:
-    """The Run tab; `base` holds the fields of a loaded job that the form has no control for. With `app`, the
-    resume offer is also checked when the page loads."""
+          form_updates: Callable[[dict[str, gr.components.Component], dict[str, Any]], dict[Any, Any]],
+          app: gr.Blocks | None = None, baseline: gr.State | None = None,
+          defaults: dict[str, Any] | None = None) -> None:
+    """The Run tab; `base` holds the fields of a loaded job that the form has no control for; `form_updates`
+    turns form values into component updates. With `app`, the resume offer is also checked when the page loads.
+    With `baseline` (the form's last fill, see ui/presets.py), a loaded job resets it to `defaults`: everything
+    the job sets counts as the user's own."""
     with gr.Row():
         start = gr.Button("Start", variant="primary", scale=2)
         steps = gr.Number(10, label="Steps", precision=0, minimum=1, step=1, scale=1, min_width=90)
@@ -225,19 +228,14 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
         updates: dict[gr.components.Component, Any] = {status: outcome.message, problems: problems_update(outcome)}
         if values is None:
             return updates
-        for key, component in fields.items():
-            updates[component] = values[key]
-        updates[fields["model.flavour"]] = gr.update(choices=flavour_choices(values["model.family"]),
-                                                     value=values["model.flavour"])
-        updates[fields["lora.targets"]] = gr.update(choices=form.target_choices(values["model.family"]),
-                                                    value=values["lora.targets"])
-        # The slider's bound follows the loaded flavour at once: a value above the old bound would be clipped.
-        most, _ = swap_bound(values["model.family"], values["model.flavour"])
-        updates[fields["lowvram.blocks_to_swap"]] = gr.update(maximum=most, value=values["lowvram.blocks_to_swap"])
+        updates.update(form_updates(fields, values))
         updates[base] = hidden
+        if baseline is not None:
+            updates[baseline] = defaults or {}
         gr.Info(outcome.message)
         for note in outcome.notes:
             gr.Warning(note)
         return updates
 
-    load.upload(load_job, load, [*form_outputs, base, status, problems], api_visibility="private")
+    load_outputs = [*form_outputs, base, status, problems] + ([baseline] if baseline is not None else [])
+    load.upload(load_job, load, load_outputs, api_visibility="private")
