@@ -166,5 +166,5 @@ def test_the_model_tab_has_the_menus_and_applies_them(tmp_path, detected):
     menu = next(fn for fn in blocks.fns.values() if fn.fn is not None and fn.fn.__name__ == "preset_menu")
     update = menu.fn(EIGHT_GB, "flux2", "klein-base-9b")
     assert update["value"] == KLEIN_8GB and [name for _, name in update["choices"]][0] == KLEIN_8GB
-    apply = next(fn for fn in blocks.fns.values() if fn.fn is not None and fn.fn.__name__ == "apply_layers")
+    apply = next(fn for fn in blocks.fns.values() if fn.fn is not None and fn.fn.__name__ == "apply_profile_and_preset")
     assert {by_label["Hardware profile"]._id, by_label["Preset"]._id} <= {block._id for block in apply.inputs}

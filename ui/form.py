@@ -4,6 +4,10 @@ Every control of the job form is registered under a key: `section.key` for a spe
 field of the dataset the form edits, which lives at `data.datasets[0]` in the spec (further datasets of a loaded
 job, e.g. regularisation images, are kept as loaded). Handlers receive a dict key → value and turn it into a
 nested dict that `parse_spec` validates. Pure python: no gradio import.
+
+A spec key left unset (None: "the strategy decides", "the flavour's default") stays unset through the form: optional
+numbers are text boxes that may be empty, the low-VRAM menus have a FROM_STRATEGY entry, and the blocks-to-swap
+slider counts only while its switch (a form key of its own, see SWITCHES) is on.
 """
 
 from __future__ import annotations

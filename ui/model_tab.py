@@ -120,7 +120,7 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
           show_progress="hidden")
 
     def connect(base: gr.State, baseline: gr.State) -> None:
-        def apply_layers(by_component: dict[Any, Any]) -> dict[Any, Any]:
+        def apply_profile_and_preset(by_component: dict[Any, Any]) -> dict[Any, Any]:
             values = form.values_by_key(fields, by_component)
             filled = presets.fill(values, by_component[base], by_component[baseline], by_component[profile],
                                   by_component[preset], studio.demo_dir)
@@ -130,7 +130,7 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
             return {**form_updates(fields, filled.values), base: filled.hidden, baseline: filled.baseline,
                     applied: filled.message}
 
-        apply.click(apply_layers, {*fields.values(), base, baseline, profile, preset},
+        apply.click(apply_profile_and_preset, {*fields.values(), base, baseline, profile, preset},
                     [*fields.values(), base, baseline, applied], api_visibility="private")
 
     return connect
