@@ -57,11 +57,13 @@ Inits (`lora.init`):
   pissa     A, B from the top singular vectors of W (peft "pissa_niter_4": fast randomised SVD), and the base
             weight is REWRITTEN to W − (alpha/rank)·B A, so the output is unchanged; needs a bf16/fp16/fp32 base.
   olora     A, B from a QR decomposition of W; REWRITES the base the same way (a bitsandbytes 4/8-bit base is
-            re-quantised, so there the output moves slightly).
+            re-quantised, so there the output moves slightly). Refused on our quantised bases (fp8, int8, int4,
+            nf4 of trainer.memory.quantize), which are read-only, as is pissa.
   loftq     for a 4-bit NF4 base: the base becomes NF4(W) and B A the best rank-r fit of W − NF4(W), so the
             quantised model plus the adapter starts close to the full-precision one. Needs
-            model.base_precision = "nf4" and the unquantised weights when the adapter is added; the session then
-            quantises the base to NF4 (blocksize 64), which reproduces NF4(W) exactly.
+            model.base_precision = "nf4". A base streamed as NF4 (trainer.memory.quantize: blocks of 64,
+            bitsandbytes' levels) already is NF4(W) and each W is read back from the model file, one layer at a
+            time; an unquantised base is put on the NF4 grid here (bitsandbytes, blocksize 64).
   LoKr takes only "default" (w1 = 0, so the output is unchanged).
 
 Inits that rewrite the base (pissa, olora, loftq) keep the initial A0, B0: `adapter_export` writes the update
@@ -220,11 +222,16 @@ def preset_report(transformer: torch.nn.Module, family: str) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------- adding
 
 
-def _base_weight(transformer: torch.nn.Module, name: str) -> torch.Tensor:
+def _base_layer(transformer: torch.nn.Module, name: str) -> torch.nn.Module:
     module = transformer.get_submodule(name)
-    if hasattr(module, "get_base_layer"):
-        module = module.get_base_layer()
-    return module.weight
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def _layer_precision(layer: torch.nn.Module) -> str:
+    from trainer.memory.quantize import is_quantized
+
+    # our quantised layers (trainer.memory.quantize) say their format; their `weight` is the packed values
+    return str(layer.format) if is_quantized(layer) else _weight_precision(layer.weight)
 
 
 def _weight_precision(weight: torch.Tensor) -> str:
@@ -259,9 +266,16 @@ def _check_choices(type: str, init: str, init_from: str) -> None:
                         "(and pissa/olora/loftq would also rewrite the base under them); set lora.init = 'default'")
 
 
-def _check_init_fits_base(init: str, precision: str, weights: list[torch.Tensor]) -> None:
-    stored = sorted({_weight_precision(w) for w in weights})
+def _check_init_fits_base(init: str, precision: str, layers: list[torch.nn.Module]) -> None:
+    from trainer.memory.quantize import is_quantized
+
+    stored = sorted({_layer_precision(layer) for layer in layers})
     floats = set(_FLOAT_PRECISIONS)
+    ours = [layer for layer in layers if is_quantized(layer)]
+    if ours and init in ("pissa", "olora"):
+        raise UserError(f"lora.init: '{init}' rewrites the base weights, and with model.base_precision "
+                        f"'{ours[0].format}' they are stored quantised and read-only. Use lora.init 'default' (or "
+                        "'loftq' with model.base_precision 'nf4'), or model.base_precision bf16, fp16 or fp32.")
     if init == "pissa" and (precision not in floats or not set(stored) <= floats):
         found = precision if precision not in floats else ", ".join(stored)
         raise UserError(f"lora.init: 'pissa' rewrites the base weights (W - BA), so it needs model.base_precision "
@@ -274,7 +288,10 @@ def _check_init_fits_base(init: str, precision: str, weights: list[torch.Tensor]
             raise UserError(f"lora.init: 'loftq' fits the LoRA to the error of quantising the base to 4-bit NF4, so "
                             f"it needs model.base_precision = 'nf4' (it is '{precision}'). On a bf16/fp16/fp32 base "
                             "use 'pissa' or 'default'.")
-        if not set(stored) <= floats:
+        if ours and any(layer.format != "nf4" or layer.source is None for layer in ours):
+            raise RuntimeError("loftq on a quantised base needs NF4 layers streamed from a model file "
+                               "(load_quantized_transformer), whose full-precision W it reads back")
+        if not ours and not set(stored) <= floats:
             # The session's order, not the user's choice: LoftQ must see W before it is quantised.
             raise RuntimeError(f"loftq needs the unquantised base weights when the adapter is added (found "
                                f"{', '.join(stored)}); quantise the transformer to NF4 after add_adapter")
@@ -297,21 +314,28 @@ def _peft_config(type: str, rank: int, alpha: float, dropout: float, init: str, 
 
 def _loftq_fit(transformer: torch.nn.Module, names: list[str]) -> None:
     """LoftQ (one alternation): the base becomes NF4(W), B A the rank-r SVD fit of W − NF4(W) / scale."""
-    import bitsandbytes.functional as bnb_functional
     import torch
 
     with torch.no_grad():
         for name in names:
-            _loftq_fit_layer(transformer.get_submodule(name), bnb_functional)
+            _loftq_fit_layer(transformer.get_submodule(name))
 
 
-def _loftq_fit_layer(layer: Any, bnb_functional: Any) -> None:
+def _loftq_fit_layer(layer: Any) -> None:
     import torch
 
+    from trainer.memory.quantize import is_quantized
+
     base = layer.get_base_layer()
-    weight = base.weight.data.to(torch.float32)
-    packed, state = bnb_functional.quantize_4bit(weight, blocksize=_LOFTQ_BLOCKSIZE, quant_type="nf4")
-    quantised = bnb_functional.dequantize_4bit(packed, state).to(torch.float32)
+    if is_quantized(base):  # streamed as NF4(W) already; W itself comes back from the model file
+        quantised = base.dequantize(torch.float32)
+        weight = base.read_source().to(quantised.device)
+    else:
+        import bitsandbytes.functional as bnb_functional
+
+        weight = base.weight.data.to(torch.float32)
+        packed, state = bnb_functional.quantize_4bit(weight, blocksize=_LOFTQ_BLOCKSIZE, quant_type="nf4")
+        quantised = bnb_functional.dequantize_4bit(packed, state).to(torch.float32)
     lora_a = layer.lora_A[ADAPTER_NAME].weight
     lora_b = layer.lora_B[ADAPTER_NAME].weight
     keep = min(lora_a.shape[0], *weight.shape)  # a rank above the layer's size gets zero rows
@@ -323,7 +347,8 @@ def _loftq_fit_layer(layer: Any, bnb_functional: Any) -> None:
     new_a[:keep] = root[:, None] * v.T
     lora_a.data = new_a.to(lora_a.device)
     lora_b.data = new_b.to(lora_b.device)
-    base.weight.data = quantised.to(base.weight.dtype)
+    if not is_quantized(base):
+        base.weight.data = quantised.to(base.weight.dtype)
 
 
 @contextlib.contextmanager
@@ -372,9 +397,9 @@ def add_adapter(
     _check_family(family)
     _check_choices(type, init, init_from)
     names = target_modules(transformer, family, targets)
-    weights = [_base_weight(transformer, name) for name in names]
-    precision = base_precision or _weight_precision(weights[0])
-    _check_init_fits_base(init, precision, weights)
+    layers = [_base_layer(transformer, name) for name in names]
+    precision = base_precision or _layer_precision(layers[0])
+    _check_init_fits_base(init, precision, layers)
 
     transformer.requires_grad_(False)
     with _seeded(init in ("pissa", "loftq")):  # randomised SVDs: the same base gives the same A0, B0 and residual

@@ -18,8 +18,17 @@ def load_pipeline(source: str, flavour: Flavour, dtype: torch.dtype, skip: tuple
     quantised while the weights stream from the files)."""
     import diffusers
 
+    from trainer.memory.quantize import FORMATS, load_quantized_transformer, transformer_folder
+
     pipeline_class = getattr(diffusers, flavour.pipeline_class)
-    return pipeline_class.from_pretrained(source, dtype=dtype, **{name: None for name in skip})
+    skipped: dict[str, Any] = {name: None for name in skip}
+    if base_precision not in FORMATS:
+        return pipeline_class.from_pretrained(source, dtype=dtype, **skipped)
+    transformer = load_quantized_transformer(transformer_folder(source), getattr(diffusers, flavour.transformer_class),
+                                             base_precision, dtype)
+    pipe = pipeline_class.from_pretrained(source, dtype=dtype, **skipped, transformer=None)
+    pipe.register_modules(transformer=transformer)
+    return pipe
 
 
 def _max_sequence_length(flavour: Flavour) -> int:
