@@ -135,3 +135,13 @@ def test_the_gpu_bench_runs_its_plan_on_a_tiny_shape() -> None:
     module_spec.loader.exec_module(bench)
     row = bench.run_case(bench.TINY, "extreme", 64, steps=1, device_name="cpu")
     assert row["blocks_to_swap"] == 2 and row["swap_gib_per_step"] > 0 and row["s_per_step"] > 0
+
+
+def test_swapping_a_quantised_base_trains_like_the_unswapped_one(demo_dir: Path, tmp_path: Path) -> None:
+    """fp8 weights and their scales stream through the swap slots like any frozen tensor."""
+    quantised = ["model.base_precision='fp8'"]
+    _, losses, weights = _train(demo_dir, tmp_path / "plain", "job.toml", *quantised)
+    session, swapped_losses, swapped = _train(demo_dir, tmp_path / "swap", "job.toml", *quantised,
+                                              "lowvram.blocks_to_swap=2")
+    assert session.plan.blocks_to_swap == 2
+    _assert_same((session, swapped_losses, swapped), (losses, weights))

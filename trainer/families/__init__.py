@@ -19,7 +19,8 @@ _MODULES = {"flux2": "trainer.families.flux2", "flux1": "trainer.families.flux1"
 
 
 class FamilyOps(Protocol):
-    def load_pipeline(self, source: str, flavour: Flavour, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> Any: ...
+    def load_pipeline(self, source: str, flavour: Flavour, dtype: torch.dtype, skip: tuple[str, ...] = (),
+                      base_precision: str = "bf16") -> Any: ...
 
     def encode_prompts(self, pipe: Any, prompts: list[str], flavour: Flavour) -> dict[str, torch.Tensor]: ...
 
