@@ -111,13 +111,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if problems:
         raise SpecError(problems)
     silence_library_noise()
+    from trainer import distributed
     from trainer.session import Session
 
-    session = Session(spec, emit=_ConsoleProgress(show_bar=not args.no_progress), resume=args.resume)
+    # Under `accelerate launch` every process runs this; the session finds its rank (rank 0 alone reports).
     try:
-        session.run()
+        session = Session(spec, emit=_ConsoleProgress(show_bar=not args.no_progress), resume=args.resume)
+        try:
+            session.run()
+        finally:
+            session.end()
     finally:
-        session.end()
+        distributed.shutdown()
     return 0
 
 

@@ -13,12 +13,13 @@ import math
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainer import flow, registry
+from trainer import distributed, flow, registry
 from trainer.adapters import add_adapter
 from trainer.checkpoint import (
     latest_state,
@@ -47,6 +48,7 @@ from trainer.events import (
     SampleSaved,
 )
 from trainer.families import family_ops
+from trainer.lora_formats import lora_filename
 from trainer.memory.checkpointing import ActivationOffloader, enable_block_checkpointing
 from trainer.memory.optimizer_memory import FusedBackward, build_training_optimizer
 from trainer.memory.placement import TextEncoderPlacement, place_transformer
@@ -106,6 +108,18 @@ def device_vram_gib(device: torch.device) -> float | None:
     return torch.cuda.get_device_properties(device).total_memory / 2**30
 
 
+@dataclass
+class _Draws:
+    """Everything random about one micro-batch, drawn before anything is computed."""
+
+    indices: list[int]
+    latents: torch.Tensor
+    captions: list[str]
+    noise: torch.Tensor
+    sigmas: torch.Tensor
+    guidance: torch.Tensor | None
+
+
 class Session:
     def __init__(self, spec: JobSpec, emit: Callable[[Event], None] | None = None, commands: Any = None,
                  resume: bool = False) -> None:
@@ -114,13 +128,16 @@ class Session:
         self.flavour = registry.get_flavour(spec.model.family, spec.model.flavour)
         self.ops = family_ops(spec.model.family)
         self.output_dir = Path(spec.output.dir)
-        self.commands = commands or _NoCommands()
+        # several processes (accelerate launch): rank, mode, device; see trainer/distributed.py
+        self.dist = distributed.start(spec)
+        self.commands = distributed.StepCommands(commands or _NoCommands(), distributed.stop_file(self.output_dir),
+                                                 self.dist)
         self._listeners: list[Callable[[Event], None]] = [emit] if emit else []
         self._jsonl: JsonlWriter | None = None
         self._trackers: TrackerLogger | None = None
         self.eval_indices: list[int] = []
         self.step = 0
-        self.device = pick_device()
+        self.device = self.dist.device or pick_device()
         # quantised bases compute in bf16; the others compute in the dtype they are stored in
         self.compute_dtype = _DTYPES.get(spec.model.base_precision, torch.bfloat16)
         self.pipe: Any = None
@@ -135,16 +152,19 @@ class Session:
         self.text_cache = TextEmbeddingCache()
         self.generator = torch.Generator("cpu").manual_seed(spec.train.seed)
         # TREAD draws from its own stream so turning it on does not change the noise and timesteps.
-        self.tread_generator = torch.Generator("cpu").manual_seed(spec.train.seed + 1)
+        self.tread_generator = torch.Generator("cpu").manual_seed(self.dist.rank_seed(spec.train.seed + 1))
         self._order: list[list[int]] = []
         self.losses: list[float] = []
         self.last_lora_path: Path | None = None
-        self.plan: LowVramPlan = resolve_lowvram(spec, device_vram_gib(self.device))
+        self.plan: LowVramPlan = self.dist.adjust_plan(resolve_lowvram(spec, device_vram_gib(self.device)))
+        self.grad_sync: distributed.GradientSync | None = None
         self.swapper: Any = None
         self.offloader: ActivationOffloader | None = None
         self._text_placement: TextEncoderPlacement | None = None
 
     def emit(self, event: Event) -> None:
+        if not self.dist.is_main:  # rank 0 speaks for the run
+            return
         for listener in self._listeners:
             listener(event)
 
@@ -180,20 +200,24 @@ class Session:
 
     def setup(self) -> None:
         spec = self.spec
-        problems = check_files(spec)
+        problems = check_files(spec) + self.dist.problems
         if problems:
             raise UserError("\n".join(problems))
         self.prompts = sample_prompts(spec)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = JsonlWriter(self.output_dir / "events.jsonl")
-        self._listeners.append(self._jsonl)
-        if spec.output.log_with:
-            self._trackers = TrackerLogger(spec.output.log_with, self.output_dir, spec.output.name, _flat(spec))
-            self._listeners.append(self._trackers)
-        save_spec(spec, self.output_dir / "job.resolved.toml")
+        self.commands.clear_stale_stop()
+        if self.dist.is_main:
+            self._jsonl = JsonlWriter(self.output_dir / "events.jsonl")
+            self._listeners.append(self._jsonl)
+            if spec.output.log_with:
+                self._trackers = TrackerLogger(spec.output.log_with, self.output_dir, spec.output.name, _flat(spec))
+                self._listeners.append(self._trackers)
+            save_spec(spec, self.output_dir / "job.resolved.toml")
         self.emit(RunStarted(max_steps=spec.train.max_steps, output_dir=str(self.output_dir),
                              family=spec.model.family, flavour=spec.model.flavour))
         torch.manual_seed(spec.train.seed)
+        if self.dist.world_size > 1:
+            self.emit(LogMessage(level="info", message=f"distributed: {self.dist.describe()}"))
         self.emit(LogMessage(level="info", message=f"low-VRAM plan: {self.plan.describe()}"))
         warning = ram_warning(spec, self.plan, device_vram_gib(self.device))
         if warning:
@@ -204,14 +228,17 @@ class Session:
         caches = InputCaches(spec, self.ops, self.flavour, self.emit, lambda: self.commands.stop_requested,
                              self.output_dir)
         captions = [item.caption for item in self.items] + [""] + [prompt.text for prompt in self.prompts]
-        self._load_pipeline(skip_text_encoders=caches.text_is_warm(captions))
-        caches.fill_text(self.pipe, captions)
-        self._release_text_encoders()
-        caches.fill_latents(self.pipe, self.items)
-        self._park_vae()
+        # several processes with a disk cache: rank 0 fills it, then the others read it warm
+        with self.dist.main_first(caches.text_disk is not None or caches.latent_disk is not None):
+            self._load_pipeline(skip_text_encoders=caches.text_is_warm(captions))
+            caches.fill_text(self.pipe, captions)
+            self._release_text_encoders()
+            caches.fill_latents(self.pipe, self.items)
+            self._park_vae()
         self.text_cache, self.latents, self.masks = caches.text, caches.latents, caches.masks
         self.emit(LogMessage(level="info", message=f"caches: {caches.summary()}"))
         self._add_lora()
+        self.dist.seed_rank(spec.train.seed)  # every rank built the same adapter; dropout now draws per rank
         self._make_optimizer()
         if self.resume:
             self._resume_latest()
@@ -296,6 +323,9 @@ class Session:
                 self.offloader = ActivationOffloader(self.device, plan.pin_memory)
             enable_block_checkpointing(self.transformer, blocks, plan.checkpointing_interval,
                                        range(plan.blocks_to_swap), self.offloader)
+        if self.dist.sharded:  # FSDP: each GPU holds its share of the frozen base (no swap: adjust_plan)
+            self.dist.shard_transformer(self.transformer, blocks)
+            return
         self.swapper = place_transformer(self.transformer, blocks, self.device, plan.blocks_to_swap,
                                          plan.swap_prefetch, plan.pin_memory)
 
@@ -309,6 +339,8 @@ class Session:
             return build_optimizer(params, train.optimizer, train.learning_rate, weight_decay=train.weight_decay,
                                    device_type=params[0].device.type)
 
+        # before the optimiser: with fused backward the averaging hooks must run before the stepping ones
+        self.grad_sync = self.dist.gradient_sync(self.trainable_parameters(), per_parameter=self.plan.fused_backward)
         self.optimizer, self.lr_scheduler = build_training_optimizer(
             self.trainable_parameters(), build,
             lambda optimizer: build_scheduler(optimizer, train.scheduler, train.warmup_steps, train.max_steps),
@@ -336,9 +368,13 @@ class Session:
             "generator": self.generator.get_state(),
             "tread_generator": self.tread_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # one process saves every GPU's stream; a rank only its own GPU's, under "ranks"
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and self.dist.world_size == 1
+            else [],
             "order": [list(batch) for batch in self._order],
             "losses": list(self.losses),
+            "world_size": self.dist.world_size,
+            "ranks": self.dist.rng_states(self.tread_generator),  # a collective: every rank's dropout and TREAD
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str = "state") -> None:
@@ -360,8 +396,10 @@ class Session:
         self.generator.set_state(state["generator"])
         self.tread_generator.set_state(state["tread_generator"])
         torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
+        if state["cuda_rng"] and torch.cuda.is_available() and self.dist.world_size == 1:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if warning := self.dist.restore_rng(state, self.tread_generator):  # several processes: each rank's own
+            self.emit(LogMessage(level="warning", message=f"{source}: {warning}"))
         self._order = [list(batch) for batch in state["order"]]
         self.losses = list(state["losses"])
         self.step = int(state["step"])
@@ -407,21 +445,31 @@ class Session:
             self._order = [batches[i] for i in order]
         return self._order.pop(0)
 
-    def _batch_loss(self, indices: list[int]) -> torch.Tensor:
+    def _draw(self, indices: list[int]) -> _Draws:
+        """Caption dropout, noise, timesteps and guidance of a batch, from the generator every rank shares."""
         spec = self.spec
-        latents = torch.cat([self.latents[i] for i in indices]).to(self.device)
+        latents = torch.cat([self.latents[i] for i in indices])
         captions = [self.items[i].caption for i in indices]
         if spec.data.caption_dropout > 0:
             drop = torch.rand(len(captions), generator=self.generator) < spec.data.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-        text = self.text_cache.batch(captions, self.device)
-        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
+        noise = torch.randn(latents.shape, generator=self.generator)
         mu = self.ops.shift_mu(self.ops.image_seq_len(latents), self.flavour)
-        sigmas = flow.sample_sigmas(spec.advanced, len(indices), mu, self.generator).to(self.device)
-        noisy, target = flow.noisy_latents(latents, noise, sigmas)
+        sigmas = flow.sample_sigmas(spec.advanced, len(indices), mu, self.generator)
         guidance = None
         if self.flavour.guidance == "embedded":
-            guidance = flow.guidance_values(spec.advanced, len(indices), self.generator).to(self.device)
+            guidance = flow.guidance_values(spec.advanced, len(indices), self.generator)
+        return _Draws(indices, latents, captions, noise, sigmas, guidance)
+
+    def _batch_loss(self, batch: list[int] | _Draws) -> torch.Tensor:
+        spec = self.spec
+        draws = self._draw(batch) if isinstance(batch, list) else batch
+        indices = draws.indices
+        latents = draws.latents.to(self.device)
+        text = self.text_cache.batch(draws.captions, self.device)
+        sigmas = draws.sigmas.to(self.device)
+        noisy, target = flow.noisy_latents(latents, draws.noise.to(self.device), sigmas)
+        guidance = None if draws.guidance is None else draws.guidance.to(self.device)
         with self._autocast():
             prediction = self.ops.predict(self.transformer, noisy, sigmas, text, guidance)
         weights = flow.loss_weights(spec.advanced, sigmas).view(-1, 1, 1, 1).to(self.device)
@@ -465,7 +513,7 @@ class Session:
     def _train_until(self, end: int) -> None:
         spec = self.spec
         started, start_step = time.perf_counter(), self.step
-        while self.step < end and not self.commands.stop_requested:
+        while self.step < end and not self.commands.poll():  # with several processes: rank 0's decision
             step_started = time.perf_counter()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -494,16 +542,22 @@ class Session:
         if self.offloader is not None:
             self.offloader.reset()  # inputs a failed step left behind
         total = 0.0
-        for micro in range(accumulation):
+        # Every rank draws all micro-batches of the global step (accumulation x processes) in one process's
+        # order and computes its own share: the same batches, noise and timesteps as one process would use.
+        draws = (self._draw(self._next_batch()) for _ in range(accumulation * self.dist.world_size))
+        for micro, drawn in enumerate(self.dist.my_share(draws)):
+            last = micro == accumulation - 1
+            self.grad_sync.stepping = last
             if fused:  # the optimiser steps inside the last micro-batch's backward
-                self.optimizer.stepping = micro == accumulation - 1
-            loss = self._batch_loss(self._next_batch())
+                self.optimizer.stepping = last
+            loss = self._batch_loss(drawn)
             if not math.isfinite(loss.item()):
                 raise UserError(f"the loss became {loss.item()} at step {self.step + 1}, so the run stopped with "
                                 "the last saved state kept; lower train.learning_rate, set train.max_grad_norm "
                                 "(e.g. 1.0), or use bf16 instead of fp16")
             self.grad_scaler.scale(loss / accumulation).backward()
             total += loss.item() / accumulation
+        total = self.grad_sync.average(total)  # the gradients and the loss, over the ranks
         self.grad_scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
         if self.spec.train.max_grad_norm > 0 and not fused:  # fused clipped each parameter in its hook
             torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.spec.train.max_grad_norm)
@@ -529,7 +583,7 @@ class Session:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             saved = ""
-            if self.step > 0 and self.spec.output.save_state:
+            if self.step > 0 and self.spec.output.save_state and self.dist.world_size == 1:  # a save is collective
                 self.save(intermediate=True)
                 saved = f" The state of step {self.step} is saved: fix the setting, then resume."
             raise UserError(
@@ -540,6 +594,8 @@ class Session:
 
     def evaluate(self) -> float:
         """Mean loss over the held-out images at fixed noise levels with fixed noise, so values compare over time."""
+        if not (self.dist.is_main or self.dist.sharded):  # a whole model on rank 0 evaluates for everyone
+            return 0.0
         levels = torch.tensor(_EVAL_SIGMAS)
         generator = torch.Generator("cpu").manual_seed(self.spec.train.seed)
         losses: list[float] = []
@@ -570,7 +626,7 @@ class Session:
         resolution = sample.resolution or self.flavour.sample_resolution
         negative = self.text_cache[""] if self.flavour.guidance == "cfg" and guidance > 1.0 else None
         self.emit(PhaseChanged(phase="sampling", detail=f"{len(self.prompts)} prompts at step {self.step}"))
-        if not self.prompts:
+        if not self.prompts or not (self.dist.is_main or self.dist.sharded):  # FSDP: every rank takes part
             return []
         self.transformer.eval()
         self.pipe.vae.to(self.device)
@@ -580,8 +636,9 @@ class Session:
                 image = self.ops.sample(self.pipe, self.text_cache[prompt.text], negative, steps, guidance,
                                         sample.seed, resolution)
                 path = self.output_dir / "samples" / f"step{self.step:06d}_{prompt.name}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                image.save(path)
+                if self.dist.is_main:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    image.save(path)
                 paths.append(path)
                 self.emit(SampleSaved(step=self.step, path=str(path), prompt=prompt.text))
         self._park_vae()
@@ -601,13 +658,17 @@ class Session:
             "trigger_words": [e.trigger for e in spec.data.datasets if e.trigger],
             "base_model": model_source(spec), "spec_toml": spec_to_toml(spec), "title": name,
         }
-        written = save_lora_files(self.transformer, type(self.pipe), self.output_dir, name,
-                                  self.step if intermediate else None, list(spec.output.formats), metadata,
-                                  spec.output.comfy_lora_dir)
-        path = written[spec.output.formats[0]]
-        if self.spec.output.save_state:
-            save_training_state(state_path(self.output_dir, self.step), self.state_dict())
-        prune_checkpoints(self.output_dir, name, self.spec.output.keep_last)
+        step = self.step if intermediate else None
+        state = self.state_dict() if spec.output.save_state else None  # on every rank: it gathers their RNG
+        path = self.output_dir / lora_filename(name, spec.output.formats[0], step)
+        self.dist.reshard(self.transformer)
+        if self.dist.is_main:  # the adapter is whole on every rank; rank 0 writes it
+            written = save_lora_files(self.transformer, type(self.pipe), self.output_dir, name, step,
+                                      list(spec.output.formats), metadata, spec.output.comfy_lora_dir)
+            path = written[spec.output.formats[0]]
+            if state is not None:
+                save_training_state(state_path(self.output_dir, self.step), state)
+            prune_checkpoints(self.output_dir, name, spec.output.keep_last)
         self.last_lora_path = path
         self.emit(LoraSaved(step=self.step, path=str(path)))
         return path
@@ -621,6 +682,9 @@ class Session:
             self.swapper = None
         if isinstance(self.optimizer, FusedBackward):
             self.optimizer.remove()
+        if self.grad_sync is not None:
+            self.grad_sync.remove()
+            self.grad_sync = None
         self.offloader = None
         self.pipe = self.transformer = self.optimizer = self.lr_scheduler = None
         self.latents = []

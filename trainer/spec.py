@@ -161,6 +161,11 @@ class TrainSection(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     seed: int = Field(42, ge=0)
     eval_every_steps: int = Field(0, ge=0)  # 0: no evaluation loss; needs data.eval_holdout images
+    # Several processes (`accelerate launch`): ddp keeps the whole frozen base on every GPU (fastest); fsdp splits
+    # it over the GPUs and gathers each block just in time (for a base one GPU cannot hold; 16/32-bit bases only);
+    # auto takes fsdp when the memory estimator says one GPU cannot hold the base even with everything but block
+    # swap turned on. One process ignores it. See trainer/distributed.py.
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainSection:
