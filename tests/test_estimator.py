@@ -156,9 +156,9 @@ def test_offloads_move_memory_from_the_gpu_to_ram() -> None:
     ram = base.phases["training step"].ram_gib
     # checkpoint inputs: every block's passes through RAM, about two blocks' worth stay on the GPU
     offload = estimator.estimate(spec, plan=_plan(spec, "conservative", cpu_offload_checkpointing=True))
-    moved, blocks = _item(offload, "checkpoint inputs", ram=True), registry.get_flavour("flux2", "klein-base-9b")
+    moved = _item(offload, "checkpoint inputs", ram=True)
     saved = _item(base, "activations") - _item(offload, "activations")
-    assert 0 < saved < moved and saved == pytest.approx(moved * (blocks.total_blocks - 3) / blocks.total_blocks)
+    assert 0.85 * moved < saved < moved  # 32 blocks' inputs moved, 3 of them in flight on the GPU
     # the optimiser: its state, fp32 masters and a gradient copy of the LoRA in RAM; the gradients stay on the GPU
     opt = estimator.estimate(spec, plan=_plan(spec, "conservative", optimizer_offload=True))
     state, lora = _item(base, "optimizer state"), _item(base, "lora weights")
@@ -297,6 +297,8 @@ PLANS = {
     "blocks swapped": ["lowvram.blocks_to_swap=2"],
     "fused backward": ["lowvram.fused_backward=true"],
     "optimiser offloaded": ["lowvram.optimizer_offload=true"],
+    "bf16 compute": ["model.base_precision='bf16'", "train.mixed_precision='bf16'"],
+    "fp8 base": ["model.base_precision='fp8'", "train.mixed_precision='bf16'"],
 }
 RAM_TENSORS = ("swapped base weights", "optimizer state + fp32", "checkpoint inputs")
 

@@ -20,7 +20,8 @@ Every field of the LowVramPlan counts:
   size of the largest swapped block;
 - pin_memory: where the swapped weights live (pinned RAM cannot be paged out; the size is the same);
 - gradient_checkpointing / checkpointing_interval: every n-th block (and every swapped block) keeps only its
-  input, ≈2·h bytes per token; the others keep their full activations, ≈50·h; one block is recomputed at a time;
+  inputs, 2-4·h bytes per token; the others keep their full activations, ≈60·h; the backward meets one
+  recomputed block at a time, beside the activations of the blocks before it;
 - cpu_offload_checkpointing: the checkpointed inputs go to RAM, about 2 blocks' worth stay on the GPU;
 - optimizer_offload: the optimiser state, fp32 masters of the LoRA weights and a gradient staging copy in RAM
   (trainer/memory/optimizer_memory.py); the weights and their gradients stay on the GPU;
@@ -32,9 +33,10 @@ scale per output row; int4 and nf4 0.5 B plus one fp32 scale per 64 weights. Onl
 quantised; modulation Linears, embedders, norm_out and proj_out stay in bf16. A quantised Linear is dequantised
 to bf16 while it computes: one copy of the largest such Linear is the "dequantisation workspace".
 
-Assumed (figures from shared/TECHNIQUES.md, "Activations" and "Optimiser"; marked where fitted on the demo):
-activations ≈50·h bytes per token per block (16-bit; twice in fp32), checkpoint inputs ≈2·h, the block being
-recomputed ≈1.15 blocks' activations; tokens = image tokens (res/16)² + text tokens (512, schnell 256, demo 64);
+Assumed (figures from shared/TECHNIQUES.md, "Activations" and "Optimiser", and measured on the CPU; see the
+constants): activations ≈60·h bytes per token per block for FLUX.2 in 16-bit compute (50 for FLUX.1; 90 and 72 in
+fp32), checkpoint inputs ≈4·h per double block and 2·h per single block, ≈18·h outside the blocks, the block being
+recomputed ≈1.05 blocks' activations; tokens = image tokens (res/16)² + text tokens (512, schnell 256, demo 64);
 attention in a fused kernel needs no s² workspace (otherwise 4·heads·s² bytes per block); LoRA weights and grads
 in fp32 (peft keeps adapters in fp32); optimiser state per trainable parameter: AdamW 8 B, AdamW8bit 2 B,
 Lion8bit 1 B, Adafactor ≈4·(rows + cols) per matrix, Prodigy ≈16 B; VAE ≈84 M parameters; CUDA context 0.5 GiB;
@@ -75,14 +77,25 @@ TIGHT_SHARE = 0.90
 PROCESS_RAM_GIB = 2.0  # python, torch and the CUDA libraries, before any model
 CACHES_RAM_GIB = 0.1  # latents and embeddings cached in memory for a small dataset (see the note per caption)
 
-# Activation bytes per token per block per unit of hidden size, in 16-bit (TECHNIQUES "Activations": ≈50·h).
-# Fitted on the demo with trainer/memory_probe.py (fp32, batch 2, 80 tokens): FLUX.2 49.4·h, FLUX.1 39.4·h;
-# TECHNIQUES' FLUX.1 figure (≈40 GB at 1024 px) implies ≈45·h, so FLUX.1's constant may be ≈10 % low at real size.
-ACTIVATION_FACTOR = {"flux2": 50.0, "flux1": 40.0}
-CHECKPOINT_FACTOR = 2.0  # bytes per token per block per h kept for a checkpointed block (its input)
-# The block being recomputed during backward, with its gradient temporaries, in units of one block's activations;
-# fitted on the demo (FLUX.2 1.17, FLUX.1 1.07).
-RECOMPUTE_FACTOR = 1.15
+# Activation bytes per token per block per unit of hidden size h, saved for backward. Measured with
+# trainer/memory_probe.py's tracker on the CPU: a FLUX.2 block at h = 1024 in fp32 keeps ≈86 bytes (double 85,
+# single 88), the demo's fp32 blocks 99 (FLUX.2) and 79 (FLUX.1); under bf16 autocast a block keeps ≈0.7 of
+# its fp32 bytes, not half (RMSNorm upcasts to fp32, fp32 LoRA weights are cast copies), ≈60 at h = 3072 and on
+# the demo. TECHNIQUES' ≈50·h is in the same range; its FLUX.1 figure (≈40 GB at 1024 px) implies ≈45.
+ACTIVATION_FACTOR = {"flux2": 60.0, "flux1": 50.0}  # bf16/fp16 compute (autocast or a 16-bit base)
+FP32_ACTIVATION_FACTOR = {"flux2": 90.0, "flux1": 72.0}  # fp32 compute (mixed_precision "no", fp32 base)
+# Outside the blocks (embedders, norm_out, proj_out, the loss and the first gradients of the backward): ≈25·h
+# bytes per token in fp32 at h = 1024, ×0.7 under autocast.
+NON_BLOCK_FACTOR = {2: 18.0, 4: 25.0}  # by compute element size
+# The peak of a no-grad forward (sampling) per token per h: 86 bytes in fp32 at h = 1024 (CPU, FLUX.2), the
+# largest block's transients; half in 16-bit.
+INFERENCE_FACTOR = {2: 45.0, 4: 86.0}  # by compute element size
+# A checkpointed block keeps its inputs: measured ≈3.8·h per token for a double block (two streams) and 2·h for a
+# single block, in 16-bit; twice that in fp32.
+CHECKPOINT_FACTOR = {"double": 4.0, "single": 2.0}
+# The block being recomputed during backward, with its gradient temporaries, in units of one block's activations:
+# 1.04 for FLUX.2 double blocks at h = 1024 (fp32, CPU), 1.07-1.17 on the demo.
+RECOMPUTE_FACTOR = 1.05
 OFFLOAD_KEPT_BLOCKS = 2  # checkpoint inputs on the GPU with cpu_offload_checkpointing: in flight both ways
 TEXT_ENCODER_RING = 2  # layer buffers of a streamed ("offload") text encoder
 
@@ -159,26 +172,31 @@ def _training_activations(f: registry.Flavour, plan: LowVramPlan, tokens: int, b
     is_checkpointed = [bool(every and i % every == 0) or i < swapped for i in range(total)]
     checkpointed = sum(is_checkpointed)
     full_blocks = total - checkpointed
-    scale = elem / 2  # the factors are for 16-bit activations
-    one_block = ACTIVATION_FACTOR[f.family] * f.hidden_size * tokens * batch * scale
-    block_input = CHECKPOINT_FACTOR * f.hidden_size * tokens * batch * scale
+    per_token = f.hidden_size * tokens * batch
+    one_block = (FP32_ACTIVATION_FACTOR if elem == 4 else ACTIVATION_FACTOR)[f.family] * per_token
+    inputs = [CHECKPOINT_FACTOR["double" if i < f.double_blocks else "single"] * per_token * elem / 2
+              for i in range(total)]
     # the backward runs from the last block to the first: at block i everything saved by the blocks before it
     # is alive, plus block i's own full activations, or its recomputation when it was checkpointed (the later
     # blocks' activations are already freed); the peak is the largest of these
-    saved, full_before, inputs_before = 0.0, 0.0, 0
+    saved = full_before = 0.0
+    kept_inputs: list[float] = []  # inputs of the checkpointed blocks before i that are on the GPU
     for index in range(total):
-        kept = min(inputs_before, OFFLOAD_KEPT_BLOCKS) if plan.cpu_offload_checkpointing else inputs_before
-        alive = full_before + kept * block_input
+        alive = full_before + sum(kept_inputs)
         if is_checkpointed[index]:
             saved = max(saved, alive + RECOMPUTE_FACTOR * one_block)
-            inputs_before += 1
+            kept_inputs.append(inputs[index])
+            if plan.cpu_offload_checkpointing:
+                kept_inputs = kept_inputs[-OFFLOAD_KEPT_BLOCKS:]  # the rest wait in RAM
         else:
             full_before += one_block
             saved = max(saved, alive + one_block)
+    saved += NON_BLOCK_FACTOR[elem] * per_token
     # offloaded: every checkpointed block's input passes through pinned RAM
-    offloaded = checkpointed * block_input if plan.cpu_offload_checkpointing else 0.0
+    offloaded = sum(x for x, c in zip(inputs, is_checkpointed, strict=True) if c) if plan.cpu_offload_checkpointing \
+        else 0.0
     # without a fused kernel the attention probabilities of every non-checkpointed block are saved for backward
-    per_block = 0.0 if fused_attention else 4.0 * f.num_heads * tokens * tokens * batch * scale
+    per_block = 0.0 if fused_attention else 4.0 * f.num_heads * tokens * tokens * batch * elem / 2
     attention = per_block * (full_blocks + (1 if checkpointed else 0))
     return _Activations(saved, attention, offloaded, checkpointed)
 
@@ -269,10 +287,11 @@ def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
     sample_res = spec.sample.resolution or f.sample_resolution
     sample_tokens = (sample_res // 16) ** 2 + text_tokens(f)
     cfg = 2 if (f.guidance == "cfg" and (spec.sample.guidance or f.sample_guidance) > 1.0) else 1
-    # one block's activations without grad, then the VAE decodes
-    sample_work = ACTIVATION_FACTOR[f.family] * f.hidden_size * sample_tokens * cfg * compute_elem / 2
+    # the denoiser's no-grad forward (cond and uncond in one batch under CFG), then the VAE decodes: one after
+    # the other, so the larger of the two counts
+    sample_work = INFERENCE_FACTOR[compute_elem] * f.hidden_size * sample_tokens * cfg
     sample_decode = 0.0 if f.is_demo else VAE_PEAK_BYTES_PER_PIXEL * sample_res**2 * vae_elem / 2
-    sampling = weights_gpu + vae_bytes + lora_bytes + optimizer_gpu + dequant + sample_work + sample_decode
+    sampling = weights_gpu + vae_bytes + lora_bytes + optimizer_gpu + dequant + max(sample_work, sample_decode)
 
     # System RAM per process: the loaded pipeline (the transformer quantised while it streams in: one block in
     # bf16 at a time), then what each phase leaves there; one copy per data-parallel process
