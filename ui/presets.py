@@ -154,6 +154,9 @@ def fill(values: dict[str, Any], base: dict[str, Any] | None, baseline: dict[str
     result is not a valid job."""
     profile = profiles().get(profile_name or NO_PROFILE)
     try:
+        if preset_name and preset_name not in {preset.name for preset in list_presets()}:
+            message = f"not applied: unknown preset {preset_name!r}"  # a name, never a path to some other file
+            return Filled(message, problems=[message])
         preset = get_preset(preset_name) if preset_name else None
     except ProfileError as exc:
         return Filled(f"not applied: {exc.problems[0]}", problems=exc.problems)

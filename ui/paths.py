@@ -1,0 +1,96 @@
+"""Which folders the app may read and write for its users: the workdir and the folders chosen at launch.
+
+The app serves whoever can reach it (everyone with the share link, the network with --listen), and several of its
+handlers take a path typed into the page: the image folder (dataset check, caption editor, captioning), a job file
+to load or save, every path of a job that Start hands to the trainer, and the sample images the gallery shows. Each
+of them goes through `Folders.check` first, so `../..`, an absolute path elsewhere or a link that leads out of the
+chosen folders is refused with a message that says which folders are allowed and how to add one. Pure python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import UserError
+from trainer.spec import JobSpec, is_local_path
+
+ADD_A_FOLDER = "start the app with --allow FOLDER to use another folder"
+
+
+class PathRefused(UserError):
+    """A path resolves outside the folders the app may use; the message names it and the allowed folders."""
+
+
+@dataclass(frozen=True)
+class Folders:
+    """The workdir (demo, outputs, saved jobs) and the folders the person who started the app allowed."""
+
+    workdir: Path
+    extra: tuple[Path, ...] = ()
+
+    @classmethod
+    def of(cls, workdir: str | Path, extra: Iterable[str | Path] = ()) -> Folders:
+        # Resolved once: a root that is itself a link counts as where it points, as every checked path does.
+        return cls(Path(workdir).expanduser().resolve(), tuple(Path(p).expanduser().resolve() for p in extra))
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        return tuple(dict.fromkeys((self.workdir, *self.extra)))
+
+    def describe(self) -> str:
+        return ", ".join(str(root) for root in self.roots)
+
+    def absolute(self, text: str | Path) -> Path:
+        """The path as typed, a relative one taken from the workdir, with `..` and links resolved."""
+        path = Path(str(text).strip()).expanduser()
+        return (path if path.is_absolute() else self.workdir / path).resolve()
+
+    def allows(self, path: str | Path) -> bool:
+        resolved = self.absolute(path)
+        return any(resolved.is_relative_to(root) for root in self.roots)
+
+    def check(self, text: str | Path, what: str) -> Path:
+        """The resolved path when it lies inside an allowed folder (links followed); raises PathRefused naming
+        `what` (e.g. "image folder"), the path as typed, where it leads and the allowed folders."""
+        resolved = self.absolute(text)
+        if any(resolved.is_relative_to(root) for root in self.roots):
+            return resolved
+        typed = str(text).strip()
+        leads = "" if typed == str(resolved) else f" (it leads to {resolved})"
+        raise PathRefused(f"refused: the {what} {typed!r}{leads} is outside the folders this app may use "
+                          f"({self.describe()}); {ADD_A_FOLDER}")
+
+    def problems(self, paths: Sequence[tuple[str, str]]) -> list[str]:
+        """One message per (what, path) that lies outside the allowed folders."""
+        found = []
+        for what, path in paths:
+            try:
+                self.check(path, what)
+            except PathRefused as exc:
+                found.append(str(exc))
+        return found
+
+
+def spec_paths(spec: JobSpec) -> list[tuple[str, str]]:
+    """(key, path) of every local file or folder a job reads or writes; hub ids are left out."""
+    paths: list[tuple[str, str]] = []
+    model = spec.model
+    if is_local_path(model.source):
+        paths.append(("model.source", model.source))
+    # Single-file components, as later spec versions name them; getattr keeps this module working before then.
+    for key in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        value: Any = getattr(model, key, None)
+        if isinstance(value, str) and value and is_local_path(value):
+            paths.append((f"model.{key}", value))
+    for index, entry in enumerate(spec.data.datasets):
+        paths.append((f"data.datasets[{index}].path", entry.path))
+        if entry.masks:
+            paths.append((f"data.datasets[{index}].masks", entry.masks))
+    optional = [("data.cache_dir", spec.data.cache_dir), ("sample.prompt_library", spec.sample.prompt_library),
+                ("lora.init_from", spec.lora.init_from), ("output.comfy_lora_dir", spec.output.comfy_lora_dir)]
+    paths += [(key, value) for key, value in optional if value]
+    paths.append(("output.dir", spec.output.dir))
+    return paths
