@@ -29,8 +29,9 @@ DATA_KEYS = {
 
 
 @pytest.fixture
-def studio(tmp_path: Path) -> Studio:
-    return Studio(FakeRunner(), tmp_path)
+def studio(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Studio:
+    # The module's captioning model lives in a temp folder of its own: allowed as the user would with --allow.
+    return Studio(FakeRunner(), tmp_path, allowed=[tmp_path_factory.getbasetemp()])
 
 
 def test_new_data_keys_are_form_keys_with_the_demo_defaults(studio, tmp_path):

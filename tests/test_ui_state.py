@@ -68,6 +68,15 @@ def test_loss_smoothing_is_an_exponential_moving_average():
     assert {r["series"] for r in rows} == {"loss", "smoothed"} and len(rows) == 6
 
 
+def test_a_long_run_plots_a_thinned_loss_with_the_newest_step():
+    view = RunView()
+    view.begin(5000)
+    view.apply(progress(step, 1.0 / step, 5000) for step in range(1, 5001))
+    steps = [row["step"] for row in view.loss_rows(max_points=1000) if row["series"] == "loss"]
+    assert len(steps) <= 1001 and steps[0] == 1 and steps[-1] == 5000
+    assert len(view.loss_rows(max_points=10_000)) == 2 * 5000
+
+
 def test_evaluation_losses_are_a_plot_series_and_in_the_progress_line():
     view = RunView()
     view.begin(10)

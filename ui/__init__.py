@@ -4,6 +4,7 @@ so the pure-python parts (`ui.form`, `ui.run_state`, `ui.studio`) load without i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,23 +17,36 @@ TITLE = "Flux LoRA Studio"
 
 
 def allowed_paths(workdir: Path) -> list[str]:
-    """Folders the app must be allowed to serve (sample images, the demo, saved jobs); pass them to launch()."""
-    from ui.form import output_root
+    """Folders gradio may serve to the browser by path (launch's allowed_paths): the outputs with their sample
+    images, the demo, saved jobs. Nothing else of the workdir, and none of the folders allowed with --allow: the
+    app reads those itself, after its own checks, and sends what it shows."""
+    from ui.form import demo_dir, output_root
 
     workdir = Path(workdir).resolve()
-    return [str(output_root(workdir)), str(workdir / ".studio")]
+    return [str(output_root(workdir)), str(demo_dir(workdir)), str(workdir / ".studio" / "jobs")]
 
 
-def build_app(runner: TrainingRunner, workdir: Path) -> gr.Blocks:
-    """The whole UI around one runner; every default comes from the demo job, so Start trains the demo."""
+def blocked_paths(workdir: Path) -> list[str]:
+    """Never served, even from a folder gradio otherwise serves (launch's blocked_paths): the remembered form, and
+    the app's own environment and history when the workdir is the app's folder (gradio serves returned files from
+    the working directory)."""
+    from ui.jobs import LAST_FORM
+
+    workdir = Path(workdir).resolve()
+    return [str(workdir / ".studio" / LAST_FORM), str(workdir / ".venv"), str(workdir / ".git")]
+
+
+def build_app(runner: TrainingRunner, workdir: Path, allowed: Iterable[str | Path] = ()) -> gr.Blocks:
+    """The whole UI around one runner; every default comes from the demo job, so Start trains the demo. Paths the
+    users type are used only inside the workdir and the `allowed` folders."""
     import gradio as gr
 
-    from ui import advanced_tab, dataset_tab, estimator_tab, lowvram_tab, model_tab, run_tab, training_tab
+    from ui import advanced_tab, dataset_tab, estimator_tab, job_bar, lowvram_tab, model_tab, run_tab, training_tab
     from ui.form import FORM_KEYS
     from ui.memory import detected_vram_gib
     from ui.studio import Studio
 
-    studio = Studio(runner, Path(workdir))
+    studio = Studio(runner, Path(workdir), allowed)
     defaults = studio.default_values()
     detected = detected_vram_gib()
     fields: dict[str, gr.components.Component] = {}
@@ -40,6 +54,7 @@ def build_app(runner: TrainingRunner, workdir: Path) -> gr.Blocks:
         gr.Markdown(f"## {TITLE}")
         base = gr.State({})  # fields of a loaded job that the form has no control for
         baseline = gr.State(defaults)  # the form's last fill: what differs from it are the user's edits
+        connect_job_bar = job_bar.build(studio)
         with gr.Tabs():
             with gr.Tab("Model"):
                 connect_model = model_tab.build(fields, defaults, studio)
@@ -54,13 +69,14 @@ def build_app(runner: TrainingRunner, workdir: Path) -> gr.Blocks:
             with gr.Tab("Memory Estimator") as estimator:
                 estimator_tab.build(fields, defaults, base, detected, estimator)
             with gr.Tab("Run"):
-                run_tab.build(fields, studio, base, model_tab.form_updates, app, baseline, defaults)
+                run_tab.build(fields, studio, base, app)
         missing = set(FORM_KEYS) - set(fields)
         if missing:
             raise RuntimeError(f"form keys without a control: {sorted(missing)}")
         connect_dataset()  # the dataset check reads the Training tab's batch size
         connect_lowvram(base, app)  # the live verdict reads the whole job
         connect_model(base, baseline)  # a preset fills the whole form
+        connect_job_bar(fields, base, baseline, defaults, model_tab.form_updates, app)  # a job fills every tab
 
         def placeholders(family: str, flavour: str) -> tuple[object, object]:
             steps, guidance = advanced_tab.sample_placeholders(family, flavour)

@@ -9,7 +9,7 @@ import gradio as gr
 
 from trainer import registry
 from ui.form import field_choices, target_choices, targets_for_family
-from ui.studio import target_counts
+from ui.model_info import target_counts
 
 
 def sample_placeholders(family: str, flavour: str) -> tuple[str, str]:

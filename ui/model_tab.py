@@ -12,7 +12,8 @@ from trainer import registry
 from ui import form, presets
 from ui.form import field_choices
 from ui.memory import swap_bound
-from ui.studio import Studio, flavour_summary
+from ui.model_info import flavour_summary
+from ui.studio import Studio
 
 
 def flavour_choices(family: str) -> list[tuple[str, str]]:

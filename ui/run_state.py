@@ -26,6 +26,9 @@ from trainer.events import (
 
 LOG_LINES = 200
 LOSS_SMOOTHING = 0.9  # weight of the previous average in the exponential moving average of the loss
+# Every poll that sees new steps sends the whole plot to every open page; a long run would send tens of thousands
+# of points a second, more than a plot a few hundred pixels wide can show.
+PLOT_POINTS = 1000
 
 ACTIVE = ("starting", "running", "stopping")
 FINISHED = ("completed", "stopped", "failed")
@@ -54,6 +57,15 @@ class Sample:
     @property
     def label(self) -> str:
         return f"step {self.step}: {self.prompt}"
+
+
+def thinned(points: list[LossPoint], limit: int) -> list[LossPoint]:
+    """At most about `limit` of `points`, evenly spread, the last one always kept."""
+    if len(points) <= limit:
+        return points
+    stride = -(-len(points) // limit)
+    kept = points[::stride]
+    return kept if kept[-1] is points[-1] else [*kept, points[-1]]
 
 
 def format_duration(seconds: float) -> str:
@@ -263,11 +275,12 @@ class RunView:
                 parts.append(f"{self.step_seconds:.2f} s/step")
             return " · ".join(parts)
 
-    def loss_rows(self) -> list[dict[str, float | int | str]]:
-        """Long-format rows for a line plot: the raw loss, its moving average, and the evaluation loss."""
+    def loss_rows(self, max_points: int = PLOT_POINTS) -> list[dict[str, float | int | str]]:
+        """Long-format rows for a line plot: the raw loss, its moving average, and the evaluation loss; at most
+        `max_points` steps per series (evenly spread, the newest always in)."""
         with self._lock:
             rows: list[dict[str, float | int | str]] = []
-            for point in self.losses:
+            for point in thinned(self.losses, max_points):
                 rows.append({"step": point.step, "loss": point.loss, "series": "loss"})
                 rows.append({"step": point.step, "loss": point.smoothed, "series": "smoothed"})
             rows += [{"step": point.step, "loss": point.loss, "series": "eval"} for point in self.eval_losses]

@@ -1,16 +1,17 @@
 """Run tab: drive a session (start, train N steps, validate, save, stop, end), resume an interrupted run; live
-progress, loss plot, samples and log; save and load the job as TOML."""
+progress, loss plot, samples and log. The view is the app's, not the browser's: every browser sees the one run,
+whoever started it, and a second Start is refused while it goes on."""
 
 from __future__ import annotations
 
 import html
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from ui import allowed_paths, form
+from ui.paths import Folders
 from ui.run_state import RunView
 from ui.studio import Outcome, Studio
 
@@ -46,14 +47,15 @@ def loss_frame(view: RunView) -> Any:  # noqa: ANN401 - a pandas DataFrame; pand
     return frame.astype({"step": "int64", "loss": "float64", "series": "str"})
 
 
-def gallery_items(view: RunView, roots: list[str]) -> list[tuple[Any, str]]:
-    """Sample files the app may serve go by path; one saved elsewhere is loaded and sent as an image."""
+def gallery_items(view: RunView, roots: list[str], folders: Folders | None = None) -> list[tuple[Any, str]]:
+    """Sample files gradio serves (`roots`) go by path; one in another folder the app may use is loaded and sent
+    as an image; one anywhere else is left out (a run can only have put it there through a link)."""
     items: list[tuple[Any, str]] = []
     for path, label in view.gallery():
         resolved = Path(path).resolve()
         if any(resolved.is_relative_to(root) for root in roots):
             items.append((str(resolved), label))
-        elif resolved.is_file():
+        elif (folders is None or folders.allows(resolved)) and resolved.is_file():
             from PIL import Image
 
             with Image.open(resolved) as image:
@@ -76,13 +78,9 @@ def offer_updates(text: str) -> tuple[str, Any]:
 
 
 def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.State,
-          form_updates: Callable[[dict[str, gr.components.Component], dict[str, Any]], dict[Any, Any]],
-          app: gr.Blocks | None = None, baseline: gr.State | None = None,
-          defaults: dict[str, Any] | None = None) -> None:
-    """The Run tab; `base` holds the fields of a loaded job that the form has no control for; `form_updates`
-    turns form values into component updates. With `app`, the resume offer is also checked when the page loads.
-    With `baseline` (the form's last fill, see ui/presets.py), a loaded job resets it to `defaults`: everything
-    the job sets counts as the user's own."""
+          app: gr.Blocks | None = None) -> None:
+    """The Run tab; `base` holds the fields of a loaded job that the form has no control for. With `app`, the
+    resume offer is also checked when the page loads."""
     with gr.Row():
         start = gr.Button("Start", variant="primary", scale=2)
         steps = gr.Number(10, label="Steps", precision=0, minimum=1, step=1, scale=1, min_width=90)
@@ -103,10 +101,6 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
         gallery = gr.Gallery(label="Samples", columns=3, height=300, scale=1, object_fit="contain")
     log = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, elem_id="studio-log")
     log.change(None, js=FOLLOW_LOG_JS, api_visibility="private", show_progress="hidden")
-    with gr.Row():
-        save = gr.Button("Save job as TOML")
-        load = gr.UploadButton("Load job TOML", file_types=[".toml"], type="filepath")
-    job_file = gr.File(label="Job file", visible=False, interactive=False)
     seen = gr.State({})  # per browser session: what it was last sent, so unchanged plots are not re-sent
     roots = allowed_paths(studio.workdir)
     form_kwargs = {**{form.api_name(k): fields[k] for k in form.FORM_KEYS}, "base": base}
@@ -197,8 +191,8 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
             fresh = last.get("run") != key["run"]
             plot_changed = last.get("losses") != key["losses"] or last.get("evals") != key["evals"]
             plot_value = loss_frame(view) if fresh or plot_changed else gr.skip()
-            gallery_value = (gallery_items(view, roots) if fresh or last.get("samples") != key["samples"]
-                             else gr.skip())
+            new_samples = fresh or last.get("samples") != key["samples"]
+            gallery_value = gallery_items(view, roots, studio.folders) if new_samples else gr.skip()
             log_value = view.log_text() if fresh or last.get("log") != key["log"] else gr.skip()
             # A start's problems stay up until the run they were about moves on (e.g. "already in progress").
             moved_on = bool(last) and last.get("status") != view.status
@@ -209,33 +203,3 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
     timer = gr.Timer(1.0)
     timer.tick(poll, seen, [status, progress, plot, gallery, log, problems, seen], api_name="poll",
                show_progress="hidden", concurrency_limit=None)
-
-    # ---------------------------------------------------------------- jobs as TOML
-
-    def save_job(by_component: dict[gr.components.Component, Any]) -> tuple[Any, str, Any]:
-        path, outcome = studio.save_job(form.values_by_key(fields, by_component), by_component[base])
-        file_update = gr.update(value=str(path), visible=True) if path else gr.update()
-        return file_update, outcome.message, problems_update(outcome)
-
-    save.click(save_job, {*fields.values(), base}, [job_file, status, problems], api_visibility="private")
-
-    form_outputs = list(fields.values())
-
-    def load_job(path: str | None) -> dict[gr.components.Component, Any]:
-        if not path:
-            return {}
-        values, hidden, outcome = studio.load_job(path)
-        updates: dict[gr.components.Component, Any] = {status: outcome.message, problems: problems_update(outcome)}
-        if values is None:
-            return updates
-        updates.update(form_updates(fields, values))
-        updates[base] = hidden
-        if baseline is not None:
-            updates[baseline] = defaults or {}
-        gr.Info(outcome.message)
-        for note in outcome.notes:
-            gr.Warning(note)
-        return updates
-
-    load_outputs = [*form_outputs, base, status, problems] + ([baseline] if baseline is not None else [])
-    load.upload(load_job, load, load_outputs, api_visibility="private")

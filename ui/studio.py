@@ -5,23 +5,26 @@ The gradio handlers in the tab modules call these and only turn the results into
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from trainer import registry
 from trainer.demo import FAMILIES as DEMO_FAMILIES
 from trainer.demo import is_demo_folder
 from trainer.errors import UserError
 from trainer.preflight import check_files
 from trainer.runner import AlreadyRunning, NothingToDo, TrainingRunner
-from trainer.spec import JobSpec, SpecError, parse_spec, resolve_paths, save_spec
+from trainer.spec import JobSpec, SpecError, is_local_path, parse_spec, resolve_paths
 from ui import caption_editor, form
 from ui.captioning import CaptionJob, make_request
 from ui.dataset_check import DatasetCheck, check_form
+from ui.jobs import LAST_FORM, LastForm, Outcome, default_job_path, read_job, write_job
+from ui.model_info import flavour_summary, target_counts
+from ui.paths import Folders, PathRefused, spec_paths
 from ui.resume import find_interrupted_run, latest_state_step
 from ui.run_state import RunView
+
+__all__ = ["Outcome", "Studio", "flavour_summary", "target_counts"]
 
 ALREADY_RUNNING = "a run is already in progress; stop it or wait for it to finish"
 SESSION_PAUSED = ("a session is paused at step {step}; End training before starting a new run (or Train N steps "
@@ -30,28 +33,20 @@ CAPTIONING_IN_PROGRESS = "captioning is in progress; stop it or wait for it to f
 TRAINING_IN_PROGRESS = "a training run is in progress; caption when it has finished (both need the GPU)"
 
 
-@dataclass
-class Outcome:
-    """A message for the status line and the problems (one per line) for the error box; empty = success."""
-
-    message: str
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # worth a warning, but nothing failed
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
 class Studio:
-    """The app's server-side state: one runner and one RunView shared by every browser session."""
+    """The app's server-side state: one runner and one RunView shared by every browser session.
 
-    def __init__(self, runner: TrainingRunner, workdir: Path) -> None:
+    Every path a user types is used only inside `folders`: the workdir and the `allowed` folders (see ui/paths.py).
+    """
+
+    def __init__(self, runner: TrainingRunner, workdir: Path, allowed: Iterable[str | Path] = ()) -> None:
         self.runner = runner
         self.workdir = Path(workdir).resolve()
+        self.folders = Folders.of(self.workdir, allowed)
         self.demo_dir = form.demo_dir(self.workdir).resolve()
         self.output_root = form.output_root(self.workdir).resolve()
         self.jobs_dir = self.workdir / ".studio" / "jobs"
+        self.last_form = LastForm(self.workdir / ".studio" / LAST_FORM)
         self.view = RunView()
         self.captioning = CaptionJob()
 
@@ -92,6 +87,10 @@ class Studio:
             spec = self.resolve(values, base)
         except SpecError as exc:
             return None, None, Outcome(f"{refused}: the job has problems", exc.problems)
+        self.last_form.save(spec)  # what the user tried to run is what the next page load shows
+        problems = self.folders.problems(spec_paths(spec))
+        if problems:
+            return None, None, Outcome(f"{refused}: a path is outside the folders this app may use", problems)
         problems = self.preflight(spec)
         if problems:
             return None, None, Outcome(f"{refused}: files or folders are missing", problems)
@@ -237,8 +236,9 @@ class Studio:
         """'An interrupted run was found at step N in DIR …' when output_dir holds an unfinished run, else ''."""
         if not output_dir or not str(output_dir).strip():
             return ""
-        folder = Path(str(output_dir).strip()).expanduser()
-        folder = (folder if folder.is_absolute() else self.workdir / folder).resolve()
+        if not self.folders.allows(output_dir):
+            return ""  # its files are not this app's to read; Start names the problem
+        folder = self.folders.absolute(output_dir)
         if (self.runner.running or self.runner.live) and self.runner.output_dir() == folder:
             return ""  # this app's own session is working there
         try:
@@ -258,44 +258,89 @@ class Studio:
 
     # ------------------------------------------------------------------ jobs as files
 
-    def save_job(self, values: dict[str, Any], base: dict[str, Any] | None = None) -> tuple[Path | None, Outcome]:
+    def save_job(self, values: dict[str, Any], base: dict[str, Any] | None = None,
+                 path: str | Path | None = None) -> tuple[Path | None, Outcome]:
+        """Write the form's job as TOML to `path` (relative: from the workdir; empty: .studio/jobs/<name>.toml)."""
         try:
             spec = self.resolve(values, base)
         except SpecError as exc:
             return None, Outcome("not saved: the job has problems", exc.problems)
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        path = self.jobs_dir / f"{spec.output.name}.toml"
-        save_spec(spec, path)
-        return path, Outcome(f"saved {path}")
+        self.last_form.save(spec)
+        typed = str(path or "").strip()
+        try:
+            target = self.folders.check(typed, "job file") if typed else default_job_path(self.jobs_dir, spec)
+        except PathRefused as exc:
+            return None, Outcome(f"not saved: {typed}", [str(exc)])
+        if target.suffix.lower() != ".toml":  # a typo must never overwrite a file of another kind
+            message = f"not saved: a job file's name ends in .toml (got {target.name})"
+            return None, Outcome(message, [message])
+        try:
+            write_job(spec, target)
+        except OSError as exc:
+            return None, Outcome(f"not saved: {target}", [f"cannot write {target}: {exc.strerror or exc}"])
+        return target, Outcome(f"saved {target}")
 
     def load_job(self, path: str | Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None, Outcome]:
-        """(form values, hidden fields, outcome) of a job TOML; relative paths are taken from the workdir."""
-        name = Path(path).name
+        """(form values, hidden fields, outcome) of a job TOML at a path the user typed (inside the allowed
+        folders); relative paths in the job are taken from the workdir."""
         try:
-            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-            spec = resolve_paths(parse_spec(data, name), self.workdir)
-        except tomllib.TOMLDecodeError as exc:
-            return None, None, Outcome(f"not loaded: {name}", [f"{name}: not valid TOML: {exc}"])
-        except (OSError, UnicodeDecodeError) as exc:
-            return None, None, Outcome(f"not loaded: {name}", [f"{name}: cannot read the file: {exc}"])
-        except SpecError as exc:
-            return None, None, Outcome(f"not loaded: {name}", [f"{name}: {p}" for p in exc.problems])
+            target = self.folders.check(path, "job file")
+        except PathRefused as exc:
+            return None, None, Outcome(f"not loaded: {Path(str(path)).name}", [str(exc)])
+        return self._load(target, target.name)
+
+    def load_upload(self, path: str | Path, name: str | None = None) -> tuple[dict[str, Any] | None,
+                                                                          dict[str, Any] | None, Outcome]:
+        """Like load_job, for a file the browser uploaded (gradio keeps uploads in its own folder)."""
+        return self._load(Path(path), name or Path(path).name)
+
+    def _load(self, path: Path, name: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, Outcome]:
+        spec, problems = read_job(path, self.workdir, name)
+        if spec is None:
+            return None, None, Outcome(f"not loaded: {name}", problems)
+        self.last_form.save(spec)
         notes = []
         if len(spec.data.datasets) > 1:
             notes.append(f"{name}: the form edits the first of {len(spec.data.datasets)} datasets; the others are "
                          "kept as loaded")
         return form.spec_to_values(spec), form.hidden_fields(spec), Outcome(f"loaded {name}", notes=notes)
 
+    def remember(self, values: dict[str, Any], base: dict[str, Any] | None = None) -> None:
+        """Keep the form for the next page load (debounced); a form with problems leaves the last good one."""
+        try:
+            self.last_form.remember(self.resolve(values, base))
+        except SpecError:
+            pass
+
+    def restore(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str]:
+        """(form values, hidden fields, notice) of the remembered form; (None, None, notice) when there is none
+        or it could not be read (the notice then says why and where the file went)."""
+        restored = self.last_form.restore(self.workdir)
+        if restored.spec is None:
+            return None, None, restored.notice
+        return form.spec_to_values(restored.spec), form.hidden_fields(restored.spec), restored.notice
+
     # ------------------------------------------------------------------ dataset: check, captions
 
     def check_dataset(self, values: dict[str, Any], base: dict[str, Any] | None = None) -> DatasetCheck:
         """Health check and bucket plan of the form's datasets, as a run would make them (no model, no torch)."""
+        problems = self.folders.problems(self.dataset_paths(values, base))
+        if problems:
+            details = "**Refused:**\n" + "\n".join(f"- {problem}" for problem in problems)
+            return DatasetCheck("will not train", "will not train — a folder is outside the folders this app may "
+                                                  "use", details)
         return check_form(values, base, self.workdir, self.demo_dir)
 
-    def dataset_folder(self, path: str | None) -> Path:
-        """The form's image folder, a relative one taken from the workdir."""
-        folder = Path(str(path or "").strip()).expanduser()
-        return (folder if folder.is_absolute() else self.workdir / folder).resolve()
+    @staticmethod
+    def dataset_paths(values: dict[str, Any], base: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+        """(key, path) of the image and mask folders of the form's datasets (the first one from the form)."""
+        datasets = form.values_to_dict(values, base).get("data", {}).get("datasets", [])
+        found = []
+        for index, entry in enumerate(datasets):
+            for key in ("path", "masks"):
+                if str(entry.get(key) or "").strip():
+                    found.append((f"data.datasets[{index}].{key}", str(entry[key])))
+        return found
 
     def caption_start(self, folder: str | None, kind: str, source: str | None = None,
                       **options: Any) -> Outcome:  # noqa: ANN401
@@ -306,6 +351,11 @@ class Studio:
         if self.runner.running:
             return Outcome(f"not started: {TRAINING_IN_PROGRESS}", [TRAINING_IN_PROGRESS])
         try:
+            if str(folder or "").strip():
+                self.folders.check(folder, "image folder")
+            source = (source or "").strip()
+            if source and (is_local_path(source) or (self.workdir / source).is_dir()):
+                self.folders.check(source, "captioning model folder")
             request = make_request(folder or "", kind, source, workdir=self.workdir, **options)
             self.captioning.start(request)
         except UserError as exc:
@@ -321,7 +371,7 @@ class Studio:
             message = "no image folder given"
             return caption_editor.empty_state(), Outcome(message, [message])
         try:
-            state = caption_editor.load_folder(self.dataset_folder(folder))
+            state = caption_editor.load_folder(self.folders.check(folder, "image folder"))
         except UserError as exc:
             return caption_editor.empty_state(), Outcome(str(exc), [str(exc)])
         count = len(state["names"])
@@ -340,40 +390,9 @@ class Studio:
         if self.captioning.running and folder is not None and state.get("folder") == str(folder):
             message = "not saved: the captioner is writing captions in this folder; save when it has finished"
             return state, Outcome(message, [message])
+        if state.get("folder") and not self.folders.allows(state["folder"]):
+            message = f"not saved: {state['folder']} is outside the folders this app may use"
+            return state, Outcome(message, [message])
         state, result = caption_editor.save_captions(state)
         return state, Outcome(result.message(), result.problems)
 
-
-def flavour_summary(family: str, flavour: str) -> str:
-    """Markdown line describing a flavour, shown under the menus."""
-    try:
-        info = registry.get_flavour(family, flavour)
-    except KeyError as exc:
-        return str(exc)
-    source = "built locally, random weights" if info.is_demo else f"hub `{info.hub_id}`"
-    return (f"**{info.label}** — {source}; text encoder {info.text_encoder_label}; "
-            f"samples with {info.sample_steps} steps, guidance {info.sample_guidance}, "
-            f"{info.sample_resolution} px")
-
-
-def target_counts(family: str, flavour: str, current: str = "") -> str:
-    """Markdown: how many modules each LoRA target preset hits on the flavour's transformer.
-
-    Builds the transformer on the meta device (no weights), so it imports torch and diffusers: call it from a
-    handler, never at import. The first call takes a few seconds.
-    """
-    from trainer.adapters import flavour_preset_counts
-
-    try:
-        info = registry.get_flavour(family, flavour)
-        counts = flavour_preset_counts(family, flavour)
-    except (KeyError, ValueError) as exc:
-        return f"**Cannot count the target modules:** {exc.args[0] if exc.args else exc}"
-    lines = [f"Modules each preset targets on **{info.label}** ({info.double_blocks} double + "
-             f"{info.single_blocks} single blocks):", "", "| preset | modules |", "| --- | ---: |"]
-    for preset, count in counts.items():
-        name = f"**{preset}** (selected)" if preset == (current or "").strip() else preset
-        lines.append(f"| {name} | {count} |")
-    if current and current.strip() not in counts:
-        lines += ["", f"`{current.strip()}` is a custom regex: it must match whole module names."]
-    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""Jobs as files: read and write a job TOML, and the form remembered across restarts. Pure python (no gradio).
+
+The remembered form is the last *valid* job of the form, written to WORKDIR/.studio/last_form.toml on Start, on
+Save and (debounced: a preset changes forty controls at once) whenever the form changes; the page shows it again
+when it loads. A file that no longer reads as a job is moved aside with a notice, never an error page: the user
+then sees the demo job and knows why.
+"""
+
+from __future__ import annotations
+
+import threading
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.files import write_text_atomic
+from trainer.spec import JobSpec, SpecError, parse_spec, resolve_paths, spec_to_toml
+
+LAST_FORM = "last_form.toml"
+BROKEN_SUFFIX = ".broken"
+DEBOUNCE_SECONDS = 1.0  # after the last change; a preset or a loaded job fires one change per control
+
+
+@dataclass
+class Outcome:
+    """A message for the status line and the problems (one per line) for the error box; empty = success."""
+
+    message: str
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # worth a warning, but nothing failed
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def read_job(path: Path, workdir: Path, name: str | None = None) -> tuple[JobSpec | None, list[str]]:
+    """(spec with relative paths taken from `workdir`, []) or (None, problems each prefixed with the file's name)."""
+    name = name or path.name
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return resolve_paths(parse_spec(data, name), workdir), []
+    except tomllib.TOMLDecodeError as exc:
+        return None, [f"{name}: not valid TOML: {exc}"]
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        return None, [f"{name}: cannot read the file: {reason}"]
+    except SpecError as exc:
+        return None, [f"{name}: {problem}" for problem in exc.problems]
+
+
+def write_job(spec: JobSpec, path: Path) -> None:
+    write_text_atomic(path, spec_to_toml(spec))
+
+
+def default_job_path(jobs_dir: Path, spec: JobSpec) -> Path:
+    return jobs_dir / f"{spec.output.name}.toml"
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What the page shows when it loads: the remembered job, or None; `notice` says why not, when it matters."""
+
+    spec: JobSpec | None
+    notice: str = ""
+
+
+class LastForm:
+    """The form's last valid job on disk, written at most once per `delay` seconds of quiet; thread-safe (every
+    browser session's change events call `remember`)."""
+
+    def __init__(self, path: Path, delay: float = DEBOUNCE_SECONDS) -> None:
+        self.path = Path(path)
+        self.delay = delay
+        self._lock = threading.Lock()
+        self._pending: JobSpec | None = None
+        self._timer: threading.Timer | None = None
+        self._written = ""  # the text on disk, so an unchanged form is not written again
+
+    def remember(self, spec: JobSpec) -> None:
+        """Write `spec` once the form has been quiet for `delay` seconds (each call restarts the wait)."""
+        with self._lock:
+            self._pending = spec
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(self.delay, self.flush)
+            self._timer.daemon = True  # a pending write must not keep the app from exiting
+            self._timer.start()
+
+    def save(self, spec: JobSpec) -> None:
+        """Write `spec` now (Start, Save): what is about to run is what the next page load shows."""
+        with self._lock:
+            self._pending = spec
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the pending job, if any, now."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            spec, self._pending = self._pending, None
+            if spec is None:
+                return
+            text = spec_to_toml(spec)
+            if text == self._written and self.path.is_file():
+                return
+            try:
+                write_text_atomic(self.path, text)
+            except OSError:
+                return  # a read-only workdir: the form is simply not remembered; nothing the user must fix now
+            self._written = text
+
+    def restore(self, workdir: Path) -> Restored:
+        """The remembered job; a file that cannot be read as one is moved to `last_form.toml.broken` and named in
+        the notice (so the next page load starts clean and the file is kept for the user to look at)."""
+        if not self.path.is_file():
+            return Restored(None)
+        spec, problems = read_job(self.path, workdir)
+        if spec is not None:
+            return Restored(spec)
+        aside = self.path.with_name(self.path.name + BROKEN_SUFFIX)
+        try:
+            self.path.replace(aside)
+            where = f"it was moved to {aside}"
+        except OSError:
+            where = f"it stays at {self.path}"
+        shown = "; ".join(problems[:3]) + ("; …" if len(problems) > 3 else "")
+        return Restored(None, f"The form saved when the app last ran could not be restored ({shown}); {where}. "
+                              "The demo job is shown instead.")
+
