@@ -75,7 +75,8 @@ def test_presets_are_offered_per_flavour_with_the_profiles_suggestion():
         names = [name for _, name in presets.preset_choices(family, flavour)]
         assert names == [p.name for p in list_presets(family, flavour)] and names
         assert all(get_preset(name).flavour == flavour for name in names)
-    assert presets.preset_choices("flux2", "demo") == []
+    assert [name for _, name in presets.preset_choices("flux2", "demo")] == ["flux2-demo"]  # the first look
+    assert presets.suggested_preset(EIGHT_GB, "flux2", "demo") is None  # offered, never pushed on real hardware
     assert presets.suggested_preset(EIGHT_GB, "flux2", "klein-base-9b") == KLEIN_8GB
     assert presets.suggested_preset(EIGHT_GB, "flux2", "dev") is None  # the profile suggests none for dev
     assert presets.suggested_preset(presets.NO_PROFILE, "flux2", "klein-base-9b") is None
@@ -162,7 +163,8 @@ def test_the_model_tab_has_the_menus_and_applies_them(tmp_path, detected):
     blocks = build_app(TrainingRunner(), tmp_path)
     by_label = {getattr(b, "label", None): b for b in blocks.blocks.values()}
     assert by_label["Hardware profile"].value == EIGHT_GB
-    assert by_label["Preset"].choices == []  # the demo flavour has none
+    assert [name for _, name in by_label["Preset"].choices] == ["flux2-demo"]  # the demo flavour's only one
+    assert by_label["Preset"].value is None
     menu = next(fn for fn in blocks.fns.values() if fn.fn is not None and fn.fn.__name__ == "preset_menu")
     update = menu.fn(EIGHT_GB, "flux2", "klein-base-9b")
     assert update["value"] == KLEIN_8GB and [name for _, name in update["choices"]][0] == KLEIN_8GB
