@@ -1,6 +1,7 @@
 """Flux LoRA Studio: start the Gradio app.
 
-    python app.py [--port 7860] [--listen] [--share] [--auth user:password] [--workdir DIR]
+    python app.py [--port 7860] [--listen] [--share] [--auth user:password] [--allow DIR ...] [--workdir DIR]
+                  [--no-browser]
 
 Gradio and the UI are imported only after the arguments are parsed, so `--help` answers at once.
 """
@@ -8,12 +9,19 @@ Gradio and the UI are imported only after the arguments are parsed, so `--help` 
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 SHARE_USER = "studio"
+ALL_INTERFACES, LOCALHOST = "0.0.0.0", "127.0.0.1"
+# How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). Training runs in a thread
+# of this process; each request of the page hands the GIL back and forth dozens of times, and at 5 ms a handoff
+# the page would wait hundreds of milliseconds behind a busy training step.
+SWITCH_INTERVAL_S = 0.0005
 
 
 def parse_auth(text: str) -> tuple[str, str]:
@@ -30,8 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true",
                         help="make a public Gradio share link; it always asks for a password")
     parser.add_argument("--auth", type=parse_auth, metavar="USER:PASSWORD", help="ask for this login")
+    parser.add_argument("--allow", type=Path, action="append", default=[], metavar="DIR",
+                        help="a folder the app may read and write (datasets, outputs, jobs); repeat for several. "
+                             "Always allowed: the workdir, and your home folder unless --listen or --share")
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent,
                         help="folder for the demo (.studio/demo) and outputs (output/); default: the app's folder")
+    parser.add_argument("--no-browser", action="store_true",
+                        help="do not open the app in a browser (it opens when started from a terminal or launcher)")
     return parser
 
 
@@ -43,30 +56,79 @@ def decide_auth(share: bool, auth: tuple[str, str] | None) -> tuple[tuple[str, s
     return (SHARE_USER, password), f"share link login -> user: {SHARE_USER}  password: {password}"
 
 
+def allowed_folders(args: argparse.Namespace) -> list[Path]:
+    """The folders besides the workdir that users of the page may name: the --allow ones; on a private
+    (localhost-only) app also the home folder, where a person's datasets usually are. Reachable from elsewhere,
+    the app uses only what its owner listed."""
+    folders = [Path(folder).expanduser().resolve() for folder in args.allow]
+    if not (args.listen or args.share):
+        folders.append(Path.home().resolve())
+    return folders
+
+
+def exposure_warnings(args: argparse.Namespace) -> list[str]:
+    """What the person starting the app should know before others can reach it."""
+    warnings = []
+    if args.listen and args.auth is None and not args.share:
+        warnings.append("--listen without --auth: anyone on your network can use the app and its GPU; add "
+                        "--auth user:password")
+    missing = [str(folder) for folder in args.allow if not Path(folder).expanduser().is_dir()]
+    if missing:
+        warnings.append(f"--allow: no such folder: {', '.join(missing)}")
+    return warnings
+
+
 def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
 
 
+def launch_options(args: argparse.Namespace, workdir: Path, auth: tuple[str, str] | None,
+                   open_browser: bool) -> dict[str, Any]:
+    """The keyword arguments of gradio's launch(): where to listen, the login, what gradio may serve."""
+    import ui
+
+    host = ALL_INTERFACES if args.listen else LOCALHOST
+    return {"server_name": host, "server_port": args.port or free_port(host), "share": args.share, "auth": auth,
+            "allowed_paths": ui.allowed_paths(workdir), "blocked_paths": ui.blocked_paths(workdir),
+            "inbrowser": open_browser}
+
+
+def keep_the_page_responsive() -> None:
+    """Leave one CPU core to the web server and hand it the GIL quickly, so the page answers while training runs
+    in this process. Must run before torch is imported (it reads OMP_NUM_THREADS once); a value the user set wins."""
+    cores = os.cpu_count() or 1
+    if cores > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(cores - 1))
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    host = "0.0.0.0" if args.listen else "127.0.0.1"
-    port = args.port or free_port(host)
+    keep_the_page_responsive()
     auth, message = decide_auth(args.share, args.auth)
     if message:
         print(message, flush=True)
+    for warning in exposure_warnings(args):
+        print(f"warning: {warning}", flush=True)
     workdir = args.workdir.expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
 
     import ui
     from trainer.runner import TrainingRunner
 
-    app = ui.build_app(TrainingRunner(), workdir)
-    print(f"Flux LoRA Studio: http://{'localhost' if host == '127.0.0.1' else host}:{port}  (workdir {workdir})",
+    folders = allowed_folders(args)
+    app = ui.build_app(TrainingRunner(), workdir, folders)
+    # A double-clicked launcher has a console (a terminal): open the page for that person. Tests and services
+    # run with their output in a file, where a browser popping up would be wrong.
+    options = launch_options(args, workdir, auth, open_browser=not args.no_browser and sys.stdout.isatty())
+    host = options["server_name"]
+    print(f"Flux LoRA Studio: http://{'localhost' if host == LOCALHOST else host}:{options['server_port']}  "
+          f"(workdir {workdir})", flush=True)
+    print(f"Folders the page may use: {', '.join(str(folder) for folder in dict.fromkeys([workdir, *folders]))}",
           flush=True)
-    app.queue().launch(server_name=host, server_port=port, share=args.share, auth=auth,
-                       allowed_paths=ui.allowed_paths(workdir))
+    app.queue().launch(**options)
 
 
 if __name__ == "__main__":
