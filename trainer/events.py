@@ -42,6 +42,18 @@ class PhaseChanged(Event):
 
 
 @dataclass(frozen=True)
+class DownloadProgress(Event):
+    """Bytes of a hub download so far (sent a few times a second while model files download)."""
+
+    kind: ClassVar[str] = "download"
+    repo_id: str
+    downloaded_bytes: int
+    total_bytes: int  # 0 while the sizes are not known yet
+    files_done: int = 0
+    files_total: int = 0
+
+
+@dataclass(frozen=True)
 class Progress(Event):
     kind: ClassVar[str] = "progress"
     step: int
@@ -97,7 +109,8 @@ class RunFinished(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
-    for cls in (RunStarted, PhaseChanged, Progress, EvalLoss, SampleSaved, LoraSaved, LogMessage, RunFinished)
+    for cls in (RunStarted, PhaseChanged, DownloadProgress, Progress, EvalLoss, SampleSaved, LoraSaved, LogMessage,
+                RunFinished)
 }
 
 

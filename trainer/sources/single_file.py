@@ -1,0 +1,239 @@
+"""Components built from single files: the model is made on the meta device from its config (which comes from
+model.source), then filled tensor by tensor from the file, so peak RAM is the loaded model plus one tensor,
+never the file and a converted copy of it.
+
+Transformer: each diffusers weight is read from its BFL pieces (`transformer_keys.py`) a slice of rows at a
+time. With a quantised base_precision the block Linears are quantised as they stream, like
+`trainer.memory.quantize.load_quantized_transformer` does for a diffusers folder; an fp8 e4m3 file loaded with
+base_precision fp8 keeps its stored values and scales as they are (no second rounding). Otherwise fp8 weights
+are dequantised to the compute dtype.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.errors import UserError
+from trainer.sources.reader import FileReader
+from trainer.sources.recognise import Recognised
+from trainer.sources.transformer_keys import identity_plan, transformer_plan
+from trainer.sources.vae_keys import vae_ldm_to_diffusers
+
+
+def _few(names: list[str] | set[str]) -> str:
+    names = sorted(names)
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _set_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attr] = tensor
+
+
+def _still_empty(model: torch.nn.Module) -> list[str]:
+    return [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+
+
+def load_transformer_file(path: str | Path, found: Recognised, config_folder: str | Path, model_class: type,
+                          precision: str, dtype: torch.dtype,
+                          work_device: torch.device | str | None = None) -> torch.nn.Module:
+    """The transformer of a single file (BFL or diffusers layout), configured by `config_folder`/config.json,
+    frozen and in eval mode on the CPU; `precision` fp8/int8/int4/nf4 stores the block Linears quantised."""
+    from accelerate import init_empty_weights
+
+    from trainer.memory.quantize import FORMATS, QuantizedLinear, quantizable_names
+
+    field = "model.transformer"
+    reader = FileReader(path, found.prefix, field)
+    with init_empty_weights():
+        model = model_class.from_config(model_class.load_config(str(config_folder)))
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    plan = transformer_plan(found.family, shapes) if found.layout == "bfl" else identity_plan(shapes)
+    _check_against(reader, plan, shapes, Path(config_folder))
+    quantised: set[str] = set()
+    if precision in FORMATS:
+        if work_device is None:
+            work_device = "cuda" if torch.cuda.is_available() else "cpu"
+        for name in quantizable_names(model):
+            linear = model.get_submodule(name)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, QuantizedLinear(
+                linear.in_features, linear.out_features, linear.bias is not None, precision, dtype, device="meta"))
+            quantised.add(f"{name}.weight")
+    for name, pieces in plan.items():
+        rows = shapes[name][0] if shapes[name] else 1
+        if name not in quantised:
+            tensor = reader.gather(pieces, 0, rows, dtype) if shapes[name] else reader.tensor(pieces[0].key, dtype)
+            _set_tensor(model, name, tensor.reshape(shapes[name]))
+            continue
+        layer = model.get_submodule(name.rpartition(".")[0])
+        first = pieces[0]
+        if precision == "fp8" and len(pieces) == 1 and reader.is_e4m3(first.key):
+            # The file's e4m3 values with one scale per tensor (or row) are our fp8 format already: kept exactly.
+            scale = reader.scale(first.key, first.start, first.stop)
+            layer.qweight = reader.stored_rows(first.key, first.start, first.stop)
+            layer.scale = (torch.ones(rows) if scale is None else scale.reshape(-1).expand(rows)).float().contiguous()
+            continue
+        layer.load_weight(lambda start, stop, p=pieces: reader.gather(p, start, stop, torch.float32),
+                          source=(str(path), first.key), work_device=work_device)
+        # LoftQ reads the full-precision W back; a BFL piece is a slice of a fused tensor, so read exactly that.
+        layer.read_source = lambda p=pieces, n=rows: reader.gather(p, 0, n, torch.float32)
+    empty = _still_empty(model)
+    if empty:
+        raise UserError(f"model.transformer: '{reader.path.name}' left {len(empty)} tensors unset ({_few(empty)})")
+    model.register_to_config(_name_or_path=str(path))
+    return model.eval()
+
+
+def _check_against(reader: FileReader, plan: dict, shapes: dict[str, tuple[int, ...]], config_folder: Path) -> None:
+    """Refuses a file whose tensors do not fit the model its config describes, naming what differs."""
+    from trainer.sources.transformer_keys import bfl_shapes
+
+    wanted = bfl_shapes(plan, shapes)
+    have = set(reader.names())
+    missing, extra = sorted(set(wanted) - have), sorted(have - set(wanted))
+    wrong = [f"'{k}' is {reader.shape(k)}, expected {wanted[k]}" for k in sorted(set(wanted) & have)
+             if reader.shape(k) != wanted[k] and reader.shape(k) != () and wanted[k] != (1,)]
+    problems = ([f"it lacks {len(missing)} tensors ({_few(missing)})"] if missing else []) + (
+        [f"it has {len(extra)} tensors this model has not ({_few(extra)})"] if extra else []) + wrong[:3]
+    if problems:
+        raise UserError(f"model.transformer: '{reader.path.name}' does not fit the transformer configured by "
+                        f"'{config_folder / 'config.json'}': {'; '.join(problems)}")
+
+
+def load_vae_file(path: str | Path, found: Recognised, config_folder: str | Path, model_class: type,
+                  dtype: torch.dtype) -> torch.nn.Module:
+    """The VAE of a single file (BFL/ldm or diffusers layout), configured by `config_folder`/config.json."""
+    from accelerate import init_empty_weights
+
+    reader = FileReader(path, found.prefix, "model.vae")
+    state = {name: reader.tensor(name, dtype) for name in reader.names()}  # a VAE is small: read at once
+    config = model_class.load_config(str(config_folder))
+    if found.layout == "bfl":
+        state = vae_ldm_to_diffusers(state, dict(config))
+    with init_empty_weights():
+        model = model_class.from_config(config)
+    expected = model.state_dict()
+    missing, extra = set(expected) - set(state), set(state) - set(expected)
+    wrong = [k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)]
+    if missing or extra or wrong:
+        parts = ([f"it lacks {len(missing)} tensors ({_few(missing)})"] if missing else []) + (
+            [f"it has {len(extra)} tensors this VAE has not ({_few(extra)})"] if extra else []) + (
+            [f"{len(wrong)} tensors have other shapes ({_few(wrong)})"] if wrong else [])
+        raise UserError(f"model.vae: '{Path(path).name}' does not fit the VAE configured by "
+                        f"'{Path(config_folder) / 'config.json'}': {'; '.join(parts)}")
+    model.load_state_dict(state, assign=True, strict=True)
+    model.requires_grad_(False)
+    model.register_to_config(_name_or_path=str(path))
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- text encoders
+
+
+# Tensors of the full CLIP that CLIPTextModel lacks (FLUX.1 takes the pooled output before the projection).
+_CLIP_EXTRAS = ("text_projection.weight", "logit_scale", "embeddings.position_ids")
+_DECODER_STEMS = ("model.language_model.", "language_model.model.", "model.")
+
+
+def _text_key(kind: str, name: str, expected: dict[str, Any]) -> str | None:
+    """The model's state-dict name of a file's text encoder tensor, trying the spellings in use (ComfyUI keeps
+    Mistral's language model alone as `model.layers...`; transformers 5 nests it as `model.language_model.` and
+    drops CLIPTextModel's `text_model.`, transformers 4 kept it); None when the model has no such tensor."""
+    candidates = [name]
+    if kind == "clip":
+        candidates += [f"text_model.{name}", name.removeprefix("text_model.")]
+    if kind == "mistral":
+        rest = next((name[len(stem):] for stem in _DECODER_STEMS if name.startswith(stem)), None)
+        if rest is not None and not rest.startswith(("vision_tower.", "multi_modal_projector.")):
+            candidates += [stem + rest for stem in _DECODER_STEMS]
+        candidates += ["lm_head.weight"] if name.endswith("lm_head.weight") else []
+        bare = name.removeprefix("model.")
+        candidates += [bare, f"model.{bare}"] if bare.startswith(("vision_tower.", "multi_modal_projector.")) else []
+    return next((c for c in candidates if c in expected), None)
+
+
+def _layer_stem(expected: dict[str, Any]) -> str:
+    """The state-dict stem of a decoder's layers, e.g. `model.layers.` (not an image tower's)."""
+    return next(m.group(1) for key in expected
+                if (m := re.match(r"(.*layers\.)0\.post_attention_layernorm\.weight$", key)))
+
+
+def load_text_encoder_file(path: str | Path, found: Recognised, config_folder: str | Path, class_name: str,
+                           dtype: torch.dtype, hidden_layers: tuple[int, ...] = ()) -> torch.nn.Module:
+    """A text encoder from a single file (ComfyUI's qwen_3_*, Mistral, clip_l, t5xxl; fp8 ones dequantised),
+    configured by `config_folder`/config.json. A decoder file cut short (ComfyUI's pruned Mistral for FLUX.2)
+    loads when it keeps every layer up to the deepest hidden state in `hidden_layers`."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    field = "model.text_encoder_2" if found.kind == "t5" and class_name == "T5EncoderModel" else "model.text_encoder"
+    reader = FileReader(path, found.prefix, field)
+    model_class = getattr(transformers, class_name)
+    config = transformers.AutoConfig.from_pretrained(str(config_folder))
+    with init_empty_weights():
+        model = model_class(config)
+    expected = model.state_dict()
+    if found.kind in ("qwen3", "mistral"):
+        stem = _layer_stem(expected)
+        layers = model.get_submodule(stem.rstrip("."))
+        if found.layers < len(layers):
+            needed = max(hidden_layers, default=len(layers) - 1) + 1  # the deepest one must not be the normed last
+            if found.layers < needed:
+                raise UserError(f"{field}: '{reader.path.name}' has {found.layers} layers; this model reads hidden "
+                                f"state {needed - 1}, so it needs at least {needed}")
+            del layers[found.layers:]  # a pruned file: the layers it lacks are never used
+            text_config = getattr(model.config, "text_config", model.config)
+            text_config.num_hidden_layers = found.layers
+            if getattr(text_config, "layer_types", None):
+                text_config.layer_types = text_config.layer_types[:found.layers]
+            expected = {k: v for k, v in model.state_dict().items()
+                        if not (k.startswith(stem) and int(k[len(stem):].split(".")[0]) >= found.layers)}
+    names = {name: _text_key(found.kind, name, expected) for name in reader.names()}
+    extra = sorted(name for name, key in names.items()
+                   if key is None and not (found.kind == "clip" and name.endswith(_CLIP_EXTRAS)))
+    names = {name: key for name, key in names.items() if key is not None}
+    if extra:
+        raise UserError(f"{field}: '{reader.path.name}' has {len(extra)} tensors {class_name} from "
+                        f"'{Path(config_folder) / 'config.json'}' has not ({_few(extra)})")
+    for name, key in names.items():
+        if tuple(expected[key].shape) != reader.shape(name):
+            raise UserError(f"{field}: '{reader.path.name}': '{name}' is {reader.shape(name)}, the config at "
+                            f"'{Path(config_folder) / 'config.json'}' wants {tuple(expected[key].shape)}")
+        _set_tensor(model, key, reader.tensor(name, dtype))
+    tower = getattr(getattr(model, "model", None), "vision_tower", None)
+    if found.kind == "mistral" and tower is not None and all(p.is_meta for p in tower.parameters()):
+        # ComfyUI's Mistral file is the language model alone; the image tower only reads images, never prompts.
+        model.model.vision_tower = None
+        model.model.multi_modal_projector = None
+    _tie_unused_heads(model)
+    empty = _still_empty(model)
+    if empty:
+        raise UserError(f"{field}: '{reader.path.name}' lacks {len(empty)} tensors {class_name} needs "
+                        f"({_few(empty)})")
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _tie_unused_heads(model: torch.nn.Module) -> None:
+    """Tied or absent output/input embeddings: the language-model head (never used for hidden states) and T5's
+    encoder embedding share the input embedding, as transformers ties them."""
+    embedding = model.get_input_embeddings().weight
+    if embedding.is_meta:
+        return
+    for name in ("lm_head", "encoder.embed_tokens"):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if module.weight.is_meta:
+            module.weight = embedding
+
