@@ -9,6 +9,8 @@ from trainer import registry
 from trainer.data.datasets import IMAGE_EXTENSIONS, find_mask, list_images
 from trainer.errors import UserError
 from trainer.prompts import sample_prompts
+from trainer.sources import model_files
+from trainer.sources.recognise import check_file
 from trainer.spec import JobSpec, is_local_path
 from trainer.trackers import missing_trackers
 
@@ -19,6 +21,10 @@ def model_source(spec: JobSpec) -> str:
 
 
 def _check_model(spec: JobSpec) -> list[str]:
+    return _check_source(spec) + _check_single_files(spec)
+
+
+def _check_source(spec: JobSpec) -> list[str]:
     source = model_source(spec)
     if not is_local_path(source):
         return []  # a hub id: checked when it downloads
@@ -28,7 +34,24 @@ def _check_model(spec: JobSpec) -> list[str]:
         return [f"model.source: folder '{folder}' does not exist{hint}"]
     if not (folder / "model_index.json").is_file():
         return [f"model.source: '{folder}' is not a diffusers pipeline folder (no model_index.json in it)"]
-    return []
+    # a single file takes its component's configuration from the folder
+    return [f"model.{slot}: its configuration comes from model.source, but '{folder / slot / 'config.json'}' does "
+            "not exist" for slot in model_files(spec.model).given() if not (folder / slot / "config.json").is_file()]
+
+
+def _check_single_files(spec: JobSpec) -> list[str]:
+    """Each single file exists, reads as safetensors and holds what its slot needs (header only, no torch)."""
+    problems: list[str] = []
+    comfy = spec.model.comfy_models_dir
+    if comfy and not Path(comfy).expanduser().is_dir():
+        problems.append(f"model.comfy_models_dir: folder '{comfy}' does not exist; give ComfyUI's models folder "
+                        "or leave it empty")
+    flavour = registry.get_flavour(spec.model.family, spec.model.flavour)
+    for slot, path in model_files(spec.model).given().items():
+        problem = check_file(slot, path, flavour)
+        if problem:
+            problems.append(problem)
+    return problems
 
 
 def _check_datasets(spec: JobSpec) -> list[str]:

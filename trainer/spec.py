@@ -45,8 +45,17 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     family: Literal["flux2", "flux1"] = "flux2"
     flavour: str = "demo"
-    # Hub repo id or a diffusers-layout folder; empty means the flavour's default hub repo.
+    # Hub repo id or a diffusers-layout folder; empty means the flavour's default hub repo. It always supplies the
+    # tokenizers, scheduler and configs; the single files below replace only their component's weights.
     source: str = ""
+    # Single .safetensors files as ComfyUI keeps them (BFL layout, fp8 included); empty = that component from
+    # source. A bare file name is looked up in comfy_models_dir's folders (diffusion_models/unet, vae,
+    # text_encoders/clip). text_encoder: FLUX.2 Qwen3/Mistral or FLUX.1 CLIP-L; text_encoder_2: FLUX.1 T5-XXL.
+    transformer: str = ""
+    vae: str = ""
+    text_encoder: str = ""
+    text_encoder_2: str = ""
+    comfy_models_dir: str = ""  # ComfyUI's models/ folder: the UI lists its files per slot
     base_precision: BasePrecision = "bf16"
     text_encoder_precision: Precision = "bf16"
 
@@ -59,6 +68,8 @@ class ModelSection(_Section):
             )
         if not self.source and registry.get_flavour(self.family, self.flavour).hub_id is None:
             raise ValueError("source: empty; the demo flavour needs the folder built by `python -m trainer demo`")
+        if self.text_encoder_2 and self.family == "flux2":
+            raise ValueError("text_encoder_2: FLUX.2 has one text encoder (model.text_encoder); clear text_encoder_2")
         return self
 
 

@@ -2,33 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
 from trainer.registry import Flavour
 
+if TYPE_CHECKING:
+    from trainer.events import Event
+    from trainer.sources import ModelFiles
+
 
 def load_pipeline(source: str, flavour: Flavour, dtype: torch.dtype, skip: tuple[str, ...] = (),
-                  base_precision: str = "bf16") -> Any:
+                  base_precision: str = "bf16", files: ModelFiles | None = None,
+                  emit: Callable[[Event], None] | None = None) -> Any:
     """The flavour's pipeline; components named in `skip` are not loaded (left None).
 
-    `dtype` is the compute dtype; `base_precision` the storage of the frozen transformer (fp8/int8/int4/nf4 are
-    quantised while the weights stream from the files)."""
-    import diffusers
+    `source` is a hub id or a diffusers folder; `files` names single files that replace its components (see
+    trainer/sources). `dtype` is the compute dtype; `base_precision` the storage of the frozen transformer
+    (fp8/int8/int4/nf4 are quantised while the weights stream from the files). `emit` gets download progress."""
+    from trainer.sources.assemble import load_pipeline as assemble
 
-    from trainer.memory.quantize import FORMATS, load_quantized_transformer, transformer_folder
-
-    pipeline_class = getattr(diffusers, flavour.pipeline_class)
-    skipped: dict[str, Any] = {name: None for name in skip}
-    if base_precision not in FORMATS:
-        return pipeline_class.from_pretrained(source, dtype=dtype, **skipped)
-    transformer = load_quantized_transformer(transformer_folder(source), getattr(diffusers, flavour.transformer_class),
-                                             base_precision, dtype)
-    pipe = pipeline_class.from_pretrained(source, dtype=dtype, **skipped, transformer=None)
-    pipe.register_modules(transformer=transformer)
-    return pipe
+    return assemble(source, flavour, dtype, skip, base_precision, files, emit)
 
 
 def _max_sequence_length(flavour: Flavour) -> int:
