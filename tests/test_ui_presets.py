@@ -99,6 +99,7 @@ def test_a_fill_is_defaults_profile_preset_through_apply_layers(tmp_path):
     assert spec.lowvram.vram_gib == get_preset(KLEIN_8GB).spec.get("lowvram", {}).get("vram_gib", 7.6)
     assert spec.data.datasets == form.form_to_spec(values).data.datasets  # the job's data stays
     assert spec.output.dir == values["output.dir"]
+    assert spec.sample.prompts == form.form_to_spec(values).sample.prompts  # what to show stays too
     assert spec.train.learning_rate != 0.005  # the demo's tiny-model rate is not an edit: it goes
     assert filled.message.startswith("applied profile GeForce RTX 3060 Ti 8 GB and preset ")
 

@@ -15,9 +15,13 @@ from ui.memory import BREAKDOWN_COLUMNS, PHASE_COLUMNS, STRATEGY_COLUMNS, Estima
 
 
 def phase_frame(report: EstimatorReport) -> Any:  # noqa: ANN401 - a pandas DataFrame (pandas comes with gradio)
+    """The bars' rows; None when there are none: a gradio plot that once showed an empty frame with a colour column
+    never draws later frames (gradio 6.31)."""
     import pandas as pd
 
-    # Typed columns even when empty: the plot takes its axis types from the dtypes.
+    if not report.phase_rows:
+        return None
+    # Typed columns: the plot takes its axis types from the dtypes.
     frame = pd.DataFrame(report.phase_rows, columns=PHASE_COLUMNS)
     return frame.astype({"phase": "str", "part": "str", "GiB": "float64"})
 

@@ -41,12 +41,13 @@ def build(studio: Studio) -> Callable[..., None]:
     every tab's fields exist."""
     with gr.Row(equal_height=True):
         job_path = gr.Textbox(
-            label="Job file", scale=4, placeholder=f"empty: {studio.jobs_dir}/<LoRA name>.toml",
-            info=f"a .toml path in the folders this app may use ({studio.folders.describe()}); relative paths "
-                 "start in the first")
-        save = gr.Button("Save job", scale=1, min_width=110)
-        load = gr.Button("Load job", scale=1, min_width=110)
-        upload = gr.UploadButton("Upload job…", file_types=[".toml"], type="filepath", scale=1, min_width=110)
+            show_label=False, container=False, scale=5, elem_id="job-path",
+            placeholder="job file (.toml) to save or load; empty: .studio/jobs/<LoRA name>.toml (paths start in "
+                        "the app's workdir)")
+        save = gr.Button("Save job", scale=1, min_width=110, size="md")
+        load = gr.Button("Load job", scale=1, min_width=110, size="md")
+        upload = gr.UploadButton("Upload job…", file_types=[".toml"], type="filepath", scale=1, min_width=110,
+                                 size="md")
     notice = gr.Markdown("", elem_id="job-notice")
     download = gr.File(label="Saved job", visible=False, interactive=False)
 

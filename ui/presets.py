@@ -2,8 +2,8 @@
 
 The form is filled in the one merge order of DESIGN.md, through `trainer.profiles.apply_layers`:
 defaults < hardware profile < preset < the user's edits, where
-- defaults: the spec's own defaults, with the job's model choice and its data and output locations (what the job
-  is about; no preset decides those);
+- defaults: the spec's own defaults, with the job's model choice, its data, sample prompts and output location
+  (what the job is about; no preset decides those);
 - the user's edits: the form values that differ from the form's last fill (the app's defaults at first, then
   what the last preset filled in; a loaded job counts as edits). So a second preset replaces the first one's
   settings, while a rank the user typed survives both.
@@ -138,12 +138,15 @@ def beyond_form(base: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def defaults_layer(current: dict[str, Any]) -> dict[str, Any]:
-    """What no profile or preset decides: the model chosen, the datasets and the output location."""
+    """What no profile or preset decides: the model chosen, the datasets, the sample prompts (what the user wants
+    to see; a preset only says how often) and the output location."""
     model = current.get("model", {})
+    sample = current.get("sample", {})
     output = current.get("output", {})
     return {
         "model": {key: model[key] for key in ("family", "flavour", "source") if key in model},
         "data": {"datasets": current.get("data", {}).get("datasets", [])},
+        "sample": {key: sample[key] for key in ("prompts", "prompt_library") if key in sample},
         "output": {key: output[key] for key in ("dir", "name") if key in output},
     }
 

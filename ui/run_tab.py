@@ -39,11 +39,16 @@ def progress_html(view: RunView) -> str:
     )
 
 
-def loss_frame(view: RunView) -> Any:  # noqa: ANN401 - a pandas DataFrame; pandas is imported by gradio anyway
+def loss_frame(view: RunView) -> Any:  # noqa: ANN401 - a pandas DataFrame (pandas comes with gradio), or None
+    """The plot's rows; None before the first step: a gradio LinePlot that once showed an empty frame with a colour
+    column never draws the lines of later frames (gradio 6.31; seen in tests/test_browser.py's screenshots)."""
     import pandas as pd
 
-    # Typed columns even when empty: the plot takes its axis types from the dtypes (object would be nominal).
-    frame = pd.DataFrame(view.loss_rows(), columns=LOSS_COLUMNS)
+    rows = view.loss_rows()
+    if not rows:
+        return None
+    # Typed columns: the plot takes its axis types from the dtypes (object would be nominal).
+    frame = pd.DataFrame(rows, columns=LOSS_COLUMNS)
     return frame.astype({"step": "int64", "loss": "float64", "series": "str"})
 
 
@@ -94,11 +99,12 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
         resume = gr.Button("Resume", variant="primary", scale=0, min_width=120)
     status = gr.Textbox(value=studio.view.status_text(), label="Status", interactive=False)
     problems = gr.Textbox(label="Problems", visible=False, interactive=False, lines=3)
-    progress = gr.HTML(progress_html(studio.view), label="Progress")
+    progress = gr.HTML(progress_html(studio.view), label="Progress", elem_id="run-progress")
     with gr.Row():
         plot = gr.LinePlot(loss_frame(studio.view), x="step", y="loss", color="series", title="Loss", label="Loss",
-                           height=300, scale=1)
-        gallery = gr.Gallery(label="Samples", columns=3, height=300, scale=1, object_fit="contain")
+                           height=300, scale=1, elem_id="run-loss")
+        gallery = gr.Gallery(label="Samples", columns=3, height=300, scale=1, object_fit="contain",
+                             elem_id="run-samples")
     log = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, elem_id="studio-log")
     log.change(None, js=FOLLOW_LOG_JS, api_visibility="private", show_progress="hidden")
     seen = gr.State({})  # per browser session: what it was last sent, so unchanged plots are not re-sent

@@ -1,0 +1,111 @@
+"""A real browser (Debian's chromium, driven by playwright) does what a new user does: open the app, pick a hardware
+profile and a preset, Start, watch the progress move and a sample image appear, Stop. Screenshots of each stage go
+to a folder under the test's tmp dir (its path is printed).
+
+Playwright's own browser builds are never downloaded: the test drives /usr/bin/chromium (`apt-get install
+chromium`; .ci/run installs it) and is skipped only when that is missing.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+from test_app import _launch, _shut_down, _wait_until_up
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-dev-shm-usage"]
+WAIT_MS = 60_000  # for the demo to be built and reach its first sample on a slow, busy machine
+
+# The loss plot draws its lines (vega's line marks get a colour; a plot that once showed an empty frame did not).
+LOSS_DRAWN = """() => Array.from(document.querySelectorAll('#run-loss [aria-roledescription="line mark"]'))
+    .some(line => line.getAttribute('stroke') && (line.getAttribute('d') || '').length > 10)"""
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"needs Debian's chromium at {CHROMIUM} "
+                                                     "(apt-get install chromium)"),
+]
+
+
+def choose(page, label: str, option: str | re.Pattern) -> None:  # noqa: ANN001 - a playwright Page
+    """Open a gradio dropdown by its label and click one of its options."""
+    page.get_by_role("combobox", name=label).click()
+    page.get_by_role("option", name=option).click()
+
+
+def step_shown(page) -> int:  # noqa: ANN001
+    """The step of the progress line under the bar ('step 12/400 · …'); 0 before the first."""
+    match = re.search(r"step (\d+)/\d+", page.locator("#run-progress").inner_text())
+    return int(match.group(1)) if match else 0
+
+
+def test_a_new_user_trains_the_demo_in_chromium(tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    print(f"\nscreenshots: {shots}")
+    started = time.monotonic()
+    stages: list[str] = []
+
+    def shot(page, name: str) -> None:  # noqa: ANN001
+        page.screenshot(path=shots / f"{name}.png", full_page=True)
+        stages.append(f"{name} at {time.monotonic() - started:.0f} s")
+
+    process, url, log = _launch(tmp_path)
+    try:
+        _wait_until_up(url, process, timeout=120)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.set_default_timeout(WAIT_MS)
+                page.goto(url)
+                expect(page.get_by_role("tab", name="Model")).to_be_visible()
+                shot(page, "01-opened")
+
+                choose(page, "Hardware profile", "CPU only (no NVIDIA GPU) (no GPU)")
+                choose(page, "Preset", re.compile(r"^Demo · "))
+                page.get_by_role("button", name="Apply profile and preset").click()
+                expect(page.get_by_text("applied profile CPU only (no NVIDIA GPU) and preset Demo").first)\
+                    .to_be_visible()
+                page.get_by_role("tab", name="Training").click()
+                steps = page.get_by_label("Steps", exact=True).filter(visible=True)
+                expect(steps).to_have_value("400")  # the preset filled the form
+                shot(page, "02-profile-and-preset")
+
+                page.get_by_role("tab", name="Run").click()
+                page.get_by_role("button", name="Start", exact=True).click()
+                status = page.get_by_label("Status", exact=True)
+                expect(status).to_have_value(re.compile(r"^(started|starting|running)"))
+                page.wait_for_function("() => /step [1-9]\\d*\\//.test("
+                                       "document.querySelector('#run-progress')?.innerText || '')")
+                first = step_shown(page)
+                page.wait_for_function(f"() => {{ const m = /step (\\d+)\\//.exec("
+                                       f"document.querySelector('#run-progress')?.innerText || '');"
+                                       f" return m && Number(m[1]) > {first}; }}")
+                assert step_shown(page) > first  # the bar and the line move while it trains
+                page.wait_for_function(LOSS_DRAWN)
+                shot(page, "03-training")
+
+                sample = page.locator("#run-samples img").first
+                expect(sample).to_be_visible()
+                page.wait_for_function("() => { const img = document.querySelector('#run-samples img');"
+                                       " return img && img.complete && img.naturalWidth > 0; }")
+                shot(page, "04-sample")
+
+                page.get_by_role("button", name="Stop", exact=True).click()
+                expect(status).to_have_value(re.compile(r"^stopped: LoRA saved to "))
+                shot(page, "05-stopped")
+            finally:
+                browser.close()
+    finally:
+        _shut_down(process, log)
+    assert (tmp_path / "output" / "demo_lora" / "demo_lora.safetensors").is_file()
+    assert sorted(path.name for path in shots.iterdir()) == ["01-opened.png", "02-profile-and-preset.png",
+                                                            "03-training.png", "04-sample.png", "05-stopped.png"]
+    print(f"browser test: {', '.join(stages)}; {time.monotonic() - started:.0f} s in all")
