@@ -106,8 +106,10 @@ def test_flux1_variants_differ_where_they_should() -> None:
     assert kontext.hub_id == "black-forest-labs/FLUX.1-Kontext-dev"
     for f in (dev, krea):
         assert (f.pipeline_class, f.guidance, f.timestep_shift) == ("FluxPipeline", "embedded", "dynamic")
-        assert (f.sample_steps, f.sample_guidance, f.sample_resolution) == (28, 3.5, 1024)
+        assert f.sample_resolution == 1024
         assert not f.needs_reference_image
+    assert (dev.sample_steps, dev.sample_guidance) == (50, 3.5)  # the model cards (see tests/test_flavours.py)
+    assert (krea.sample_steps, krea.sample_guidance) == (28, 4.5)
     assert (schnell.pipeline_class, schnell.guidance, schnell.timestep_shift) == ("FluxPipeline", "none", "fixed")
     assert (schnell.sample_steps, schnell.sample_guidance) == (4, 0.0)
     assert (kontext.pipeline_class, kontext.guidance) == ("FluxKontextPipeline", "embedded")

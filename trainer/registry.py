@@ -238,7 +238,7 @@ _FLUX1_DEV = Flavour(
     latent_channels=16,
     params_billion=12.0,
     guidance="embedded",
-    sample_steps=28,
+    sample_steps=50,  # the model card's example: 50 steps, guidance 3.5 (FluxPipeline's own default is 28)
     sample_guidance=3.5,
     sample_resolution=1024,
     timestep_shift="dynamic",
@@ -249,6 +249,8 @@ _FLUX1_KREA = replace(
     name="krea",
     label="FLUX.1 Krea [dev]",
     hub_id="black-forest-labs/FLUX.1-Krea-dev",
+    sample_steps=28,  # the model card sets guidance 4.5 and leaves the steps at FluxPipeline's 28
+    sample_guidance=4.5,
 )
 
 # schnell is timestep-distilled: no guidance input, 4 steps, fixed shift
@@ -269,6 +271,7 @@ _FLUX1_KONTEXT = replace(
     label="FLUX.1 Kontext [dev]",
     hub_id="black-forest-labs/FLUX.1-Kontext-dev",
     pipeline_class="FluxKontextPipeline",
+    sample_steps=28,  # the model card sets guidance 2.5 and leaves the steps at FluxKontextPipeline's 28
     sample_guidance=2.5,
     needs_reference_image=True,
 )

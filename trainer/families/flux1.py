@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -59,10 +60,18 @@ def image_seq_len(latents: torch.Tensor) -> int:
     return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 
 
+# schnell's scheduler config: use_dynamic_shifting false, shift 1.0 (its sigmas are not shifted at all)
+_FIXED_SHIFT = 1.0
+
+
 def shift_mu(image_seq_len: int, flavour: Flavour) -> float:
+    """log of the shift the flavour's scheduler samples with at this many image tokens (training uses exp(mu))."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    # The FLUX.1 scheduler's resolution-dependent shift; its defaults are those of every FLUX.1 flavour.
+    if flavour.timestep_shift == "fixed":
+        # The pipeline still computes a mu, but schnell's scheduler ignores it: train on the schedule it samples.
+        return math.log(_FIXED_SHIFT)
+    # The dev scheduler's resolution-dependent shift; its config is that of every dynamic FLUX.1 flavour.
     return calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
 
 
