@@ -411,7 +411,7 @@ def test_wrong_slot_refusals_name_the_key_the_file_and_both_sides(real_files: di
         "3072, 19 double + 38 single blocks], but this job trains FLUX.2 [klein] base 9B (model.family = flux2); "
         "set model.family to flux1 or choose a FLUX.2 transformer")
     assert check_file("transformer", real_files["klein9b"], klein4b) == (
-        "model.transformer: 'flux-2-klein-base-9b.safetensors' is a FLUX.2 [klein] base 9B transformer (bfl layout) "
+        "model.transformer: 'flux-2-klein-base-9b.safetensors' is a FLUX.2 [klein] 9B transformer (bfl layout) "
         "[hidden 4096, 8 double + 24 single blocks], but model.flavour is klein-base-4b (hidden 3072, 5 double + 20 "
         "single blocks, no guidance embedding); set model.flavour to klein-base-9b")
     assert check_file("vae", real_files["ae"], klein4b) == (

@@ -146,6 +146,8 @@ def _transformer(keys: list[str], infos: dict[str, TensorInfo]) -> Recognised | 
             and (f.guidance == "embedded") == guidance)
         fp8, scaled = _fp8(infos)
         name = registry.get_flavour(family, flavours[0]).label if flavours else registry.FAMILIES[family].label
+        # klein base and the distilled klein share one architecture: the file cannot tell which it is
+        name = name.replace("[klein] base", "[klein]")
         if len(flavours) > 1:  # FLUX.1 dev, krea and kontext share one architecture
             name = f"{registry.FAMILIES[family].label} {'/'.join(flavours)}"
         shape = f"hidden {hidden}, {double_blocks} double + {single_blocks} single blocks"
