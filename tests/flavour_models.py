@@ -1,0 +1,197 @@
+"""Tiny pipelines built from each real flavour's own classes, in memory, for tests/test_flavours.py.
+
+The registry's demo flavours stand in for FLUX.2 klein and FLUX.1 dev; these add FLUX.2 dev (Flux2Pipeline with
+Mistral3ForConditionalGeneration), klein base and FLUX.1 dev / krea / schnell / kontext, each with its pipeline
+class, guidance embedding and scheduler configuration. Weights are random and widths tiny, but the text encoders
+have their real depth (Mistral-Small-3.1: 40 layers, Qwen3-4B/8B: 36), so the flavours' own hidden-state layers
+(10, 20, 30) and (9, 18, 27) are used unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from trainer.demo import _byte_level_alphabet, _clip_tokenizer, _t5_tokenizer
+
+SEED = 0
+IMAGE_SIZE = 64
+TEXT_HIDDEN = 16
+JOINT_DIM = 3 * TEXT_HIDDEN  # FLUX.2 stacks three hidden-state layers
+MISTRAL_LAYERS = 40  # Mistral-Small-3.1-24B
+QWEN3_LAYERS = 36  # Qwen3-4B and Qwen3-8B
+_VAE_CHANNELS = (8, 8, 8, 8)  # x8 downscale, as the demo
+
+# scheduler/scheduler_config.json of the hub repos (the keys that matter for the schedule). FLUX.2 pipelines compute
+# mu themselves (compute_empirical_mu) and need dynamic shifting on; schnell turns it off with shift 1.
+FLUX2_SCHEDULER = {"shift": 3.0, "use_dynamic_shifting": True, "time_shift_type": "exponential"}
+FLUX1_DEV_SCHEDULER = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                       "base_image_seq_len": 256, "max_image_seq_len": 4096}
+FLUX1_SCHNELL_SCHEDULER = {**FLUX1_DEV_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False}
+
+# Mistral-Small-3.1's chat format, reduced to what FLUX.2 sends (a system and a user message, text blocks only).
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% set text = m['content'] if m['content'] is string else "
+    "m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif m['role'] == 'user' %}[INST]{{ text }}[/INST]{% endif %}{% endfor %}"
+)
+# Qwen3's chat format for one turn, with its enable_thinking switch (klein renders with enable_thinking=False).
+QWEN3_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def mistral_tokenizer() -> Any:
+    """A byte-level tokenizer with Mistral's special tokens and chat template.
+
+    The hub repo's tokenizer is a PixtralProcessor, which transformers refuses to build without torchvision (not
+    installable next to this torch). Flux2Pipeline only calls `tokenizer.apply_chat_template(...)` on it, which a
+    tokenizer answers the same way: render the template, then tokenise without adding special tokens again."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"]
+    vocab = {token: i for i, token in enumerate(special)}
+    for char in _byte_level_alphabet():
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=special[4:], model_max_length=2048,
+    )
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def qwen3_tokenizer() -> Any:
+    from transformers import Qwen2Tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    vocab = {char: i for i, char in enumerate(_byte_level_alphabet())}
+    for token in specials:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=2048)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _flux2_vae() -> Any:
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(block_out_channels=_VAE_CHANNELS, layers_per_block=1, latent_channels=32,
+                             norm_num_groups=4, sample_size=IMAGE_SIZE)
+    with torch.no_grad():  # a trained VAE has non-trivial BatchNorm statistics of its latents
+        vae.bn.running_mean.uniform_(-0.5, 0.5)
+        vae.bn.running_var.uniform_(0.3, 2.0)
+    return vae.eval()
+
+
+def _flux2_transformer(guidance_embeds: bool) -> Any:
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=JOINT_DIM, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
+    ).eval()
+
+
+def flux2_dev_pipeline() -> Any:
+    """Flux2Pipeline: Mistral3ForConditionalGeneration (40 text layers) and a guidance-embedding transformer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    torch.manual_seed(SEED)
+    tokenizer = mistral_tokenizer()
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+        vision_config=PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, head_dim=8, image_size=32, patch_size=16),
+        text_config=MistralConfig(vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=32,
+                                  num_hidden_layers=MISTRAL_LAYERS, num_attention_heads=2, num_key_value_heads=1,
+                                  head_dim=8, max_position_embeddings=2048),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+    )).eval()
+    return Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER), vae=_flux2_vae(), text_encoder=text_encoder,
+        tokenizer=tokenizer, transformer=_flux2_transformer(guidance_embeds=True),
+    )
+
+
+def flux2_klein_base_pipeline() -> Any:
+    """Flux2KleinPipeline (undistilled: real CFG): Qwen3ForCausalLM (36 layers), no guidance embedding."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(SEED)
+    tokenizer = qwen3_tokenizer()
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=32, num_hidden_layers=QWEN3_LAYERS,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )).eval()
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER), vae=_flux2_vae(), text_encoder=text_encoder,
+        tokenizer=tokenizer, transformer=_flux2_transformer(guidance_embeds=False), is_distilled=False,
+    )
+
+
+def flux1_pipeline(flavour: str) -> Any:
+    """FluxPipeline (FluxKontextPipeline for kontext): CLIP-L-shaped pooled + T5 sequence, 16-channel VAE."""
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(SEED)
+    clip_tokenizer, t5_tokenizer = _clip_tokenizer(), _t5_tokenizer()
+    hidden = 32
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(clip_tokenizer), hidden_size=hidden, intermediate_size=64, projection_dim=hidden,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+        bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
+        pad_token_id=clip_tokenizer.pad_token_id,
+    )).eval()
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=hidden, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )).eval()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=hidden, pooled_projection_dim=hidden,
+        guidance_embeds=flavour != "schnell", axes_dims_rope=(4, 6, 6),
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=_VAE_CHANNELS, layers_per_block=1,
+        latent_channels=16, norm_num_groups=4, sample_size=IMAGE_SIZE, scaling_factor=0.3611, shift_factor=0.1159,
+        use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()
+    config = FLUX1_SCHNELL_SCHEDULER if flavour == "schnell" else FLUX1_DEV_SCHEDULER
+    pipeline_class = diffusers.FluxKontextPipeline if flavour == "kontext" else diffusers.FluxPipeline
+    return pipeline_class(
+        scheduler=FlowMatchEulerDiscreteScheduler(**config), vae=vae, text_encoder=clip, tokenizer=clip_tokenizer,
+        text_encoder_2=t5, tokenizer_2=t5_tokenizer, transformer=transformer,
+    )
+
+
+def pipeline_for(family: str, flavour: str) -> Any:
+    """One shared tiny pipeline per kind (klein base 9B and 4B share one); tests that hook it must undo it."""
+    return _build(family, "klein-base" if flavour.startswith("klein-base") else flavour)
+
+
+@functools.cache
+def _build(family: str, kind: str) -> Any:
+    if family == "flux2":
+        pipe = flux2_dev_pipeline() if kind == "dev" else flux2_klein_base_pipeline()
+    else:
+        pipe = flux1_pipeline(kind)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
