@@ -9,11 +9,22 @@
 # Edit a requirements file and the next run installs again. The marker is written only after a
 # successful install, so an interrupted or failed one is retried next time.
 #
+# Double-click: flux-lora-studio.desktop beside this script runs it in a terminal window (see the README).
+#
 # Environment: PYTHON=/path/to/python3   use this interpreter to create .venv (3.10 or newer).
+#              FLUX_STUDIO_PAUSE=1        after an error, wait for Enter before exiting (the .desktop file sets it:
+#                                         its terminal window closes when this script ends, message and all).
 set -euo pipefail
+
+pause_if_asked() {
+    if [[ -n ${FLUX_STUDIO_PAUSE:-} && -t 0 ]]; then
+        read -r -p "Press Enter to close this window. " _ || true
+    fi
+}
 
 die() {
     printf 'launch.sh: error: %s\n' "$*" >&2
+    pause_if_asked
     exit 1
 }
 
@@ -125,4 +136,14 @@ if [[ ${1:-} == --test ]]; then
     exec "$VENV_PY" -m pytest -q tests "${@:2}"
 fi
 [[ -f app.py ]] || die "app.py not found in $PWD"
+if [[ -n ${FLUX_STUDIO_PAUSE:-} ]]; then
+    status=0
+    "$VENV_PY" app.py "$@" || status=$?
+    # 130: Ctrl+C, the usual way to stop the app; anything else non-zero is an error worth reading.
+    if ((status != 0 && status != 130)); then
+        printf 'launch.sh: app.py stopped with exit code %s; see the messages above\n' "$status" >&2
+        pause_if_asked
+    fi
+    exit "$status"
+fi
 exec "$VENV_PY" app.py "$@"

@@ -92,6 +92,61 @@ def test_exposure_is_warned_about():
     assert "no such folder" in app.exposure_warnings(parse(["--allow", "/no/such/folder"]))[0]
 
 
+# ---------------------------------------------------------------------- the desktop entry
+
+DESKTOP = ROOT / "flux-lora-studio.desktop"
+GIO_LAUNCH = """import sys, gi
+gi.require_version("Gio", "2.0")
+from gi.repository import Gio
+sys.exit(0 if Gio.DesktopAppInfo.new_from_filename(sys.argv[1]).launch([], None) else 1)
+"""
+
+
+def _desktop_entry() -> dict[str, str]:
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None, comment_prefixes=("#",))
+    parser.optionxform = str  # keys are case-sensitive
+    parser.read(DESKTOP, encoding="utf-8")
+    return dict(parser["Desktop Entry"])
+
+
+def test_the_desktop_entry_opens_launch_sh_in_a_terminal():
+    entry = _desktop_entry()
+    assert entry["Type"] == "Application" and entry["Name"] == "Flux LoRA Studio"
+    assert entry["Terminal"] == "true" and "launch.sh" in entry["Exec"] and entry["Exec"].endswith(" %k")
+    assert os.access(DESKTOP, os.X_OK) and os.access(ROOT / "launch.sh", os.X_OK)  # desktops launch these only
+
+
+def _has_gio() -> bool:
+    """The system python has GLib's bindings (Debian: python3-gi), to launch a desktop entry as desktops do."""
+    system = Path("/usr/bin/python3")
+    return system.exists() and subprocess.run([str(system), "-c", "import gi"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _has_gio(), reason="needs GLib's python bindings for /usr/bin/python3 (python3-gi)")
+def test_the_desktop_entry_finds_launch_sh_beside_it_even_through_a_link(tmp_path):
+    """Launched the way file managers and menus launch it (GLib's GDesktopAppInfo), with Terminal off and a stand-in
+    launch.sh that says where it ran: once from the app's folder, once through a link in an applications folder."""
+    app_dir, menu = tmp_path / "studio app", tmp_path / "applications"  # a space in the path, as users have
+    app_dir.mkdir()
+    menu.mkdir()
+    text = DESKTOP.read_text(encoding="utf-8").replace("Terminal=true", "Terminal=false")
+    (app_dir / DESKTOP.name).write_text(text, encoding="utf-8")
+    marker = tmp_path / "ran.txt"
+    stand_in = app_dir / "launch.sh"
+    stand_in.write_text(f'#!/bin/sh\necho "$0 $FLUX_STUDIO_PAUSE" > "{marker}"\n', encoding="utf-8")
+    stand_in.chmod(0o755)
+    (menu / DESKTOP.name).symlink_to(app_dir / DESKTOP.name)
+    for entry in (app_dir / DESKTOP.name, menu / DESKTOP.name):
+        marker.unlink(missing_ok=True)
+        subprocess.run(["/usr/bin/python3", "-c", GIO_LAUNCH, str(entry)], check=True, timeout=30)
+        deadline = time.monotonic() + 10
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.read_text(encoding="utf-8").strip() == f"{stand_in} 1", entry
+
+
 # ---------------------------------------------------------------------- end to end
 
 
