@@ -58,6 +58,9 @@ class Flavour:
     timestep_shift: str  # one of TIMESTEP_SHIFTS
     is_demo: bool = False
     needs_reference_image: bool = False  # kontext edits an input image
+    # Takes reference images (the pipeline's `image=`): edit pairs can train it (data.datasets[*].conditioning).
+    # Kontext and every FLUX.2 pipeline append the reference latents to the image tokens.
+    reference_images: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in ("flux1", "flux2"):
@@ -123,6 +126,7 @@ _FLUX2_DEMO = Flavour(
     sample_resolution=64,
     timestep_shift="dynamic",
     is_demo=True,
+    reference_images=True,  # the Flux2KleinPipeline, like klein's, takes reference images
 )
 
 _FLUX2_DEV = Flavour(
@@ -148,6 +152,7 @@ _FLUX2_DEV = Flavour(
     sample_guidance=4.0,
     sample_resolution=1024,
     timestep_shift="dynamic",
+    reference_images=True,
 )
 
 # klein base is the undistilled model: no guidance embedding, real CFG with a negative prompt
@@ -174,6 +179,7 @@ _FLUX2_KLEIN_9B = Flavour(
     sample_guidance=4.0,
     sample_resolution=1024,
     timestep_shift="dynamic",
+    reference_images=True,
 )
 
 _FLUX2_KLEIN_4B = replace(
@@ -274,6 +280,7 @@ _FLUX1_KONTEXT = replace(
     sample_steps=28,  # the model card sets guidance 2.5 and leaves the steps at FluxKontextPipeline's 28
     sample_guidance=2.5,
     needs_reference_image=True,
+    reference_images=True,
 )
 
 

@@ -107,12 +107,29 @@ class DatasetEntry(_Section):
     masks: str = ""
     # Regularisation (prior preservation) images: trained with data.prior_loss_weight to keep the base's prior.
     is_regularisation: bool = False
+    # Edit pairs: a folder of reference (source) images named like the targets in `path`; the model sees the
+    # reference and learns to produce the target. Only for flavours that take reference images (FLUX.1 kontext,
+    # FLUX.2). Unset (None, not "") so specs without pairs save as before and old training states still resume.
+    conditioning: str | None = None
+    # strict (default): the reference takes exactly the target's bucket and crop (pixel-aligned edits);
+    # loose: the reference is resized into its own aspect bucket at the same pixel area (other framings).
+    conditioning_match: Literal["strict", "loose"] | None = None
 
     @model_validator(mode="after")
     def _instance_prompt_given(self) -> DatasetEntry:
         if self.caption_strategy == "instance_prompt" and not self.instance_prompt.strip():
             raise ValueError("instance_prompt: empty; caption_strategy 'instance_prompt' needs the caption to use")
+        if self.conditioning is not None and not self.conditioning.strip():
+            raise ValueError("conditioning: empty; give the folder of reference images or remove the key")
+        if self.conditioning_match is not None and self.conditioning is None:
+            raise ValueError("conditioning_match: applies to edit pairs only; set conditioning to the folder of "
+                             "reference images or remove it")
         return self
+
+    @property
+    def match(self) -> Literal["strict", "loose"]:
+        """How the reference is sized and cut (conditioning_match, strict when unset)."""
+        return self.conditioning_match or "strict"
 
 
 class DataSection(_Section):
@@ -215,6 +232,17 @@ class SampleSection(_Section):
     guidance: float | None = Field(None, ge=0.0, le=30.0)
     seed: int = Field(42, ge=0)
     resolution: int | None = Field(None, ge=64, le=4096)
+    # Reference images for edit flavours (the pipeline's `image=`): one for every prompt, or one per prompt in
+    # order. Empty: the first edit pair's reference when the data has pairs, else none.
+    reference_images: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_reference_per_prompt(self) -> SampleSection:
+        count = len(self.reference_images)
+        if count > 1 and count != len(self.prompts):
+            raise ValueError(f"reference_images: {count} images for {len(self.prompts)} prompts; give one for "
+                             "every prompt, or a single one used by all")
+        return self
 
 
 class OutputSection(_Section):
@@ -298,6 +326,7 @@ class JobSpec(_Section):
         if self.lora.type == "lokr" and set(self.output.formats) - {"diffusers"}:
             problems.append("output.formats: LoKr is written in the diffusers format only; remove comfyui/kohya")
         problems += _lowvram_agrees(self)
+        problems += _references_agree(self)
         if self.advanced.tread:
             a = self.advanced
             blocks = registry.get_flavour(family, self.model.flavour).total_blocks
@@ -309,6 +338,17 @@ class JobSpec(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
+
+
+def _references_agree(spec: JobSpec) -> list[str]:
+    """Edit pairs and sample references only for flavours whose pipeline takes a reference image."""
+    flavour = registry.get_flavour(spec.model.family, spec.model.flavour)
+    if flavour.reference_images:
+        return []
+    keys = [f"data.datasets[{i}].conditioning" for i, e in enumerate(spec.data.datasets) if e.conditioning]
+    keys += ["sample.reference_images"] if spec.sample.reference_images else []
+    return [f"{key}: {flavour.label} ({spec.model.family} {flavour.name}) takes no reference image; edit pairs "
+            "train FLUX.1 kontext or a FLUX.2 flavour. Remove the key or choose one of those" for key in keys]
 
 
 def _lowvram_agrees(spec: JobSpec) -> list[str]:
@@ -515,8 +555,10 @@ def resolve_paths(spec: JobSpec, base_dir: str | Path) -> JobSpec:
         data["model"]["source"] = _resolve(spec.model.source, base)
     for entry in data["data"]["datasets"]:
         entry["path"] = _resolve(entry["path"], base)
-        if entry.get("masks"):
-            entry["masks"] = _resolve(entry["masks"], base)
+        for key in ("masks", "conditioning"):
+            if entry.get(key):
+                entry[key] = _resolve(entry[key], base)
+    data["sample"]["reference_images"] = [_resolve(p, base) for p in spec.sample.reference_images]
     if spec.data.cache_dir:
         data["data"]["cache_dir"] = _resolve(spec.data.cache_dir, base)
     if spec.sample.prompt_library:
