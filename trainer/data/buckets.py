@@ -162,6 +162,7 @@ class BucketPlan:
     batch_size: int
     placements: list[Placement] = field(default_factory=list)
     skipped: list[SkippedImage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # more lines for the report (edit pairs: see pairs.py)
 
     def by_bucket(self) -> dict[Size, list[Placement]]:
         """Placements grouped by bucket size (what one batch may mix), largest area first."""
@@ -228,6 +229,8 @@ class BucketPlan:
             for skip in self.skipped:
                 where = f" at {skip.resolution}" if skip.resolution else ""
                 lines.append(f"  {skip.image_path.name}{where}: {skip.reason}")
+        if self.notes:
+            lines += ["", *self.notes]
         return "\n".join(lines)
 
 

@@ -22,6 +22,14 @@ from trainer.spec import JobSpec
 _PROGRESS_EVERY = 10
 
 
+def stack_references(references: list[torch.Tensor | None], indices: list[int]) -> torch.Tensor | None:
+    """The reference latents of a batch (B, C, h, w), or None when its items have none (batches never mix)."""
+    chosen = [references[i] for i in indices] if references else []
+    if not chosen or any(reference is None for reference in chosen):
+        return None
+    return torch.cat(chosen)
+
+
 class InputCaches:
     """What the transformer trains on, computed once: embeddings per caption, latents and masks per item."""
 
@@ -31,9 +39,12 @@ class InputCaches:
         folder = Path(spec.data.cache_dir) if spec.data.cache_dir else Path(output_dir) / "cache"
         self.text_disk = DiskCache(folder / "text") if spec.data.cache_text_embeddings == "disk" else None
         self.latent_disk = DiskCache(folder / "latents") if spec.data.cache_latents == "disk" else None
+        # edit pairs' references beside them, counted apart so the summary says what was reused
+        self.reference_disk = DiskCache(folder / "references") if spec.data.cache_latents == "disk" else None
         self.text = TextEmbeddingCache()
         self.latents: list[torch.Tensor] = []
         self.masks: list[torch.Tensor | None] = []
+        self.references: list[torch.Tensor | None] = []  # edit pairs: the reference's latents, per item
 
     # ------------------------------------------------------------------ text
 
@@ -83,22 +94,43 @@ class InputCaches:
                          family=model.family, flavour=model.flavour, precision=model.base_precision,
                          size=item.size, crop=item.crop, crop_seed=seed, vae_tiling=self.spec.data.vae_tiling)
 
+    def _reference_key(self, item: TrainItem) -> str:
+        """Like a target's key, for the reference file at its bucket; a random crop is the target's (same generator),
+        so the target's path and resolution are part of what the cut depends on."""
+        model = self.spec.model
+        crop_of = (str(item.image_path), item.resolution, self.spec.train.seed) if item.crop == "random" else None
+        return cache_key(kind="reference", image=file_hash(item.reference_path), source=model_source(self.spec),
+                         family=model.family, flavour=model.flavour, precision=model.base_precision,
+                         size=item.reference_bucket, crop=item.crop, crop_of=crop_of,
+                         vae_tiling=self.spec.data.vae_tiling)
+
+    def _encoded(self, pipe: Any, disk: DiskCache | None, key: Callable[[TrainItem], str], path: Path,
+                 size: tuple[int, int], item: TrainItem) -> torch.Tensor:
+        """Latents of `path` cut to `size` with the item's crop, from the disk cache when there, else encoded."""
+        stored = disk.get(key(item)) if disk is not None else None
+        if stored is not None:
+            return stored["latents"]
+        pixels = load_pixels(path, size[0], size[1], item.crop, self._crop_rng(item)).unsqueeze(0)
+        latents = self.ops.encode_images(pipe, pixels).to("cpu", torch.float32)
+        if disk is not None:
+            disk.put(key(item), {"latents": latents})  # atomic: a torn write is never read back
+        return latents
+
     def fill_latents(self, pipe: Any, items: list[TrainItem]) -> None:
         self.emit(PhaseChanged(phase="caching latents", detail=f"{len(items)} images"))
         for index, item in enumerate(items):
             if self.should_stop():
                 raise UserError("stopped while caching latents; nothing was trained")
-            key = self._latent_key(item) if self.latent_disk else ""
-            stored = self.latent_disk.get(key) if self.latent_disk else None
             width, height = item.size
-            if stored is not None:
-                latents = stored["latents"]
-            else:
-                pixels = load_pixels(item.image_path, width, height, item.crop, self._crop_rng(item)).unsqueeze(0)
-                latents = self.ops.encode_images(pipe, pixels).to("cpu", torch.float32)
-                if self.latent_disk is not None:
-                    self.latent_disk.put(key, {"latents": latents})
+            latents = self._encoded(pipe, self.latent_disk, self._latent_key, item.image_path,
+                                    item.size, item)
             self.latents.append(latents)
+            reference = None
+            if item.reference_path is not None and item.reference_bucket is not None:
+                # strict pairs: the crop generator in the target's state cuts the reference along the same lines
+                reference = self._encoded(pipe, self.reference_disk, self._reference_key,
+                                          item.reference_path, item.reference_bucket, item)
+            self.references.append(reference)
             mask = None
             if item.mask_path:  # cut exactly like its image: the same crop generator
                 mask = load_mask(item.mask_path, width, height, tuple(latents.shape[-2:]), item.crop,
@@ -109,7 +141,8 @@ class InputCaches:
 
     def summary(self) -> str:
         parts = []
-        for name, disk in (("text", self.text_disk), ("latents", self.latent_disk)):
-            if disk is not None:
+        for name, disk in (("text", self.text_disk), ("latents", self.latent_disk),
+                           ("references", self.reference_disk)):
+            if disk is not None and (name != "references" or disk.hits + disk.misses):
                 parts.append(f"{name}: {disk.hits} reused, {disk.misses} computed")
         return "; ".join(parts) or "caches in memory only"

@@ -24,6 +24,10 @@ class TrainItem:
     resolutions: tuple[int, ...] = ()  # every resolution the image trains at (the planner reads this)
     crop: str = "center"
     bucket: tuple[int, int] | None = None  # (width, height) once placed; None: a square of `resolution`
+    # Edit pairs: the reference image the model sees beside the noisy target, and its (width, height) once
+    # placed (the target's bucket when matched strictly, its own aspect bucket when loosely).
+    reference_path: Path | None = None
+    reference_bucket: tuple[int, int] | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -62,6 +66,11 @@ def find_mask(image_path: Path, mask_folder: Path) -> Path | None:
     return None
 
 
+def find_reference(image_path: Path, conditioning_folder: Path) -> Path | None:
+    """The reference image of an edit pair: the same name as the target, any image extension (like masks)."""
+    return find_mask(image_path, conditioning_folder)
+
+
 def collect_items(spec: JobSpec, usable: set[Path] | None = None) -> list[TrainItem]:
     """Every image of every dataset, in a stable order; paths must already be resolved.
 
@@ -73,9 +82,13 @@ def collect_items(spec: JobSpec, usable: set[Path] | None = None) -> list[TrainI
         for image_path in list_images(Path(entry.path)):
             if usable is not None and image_path not in usable:
                 continue
+            reference = find_reference(image_path, Path(entry.conditioning)) if entry.conditioning else None
+            if entry.conditioning and reference is None:
+                continue  # a target without its reference cannot train (the health check says so per file)
             items.append(TrainItem(
                 image_path=image_path, caption=read_caption(image_path, entry), resolution=resolutions[0],
                 repeats=entry.repeats, mask_path=find_mask(image_path, Path(entry.masks)) if entry.masks else None,
                 is_regularisation=entry.is_regularisation, resolutions=resolutions, crop=entry.crop,
+                reference_path=reference,
             ))
     return items

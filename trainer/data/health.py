@@ -5,7 +5,8 @@ What it finds, one row per file and problem:
   every image is skipped, fewer samples than one batch;
 - warning (training goes ahead): a file that cannot be read or is truncated, an image below the minimum
   size, an unreadable mask (these three: the image is skipped), files in the folder that are not training
-  images (ignored), a missing or empty caption file, exact duplicates, fewer samples than one optimiser step.
+  images (ignored), a missing or empty caption file, exact duplicates, fewer samples than one optimiser step;
+  edit pairs (see pairs.py): a target without its reference (skipped), a reference without its target.
 
 A file that fails here is left out of training (`usable_images`), so a bad file never stops a run midway.
 Each file is read once, hashed and fully decoded from the same bytes by the decoder training uses (JPEGs at
@@ -30,7 +31,7 @@ from trainer.spec import DatasetEntry, JobSpec
 Severity = Literal["error", "warning"]
 Verdict = Literal["ok", "warnings", "will not train"]
 # What a row is about, for grouping long reports: a folder of 300 uncaptioned images says so in a few lines.
-Kind = Literal["dataset", "count", "unreadable", "too small", "mask", "duplicate", "caption", "ignored"]
+Kind = Literal["dataset", "count", "unreadable", "too small", "mask", "pair", "duplicate", "caption", "ignored"]
 _KIND_ORDER = get_args(Kind)  # the order reports list them in
 
 # Left alone without a word: what file managers and editors drop into folders.
@@ -67,6 +68,8 @@ class HealthReport:
     skipped: set[Path] = field(default_factory=set)
     image_count: int = 0  # image files found (by extension), readable or not
     samples: int = 0  # usable images × repeats, held-out images not counted
+    reference_folders: list[Path] = field(default_factory=list)  # edit pairs' conditioning folders
+    reference_sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)  # every reference that decoded
 
     @property
     def verdict(self) -> Verdict:
@@ -94,7 +97,8 @@ class HealthReport:
         out: list[tuple[str, str, str]] = []
         for (_, kind), rows in groups.items():
             shown = rows if per_kind is None else rows[:per_kind]
-            out += [(row.severity, _display(self.datasets, row.file), row.problem + ("; skipped" * row.skipped))
+            out += [(row.severity, _display(self.datasets + self.reference_folders, row.file),
+                     row.problem + ("; skipped" * row.skipped))
                     for row in shown]
             if len(rows) > len(shown):
                 out.append((rows[0].severity, "…", f"and {len(rows) - len(shown)} more like these ({kind})"))
@@ -193,9 +197,11 @@ def _caption_problem(image: Path, trigger: str) -> str:
     return f"no caption file ({image.stem}.txt); it trains with {fallback}"
 
 
-def _stray_files(folder: Path, masks: Path | None) -> list[HealthRow]:
-    """Everything in a dataset folder that is not a training image or its caption."""
+def _stray_files(folder: Path, own: Sequence[str]) -> list[HealthRow]:
+    """Everything in a dataset folder that is not a training image or its caption; `own`: the dataset's mask and
+    conditioning folders, which may live inside it."""
     rows: list[HealthRow] = []
+    owned = {Path(path).resolve() for path in own if path}
     entries = sorted(folder.iterdir())
     image_stems = {p.stem for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
     for path in entries:
@@ -203,7 +209,7 @@ def _stray_files(folder: Path, masks: Path | None) -> list[HealthRow]:
         if name in _SILENT_NAMES or name.startswith("."):
             continue
         if path.is_dir():
-            if masks is None or path.resolve() != masks.resolve():
+            if path.resolve() not in owned:
                 rows.append(HealthRow(path, "a subfolder: not searched (images must be directly in the dataset "
                                             "folder)", "warning", "ignored"))
         elif suffix in IMAGE_EXTENSIONS:
@@ -262,7 +268,7 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
         if not folder.is_dir():
             report.rows.append(HealthRow(folder, "dataset folder does not exist", "error", "dataset"))
             continue
-        report.rows += _stray_files(folder, Path(entry.masks) if entry.masks else None)
+        report.rows += _stray_files(folder, (entry.masks, entry.conditioning or ""))
         images = list_images(folder)
         if not images:
             report.rows.append(HealthRow(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder",
@@ -297,6 +303,10 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
         else:
             first_seen[scan.sha256] = path
 
+    if any(entry.conditioning for entry in entries):
+        from trainer.data.pairs import check_pairs  # pairs.py builds rows of this module: imported here, no cycle
+
+        check_pairs(report, entries, workers)
     listed_per_dataset = [sum(1 for index, _ in listed if index == i) for i in range(len(entries))]
     _check_counts(report, entries, listed_per_dataset, batch_size, gradient_accumulation, held_out)
     return report

@@ -7,6 +7,7 @@ import dataclasses
 from trainer.data.buckets import BucketPlan, plan_buckets
 from trainer.data.datasets import TrainItem, collect_items
 from trainer.data.health import HealthReport, usable_images
+from trainer.data.pairs import pairs_report, place_references
 from trainer.spec import JobSpec
 
 
@@ -20,4 +21,7 @@ def plan_training_items(spec: JobSpec, health: HealthReport) -> tuple[list[Train
                         batch_size=spec.train.batch_size, min_side=data.bucket_step)
     items = [dataclasses.replace(images[p.item_index], resolution=p.resolution, bucket=p.bucket)
              for p in plan.placements]
+    if any(entry.conditioning for entry in data.datasets):  # edit pairs: where each reference goes
+        items = place_references(items, spec, health.reference_sizes)
+        plan.notes += pairs_report(items, spec)
     return items, plan
