@@ -30,9 +30,10 @@ from trainer.checkpoint import (
     state_path,
 )
 from trainer.data.cache import TextEmbeddingCache
-from trainer.data.caching import InputCaches
+from trainer.data.caching import InputCaches, stack_references
 from trainer.data.datasets import TrainItem
 from trainer.data.health import check_datasets
+from trainer.data.pairs import reference_for_sampling, sample_references
 from trainer.data.planning import plan_training_items
 from trainer.errors import UserError
 from trainer.events import (
@@ -118,6 +119,7 @@ class _Draws:
     noise: torch.Tensor
     sigmas: torch.Tensor
     guidance: torch.Tensor | None
+    references: torch.Tensor | None = None  # edit pairs: the reference latents beside the noisy targets
 
 
 class Session:
@@ -148,6 +150,8 @@ class Session:
         self.items: list[TrainItem] = []
         self.latents: list[torch.Tensor] = []
         self.masks: list[torch.Tensor | None] = []
+        self.references: list[torch.Tensor | None] = []
+        self.sample_references: list[Path | None] = []
         self.prompts: list[SamplePrompt] = []
         self.text_cache = TextEmbeddingCache()
         self.generator = torch.Generator("cpu").manual_seed(spec.train.seed)
@@ -224,6 +228,7 @@ class Session:
             self.emit(LogMessage(level="warning", message=warning))
 
         self.items = self._plan_items()
+        self.sample_references = sample_references(spec, self.items, len(self.prompts))  # edit flavours' `image=`
         self.eval_indices = self._held_out_indices()
         caches = InputCaches(spec, self.ops, self.flavour, self.emit, lambda: self.commands.stop_requested,
                              self.output_dir)
@@ -236,6 +241,7 @@ class Session:
             caches.fill_latents(self.pipe, self.items)
             self._park_vae()
         self.text_cache, self.latents, self.masks = caches.text, caches.latents, caches.masks
+        self.references = caches.references
         self.emit(LogMessage(level="info", message=f"caches: {caches.summary()}"))
         self._add_lora()
         self.dist.seed_rank(spec.train.seed)  # every rank built the same adapter; dropout now draws per rank
@@ -432,7 +438,9 @@ class Session:
             for index, item in enumerate(self.items):
                 if index in held_out:
                     continue
-                by_shape.setdefault(tuple(self.latents[index].shape), []).extend([index] * item.repeats)
+                reference = self.references[index] if self.references else None  # loose pairs: shapes differ
+                shape = tuple(self.latents[index].shape) + (() if reference is None else tuple(reference.shape))
+                by_shape.setdefault(shape, []).extend([index] * item.repeats)
             batches: list[list[int]] = []
             size = self.spec.train.batch_size
             for indices in by_shape.values():
@@ -459,7 +467,7 @@ class Session:
         guidance = None
         if self.flavour.guidance == "embedded":
             guidance = flow.guidance_values(spec.advanced, len(indices), self.generator)
-        return _Draws(indices, latents, captions, noise, sigmas, guidance)
+        return _Draws(indices, latents, captions, noise, sigmas, guidance, stack_references(self.references, indices))
 
     def _batch_loss(self, batch: list[int] | _Draws) -> torch.Tensor:
         spec = self.spec
@@ -471,7 +479,8 @@ class Session:
         noisy, target = flow.noisy_latents(latents, draws.noise.to(self.device), sigmas)
         guidance = None if draws.guidance is None else draws.guidance.to(self.device)
         with self._autocast():
-            prediction = self.ops.predict(self.transformer, noisy, sigmas, text, guidance)
+            reference = None if draws.references is None else draws.references.to(self.device)
+            prediction = self.ops.predict(self.transformer, noisy, sigmas, text, guidance, reference)
         weights = flow.loss_weights(spec.advanced, sigmas).view(-1, 1, 1, 1).to(self.device)
         prior = [spec.data.prior_loss_weight if self.items[i].is_regularisation else 1.0 for i in indices]
         weights = weights * torch.tensor(prior, device=self.device).view(-1, 1, 1, 1)
@@ -609,7 +618,9 @@ class Session:
                 guidance = None
                 if self.flavour.guidance == "embedded":
                     guidance = torch.full((len(levels),), self.spec.advanced.guidance_value, device=self.device)
-                prediction = self.ops.predict(self.transformer, noisy, levels.to(self.device), text, guidance)
+                reference = stack_references(self.references, [index] * len(levels))
+                prediction = self.ops.predict(self.transformer, noisy, levels.to(self.device), text, guidance,
+                                              None if reference is None else reference.to(self.device))
                 losses.append(((prediction.float() - target.float()) ** 2).mean().item())
         self.transformer.train()
         loss = sum(losses) / len(losses)
@@ -632,9 +643,10 @@ class Session:
         self.pipe.vae.to(self.device)
         paths: list[Path] = []
         with torch.no_grad(), self._autocast():
-            for prompt in self.prompts:
+            for prompt, reference in zip(self.prompts, self.sample_references, strict=True):
                 image = self.ops.sample(self.pipe, self.text_cache[prompt.text], negative, steps, guidance,
-                                        sample.seed, resolution)
+                                        sample.seed, resolution,
+                                        reference_for_sampling(reference, resolution) if reference else None)
                 path = self.output_dir / "samples" / f"step{self.step:06d}_{prompt.name}.png"
                 if self.dist.is_main:
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -689,6 +701,7 @@ class Session:
         self.pipe = self.transformer = self.optimizer = self.lr_scheduler = None
         self.latents = []
         self.masks = []
+        self.references = []
         self.text_cache = TextEmbeddingCache()
         gc.collect()
         if torch.cuda.is_available():

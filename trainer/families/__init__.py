@@ -30,11 +30,14 @@ class FamilyOps(Protocol):
 
     def shift_mu(self, image_seq_len: int, flavour: Flavour) -> float: ...
 
+    # reference: an edit pair's reference latents, appended to the image tokens as the pipeline does (the
+    # prediction covers the target's tokens only)
     def predict(self, transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, text: dict[str, torch.Tensor],
-                guidance: torch.Tensor | None) -> torch.Tensor: ...
+                guidance: torch.Tensor | None, reference: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def sample(self, pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None,
-               steps: int, guidance: float, seed: int, resolution: int) -> Image.Image: ...
+               steps: int, guidance: float, seed: int, resolution: int,
+               reference: Image.Image | None = None) -> Image.Image: ...
 
 
 def family_ops(family: str) -> FamilyOps:

@@ -75,9 +75,26 @@ def shift_mu(image_seq_len: int, flavour: Flavour) -> float:
     return calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
 
 
+def _reference_tokens(reference: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference latents (B, 16, h, w) as FluxKontextPipeline appends them: 2x2-packed tokens, and the position ids
+    of a latent grid of that size with the first (index) coordinate set to 1 (the target's is 0)."""
+    from diffusers import FluxPipeline
+
+    batch, channels, height, width = reference.shape
+    tokens = FluxPipeline._pack_latents(reference, batch, channels, height, width)
+    ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, reference.device, dtype)
+    ids[..., 0] = 1
+    return tokens, ids
+
+
 def predict(transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, text: dict[str, torch.Tensor],
-            guidance: torch.Tensor | None) -> torch.Tensor:
-    """The transformer's flow prediction for latents (B, 16, h, w), returned in the same layout."""
+            guidance: torch.Tensor | None, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """The transformer's flow prediction for latents (B, 16, h, w), returned in the same layout.
+
+    `reference` (Kontext): an edit pair's reference latents (B, 16, h', w'), appended after the image tokens as
+    the Kontext pipeline appends its `image=` latents; the prediction returned (and so the loss) covers the
+    target's tokens only, as the pipeline keeps only those.
+    """
     from diffusers import FluxPipeline
 
     batch, channels, height, width = noisy.shape
@@ -88,6 +105,11 @@ def predict(transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, text: d
     tokens = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
     img_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype)
     txt_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)
+    target_tokens = tokens.shape[1]
+    if reference is not None:
+        reference_tokens, reference_ids = _reference_tokens(reference, dtype)
+        tokens = torch.cat([tokens, reference_tokens.to(tokens)], dim=1)
+        img_ids = torch.cat([img_ids, reference_ids], dim=0)  # FLUX.1 ids have no batch dimension
     # The pipeline passes t / 1000 with t = sigma * 1000, i.e. sigma itself; the transformer rescales by 1000,
     # and it does the same to the raw guidance scale.
     out = transformer(
@@ -97,15 +119,27 @@ def predict(transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, text: d
         guidance=guidance if transformer.config.guidance_embeds else None, return_dict=False,
     )[0]
     # _unpack_latents takes pixel sizes and the VAE factor; latent sizes with a factor of 1 give the same layout.
-    return FluxPipeline._unpack_latents(out, height, width, 1)
+    return FluxPipeline._unpack_latents(out[:, :target_tokens], height, width, 1)
 
 
 def sample(pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None,
-           steps: int, guidance: float, seed: int, resolution: int) -> Image.Image:
+           steps: int, guidance: float, seed: int, resolution: int,
+           reference: Image.Image | None = None) -> Image.Image:
+    """One image; with `reference` (Kontext), it goes to the pipeline's `image=` and sets the size."""
     device = pipe.transformer.device
     del negative  # FLUX.1 dev is guidance-distilled: the scale goes in as an embedding, no true CFG pass
+    width, height = reference.size if reference is not None else (resolution, resolution)
+    kwargs: dict[str, Any] = {}
+    if type(pipe).__name__ == "FluxKontextPipeline":
+        # Kontext otherwise rescales the output to 1024² and snaps the reference to its preferred sizes; the
+        # reference is already cut to a bucket of the sample resolution, as training cut its pairs.
+        kwargs.update(max_area=width * height, _auto_resize=False)
+        if reference is not None:
+            kwargs["image"] = reference
+    elif reference is not None:
+        raise ValueError(f"{type(pipe).__name__} takes no reference image; FLUX.1 edits need FluxKontextPipeline")
     return pipe(
         prompt_embeds=text["prompt_embeds"].to(device), pooled_prompt_embeds=text["pooled_prompt_embeds"].to(device),
-        guidance_scale=guidance, num_inference_steps=steps, height=resolution, width=resolution,
-        generator=torch.Generator("cpu").manual_seed(seed),
+        guidance_scale=guidance, num_inference_steps=steps, height=height, width=width,
+        generator=torch.Generator("cpu").manual_seed(seed), **kwargs,
     ).images[0]

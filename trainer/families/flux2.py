@@ -73,28 +73,53 @@ def _position_ids(latents: torch.Tensor, text_embeds: torch.Tensor) -> tuple[tor
     return img_ids, txt_ids
 
 
+def _reference_tokens(reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference latents (B, C, h, w) as the pipeline appends them: packed tokens and position ids whose time
+    coordinate is 10 (`_prepare_image_ids`: 10 + 10·i for the i-th reference), every row of the batch alike."""
+    from diffusers import Flux2KleinPipeline
+
+    batch, channels, height, width = reference.shape
+    ids = Flux2KleinPipeline._prepare_image_ids([reference[:1]]).to(reference.device).repeat(batch, 1, 1)
+    return reference.reshape(batch, channels, height * width).permute(0, 2, 1), ids
+
+
 def predict(transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, text: dict[str, torch.Tensor],
-            guidance: torch.Tensor | None) -> torch.Tensor:
-    """The transformer's flow prediction for latents (B, C, h, w), returned in the same layout."""
+            guidance: torch.Tensor | None, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """The transformer's flow prediction for latents (B, C, h, w), returned in the same layout.
+
+    `reference`: an edit pair's reference latents (B, C, h', w'), appended after the image tokens exactly as the
+    FLUX.2 pipelines append their `image=` latents; the prediction returned (and so the loss) covers the target's
+    tokens only, as the pipeline keeps only those.
+    """
     batch, channels, height, width = noisy.shape
     embeds = text["prompt_embeds"]
     img_ids, txt_ids = _position_ids(noisy, embeds)
     tokens = noisy.reshape(batch, channels, height * width).permute(0, 2, 1)
+    if reference is not None:
+        reference_tokens, reference_ids = _reference_tokens(reference)
+        tokens = torch.cat([tokens, reference_tokens.to(tokens)], dim=1)
+        img_ids = torch.cat([img_ids, reference_ids], dim=1)
     out = transformer(
         hidden_states=tokens.to(transformer.dtype), encoder_hidden_states=embeds.to(transformer.dtype),
         timestep=sigmas.to(transformer.dtype), img_ids=img_ids, txt_ids=txt_ids,
         guidance=guidance if transformer.config.guidance_embeds else None, return_dict=False,
     )[0]
+    out = out[:, :height * width]
     return out.permute(0, 2, 1).reshape(batch, channels, height, width)
 
 
 def sample(pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None,
-           steps: int, guidance: float, seed: int, resolution: int) -> Image.Image:
+           steps: int, guidance: float, seed: int, resolution: int,
+           reference: Image.Image | None = None) -> Image.Image:
+    """One image; with `reference` (an edit flavour), it goes to the pipeline's `image=` and sets the size."""
     device = pipe.transformer.device
     kwargs: dict[str, Any] = {"guidance_scale": guidance}
     if negative is not None:  # klein base: real classifier-free guidance against the empty prompt
         kwargs["negative_prompt_embeds"] = negative["prompt_embeds"].to(device)
+    width, height = reference.size if reference is not None else (resolution, resolution)
+    if reference is not None:
+        kwargs["image"] = reference
     return pipe(
-        prompt_embeds=text["prompt_embeds"].to(device), num_inference_steps=steps, height=resolution,
-        width=resolution, generator=torch.Generator("cpu").manual_seed(seed), **kwargs,
+        prompt_embeds=text["prompt_embeds"].to(device), num_inference_steps=steps, height=height,
+        width=width, generator=torch.Generator("cpu").manual_seed(seed), **kwargs,
     ).images[0]
