@@ -30,6 +30,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"building the demo ({', '.join(families)}) in {Path(args.out).resolve()} ...", flush=True)
     job = build_demo(args.out, families)
     print(f"done. train it with:\n  python -m trainer train {job}")
+    edit = job.parent / "job_edit.toml"
+    if edit.is_file():
+        print(f"or train on edit pairs (reference -> target) with:\n  python -m trainer train {edit}")
     return 0
 
 

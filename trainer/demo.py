@@ -191,6 +191,74 @@ def build_demo_dataset(out_dir: Path, count: int = 12, size: int = DEMO_IMAGE_SI
     return target
 
 
+def build_edit_dataset(out_dir: Path, count: int = 8, size: int = DEMO_IMAGE_SIZE) -> tuple[Path, Path]:
+    """Edit pairs: `dataset_edit/` holds the targets (a shape recoloured), `dataset_edit_ref/` the references (the
+    same shape in its original colour), named alike; each target's caption is the instruction."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(DEMO_SEED + 1)
+    targets, references = out_dir / "dataset_edit", out_dir / "dataset_edit_ref"
+    targets.mkdir(parents=True, exist_ok=True)
+    references.mkdir(parents=True, exist_ok=True)
+    names = list(_COLOURS)
+    for index in range(count):
+        shape = _SHAPES[index % len(_SHAPES)]
+        before, after, bg = rng.sample(names, 3)
+        margin = rng.randint(size // 8, size // 4)
+        box = (margin, margin, size - margin, size - margin)
+        stem = f"edit_{index:02d}"
+        for folder, colour in ((references, before), (targets, after)):
+            image = Image.new("RGB", (size, size), _COLOURS[bg])
+            _draw_shape(ImageDraw.Draw(image), shape, box, _COLOURS[colour])
+            image.save(folder / f"{stem}.png")
+        (targets / f"{stem}.txt").write_text(f"make the {shape} {after}", encoding="utf-8")
+    return targets, references
+
+
+def edit_job_toml() -> str:
+    """The FLUX.2 demo trained on edit pairs (klein takes reference images, so the demo flavour does too)."""
+    return f"""\
+# Edit-pair demo: the tiny random FLUX.2 model learns to turn each reference image into its target.
+# Targets are in dataset_edit/, their references (same file names) in dataset_edit_ref/.
+spec_version = 1
+
+[model]
+family = "flux2"
+flavour = "demo"
+source = "flux2"
+base_precision = "fp32"
+text_encoder_precision = "fp32"
+
+[lora]
+rank = 4
+alpha = 4.0
+
+[[data.datasets]]
+path = "dataset_edit"
+conditioning = "dataset_edit_ref"
+conditioning_match = "strict"    # the pairs are pixel-aligned; "loose" lets a reference keep its own framing
+
+[data]
+resolution = {DEMO_IMAGE_SIZE}
+
+[train]
+max_steps = 60
+batch_size = 2
+learning_rate = 0.005
+mixed_precision = "no"
+seed = 42
+
+[sample]
+# No reference_images: every prompt is rendered from the first pair's reference image.
+prompts = ["make the circle red", "make the square blue"]
+every_steps = 20
+
+[output]
+dir = "output_edit"
+name = "demo_edit_lora"
+"""
+
+
 def demo_job_toml(family: str = "flux2") -> str:
     """The job that trains a LoRA on the demo dataset; paths are relative to the job file's folder."""
     return f"""\
@@ -249,6 +317,9 @@ def build_demo(out_dir: str | Path, families: tuple[str, ...] = FAMILIES) -> Pat
         build_flux1_demo(out)
         write_text_atomic(out / "job_flux1.toml", demo_job_toml("flux1"))
     build_demo_dataset(out)
+    if "flux2" in families:
+        build_edit_dataset(out)
+        write_text_atomic(out / "job_edit.toml", edit_job_toml())
     job = out / "job.toml"
     write_text_atomic(job, demo_job_toml("flux2" if "flux2" in families else "flux1"))
     return job
@@ -261,7 +332,8 @@ def is_demo_folder(path: str | Path) -> bool:
 def ensure_demo(out_dir: str | Path, emit: Callable[[Event], None] | None = None) -> Path:
     """Build the demo under `out_dir` unless a complete one is already there; returns the job file."""
     out = Path(out_dir)
-    complete = is_demo_folder(out) and all((out / family / "model_index.json").is_file() for family in FAMILIES)
+    complete = (is_demo_folder(out) and (out / "job_edit.toml").is_file()
+                and all((out / family / "model_index.json").is_file() for family in FAMILIES))
     if not complete:
         if emit is not None:
             emit(PhaseChanged(phase="building demo", detail=str(out)))
