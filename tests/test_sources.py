@@ -635,3 +635,35 @@ def test_hub_download_fetches_only_what_is_needed_and_reports_progress(
     assert (last.files_done, last.files_total) == (len(copied), len(copied))
     assert [e.phase for e in events if hasattr(e, "phase")] == ["downloading"]
     assert len(progress) < 10  # throttled
+
+
+def test_a_job_with_single_files_trains_from_them(demo_dir: Path, demo_files: dict, tmp_path: Path) -> None:
+    """The session passes the job's single files to the loader: a BFL transformer file given by its bare name in the
+    ComfyUI folder is what trains, and the latent cache is keyed by the VAE file it was made with."""
+    from safetensors.torch import load_file
+
+    from trainer.preflight import model_identity
+    from trainer.session import Session
+    from trainer.spec import load_spec, resolve_paths
+
+    files = demo_files["flux2"]
+    comfy = tmp_path / "models"
+    (comfy / "diffusion_models").mkdir(parents=True)
+    stored = load_file(files["transformer"])
+    key = next(k for k in stored if k.endswith("img_in.weight"))
+    stored[key] = stored[key] * 2  # a file that differs from the demo folder's transformer
+    save_file(stored, comfy / "diffusion_models" / "marked.safetensors")
+    overrides = [f"output.dir='{tmp_path / 'out'}'", "train.max_steps=2", "sample.prompts=[]",
+                 f"model.comfy_models_dir='{comfy}'", "model.transformer='marked.safetensors'",
+                 f"model.vae='{files['vae']}'"]
+    spec = resolve_paths(load_spec(demo_dir / "job.toml", overrides), demo_dir)
+    session = Session(spec)
+    try:
+        session.setup()
+        torch.testing.assert_close(session.transformer.x_embedder.weight.detach().float(), stored[key].float())
+        session.train()
+        assert len(session.losses) == 2
+    finally:
+        session.end()
+    assert model_identity(spec, "vae").startswith(str(files["vae"]))
+    assert model_identity(spec, "text_encoder") == str(demo_dir / "flux2")

@@ -20,6 +20,19 @@ def model_source(spec: JobSpec) -> str:
     return spec.model.source or (registry.get_flavour(spec.model.family, spec.model.flavour).hub_id or "")
 
 
+def model_identity(spec: JobSpec, slot: str) -> str:
+    """What the weights of one component come from, for cache keys: the source, or its single file with the file's
+    size and modification time (so caches made with one VAE or text encoder are never reused with another)."""
+    path = getattr(spec.model, slot, "")
+    if not path:
+        return model_source(spec)
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return path
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def _check_model(spec: JobSpec) -> list[str]:
     return _check_source(spec) + _check_single_files(spec)
 

@@ -59,6 +59,7 @@ from trainer.optimizers import build_optimizer, build_scheduler, effective_learn
 from trainer.preflight import check_files, model_source
 from trainer.prompts import SamplePrompt, sample_prompts
 from trainer.quiet import disable_loading_bars
+from trainer.sources import model_files
 from trainer.spec import JobSpec, save_spec, spec_to_toml
 from trainer.trackers import TrackerLogger
 from trainer.tread import TreadConfig, transformer_blocks, tread_routing
@@ -273,7 +274,8 @@ class Session:
         disable_loading_bars()
         self.pipe = self.ops.load_pipeline(model_source(spec), self.flavour, self.compute_dtype,
                                            skip=skip if skip_text_encoders else (),
-                                           base_precision=spec.model.base_precision)
+                                           base_precision=spec.model.base_precision,
+                                           files=model_files(spec.model), emit=self.emit)
         self.pipe.set_progress_bar_config(disable=True)
         for name in ("text_encoder", "text_encoder_2"):
             if getattr(self.pipe, name, None) is not None:
@@ -668,7 +670,7 @@ class Session:
         metadata = {
             "family": spec.model.family, "flavour": spec.model.flavour, "steps": self.step,
             "trigger_words": [e.trigger for e in spec.data.datasets if e.trigger],
-            "base_model": model_source(spec), "spec_toml": spec_to_toml(spec), "title": name,
+            "base_model": spec.model.transformer or model_source(spec), "spec_toml": spec_to_toml(spec), "title": name,
         }
         step = self.step if intermediate else None
         state = self.state_dict() if spec.output.save_state else None  # on every rank: it gathers their RNG

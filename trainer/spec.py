@@ -553,6 +553,9 @@ def resolve_paths(spec: JobSpec, base_dir: str | Path) -> JobSpec:
     data = spec.to_dict()
     if is_local_path(spec.model.source):
         data["model"]["source"] = _resolve(spec.model.source, base)
+    from trainer.sources import resolve_model_paths  # torch-free; imported here as it imports this module
+
+    data["model"] = resolve_model_paths(data["model"], base)
     for entry in data["data"]["datasets"]:
         entry["path"] = _resolve(entry["path"], base)
         for key in ("masks", "conditioning"):

@@ -16,7 +16,7 @@ from trainer.data.disk_cache import DiskCache, cache_key, file_hash
 from trainer.data.images import load_mask, load_pixels
 from trainer.errors import UserError
 from trainer.events import Event, PhaseChanged
-from trainer.preflight import model_source
+from trainer.preflight import model_identity
 from trainer.spec import JobSpec
 
 _PROGRESS_EVERY = 10
@@ -50,7 +50,8 @@ class InputCaches:
 
     def _text_key(self, caption: str) -> str:
         model = self.spec.model
-        return cache_key(kind="text", source=model_source(self.spec), family=model.family, flavour=model.flavour,
+        encoders = [model_identity(self.spec, slot) for slot in ("text_encoder", "text_encoder_2")]
+        return cache_key(kind="text", source=encoders, family=model.family, flavour=model.flavour,
                          precision=model.text_encoder_precision, caption=caption)
 
     def text_is_warm(self, captions: list[str]) -> bool:
@@ -90,7 +91,7 @@ class InputCaches:
     def _latent_key(self, item: TrainItem) -> str:
         model = self.spec.model
         seed = self.spec.train.seed if item.crop == "random" else None
-        return cache_key(kind="latents", image=file_hash(item.image_path), source=model_source(self.spec),
+        return cache_key(kind="latents", image=file_hash(item.image_path), source=model_identity(self.spec, "vae"),
                          family=model.family, flavour=model.flavour, precision=model.base_precision,
                          size=item.size, crop=item.crop, crop_seed=seed, vae_tiling=self.spec.data.vae_tiling)
 
@@ -99,7 +100,8 @@ class InputCaches:
         so the target's path and resolution are part of what the cut depends on."""
         model = self.spec.model
         crop_of = (str(item.image_path), item.resolution, self.spec.train.seed) if item.crop == "random" else None
-        return cache_key(kind="reference", image=file_hash(item.reference_path), source=model_source(self.spec),
+        return cache_key(kind="reference", image=file_hash(item.reference_path),
+                         source=model_identity(self.spec, "vae"),
                          family=model.family, flavour=model.flavour, precision=model.base_precision,
                          size=item.reference_bucket, crop=item.crop, crop_of=crop_of,
                          vae_tiling=self.spec.data.vae_tiling)

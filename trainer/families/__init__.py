@@ -10,17 +10,22 @@ import importlib
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
     from PIL import Image
 
+    from trainer.events import Event
     from trainer.registry import Flavour
+    from trainer.sources import ModelFiles
 
 _MODULES = {"flux2": "trainer.families.flux2", "flux1": "trainer.families.flux1"}
 
 
 class FamilyOps(Protocol):
     def load_pipeline(self, source: str, flavour: Flavour, dtype: torch.dtype, skip: tuple[str, ...] = (),
-                      base_precision: str = "bf16") -> Any: ...
+                      base_precision: str = "bf16", files: ModelFiles | None = None,
+                      emit: Callable[[Event], None] | None = None) -> Any: ...
 
     def encode_prompts(self, pipe: Any, prompts: list[str], flavour: Flavour) -> dict[str, torch.Tensor]: ...
 
