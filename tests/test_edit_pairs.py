@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.test_dataset_run import _run
 from trainer.data.health import check_datasets
 from trainer.data.images import load_pixels
 from trainer.data.pairs import reference_for_sampling, sample_references
@@ -21,7 +22,6 @@ from trainer.data.planning import plan_training_items
 from trainer.errors import UserError
 from trainer.events import LogMessage
 from trainer.families import flux1, flux2
-from trainer.session import Session
 from trainer.spec import SpecError, load_spec, parse_spec, resolve_paths
 
 
@@ -210,17 +210,6 @@ def test_flux1_kontext_predict_with_a_reference_is_the_pipelines_own_transformer
 
 
 # ---------------------------------------------------------------------- training and caching on the demo
-
-
-def _run(spec) -> tuple[Session, list]:  # noqa: ANN001
-    events: list = []
-    session = Session(spec, emit=events.append)
-    try:
-        session.run()
-    except BaseException:
-        session.end()
-        raise
-    return session, events
 
 
 def test_training_on_the_demo_pairs_changes_the_lora_and_samples_from_the_reference(

@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image
 
 from trainer.registry import Flavour
+from trainer.sources.assemble import load_pipeline as assemble_pipeline
 
-if TYPE_CHECKING:
-    from trainer.events import Event
-    from trainer.sources import ModelFiles
-
-
-def load_pipeline(source: str, flavour: Flavour, dtype: torch.dtype, skip: tuple[str, ...] = (),
-                  base_precision: str = "bf16", files: ModelFiles | None = None,
-                  emit: Callable[[Event], None] | None = None) -> Any:
-    """The flavour's pipeline; components named in `skip` are not loaded (left None).
-
-    `source` is a hub id or a diffusers folder; `files` names single files that replace its components (see
-    trainer/sources). `dtype` is the compute dtype; `base_precision` the storage of the frozen transformer
-    (fp8/int8/int4/nf4 are quantised while the weights stream from the files). `emit` gets download progress."""
-    from trainer.sources.assemble import load_pipeline as assemble
-
-    return assemble(source, flavour, dtype, skip, base_precision, files, emit)
+# Both families load through one assembler (hub, folder or single files; quantised bases streamed): see
+# trainer/sources/assemble.py for `load_pipeline(source, flavour, dtype, skip, base_precision, files, emit)`.
+load_pipeline = assemble_pipeline
 
 
 def _max_sequence_length(flavour: Flavour) -> int:
