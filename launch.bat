@@ -1,6 +1,6 @@
 @echo off
 rem Flux LoRA Studio launcher (Windows). Double-click it to start the app, or from a terminal:
-rem   launch.bat [app flags]      start the app (flags go to app.py: --port, --listen, --share, --auth)
+rem   launch.bat [app flags]      start the app (flags go to app.py: --port, --listen, --share, --auth, --allow)
 rem   launch.bat --test [args]    run the tests (extra args go to pytest)
 rem
 rem First run: creates .venv beside this file and installs requirements.txt (+ requirements-test.txt).

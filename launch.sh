@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Flux LoRA Studio launcher (Linux, macOS).
 #
-#   ./launch.sh [app flags]      start the app (flags go to app.py: --port, --listen, --share, --auth)
+#   ./launch.sh [app flags]      start the app (flags go to app.py: --port, --listen, --share, --auth, --allow)
 #   ./launch.sh --test [args]    run the tests (extra args go to pytest)
 #
 # First run: creates .venv beside this script and installs requirements.txt (+ requirements-test.txt).

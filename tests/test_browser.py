@@ -1,5 +1,6 @@
 """A real browser (Debian's chromium, driven by playwright) does what a new user does: open the app, pick a hardware
-profile and a preset, Start, watch the progress move and a sample image appear, Stop. Screenshots of each stage go
+profile and a preset, Start, watch the progress move and a sample image appear, Stop; then reload to find the form
+as it was left, and once more after the remembered form was spoiled, to find a notice. Screenshots of each stage go
 to a folder under the test's tmp dir (its path is printed).
 
 Playwright's own browser builds are never downloaded: the test drives /usr/bin/chromium (`apt-get install
@@ -58,12 +59,13 @@ def test_a_new_user_trains_the_demo_in_chromium(tmp_path):
 
     process, url, log = _launch(tmp_path)
     try:
-        _wait_until_up(url, process, timeout=120)
         with sync_playwright() as playwright:
+            # chromium starts while the app does
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.set_default_timeout(WAIT_MS)
+                _wait_until_up(url, process, timeout=120)
                 page.goto(url)
                 expect(page.get_by_role("tab", name="Model")).to_be_visible()
                 shot(page, "01-opened")
@@ -101,11 +103,35 @@ def test_a_new_user_trains_the_demo_in_chromium(tmp_path):
                 page.get_by_role("button", name="Stop", exact=True).click()
                 expect(status).to_have_value(re.compile(r"^stopped: LoRA saved to "))
                 shot(page, "05-stopped")
+
+                # The form survives a reload (as a restart): Start saved it, an edit is saved a second later.
+                page.get_by_role("tab", name="Training").click()
+                page.get_by_label("Rank", exact=True).fill("8")
+                page.get_by_label("Rank", exact=True).press("Tab")
+                remembered = tmp_path / ".studio" / "last_form.toml"
+                deadline = time.monotonic() + 10  # the remembered form is written after a quiet second
+                while "rank = 8" not in remembered.read_text(encoding="utf-8") and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                page.reload()
+                page.get_by_role("tab", name="Training").click()
+                expect(page.get_by_label("Rank", exact=True)).to_have_value("8")
+                expect(steps).to_have_value("400")
+                shot(page, "06-form-restored")
+
+                # A saved form that no longer reads is set aside with a notice; the demo job shows.
+                remembered.write_text("[lora\n", encoding="utf-8")
+                page.reload()
+                expect(page.locator("#job-notice")).to_contain_text("could not be restored")
+                page.get_by_role("tab", name="Training").click()
+                expect(steps).to_have_value("60")
+                shot(page, "07-broken-form-notice")
             finally:
                 browser.close()
     finally:
         _shut_down(process, log)
     assert (tmp_path / "output" / "demo_lora" / "demo_lora.safetensors").is_file()
-    assert sorted(path.name for path in shots.iterdir()) == ["01-opened.png", "02-profile-and-preset.png",
-                                                            "03-training.png", "04-sample.png", "05-stopped.png"]
+    assert sorted(path.name for path in shots.iterdir()) == [
+        "01-opened.png", "02-profile-and-preset.png", "03-training.png", "04-sample.png", "05-stopped.png",
+        "06-form-restored.png", "07-broken-form-notice.png"]
+    assert (tmp_path / ".studio" / "last_form.toml.broken").read_text(encoding="utf-8") == "[lora\n"
     print(f"browser test: {', '.join(stages)}; {time.monotonic() - started:.0f} s in all")
