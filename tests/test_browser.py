@@ -19,7 +19,7 @@ from test_app import _launch, _shut_down, _wait_until_up
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--disable-dev-shm-usage"]
-WAIT_MS = 60_000  # for the demo to be built and reach its first sample on a slow, busy machine
+WAIT_MS = 120_000  # for the demo to be built and reach its first sample on a slow, busy machine (load 9: 70 s)
 
 # The loss plot draws its lines (vega's line marks get a colour; a plot that once showed an empty frame did not).
 LOSS_DRAWN = """() => Array.from(document.querySelectorAll('#run-loss [aria-roledescription="line mark"]'))
@@ -36,6 +36,19 @@ def choose(page, label: str, option: str | re.Pattern) -> None:  # noqa: ANN001 
     """Open a gradio dropdown by its label and click one of its options."""
     page.get_by_role("combobox", name=label).click()
     page.get_by_role("option", name=option).click()
+
+
+def wait_until(page, what: str, script: str, shots: Path) -> None:  # noqa: ANN001
+    """Wait for a JS condition; on a timeout, fail naming `what` with the status line and a screenshot."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(script)
+    except PlaywrightTimeout:
+        page.screenshot(path=shots / "failed.png", full_page=True)
+        status = page.get_by_label("Status", exact=True).input_value()
+        raise AssertionError(f"timed out waiting until {what}; status {status!r}, progress "
+                             f"{page.locator('#run-progress').inner_text()!r} (see {shots / 'failed.png'})") from None
 
 
 def step_shown(page) -> int:  # noqa: ANN001
@@ -84,20 +97,20 @@ def test_a_new_user_trains_the_demo_in_chromium(tmp_path):
                 page.get_by_role("button", name="Start", exact=True).click()
                 status = page.get_by_label("Status", exact=True)
                 expect(status).to_have_value(re.compile(r"^(started|starting|running)"))
-                page.wait_for_function("() => /step [1-9]\\d*\\//.test("
-                                       "document.querySelector('#run-progress')?.innerText || '')")
+                wait_until(page, "a first step is shown", "() => /step [1-9]\\d*\\//.test("
+                           "document.querySelector('#run-progress')?.innerText || '')", shots)
                 first = step_shown(page)
-                page.wait_for_function(f"() => {{ const m = /step (\\d+)\\//.exec("
-                                       f"document.querySelector('#run-progress')?.innerText || '');"
-                                       f" return m && Number(m[1]) > {first}; }}")
+                wait_until(page, f"a step after {first} is shown", f"() => {{ const m = /step (\\d+)\\//.exec("
+                           f"document.querySelector('#run-progress')?.innerText || ''); return m && Number(m[1]) > "
+                           f"{first}; }}", shots)
                 assert step_shown(page) > first  # the bar and the line move while it trains
-                page.wait_for_function(LOSS_DRAWN)
+                wait_until(page, "the loss plot draws its lines", LOSS_DRAWN, shots)
                 shot(page, "03-training")
 
                 sample = page.locator("#run-samples img").first
                 expect(sample).to_be_visible()
-                page.wait_for_function("() => { const img = document.querySelector('#run-samples img');"
-                                       " return img && img.complete && img.naturalWidth > 0; }")
+                wait_until(page, "a sample image has loaded", "() => Array.from(document.querySelectorAll("
+                           "'#run-samples img')).some(img => img.complete && img.naturalWidth > 0)", shots)
                 shot(page, "04-sample")
 
                 page.get_by_role("button", name="Stop", exact=True).click()

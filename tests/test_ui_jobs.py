@@ -64,8 +64,8 @@ def test_start_and_save_remember_the_form_at_once_and_a_restart_restores_it(tmp_
     values = dict(studio.default_values(), **{"lora.rank": 7})
     assert studio.start(values).ok
     restarted = Studio(FakeRunner(), tmp_path)  # the app started again on the same workdir
-    restored, hidden, notice = restarted.restore()
-    assert restored == values and notice == "" and hidden["lora"]["rank"] == 7
+    restored, hidden, notice, filled = restarted.restore()
+    assert restored == values and notice == "" and hidden["lora"]["rank"] == 7 and filled is None
 
     studio.save_job(dict(values, **{"lora.rank": 9}))
     assert Studio(FakeRunner(), tmp_path).restore()[0]["lora.rank"] == 9
@@ -88,10 +88,23 @@ def test_a_broken_saved_form_is_set_aside_with_a_notice(tmp_path):
     for broken, why in [("[lora\nrank = ", "not valid TOML"), ("[lora]\nrank = 0\n", "lora.rank"),
                         ("spec_version = 99\n", "spec_version")]:
         path.write_text(broken, encoding="utf-8")
-        values, hidden, notice = Studio(FakeRunner(), tmp_path).restore()
+        values, hidden, notice, _ = Studio(FakeRunner(), tmp_path).restore()
         assert values is None and hidden is None
         assert notice.startswith("The form saved when the app last ran could not be restored (last_form.toml: ")
         assert why in notice and f"it was moved to {path}{BROKEN_SUFFIX}" in notice
         assert "The demo job is shown instead." in notice
         assert not path.exists() and Path(f"{path}{BROKEN_SUFFIX}").read_text(encoding="utf-8") == broken
-        assert Studio(FakeRunner(), tmp_path).restore() == (None, None, "")  # the next page load starts clean
+        assert Studio(FakeRunner(), tmp_path).restore() == (None, None, "", None)  # the next load starts clean
+
+
+def test_the_last_fill_is_kept_so_presets_still_tell_edits_after_a_restart(tmp_path):
+    studio = Studio(FakeRunner(), tmp_path)
+    studio.last_form.delay = 0.0
+    values = studio.default_values()
+    filled = dict(values, **{"train.learning_rate": 1e-4})  # what a preset filled in
+    studio.remember(dict(filled, **{"lora.rank": 64}), filled=filled)  # then the user typed a rank
+    studio.last_form.flush()
+    restored, _, _, kept = Studio(FakeRunner(), tmp_path).restore()
+    assert restored["lora.rank"] == 64 and kept == filled
+    studio.last_form.filled_path.write_text("[not json", encoding="utf-8")
+    assert Studio(FakeRunner(), tmp_path).restore()[3] is None  # the defaults stand in

@@ -59,8 +59,10 @@ def build(studio: Studio) -> Callable[..., None]:
         form_kwargs = {**{form.api_name(key): fields[key] for key in form.FORM_KEYS}, "base": base}
         filled = [*fields.values(), base, baseline, notice]
 
-        def fill(values: dict[str, Any] | None, hidden: dict[str, Any] | None, outcome: Outcome) -> dict[Any, Any]:
-            """Every tab shows the job; what it sets counts as the user's own edits (a preset keeps them)."""
+        def fill(values: dict[str, Any] | None, hidden: dict[str, Any] | None, outcome: Outcome,
+                 filled: dict[str, Any] | None = None) -> dict[Any, Any]:
+            """Every tab shows the job; what differs from `filled` (default: the app's defaults, so all a loaded
+            job sets) counts as the user's own edits, which a preset keeps."""
             updates: dict[Any, Any] = {notice: outcome_markdown(outcome)}
             if values is None:
                 for problem in outcome.problems[:3]:
@@ -68,7 +70,7 @@ def build(studio: Studio) -> Callable[..., None]:
                 return updates
             for note in outcome.notes:
                 gr.Warning(note)
-            return {**updates, **form_updates(fields, values), base: hidden, baseline: defaults}
+            return {**updates, **form_updates(fields, values), base: hidden, baseline: filled or defaults}
 
         def save_job(values: dict[str, Any]) -> tuple[Any, str, Any]:
             """Write the form's job as TOML to job_path (empty: .studio/jobs/<LoRA name>.toml) and offer it for
@@ -102,21 +104,23 @@ def build(studio: Studio) -> Callable[..., None]:
         def restore() -> dict[Any, Any]:
             """The form as it was when the app last ran; a file that cannot be read leaves the demo job and says
             why."""
-            values, hidden, text = studio.restore()
+            values, hidden, text, filled = studio.restore()
             if values is None:
                 if text:
                     gr.Warning(text)
                 return {notice: f"**{text}**" if text else ""}
-            return fill(values, hidden, Outcome(f"The form is as it was left (kept in {studio.last_form.path})."))
+            return fill(values, hidden, Outcome(f"The form is as it was left (kept in {studio.last_form.path})."),
+                        filled)
 
         app.load(restore, None, filled, api_visibility="private", show_progress="hidden")
 
         def remember(values: dict[str, Any]) -> None:
-            studio.remember(values, values.pop("base", None))
+            studio.remember(values, values.pop("base", None), values.pop("baseline", None))
 
         # always_last: a loaded job or a preset changes every control at once; only the final form matters.
-        gr.on([component.change for component in fields.values()], form.keyword_handler(remember, extra=("base",)),
-              inputs_kwargs=form_kwargs, outputs=None, api_visibility="private", show_progress="hidden",
-              trigger_mode="always_last")
+        gr.on([component.change for component in fields.values()],
+              form.keyword_handler(remember, extra=("base", "baseline")),
+              inputs_kwargs={**form_kwargs, "baseline": baseline}, outputs=None, api_visibility="private",
+              show_progress="hidden", trigger_mode="always_last")
 
     return connect

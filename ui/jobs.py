@@ -8,15 +8,18 @@ then sees the demo job and knows why.
 
 from __future__ import annotations
 
+import json
 import threading
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from trainer.files import write_text_atomic
 from trainer.spec import JobSpec, SpecError, parse_spec, resolve_paths, spec_to_toml
 
 LAST_FORM = "last_form.toml"
+FILLED_SUFFIX = ".filled.json"  # beside it: what the last preset or loaded job filled in (see ui/presets.py)
 BROKEN_SUFFIX = ".broken"
 DEBOUNCE_SECONDS = 1.0  # after the last change; a preset or a loaded job fires one change per control
 
@@ -63,6 +66,7 @@ class Restored:
 
     spec: JobSpec | None
     notice: str = ""
+    filled: dict[str, Any] | None = None  # the form's last fill, when it was kept
 
 
 class LastForm:
@@ -74,13 +78,21 @@ class LastForm:
         self.delay = delay
         self._lock = threading.Lock()
         self._pending: JobSpec | None = None
+        self._filled: dict[str, Any] | None = None
         self._timer: threading.Timer | None = None
         self._written = ""  # the text on disk, so an unchanged form is not written again
 
-    def remember(self, spec: JobSpec) -> None:
-        """Write `spec` once the form has been quiet for `delay` seconds (each call restarts the wait)."""
+    @property
+    def filled_path(self) -> Path:
+        return self.path.with_name(self.path.name.removesuffix(".toml") + FILLED_SUFFIX)
+
+    def remember(self, spec: JobSpec, filled: dict[str, Any] | None = None) -> None:
+        """Write `spec` once the form has been quiet for `delay` seconds (each call restarts the wait). `filled`:
+        the form's last fill, kept beside it so that after a restart a preset still tells the user's own edits
+        from what an earlier preset filled in."""
         with self._lock:
             self._pending = spec
+            self._filled = filled if filled is not None else self._filled
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = threading.Timer(self.delay, self.flush)
@@ -100,16 +112,27 @@ class LastForm:
                 self._timer.cancel()
                 self._timer = None
             spec, self._pending = self._pending, None
+            filled, self._filled = self._filled, None
             if spec is None:
                 return
             text = spec_to_toml(spec)
-            if text == self._written and self.path.is_file():
-                return
             try:
+                if filled is not None:
+                    write_text_atomic(self.filled_path, json.dumps(filled))
+                if text == self._written and self.path.is_file():
+                    return
                 write_text_atomic(self.path, text)
-            except OSError:
+            except (OSError, TypeError, ValueError):
                 return  # a read-only workdir: the form is simply not remembered; nothing the user must fix now
             self._written = text
+
+    def _read_filled(self) -> dict[str, Any] | None:
+        """The kept fill; None when there is none or it cannot be read (the app's defaults then stand in)."""
+        try:
+            filled = json.loads(self.filled_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return filled if isinstance(filled, dict) else None
 
     def restore(self, workdir: Path) -> Restored:
         """The remembered job; a file that cannot be read as one is moved to `last_form.toml.broken` and named in
@@ -118,7 +141,7 @@ class LastForm:
             return Restored(None)
         spec, problems = read_job(self.path, workdir)
         if spec is not None:
-            return Restored(spec)
+            return Restored(spec, filled=self._read_filled())
         aside = self.path.with_name(self.path.name + BROKEN_SUFFIX)
         try:
             self.path.replace(aside)

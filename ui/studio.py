@@ -19,12 +19,10 @@ from ui import caption_editor, form
 from ui.captioning import CaptionJob, make_request
 from ui.dataset_check import DatasetCheck, check_form
 from ui.jobs import LAST_FORM, LastForm, Outcome, default_job_path, read_job, write_job
-from ui.model_info import flavour_summary, target_counts
+from ui.model_info import flavour_summary, target_counts  # noqa: F401 - the tabs' and tests' old import path
 from ui.paths import Folders, PathRefused, spec_paths
 from ui.resume import find_interrupted_run, latest_state_step
 from ui.run_state import RunView
-
-__all__ = ["Outcome", "Studio", "flavour_summary", "target_counts"]
 
 ALREADY_RUNNING = "a run is already in progress; stop it or wait for it to finish"
 SESSION_PAUSED = ("a session is paused at step {step}; End training before starting a new run (or Train N steps "
@@ -305,20 +303,23 @@ class Studio:
                          "kept as loaded")
         return form.spec_to_values(spec), form.hidden_fields(spec), Outcome(f"loaded {name}", notes=notes)
 
-    def remember(self, values: dict[str, Any], base: dict[str, Any] | None = None) -> None:
-        """Keep the form for the next page load (debounced); a form with problems leaves the last good one."""
+    def remember(self, values: dict[str, Any], base: dict[str, Any] | None = None,
+                 filled: dict[str, Any] | None = None) -> None:
+        """Keep the form (and its last fill, see ui/presets.py) for the next page load, debounced; a form with
+        problems leaves the last good one."""
         try:
-            self.last_form.remember(self.resolve(values, base))
+            self.last_form.remember(self.resolve(values, base), filled)
         except SpecError:
             pass
 
-    def restore(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str]:
-        """(form values, hidden fields, notice) of the remembered form; (None, None, notice) when there is none
-        or it could not be read (the notice then says why and where the file went)."""
+    def restore(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str, dict[str, Any] | None]:
+        """(form values, hidden fields, notice, the form's last fill or None) of the remembered form; values and
+        hidden fields are None when there is none or it could not be read (the notice then says why)."""
         restored = self.last_form.restore(self.workdir)
         if restored.spec is None:
-            return None, None, restored.notice
-        return form.spec_to_values(restored.spec), form.hidden_fields(restored.spec), restored.notice
+            return None, None, restored.notice, None
+        return (form.spec_to_values(restored.spec), form.hidden_fields(restored.spec), restored.notice,
+                restored.filled)
 
     # ------------------------------------------------------------------ dataset: check, captions
 
