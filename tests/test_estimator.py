@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -64,6 +65,31 @@ def test_every_flavour_estimates_fast_and_complete(family: str, flavour: str) ->
     # the breakdown is the training step on the GPU, the RAM breakdown that step's system RAM
     assert sum(result.breakdown.values()) == pytest.approx(_step(result), rel=1e-9)
     assert sum(result.ram_breakdown.values()) == pytest.approx(result.phases["training step"].ram_gib, rel=1e-9)
+    # every phase that runs is itemised, exactly: its parts add up to its VRAM (the tab stacks them as they are)
+    for name, phase in data["phases"].items():
+        if phase["vram_gib"] > 0:
+            assert sum(phase["parts"].values()) == pytest.approx(phase["vram_gib"], abs=1e-3), name
+            assert all(v > 0 for v in phase["parts"].values()) and phase["parts"]["cuda context"] == 0.5
+        assert sum(result.phases[name].parts.values()) == pytest.approx(result.phases[name].vram_gib, rel=1e-12)
+    assert data["phases"]["training step"]["parts"] == {k: v for k, v in data["breakdown"].items() if v > 0}
+    assert data["distributed"] == {"mode": "single", "gpus": 1, "reason": "one process"}
+
+
+def test_phase_parts_name_what_each_phase_holds() -> None:
+    spec = _spec("flux2", "klein-base-9b", lowvram={"strategy": "conservative"}, sample={"prompts": ["a cat"]})
+    phases = estimator.estimate(spec, 24.0).to_json()["phases"]
+    assert list(phases["loading"]["parts"]) == ["cuda context"]  # the pipeline waits in RAM
+    text = phases["caching text embeddings"]["parts"]
+    assert list(text) == ["text encoder weights (Qwen3-8B, bf16, offload)", "text encoder working memory",
+                          "cuda context", "allocator overhead"]
+    assert list(phases["caching latents"]["parts"])[:2] == ["vae", "vae working memory (one image)"]
+    # sampling: the training step's weights, the VAE back, the LoRA and optimiser still there, one forward's work
+    sampling = phases["validation sampling"]["parts"]
+    assert sampling["base weights on GPU (bf16)"] == phases["training step"]["parts"]["base weights on GPU (bf16)"]
+    assert {"vae", "lora weights (fp32)", "optimizer state (adamw)",
+            "sampling working memory (denoiser, then VAE decode)"} <= sampling.keys()
+    quiet = estimator.estimate(_spec("flux2", "klein-base-9b", sample={"prompts": []}), 24.0).to_json()["phases"]
+    assert quiet["validation sampling"] == {"vram_gib": 0.0, "ram_gib": 0.0, "parts": {}}
 
 
 def test_transformer_sizes_match_the_known_models() -> None:
@@ -280,6 +306,111 @@ def test_lokr_counts_match_peft_on_the_demo() -> None:
         count = sum(p.numel() for n, p in model.named_parameters() if "lokr_" in n)
         model.unload()
         assert estimator.lora_param_counts(info, "all", rank, "lokr") == (len(names), count)
+
+
+# ------------------------------------------------------------------------------ several GPUs
+
+
+def _layout_gib(family: str, flavour: str) -> float:
+    return estimator.weight_layout(registry.get_flavour(family, flavour), "bf16").total / estimator.GIB
+
+
+@pytest.mark.parametrize("flavour", ["dev", "klein-base-9b"])
+def test_fsdp_splits_the_base_over_the_gpus_and_ddp_copies_it(flavour: str) -> None:
+    base = _layout_gib("flux2", flavour)
+    spec = _spec("flux2", flavour, lowvram={"strategy": "extreme"})
+    single = estimator.estimate(spec, 24.0)
+    fsdp = {n: estimator.estimate(spec, 24.0, n, mode="fsdp") for n in (1, 2, 4, 8)}
+    ddp = {n: estimator.estimate(spec, 24.0, n, mode="ddp") for n in (2, 4, 8)}
+    # fsdp: only the 1/N share of the base changes with N; the gathered blocks, the LoRA, the optimiser and the
+    # activations of each GPU's own micro-batch stay
+    for n in (1, 2, 4):
+        assert _step(fsdp[n]) - _step(fsdp[2 * n]) == pytest.approx(base / n - base / (2 * n), rel=1e-9)
+    assert _step(fsdp[8]) < _step(fsdp[4]) < _step(fsdp[2]) < _step(fsdp[1])
+    fixed = _step(fsdp[8]) - base / 8  # per GPU besides the share: gathered weights, LoRA, activations, context
+    assert 0 < fixed < base / 2
+    assert _item(fsdp[4], "base weights on GPU") == pytest.approx(base / 4)
+    assert _item(fsdp[4], "gathered weights") > 0 and _item(fsdp[4], "swap ring") == 0
+    # no block swap under FSDP (the extreme bundle swaps them all on one GPU): nothing of the base left in RAM
+    assert "blocks swapped" not in fsdp[4].plan and _item(fsdp[4], "swapped base weights", ram=True) == 0
+    # ddp: every GPU holds what one GPU holds, whatever N; each process loads the whole pipeline, so N times the RAM
+    for n, result in ddp.items():
+        assert result.phases == {name: replace(p, ram_gib=p.ram_gib * n) for name, p in single.phases.items()}
+        assert result.to_json()["distributed"] == {"mode": "ddp", "gpus": n, "reason": "given"}
+    assert fsdp[4].phases["loading"].ram_gib == pytest.approx(4 * single.phases["loading"].ram_gib)
+
+
+def test_flux2_dev_fits_four_24_gb_gpus_under_fsdp_and_not_one_without_swap() -> None:
+    spec = _spec("flux2", "dev", lowvram={"strategy": "extreme"}, train={"distributed": "fsdp"})
+    four = estimator.estimate(spec, 24.0, 4)
+    assert four.mode == "fsdp" and four.verdict in ("fits", "tight"), (four.vram_gib, four.breakdown)
+    one = estimator.estimate(spec, 24.0, plan=bundle_plan(spec, "extreme", blocks_to_swap=0))
+    assert one.mode == "single" and one.verdict == "will not fit" and one.vram_gib > 60
+    # on auto the trainer splits it too; two GPUs are not enough (30 GiB each): ddp streams blocks from RAM instead
+    auto = _spec("flux2", "dev", lowvram={"strategy": "extreme"})
+    assert estimator.estimate(auto, 24.0, 4).mode == "fsdp"
+    two = estimator.estimate(auto, 24.0, 2)
+    assert two.mode == "ddp" and "even split 2 ways" in two.to_json()["distributed"]["reason"]
+    assert two.verdict in ("fits", "tight") and _item(two, "swap ring") > 0
+
+
+def test_the_mode_is_the_one_the_trainer_picks() -> None:
+    from trainer import distributed
+
+    assert distributed.choose_mode is estimator.choose_mode  # one decision, shared
+    for flavour in ("dev", "klein-base-9b", "klein-base-4b"):
+        for setting in ("auto", "ddp", "fsdp"):
+            for precision in ("bf16", "fp8"):
+                spec = _spec("flux2", flavour, lowvram={"strategy": "auto"}, train={"distributed": setting},
+                             model={"base_precision": precision})
+                for gpus in (1, 2, 4, 8):
+                    for vram in (12.0, 16.0, 24.0, 80.0):
+                        result = estimator.estimate(spec, vram, gpus, _suggest=False)
+                        mode, why = distributed.choose_mode(spec, gpus, vram)
+                        assert result.to_json()["distributed"] == {"mode": mode, "gpus": gpus, "reason": why}
+    # and the plan the run adjusts for the mode is the estimator's
+    spec = _spec("flux2", "dev", lowvram={"strategy": "extreme"})
+    plan = resolve_lowvram(spec, 24.0)
+    run = distributed.Distributed(world_size=4, mode="fsdp").adjust_plan(plan)
+    assert run.blocks_to_swap == 0 and run.describe() in estimator.estimate(spec, 24.0, 4, mode="fsdp").notes[1]
+
+
+def test_what_fsdp_refuses_is_noted_and_suggestions_keep_to_what_runs() -> None:
+    quantised = _spec("flux2", "dev", model={"base_precision": "nf4"}, train={"distributed": "fsdp"})
+    assert any(n.startswith("the run refuses this: train.distributed: fsdp shards")
+               for n in estimator.estimate(quantised, 24.0, 4).notes)
+    # a job that asks for ddp and cannot fit one GPU's share: splitting the base is the cheapest change
+    spec = _spec("flux2", "klein-base-9b", lowvram={"strategy": "conservative"}, train={"distributed": "ddp"})
+    result = estimator.estimate(spec, 16.0, 4)
+    assert result.verdict == "will not fit" and result.suggestion == 'train.distributed = "fsdp"'
+    assert estimator.estimate(_apply_suggestion(spec, result.suggestion), 16.0, 4).verdict == "fits"
+    # a job that asks for fsdp and cannot fit: block swap (or a quantised base) only with ddp, said so
+    spec = _spec("flux2", "dev", lowvram={"strategy": "conservative"}, train={"distributed": "fsdp"})
+    suggestion = estimator.estimate(spec, 24.0, 4).suggestion
+    assert suggestion.startswith('train.distributed = "ddp"; lowvram.blocks_to_swap ≥ '), suggestion
+    assert estimator.estimate(_apply_suggestion(spec, suggestion), 24.0, 4).verdict == "fits"
+    for gpu in (8.0, 16.0):
+        suggestion = estimator.estimate(spec, gpu, 4).suggestion
+        keys = [part.split(" ")[0] for part in suggestion.split("; ")]
+        assert len(keys) == len(set(keys)) and "train.distributed" in keys, suggestion
+        assert estimator.estimate(_apply_suggestion(spec, suggestion), gpu, 4).verdict == "fits", suggestion
+
+
+def test_estimate_command_reports_the_mode_per_gpu(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('[model]\nfamily = "flux2"\nflavour = "dev"\n\n[data]\nresolution = 1024\n'
+                   '[[data.datasets]]\npath = "images"\n\n[lowvram]\nstrategy = "extreme"\n')
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "trainer", "estimate", str(job), "--gpu-vram", "24", *args],
+                              capture_output=True, text=True, env=python_env(), cwd=ROOT, timeout=120)
+
+    data = json.loads(run("--gpus", "4", "--json").stdout)
+    assert data["distributed"]["mode"] == "fsdp" and data["distributed"]["gpus"] == 4
+    assert data["verdict"] in ("fits", "tight")
+    text = run("--gpus", "4")
+    assert text.returncode == 0 and "4 GPUs, fsdp (auto: " in text.stdout and "VRAM per GPU" in text.stdout
+    assert run("--gpus", "0").returncode != 0
 
 
 # ------------------------------------------------------------------------------ the demo, measured on the CPU

@@ -209,11 +209,16 @@ def test_estimator_report_agrees_with_the_estimator():
     for phase in PHASES:
         parts = [gib for name, _, gib in report.phase_rows if name == phase]
         assert sum(parts) == pytest.approx(expected["phases"][phase]["vram_gib"], abs=0.02), phase
-    # the training step is itemised by the breakdown (which adds up to it); the others show the CUDA context
+    # every phase is itemised by the estimate's own parts, which add up to it exactly: no "rest" part anywhere;
+    # the training step's are its breakdown
+    for phase in PHASES:
+        bars = [(part, gib) for name, part, gib in report.phase_rows if name == phase]
+        parts = [(label.split(" (")[0], gib) for label, gib in expected["phases"][phase]["parts"].items()]
+        assert bars == (parts or [("not run", 0.0)]), phase
     training = [(part, gib) for phase, part, gib in report.phase_rows if phase == "training step"]
     assert training == [(label.split(" (")[0], gib) for label, gib in expected["breakdown"].items() if gib > 0]
     latents = [part for phase, part, _ in report.phase_rows if phase == "caching latents"]
-    assert latents == [memory.CONTEXT_PART, memory.REST_PART]
+    assert latents[:2] == ["vae", "vae working memory"] and memory.CONTEXT_PART in latents
     assert report.breakdown_rows == [[label, round(gib, 3)] for label, gib in expected["breakdown"].items()]
     assert "| training step |" in report.details and expected["notes"][0] in report.details
 

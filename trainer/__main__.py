@@ -135,6 +135,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from trainer.estimator import estimate
 
     gpu_vram, gpu = args.gpu_vram, None
+    if args.gpus < 1:
+        raise UserError(f"--gpus: {args.gpus} is not a number of GPUs (1 or more)")
     if args.gpu is not None:
         if args.gpu_vram is not None:
             raise UserError("--gpu and --gpu-vram both give the GPU's memory; use one")
@@ -149,6 +151,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         return 0
     if gpu is not None:
         print(f"GPU: {gpu}" + (f", {gpu_vram:g} GiB usable" if gpu_vram else ""))
+    shared = result["distributed"]
+    if shared["gpus"] > 1:
+        # the mode the trainer would pick (train.distributed; auto as trainer/estimator_sharding.py decides)
+        print(f"{shared['gpus']} GPUs, {shared['mode']} ({shared['reason']}): VRAM per GPU, RAM for all "
+              f"{shared['gpus']} processes")
     print(f"{'phase':28}{'VRAM GiB':>10}{'RAM GiB':>10}")
     for phase, memory in result["phases"].items():
         print(f"{phase:28}{memory['vram_gib']:10.2f}{memory['ram_gib']:10.2f}")
@@ -193,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--gpu", metavar="PROFILE",
                           help="a hardware profile (e.g. rtx-3060ti-8gb; see hardware_profiles/), 'detect', or a "
                                "number of GiB: its usable memory is judged against")
-    estimate.add_argument("--gpus", type=int, default=1)
+    estimate.add_argument("--gpus", type=int, default=1,
+                          help="GPUs of this size, one process each: VRAM per GPU under train.distributed (auto: "
+                               "ddp, or fsdp when the base needs splitting), RAM for all of them")
     estimate.add_argument("--json", action="store_true", help="one JSON object")
     estimate.add_argument("--debug", action="store_true", help="show tracebacks")
     estimate.set_defaults(func=cmd_estimate)

@@ -36,7 +36,9 @@ The session asks this module a few things and otherwise runs as it does alone:
   under `ranks`, every rank's own global and TREAD RNG (dropout and TREAD draw per rank); the shared generator
   and the batch order are the same on every rank and saved once.
 
-Torch is imported inside the functions: `choose_mode` and the launch helpers serve the torch-free app.
+The mode itself is decided by `choose_mode` in trainer/estimator_sharding.py, which the memory estimator uses too
+(so an estimate for N GPUs assumes the mode the run picks). Torch is imported inside the functions: `choose_mode`
+and the launch helpers serve the torch-free app.
 """
 
 from __future__ import annotations
@@ -45,10 +47,11 @@ import contextlib
 import datetime
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from trainer.estimator_sharding import choose_mode, plan_under  # torch-free: shared with the memory estimator
 from trainer.spec import QUANTISED_PRECISIONS, JobSpec
 
 if TYPE_CHECKING:
@@ -73,42 +76,6 @@ T = TypeVar("T")
 def launched_world_size() -> int:
     """The number of processes the launcher started (1 when run directly)."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def choose_mode(spec: JobSpec, world_size: int, gpu_vram_gib: float | None) -> tuple[str, str]:
-    """(mode, why) for `world_size` processes: "single", "ddp" or "fsdp". Torch-free.
-
-    auto: fsdp when the memory estimator says one GPU of `gpu_vram_gib` (the job's lowvram.vram_gib wins) cannot
-    hold the training step even with every low-VRAM technique but block swap on, yet can with the base split
-    over the GPUs (its 1/N share plus two whole blocks being gathered). Streaming a full base from system RAM
-    in every process costs N copies in RAM and N streams through the host; splitting it costs only the
-    gathers. Otherwise ddp: the fastest, as nothing is gathered per block (with block swap if the plan says so).
-    """
-    if world_size <= 1:
-        return "single", "one process"
-    setting = spec.train.distributed
-    if setting != "auto":
-        return setting, "chosen in the job"
-    vram = spec.lowvram.vram_gib or gpu_vram_gib
-    if vram is None:
-        return "ddp", "auto: no GPU memory size to judge against"
-    if spec.model.base_precision in QUANTISED_PRECISIONS:
-        return "ddp", f"auto: a {spec.model.base_precision} base is replicated (FSDP shards 16/32-bit bases only)"
-    from trainer import registry
-    from trainer.estimator import GIB, estimate, verdict, weight_layout
-    from trainer.memory.strategies import bundle_plan
-
-    whole = estimate(spec, vram, plan=bundle_plan(spec, "extreme", blocks_to_swap=0))
-    if whole.verdict != "will not fit":
-        return "ddp", f"auto: the base fits one GPU ({whole.vram_gib:.1f} of {vram:g} GiB without block swap)"
-    layout = weight_layout(registry.get_flavour(spec.model.family, spec.model.flavour), spec.model.base_precision)
-    base = sum(layout.blocks) + layout.other
-    sharded = whole.vram_gib + (base / world_size + 2 * max(layout.blocks) - base) / GIB
-    if verdict(sharded, vram) == "will not fit":
-        return "ddp", (f"auto: the base does not fit one GPU ({vram:g} GiB) even split {world_size} ways "
-                       f"({sharded:.1f} GiB): every process streams blocks from RAM (block swap)")
-    return "fsdp", (f"auto: one GPU ({vram:g} GiB) cannot hold the base ({whole.vram_gib:.1f} GiB without block "
-                    f"swap); split {world_size} ways it needs about {sharded:.1f} GiB")
 
 
 def mode_problems(spec: JobSpec, mode: str) -> list[str]:
@@ -178,10 +145,9 @@ class Distributed:
     # ------------------------------------------------------------------ setup
 
     def adjust_plan(self, plan: LowVramPlan) -> LowVramPlan:
-        """The low-VRAM plan under this mode: FSDP turns block swap off (the spec refuses an explicit one)."""
-        if not self.sharded or not plan.blocks_to_swap:
-            return plan
-        return replace(plan, blocks_to_swap=0, reason=f"{plan.reason}; no block swap under FSDP".lstrip("; "))
+        """The low-VRAM plan under this mode: FSDP turns block swap off (mode_problems refuses an explicit one).
+        The estimator assumes the same plan (trainer/estimator_sharding.py)."""
+        return plan_under(self.mode, plan)
 
     def rank_seed(self, seed: int) -> int:
         """The seed of a per-rank stream: rank 0 keeps the single-process seed."""

@@ -4,11 +4,13 @@ Each candidate change has a rough cost, in per cent of training speed or an equi
 first that fits in cost order is the cheapest (figures from shared/TECHNIQUES.md, to be replaced by
 measurements): a fp32 base to bf16 0 (faster, LoRA quality unchanged); text encoder streamed 1 and on the CPU 3
 (the one-time caching is slower); fused backward 1 (no slowdown; clipping becomes per parameter); text embeddings
-from a disk cache 5 (a first run still caches them); checkpointing 25; checkpoint inputs offloaded 10; block
-swap 12 (pinned, overlapped with compute); optimiser on the CPU 20; the strategies 25, 45 and 80 (the sum of
-their parts); a quantised base 30 (fp8) or 60 (nf4); a smaller batch 50 and a lower resolution 70 (they change
-what is learned). With no single change enough, the changes accumulate in cost order until the job fits, and
-each is then relaxed to its mildest value that still fits (e.g. the fewest swapped blocks).
+from a disk cache 5 (a first run still caches them); on several GPUs, the base split over them (fsdp) 10 (every
+block is gathered three times a step: forward, recomputation, backward); checkpointing 25; checkpoint inputs
+offloaded 10; block swap 12 (pinned, overlapped with compute); optimiser on the CPU 20; the strategies 25, 45
+and 80 (the sum of their parts); a quantised base 30 (fp8) or 60 (nf4); a smaller batch 50 and a lower
+resolution 70 (they change what is learned). With no single change enough, the changes accumulate in cost order
+until the job fits, and each is then relaxed to its mildest value that still fits (e.g. the fewest swapped
+blocks). FSDP swaps no blocks and refuses a quantised base: for a job that asks for fsdp, those changes say ddp.
 
 Labels are exact settings: `lowvram.blocks_to_swap ≥ 18`, `model.base_precision = "fp8"`.
 """
@@ -19,11 +21,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from trainer import registry
+from trainer.estimator_sharding import plan_under
 from trainer.memory.strategies import CONCRETE, resolve_lowvram
-from trainer.spec import JobSpec
+from trainer.spec import QUANTISED_PRECISIONS, JobSpec
 
 NOTHING_FITS = "none of the supported changes is enough; use a GPU with more memory or a smaller flavour"
 SWAP = "lowvram.blocks_to_swap"
+DISTRIBUTED = "train.distributed"
 STRATEGY_COST = {"none": 0, "conservative": 25, "aggressive": 45, "extreme": 80}
 
 
@@ -43,9 +47,10 @@ def _resolutions(spec: JobSpec) -> list[int]:
     return values
 
 
-def candidates(spec: JobSpec, gpu_vram_gib: float) -> list[Change]:
-    """Every single change that could lower the job's memory, cheapest first; built on the plan the job runs."""
-    plan = resolve_lowvram(spec, gpu_vram_gib)
+def candidates(spec: JobSpec, gpu_vram_gib: float, mode: str = "single") -> list[Change]:
+    """Every single change that could lower the job's memory per GPU, cheapest first; built on the plan the job
+    runs in `mode` ("single", or "ddp" or "fsdp" on several GPUs: trainer/estimator_sharding.py)."""
+    plan = plan_under(mode, resolve_lowvram(spec, gpu_vram_gib))
     low = spec.lowvram
     most = registry.get_flavour(spec.model.family, spec.model.flavour).max_blocks_to_swap
     out: list[Change] = []
@@ -70,6 +75,8 @@ def candidates(spec: JobSpec, gpu_vram_gib: float) -> list[Change]:
         add("lowvram.fused_backward", True, 1)
     if spec.data.cache_text_embeddings != "disk":
         add("data.cache_text_embeddings", "disk", 5)
+    if mode == "ddp" and precision not in QUANTISED_PRECISIONS and not low.blocks_to_swap:
+        add(DISTRIBUTED, "fsdp", 10)  # not where fsdp refuses the job: a quantised base, the job's own swap
     # checkpointing is a prerequisite of the swap and the offload: a change that needs it turns it on too
     needs_checkpointing = {} if plan.gradient_checkpointing else {"lowvram": {"gradient_checkpointing": True}}
     prefix = "" if plan.gradient_checkpointing else "lowvram.gradient_checkpointing = true; "
@@ -82,9 +89,13 @@ def candidates(spec: JobSpec, gpu_vram_gib: float) -> list[Change]:
     if not plan.cpu_offload_checkpointing:
         add("lowvram.cpu_offload_checkpointing", True, 10 + extra_cost,
             prefix + "lowvram.cpu_offload_checkpointing = true", needs_checkpointing)
+    # FSDP swaps no blocks and shards no quantised base: on auto such a job runs ddp anyway (choose_mode); a job
+    # that asks for fsdp must say ddp, so those changes name it
+    to_ddp = {"train": {"distributed": "ddp"}} if mode == "fsdp" and spec.train.distributed == "fsdp" else {}
+    ddp_prefix = 'train.distributed = "ddp"; ' if to_ddp else ""
     if plan.blocks_to_swap < most:
         # the label gets the fewest blocks that fit once they are searched (suggest() below)
-        add(SWAP, most, 12 + extra_cost, f"{prefix}{SWAP} ≥ {most}", needs_checkpointing)
+        add(SWAP, most, 12 + extra_cost, f"{ddp_prefix}{prefix}{SWAP} ≥ {most}", needs_checkpointing | to_ddp)
     if not plan.optimizer_offload:
         add("lowvram.optimizer_offload", True, 20)
     if low.strategy != "auto":
@@ -96,9 +107,9 @@ def candidates(spec: JobSpec, gpu_vram_gib: float) -> list[Change]:
         if chosen in heavier:
             add("lowvram.strategy", "auto", STRATEGY_COST[chosen] + 0.5)
     if precision in ("fp32", "bf16", "fp16"):
-        add("model.base_precision", "fp8", 30)
+        add("model.base_precision", "fp8", 30, f'{ddp_prefix}model.base_precision = "fp8"', to_ddp)
     if precision not in ("int4", "nf4"):
-        add("model.base_precision", "nf4", 60)
+        add("model.base_precision", "nf4", 60, f'{ddp_prefix}model.base_precision = "nf4"', to_ddp)
     batch = spec.train.batch_size
     while batch > 1:
         batch //= 2
@@ -118,8 +129,10 @@ def _apply(spec: JobSpec, overrides: dict[str, dict[str, Any]]) -> JobSpec:
 class _Judge:
     """Estimates of changed jobs, each computed once."""
 
-    def __init__(self, spec: JobSpec, gpu_vram_gib: float, gpus: int, fused_attention: bool | None) -> None:
+    def __init__(self, spec: JobSpec, gpu_vram_gib: float, gpus: int, fused_attention: bool | None,
+                 mode: str) -> None:
         self.spec, self.gpu, self.gpus, self.fused_attention = spec, gpu_vram_gib, gpus, fused_attention
+        self.swapped = plan_under(mode, resolve_lowvram(spec, gpu_vram_gib)).blocks_to_swap  # what the job swaps
         self.seen: dict[str, bool] = {}
 
     def fits(self, changes: list[Change]) -> bool:
@@ -138,13 +151,13 @@ class _Judge:
 
     def fewest_swapped(self, others: list[Change], swap: Change) -> Change:
         """The smallest blocks_to_swap that fits with `others` (it is known to fit at `swap`'s value)."""
-        low = resolve_lowvram(self.spec, self.gpu).blocks_to_swap + 1
+        low = self.swapped + 1
         high = swap.overrides["lowvram"]["blocks_to_swap"]
 
         def at(count: int) -> Change:
             overrides = {s: dict(v) for s, v in swap.overrides.items()}
             overrides["lowvram"]["blocks_to_swap"] = count
-            prefix = swap.label[:swap.label.index(SWAP)]  # "lowvram.gradient_checkpointing = true; " or ""
+            prefix = swap.label[:swap.label.index(SWAP)]  # "lowvram.gradient_checkpointing = true; ", ddp or ""
             return replace(swap, overrides=overrides, label=f"{prefix}{SWAP} ≥ {count}")
 
         while low < high:  # memory falls monotonically as blocks are swapped
@@ -156,23 +169,32 @@ class _Judge:
         return at(high)
 
 
-def suggest(spec: JobSpec, gpu_vram_gib: float, gpus: int = 1, fused_attention: bool | None = None) -> str:
-    """The cheapest single change that makes the job fit; else the changes combined, each at its mildest."""
-    judge = _Judge(spec, gpu_vram_gib, gpus, fused_attention)
-    options = candidates(spec, gpu_vram_gib)
+def suggest(spec: JobSpec, gpu_vram_gib: float, gpus: int = 1, fused_attention: bool | None = None,
+            mode: str = "single") -> str:
+    """The cheapest single change that makes the job fit; else the changes combined, each at its mildest.
+    `mode`: the job's on `gpus` GPUs (a changed job is estimated in the mode the trainer would pick for it)."""
+    judge = _Judge(spec, gpu_vram_gib, gpus, fused_attention, mode)
+    options = candidates(spec, gpu_vram_gib, mode)
     for change in options:
         if judge.fits([change]):
             return (judge.fewest_swapped([], change) if change.setting == SWAP else change).label
     # no single change is enough: accumulate them in cost order (strategies are bundles of the same keys, so they
-    # stay out), one option per setting, until the job fits
+    # stay out), one option per setting, until the job fits. FSDP swaps no blocks: splitting the base and swapping
+    # are two ways, tried one after the other
     chosen: dict[str, Change] = {}
-    for change in options:
-        if change.setting == "lowvram.strategy":
-            continue
-        chosen[change.setting] = change
-        if judge.fits(list(chosen.values())):
+    for left_out in (("lowvram.strategy", DISTRIBUTED), ("lowvram.strategy", SWAP)):
+        chosen = {}
+        for change in options:
+            if change.setting in left_out:
+                continue
+            chosen[change.setting] = change
+            if judge.fits(list(chosen.values())):
+                break
+        else:
+            chosen = {}
+        if chosen or not any(change.setting == DISTRIBUTED for change in options):
             break
-    else:
+    if not chosen:
         return NOTHING_FITS
     # relax each setting to its mildest option that still fits, keeping the others; the dearest first, so a
     # cheap change is not dropped in favour of a dear one that covers it
