@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent,
                         help="folder for the demo (.studio/demo) and outputs (output/); default: the app's folder")
     parser.add_argument("--no-browser", action="store_true",
-                        help="do not open the app in a browser (it opens when started from a terminal or launcher)")
+                        help="do not open the app in a browser (it opens one when a desktop is there)")
     return parser
 
 
@@ -76,6 +76,18 @@ def exposure_warnings(args: argparse.Namespace) -> list[str]:
     if missing:
         warnings.append(f"--allow: no such folder: {', '.join(missing)}")
     return warnings
+
+
+def should_open_browser(args: argparse.Namespace, platform: str = sys.platform,
+                        environ: dict[str, str] | None = None) -> bool:
+    """Open the page for whoever started the app (a double-click shows nothing else), unless --no-browser or a
+    Linux machine without a desktop: there Python's webbrowser would start a text browser in the terminal."""
+    if args.no_browser:
+        return False
+    environ = os.environ if environ is None else environ
+    if platform.startswith("linux"):
+        return bool(environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY"))
+    return True
 
 
 def free_port(host: str) -> int:
@@ -120,9 +132,7 @@ def main(argv: list[str] | None = None) -> None:
 
     folders = allowed_folders(args)
     app = ui.build_app(TrainingRunner(), workdir, folders)
-    # A double-clicked launcher has a console (a terminal): open the page for that person. Tests and services
-    # run with their output in a file, where a browser popping up would be wrong.
-    options = launch_options(args, workdir, auth, open_browser=not args.no_browser and sys.stdout.isatty())
+    options = launch_options(args, workdir, auth, open_browser=should_open_browser(args))
     host = options["server_name"]
     print(f"Flux LoRA Studio: http://{'localhost' if host == LOCALHOST else host}:{options['server_port']}  "
           f"(workdir {workdir})", flush=True)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ui_and_app_import_without_torch():
     code = ("import sys, ui, app; import ui.run_state, ui.form, ui.studio, ui.dataset_check, ui.captioning, "
-            "ui.caption_editor; print('torch' in sys.modules)")
+            "ui.caption_editor, ui.paths, ui.jobs, ui.presets; print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
@@ -82,7 +82,17 @@ def test_listen_binds_every_interface_and_the_folders_follow_who_can_reach_the_a
     assert options["allowed_paths"] == [str(tmp_path / "output"), str(tmp_path / ".studio" / "demo"),
                                         str(tmp_path / ".studio" / "jobs")]
     assert str(tmp_path / ".studio" / "last_form.toml") in options["blocked_paths"]
+    assert str(tmp_path / ".studio" / "last_form.filled.json") in options["blocked_paths"]
     assert str(tmp_path / ".venv") in options["blocked_paths"]
+
+
+def test_the_browser_opens_where_there_is_a_desktop():
+    parse = app.build_parser().parse_args
+    assert app.should_open_browser(parse([]), "win32", {})  # a double-clicked launch.bat
+    assert app.should_open_browser(parse([]), "linux", {"DISPLAY": ":0"})
+    assert app.should_open_browser(parse([]), "linux", {"WAYLAND_DISPLAY": "wayland-0"})
+    assert not app.should_open_browser(parse([]), "linux", {})  # ssh: no text browser takes the terminal
+    assert not app.should_open_browser(parse(["--no-browser"]), "darwin", {})
 
 
 def test_exposure_is_warned_about():

@@ -30,10 +30,11 @@ def blocked_paths(workdir: Path) -> list[str]:
     """Never served, even from a folder gradio otherwise serves (launch's blocked_paths): the remembered form, and
     the app's own environment and history when the workdir is the app's folder (gradio serves returned files from
     the working directory)."""
-    from ui.jobs import LAST_FORM
+    from ui.jobs import LAST_FORM, LastForm
 
     workdir = Path(workdir).resolve()
-    return [str(workdir / ".studio" / LAST_FORM), str(workdir / ".venv"), str(workdir / ".git")]
+    remembered = LastForm(workdir / ".studio" / LAST_FORM)
+    return [str(remembered.path), str(remembered.filled_path), str(workdir / ".venv"), str(workdir / ".git")]
 
 
 def build_app(runner: TrainingRunner, workdir: Path, allowed: Iterable[str | Path] = ()) -> gr.Blocks:
@@ -44,9 +45,10 @@ def build_app(runner: TrainingRunner, workdir: Path, allowed: Iterable[str | Pat
     from ui import advanced_tab, dataset_tab, estimator_tab, job_bar, lowvram_tab, model_tab, run_tab, training_tab
     from ui.form import FORM_KEYS
     from ui.memory import detected_vram_gib
+    from ui.multi_gpu import AppRunner
     from ui.studio import Studio
 
-    studio = Studio(runner, Path(workdir), allowed)
+    studio = Studio(AppRunner.of(runner), Path(workdir), allowed)  # one training at a time, here or in processes
     defaults = studio.default_values()
     detected = detected_vram_gib()
     fields: dict[str, gr.components.Component] = {}
