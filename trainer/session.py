@@ -161,7 +161,8 @@ class Session:
         self._order: list[list[int]] = []
         self.losses: list[float] = []
         self.last_lora_path: Path | None = None
-        self.plan: LowVramPlan = self.dist.adjust_plan(resolve_lowvram(spec, device_vram_gib(self.device)))
+        plan = resolve_lowvram(spec, device_vram_gib(self.device), self.dist.world_size)
+        self.plan: LowVramPlan = self.dist.adjust_plan(plan)
         self.grad_sync: distributed.GradientSync | None = None
         self.swapper: Any = None
         self.offloader: ActivationOffloader | None = None

@@ -103,18 +103,19 @@ def bundle_plan(spec: JobSpec, strategy: str, blocks_to_swap: int | None = None,
     return LowVramPlan(strategy=strategy, reason=reason, **values)
 
 
-def resolve_lowvram(spec: JobSpec, vram_gib: float | None) -> LowVramPlan:
-    """The plan the session runs. `vram_gib`: the GPU's memory (the job's lowvram.vram_gib wins); None: no GPU."""
+def resolve_lowvram(spec: JobSpec, vram_gib: float | None, gpus: int = 1) -> LowVramPlan:
+    """The plan the session runs. `vram_gib`: the GPU's memory (the job's lowvram.vram_gib wins); None: no GPU.
+    `gpus`: processes of a multi-GPU run, whose sharding (train.distributed) auto judges the bundles under."""
     strategy = spec.lowvram.strategy
     if strategy != "auto":
         return bundle_plan(spec, strategy, reason="chosen in the job")
     target = spec.lowvram.vram_gib or vram_gib
     if target is None:
         return bundle_plan(spec, "none", reason="auto: no GPU, nothing to save")
-    return choose_auto(spec, target)
+    return choose_auto(spec, target, gpus)
 
 
-def choose_auto(spec: JobSpec, vram_gib: float) -> LowVramPlan:
+def choose_auto(spec: JobSpec, vram_gib: float, gpus: int = 1) -> LowVramPlan:
     """The lightest bundle the estimator says fits in `vram_gib`; inside the swapping bundles the fewest swapped
     blocks that fit. When nothing fits: extreme, and the estimator's verdict says what else to change."""
     from trainer import estimator  # the estimator imports this module
@@ -122,7 +123,7 @@ def choose_auto(spec: JobSpec, vram_gib: float) -> LowVramPlan:
     most = registry.get_flavour(spec.model.family, spec.model.flavour).max_blocks_to_swap
 
     def fits(plan: LowVramPlan) -> float | None:
-        result = estimator.estimate(spec, vram_gib, plan=plan, _suggest=False)
+        result = estimator.estimate(spec, vram_gib, gpus, plan=plan, _suggest=False)
         return result.vram_gib if result.verdict == "fits" else None
 
     for strategy in CONCRETE:
