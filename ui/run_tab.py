@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from ui import allowed_paths, form
+from ui import allowed_paths, form, multi_gpu
 from ui.paths import Folders
 from ui.run_state import RunView
 from ui.studio import Outcome, Studio
@@ -94,11 +94,13 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
         save_lora = gr.Button("Save LoRA", scale=2)
         stop = gr.Button("Stop", variant="stop", scale=2)
         end = gr.Button("End training", scale=2)
+    connect_multi_gpu = multi_gpu.build(fields, studio, base)  # the "Several GPUs" accordion
     with gr.Row(visible=False, equal_height=True) as offer_row:
         offer = gr.Markdown("", label="Resume offer")
         resume = gr.Button("Resume", variant="primary", scale=0, min_width=120)
     status = gr.Textbox(value=studio.view.status_text(), label="Status", interactive=False)
     problems = gr.Textbox(label="Problems", visible=False, interactive=False, lines=3)
+    connect_multi_gpu(status, problems)
     progress = gr.HTML(progress_html(studio.view), label="Progress", elem_id="run-progress")
     with gr.Row():
         plot = gr.LinePlot(loss_frame(studio.view), x="step", y="loss", color="series", title="Loss", label="Loss",
