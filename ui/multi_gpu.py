@@ -412,8 +412,9 @@ def build(fields: dict[str, gr.components.Component], studio: Studio,
         with gr.Row(visible=bool(choices)):
             devices = gr.CheckboxGroup(choices, value=selected, label="Devices (one process per GPU)", scale=3,
                                        elem_id="multi-gpu-devices")
+            # No `minimum`: gradio would refuse one ticked GPU's count with an error toast; the plan says why instead
             processes = gr.Number(len([d for d in selected if d != CPU]) or 2, label="Processes", precision=0,
-                                  minimum=2, step=1, scale=1, min_width=100, elem_id="multi-gpu-processes",
+                                  step=1, scale=1, min_width=100, elem_id="multi-gpu-processes",
                                   info="follows the GPUs ticked; with CPU processes, how many")
             mode = gr.Dropdown(list(MODES), value="auto", label="train.distributed", scale=1, min_width=120,
                                info="auto: fsdp only when one GPU cannot hold the base")
