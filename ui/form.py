@@ -29,7 +29,8 @@ PROMPT_SEPARATOR = "|"
 # Order = order of the controls in the tabs.
 FORM_KEYS: tuple[str, ...] = (
     # Model
-    "model.family", "model.flavour", "model.source", "model.base_precision", "model.text_encoder_precision",
+    "model.family", "model.flavour", "model.source", "model.comfy_models_dir", "model.transformer", "model.vae",
+    "model.text_encoder", "model.text_encoder_2", "model.base_precision", "model.text_encoder_precision",
     # Dataset & Captioning
     "dataset.path", "dataset.trigger", "dataset.caption_strategy", "dataset.instance_prompt", "dataset.repeats",
     "dataset.masks", "data.resolution", "data.caption_dropout", "data.prior_loss_weight", "data.eval_holdout",
@@ -62,6 +63,10 @@ FORM_KEYS: tuple[str, ...] = (
 # empty in the browser (its frontend turns an empty value into 0); pydantic parses the text and names the field.
 OPTIONAL_KEYS = frozenset({"sample.steps", "sample.guidance", "lowvram.vram_gib", "lowvram.swap_prefetch",
                            "lowvram.checkpointing_interval"})
+# Single-file paths and the ComfyUI folder: empty means "from model.source" (no folder), the spec's default. An
+# empty box leaves the key out of the spec dict, so a job without these keys still has none after the form.
+UNSET_WHEN_EMPTY = frozenset({"model.comfy_models_dir", "model.transformer", "model.vae", "model.text_encoder",
+                              "model.text_encoder_2"})
 # Low-VRAM overrides are unset (None) unless the user sets them: the strategy then decides. Their menus name that
 # state, so a job that leaves a key to the strategy still leaves it unset after a trip through the form.
 FROM_STRATEGY = "from strategy"
@@ -194,7 +199,7 @@ def _to_spec_value(key: str, value: Any) -> Any:
             return "" if value is None else str(value).strip()  # kept as text: parse_form_dict names the problem
     if isinstance(value, str):
         value = value.strip()
-    if key in OPTIONAL_KEYS and value in (None, ""):
+    if key in (OPTIONAL_KEYS | UNSET_WHEN_EMPTY) and value in (None, ""):
         return None
     if key in MENU_KEYS:
         if value in (None, "", FROM_STRATEGY):
@@ -218,6 +223,8 @@ def _from_spec_value(key: str, value: Any) -> Any:  # noqa: ANN401 - any spec va
         return FROM_STRATEGY if value is None else (ON if value else OFF)
     if key in MENU_KEYS:
         return FROM_STRATEGY if value is None else value
+    if key in UNSET_WHEN_EMPTY:
+        return value or ""  # a dropdown/text box shows "" (from source) for an unset path
     if key in SWITCHED and value is None:
         return 0  # the switch is off; the slider shows its lowest position
     return value

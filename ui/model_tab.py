@@ -9,7 +9,7 @@ from typing import Any
 import gradio as gr
 
 from trainer import registry
-from ui import form, presets
+from ui import form, model_files, presets
 from ui.form import field_choices
 from ui.memory import swap_bound
 from ui.model_info import flavour_summary
@@ -59,6 +59,58 @@ def preset_menu(profile: str | None, family: str, flavour: str) -> Any:  # noqa:
                            if choices else "no presets for this flavour"))
 
 
+class SingleFiles:
+    """The "Single files (ComfyUI)" accordion's handlers: `rescan` fills the slot menus, `check` refuses a chosen
+    file outside the allowed folders; both write the accordion's message line."""
+
+    def __init__(self, fields: dict[str, gr.components.Component], studio: Studio, message: gr.Markdown) -> None:
+        self.fields, self.studio, self.message = fields, studio, message
+        self.menus = [fields[key] for key in model_files.SLOT_KEYS.values()]
+        self.outputs = [*self.menus, message]
+
+    def rescan(self, models_dir: str | None, family: str, flavour: str) -> list[Any]:
+        result = model_files.scan(self.studio.folders, models_dir, family, flavour)
+        updates = []
+        for slot, key in model_files.SLOT_KEYS.items():
+            visible = model_files.slot_visible(family, slot)
+            # no value: a chosen or loaded path stays (allow_custom_value), except a hidden slot, which the spec
+            # refuses when set (FLUX.2 has no text_encoder_2)
+            extra = {} if visible else {"value": ""}
+            updates.append(gr.update(choices=result.choices[key], visible=visible, **extra))
+        return [*updates, result.message if result.ok else f"**{result.message}**"]
+
+    def check(self, *paths: str | None) -> str:
+        chosen = dict(zip(model_files.SLOT_KEYS.values(), paths, strict=True))
+        problems = model_files.refused_files(self.studio.folders, chosen)
+        return "\n".join(f"**{problem}**" for problem in problems)
+
+
+def single_files(fields: dict[str, gr.components.Component], defaults: dict[str, Any], studio: Studio) -> SingleFiles:
+    """The accordion: ComfyUI's models folder with a Scan button, and one menu per single-file slot (empty = the
+    component comes from model.source). Typed paths are kept: a file outside the folder can still be given."""
+    family, flavour = defaults["model.family"], defaults["model.flavour"]
+    with gr.Accordion("Single files (ComfyUI)", open=False):
+        with gr.Row(equal_height=True):
+            fields[model_files.FOLDER_KEY] = gr.Textbox(
+                value=defaults[model_files.FOLDER_KEY], label="ComfyUI models folder", scale=4,
+                placeholder="ComfyUI's models/ folder (or its install folder)",
+                info="its diffusion_models, unet, vae, text_encoders, clip and checkpoints files fill the menus below")
+            scan = gr.Button("Scan", scale=1)
+        initial = model_files.scan(studio.folders, defaults[model_files.FOLDER_KEY], family, flavour)
+        for slot, key in model_files.SLOT_KEYS.items():
+            fields[key] = gr.Dropdown(
+                choices=initial.choices[key], value=defaults[key], label=key, allow_custom_value=True,
+                visible=model_files.slot_visible(family, slot),
+                info="a .safetensors file replacing this component's weights; empty: from model.source")
+        message = gr.Markdown("")
+    handlers = SingleFiles(fields, studio, message)
+    scan.click(handlers.rescan, [fields[model_files.FOLDER_KEY], fields["model.family"], fields["model.flavour"]],
+               handlers.outputs, api_visibility="private")
+    gr.on([menu.input for menu in handlers.menus], handlers.check, handlers.menus, message,
+          api_visibility="private", show_progress="hidden")
+    return handlers
+
+
 def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
           studio: Studio) -> Callable[[gr.State, gr.State], None]:
     """The tab's controls; returns `connect(base, baseline)`, to call once every tab's fields exist (applying a
@@ -86,6 +138,7 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
     fields["model.source"] = gr.Textbox(
         value=defaults["model.source"], label="Source", placeholder="hub id (owner/name) or a diffusers folder")
     note = gr.Markdown(source_note(studio, family, flavour))
+    slots = single_files(fields, defaults, studio)
     precisions = field_choices("model.base_precision")
     with gr.Row():
         fields["model.base_precision"] = gr.Dropdown(
@@ -118,6 +171,12 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
 
     gr.on([fields["model.family"].change, fields["model.flavour"].change, profile.change], preset_menu,
           [profile, fields["model.family"], fields["model.flavour"]], preset, api_visibility="private",
+          show_progress="hidden")
+
+    # Fits depend on the flavour: the menus follow it (a cheap header scan, cached), and text_encoder_2 shows for
+    # FLUX.1 only. .change, so a loaded job's family hides or shows it too.
+    gr.on([fields["model.family"].change, fields["model.flavour"].change], slots.rescan,
+          [fields[model_files.FOLDER_KEY], *model[:2]], slots.outputs, api_visibility="private",
           show_progress="hidden")
 
     def connect(base: gr.State, baseline: gr.State) -> None:

@@ -81,6 +81,10 @@ def spec_paths(spec: JobSpec) -> list[tuple[str, str]]:
     if is_local_path(model.source):
         paths.append(("model.source", model.source))
     # Single-file components, as later spec versions name them; getattr keeps this module working before then.
+    # The ComfyUI folder is read too: bare single-file names are looked up in it, and the Model tab lists it.
+    comfy: Any = getattr(model, "comfy_models_dir", None)
+    if isinstance(comfy, str) and comfy:
+        paths.append(("model.comfy_models_dir", comfy))
     for key in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         value: Any = getattr(model, key, None)
         if isinstance(value, str) and value and is_local_path(value):
