@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 
 from ui import allowed_paths, form, multi_gpu
+from ui.gauges import gauges_html, read_gauges
 from ui.paths import Folders
 from ui.run_state import RunView
 from ui.studio import Outcome, Studio
@@ -102,6 +103,7 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
     problems = gr.Textbox(label="Problems", visible=False, interactive=False, lines=3)
     connect_multi_gpu(status, problems)
     progress = gr.HTML(progress_html(studio.view), label="Progress", elem_id="run-progress")
+    memory = gr.HTML(gauges_html(read_gauges()), label="Memory", elem_id="run-memory")
     with gr.Row():
         plot = gr.LinePlot(loss_frame(studio.view), x="step", y="loss", color="series", title="Loss", label="Loss",
                            height=300, scale=1, elem_id="run-loss")
@@ -208,6 +210,9 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
             return (view.status_text(), progress_html(view), plot_value, gallery_value, log_value, problems_value,
                     key)
 
+    gauge_timer = gr.Timer(2.0)  # NVML and psutil reads are cheap, but need not follow every progress poll
+    gauge_timer.tick(lambda: gauges_html(read_gauges()), None, memory, api_name="memory_gauges",
+                     show_progress="hidden", concurrency_limit=None)
     timer = gr.Timer(1.0)
     timer.tick(poll, seen, [status, progress, plot, gallery, log, problems, seen], api_name="poll",
                show_progress="hidden", concurrency_limit=None)
