@@ -3,13 +3,13 @@ of header-only safetensors files filling the slot menus, and the allowed-folders
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.test_sources import _header_only
 from trainer.spec import deep_merge, parse_spec
 from ui import form, model_files
 from ui.paths import Folders
@@ -18,22 +18,6 @@ SINGLE_KEYS = ("model.comfy_models_dir", "model.transformer", "model.vae", "mode
                "model.text_encoder_2")
 
 
-def _header_only(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16") -> Path:
-    """A valid safetensors file whose data is a hole (sparse): what a real model's header says, in a few bytes."""
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        count = 2
-        for n in shape:
-            count *= n
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + count]}
-        offset += count
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as handle:
-        handle.write(len(raw).to_bytes(8, "little") + raw)
-        handle.truncate(8 + len(raw) + offset)
-    return path
 
 
 def _flux2_transformer(hidden: int, double: int, single: int) -> dict[str, tuple[int, ...]]:

@@ -140,14 +140,6 @@ class Estimate:
         }
 
 
-def _resolutions(spec: JobSpec) -> list[int]:
-    values = [spec.data.resolution] if isinstance(spec.data.resolution, int) else list(spec.data.resolution)
-    for entry in spec.data.datasets:
-        if entry.resolution:
-            values += [entry.resolution] if isinstance(entry.resolution, int) else list(entry.resolution)
-    return values
-
-
 def _gpu_phase(weights: dict[str, float], dynamic: dict[str, float], ram: float) -> PhaseMemory:
     """A phase from its GPU tensors in bytes by part: weights are allocated once, at their size; the allocator
     overhead applies to everything else; the CUDA context is always there."""
@@ -182,7 +174,7 @@ def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
     compute_elem = 4 if (spec.train.mixed_precision == "no" and precision == "fp32") else 2
     vae_elem = 4 if precision == "fp32" else 2  # the VAE loads in the compute dtype, never quantised
     batch = spec.train.batch_size
-    resolution = max(_resolutions(spec))
+    resolution = max(spec.data.every_resolution())
     image_tokens = (resolution // 16) ** 2
     tokens = image_tokens + text_tokens(f)
 

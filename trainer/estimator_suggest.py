@@ -39,14 +39,6 @@ class Change:
     cost: float
 
 
-def _resolutions(spec: JobSpec) -> list[int]:
-    values = [spec.data.resolution] if isinstance(spec.data.resolution, int) else list(spec.data.resolution)
-    for entry in spec.data.datasets:
-        if entry.resolution:
-            values += [entry.resolution] if isinstance(entry.resolution, int) else list(entry.resolution)
-    return values
-
-
 def candidates(spec: JobSpec, gpu_vram_gib: float, mode: str = "single") -> list[Change]:
     """Every single change that could lower the job's memory per GPU, cheapest first; built on the plan the job
     runs in `mode` ("single", or "ddp" or "fsdp" on several GPUs: trainer/estimator_sharding.py)."""
@@ -114,7 +106,7 @@ def candidates(spec: JobSpec, gpu_vram_gib: float, mode: str = "single") -> list
     while batch > 1:
         batch //= 2
         add("train.batch_size", batch, 50 + (spec.train.batch_size / batch))
-    top = max(_resolutions(spec))
+    top = max(spec.data.every_resolution())
     if not any(e.resolution for e in spec.data.datasets):
         for step, value in enumerate(v for v in (1024, 768, 512, 256) if v < top and v % spec.data.bucket_step == 0):
             add("data.resolution", value, 70 + step)

@@ -169,6 +169,14 @@ class DataSection(_Section):
             raise ValueError("\n".join(problems))
         return self
 
+    def every_resolution(self) -> list[int]:
+        """The section's resolution(s) and every dataset's own: what the largest bucket is taken from."""
+        values = [self.resolution] if isinstance(self.resolution, int) else list(self.resolution)
+        for entry in self.datasets:
+            if entry.resolution:
+                values += [entry.resolution] if isinstance(entry.resolution, int) else list(entry.resolution)
+        return values
+
     def resolutions(self, entry: DatasetEntry) -> tuple[int, ...]:
         """The resolutions one dataset trains at: its own, else the data section's."""
         value = entry.resolution or self.resolution
