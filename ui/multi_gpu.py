@@ -34,7 +34,6 @@ from trainer.spec import JobSpec, SpecError
 from trainer.subprocess_runner import SubprocessRun
 from ui import form
 from ui.jobs import Outcome, write_job
-from ui.resume import latest_state_step
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -365,14 +364,11 @@ def start(studio: Studio, values: dict[str, Any], base: dict[str, Any] | None, c
     found = plan(spec, choice, list_gpus(), cpu_allowed)
     if found.problems:
         return Outcome(f"{verb}: {found.problems[0]}", list(found.problems))
-    if choice.resume and latest_state_step(spec.output.dir) is None:
-        message = f"{verb}: no saved training state in {Path(spec.output.dir) / 'state'}"
-        return Outcome(message, [message])
-    with studio.view.lock:  # no poll may drain the new run's first events before the view is reset
-        refusal = studio._refusal()
-        if refusal:
-            return refusal
-        job = Path(spec.output.dir) / JOB_FILE
+    job = Path(spec.output.dir) / JOB_FILE
+    building = f"; building the demo in {demo} first" if demo else ""
+    what = "resuming" if choice.resume else "starting"
+
+    def start_processes() -> Outcome | None:
         try:
             write_job(spec, job)
         except OSError as exc:
@@ -381,18 +377,16 @@ def start(studio: Studio, values: dict[str, Any], base: dict[str, Any] | None, c
         from trainer.runner import _build_demo  # the in-process runner's: the same events, the same failure
 
         command = training_command(job, found, choice.resume, free_port())
-        try:
-            runner.subprocess.start(command, spec.output.dir, env=launch_env(found), cwd=ROOT,
-                                    prepare=functools.partial(_build_demo, demo) if demo else None,
-                                    description=found.describe())
-        except AlreadyRunning as exc:
-            return Outcome(str(exc), [str(exc)])
-        building = f"; building the demo in {demo} first" if demo else ""
-        what = "resuming" if choice.resume else "starting"
-        studio.view.begin(spec.train.max_steps, f"{what} {spec.output.name} on {found.describe()}: "
-                                                f"{spec.train.max_steps} steps, job {job}{building}")
-    return Outcome(f"{'resumed' if choice.resume else 'started'} on {found.devices()} ({found.mode}): "
-                   f"{spec.train.max_steps} steps{building}")
+        runner.subprocess.start(command, spec.output.dir, env=launch_env(found), cwd=ROOT,
+                                prepare=functools.partial(_build_demo, demo) if demo else None,
+                                description=found.describe())
+        return None
+
+    refused = studio.launch(spec, choice.resume, verb, start_processes,
+                            f"{what} {spec.output.name} on {found.describe()}: {spec.train.max_steps} steps, "
+                            f"job {job}{building}")
+    return refused or Outcome(f"{'resumed' if choice.resume else 'started'} on {found.devices()} ({found.mode}): "
+                              f"{spec.train.max_steps} steps{building}")
 
 
 # ---------------------------------------------------------------------- the section

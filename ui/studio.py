@@ -5,7 +5,7 @@ The gradio handlers in the tab modules call these and only turn the results into
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,25 @@ class Studio:
         spec, demo, refused = self._prepare(values, base, verb)
         if refused:
             return refused
+        building = f"; building the demo in {demo} first" if demo else ""
+        what = "resuming" if resume else "starting"
+
+        def start_in_process() -> None:
+            if resume:
+                self.runner.start(spec, demo_dir=demo, resume=True)
+            else:
+                self.runner.start(spec, demo_dir=demo)
+
+        refused = self.launch(spec, resume, verb, start_in_process,
+                              f"{what} {spec.output.name}: {spec.train.max_steps} steps, output {spec.output.dir}"
+                              f"{building}")
+        return refused or Outcome(f"{'resumed' if resume else 'started'}: {spec.train.max_steps} steps{building}")
+
+    def launch(self, spec: JobSpec, resume: bool, verb: str, start: Callable[[], Outcome | None],
+               description: str) -> Outcome | None:
+        """What both Start buttons (in process, several processes) share once the form's job is prepared: the state
+        to resume exists, nothing else runs, then `start()` (a refusal of its own, or None) and the Run view reset.
+        Returns the refusal, or None when the run started."""
         if resume and latest_state_step(spec.output.dir) is None:
             message = f"{verb}: no saved training state in {Path(spec.output.dir) / 'state'}"
             return Outcome(message, [message])
@@ -120,17 +139,13 @@ class Studio:
             if refusal:
                 return refusal
             try:
-                if resume:
-                    self.runner.start(spec, demo_dir=demo, resume=True)
-                else:
-                    self.runner.start(spec, demo_dir=demo)
+                refused = start()
             except AlreadyRunning as exc:
                 return Outcome(str(exc), [str(exc)])
-            building = f"; building the demo in {demo} first" if demo else ""
-            what = "resuming" if resume else "starting"
-            self.view.begin(spec.train.max_steps, f"{what} {spec.output.name}: {spec.train.max_steps} steps, "
-                                                  f"output {spec.output.dir}{building}")
-        return Outcome(f"{'resumed' if resume else 'started'}: {spec.train.max_steps} steps{building}")
+            if refused:
+                return refused
+            self.view.begin(spec.train.max_steps, description)
+        return None
 
     def train_steps(self, values: dict[str, Any], steps: Any, base: dict[str, Any] | None = None) -> Outcome:  # noqa: ANN401
         """Train `steps` more steps: on the live session, or on a new one set up from the form first."""
