@@ -3,6 +3,7 @@ browsers at once while the page keeps answering, and uses only the folders it wa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -164,6 +166,23 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+@contextlib.contextmanager
+def _in_process_app(workdir: Path) -> Iterator[object]:
+    """A gradio_client Client of an app built and served in this process, closed afterwards."""
+    from gradio_client import Client
+
+    from trainer.runner import TrainingRunner
+    from ui import allowed_paths, build_app
+
+    blocks = build_app(TrainingRunner(), workdir)
+    blocks.launch(prevent_thread_lock=True, server_port=_free_port(), allowed_paths=allowed_paths(workdir),
+                  quiet=True)
+    try:
+        yield Client(blocks.local_url, verbose=False, download_files=False)
+    finally:
+        blocks.close()
+
 
 
 def _wait_until_up(url: str, process: subprocess.Popen, timeout: float) -> None:
@@ -353,17 +372,9 @@ def test_share_asks_for_the_printed_password_and_listen_serves_the_network(tmp_p
 @pytest.mark.slow
 def test_dataset_tab_endpoints(tmp_path):
     """check_dataset, the captioning poll and the caption editor through the API of an app built in-process."""
-    from gradio_client import Client
-
     from trainer.demo import build_demo_dataset
-    from trainer.runner import TrainingRunner
-    from ui import allowed_paths, build_app
 
-    blocks = build_app(TrainingRunner(), tmp_path)
-    blocks.launch(prevent_thread_lock=True, server_port=_free_port(), allowed_paths=allowed_paths(tmp_path),
-                  quiet=True)
-    try:
-        client = Client(blocks.local_url, verbose=False, download_files=False)
+    with _in_process_app(tmp_path) as client:
         assert client.predict(api_name="/check_dataset")[0].startswith("not built yet")
         dataset = build_demo_dataset(tmp_path / ".studio" / "demo")
         verdict, health, buckets = client.predict(api_name="/check_dataset")
@@ -400,24 +411,14 @@ def test_dataset_tab_endpoints(tmp_path):
         saved = client.predict(**dict(boxes, caption_2="a new caption"), api_name="/captions_save")
         assert saved[0] == "saved 1 changed caption"
         assert (dataset / "shape_01.txt").read_text(encoding="utf-8") == "a new caption\n"
-    finally:
-        blocks.close()
 
 
 @pytest.mark.slow
 def test_memory_endpoints(tmp_path):
     """The live low-VRAM verdict and the estimator tab through the API of an app built in-process."""
-    from gradio_client import Client
-
     from trainer.estimator import PHASES
-    from trainer.runner import TrainingRunner
-    from ui import allowed_paths, build_app
 
-    blocks = build_app(TrainingRunner(), tmp_path)
-    blocks.launch(prevent_thread_lock=True, server_port=_free_port(), allowed_paths=allowed_paths(tmp_path),
-                  quiet=True)
-    try:
-        client = Client(blocks.local_url, verbose=False, download_files=False)
+    with _in_process_app(tmp_path) as client:
         job = {"model_flavour": "klein-base-9b", "model_source": "", "model_base_precision": "bf16",
                "model_text_encoder_precision": "bf16", "data_resolution": "512", "train_batch_size": 1,
                "train_mixed_precision": "bf16", "sample_prompts": "", "lowvram_vram_gib": "8",
@@ -437,8 +438,6 @@ def test_memory_endpoints(tmp_path):
         line, *_ = client.predict(**job, lowvram_swap_prefetch="many", api_name="/estimate")
         assert line.startswith("problems — lowvram.swap_prefetch:")  # one message naming the field; the app goes on
         assert client.predict(**job, api_name="/lowvram_check")[0].startswith("will not fit")
-    finally:
-        blocks.close()
 
 
 # ---------------------------------------------------------------------- one session, step by step; resume
