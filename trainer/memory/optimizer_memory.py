@@ -39,6 +39,7 @@ class OffloadedOptimizer:
                 master.copy_(param.detach())
         self.inner = build(self.masters)
         self._cuda = cuda
+        self._staged = [False] * len(self.params)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -48,20 +49,32 @@ class OffloadedOptimizer:
     def defaults(self) -> dict[str, Any]:
         return self.inner.defaults
 
+    def stage_gradients(self) -> None:
+        """Start copying the present gradients into the pinned host buffers and drop them from the GPU (the copy is
+        queued on the compute stream first, so the freed memory is reused only after it); `step()` uses them."""
+        for index, param in enumerate(self.params):
+            if param.grad is not None:
+                self._grads[index].copy_(param.grad.detach(), non_blocking=True)
+                self._staged[index] = True
+                param.grad = None
+
     def step(self) -> None:
-        live = [(p, m, g) for p, m, g in zip(self.params, self.masters, self._grads, strict=True) if p.grad is not None]
-        for param, _, buffer in live:
-            buffer.copy_(param.grad.detach(), non_blocking=True)
+        self.stage_gradients()
         if self._cuda:
             torch.cuda.current_stream().synchronize()  # the CPU step reads the gradients
-        for _, master, buffer in live:
-            master.grad = buffer
+        self.step_staged()
+
+    def step_staged(self) -> None:
+        """The CPU step on gradients already staged and arrived (the caller synchronised), weights copied back."""
+        live = [index for index, staged in enumerate(self._staged) if staged]
+        for index in live:
+            self.masters[index].grad = self._grads[index]
         self.inner.step()
         with torch.no_grad():
-            for param, master, _ in live:
-                param.copy_(master, non_blocking=True)  # from pinned memory: overlaps the next forward
-        for _, master, _ in live:
-            master.grad = None
+            for index in live:  # from pinned memory: overlaps the next forward
+                self.params[index].copy_(self.masters[index], non_blocking=True)
+                self.masters[index].grad = None
+                self._staged[index] = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for param in self.params:
@@ -99,12 +112,15 @@ class _Schedulers:
 
 
 class FusedBackward:
-    """Steps each parameter inside the backward of the last micro-batch; `step()` afterwards does nothing."""
+    """Steps each parameter inside the backward of the last micro-batch. With `offload`, the hook only stages the
+    gradient to pinned host memory (freeing it on the GPU) and `step()` runs every CPU step after one
+    synchronisation: a synchronisation per parameter would stall the GPU hundreds of times per backward."""
 
     def __init__(self, params: Sequence[torch.nn.Parameter], build: BuildOptimizer, build_scheduler: BuildScheduler,
                  max_grad_norm: float = 0.0, offload: bool = False, pin_memory: bool = True) -> None:
         self.params = list(params)
         self.max_grad_norm = max_grad_norm
+        self.offload = offload
         self.optimizers: list[Any] = [
             OffloadedOptimizer([p], build, pin_memory) if offload else build([p]) for p in self.params]
         inner = [o.inner if offload else o for o in self.optimizers]
@@ -119,9 +135,13 @@ class FusedBackward:
             return  # an earlier micro-batch: the gradient keeps accumulating
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([param], self.max_grad_norm)
-        self.optimizers[self._index[id(param)]].step()
+        optimizer = self.optimizers[self._index[id(param)]]
+        if self.offload:
+            optimizer.stage_gradients()
+        else:
+            optimizer.step()
         param.grad = None
-        self.steps_taken += 1
+        self.steps_taken += 1  # parameters handled inside the backward
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -132,7 +152,13 @@ class FusedBackward:
         return self.optimizers[0].defaults
 
     def step(self) -> None:
-        """The parameters were stepped during backward."""
+        """Without offload the parameters were stepped during backward; with it, their CPU steps run now."""
+        if not self.offload:
+            return
+        if any(p.device.type == "cuda" for p in self.params):
+            torch.cuda.current_stream().synchronize()  # every staged gradient has arrived
+        for optimizer in self.optimizers:
+            optimizer.step_staged()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for param in self.params:
