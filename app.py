@@ -98,18 +98,21 @@ def free_port(host: str) -> int:
 
 def launch_options(args: argparse.Namespace, workdir: Path, auth: tuple[str, str] | None,
                    open_browser: bool) -> dict[str, Any]:
-    """The keyword arguments of gradio's launch(): where to listen, the login, what gradio may serve."""
+    """The keyword arguments of gradio's launch(): where to listen, the login, what gradio may serve, the page
+    built once per visitor (ui/page_cache.py)."""
     import ui
+    from ui.page_cache import page_cache_middleware
 
     host = ALL_INTERFACES if args.listen else LOCALHOST
     return {"server_name": host, "server_port": args.port or free_port(host), "share": args.share, "auth": auth,
             "allowed_paths": ui.allowed_paths(workdir), "blocked_paths": ui.blocked_paths(workdir),
-            "inbrowser": open_browser}
+            "inbrowser": open_browser, "app_kwargs": {"middleware": [page_cache_middleware()]}}
 
 
 def keep_the_page_responsive() -> None:
-    """Leave one CPU core to the web server and hand it the GIL quickly, so the page answers while training runs
-    in this process. Must run before torch is imported (it reads OMP_NUM_THREADS once); a value the user set wins."""
+    """Leave one CPU core to the web server and hand it the GIL quickly, so the page answers while training (in a
+    process of its own, which inherits the thread count) and captioning (a thread of this one) run. Must run before
+    torch is imported (it reads OMP_NUM_THREADS once); a value the user set wins."""
     cores = os.cpu_count() or 1
     if cores > 1:
         os.environ.setdefault("OMP_NUM_THREADS", str(cores - 1))
@@ -128,10 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
 
     import ui
-    from trainer.runner import TrainingRunner
+    from trainer.process_runner import ProcessRunner
 
     folders = allowed_folders(args)
-    app = ui.build_app(TrainingRunner(), workdir, folders)
+    app = ui.build_app(ProcessRunner(), workdir, folders)  # training in a process of its own: see its module
     options = launch_options(args, workdir, auth, open_browser=should_open_browser(args))
     host = options["server_name"]
     print(f"Flux LoRA Studio: http://{'localhost' if host == LOCALHOST else host}:{options['server_port']}  "

@@ -3,6 +3,7 @@ browsers at once while the page keeps answering, and uses only the folders it wa
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -244,11 +245,28 @@ def _summary(name: str, seconds: list[float]) -> str:
             f"p90 {1000 * p90:.0f} ms, max {1000 * ordered[-1]:.0f} ms")
 
 
+def _crowd_polls(url: str, clients: int, polls: int) -> tuple[list[float], list[float]]:
+    """`clients` browser tabs polling the run at once, `polls` times each: the response times of their first polls
+    (gradio sets a session up then) and of the later ones. Any error fails."""
+    def client(number: int) -> list[float]:
+        seconds = []
+        for _ in range(polls):
+            took, answer = _timed(lambda: _call(url, "poll", f"crowd-{number}"))
+            assert answer[0].startswith(("running: step", "completed")), answer[0]
+            seconds.append(took)
+        return seconds
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        answers = list(pool.map(client, range(clients)))
+    return [seconds[0] for seconds in answers], [took for seconds in answers for took in seconds[1:]]
+
+
 @pytest.mark.slow
 def test_two_browsers_share_one_run_and_the_page_answers_while_it_trains(tmp_path):
     """The first browser starts the demo; the second is refused a second Start and watches the first's run (and
-    may stop it). All along the page and the poll answer within 200 ms: the demo builds and trains in a thread
-    while the server keeps a core and the GIL for itself."""
+    may stop it). All along the page and the poll answer within 200 ms: the demo builds and trains in a process of
+    its own at a lower priority, and the page is built once per visitor. Twenty API clients polling at once
+    during training all get answers."""
     from gradio_client import Client
 
     from ui.studio import ALREADY_RUNNING
@@ -286,10 +304,16 @@ def test_two_browsers_share_one_run_and_the_page_answers_while_it_trains(tmp_pat
         assert len(timings["poll while training"]) >= 8, report
         assert steps == sorted(steps) and steps[-1] > steps[0], steps  # the second browser sees it move
         for phase in ("building", "training"):
-            polls, pages = timings[f"poll while {phase}"], timings[f"page while {phase}"]
-            if polls:
-                assert sorted(polls)[max(0, round(0.9 * len(polls)) - 1)] < 0.2, report
-                assert statistics.median(pages) < 0.2, report
+            for what in ("poll", "page"):
+                seconds = sorted(timings[f"{what} while {phase}"])
+                if seconds:
+                    assert seconds[max(0, round(0.9 * len(seconds)) - 1)] < 0.2, report
+
+        first_polls, later_polls = _crowd_polls(url, clients=20, polls=5)
+        crowd = (_summary("20 clients polling at once, first polls", first_polls) + "\n"
+                 + _summary("20 clients polling at once, later polls", later_polls))
+        print(crowd)
+        assert max(first_polls + later_polls) < 10, crowd
 
         watched = second.predict(api_name="/poll")
         assert watched[0].startswith(("running: step", "completed")), watched[0]

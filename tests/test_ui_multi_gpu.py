@@ -289,7 +289,8 @@ def app(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path):
 
 
 class Poller:
-    """The Run view through /poll: the newest value of each output (an unchanged one comes back as a skip)."""
+    """The Run view through /poll and /samples: the newest value of each output (an unchanged one comes back as a
+    skip)."""
 
     def __init__(self, client: object) -> None:
         self.client = client
@@ -298,10 +299,10 @@ class Poller:
         self.gallery: list = []
 
     def poll(self) -> str:
-        status, progress, plot, gallery, log, *_ = self.client.predict(api_name="/poll")
+        status, progress, plot, log, *_ = self.client.predict(api_name="/poll")
         self.status, self.progress = status, progress
         self.plot = plot if isinstance(plot, dict) and "data" in plot else self.plot
-        self.gallery = gallery if isinstance(gallery, list) else self.gallery
+        self.gallery = self.client.predict(api_name="/samples")
         self.log = log if isinstance(log, str) else self.log
         return status
 

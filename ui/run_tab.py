@@ -193,26 +193,34 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
 
     def poll(last: dict[str, int]) -> tuple[Any, ...]:
         """Status line first ('idle', 'running: step 12/40', 'paused at step 12 — …', 'completed: LoRA saved to
-        …', 'failed: …')."""
+        …', 'failed: …'); the last value says which samples there are (/samples returns them)."""
         view = studio.poll()
         with view.lock:
             key = {"run": view.run_id, "losses": len(view.losses), "evals": len(view.eval_losses),
-                   "samples": len(view.samples), "log": view.version, "status": view.status}
+                   "log": view.version, "status": view.status}
             fresh = last.get("run") != key["run"]
             plot_changed = last.get("losses") != key["losses"] or last.get("evals") != key["evals"]
             plot_value = loss_frame(view) if fresh or plot_changed else gr.skip()
-            new_samples = fresh or last.get("samples") != key["samples"]
-            gallery_value = gallery_items(view, roots, studio.folders) if new_samples else gr.skip()
             log_value = view.log_text() if fresh or last.get("log") != key["log"] else gr.skip()
             # A start's problems stay up until the run they were about moves on (e.g. "already in progress").
             moved_on = bool(last) and last.get("status") != view.status
             problems_value = gr.update(visible=False, value="") if moved_on else gr.skip()
-            return (view.status_text(), progress_html(view), plot_value, gallery_value, log_value, problems_value,
-                    key)
+            return (view.status_text(), progress_html(view), plot_value, log_value, problems_value, key,
+                    [view.run_id, len(view.samples)])
+
+    def samples() -> list[tuple[Any, str]]:
+        """The sample images so far, each labelled with its step and prompt."""
+        with studio.view.lock:
+            return gallery_items(studio.view, roots, studio.folders)
+
+    # The gallery has a state of its own, changed by the poll only when a sample arrives: gradio rebuilds an output
+    # that is skipped (20 ms for a gallery, a tenth of that for the others), so the poll never names the gallery.
+    shown = gr.State([0, 0])
+    shown.change(samples, None, gallery, api_name="samples", show_progress="hidden", concurrency_limit=None)
 
     gauge_timer = gr.Timer(2.0)  # NVML and psutil reads are cheap, but need not follow every progress poll
     gauge_timer.tick(lambda: gauges_html(read_gauges()), None, memory, api_name="memory_gauges",
                      show_progress="hidden", concurrency_limit=None)
     timer = gr.Timer(1.0)
-    timer.tick(poll, seen, [status, progress, plot, gallery, log, problems, seen], api_name="poll",
+    timer.tick(poll, seen, [status, progress, plot, log, problems, seen, shown], api_name="poll",
                show_progress="hidden", concurrency_limit=None)

@@ -1,0 +1,87 @@
+"""The app's trainer process: the same actions, refusals and events as the in-process runner, across a pipe; a
+trainer killed mid-run ends its run as failed with the reason, and the next run starts a fresh process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import python_env
+
+from trainer.events import Event, Progress, RunFinished, RunStarted
+from trainer.process_runner import ProcessRunner, describe_exit
+from trainer.runner import AlreadyRunning, NothingToDo
+from trainer.spec import load_spec, resolve_paths
+
+TIMEOUT = 120
+
+
+def _spec(demo_dir: Path, out: Path, *extra: str):  # noqa: ANN202
+    settings = ["train.max_steps=10", "sample.prompts=[]", f"output.dir='{out}'", *extra]
+    return resolve_paths(load_spec(demo_dir / "job.toml", settings), demo_dir)
+
+
+def _of(events: list[Event], kind: type) -> list:
+    return [event for event in events if isinstance(event, kind)]
+
+
+@pytest.fixture
+def runner():  # noqa: ANN201
+    runner = ProcessRunner(env={**python_env(), "OMP_NUM_THREADS": "1"})
+    yield runner
+    runner.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is a POSIX signal")
+def test_actions_cross_the_pipe_and_a_killed_trainer_fails_its_run_but_not_the_app(runner: ProcessRunner,
+                                                                                  demo_dir: Path, tmp_path: Path):
+    with pytest.raises(NothingToDo, match="nothing to save: start or train first"):
+        runner.save_now()
+    assert runner.pid is not None and not runner.running and not runner.live
+
+    runner.train_steps(_spec(demo_dir, tmp_path / "paused"), 2)
+    assert runner.running and runner.action == "train_steps"  # known when the call returns, not a poll later
+    assert runner.join(TIMEOUT)
+    assert runner.live and runner.paused and runner.step == 2
+    with pytest.raises(AlreadyRunning, match="paused at step 2"):
+        runner.start(_spec(demo_dir, tmp_path))
+    with pytest.raises(NothingToDo, match="no sample prompts"):
+        runner.validate_now()
+    runner.end_training()
+    assert runner.join(TIMEOUT)
+    events = runner.drain()
+    assert [event.step for event in _of(events, Progress)] == [1, 2]
+    assert [(f.status, f.step) for f in _of(events, RunFinished)] == [("stopped", 2)]
+    assert Path(_of(events, RunFinished)[0].lora_path).is_file() and not runner.live and runner.step is None
+
+    # The same process trains the next run; killed in the middle of it, the run fails and says how.
+    first = runner.pid
+    runner.start(_spec(demo_dir, tmp_path / "killed", "train.max_steps=1000"))
+    assert runner.output_dir() == tmp_path / "killed" and runner.pid == first
+    events = []
+    deadline = time.monotonic() + TIMEOUT
+    while not _of(events, Progress) and time.monotonic() < deadline:
+        events += runner.drain()
+        time.sleep(0.05)
+    os.kill(first, signal.SIGKILL)
+    assert runner.join(TIMEOUT) and not runner.live
+    events += runner.drain()
+    finished = _of(events, RunFinished)
+    assert len(finished) == 1 and finished[0].status == "failed", finished
+    assert "was killed by SIGKILL" in finished[0].message and "the app is fine" in finished[0].message
+
+    runner.start(_spec(demo_dir, tmp_path / "next", "train.max_steps=1"))
+    assert runner.pid not in (None, first)
+    assert runner.join(TIMEOUT)
+    events = runner.drain()
+    assert len(_of(events, RunStarted)) == 1 and [f.status for f in _of(events, RunFinished)] == ["completed"]
+
+
+def test_how_a_process_ended_in_words():
+    assert describe_exit(-9).startswith("was killed by SIGKILL: the system may have run out of memory")
+    assert describe_exit(-15) == "was killed by SIGTERM"
+    assert describe_exit(3) == "exited with code 3"

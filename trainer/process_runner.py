@@ -1,0 +1,385 @@
+"""The app's trainer in a process of its own: `ProcessRunner` answers as `TrainingRunner` does, while a
+TrainingRunner does the work in a child Python (`python -m trainer.process_runner`).
+
+Why a process and not a thread: the page must answer within 200 ms while the demo builds, models load and
+training runs, and a thread of the app competes with the web server for the GIL; and a trainer that dies (the
+kernel's OOM killer, a crash in a CUDA library, kill -9) must not take the app down with it.
+
+The protocol is JSON lines, no pickle: the app writes calls to the child's stdin, `{"id": n, "call": name,
+"args": {...}}`; the child answers on a private copy of its stdout (fd 1 itself goes to stderr, so a library's
+print cannot corrupt it) with messages `{"reply": n, ...}` or `{}`, each carrying the events since the last
+message and the runner's state after them (`action`, `live`, `step`). State is read before the events are drained,
+so a message that says nothing runs also holds every event of what ran. The child's stderr is copied to the app's
+and its tail kept: a child that dies says why in the Run view (its exit code or signal, the last lines it wrote),
+the run ends as failed, and the next action starts a fresh child.
+
+Torch-free: the app imports this module; torch is imported by the child's worker thread when it first trains.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import traceback
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from trainer.events import Event, EventQueue, LogMessage, RunFinished, event_from_dict
+from trainer.runner import AlreadyRunning, NothingToDo, TrainingRunner
+from trainer.spec import JobSpec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+FORWARD_EVERY_S = 0.05  # how often the child sends new events and state when nothing else is said
+CALL_TIMEOUT_S = 60.0  # a call only queues work in the child, so an answer this late means the child is stuck
+STDERR_TAIL = 40
+# Lower than the app's priority, so the web server is served first on a machine whose cores training keeps busy.
+# Training on a GPU barely notices: its CPU thread only waits on the GPU.
+NICENESS = 5
+REFUSALS: dict[str, type[Exception]] = {"AlreadyRunning": AlreadyRunning, "NothingToDo": NothingToDo}
+
+
+class TrainerProcessError(NothingToDo):
+    """The trainer process could not be started or stopped answering; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class RunnerState:
+    """What the app asks of its runner between calls, as the child last reported it."""
+
+    action: str | None = None
+    live: bool = False
+    step: int | None = None
+
+    @classmethod
+    def of(cls, runner: TrainingRunner) -> RunnerState:
+        return cls(runner.action, runner.live, runner.step)
+
+
+# ---------------------------------------------------------------------- the app's side
+
+
+class ProcessRunner:
+    """TrainingRunner's interface for the app, with the runner living in a child process started on first use.
+
+    Every action is a call to the child that returns as soon as the child has queued the work (or refused it with
+    AlreadyRunning / NothingToDo, raised here again); events arrive in the background and wait in `drain()`.
+    """
+
+    def __init__(self, command: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self._command = command or [sys.executable, "-m", "trainer.process_runner"]
+        self._env = env
+        self._lock = threading.Lock()  # one call at a time; guards the child's start
+        self._changed = threading.Condition()  # notified whenever the state changes
+        self._events = EventQueue()
+        self._state = RunnerState()
+        self._child: subprocess.Popen | None = None
+        self._replies: dict[int, dict[str, Any]] = {}
+        self._next_id = 0
+        self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL)
+        self.spec: JobSpec | None = None  # the spec of the live (or last) session
+        _LIVE.add(self)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def running(self) -> bool:
+        return self._state.action is not None
+
+    @property
+    def action(self) -> str | None:
+        return self._state.action
+
+    @property
+    def live(self) -> bool:
+        return self._state.live
+
+    @property
+    def paused(self) -> bool:
+        return self.live and not self.running
+
+    @property
+    def step(self) -> int | None:
+        return self._state.step
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs (tests kill it)."""
+        child = self._child
+        return child.pid if child is not None and child.poll() is None else None
+
+    def output_dir(self) -> Path | None:
+        return Path(self.spec.output.dir) if self.spec else None
+
+    def drain(self) -> list[Event]:
+        return self._events.drain()
+
+    def join(self, timeout: float | None = None) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._state.action is None, timeout)
+
+    # ------------------------------------------------------------------ actions
+
+    def start(self, spec: JobSpec, demo_dir: Path | None = None, resume: bool = False) -> None:
+        self._call("start", spec=spec.to_dict(), demo_dir=_str(demo_dir), resume=resume)
+        self.spec = spec
+
+    def train_steps(self, spec: JobSpec, steps: int, demo_dir: Path | None = None, resume: bool = False) -> None:
+        live = self.live
+        self._call("train_steps", spec=spec.to_dict(), steps=steps, demo_dir=_str(demo_dir), resume=resume)
+        if not live:  # a live session keeps the spec it was set up with
+            self.spec = spec
+
+    def validate_now(self) -> Literal["requested", "started"]:
+        return self._call("validate_now")
+
+    def save_now(self) -> Literal["requested", "started"]:
+        return self._call("save_now")
+
+    def stop(self) -> bool:
+        if self._child is None:
+            return False
+        return bool(self._call("stop"))
+
+    def end_training(self) -> None:
+        self._call("end_training")
+
+    def close(self, timeout: float = 10.0) -> None:
+        """End the child: its stdin closes, it stops training after the current step and exits; killed if it
+        has not within `timeout` seconds."""
+        with self._lock:
+            child, self._child = self._child, None
+        if child is None:
+            return
+        try:
+            child.stdin.close()
+        except OSError:
+            pass
+        try:
+            child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+    # ------------------------------------------------------------------ the pipe
+
+    def _call(self, name: str, **args: Any) -> Any:  # noqa: ANN401 - the runner method's own result
+        with self._lock:
+            child = self._running_child()
+            call_id = self._next_id = self._next_id + 1
+            try:
+                child.stdin.write((json.dumps({"id": call_id, "call": name, "args": args}) + "\n").encode())
+                child.stdin.flush()
+            except OSError as exc:
+                raise TrainerProcessError(f"the trainer process is not answering ({exc}); try again") from None
+            with self._changed:
+                answered = self._changed.wait_for(
+                    lambda: call_id in self._replies or child.poll() is not None, CALL_TIMEOUT_S)
+                reply = self._replies.pop(call_id, None)
+        if reply is None:
+            why = "it ended" if answered else f"no answer within {CALL_TIMEOUT_S:.0f} s"
+            raise TrainerProcessError(f"the trainer process did not take '{name}' ({why}); try again")
+        if "refused" in reply:
+            raise REFUSALS.get(reply["refused"], NothingToDo)(reply["message"])
+        if "error" in reply:
+            raise TrainerProcessError(f"the trainer process failed at '{name}': {reply['error']}")
+        return reply.get("result")
+
+    def _running_child(self) -> subprocess.Popen:
+        """The child, started when there is none (or the last one ended); the lock is held."""
+        if self._child is not None and self._child.poll() is None:
+            return self._child
+        env = dict(os.environ if self._env is None else self._env)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        try:
+            child = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env)
+        except OSError as exc:
+            raise TrainerProcessError(f"cannot start the trainer process {self._command[0]}: {exc}") from None
+        self._child = child
+        self._stderr_tail.clear()
+        threading.Thread(target=self._read_stderr, args=(child.stderr,), name="trainer-stderr", daemon=True).start()
+        threading.Thread(target=self._read_messages, args=(child,), name="trainer-messages", daemon=True).start()
+        return child
+
+    def _read_messages(self, child: subprocess.Popen) -> None:
+        for line in child.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue  # cannot happen on the private pipe; never let a bad line stop the reader
+            self._receive(message)
+        child.wait()
+        self._child_ended(child)
+
+    def _receive(self, message: dict[str, Any]) -> None:
+        for data in message.get("events", ()):
+            self._events(event_from_dict(data))  # before the state: a poll that sees it idle has every event
+        with self._changed:
+            self._state = RunnerState(**message["state"]) if "state" in message else self._state
+            if "reply" in message:
+                self._replies[message["reply"]] = message
+            self._changed.notify_all()
+
+    def _read_stderr(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            line = raw.decode("utf-8", "replace")
+            self._stderr_tail.append(line.rstrip("\n"))
+            try:
+                sys.stderr.write(line)  # the terminal window shows what the trainer says, as before
+            except (OSError, ValueError):
+                pass
+
+    def _child_ended(self, child: subprocess.Popen) -> None:
+        """The child exited: a run it had in hand ends as failed, saying how the process ended."""
+        if self._child is not child:
+            return  # an older child, replaced after it had been reported
+        state = self._state
+        if state.action is not None or state.live:
+            how = describe_exit(child.returncode)
+            tail = "\n".join(self._stderr_tail)
+            if tail:
+                self._events(LogMessage(level="error", message=f"the trainer process's last words:\n{tail}"))
+            self._events(RunFinished(
+                status="failed", step=state.step or 0,
+                message=f"the trainer process {how} at step {state.step or 0}; the app is fine. What was saved in "
+                        "the output folder is kept: Start with Resume continues from the latest saved state"))
+        with self._changed:
+            self._state = RunnerState()
+            self._changed.notify_all()
+
+
+def describe_exit(code: int | None) -> str:
+    """How a process ended, in words: 'was killed (SIGKILL: out of memory?)', 'exited with code 3'."""
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = ": the system may have run out of memory" if name == "SIGKILL" else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {code}"
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+_LIVE: weakref.WeakSet[ProcessRunner] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_children() -> None:
+    for runner in list(_LIVE):
+        runner.close(timeout=5)
+
+
+# ---------------------------------------------------------------------- the child's side
+
+
+class _Server:
+    """The child: runs the calls it reads on a TrainingRunner and forwards its events and state."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.runner = TrainingRunner()
+        self._out = out
+        self._send_lock = threading.Lock()
+        self._last: RunnerState | None = None
+
+    def send(self, message: dict[str, Any] | None = None) -> None:
+        message = dict(message or {})
+        with self._send_lock:
+            state = RunnerState.of(self.runner)  # before draining: see the module's docstring
+            events = self.runner.drain()
+            if not events and state == self._last and "reply" not in message:
+                return
+            self._last = state
+            message.update(events=[event.to_dict() for event in events], state=state.__dict__)
+            self._out.write((json.dumps(message) + "\n").encode())
+            self._out.flush()
+
+    def forward(self, stop: threading.Event) -> None:
+        while not stop.wait(FORWARD_EVERY_S):
+            self.send()
+
+    def answer(self, line: bytes) -> None:
+        call = json.loads(line)
+        try:
+            reply = {"reply": call["id"], "result": self.dispatch(call["call"], call.get("args", {}))}
+        except (AlreadyRunning, NothingToDo) as exc:
+            reply = {"reply": call["id"], "refused": type(exc).__name__, "message": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - reported to the app, which keeps running
+            traceback.print_exc()
+            reply = {"reply": call["id"], "error": f"{type(exc).__name__}: {exc}"}
+        self.send(reply)
+
+    def dispatch(self, name: str, args: dict[str, Any]) -> Any:  # noqa: ANN401 - the runner method's result
+        runner = self.runner
+        actions: dict[str, Callable[[], Any]] = {
+            "start": lambda: runner.start(parse_spec(args["spec"]), _path(args.get("demo_dir")),
+                                          resume=bool(args.get("resume"))),
+            "train_steps": lambda: runner.train_steps(parse_spec(args["spec"]), int(args["steps"]),
+                                                      _path(args.get("demo_dir")), resume=bool(args.get("resume"))),
+            "validate_now": runner.validate_now,
+            "save_now": runner.save_now,
+            "stop": runner.stop,
+            "end_training": runner.end_training,
+        }
+        if name not in actions:
+            raise NothingToDo(f"unknown call {name!r}")
+        return actions[name]()
+
+    def wind_down(self, timeout: float = 60.0) -> None:
+        """The app went away: stop training after the current step (which saves), then leave."""
+        self.runner.stop()
+        self.runner.join(timeout)
+
+
+def _path(text: str | None) -> Path | None:
+    return None if text is None else Path(text)
+
+
+def lower_priority() -> None:
+    """Let the app's web server go first when both want the CPU."""
+    try:
+        if hasattr(os, "nice"):
+            os.nice(NICENESS)
+        else:  # Windows
+            import psutil
+
+            psutil.Process().nice(psutil.BELOW_NORMAL_PRIORITY_CLASS)
+    except Exception:  # noqa: BLE001, S110 - a priority we cannot change is no reason not to train
+        pass
+
+
+def serve() -> None:
+    """The child's main: calls from stdin, messages to a private copy of stdout, everything else to stderr."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C in the terminal is the app's to handle; it closes us
+    messages = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    lower_priority()
+    server = _Server(messages)
+    stop = threading.Event()
+    forwarder = threading.Thread(target=server.forward, args=(stop,), name="forwarder", daemon=True)
+    forwarder.start()
+    for line in sys.stdin.buffer:
+        if line.strip():
+            server.answer(line)
+    server.wind_down()  # stdin closed: the app has exited or closed us
+    stop.set()
+    server.send()
+
+
+if __name__ == "__main__":
+    serve()
