@@ -130,6 +130,17 @@ def test_preflight_names_a_missing_empty_or_self_conditioning_folder_and_missing
         "sample.reference_images[1]: 'notes.txt' is not an image the trainer reads (.jpg, .jpeg, .png, .webp, .bmp)"]
 
 
+def test_kontext_without_any_pair_is_warned_about(demo_dir: Path, tmp_path: Path) -> None:
+    kontext = ("model.flavour='kontext'", "model.source='flux1'")
+    plain = check_datasets(_spec(demo_dir, tmp_path / "out", *kontext, job="job_flux1.toml"))
+    assert plain.verdict == "warnings" and [row.problem for row in plain.rows] == [
+        "FLUX.1 Kontext [dev] edits a reference image, but no dataset has a conditioning folder: it trains on the "
+        "targets alone (text to image); give the folder of reference images if it should learn an edit"]
+    pairs = check_datasets(_spec(demo_dir, tmp_path / "out", "model.family='flux1'", *kontext))
+    assert pairs.verdict == "ok"
+    assert check_datasets(_spec(demo_dir, tmp_path / "out", job="job_flux1.toml")).verdict == "ok"  # FLUX.1 dev
+
+
 def test_conditioning_is_refused_for_a_flavour_without_reference_images() -> None:
     entry = {"path": "targets", "conditioning": "refs"}
     with pytest.raises(SpecError) as caught:
