@@ -425,6 +425,8 @@ def test_dataset_tab_endpoints(tmp_path):
             assert refused.startswith(f"not loaded: refused: the image folder {path!r}"), refused
             assert client.predict(dataset_path=path, api_name="/caption_start")[0].startswith(
                 f"not started: refused: the image folder {path!r}")
+        verdict = client.predict(dataset_conditioning="/etc", api_name="/check_dataset")[0]  # edit pairs' references
+        assert verdict == "will not train — a folder is outside the folders this app may use"
         assert "refused: the job file '/etc/passwd'" in client.predict(path="/etc/passwd", api_name="/load_job")[-1]
         notice, *_ = client.predict(job_path="../escape.toml", api_name="/save_job")
         assert "refused: the job file '../escape.toml'" in notice and not (tmp_path.parent / "escape.toml").exists()

@@ -58,8 +58,12 @@ def test_strict_takes_the_targets_bucket_loose_its_own_at_the_same_area(demo_dir
         assert all(item.reference_path == tmp_path / "refs" / item.image_path.name for item in items)
         if match == "strict":
             assert {item.reference_bucket for item in items} == {(96, 160)}
-            stretched = [row for row in health.rows if row.kind == "pair"]
-            assert len(stretched) == 2 and "strict matching stretches it" in stretched[0].problem
+            stretched = [row for row in health.rows if row.kind == "pair"]  # one row for the dataset
+            assert len(stretched) == 1 and stretched[0].file == tmp_path / "targets"
+            assert stretched[0].problem.startswith("2 strict pairs whose reference has another shape: img_00.png "
+                                                   "(96x160 <- 160x96), img_01.png (96x160 <- 160x96); strict "
+                                                   "matching stretches")
+            assert health.verdict == "warnings"
             assert "strict: each reference takes its target's bucket and crop" in plan.report()
         else:
             assert {item.reference_bucket for item in items} == {(160, 96)}  # own aspect, same area as 96x160
@@ -69,24 +73,72 @@ def test_strict_takes_the_targets_bucket_loose_its_own_at_the_same_area(demo_dir
 
 def test_a_target_without_its_reference_and_a_reference_without_its_target_are_reported(demo_dir: Path,
                                                                                        tmp_path: Path) -> None:
-    _pairs(tmp_path / "targets", tmp_path / "refs", (64, 64), (64, 64), 4)
-    (tmp_path / "refs" / "img_01.png").unlink()
+    _pairs(tmp_path / "targets", tmp_path / "refs", (64, 64), (64, 64), 8)
+    for name in ("img_01", "img_04", "img_05", "img_06", "img_07"):
+        (tmp_path / "refs" / f"{name}.png").unlink()
     Image.new("RGB", (64, 64)).save(tmp_path / "refs" / "stray.png")
     (tmp_path / "refs" / "img_02.png").write_bytes(b"not a png")
     spec = _spec(demo_dir, tmp_path / "out", *_folders(tmp_path, "strict"), "data.resolution=64")
     health = check_datasets(spec)
     assert health.verdict == "warnings"
-    table = health.table()
-    assert "targets/img_01.png" in table and "no reference image named img_01.* in refs/" in table
-    assert "refs/stray.png" in table and "a reference with no target of the same name in targets/; ignored" in table
-    assert "targets/img_02.png" in table and "its reference refs/img_02.png: cannot read" in table
-    assert {p.name for p in health.skipped} == {"img_01.png", "img_02.png"}
+    lines = [" ".join(line.split()) for line in health.table().splitlines()]  # columns padded: spaces squeezed
+    # one line per dataset for what many files share: the folder, how many, the first few names
+    assert [line for line in lines if "without a reference" in line] == [
+        "warning targets/ 5 targets without a reference image of the same name in refs/: img_01.png, "
+        "img_04.png, img_05.png and 2 more (a target trains only with its reference); skipped"]
+    assert [line for line in lines if "no target" in line] == [
+        "warning refs/ 1 reference with no target of the same name in targets/: stray.png; ignored"]
+    assert any("targets/img_02.png" in line and "its reference refs/img_02.png: cannot read" in line
+               for line in lines)
+    assert {p.name for p in health.skipped} == {"img_01.png", "img_02.png", "img_04.png", "img_05.png",
+                                                "img_06.png", "img_07.png"}
     items, _ = plan_training_items(spec, health)
     assert sorted(item.image_path.name for item in items) == ["img_00.png", "img_03.png"]
 
     for name in ("img_00.png", "img_03.png"):
         (tmp_path / "refs" / name).unlink()
     assert check_datasets(spec).verdict == "will not train"  # not one pair left
+    for path in (tmp_path / "refs").iterdir():
+        path.unlink()
+    empty = check_datasets(spec)
+    assert empty.verdict == "will not train"
+    assert [(row.file, row.severity) for row in empty.rows if row.problem.startswith("no reference images in the "
+                                                                                     "conditioning folder")] == [
+        (tmp_path / "refs", "error")]
+
+
+def test_preflight_names_a_missing_empty_or_self_conditioning_folder_and_missing_sample_references(
+        demo_dir: Path, tmp_path: Path) -> None:
+    from trainer.preflight import check_files
+
+    def problems(*overrides: str) -> list[str]:
+        return [p for p in check_files(_spec(demo_dir, tmp_path / "out", *overrides))
+                if p.startswith(("data.datasets[0].conditioning", "sample.reference_images"))]
+
+    assert problems() == []  # the demo's pairs
+    field = "data.datasets[0].conditioning"
+    assert problems(f"{field}='{tmp_path / 'nowhere'}'") == [
+        f"{field}: folder '{tmp_path / 'nowhere'}' does not exist; give the folder of reference (before) images named "
+        f"like the targets in '{demo_dir / 'dataset_edit'}', or remove the key"]
+    (tmp_path / "empty").mkdir()
+    assert problems(f"{field}='{tmp_path / 'empty'}'")[0].startswith(f"{field}: no images (.jpg")
+    assert "is the dataset folder itself" in problems(f"{field}='{demo_dir / 'dataset_edit'}'")[0]
+    (tmp_path / "notes.txt").write_text("x")
+    assert problems("sample.prompts=['a', 'b']", f"sample.reference_images=['{tmp_path / 'gone.png'}', "
+                    f"'{tmp_path / 'notes.txt'}']") == [
+        f"sample.reference_images[0]: file '{tmp_path / 'gone.png'}' does not exist",
+        "sample.reference_images[1]: 'notes.txt' is not an image the trainer reads (.jpg, .jpeg, .png, .webp, .bmp)"]
+
+
+def test_kontext_without_any_pair_is_warned_about(demo_dir: Path, tmp_path: Path) -> None:
+    kontext = ("model.flavour='kontext'", "model.source='flux1'")
+    plain = check_datasets(_spec(demo_dir, tmp_path / "out", *kontext, job="job_flux1.toml"))
+    assert plain.verdict == "warnings" and [row.problem for row in plain.rows] == [
+        "FLUX.1 Kontext [dev] edits a reference image, but no dataset has a conditioning folder: it trains on the "
+        "targets alone (text to image); give the folder of reference images if it should learn an edit"]
+    pairs = check_datasets(_spec(demo_dir, tmp_path / "out", "model.family='flux1'", *kontext))
+    assert pairs.verdict == "ok"
+    assert check_datasets(_spec(demo_dir, tmp_path / "out", job="job_flux1.toml")).verdict == "ok"  # FLUX.1 dev
 
 
 def test_conditioning_is_refused_for_a_flavour_without_reference_images() -> None:

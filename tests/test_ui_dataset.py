@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ from test_captioners import build_blip, make_images, sidecar
 from test_ui_state import FakeRunner
 
 from trainer.data.captioners import caption_dataset
-from trainer.spec import parse_spec
-from ui import caption_editor, form
+from trainer.demo import edit_job_toml
+from trainer.spec import parse_spec, resolve_paths
+from ui import caption_editor, edit_pairs, form
 from ui.captioning import CaptionJob
 from ui.studio import CAPTIONING_IN_PROGRESS, Studio
 
@@ -153,6 +155,83 @@ def test_check_names_form_problems_and_the_unbuilt_demo(studio, tmp_path):
     result = checked(studio, tmp_path, **{"data.resolution": "64, huge"})
     assert result.line.startswith("will not train — the form has problems")
     assert "data.resolution: 'huge' is not a whole number" in result.details
+
+
+# ---------------------------------------------------------------------- edit pairs
+
+
+def edit_pair_values(studio: Studio, tmp_path: Path) -> dict:
+    return dict(studio.default_values(), **{
+        "dataset.path": str(tmp_path / "after"), "dataset.conditioning": str(tmp_path / "before"),
+        "dataset.conditioning_match": "loose", "sample.prompts": "make it red | make it blue",
+        "sample.reference_images": f"{tmp_path / 'a.png'} | {tmp_path / 'b.png'}"})
+
+
+def test_edit_pair_keys_map_to_the_spec_and_round_trip_through_a_toml_job(studio, tmp_path):
+    defaults = studio.default_values()
+    assert (defaults["dataset.conditioning"], defaults["dataset.conditioning_match"],
+            defaults["sample.reference_images"]) == ("", "strict", "")  # no pairs; the radio shows the default
+    values = edit_pair_values(studio, tmp_path)
+    spec = form.form_to_spec(values)
+    entry = spec.data.datasets[0]
+    assert (entry.conditioning, entry.conditioning_match) == (str(tmp_path / "before"), "loose")
+    assert spec.sample.reference_images == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert form.spec_to_values(spec) == values
+    path, outcome = studio.save_job(values)
+    assert outcome.ok, outcome.problems
+    loaded, hidden, outcome = studio.load_job(path)
+    assert outcome.ok and loaded == values and form.form_to_spec(loaded, hidden) == spec
+    # an empty reference folder means no pairs: the crop choice goes too, even the loaded job's
+    cleared = form.form_to_spec(dict(loaded, **{"dataset.conditioning": " ", "sample.reference_images": ""}), hidden)
+    assert (cleared.data.datasets[0].conditioning, cleared.data.datasets[0].conditioning_match) == (None, None)
+    assert "conditioning" not in studio.save_job(dict(loaded, **{"dataset.conditioning": ""}))[0].read_text()
+    # the demo's edit job names no crop: the form shows strict, and the job it makes trains the same pairs
+    demo = resolve_paths(parse_spec(tomllib.loads(edit_job_toml())), tmp_path)  # its text: no need to build it
+    shown = form.spec_to_values(demo)
+    assert shown["dataset.conditioning"] == str(tmp_path / "dataset_edit_ref")
+    assert shown["dataset.conditioning_match"] == "strict" and shown["sample.reference_images"] == ""
+    again = form.form_to_spec(shown, form.hidden_fields(demo)).data.datasets[0]
+    assert (again.conditioning, again.match) == (demo.data.datasets[0].conditioning, "strict")
+
+
+@pytest.mark.parametrize(("family", "flavour", "takes"), [
+    ("flux2", "demo", True), ("flux2", "klein-base-4b", True), ("flux1", "kontext", True), ("flux1", "dev", False),
+    ("flux1", "schnell", False), ("flux1", "nonsense", False)])
+def test_edit_pair_controls_show_for_flavours_that_take_references(family, flavour, takes):
+    shown = edit_pairs.edit_controls(family, flavour)
+    assert (shown.takes_references, shown.show_pairs, shown.show_sample_references) == (takes, takes, takes)
+    assert ("takes no reference image" in shown.note) != takes
+    assert edit_pairs.takes_references(family, flavour) == registry_takes(family, flavour)
+
+
+def registry_takes(family: str, flavour: str) -> bool:
+    from trainer import registry
+
+    return flavour in registry.flavour_names(family) and registry.get_flavour(family, flavour).reference_images
+
+
+def test_edit_pair_controls_that_hold_a_value_stay_visible_with_what_to_clear():
+    shown = edit_pairs.edit_controls("flux1", "dev", "/refs", "")
+    assert (shown.show_pairs, shown.show_sample_references) == (True, False)
+    assert shown.note.endswith("Clear the reference folder, or the job will not start.")
+    shown = edit_pairs.edit_controls("flux1", "dev", "/refs", "a.png")
+    assert shown.show_sample_references and "the reference folder and the sample reference images" in shown.note
+
+
+def test_check_reports_unmatched_pairs_and_refuses_them_for_a_flavour_without_references(studio, tmp_path):
+    images_with_captions(tmp_path / "after", 3)
+    (tmp_path / "before").mkdir()
+    for name in ("img_00.png", "img_01.png", "extra.png"):
+        Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "before" / name)
+    result = checked(studio, tmp_path / "after", **{"dataset.conditioning": str(tmp_path / "before")})
+    assert result.verdict == "warnings" and "2 usable, 1 skipped" in result.line
+    assert "1 target without a reference image of the same name in before/: img\\_02.png" in result.details
+    assert "1 reference with no target of the same name in after/: extra.png; ignored" in result.details
+    assert "edit pairs, data.datasets[0]: 2 placements with a reference from before/ (strict" in result.buckets
+    refused = checked(studio, tmp_path / "after", **{"dataset.conditioning": str(tmp_path / "before"),
+                                                     "model.family": "flux1", "model.flavour": "dev"})
+    assert refused.line.startswith("will not train — the form has problems")
+    assert "data.datasets[0].conditioning: FLUX.1 [dev] (flux1 dev) takes no reference image" in refused.details
 
 
 # ---------------------------------------------------------------------- captioning

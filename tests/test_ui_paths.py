@@ -61,13 +61,17 @@ def test_folders_resolve_dotdot_and_links_before_judging(layout):
 
 def test_every_path_of_a_job_is_listed(tmp_path):
     spec = parse_spec({"model": {"family": "flux2", "flavour": "demo", "source": "/models/demo"},
-                       "data": {"datasets": [{"path": "/a", "masks": "/m"}, {"path": "/b"}], "cache_dir": "/c"},
-                       "sample": {"prompt_library": "/p.toml"}, "lora": {"init_from": "/l.safetensors"},
-                       "output": {"dir": "/o", "comfy_lora_dir": "/comfy"}})
+                       "data": {"datasets": [{"path": "/a", "masks": "/m"}, {"path": "/b", "conditioning": "/r"}],
+                                "cache_dir": "/c"},
+                       "sample": {"prompt_library": "/p.toml", "prompts": ["x", "y"],
+                                  "reference_images": ["/s0.png", "/s1.png"]},
+                       "lora": {"init_from": "/l.safetensors"}, "output": {"dir": "/o", "comfy_lora_dir": "/comfy"}})
     assert dict(spec_paths(spec)) == {
         "model.source": "/models/demo", "data.datasets[0].path": "/a", "data.datasets[0].masks": "/m",
-        "data.datasets[1].path": "/b", "data.cache_dir": "/c", "sample.prompt_library": "/p.toml",
-        "lora.init_from": "/l.safetensors", "output.comfy_lora_dir": "/comfy", "output.dir": "/o"}
+        "data.datasets[1].path": "/b", "data.datasets[1].conditioning": "/r", "data.cache_dir": "/c",
+        "sample.prompt_library": "/p.toml", "sample.reference_images[0]": "/s0.png",
+        "sample.reference_images[1]": "/s1.png", "lora.init_from": "/l.safetensors", "output.comfy_lora_dir": "/comfy",
+        "output.dir": "/o"}
     hub = parse_spec({"model": {"family": "flux2", "flavour": "klein-base-4b",
                                 "source": "black-forest-labs/FLUX.2-klein-base-4B"},
                       "data": {"datasets": [{"path": "/a"}]}})
@@ -77,7 +81,9 @@ def test_every_path_of_a_job_is_listed(tmp_path):
 def test_start_refuses_a_job_with_a_path_outside(studio, layout):
     values = studio.default_values()
     for key, path in [("dataset.path", "../secret"), ("output.dir", str(layout["secret"] / "out")),
-                      ("dataset.path", str(layout["allowed"] / "link_out")), ("lora.init_from", "/etc/passwd")]:
+                      ("dataset.path", str(layout["allowed"] / "link_out")), ("lora.init_from", "/etc/passwd"),
+                      ("dataset.conditioning", str(layout["secret"])),  # edit pairs' references
+                      ("sample.reference_images", str(layout["secret"] / "img_0.png"))]:
         outcome = studio.start(dict(values, **{key: path}))
         assert outcome.message == "not started: a path is outside the folders this app may use", (key, outcome)
         assert any("refused:" in problem and ADD_A_FOLDER in problem for problem in outcome.problems)
@@ -95,6 +101,10 @@ def test_dataset_check_and_caption_editor_refuse_outside_folders(studio, layout)
         state, outcome = studio.load_captions(path)
         assert not outcome.ok and outcome.problems[0].startswith("refused: the image folder")
         assert state["names"] == []
+        pairs = studio.check_dataset(dict(values, **{"dataset.path": str(layout["allowed"] / "images"),
+                                                     "dataset.conditioning": path}))
+        assert pairs.verdict == "will not train" and "refused: the data.datasets[0].conditioning" in pairs.details
+        assert "img_0" not in pairs.details
     state, outcome = studio.load_captions(str(layout["allowed"] / "images"))
     assert outcome.ok and state["names"] == ["img_0.png", "img_1.png"]
 

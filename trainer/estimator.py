@@ -41,7 +41,8 @@ Assumed (figures from shared/TECHNIQUES.md, "Activations" and "Optimiser", and m
 constants here and in trainer/estimator_activations.py): activations ≈60·h bytes per token per block for FLUX.2 in
 16-bit compute (50 for FLUX.1; 90 and 72 in fp32), checkpoint inputs ≈4·h per double block and 2·h per single
 block, ≈18·h outside the blocks, the block being recomputed ≈1.05 blocks' activations; tokens = image tokens
-(res/16)² + text tokens (512, schnell 256, demo 64); attention in a fused kernel needs no s² workspace (otherwise
+(res/16)² + text tokens (512, schnell 256, demo 64), and for edit pairs as many reference tokens again (a sample
+with a reference image likewise); attention in a fused kernel needs no s² workspace (otherwise
 4·heads·s² bytes per block); LoRA weights and grads in fp32 (peft keeps adapters in fp32); optimiser state per
 trainable parameter: AdamW 8 B, AdamW8bit 2 B, Lion8bit 1 B, Adafactor ≈4·(rows + cols) per matrix, Prodigy ≈16 B;
 VAE ≈84 M parameters; CUDA context 0.5 GiB; allocator overhead 10 % of the GPU tensors that are not weights; a
@@ -176,7 +177,8 @@ def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
     batch = spec.train.batch_size
     resolution = max(spec.data.every_resolution())
     image_tokens = (resolution // 16) ** 2
-    tokens = image_tokens + text_tokens(f)
+    reference_tokens = _reference_tokens(spec, image_tokens)
+    tokens = image_tokens + reference_tokens + text_tokens(f)
 
     # the frozen transformer on the GPU. One GPU or ddp: resident blocks and the rest, swapped blocks in RAM behind
     # a ring; fsdp: a 1/N share of everything, plus what is gathered while computing
@@ -238,7 +240,10 @@ def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
     sampled = bool(spec.sample.prompts)
 
     sample_res = spec.sample.resolution or f.sample_resolution
-    sample_tokens = (sample_res // 16) ** 2 + text_tokens(f)
+    # a sample rendered from a reference image carries it at the sample's own size (trainer/data/pairs.py)
+    has_pairs = any(entry.conditioning for entry in spec.data.datasets)
+    sample_references = f.reference_images and bool(spec.sample.reference_images or has_pairs)
+    sample_tokens = (sample_res // 16) ** 2 * (2 if sample_references else 1) + text_tokens(f)
     cfg = 2 if (f.guidance == "cfg" and (spec.sample.guidance or f.sample_guidance) > 1.0) else 1
     # the denoiser's no-grad forward (cond and uncond in one batch under CFG), then the VAE decodes: one after
     # the other, so the larger of the two counts
@@ -289,9 +294,13 @@ def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
         f"text encoder ({f.text_encoder_label}, {spec.model.text_encoder_precision})": te_whole / GIB,
         "vae": vae_bytes / GIB,
     }
-    notes = [f"{modules} {spec.lora.type} modules, {lora_params:,} trainable parameters; "
-             f"{tokens} tokens per sample ({image_tokens} image + {text_tokens(f)} text) at {resolution} px",
+    references = f" + {reference_tokens} reference" if reference_tokens else ""
+    notes = [f"{modules} {spec.lora.type} modules, {lora_params:,} trainable parameters; {tokens} tokens per sample "
+             f"({image_tokens} image{references} + {text_tokens(f)} text) at {resolution} px",
              f"plan: {plan.describe()}"]
+    if reference_tokens:
+        notes.append("edit pairs: each target's reference image is encoded beside it and appended to its tokens, so "
+                     "the transformer sees about twice the image tokens")
     if gpus > 1 or mode != "single":
         notes += _distributed_notes(spec, mode, mode_reason, gpus, weights)
     if not f.is_demo:
@@ -303,8 +312,6 @@ def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
         notes.append(f"assumes the text embeddings are already on disk; a first run caches them with the text encoder "
                      f"({plan.text_encoder_device}): {cold.vram_gib:.1f} GiB VRAM, "
                      f"{(process + transformer_ram + vae_bytes + te_ram) * gpus / GIB:.1f} GiB RAM")
-    if f.needs_reference_image:
-        notes.append("counts no reference-image tokens: training with a conditioning image doubles the image tokens")
     result = Estimate(
         vram_gib=max(p.vram_gib for p in phases.values()),
         ram_gib=max(p.ram_gib for p in phases.values()),
@@ -319,6 +326,18 @@ def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
 
             result.suggestion = suggest(spec, gpu_vram_gib, gpus, fused_attention, mode)
     return result
+
+
+def _reference_tokens(spec: JobSpec, image_tokens: int) -> int:
+    """Reference-image tokens beside the largest sample's image tokens: an edit pair's reference is cut to its
+    target's bucket (strict) or to one of the same pixel area (loose), so it adds as many tokens as the target;
+    0 without edit pairs. `image_tokens`: those of the job's largest resolution."""
+    largest = 0
+    for entry in spec.data.datasets:
+        if entry.conditioning:
+            own = (max(spec.data.resolutions(entry)) // 16) ** 2
+            largest = max(largest, 2 * own)  # target and reference
+    return max(0, largest - image_tokens)
 
 
 def _distributed_notes(spec: JobSpec, mode: str, reason: str, gpus: int, weights: dict[str, float]) -> list[str]:

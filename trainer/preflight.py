@@ -82,6 +82,7 @@ def _check_datasets(spec: JobSpec) -> list[str]:
         if not images:
             problems.append(f"{field}: no images ({', '.join(IMAGE_EXTENSIONS)}) in '{folder}'")
         problems += _check_masks(entry.masks, images, f"data.datasets[{index}].masks")
+        problems += _check_conditioning(entry.conditioning, folder, f"data.datasets[{index}].conditioning")
         total += len(images) * entry.repeats
     first = Path(spec.data.datasets[0].path)
     first_images = len(list_images(first)) if first.is_dir() else 0
@@ -109,6 +110,36 @@ def _check_masks(masks: str, images: list[Path], field: str) -> list[str]:
     return []
 
 
+def _check_conditioning(conditioning: str | None, dataset: Path, field: str) -> list[str]:
+    """The folder of an edit pair's references exists, is not the targets' own folder and holds images; which
+    targets lack a reference is the health check's to say, file by file."""
+    if not conditioning:
+        return []
+    folder = Path(conditioning)
+    if not folder.is_dir():
+        return [f"{field}: folder '{folder}' does not exist; give the folder of reference (before) images named like "
+                f"the targets in '{dataset}', or remove the key"]
+    if folder.resolve() == dataset.resolve():
+        return [f"{field}: '{folder}' is the dataset folder itself, so every target would be its own reference; "
+                "put the reference (before) images in a folder of their own"]
+    if not list_images(folder):
+        return [f"{field}: no images ({', '.join(IMAGE_EXTENSIONS)}) in '{folder}'; add a reference image named "
+                "like each target"]
+    return []
+
+
+def _check_sample_references(spec: JobSpec) -> list[str]:
+    problems = []
+    for index, text in enumerate(spec.sample.reference_images):
+        path = Path(text)
+        if not path.is_file():
+            problems.append(f"sample.reference_images[{index}]: file '{path}' does not exist")
+        elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+            problems.append(f"sample.reference_images[{index}]: '{path.name}' is not an image the trainer reads "
+                            f"({', '.join(IMAGE_EXTENSIONS)})")
+    return problems
+
+
 def _check_prompts(spec: JobSpec) -> list[str]:
     try:
         sample_prompts(spec)
@@ -133,5 +164,6 @@ def _check_output(spec: JobSpec) -> list[str]:
 
 def check_files(spec: JobSpec) -> list[str]:
     """Every problem with the files and folders of a resolved spec; empty when the job can start."""
-    problems = _check_model(spec) + _check_datasets(spec) + _check_prompts(spec) + _check_output(spec)
+    problems = _check_model(spec) + _check_datasets(spec) + _check_prompts(spec) + _check_sample_references(spec)
+    problems += _check_output(spec)
     return problems + missing_trackers(spec.output.log_with)

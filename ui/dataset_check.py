@@ -13,8 +13,10 @@ from ui import form
 
 PREVIEW_CAPTIONS = 5
 CHECKING = "checking…"
-# Only the data section and the batch settings matter for a dataset; a hub flavour needs no model source.
+# Only the data section, the batch settings and whether the flavour takes edit pairs' references matter for a
+# dataset: the form's family and flavour, with a stand-in source (never read); an unknown pair checks as this one.
 _ANY_MODEL = {"family": "flux1", "flavour": "dev"}
+_UNREAD_SOURCE = "unused-by-the-dataset-check"
 _TRAIN_KEYS = ("batch_size", "gradient_accumulation")
 
 
@@ -36,8 +38,8 @@ def check_form(values: dict[str, Any], base: dict[str, Any] | None, workdir: Pat
     data = form.values_to_dict(values, base)
     train = {key: value for key, value in data.get("train", {}).items() if key in _TRAIN_KEYS}
     try:
-        spec = resolve_paths(form.parse_form_dict({"model": _ANY_MODEL, "data": data["data"], "train": train}),
-                             workdir)
+        spec = resolve_paths(form.parse_form_dict({"model": _model(data.get("model", {})), "data": data["data"],
+                                                   "train": train}), workdir)
     except SpecError as exc:
         details = "**The form has problems:**\n" + "\n".join(f"- {problem}" for problem in exc.problems)
         return DatasetCheck("will not train", "will not train — the form has problems (listed below)", details)
@@ -46,6 +48,18 @@ def check_form(values: dict[str, Any], base: dict[str, Any] | None, workdir: Pat
         return DatasetCheck("not built", "not built yet — the demo dataset is made on the first Start",
                             f"The demo dataset `{first}` is built on the first Start.")
     return check_spec(spec)
+
+
+def _model(model: dict[str, Any]) -> dict[str, str]:
+    """The form's family and flavour when the registry knows them, else any hub flavour."""
+    from trainer import registry
+
+    family, flavour = str(model.get("family", "")), str(model.get("flavour", ""))
+    try:
+        registry.get_flavour(family, flavour)
+    except (KeyError, ValueError):
+        return dict(_ANY_MODEL)
+    return {"family": family, "flavour": flavour, "source": _UNREAD_SOURCE}
 
 
 def check_spec(spec: Any) -> DatasetCheck:  # noqa: ANN401 - a resolved JobSpec

@@ -1,6 +1,7 @@
-"""Dataset & Captioning tab: one image folder, how its captions are made, its masks, the images held out for the
-evaluation loss; resolutions, buckets and caches; a check that runs the health check and the bucket plan;
-automatic captioning in a background thread; a caption editor a page of images at a time."""
+"""Dataset & Captioning tab: one image folder, how its captions are made, its masks, its edit pairs' reference
+folder (Kontext, FLUX.2), the images held out for the evaluation loss; resolutions, buckets and caches; a check
+that runs the health check and the bucket plan; automatic captioning in a background thread; a caption editor a
+page of images at a time."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from trainer.data.captioners import CAPTIONERS
 from ui import caption_editor
 from ui.captioning import MAX_LENGTH_RANGE
 from ui.dataset_check import CHECKING
+from ui.edit_pairs import edit_controls
 from ui.form import FORM_KEYS, api_name, field_choices, keyword_handler
 from ui.studio import Outcome, Studio
 
-# What the check reads: the dataset fields, the data section, and the batch settings the health check counts.
+# What the check reads: the dataset fields, the data section, the batch settings the health check counts, and the
+# model (whether it takes the edit pairs' references).
 CHECK_KEYS = tuple(key for key in FORM_KEYS if key.startswith(("dataset.", "data."))) + (
-    "train.batch_size", "train.gradient_accumulation")
+    "train.batch_size", "train.gradient_accumulation", "model.family", "model.flavour")
 EDITOR_COLUMNS = 4
 
 # The verdict line, coloured by its first word; the text stays plain for the API.
@@ -67,6 +70,7 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
         value=defaults["dataset.masks"], label="Mask folder",
         info="optional: mask images with the same names as the training images; white is trained, black is "
              "ignored by the loss")
+    pairs = _edit_pairs(fields, defaults)
     with gr.Row():
         fields["data.eval_holdout"] = gr.Number(
             value=defaults["data.eval_holdout"], precision=0, label="Evaluation hold-out",
@@ -97,6 +101,38 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
             inputs["base"] = base
         check.click(keyword_handler(check_dataset, extra=("base",)), inputs_kwargs=inputs,
                     outputs=[verdict, health, buckets], api_name="check_dataset", show_progress="minimal")
+        pairs()
+
+    return connect
+
+
+def _edit_pairs(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> Callable[[], None]:
+    """The reference folder of edit pairs and how references are cut, with a note on the flavour; returns the
+    wiring to call once the Model and Training tabs exist (the flavour decides what shows, on both tabs)."""
+    shown = edit_controls(defaults["model.family"], defaults["model.flavour"], defaults["dataset.conditioning"],
+                          defaults["sample.reference_images"])
+    with gr.Accordion("Edit pairs (FLUX.1 Kontext, FLUX.2)", open=bool(defaults["dataset.conditioning"])):
+        note = gr.Markdown(shown.note)
+        with gr.Row(visible=shown.show_pairs) as row:
+            fields["dataset.conditioning"] = gr.Textbox(
+                value=defaults["dataset.conditioning"], label="Reference folder", scale=3,
+                info="optional: the reference (before) images, each named like its target in the image folder; "
+                     "empty: no edit pairs")
+            fields["dataset.conditioning_match"] = gr.Radio(
+                choices=field_choices("dataset.conditioning_match"), value=defaults["dataset.conditioning_match"],
+                label="Reference crop", info="strict: cut like its target; loose: its own aspect ratio")
+
+    def connect() -> None:
+        controls = [fields[key] for key in ("model.family", "model.flavour", "dataset.conditioning",
+                                            "sample.reference_images")]
+
+        def show(family: str, flavour: str, conditioning: str, reference_images: str) -> tuple[Any, Any, Any]:
+            state = edit_controls(family, flavour, conditioning, reference_images)
+            return state.note, gr.update(visible=state.show_pairs), gr.update(visible=state.show_sample_references)
+
+        # .change, so a loaded job's or a preset's flavour shows or hides them too
+        gr.on([fields["model.family"].change, fields["model.flavour"].change], show, controls,
+              [note, row, fields["sample.reference_images"]], api_visibility="private", show_progress="hidden")
 
     return connect
 

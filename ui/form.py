@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import re
 import tomllib
+import types
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,7 +34,8 @@ FORM_KEYS: tuple[str, ...] = (
     "model.text_encoder", "model.text_encoder_2", "model.base_precision", "model.text_encoder_precision",
     # Dataset & Captioning
     "dataset.path", "dataset.trigger", "dataset.caption_strategy", "dataset.instance_prompt", "dataset.repeats",
-    "dataset.masks", "data.resolution", "data.caption_dropout", "data.prior_loss_weight", "data.eval_holdout",
+    "dataset.masks", "dataset.conditioning", "dataset.conditioning_match", "data.resolution", "data.caption_dropout",
+    "data.prior_loss_weight", "data.eval_holdout",
     "data.bucket_step", "data.max_upscale", "data.min_size", "dataset.crop", "data.cache_latents",
     "data.cache_text_embeddings", "data.cache_dir",
     # Low VRAM
@@ -46,7 +48,7 @@ FORM_KEYS: tuple[str, ...] = (
     "train.optimizer", "train.learning_rate", "train.weight_decay",
     "train.max_steps", "train.batch_size", "train.gradient_accumulation", "train.scheduler",
     "train.warmup_steps", "train.max_grad_norm", "train.mixed_precision", "train.seed",
-    "sample.prompts", "sample.prompt_library", "sample.every_steps",
+    "sample.prompts", "sample.reference_images", "sample.prompt_library", "sample.every_steps",
     "output.dir", "output.name", "output.save_every_steps", "output.keep_last", "output.save_state",
     "output.log_with",
     # Advanced
@@ -63,10 +65,17 @@ FORM_KEYS: tuple[str, ...] = (
 # empty in the browser (its frontend turns an empty value into 0); pydantic parses the text and names the field.
 OPTIONAL_KEYS = frozenset({"sample.steps", "sample.guidance", "lowvram.vram_gib", "lowvram.swap_prefetch",
                            "lowvram.checkpointing_interval"})
-# Single-file paths and the ComfyUI folder: empty means "from model.source" (no folder), the spec's default. An
-# empty box leaves the key out of the spec dict, so a job without these keys still has none after the form.
+# Single-file paths and the ComfyUI folder: empty means "from model.source" (no folder), the spec's default; an
+# empty reference folder means no edit pairs. An empty box leaves the key out of the spec dict, so a job without
+# these keys still has none after the form.
 UNSET_WHEN_EMPTY = frozenset({"model.comfy_models_dir", "model.transformer", "model.vae", "model.text_encoder",
-                              "model.text_encoder_2"})
+                              "model.text_encoder_2", "dataset.conditioning"})
+# Edit pairs: how references are cut counts only beside a reference folder (the spec refuses it alone), so the
+# radio's value is left out of the spec while the folder is empty, and an unset one shows the spec's default.
+CONDITIONING_MATCH_KEY = "dataset.conditioning_match"
+DEFAULT_CONDITIONING_MATCH = "strict"
+# Sample reference images: one path for every prompt, or one per prompt in the prompts' order, separated alike.
+REFERENCE_IMAGES_KEY = "sample.reference_images"
 # Low-VRAM overrides are unset (None) unless the user sets them: the strategy then decides. Their menus name that
 # state, so a job that leaves a key to the strategy still leaves it unset after a trip through the form.
 FROM_STRATEGY = "from strategy"
@@ -126,6 +135,8 @@ def field_choices(key: str) -> list[str]:
     annotation = model.model_fields[name].annotation
     if typing.get_origin(annotation) is list:
         annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # an optional choice: its choices
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
     return [str(value) for value in typing.get_args(annotation)]
 
 
@@ -190,7 +201,9 @@ def format_resolution(value: int | list[int] | None) -> str:
 
 
 def _to_spec_value(key: str, value: Any) -> Any:
-    if key == "sample.prompts":
+    if key in ("sample.prompts", REFERENCE_IMAGES_KEY):
+        if isinstance(value, (list, tuple)):  # the API may give a list
+            return [str(part).strip() for part in value if str(part).strip()]
         return split_prompts(value)
     if key == RESOLUTION_KEY:
         try:
@@ -211,8 +224,10 @@ def _to_spec_value(key: str, value: Any) -> Any:
 
 def _from_spec_value(key: str, value: Any) -> Any:  # noqa: ANN401 - any spec value
     """The control's view of a spec value (the inverse of `_to_spec_value`)."""
-    if key == "sample.prompts":
+    if key in ("sample.prompts", REFERENCE_IMAGES_KEY):
         return f" {PROMPT_SEPARATOR} ".join(value or [])
+    if key == CONDITIONING_MATCH_KEY:
+        return value or DEFAULT_CONDITIONING_MATCH
     if key == RESOLUTION_KEY:
         return format_resolution(value)
     if key in OPTIONAL_KEYS:
@@ -253,6 +268,8 @@ def values_to_dict(values: Mapping[str, Any], base: Mapping[str, Any] | None = N
             target.pop(name, None)
         else:
             target[name] = value
+    if CONDITIONING_MATCH_KEY in values and not dataset.get("conditioning"):
+        dataset.pop("conditioning_match", None)  # no edit pairs: nothing to match
     data["data"]["datasets"] = [dataset, *datasets[1:]]
     return data
 

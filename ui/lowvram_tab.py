@@ -34,7 +34,8 @@ TRISTATE = [form.FROM_STRATEGY, form.ON, form.OFF]
 # What changes the memory a job needs: the live verdict listens to these controls' .change.
 MEMORY_KEYS = tuple(key for key in form.FORM_KEYS if key.startswith(("lowvram.", "model."))) + (
     "data.resolution", "data.cache_text_embeddings", "data.vae_tiling", "lora.rank", "lora.type", "lora.targets",
-    "train.batch_size", "train.optimizer", "train.mixed_precision", "sample.prompts", "sample.guidance")
+    "train.batch_size", "train.optimizer", "train.mixed_precision", "sample.prompts", "sample.guidance",
+    "dataset.conditioning", "sample.reference_images")  # edit pairs: reference tokens
 
 
 def strategy_table(selected: str) -> str:

@@ -2,7 +2,8 @@
 
 The app serves whoever can reach it (everyone with the share link, the network with --listen), and several of its
 handlers take a path typed into the page: the image folder (dataset check, caption editor, captioning), a job file
-to load or save, every path of a job that Start hands to the trainer, and the sample images the gallery shows. Each
+to load or save, every path of a job that Start hands to the trainer (edit pairs' reference folders and sample
+reference images included), and the sample images the gallery shows. Each
 of them goes through `Folders.check` first, so `../..`, an absolute path elsewhere or a link that leads out of the
 chosen folders is refused with a message that says which folders are allowed and how to add one. Pure python.
 """
@@ -93,8 +94,11 @@ def spec_paths(spec: JobSpec) -> list[tuple[str, str]]:
         paths.append((f"data.datasets[{index}].path", entry.path))
         if entry.masks:
             paths.append((f"data.datasets[{index}].masks", entry.masks))
+        if entry.conditioning:  # an edit pair's reference images
+            paths.append((f"data.datasets[{index}].conditioning", entry.conditioning))
     optional = [("data.cache_dir", spec.data.cache_dir), ("sample.prompt_library", spec.sample.prompt_library),
                 ("lora.init_from", spec.lora.init_from), ("output.comfy_lora_dir", spec.output.comfy_lora_dir)]
     paths += [(key, value) for key, value in optional if value]
+    paths += [(f"sample.reference_images[{index}]", path) for index, path in enumerate(spec.sample.reference_images)]
     paths.append(("output.dir", spec.output.dir))
     return paths

@@ -138,15 +138,15 @@ def beyond_form(base: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def defaults_layer(current: dict[str, Any]) -> dict[str, Any]:
-    """What no profile or preset decides: the model chosen, the datasets, the sample prompts (what the user wants
-    to see; a preset only says how often) and the output location."""
+    """What no profile or preset decides: the model chosen, the datasets, the sample prompts and the images they
+    edit (what the user wants to see; a preset only says how often) and the output location."""
     model = current.get("model", {})
     sample = current.get("sample", {})
     output = current.get("output", {})
     return {
         "model": {key: model[key] for key in ("family", "flavour", "source") if key in model},
         "data": {"datasets": current.get("data", {}).get("datasets", [])},
-        "sample": {key: sample[key] for key in ("prompts", "prompt_library") if key in sample},
+        "sample": {key: sample[key] for key in ("prompts", "prompt_library", "reference_images") if key in sample},
         "output": {key: output[key] for key in ("dir", "name") if key in output},
     }
 

@@ -349,11 +349,11 @@ class Studio:
 
     @staticmethod
     def dataset_paths(values: dict[str, Any], base: dict[str, Any] | None = None) -> list[tuple[str, str]]:
-        """(key, path) of the image and mask folders of the form's datasets (the first one from the form)."""
+        """(key, path) of the image, mask and reference folders of the form's datasets (the first from the form)."""
         datasets = form.values_to_dict(values, base).get("data", {}).get("datasets", [])
         found = []
         for index, entry in enumerate(datasets):
-            for key in ("path", "masks"):
+            for key in ("path", "masks", "conditioning"):
                 if str(entry.get(key) or "").strip():
                     found.append((f"data.datasets[{index}].{key}", str(entry[key])))
         return found

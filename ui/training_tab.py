@@ -7,6 +7,7 @@ from typing import Any
 
 import gradio as gr
 
+from ui.edit_pairs import edit_controls
 from ui.form import PROMPT_SEPARATOR, field_choices
 
 
@@ -55,6 +56,12 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
         value=defaults["sample.prompts"], label="Sample prompts", lines=2,
         info=f"separate prompts with {PROMPT_SEPARATOR}; <token> becomes the trigger word; a prompt @name takes "
              "the prompt called name from the prompt library")
+    fields["sample.reference_images"] = gr.Textbox(
+        value=defaults["sample.reference_images"], label="Sample reference images",
+        visible=edit_controls(defaults["model.family"], defaults["model.flavour"], defaults["dataset.conditioning"],
+                              defaults["sample.reference_images"]).show_sample_references,
+        info=f"edit flavours (Kontext, FLUX.2): the image each prompt edits — one for all, or one per prompt "
+             f"separated with {PROMPT_SEPARATOR}; empty: the first edit pair's reference")
     with gr.Row():
         fields["sample.prompt_library"] = gr.Textbox(
             value=defaults["sample.prompt_library"], label="Prompt library", scale=3,

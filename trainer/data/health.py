@@ -307,9 +307,23 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
         from trainer.data.pairs import check_pairs  # pairs.py builds rows of this module: imported here, no cycle
 
         check_pairs(report, entries, workers)
+    elif isinstance(datasets, JobSpec):
+        report.rows += _edit_model_without_pairs(datasets)
     listed_per_dataset = [sum(1 for index, _ in listed if index == i) for i in range(len(entries))]
     _check_counts(report, entries, listed_per_dataset, batch_size, gradient_accumulation, held_out)
     return report
+
+
+def _edit_model_without_pairs(spec: JobSpec) -> list[HealthRow]:
+    """A flavour made to edit an input image (Kontext) trained without a single edit pair: worth a word."""
+    from trainer import registry
+
+    flavour = registry.get_flavour(spec.model.family, spec.model.flavour)
+    if not flavour.needs_reference_image:
+        return []
+    return [HealthRow(Path("data.datasets"), f"{flavour.label} edits a reference image, but no dataset has a "
+                      "conditioning folder: it trains on the targets alone (text to image); give the folder of "
+                      "reference images if it should learn an edit", "warning", "pair")]
 
 
 def _skip_reason(scan: _Scan, min_size: int, mask: Path | None,

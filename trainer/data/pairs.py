@@ -2,8 +2,9 @@
 
 The model sees the reference beside the noisy target and learns to produce the target (FLUX.1 Kontext, FLUX.2).
 This module holds what pairs add to the torch-free stages:
-- health: a target without its reference is skipped and a reference without its target ignored, each reported
-  per file; an unreadable reference skips its target; a strict pair whose shapes disagree is flagged;
+- health: a target without its reference is skipped and a reference without its target ignored (one row per
+  dataset, naming a few of the files); an unreadable reference skips its target; strict pairs whose shapes
+  disagree are flagged; an empty or missing conditioning folder is an error;
 - planning: the reference's bucket — strict: the target's bucket (cut along the same lines, so an edit stays
   pixel-aligned); loose: the reference's own aspect bucket at the same pixel area (a different framing);
 - sampling: which reference image each sample prompt is rendered from, cut to its bucket.
@@ -45,6 +46,9 @@ def check_pairs(report: HealthReport, entries: Sequence[DatasetEntry], workers: 
     """Add the pair rows to a health report whose images are already read; skips targets that cannot pair.
 
     Called by `check_datasets` before it counts samples, so a dataset left without a single pair is an error.
+    Problems shared by many files (targets without a reference, references without a target, strict pairs of
+    different shapes) are one row per dataset naming its folder and the first few files; an unreadable reference
+    is a row of its own, with why.
     """
     from trainer.data.health import HealthRow  # health calls this module: imported here to avoid a cycle
 
@@ -57,34 +61,60 @@ def check_pairs(report: HealthReport, entries: Sequence[DatasetEntry], workers: 
             report.rows.append(HealthRow(folder, f"conditioning folder of data.datasets[{index}] does not exist; "
                                                  "edit pairs need the reference images", "error", "dataset"))
             continue
+        references = list_images(folder)
+        if not references:
+            report.rows.append(HealthRow(folder, f"no reference images in the conditioning folder of "
+                                                 f"data.datasets[{index}]; add one per target, named like it",
+                                         "error", "dataset"))
         targets = [info for info in report.images if info.dataset == index and info.path not in report.skipped]
         reference_of = {info.path: find_reference(info.path, folder) for info in targets}
         found = sorted({ref for ref in reference_of.values() if ref is not None})
         with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
             read = dict(zip(found, pool.map(_read_reference, found), strict=True))
+        unpaired: list[Path] = []
+        stretched: list[str] = []
         for info in targets:
             reference = reference_of[info.path]
             if reference is None:
-                problem = (f"no reference image named {info.path.stem}.* in {folder.name}/ — a target trains only "
-                           "with its reference")
-            elif read[reference][0] is None:
-                problem = f"its reference {folder.name}/{reference.name}: {read[reference][1]}"
-            else:
-                size = read[reference][0]
-                report.reference_sizes[reference] = size
-                if entry.match == "strict" and _aspects_differ(info.size, size):
-                    report.rows.append(HealthRow(info.path, (
-                        f"its reference {reference.name} is {size[0]}x{size[1]}, the target {info.size[0]}x"
-                        f"{info.size[1]}: strict matching stretches it into the target's bucket; set "
-                        "conditioning_match = \"loose\" unless that is meant"), "warning", "pair"))
+                unpaired.append(info.path)
                 continue
-            report.rows.append(HealthRow(info.path, problem, "warning", "pair", skipped=True))
-            report.skipped.add(info.path)
+            size, problem = read[reference]
+            if size is None:
+                report.rows.append(HealthRow(info.path, f"its reference {folder.name}/{reference.name}: {problem}",
+                                             "warning", "pair", skipped=True))
+                report.skipped.add(info.path)
+                continue
+            report.reference_sizes[reference] = size
+            if entry.match == "strict" and _aspects_differ(info.size, size):
+                stretched.append(f"{info.path.name} ({info.size[0]}x{info.size[1]} <- {size[0]}x{size[1]})")
+        if unpaired and references:
+            report.rows.append(HealthRow(dataset, (
+                f"{_count(unpaired, 'target')} without a reference image of the same name in {folder.name}/: "
+                f"{_few([p.name for p in unpaired])} (a target trains only with its reference)"),
+                "warning", "pair", skipped=True))
+        report.skipped.update(unpaired)
+        if stretched:
+            report.rows.append(HealthRow(dataset, (
+                f"{_count(stretched, 'strict pair')} whose reference has another shape: {_few(stretched)}; strict "
+                "matching stretches each reference into its target's bucket; set conditioning_match = \"loose\" "
+                "unless that is meant"), "warning", "pair"))
         stems = {path.stem for path in list_images(dataset)} if dataset.is_dir() else set()
-        for reference in list_images(folder):
-            if reference.stem not in stems:
-                report.rows.append(HealthRow(reference, f"a reference with no target of the same name in "
-                                                        f"{dataset.name}/; ignored", "warning", "pair"))
+        orphans = [reference.name for reference in references if reference.stem not in stems]
+        if orphans:
+            report.rows.append(HealthRow(folder, f"{_count(orphans, 'reference')} with no target of the same name "
+                                                 f"in {dataset.name}/: {_few(orphans)}; ignored", "warning", "pair"))
+
+
+_SHOWN = 3  # file names a grouped row shows before "and N more"
+
+
+def _count(things: Sequence[object], noun: str) -> str:
+    return f"1 {noun}" if len(things) == 1 else f"{len(things)} {noun}s"
+
+
+def _few(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_SHOWN])
+    return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
 
 
 def _aspects_differ(a: Size, b: Size) -> bool:
