@@ -1,9 +1,9 @@
-"""Automatic captioning from the app: one job at a time in a background thread, watched by polling.
+"""Automatic captioning from the app: one job at a time, followed by a background thread, watched by polling.
 
 `CaptionJob` is the server-side state the Dataset tab's timer reads: what is happening (loading the model,
-captioning image n of total, finished, stopped, failed), the current file and a log. It runs
-`trainer.data.captioners.caption_dataset` (which imports torch only when it loads a model), so this module
-imports neither torch nor gradio.
+captioning image n of total, finished, stopped, failed), the current file and a log. The thread runs
+`trainer.data.captioners.caption_dataset` in a child process (trainer/caption_process.py), so this module
+imports neither torch nor gradio, and a captioner that loads, generates or crashes leaves the page alone.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class CaptionJob:
     """At most one captioning thread; every method is safe to call from any request thread."""
 
     def __init__(self, caption: CaptionFunction | None = None) -> None:
-        self._caption = caption  # None: trainer.data.captioners.caption_dataset (tests pass their own)
+        self._caption = caption  # None: caption_dataset in a child process (tests pass their own)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -210,10 +210,10 @@ class CaptionJob:
 
     def _work(self, request: CaptionRequest) -> None:
         caption = self._caption
-        if caption is None:
-            from trainer.data.captioners import caption_dataset
+        if caption is None:  # a process of its own: the page keeps answering, a crash fails only the job
+            from trainer.caption_process import caption_in_process
 
-            caption = caption_dataset
+            caption = caption_in_process
         try:
             summary = caption(request.folder, request.kind, request.source, request.options,
                               progress=self._progress, should_stop=self._stop.is_set, status=self._status)
