@@ -164,6 +164,7 @@ def _assert_one_cli_error(code: int, out: str, err: str, case: Case) -> None:
 def _assert_studio_refuses_then_starts(studio: Studio, bad: BadFiles, changes: dict[str, Any], case: Case) -> None:
     outcome = studio.start(_form(studio, bad, changes))
     assert not outcome.ok and studio.runner.started == [], outcome
+    assert outcome.message == "not started: the files and folders the job names have problems"
     assert len(outcome.problems) == 1, outcome.problems
     assert outcome.problems[0].startswith(f"{case.field}: "), outcome.problems
     assert all(word in outcome.problems[0] for word in case.words), outcome.problems[0]
@@ -227,6 +228,35 @@ def test_studio_start_refuses_with_one_problem_and_stays_usable(case: Case, bad:
                                                                   untouched) -> None:
     changes = _job_changes(bad, case)
     _assert_studio_refuses_then_starts(studio, bad, changes, case)
+
+
+LORA_HEADERS = [  # (tensor names, metadata) -> the family it tells, "" when nothing does
+    ((), {"ss_base_model_version": "flux1", "ss_network_dim": "16"}, "flux1"),  # kohya sd-scripts
+    ((), {"modelspec.architecture": "flux-2-klein-base-9b/lora"}, "flux2"),
+    ((), {"ss_base_model_version": "sdxl_base_v1-0"}, "other"),
+    (("lora_unet_double_blocks_0_img_mod_lin.lora_down.weight",), {}, "flux1"),  # kohya, no metadata
+    (("diffusion_model.single_blocks.3.modulation.lin.lora_A.weight",), {}, "flux1"),  # ComfyUI / BFL
+    (("transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight",), {}, "flux2"),
+    (("transformer.transformer_blocks.0.ff.linear_in.lora_B.weight",), {}, "flux2"),
+    (("transformer.transformer_blocks.0.attn.to_q.lora_A.weight",), {}, ""),  # the same in both families
+]
+
+
+@pytest.mark.parametrize(("names", "metadata", "family"), LORA_HEADERS)
+def test_the_family_of_a_lora_file_is_told_from_its_metadata_or_keys(names: tuple[str, ...], metadata: dict,
+                                                                      family: str, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from trainer.sources.lora_file import check_init_from, lora_family
+
+    path = tmp_path / "lora.safetensors"
+    save_file({name: torch.zeros(2, 2) for name in names or ("lora_A.weight",)}, path, metadata=metadata)
+    assert lora_family(path)[0] == family
+    problem = check_init_from(path, "flux2")
+    assert (problem is None) == (family in ("flux2", "")), problem
+    if family == "other":
+        assert "is a LoRA for another model (not FLUX) (its metadata has ss_base_model_version = sdxl" in problem
 
 
 # ---------------------------------------------------------------------------------------------- job files
