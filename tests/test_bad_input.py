@@ -150,6 +150,8 @@ def _set_args(changes: dict[str, Any]) -> list[str]:
 def _form(studio: Studio, bad: BadFiles, changes: dict[str, Any]) -> dict[str, Any]:
     values = dict(studio.default_values(), **{"model.source": str(bad.demo / "flux2")})
     for key, value in changes.items():
+        if key == "sample.prompts":
+            value = " | ".join(value)  # the form's text box
         values["dataset.path" if key == "data.datasets[0].path" else key] = value
     return values
 
