@@ -9,6 +9,8 @@ from pathlib import Path
 
 from conftest import ROOT, python_env
 
+from trainer.__main__ import main
+
 
 def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, env=python_env(),
@@ -58,17 +60,18 @@ def test_missing_dataset_folder_is_named(demo_dir: Path, tmp_path: Path) -> None
     assert result.stderr.strip() == f"error: data.datasets[0].path: folder '{missing}' does not exist"
 
 
-def test_validate_checks_files_and_debug_shows_traceback(demo_dir: Path, tmp_path: Path) -> None:
-    ok = _run("validate", str(demo_dir / "job.toml"))
-    assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.startswith("dataset health: ok — 12 images in 1 dataset")
-    assert "64x64   1:1         12            12" in ok.stdout  # the bucket plan
-    assert f"ok: {demo_dir / 'job.toml'} is valid" in ok.stdout
-    assert "lora.targets 'all' hits 28 modules (presets: all 28, attention 20, mlp 8, tiny 6)" in ok.stdout
-    bad = _run("validate", str(demo_dir / "job.toml"), "--set", f"model.source='{tmp_path}'", "--debug")
-    assert bad.returncode == 2
-    assert "model.source" in bad.stderr and "no model_index.json" in bad.stderr
-    assert "Traceback" in bad.stderr
+def test_validate_checks_files_and_debug_shows_traceback(demo_dir: Path, tmp_path: Path, capsys) -> None:
+    # in-process: the commands above run `python -m trainer` itself; a subprocess here cost ~10 s of imports
+    assert main(["validate", str(demo_dir / "job.toml")]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("dataset health: ok — 12 images in 1 dataset"), err
+    assert "64x64   1:1         12            12" in out  # the bucket plan
+    assert f"ok: {demo_dir / 'job.toml'} is valid" in out
+    assert "lora.targets 'all' hits 28 modules (presets: all 28, attention 20, mlp 8, tiny 6)" in out
+    assert main(["validate", str(demo_dir / "job.toml"), "--set", f"model.source='{tmp_path}'", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "model.source" in err and "no model_index.json" in err
+    assert "Traceback" in err
 
 
 def test_resume_continues_from_the_latest_state(demo_dir: Path, tmp_path: Path) -> None:

@@ -100,7 +100,7 @@ class _ConsoleProgress:
             return f"LoRA saved (step {event.step}): {event.path}"
         if isinstance(event, events.LogMessage) and event.level != "error":
             return f"{event.level}: {event.message}"
-        if isinstance(event, events.RunFinished):
+        if isinstance(event, events.RunFinished) and event.status != "failed":  # a failure: main() prints it once
             return f"run {event.status} at step {event.step}. {event.message}"
         return ""
 

@@ -10,6 +10,7 @@ from trainer.data.datasets import IMAGE_EXTENSIONS, find_mask, list_images
 from trainer.errors import UserError
 from trainer.prompts import sample_prompts
 from trainer.sources import model_files
+from trainer.sources.lora_file import check_init_from
 from trainer.sources.recognise import check_file
 from trainer.spec import JobSpec, is_local_path
 from trainer.trackers import missing_trackers
@@ -45,6 +46,8 @@ def _check_source(spec: JobSpec) -> list[str]:
     if not folder.exists():
         hint = " (build it with `python -m trainer demo --out DIR`)" if spec.model.flavour == "demo" else ""
         return [f"model.source: folder '{folder}' does not exist{hint}"]
+    if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
+        return [f"model.source: cannot read folder '{folder}' (permission denied); check its permissions"]
     if not (folder / "model_index.json").is_file():
         return [f"model.source: '{folder}' is not a diffusers pipeline folder (no model_index.json in it)"]
     # a single file takes its component's configuration from the folder
@@ -76,7 +79,11 @@ def _check_datasets(spec: JobSpec) -> list[str]:
         folder = Path(entry.path)
         field = f"data.datasets[{index}].path"
         if not folder.is_dir():
-            problems.append(f"{field}: folder '{folder}' does not exist")
+            problems.append(f"{field}: '{folder}' is a file; give the folder that holds the images" if folder.exists()
+                            else f"{field}: folder '{folder}' does not exist")
+            continue
+        if not os.access(folder, os.R_OK | os.X_OK):  # listing it would raise PermissionError
+            problems.append(f"{field}: cannot read folder '{folder}' (permission denied); check its permissions")
             continue
         images = list_images(folder)
         if not images:
@@ -85,7 +92,7 @@ def _check_datasets(spec: JobSpec) -> list[str]:
         problems += _check_conditioning(entry.conditioning, folder, f"data.datasets[{index}].conditioning")
         total += len(images) * entry.repeats
     first = Path(spec.data.datasets[0].path)
-    first_images = len(list_images(first)) if first.is_dir() else 0
+    first_images = len(list_images(first)) if first.is_dir() and os.access(first, os.R_OK | os.X_OK) else 0
     if spec.data.eval_holdout and spec.data.eval_holdout >= first_images:
         problems.append(f"data.eval_holdout: {spec.data.eval_holdout} images held out of a first dataset of "
                         f"{first_images}; hold out fewer so some are left to train on")
@@ -166,4 +173,6 @@ def check_files(spec: JobSpec) -> list[str]:
     """Every problem with the files and folders of a resolved spec; empty when the job can start."""
     problems = _check_model(spec) + _check_datasets(spec) + _check_prompts(spec) + _check_sample_references(spec)
     problems += _check_output(spec)
+    init_from = spec.lora.init_from and check_init_from(spec.lora.init_from, spec.model.family)
+    problems += [init_from] if init_from else []
     return problems + missing_trackers(spec.output.log_with)

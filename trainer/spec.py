@@ -427,6 +427,9 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{field}: unknown key; {hint}"
     if kind == "missing":
         return f"{field}: required but missing"
+    if kind == "model_type":  # pydantic names the class ("instance of TrainSection"); users write TOML tables
+        table = f"[[{field[:field.rindex('[')]}]]" if field.endswith("]") else f"[{field}]"
+        return f"{field}: should be a table of settings ({table} in TOML), not a single value (got {error['input']!r})"
     message = error["msg"].removeprefix("Value error, ")
     named = re.match(r"^([\w.\[\]]+): ", message) if kind == "value_error" else None
     if named:  # a section-level check names the key it is about
@@ -458,6 +461,8 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
                         str(path)) from None
     except OSError as exc:
         raise SpecError([f"cannot read the file: {exc.strerror}"], str(path)) from None
+    except UnicodeDecodeError:
+        raise SpecError(["not a text file (UTF-8); give the path of a job TOML"], str(path)) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

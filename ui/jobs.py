@@ -45,8 +45,10 @@ def read_job(path: Path, workdir: Path, name: str | None = None) -> tuple[JobSpe
         return resolve_paths(parse_spec(data, name), workdir), []
     except tomllib.TOMLDecodeError as exc:
         return None, [f"{name}: not valid TOML: {exc}"]
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+    except UnicodeDecodeError:
+        return None, [f"{name}: not a text file (UTF-8); give a job TOML"]
+    except OSError as exc:
+        reason = exc.strerror or exc
         return None, [f"{name}: cannot read the file: {reason}"]
     except SpecError as exc:
         return None, [f"{name}: {problem}" for problem in exc.problems]

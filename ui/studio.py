@@ -91,7 +91,7 @@ class Studio:
             return None, None, Outcome(f"{refused}: a path is outside the folders this app may use", problems)
         problems = self.preflight(spec)
         if problems:
-            return None, None, Outcome(f"{refused}: files or folders are missing", problems)
+            return None, None, Outcome(f"{refused}: the files and folders the job names have problems", problems)
         demo = self.demo_dir if self.uses_demo(spec) and not self.demo_built() else None
         return spec, demo, None
 

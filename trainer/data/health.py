@@ -268,6 +268,9 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
         if not folder.is_dir():
             report.rows.append(HealthRow(folder, "dataset folder does not exist", "error", "dataset"))
             continue
+        if not os.access(folder, os.R_OK | os.X_OK):  # listing it would raise PermissionError
+            report.rows.append(HealthRow(folder, "cannot read this folder (permission denied)", "error", "dataset"))
+            continue
         report.rows += _stray_files(folder, (entry.masks, entry.conditioning or ""))
         images = list_images(folder)
         if not images:

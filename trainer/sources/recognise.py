@@ -48,24 +48,45 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
-def read_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Tensor name -> dtype and shape, from the file's JSON header (its `__metadata__` left out)."""
+def read_raw_header(path: str | Path) -> dict[str, object]:
+    """The file's JSON header as stored (`__metadata__` included), after checking the tensors' bytes are all there."""
     path = Path(path)
     try:
+        size = path.stat().st_size
         with open(path, "rb") as handle:
             raw = handle.read(8)
             if len(raw) < 8:
                 raise NotSafetensors("the file is shorter than a safetensors header")
             (length,) = struct.unpack("<Q", raw)
-            if length > min(_MAX_HEADER, path.stat().st_size - 8):
+            if length > min(_MAX_HEADER, size - 8):
                 raise NotSafetensors("its first bytes are not a safetensors header length")
             header = json.loads(handle.read(length))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise NotSafetensors(getattr(exc, "strerror", None) or str(exc)) from None
     if not isinstance(header, dict):
         raise NotSafetensors("its header is not a table of tensors")
+    try:
+        needed = max((int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"),
+                     default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise NotSafetensors("its header is not a table of tensors") from None
+    if 8 + length + needed > size:  # an interrupted download or copy: the header survives, the weights do not
+        raise NotSafetensors(f"the file is truncated: its tensors need {8 + length + needed:,} bytes and it holds "
+                             f"{size:,}; download or copy it again")
+    return header
+
+
+def read_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Tensor name -> dtype and shape, from the file's JSON header (its `__metadata__` left out)."""
+    header = read_raw_header(path)
     return {name: TensorInfo(str(info["dtype"]), tuple(int(n) for n in info["shape"]))
             for name, info in header.items() if name != "__metadata__" and isinstance(info, dict)}
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The file's `__metadata__` (string keys and values; empty when it has none)."""
+    metadata = read_raw_header(path).get("__metadata__")
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
 @dataclass(frozen=True)
