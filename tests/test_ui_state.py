@@ -9,6 +9,7 @@ import pytest
 import tomli_w
 
 from trainer.events import (
+    DownloadProgress,
     EvalLoss,
     LogMessage,
     LoraSaved,
@@ -204,6 +205,20 @@ def test_paused_session_shows_how_to_go_on():
     view.resume_action()
     view.apply([RunFinished(status="completed", step=10, lora_path="/l.safetensors")])
     assert view.status_text() == "completed: LoRA saved to /l.safetensors"
+
+
+def test_a_download_shows_in_the_progress_line_until_loading_goes_on():
+    view = RunView()
+    view.begin(10)
+    view.apply([PhaseChanged(phase="downloading", detail="org/model (*.safetensors)"),
+                DownloadProgress(repo_id="org/model", downloaded_bytes=1_200_000_000, total_bytes=16_000_000_000,
+                                 files_done=3, files_total=12)])
+    assert view.status_text() == "starting: downloading"
+    assert "downloading org/model: 1.2/16.0 GB (8 %), 3/12 files" in view.progress_line()
+    view.apply([DownloadProgress(repo_id="org/model", downloaded_bytes=500_000_000, total_bytes=0)])
+    assert "downloading org/model: 0.5 GB" in view.progress_line()
+    view.apply([PhaseChanged(phase="loading")])
+    assert "downloading" not in view.progress_line()
 
 
 def test_format_duration():

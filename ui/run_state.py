@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from trainer.events import (
+    DownloadProgress,
     EvalLoss,
     Event,
     LogMessage,
@@ -25,6 +26,7 @@ from trainer.events import (
 )
 
 LOG_LINES = 200
+DOWNLOADING = "downloading"  # the phase trainer/sources/hub.py announces while model files download
 LOSS_SMOOTHING = 0.9  # weight of the previous average in the exponential moving average of the loss
 # Every poll that sees new steps sends the whole plot to every open page; a long run would send tens of thousands
 # of points a second, more than a plot a few hundred pixels wide can show.
@@ -68,6 +70,16 @@ def thinned(points: list[LossPoint], limit: int) -> list[LossPoint]:
     return kept if kept[-1] is points[-1] else [*kept, points[-1]]
 
 
+def download_text(event: DownloadProgress) -> str:
+    """'downloading org/repo: 1.2/16.0 GB (8 %), 3/12 files'."""
+    text = f"downloading {event.repo_id}: {event.downloaded_bytes / 1e9:.1f}"
+    if event.total_bytes:
+        text += f"/{event.total_bytes / 1e9:.1f} GB ({100 * event.downloaded_bytes / event.total_bytes:.0f} %)"
+    else:
+        text += " GB"
+    return text + (f", {event.files_done}/{event.files_total} files" if event.files_total else "")
+
+
 def format_duration(seconds: float) -> str:
     """H:MM:SS for an ETA; '?' when unknown."""
     if seconds is None or seconds != seconds or seconds < 0 or seconds == float("inf"):
@@ -105,6 +117,7 @@ class RunView:
         self.eval_losses: list[EvalPoint] = []
         self.samples: list[Sample] = []
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
+        self.download: DownloadProgress | None = None  # the latest, while the phase is downloading
 
     # ------------------------------------------------------------------ changes
 
@@ -167,8 +180,12 @@ class RunView:
                 self.status = "running"
             self._log("info", f"run started: {event.family}/{event.flavour}, {event.max_steps} steps, "
                               f"output {event.output_dir}", event.time)
+        elif isinstance(event, DownloadProgress):
+            self.download = event
         elif isinstance(event, PhaseChanged):
             self.phase, self.phase_detail = event.phase, event.detail
+            if event.phase != DOWNLOADING:
+                self.download = None
             if event.phase == PAUSED:
                 self.status = PAUSED
             elif self.status == PAUSED:
@@ -258,6 +275,8 @@ class RunView:
         RAM 1.2 GiB · VRAM 0.0 GiB · 0.32 s/step'."""
         with self._lock:
             parts = [f"step {self.step}/{self.max_steps}" if self.max_steps else "step -"]
+            if self.download is not None and self.status in ACTIVE:
+                parts.append(download_text(self.download))
             if self.steps_per_second > 0:
                 parts.append(f"{self.steps_per_second:.2f} it/s")
             if self.status in ACTIVE and self.step:
