@@ -182,3 +182,50 @@ def test_an_output_folder_that_cannot_be_written_is_named(demo_dir: Path, tmp_pa
     assert finished[0].message == (f"output.dir: cannot write in '{locked}' (Permission denied); choose a folder "
                                    "you can write to, or fix its permissions")
     assert not runner.live and list(locked.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- nan weights and out of memory, in the app
+
+
+def test_the_runner_lives_through_nan_weights_and_out_of_memory(demo_dir: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from trainer.families import flux2
+
+    real_predict = flux2.predict
+    fault = {"at_call": 0, "kind": ""}
+
+    def predict(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        fault["at_call"] -= 1
+        prediction = real_predict(*args, **kwargs)
+        if fault["at_call"] == 0 and fault["kind"] == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        if fault["at_call"] == 0 and fault["kind"] == "nan":  # a finite loss whose gradients are nan
+            return torch.where(torch.ones_like(prediction, dtype=torch.bool), prediction, prediction * float("inf"))
+        return prediction
+
+    monkeypatch.setattr(flux2, "predict", predict)
+    runner = TrainingRunner()
+    spec = _runner_spec(demo_dir, tmp_path)
+
+    fault.update(at_call=4, kind="nan")  # step 4's update makes the weights nan; its save must not keep them
+    runner.start(spec)
+    finished = [e for e in _finish(runner) if isinstance(e, RunFinished)]
+    assert [(f.status, f.step) for f in finished] == [("failed", 4)]
+    assert "the LoRA weights became nan or inf by step 4" in finished[0].message
+    assert all(hint in finished[0].message for hint in ("train.learning_rate", "train.max_grad_norm", "bf16"))
+    assert _every_state_loads(tmp_path) == [2] and not (tmp_path / "demo_lora.safetensors").exists()
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "demo_lora-step000002.safetensors").values())
+
+    fault.update(at_call=1, kind="oom")  # the first step after resuming, step 3
+    runner.start(spec, resume=True)
+    finished = [e for e in _finish(runner) if isinstance(e, RunFinished)]
+    assert [(f.status, f.step) for f in finished] == [("failed", 2)]
+    assert "out of memory at step 3" in finished[0].message and "lowvram.strategy" in finished[0].message
+    assert "state of step 2 is saved" in finished[0].message and not runner.live
+
+    fault.update(kind="")  # the setting changed: the same runner resumes and completes
+    runner.start(spec, resume=True)
+    assert [(f.status, f.step) for f in _finish(runner) if isinstance(f, RunFinished)] == [("completed", 4)]
+    assert load_file(tmp_path / "demo_lora.safetensors")

@@ -679,6 +679,7 @@ class Session:
             "trigger_words": [e.trigger for e in spec.data.datasets if e.trigger],
             "base_model": spec.model.transformer or model_source(spec), "spec_toml": spec_to_toml(spec), "title": name,
         }
+        self._refuse_non_finite_weights()
         step = self.step if intermediate else None
         state = self.state_dict() if spec.output.save_state else None  # on every rank: it gathers their RNG
         path = self.output_dir / lora_filename(name, spec.output.formats[0], step)
@@ -695,6 +696,18 @@ class Session:
         self.last_lora_path = path
         self.emit(LoraSaved(step=self.step, path=str(path)))
         return path
+
+    def _refuse_non_finite_weights(self) -> None:
+        """A step with a finite loss can still leave nan weights (inf gradients, no clipping): never save those over
+        the good files (and prune them away). FSDP shards are not checked: reading them would gather them."""
+        if self.dist.sharded:
+            return
+        bad = [name for name, p in self.transformer.named_parameters()
+               if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if bad:
+            raise UserError(f"the LoRA weights became nan or inf by step {self.step} ({len(bad)} tensors, e.g. "
+                            f"{bad[0]}), so nothing was saved and the files saved before are kept; lower "
+                            "train.learning_rate, set train.max_grad_norm (e.g. 1.0), or use bf16 instead of fp16")
 
     def _write_or_explain(self, folder: Path, write: Callable[[], Any]) -> Any:  # noqa: ANN401 - write's result
         """`write()`; a failed write (disk full, no permission) becomes one message naming the folder and what is
