@@ -94,9 +94,13 @@ def test_kill_9_mid_write_and_between_steps_resumes_to_the_unbroken_run(demo_dir
     assert [p.name.startswith(".demo_lora-step000006.safetensors.") for p in _torn(tmp_path)] == [True]
     assert _every_state_loads(tmp_path)[-1] == 6 and not (tmp_path / "demo_lora-step000006.safetensors").exists()
 
+    (tmp_path / "state" / "step000007.safetensors").write_bytes(b"\0" * 64)  # a newer state a lying disk tore
     resumed = run_session(_spec(demo_dir, tmp_path, EVERY_2), resume=True)
-    _assert_same(resumed, tmp_path, unbroken)
+    _assert_same(resumed, tmp_path, unbroken)  # from step 6, the newest state that reads
     assert not _torn(tmp_path)
+    warnings = [e.message for e in read_events(tmp_path / "events.jsonl") if isinstance(e, LogMessage)
+                and e.level == "warning"]
+    assert any("step000007.safetensors: the saved training state cannot be read" in w for w in warnings)
 
 
 def test_events_after_a_line_torn_by_a_kill_stay_readable(tmp_path: Path) -> None:

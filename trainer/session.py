@@ -28,6 +28,7 @@ from trainer.checkpoint import (
     remove_interrupted_writes,
     save_lora_files,
     save_training_state,
+    saved_states,
     state_path,
 )
 from trainer.data.cache import TextEmbeddingCache
@@ -420,12 +421,22 @@ class Session:
         self.step = int(state["step"])
 
     def _resume_latest(self) -> None:
-        path = latest_state(self.output_dir)
-        if path is None:
+        """The newest state that reads; a damaged newer one (a disk that lied about a flush) is named and passed."""
+        states = saved_states(self.output_dir)
+        if not states:
             raise UserError(f"output.dir: no saved training state in '{self.output_dir / 'state'}' to resume; "
                             "run without --resume to start afresh")
-        self.load_state_dict(load_training_state(path), str(path))
-        self.emit(LogMessage(level="info", message=f"resumed from {path} at step {self.step}"))
+        for index, (_, path) in enumerate(reversed(states)):
+            try:
+                state = load_training_state(path)
+            except UserError as exc:
+                if index == len(states) - 1:
+                    raise
+                self.emit(LogMessage(level="warning", message=f"{exc}; trying the state before it"))
+                continue
+            self.load_state_dict(state, str(path))
+            self.emit(LogMessage(level="info", message=f"resumed from {path} at step {self.step}"))
+            return
 
     # ------------------------------------------------------------------ training
 
