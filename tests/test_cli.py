@@ -80,7 +80,7 @@ def test_resume_continues_from_the_latest_state(demo_dir: Path, tmp_path: Path) 
     assert first.returncode == 0, first.stderr
     second = _run("train", str(demo_dir / "job.toml"), "--set", "train.max_steps=4", "--resume", *common)
     assert second.returncode == 0, second.stderr
-    assert "resumed from" in second.stdout and "step000002.pt at step 2" in second.stdout
+    assert "resumed from" in second.stdout and "step000002.safetensors at step 2" in second.stdout
     assert "run completed at step 4" in second.stdout
     progress = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in progress if e["event"] == "progress"] == [1, 2, 3, 4]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
-import io
 import math
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +20,7 @@ from trainer.optimizers import (
     effective_learning_rate,
     optimizer_state_bytes,
 )
+from trainer.state_file import read_state_file, write_state_file
 
 # Learning rates for the toy problem below: AdamW-like ones at 1e-2 (a toy problem tolerates more than a LoRA),
 # Lion at 3e-3 (its updates are sign-sized, so 3x lower than AdamW), Prodigy at its usual multiplier 1.0.
@@ -106,17 +107,16 @@ def test_lion8bit_keeps_one_8bit_moment():
     assert "state2" not in optimizer.state[layer.weight]
 
 
-def check_round_trip(name: str, device: str) -> None:
+def check_round_trip(name: str, device: str, tmp_path: Path) -> None:
     learning_rate, _ = SETTINGS[name]
     layer, inputs, target = regression_problem(device)
     optimizer = build_optimizer(list(layer.parameters()), name, learning_rate, device_type=device)
     train(layer, optimizer, inputs, target, 3)
-    buffer = io.BytesIO()  # through bytes, as a resume from disk does: no tensor is shared with the original
-    torch.save(optimizer.state_dict(), buffer)
-    buffer.seek(0)
+    # through a state file, as a resume from disk does: no tensor is shared with the original
+    write_state_file(tmp_path / "state.safetensors", {"optimizer": optimizer.state_dict()})
     resumed_layer = copy.deepcopy(layer)
     resumed = build_optimizer(list(resumed_layer.parameters()), name, learning_rate, device_type=device)
-    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed.load_state_dict(read_state_file(tmp_path / "state.safetensors")["optimizer"])
     train(layer, optimizer, inputs, target, 2)
     train(resumed_layer, resumed, inputs, target, 2)
     for original, copied in zip(layer.parameters(), resumed_layer.parameters(), strict=True):
@@ -126,14 +126,14 @@ def check_round_trip(name: str, device: str) -> None:
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_state_dict_round_trip_continues_bit_identically(name):
-    check_round_trip(name, "cpu")
+def test_state_dict_round_trip_continues_bit_identically(name, tmp_path):
+    check_round_trip(name, "cpu", tmp_path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fused AdamW, bitsandbytes' CUDA kernels)")
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_state_dict_round_trip_on_cuda(name):
-    check_round_trip(name, "cuda")
+def test_state_dict_round_trip_on_cuda(name, tmp_path):
+    check_round_trip(name, "cuda", tmp_path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -92,8 +92,14 @@ def test_nan_loss_stops_at_once_with_advice(demo_dir: Path, tmp_path: Path, monk
 
     real_predict = flux2.predict
     monkeypatch.setattr(flux2, "predict", lambda *a, **k: real_predict(*a, **k) * float("nan"))
-    with pytest.raises(UserError, match="the loss became nan at step 1.*train.learning_rate"):
-        _run(_spec(demo_dir, tmp_path))
+    events: list = []
+    session = Session(_spec(demo_dir, tmp_path), emit=events.append)
+    with pytest.raises(UserError, match="the loss became nan at step 1.*train.learning_rate") as caught:
+        session.run()
+    session.end()
+    assert "train.max_grad_norm" in str(caught.value) and "bf16 instead of fp16" in str(caught.value)
+    assert not [e for e in events if isinstance(e, Progress)] and session.step == 0  # at once: no step taken
+    assert not list(tmp_path.glob("*.safetensors"))  # nothing trained on nan is saved
 
 
 def test_tensorboard_logs_loss_per_step(demo_dir: Path, tmp_path: Path) -> None:

@@ -66,7 +66,7 @@ def test_train_steps_continue_the_same_session_and_end_frees_it(demo_dir: Path, 
     finished = _of(events, RunFinished)
     assert [(f.status, f.step) for f in finished] == [("stopped", 5)]  # 5 of max_steps 10
     assert finished[0].lora_path == str(tmp_path / "demo_lora.safetensors") and Path(finished[0].lora_path).is_file()
-    assert (tmp_path / "state" / "step000005.pt").is_file()
+    assert (tmp_path / "state" / "step000005.safetensors").is_file()
     assert not runner.live and runner.step is None
     assert '"run_finished"' in (tmp_path / "events.jsonl").read_text().splitlines()[-1]
 
@@ -123,7 +123,7 @@ def test_stop_during_a_long_run_pauses_with_the_lora_saved(demo_dir: Path, tmp_p
     assert 0 < step < 100000 and runner.paused
     assert _paused_steps(events) == [f"step {step}"]
     assert (tmp_path / "demo_lora.safetensors").is_file()
-    assert (tmp_path / "state" / f"step{step:06d}.pt").is_file()
+    assert (tmp_path / "state" / f"step{step:06d}.safetensors").is_file()
     assert any("stopped at step" in log.message for log in _of(events, LogMessage))
     assert not _of(events, RunFinished)
 

@@ -138,7 +138,7 @@ def test_job_files_are_read_and_written_only_inside(studio, layout):
 
 def test_resume_offer_and_gallery_stay_inside(studio, layout):
     (layout["secret"] / "state").mkdir()
-    (layout["secret"] / "state" / "step000002.pt").write_bytes(b"")
+    (layout["secret"] / "state" / "step000002.safetensors").write_bytes(b"")
     assert studio.resume_offer(str(layout["secret"]), 10) == ""
     view = RunView()
     view.samples = [Sample(1, str(layout["secret"] / "img_0.png"), "outside"),

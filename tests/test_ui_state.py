@@ -567,8 +567,8 @@ def _interrupted(out: Path, steps: list[int], events: list[dict]) -> None:
 
     (out / "state").mkdir(parents=True)
     for step in steps:
-        (out / "state" / f"step{step:06d}.pt").write_bytes(b"")
-    (out / "state" / "step000099.pt.tmp").write_bytes(b"")  # a torn write is no state
+        (out / "state" / f"step{step:06d}.safetensors").write_bytes(b"")
+    (out / "state" / ".step000099.safetensors.x1y2.tmp").write_bytes(b"")  # a torn write is no state
     lines = [json.dumps(event) for event in events]
     (out / "events.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
-from trainer.files import write_atomic
+from trainer.files import TEMP_SUFFIX, remove_stale_temporaries, sync_folder, write_atomic
 
 LORA_WEIGHT_SUFFIX = ".safetensors"
 
@@ -29,7 +29,8 @@ def save_lora_diffusers(transformer: Any, pipeline_class: type, path: Path) -> P
     tensors, metadata = adapter_export(transformer)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=path.parent))
+    # named like write_atomic's temporaries, so a run killed mid-save has its leftovers removed on restart
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
     try:
         pipeline_class.save_lora_weights(
             save_directory=staging,
@@ -41,6 +42,7 @@ def save_lora_diffusers(transformer: Any, pipeline_class: type, path: Path) -> P
         with open(written, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(written, path)
+        sync_folder(path.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
@@ -49,27 +51,28 @@ def save_lora_diffusers(transformer: Any, pipeline_class: type, path: Path) -> P
 # ---------------------------------------------------------------- training state for exact resume
 
 STATE_DIR = "state"
-_STATE_PATTERN = re.compile(r"^step(\d{6,})\.pt$")
+STATE_SUFFIX = ".safetensors"
+_STATE_PATTERN = re.compile(rf"^step(\d{{6,}}){re.escape(STATE_SUFFIX)}$")
 
 
 def state_path(output_dir: Path, step: int) -> Path:
-    return Path(output_dir) / STATE_DIR / f"step{step:06d}.pt"
+    return Path(output_dir) / STATE_DIR / f"step{step:06d}{STATE_SUFFIX}"
 
 
 def save_training_state(path: Path, state: dict[str, Any]) -> Path:
     """Write the state atomically: a crash mid-write leaves the previous state, never a torn file."""
-    import torch
+    from trainer.state_file import write_state_file
 
-    write_atomic(Path(path), lambda tmp: torch.save(state, tmp))
+    write_atomic(Path(path), lambda tmp: write_state_file(tmp, state))
     return Path(path)
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
-    """Tensors, numbers, strings and lists only: loaded with weights_only, so no pickled code ever runs."""
-    import torch
+    """A safetensors file with a JSON header (trainer/state_file.py): nothing pickled, so no code ever runs."""
+    from trainer.state_file import read_state_file
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return read_state_file(Path(path))
     except Exception as exc:  # noqa: BLE001 - any unreadable state is the same problem for the user
         raise UserError(f"{path}: the saved training state cannot be read ({exc}); delete it to resume "
                         "from an earlier one") from None
@@ -87,6 +90,12 @@ def saved_states(output_dir: Path) -> list[tuple[int, Path]]:
 def latest_state(output_dir: Path) -> Path | None:
     states = saved_states(output_dir)
     return states[-1][1] if states else None
+
+
+def remove_interrupted_writes(output_dir: Path) -> list[Path]:
+    """Delete the temporary files (and staging folders) of saves a killed run left half-done in output_dir."""
+    folder = Path(output_dir)
+    return [p for sub in (folder, folder / STATE_DIR, folder / "samples") for p in remove_stale_temporaries(sub)]
 
 
 def prune_checkpoints(output_dir: Path, name: str, keep_last: int) -> list[Path]:

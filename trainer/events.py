@@ -6,6 +6,7 @@ No torch here: the UI imports this module.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
@@ -138,6 +139,12 @@ class EventQueue:
                 return events
 
 
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1)
+
+
 class JsonlWriter:
     """Appends one JSON object per event and flushes it, so a crash loses at most the event being written."""
 
@@ -145,6 +152,8 @@ class JsonlWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if self._handle.tell() and _last_byte(path) != b"\n":
+            self._handle.write("\n")  # a run killed mid-line: end that line, so the next event is not glued to it
 
     def __call__(self, event: Event) -> None:
         with self._lock:

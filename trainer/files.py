@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+# Every temporary file (or staging folder) of an atomic write is `.<target name>.<random>.tmp` beside the target.
+TEMP_SUFFIX = ".tmp"
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename) to disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; the rename itself is still atomic
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
@@ -16,7 +35,7 @@ def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -25,6 +44,8 @@ def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
+        if durable:
+            sync_folder(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -36,3 +57,39 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete what atomic writes killed midway left in `folder` (not below it); returns what was removed."""
+    if not Path(folder).is_dir():
+        return []
+    removed = []
+    for entry in Path(folder).iterdir():
+        if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def unwritable_reason(folder: Path) -> str | None:
+    """Why files cannot be created in `folder` (made if missing), tried for real; None when they can."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=TEMP_SUFFIX, dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def describe_write_error(exc: OSError) -> str:
+    """An OSError from a save, in the user's words, with what to do about it."""
+    if exc.errno == errno.ENOSPC:
+        return "the disk is full; free some space (or choose an output.dir on another disk)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{exc.strerror or 'not writable'}; choose an output.dir you can write to, or fix its permissions"
+    return f"{exc.strerror or exc}"

@@ -25,8 +25,10 @@ from trainer.checkpoint import (
     latest_state,
     load_training_state,
     prune_checkpoints,
+    remove_interrupted_writes,
     save_lora_files,
     save_training_state,
+    saved_states,
     state_path,
 )
 from trainer.data.cache import TextEmbeddingCache
@@ -49,6 +51,7 @@ from trainer.events import (
     SampleSaved,
 )
 from trainer.families import family_ops
+from trainer.files import describe_write_error, unwritable_reason, write_atomic
 from trainer.lora_formats import lora_filename
 from trainer.memory.checkpointing import ActivationOffloader, enable_block_checkpointing
 from trainer.memory.optimizer_memory import FusedBackward, build_training_optimizer
@@ -210,9 +213,13 @@ class Session:
         if problems:
             raise UserError("\n".join(problems))
         self.prompts = sample_prompts(spec)
+        if self.dist.is_main and (reason := unwritable_reason(self.output_dir)):
+            raise UserError(f"output.dir: cannot write in '{self.output_dir}' ({reason}); choose a folder you can "
+                            "write to, or fix its permissions")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.commands.clear_stale_stop()
         if self.dist.is_main:
+            remove_interrupted_writes(self.output_dir)  # what a run killed mid-save left behind
             self._jsonl = JsonlWriter(self.output_dir / "events.jsonl")
             self._listeners.append(self._jsonl)
             if spec.output.log_with:
@@ -414,12 +421,22 @@ class Session:
         self.step = int(state["step"])
 
     def _resume_latest(self) -> None:
-        path = latest_state(self.output_dir)
-        if path is None:
+        """The newest state that reads; a damaged newer one (a disk that lied about a flush) is named and passed."""
+        states = saved_states(self.output_dir)
+        if not states:
             raise UserError(f"output.dir: no saved training state in '{self.output_dir / 'state'}' to resume; "
                             "run without --resume to start afresh")
-        self.load_state_dict(load_training_state(path), str(path))
-        self.emit(LogMessage(level="info", message=f"resumed from {path} at step {self.step}"))
+        for index, (_, path) in enumerate(reversed(states)):
+            try:
+                state = load_training_state(path)
+            except UserError as exc:
+                if index == len(states) - 1:
+                    raise
+                self.emit(LogMessage(level="warning", message=f"{exc}; trying the state before it"))
+                continue
+            self.load_state_dict(state, str(path))
+            self.emit(LogMessage(level="info", message=f"resumed from {path} at step {self.step}"))
+            return
 
     # ------------------------------------------------------------------ training
 
@@ -652,8 +669,8 @@ class Session:
                                         reference_for_sampling(reference, resolution) if reference else None)
                 path = self.output_dir / "samples" / f"step{self.step:06d}_{prompt.name}.png"
                 if self.dist.is_main:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    image.save(path)
+                    self._write_or_explain(path.parent, lambda: write_atomic(
+                        path, lambda tmp: image.save(tmp, format="PNG")))  # noqa: B023 - called at once
                 paths.append(path)
                 self.emit(SampleSaved(step=self.step, path=str(path), prompt=prompt.text))
         self._park_vae()
@@ -673,20 +690,46 @@ class Session:
             "trigger_words": [e.trigger for e in spec.data.datasets if e.trigger],
             "base_model": spec.model.transformer or model_source(spec), "spec_toml": spec_to_toml(spec), "title": name,
         }
+        self._refuse_non_finite_weights()
         step = self.step if intermediate else None
         state = self.state_dict() if spec.output.save_state else None  # on every rank: it gathers their RNG
         path = self.output_dir / lora_filename(name, spec.output.formats[0], step)
         self.dist.reshard(self.transformer)
         if self.dist.is_main:  # the adapter is whole on every rank; rank 0 writes it
-            written = save_lora_files(self.transformer, type(self.pipe), self.output_dir, name, step,
-                                      list(spec.output.formats), metadata, spec.output.comfy_lora_dir)
+            if state is not None:  # the state first: if the disk fills during the LoRA, the step can still resume
+                self._write_or_explain(self.output_dir, lambda: save_training_state(
+                    state_path(self.output_dir, self.step), state))
+            written = self._write_or_explain(self.output_dir, lambda: save_lora_files(
+                self.transformer, type(self.pipe), self.output_dir, name, step, list(spec.output.formats),
+                metadata, spec.output.comfy_lora_dir))
             path = written[spec.output.formats[0]]
-            if state is not None:
-                save_training_state(state_path(self.output_dir, self.step), state)
             prune_checkpoints(self.output_dir, name, spec.output.keep_last)
         self.last_lora_path = path
         self.emit(LoraSaved(step=self.step, path=str(path)))
         return path
+
+    def _refuse_non_finite_weights(self) -> None:
+        """A step with a finite loss can still leave nan weights (inf gradients, no clipping): never save those over
+        the good files (and prune them away). FSDP shards are not checked: reading them would gather them."""
+        if self.dist.sharded:
+            return
+        bad = [name for name, p in self.transformer.named_parameters()
+               if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if bad:
+            raise UserError(f"the LoRA weights became nan or inf by step {self.step} ({len(bad)} tensors, e.g. "
+                            f"{bad[0]}), so nothing was saved and the files saved before are kept; lower "
+                            "train.learning_rate, set train.max_grad_norm (e.g. 1.0), or use bf16 instead of fp16")
+
+    def _write_or_explain(self, folder: Path, write: Callable[[], Any]) -> Any:  # noqa: ANN401 - write's result
+        """`write()`; a failed write (disk full, no permission) becomes one message naming the folder and what is
+        kept. Every write is atomic, so the files saved before are intact."""
+        try:
+            return write()
+        except OSError as exc:
+            kept = latest_state(self.output_dir)
+            resume = f"; the last saved state is {kept}: resume from it" if kept else ""
+            raise UserError(f"cannot save in '{folder}' at step {self.step}: {describe_write_error(exc)}. The "
+                            f"files saved before are intact{resume}") from None
 
     # ------------------------------------------------------------------ end
 

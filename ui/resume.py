@@ -1,6 +1,6 @@
 """The resume offer: does an output folder hold the saved state of a run that did not finish? Files only.
 
-Reads the state files' names (`state/stepNNNNNN.pt`, as trainer.checkpoint writes them) and the run's
+Reads the state files' names (`state/stepNNNNNN.safetensors`, as trainer.checkpoint writes them) and the run's
 events.jsonl; never loads a state, so no torch.
 """
 

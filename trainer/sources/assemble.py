@@ -112,7 +112,8 @@ def load_pipeline(source: str, flavour: Flavour, dtype: torch.dtype, skip: tuple
     built = load_components(folder, flavour, dtype, skip, base_precision, files, found)
     pipeline_class = getattr(diffusers, flavour.pipeline_class)
     left_out = {name: None for name in (*skip, *built)}
-    pipe = pipeline_class.from_pretrained(str(folder), dtype=dtype, **left_out)
+    # safetensors only: a pickled .bin in a downloaded or shared folder could run code when loaded
+    pipe = pipeline_class.from_pretrained(str(folder), dtype=dtype, use_safetensors=True, **left_out)
     if built:
         pipe.register_modules(**built)
     return pipe
