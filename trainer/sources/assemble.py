@@ -18,6 +18,7 @@ from trainer.errors import UserError
 from trainer.events import Event
 from trainer.registry import Flavour
 from trainer.sources import ModelFiles
+from trainer.sources.processor_tokenizers import load_processor_tokenizers
 from trainer.sources.recognise import NotSafetensors, Recognised, recognise_for, slot_problem
 from trainer.spec import is_local_path
 
@@ -110,6 +111,8 @@ def load_pipeline(source: str, flavour: Flavour, dtype: torch.dtype, skip: tuple
     found = recognise_files(files, flavour)
     folder = local_folder(source, flavour, skip, files, emit)
     built = load_components(folder, flavour, dtype, skip, base_precision, files, found)
+    # FLUX.2 dev's PixtralProcessor needs torchvision: its tokenizer, all the pipeline uses, loads alone
+    built.update(load_processor_tokenizers(folder, (*skip, *built)))
     pipeline_class = getattr(diffusers, flavour.pipeline_class)
     left_out = {name: None for name in (*skip, *built)}
     pipe = pipeline_class.from_pretrained(str(folder), dtype=dtype, **left_out)
