@@ -11,11 +11,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.fake_hub import FakeHub, serving
 from tests.flavour_models import pipeline_for, save_flux2_dev_folder
 from trainer.errors import UserError
 from trainer.families import family_ops
@@ -48,26 +50,12 @@ def _variant(dev_folder: Path, tmp_path: Path, template_file: str) -> Path:
 
 
 @pytest.fixture
-def no_hub(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The Hub online and every request to it recorded and refused as unauthorised, with no token set: a load
-    that needed a login would fail, and the list says what it asked for."""
-    import httpx2
-    from huggingface_hub import constants
-    from huggingface_hub.utils import _http
-
-    asked: list[str] = []
-
-    def refuse(request: httpx2.Request) -> httpx2.Response:
-        asked.append(str(request.url))
-        return httpx2.Response(401, headers={"X-Error-Code": "GatedRepo"}, request=request)
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+def gated_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """huggingface_hub online with no token, its Hub refusing the gated repo; every request recorded."""
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
-    _http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(refuse)))
-    yield asked
-    _http.set_client_factory(_http.default_client_factory)
+    with serving(FakeHub(FLAVOUR.hub_id, tmp_path, refuse="gated"), tmp_path / "cache") as hub:
+        yield hub
 
 
 def test_torchvision_is_absent_so_the_processor_itself_cannot_load(dev_folder: Path) -> None:
@@ -78,9 +66,12 @@ def test_torchvision_is_absent_so_the_processor_itself_cannot_load(dev_folder: P
         transformers.PixtralProcessor.from_pretrained(dev_folder / "tokenizer")
 
 
-def test_the_repo_layout_loads_and_encodes_as_the_pipeline_does(dev_folder: Path, no_hub: list[str]) -> None:
+def test_the_repo_layout_loads_and_encodes_as_the_pipeline_does(dev_folder: Path, gated_hub: FakeHub) -> None:
+    with pytest.raises(UserError, match="is a gated model and no Hugging Face token is set"):
+        family_ops("flux2").load_pipeline(FLAVOUR.hub_id, FLAVOUR, torch.float32)  # the Hub is there, and refuses
+    gated_hub.requests.clear()
     pipe = family_ops("flux2").load_pipeline(str(dev_folder), FLAVOUR, torch.float32)
-    assert no_hub == []  # the configs name the gated repo; everything came from the folder
+    assert gated_hub.requests == []  # the configs name the gated repo; everything came from the folder
     assert type(pipe).__name__ == "Flux2Pipeline"
     assert type(pipe.text_encoder).__name__ == "Mistral3ForConditionalGeneration"
     assert "[SYSTEM_PROMPT]" in pipe.tokenizer.chat_template
