@@ -236,3 +236,20 @@ def save_flux2_dev_folder(out: Path) -> Path:
     (tokenizer / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2), encoding="utf-8")
     assert (tokenizer / "chat_template.jinja").is_file()  # transformers' tokenizer saves its template there
     return out
+
+
+def as_kontext_folder(flux1_folder: Path, out: Path) -> Path:
+    """The FLUX.1 demo folder as a Kontext one: its files linked, model_index.json naming FluxKontextPipeline (the
+    same components; FLUX.1 Kontext [dev] differs from [dev] in its weights only)."""
+    import json
+
+    for path in flux1_folder.rglob("*"):
+        if path.is_file():
+            target = out / path.relative_to(flux1_folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path)
+    index = json.loads((flux1_folder / "model_index.json").read_text(encoding="utf-8"))
+    (out / "model_index.json").unlink()
+    index["_class_name"] = "FluxKontextPipeline"
+    (out / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return out

@@ -9,6 +9,7 @@ recognition reads. huggingface_hub's own client talks to a Hub in memory (tests/
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -459,6 +460,31 @@ def test_preflight_and_load_refuse_with_one_line_per_key(demo_dir: Path, demo_fi
     data["model"].update(family="flux2", text_encoder_2="t5.safetensors")
     with pytest.raises(SpecError, match="model.text_encoder_2: FLUX.2 has one text encoder"):
         parse_spec(data)
+
+
+@pytest.mark.parametrize(("family", "flavour", "folder", "expected"), [
+    ("flux2", "demo", "flux1", "holds a FluxPipeline (its model_index.json), but flux2 demo needs a "
+                               "Flux2KleinPipeline; set model.family flux1 with model.flavour demo, dev, krea or "
+                               "schnell, or point model.source at a FLUX.2 demo (tiny, random weights) folder"),
+    ("flux1", "kontext", "flux1", "holds a FluxPipeline (its model_index.json), but flux1 kontext needs a "
+                                  "FluxKontextPipeline; set model.family flux1 with model.flavour demo, dev, krea or "
+                                  "schnell, or point model.source at a FLUX.1 Kontext [dev] folder"),
+    ("flux2", "dev", "flux2", "holds a Flux2KleinPipeline (its model_index.json), but flux2 dev needs a Flux2Pipeline; "
+                              "set model.family flux2 with model.flavour demo, klein-base-9b or klein-base-4b"),
+], ids=["flux1-folder-as-flux2", "dev-folder-as-kontext", "klein-folder-as-dev"])
+def test_a_folder_of_another_pipeline_is_refused_before_loading(demo_dir: Path, family: str, flavour: str,
+                                                                folder: str, expected: str) -> None:
+    """diffusers would load a FLUX.1 folder into Flux2KleinPipeline, or FLUX.1 [dev] as Kontext, without a word."""
+    from trainer.preflight import check_files
+    from trainer.spec import load_spec, resolve_paths
+
+    source = demo_dir / folder
+    with pytest.raises(UserError, match=re.escape(f"model.source: '{source}' {expected}")):
+        family_ops(family).load_pipeline(str(source), registry.get_flavour(family, flavour), torch.float32)
+    spec = resolve_paths(load_spec(demo_dir / "job.toml", [f"model.family='{family}'", f"model.flavour='{flavour}'",
+                                                           f"model.source='{source}'"]), demo_dir)
+    problems = [p for p in check_files(spec) if p.startswith("model.")]
+    assert len(problems) == 1 and problems[0].startswith(f"model.source: '{source}' {expected}")  # the same line
 
 
 def test_comfy_models_lists_candidates_per_slot(real_files: dict[str, Path]) -> None:

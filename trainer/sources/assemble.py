@@ -17,7 +17,7 @@ import torch
 from trainer.errors import UserError
 from trainer.events import Event
 from trainer.registry import Flavour
-from trainer.sources import ModelFiles
+from trainer.sources import ModelFiles, pipeline_class_problem
 from trainer.sources.processor_tokenizers import load_processor_tokenizers
 from trainer.sources.recognise import NotSafetensors, Recognised, recognise_for, slot_problem
 from trainer.spec import is_local_path
@@ -52,10 +52,14 @@ def local_folder(source: str, flavour: Flavour, skip: tuple[str, ...], files: Mo
         folder = Path(source).expanduser()
         if not (folder / "model_index.json").is_file():
             raise UserError(f"model.source: '{folder}' is not a diffusers pipeline folder (no model_index.json)")
-        return folder
-    from trainer.sources.hub import fetch, needed_patterns
+    else:
+        from trainer.sources.hub import fetch, needed_patterns
 
-    return fetch(source, needed_patterns(flavour, skip, files), emit)
+        folder = fetch(source, needed_patterns(flavour, skip, files), emit)
+    problem = pipeline_class_problem(folder, flavour)
+    if problem:
+        raise UserError(problem)
+    return folder
 
 
 def _config_folder(folder: Path, component: str, slot_file: str) -> Path:
