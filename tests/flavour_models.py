@@ -10,6 +10,7 @@ have their real depth (Mistral-Small-3.1: 40 layers, Qwen3-4B/8B: 36), so the fl
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -195,3 +196,60 @@ def _build(family: str, kind: str) -> Any:
         pipe = flux1_pipeline(kind)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# model_index.json of the hub repo black-forest-labs/FLUX.2-dev: its tokenizer is a PixtralProcessor.
+FLUX2_DEV_MODEL_INDEX = {
+    "_class_name": "Flux2Pipeline",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"],
+    "tokenizer": ["transformers", "PixtralProcessor"],
+    "transformer": ["diffusers", "Flux2Transformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKLFlux2"],
+}
+
+
+def save_flux2_dev_folder(out: Path) -> Path:
+    """The tiny FLUX.2 dev pipeline in the hub repo's layout: model_index.json names a PixtralProcessor, and
+    tokenizer/ is a saved processor (its tokenizer files and chat_template.jinja, processor_config.json, and an
+    image processor config whose class wants torchvision); every config names the gated repo."""
+    import json
+
+    pipe = pipeline_for("flux2", "dev")
+    pipe.save_pretrained(out, safe_serialization=True)
+    index = {**FLUX2_DEV_MODEL_INDEX, "_diffusers_version": "0.36.0.dev0",
+             "_name_or_path": "black-forest-labs/FLUX.2-dev"}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    for config in out.glob("*/config.json"):
+        data = json.loads(config.read_text(encoding="utf-8"))
+        config.write_text(json.dumps({**data, "_name_or_path": "black-forest-labs/FLUX.2-dev"}), encoding="utf-8")
+    tokenizer = out / "tokenizer"
+    settings = json.loads((tokenizer / "tokenizer_config.json").read_text(encoding="utf-8"))
+    settings.update(tokenizer_class="LlamaTokenizerFast", processor_class="PixtralProcessor")
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    processor = {"image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]", "image_token": "[IMG]",
+                 "patch_size": 14, "processor_class": "PixtralProcessor", "spatial_merge_size": 2}
+    (tokenizer / "processor_config.json").write_text(json.dumps(processor, indent=2), encoding="utf-8")
+    image_processor = {"image_processor_type": "PixtralImageProcessorFast", "processor_class": "PixtralProcessor",
+                       "patch_size": {"height": 14, "width": 14}, "size": {"longest_edge": 1540},
+                       "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True}
+    (tokenizer / "preprocessor_config.json").write_text(json.dumps(image_processor, indent=2), encoding="utf-8")
+    assert (tokenizer / "chat_template.jinja").is_file()  # transformers' tokenizer saves its template there
+    return out
+
+
+def as_kontext_folder(flux1_folder: Path, out: Path) -> Path:
+    """The FLUX.1 demo folder as a Kontext one: its files linked, model_index.json naming FluxKontextPipeline (the
+    same components; FLUX.1 Kontext [dev] differs from [dev] in its weights only)."""
+    import json
+
+    for path in flux1_folder.rglob("*"):
+        if path.is_file():
+            target = out / path.relative_to(flux1_folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path)
+    index = json.loads((flux1_folder / "model_index.json").read_text(encoding="utf-8"))
+    (out / "model_index.json").unlink()
+    index["_class_name"] = "FluxKontextPipeline"
+    (out / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return out

@@ -88,7 +88,7 @@ def bad(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> BadFiles:
     (previous / "state").mkdir(parents=True)
     shutil.copy(lora, previous / "demo_lora.safetensors")
     shutil.copy(lora, previous / "demo_lora-step000002.safetensors")
-    (previous / "state" / "step000002.pt").write_bytes(b"a training state")
+    (previous / "state" / "step000002.safetensors").write_bytes(b"a training state")
     return BadFiles(root, demo_dir, previous)
 
 

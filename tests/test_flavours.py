@@ -8,6 +8,7 @@ image), the transformer call of a denoising step (position ids, timestep, guidan
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Iterator
@@ -29,6 +30,9 @@ FLUX1 = [("flux1", "dev"), ("flux1", "krea"), ("flux1", "schnell"), ("flux1", "k
 REAL = FLUX2 + FLUX1
 # Kontext's reference-image conditioning is tested with the reference-image support; here it is text-to-image only.
 TEXT_TO_IMAGE = [case for case in REAL if case != ("flux1", "kontext")]
+# klein base 9B and 4B differ only in their sizes (test_klein_base_9b_and_4b_differ_only_in_size) and share one tiny
+# pipeline here: the slower tests of prompts and sampling run them once
+ONE_KLEIN = [case for case in TEXT_TO_IMAGE if case != ("flux2", "klein-base-9b")]
 T5_TOKENS = {"dev": 512, "krea": 512, "kontext": 512, "schnell": 256}  # the model cards' max_sequence_length
 
 
@@ -142,10 +146,18 @@ def test_sampling_defaults_are_the_model_cards() -> None:
     assert all(get_flavour(*case).sample_resolution == 1024 for case in expected)
 
 
+def test_klein_base_9b_and_4b_differ_only_in_size() -> None:
+    nine, four = get_flavour("flux2", "klein-base-9b"), get_flavour("flux2", "klein-base-4b")
+    sizes = {"name", "label", "hub_id", "text_encoder_label", "double_blocks", "single_blocks", "hidden_size",
+             "num_heads", "joint_attention_dim", "params_billion", "max_blocks_to_swap"}
+    differ = {f.name for f in dataclasses.fields(nine) if getattr(nine, f.name) != getattr(four, f.name)}
+    assert differ == sizes
+
+
 # --- prompts ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", REAL, ids=_ids)
+@pytest.mark.parametrize("case", [*ONE_KLEIN, ("flux1", "kontext")], ids=_ids)
 def test_encode_prompts_is_the_pipelines_encode_prompt(case: tuple[str, str]) -> None:
     family, name = case
     pipe = pipeline_for(*case)
@@ -176,11 +188,11 @@ def _stacked(pipe: Any, text: list[str], layers: tuple[int, ...]) -> torch.Tenso
 
 
 def test_klein_renders_prompts_through_the_qwen3_chat_template() -> None:
-    flavour = get_flavour("flux2", "klein-base-9b")
-    pipe = pipeline_for("flux2", "klein-base-9b")
+    flavour = get_flavour("flux2", "klein-base-4b")
+    pipe = pipeline_for("flux2", "klein-base-4b")
     # Qwen3's template for one user turn, generation prompt on, thinking off (an empty think block)
     templated = [f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n" for p in PROMPTS]
-    ours = _encoded("flux2", "klein-base-9b")["prompt_embeds"]
+    ours = _encoded("flux2", "klein-base-4b")["prompt_embeds"]
     torch.testing.assert_close(ours, _stacked(pipe, templated, flavour.text_encoder_layers), atol=1e-6, rtol=0)
     assert not torch.allclose(ours, _stacked(pipe, PROMPTS, flavour.text_encoder_layers))
 
@@ -340,7 +352,7 @@ def test_schnell_has_no_resolution_dependent_shift() -> None:
 # --- sampling ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", TEXT_TO_IMAGE, ids=_ids)
+@pytest.mark.parametrize("case", ONE_KLEIN, ids=_ids)
 def test_sample_runs_the_flavours_steps_and_guidance(case: tuple[str, str]) -> None:
     family, name = case
     flavour = get_flavour(*case)
@@ -363,3 +375,40 @@ def test_sample_runs_the_flavours_steps_and_guidance(case: tuple[str, str]) -> N
         # klein base: each step's second pass conditions on the negative embedding (real CFG)
         expected = negative if passes == 2 and index % 2 else text
         torch.testing.assert_close(kwargs["encoder_hidden_states"], expected["prompt_embeds"], atol=0, rtol=0)
+
+
+@functools.cache
+def _negative(family: str, name: str) -> dict[str, torch.Tensor]:
+    """The empty prompt's embedding: the session's negative for real CFG (klein base)."""
+    return family_ops(family).encode_prompts(pipeline_for(family, name), [""], get_flavour(family, name))
+
+
+@functools.cache
+def _demo_pipeline(family: str, folder: str) -> Any:
+    pipe = family_ops(family).load_pipeline(folder, get_flavour(family, "demo"), torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("case", [("flux2", "demo"), ("flux1", "demo"), *ONE_KLEIN], ids=_ids)
+def test_sample_gives_the_pipelines_image_for_the_prompt_and_seed(case: tuple[str, str], demo_dir: Any) -> None:
+    """What the session renders (our embeddings, the empty prompt as klein base's negative, the flavour's guidance and
+    token budget) is what the diffusers pipeline renders from the prompt text itself with the same seed."""
+    family, name = case
+    flavour = get_flavour(*case)
+    pipe = _demo_pipeline(family, str(demo_dir / family)) if flavour.is_demo else pipeline_for(*case)
+    ops = family_ops(family)
+    steps, seed, guidance = 2, 3, flavour.sample_guidance
+    # the session's embeddings: encoded with others in a batch (the real flavours' from the cache of these tests)
+    text = {key: value[:1] for key, value in (ops.encode_prompts(pipe, PROMPTS, flavour) if flavour.is_demo
+                                              else _encoded(family, name)).items()}
+    negative = _negative(family, name) if flavour.guidance == "cfg" and guidance > 1 else None
+    ours = ops.sample(pipe, text, negative, steps, guidance, seed, resolution=IMAGE_SIZE)
+    # the demos' own token budget and (FLUX.2) hidden-state layers; the real flavours' are the pipelines' defaults
+    # but for schnell's 256 T5 tokens
+    settings: dict[str, Any] = {"max_sequence_length": 64 if flavour.is_demo else T5_TOKENS.get(name, 512)}
+    if flavour.is_demo and family == "flux2":
+        settings["text_encoder_out_layers"] = flavour.text_encoder_layers
+    theirs = pipe(prompt=PROMPTS[0], num_inference_steps=steps, guidance_scale=guidance, height=IMAGE_SIZE,
+                  width=IMAGE_SIZE, generator=torch.Generator("cpu").manual_seed(seed), **settings).images[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))

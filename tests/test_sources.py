@@ -3,19 +3,20 @@
 The demo's components are written as single files with our own converters (BFL transformer with and without
 `model.diffusion_model.`, ldm VAE, text encoders as ComfyUI stores them) and must load to the same outputs as
 the demo folder. Real-size files are faked by their headers alone (sparse files: no bytes written), which is all
-recognition reads. The hub is simulated by monkeypatching huggingface_hub: no network.
+recognition reads. huggingface_hub's own client talks to a Hub in memory (tests/fake_hub.py): no network.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.fake_hub import FakeHub, serving
 from trainer import registry
 from trainer.errors import UserError
 from trainer.events import DownloadProgress, Event
@@ -461,6 +462,31 @@ def test_preflight_and_load_refuse_with_one_line_per_key(demo_dir: Path, demo_fi
         parse_spec(data)
 
 
+@pytest.mark.parametrize(("family", "flavour", "folder", "expected"), [
+    ("flux2", "demo", "flux1", "holds a FluxPipeline (its model_index.json), but flux2 demo needs a "
+                               "Flux2KleinPipeline; set model.family flux1 with model.flavour demo, dev, krea or "
+                               "schnell, or point model.source at a FLUX.2 demo (tiny, random weights) folder"),
+    ("flux1", "kontext", "flux1", "holds a FluxPipeline (its model_index.json), but flux1 kontext needs a "
+                                  "FluxKontextPipeline; set model.family flux1 with model.flavour demo, dev, krea or "
+                                  "schnell, or point model.source at a FLUX.1 Kontext [dev] folder"),
+    ("flux2", "dev", "flux2", "holds a Flux2KleinPipeline (its model_index.json), but flux2 dev needs a Flux2Pipeline; "
+                              "set model.family flux2 with model.flavour demo, klein-base-9b or klein-base-4b"),
+], ids=["flux1-folder-as-flux2", "dev-folder-as-kontext", "klein-folder-as-dev"])
+def test_a_folder_of_another_pipeline_is_refused_before_loading(demo_dir: Path, family: str, flavour: str,
+                                                                folder: str, expected: str) -> None:
+    """diffusers would load a FLUX.1 folder into Flux2KleinPipeline, or FLUX.1 [dev] as Kontext, without a word."""
+    from trainer.preflight import check_files
+    from trainer.spec import load_spec, resolve_paths
+
+    source = demo_dir / folder
+    with pytest.raises(UserError, match=re.escape(f"model.source: '{source}' {expected}")):
+        family_ops(family).load_pipeline(str(source), registry.get_flavour(family, flavour), torch.float32)
+    spec = resolve_paths(load_spec(demo_dir / "job.toml", [f"model.family='{family}'", f"model.flavour='{flavour}'",
+                                                           f"model.source='{source}'"]), demo_dir)
+    problems = [p for p in check_files(spec) if p.startswith("model.")]
+    assert len(problems) == 1 and problems[0].startswith(f"model.source: '{source}' {expected}")  # the same line
+
+
 def test_comfy_models_lists_candidates_per_slot(real_files: dict[str, Path]) -> None:
     from trainer.comfy_models import list_candidates
 
@@ -538,17 +564,7 @@ def test_mistral_file_without_image_tower_and_pruned(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- the hub
 
 
-def _hub_error(kind: str) -> Exception:
-    import httpx2
-    from huggingface_hub import errors
-
-    response = httpx2.Response(403 if kind == "gated" else 401,
-                               request=httpx2.Request("GET", "https://huggingface.co/api/models/x"))
-    if kind == "gated":
-        return errors.GatedRepoError("403 Client Error: access to this model is restricted", response=response)
-    if kind == "missing":
-        return errors.RepositoryNotFoundError("401 Client Error: Repository Not Found", response=response)
-    return errors.LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder")
+KLEIN = registry.get_flavour("flux2", "klein-base-4b")
 
 
 @pytest.mark.parametrize("kind,token,expected", [
@@ -556,6 +572,9 @@ def _hub_error(kind: str) -> Exception:
                       r"set, and the files this job needs are not all in the Hugging Face cache. Connect to the "
                       r"internet \(and unset HF_HUB_OFFLINE\) to download them once, or point model.source at a "
                       r"local diffusers folder that holds the model."),
+    ("down", None, r"model.source: cannot download 'black-forest-labs/FLUX.2-klein-base-4B': the Hugging Face Hub "
+                   r"cannot be reached \(no network\?\), and the files this job needs are not all in the Hugging "
+                   r"Face cache. Connect to the internet"),
     ("gated", "hf_secret_value", r"model.source: 'black-forest-labs/FLUX.2-klein-base-4B' is a gated model and the "
                                  r"token in use \(HF_TOKEN or the saved login\) has no access to it yet. Accept its "
                                  r"licence on https://huggingface.co/black-forest-labs/FLUX.2-klein-base-4B "
@@ -564,75 +583,53 @@ def _hub_error(kind: str) -> Exception:
     ("gated", None, r"is a gated model and no Hugging Face token is set on this machine. Accept its licence"),
     ("missing", None, r"model.source: no Hugging Face repo 'black-forest-labs/FLUX.2-klein-base-4B' is visible \(no "
                       r"Hugging Face token is set on this machine\)"),
-])
-def test_hub_failures_become_one_clear_message(monkeypatch: pytest.MonkeyPatch, kind: str, token: str | None,
-                                               expected: str) -> None:
+    ("unauthorised", "hf_secret_value", r"model.source: Hugging Face refused 'black-forest-labs/FLUX.2-klein-base-4B' "
+                                        r"\(401: the token in use \(HF_TOKEN or the saved login\) is not valid\). "
+                                        r"Log in with `hf auth "
+                                        r"login` or set HF_TOKEN to a valid read token"),
+], ids=["offline", "down", "gated-with-token", "gated-no-token", "missing", "invalid-token"])
+def test_hub_failures_become_one_clear_message(demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               kind: str, token: str | None, expected: str) -> None:
+    """huggingface_hub's own snapshot_download against a Hub that answers as it does for each failure."""
     import huggingface_hub
+    from huggingface_hub import constants
 
-    def refuse(*args: object, **kwargs: object) -> str:
-        raise _hub_error(kind)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    hub = FakeHub(KLEIN.hub_id, demo_dir / "flux2", refuse="" if kind == "offline" else kind)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: token)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1" if kind == "offline" else "0")
-    flavour = registry.get_flavour("flux2", "klein-base-4b")
-    with pytest.raises(UserError, match=expected) as caught:
-        family_ops("flux2").load_pipeline(flavour.hub_id, flavour, torch.bfloat16)
+    with serving(hub, tmp_path / "cache"), pytest.raises(UserError, match=expected) as caught:
+        constants.HF_HUB_OFFLINE = kind == "offline"
+        family_ops("flux2").load_pipeline(KLEIN.hub_id, KLEIN, torch.bfloat16)
     assert "hf_secret_value" not in str(caught.value)
+    assert (hub.requests == []) == (kind == "offline")
 
 
-def test_hub_download_fetches_only_what_is_needed_and_reports_progress(
+def test_hub_download_fetches_only_what_is_needed_reports_progress_and_resumes(
         demo_dir: Path, demo_files: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
-
-    source = demo_dir / "flux2"
-    calls: list[dict] = []
-
-    def fake_snapshot(repo_id: str, *, allow_patterns: list[str], ignore_patterns: list[str],
-                      tqdm_class: type) -> str:
-        """Copies the matching files of the demo folder as if downloaded, making and driving the progress bars
-        with huggingface_hub 2.4's own helpers as its snapshot_download does."""
-        import logging
-
-        from huggingface_hub.utils.tqdm import _create_progress_bar, hf_thread_map
-
-        calls.append({"repo_id": repo_id, "allow_patterns": allow_patterns})
-        names = [p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()]
-        wanted = list(filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
-        snapshot = tmp_path / "snapshot"
-        bars = {desc: _create_progress_bar(cls=tqdm_class, log_level=logging.INFO, name="huggingface_hub.x",
-                                           desc=desc, total=0, initial=0, unit="B", unit_scale=True)
-                for desc in ("Downloading bytes", "Reconstructing (incomplete total...)")}
-
-        def download(name: str) -> None:
-            size = (source / name).stat().st_size
-            bars["Reconstructing (incomplete total...)"].total += size
-            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(source / name, snapshot / name)
-            bars["Reconstructing (incomplete total...)"].update(size)
-            bars["Downloading bytes"].update(size // 2)
-
-        hf_thread_map(download, wanted, desc=f"Fetching {len(wanted)} files", max_workers=2, tqdm_class=tqdm_class)
-        for bar in bars.values():
-            bar.close()
-        return str(snapshot)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
-    events: list[Event] = []
+    """huggingface_hub's own snapshot_download: only the files the job needs, progress as events, and after a
+    connection lost mid-way the next run fetches only the files the first did not finish."""
+    hub = FakeHub("acme/flux2-demo", demo_dir / "flux2", drop={"text_encoder/model.safetensors"})
     files = ModelFiles(transformer=str(demo_files["flux2"]["transformer"]))
-    pipe = family_ops("flux2").load_pipeline("acme/flux2-demo", FLAVOUR["flux2"], torch.float32, files=files,
-                                             emit=events.append)
-    assert calls == [{"repo_id": "acme/flux2-demo", "allow_patterns": [
-        "model_index.json", "transformer/config.json", "vae/*", "text_encoder/*", "tokenizer/*", "scheduler/*"]}]
-    assert not list((tmp_path / "snapshot" / "transformer").glob("*.safetensors"))  # its weights came from the file
+    events: list[Event] = []
+    with serving(hub, tmp_path / "cache"):
+        with pytest.raises(UserError, match=r"model.source: downloading 'acme/flux2-demo' failed \(ReadError: "
+                                            r"connection reset by peer\); check the network and run again \(finished "
+                                            r"files are kept\)"):
+            family_ops("flux2").load_pipeline("acme/flux2-demo", FLAVOUR["flux2"], torch.float32, files=files)
+        first = hub.downloads()
+        hub.drop.clear()
+        hub.requests.clear()
+        pipe = family_ops("flux2").load_pipeline("acme/flux2-demo", FLAVOUR["flux2"], torch.float32, files=files,
+                                                 emit=events.append)
+    needed = [name for name in hub.files() if not name.startswith("transformer/") or name.endswith("config.json")]
+    assert sorted(set(first)) == needed  # the transformer's weights come from the single file, never downloaded
+    assert hub.downloads() == ["text_encoder/model.safetensors"]  # resumed: only what the first run lost
     assert pipe.transformer.config._name_or_path == str(demo_files["flux2"]["transformer"])
     progress = [e for e in events if isinstance(e, DownloadProgress)]
-    total = sum(p.stat().st_size for p in (tmp_path / "snapshot").rglob("*") if p.is_file())
+    size = (demo_dir / "flux2" / "text_encoder" / "model.safetensors").stat().st_size
     last = progress[-1]
-    assert (last.repo_id, last.downloaded_bytes, last.total_bytes) == ("acme/flux2-demo", total, total)
-    copied = [p for p in (tmp_path / "snapshot").rglob("*") if p.is_file()]
-    assert (last.files_done, last.files_total) == (len(copied), len(copied))
+    assert (last.repo_id, last.downloaded_bytes, last.total_bytes) == ("acme/flux2-demo", size, size)
+    assert (last.files_done, last.files_total) == (len(needed), len(needed))  # the cached ones count as done
     assert [e.phase for e in events if hasattr(e, "phase")] == ["downloading"]
     assert len(progress) < 10  # throttled
 

@@ -9,7 +9,7 @@ from trainer import registry
 from trainer.data.datasets import IMAGE_EXTENSIONS, find_mask, list_images
 from trainer.errors import UserError
 from trainer.prompts import sample_prompts
-from trainer.sources import model_files
+from trainer.sources import model_files, pipeline_class_problem
 from trainer.sources.lora_file import check_init_from
 from trainer.sources.recognise import check_file
 from trainer.spec import JobSpec, is_local_path
@@ -50,6 +50,9 @@ def _check_source(spec: JobSpec) -> list[str]:
         return [f"model.source: cannot read folder '{folder}' (permission denied); check its permissions"]
     if not (folder / "model_index.json").is_file():
         return [f"model.source: '{folder}' is not a diffusers pipeline folder (no model_index.json in it)"]
+    wrong = pipeline_class_problem(folder, registry.get_flavour(spec.model.family, spec.model.flavour))
+    if wrong:
+        return [wrong]
     # a single file takes its component's configuration from the folder
     return [f"model.{slot}: its configuration comes from model.source, but '{folder / slot / 'config.json'}' does "
             "not exist" for slot in model_files(spec.model).given() if not (folder / slot / "config.json").is_file()]

@@ -23,9 +23,13 @@ and the preflight checks use them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainer.registry import Flavour
 
 SLOTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 
@@ -101,3 +105,29 @@ def resolve_model_paths(model: dict[str, Any], base_dir: str | Path) -> dict[str
         if value and (not result.get("comfy_models_dir") or Path(absolute(value)).exists()):
             result[slot] = absolute(value)
     return result
+
+
+def pipeline_class_problem(folder: str | Path, flavour: Flavour) -> str | None:
+    """Why the diffusers folder cannot be the flavour's model, or None: its model_index.json must name the flavour's
+    pipeline class (diffusers would otherwise load a FLUX.1 folder into a FLUX.2 pipeline, or FLUX.1 [dev]'s weights
+    as Kontext, without a word)."""
+    from trainer.registry import FAMILIES
+
+    index = Path(folder) / "model_index.json"
+    try:
+        found = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"model.source: cannot read '{index}' ({exc}); download or copy the model folder again"
+    if found == flavour.pipeline_class:
+        return None
+    fitting = {family.name: [name for name, other in family.flavours.items() if other.pipeline_class == found]
+               for family in FAMILIES.values()}
+    fixes = [f"model.family {family} with model.flavour {_one_of(names)}" for family, names in fitting.items() if names]
+    fix = f"set {' or '.join(fixes)}" if fixes else "choose a FLUX model folder"
+    return (f"model.source: '{folder}' holds a {found or 'pipeline of no class'} (its model_index.json), but "
+            f"{flavour.family} {flavour.name} needs a {flavour.pipeline_class}; {fix}, or point model.source at "
+            f"a {flavour.label} folder")
+
+
+def _one_of(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"

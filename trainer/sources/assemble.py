@@ -17,7 +17,8 @@ import torch
 from trainer.errors import UserError
 from trainer.events import Event
 from trainer.registry import Flavour
-from trainer.sources import ModelFiles
+from trainer.sources import ModelFiles, pipeline_class_problem
+from trainer.sources.processor_tokenizers import load_processor_tokenizers
 from trainer.sources.recognise import NotSafetensors, Recognised, recognise_for, slot_problem
 from trainer.spec import is_local_path
 
@@ -51,10 +52,14 @@ def local_folder(source: str, flavour: Flavour, skip: tuple[str, ...], files: Mo
         folder = Path(source).expanduser()
         if not (folder / "model_index.json").is_file():
             raise UserError(f"model.source: '{folder}' is not a diffusers pipeline folder (no model_index.json)")
-        return folder
-    from trainer.sources.hub import fetch, needed_patterns
+    else:
+        from trainer.sources.hub import fetch, needed_patterns
 
-    return fetch(source, needed_patterns(flavour, skip, files), emit)
+        folder = fetch(source, needed_patterns(flavour, skip, files), emit)
+    problem = pipeline_class_problem(folder, flavour)
+    if problem:
+        raise UserError(problem)
+    return folder
 
 
 def _config_folder(folder: Path, component: str, slot_file: str) -> Path:
@@ -110,6 +115,8 @@ def load_pipeline(source: str, flavour: Flavour, dtype: torch.dtype, skip: tuple
     found = recognise_files(files, flavour)
     folder = local_folder(source, flavour, skip, files, emit)
     built = load_components(folder, flavour, dtype, skip, base_precision, files, found)
+    # FLUX.2 dev's PixtralProcessor needs torchvision: its tokenizer, all the pipeline uses, loads alone
+    built.update(load_processor_tokenizers(folder, (*skip, *built)))
     pipeline_class = getattr(diffusers, flavour.pipeline_class)
     left_out = {name: None for name in (*skip, *built)}
     # safetensors only: a pickled .bin in a downloaded or shared folder could run code when loaded

@@ -6,11 +6,13 @@ like any local diffusers folder. The token is huggingface_hub's own: HF_TOKEN, e
 `huggingface-cli login` saved; this module never reads, logs or writes it (it only asks whether one exists, to
 say which fix applies).
 
-Resuming (checked in huggingface_hub 2.4): files already complete stay in the cache and a later run downloads
-only the rest; within one run a dropped connection is retried and resumed from the byte it reached (HTTP Range,
-5 tries). A file interrupted by stopping the program starts again from zero on the next run: 2.4 writes each
-file to a process-unique temporary name and deletes it on failure. Offline (HF_HUB_OFFLINE=1 or no network), a
-repo whose needed files are all cached loads from the cache.
+Resuming (checked in huggingface_hub 2.4; tests/test_sources.py runs its snapshot_download against a Hub in
+memory): files already complete stay in the cache and a later run downloads only the rest (we never pass
+force_download); within one run a refused connection, a timeout or a protocol error is retried and resumed from the
+byte it reached (HTTP Range, 5 tries), a connection reset fails the run at once. A file interrupted by stopping the
+program starts again from zero on the next run: 2.4 writes each file to a process-unique temporary name and deletes
+it on failure. Offline (HF_HUB_OFFLINE=1 or no network), a repo whose needed files are all cached loads from the
+cache.
 """
 
 from __future__ import annotations
@@ -83,7 +85,12 @@ def explain(error: BaseException, repo_id: str) -> UserError | None:
     if isinstance(error, errors.HfHubHTTPError):
         status = getattr(getattr(error, "response", None), "status_code", None)
         if status in (401, 403):
-            return UserError(f"model.source: Hugging Face refused '{repo_id}' ({status}: {_token_hint()}). Log in "
+            from huggingface_hub import get_token
+
+            # the Hub answers 401 to a repo request only for a token it does not accept (else: RepositoryNotFound)
+            hint = ("the token in use (HF_TOKEN or the saved login) is not valid" if status == 401 and get_token()
+                    else _token_hint())
+            return UserError(f"model.source: Hugging Face refused '{repo_id}' ({status}: {hint}). Log in "
                              f"with `hf auth login` or set HF_TOKEN to a valid read token, and accept the licence "
                              f"on {page} if it has one; {local}.")
         return UserError(f"model.source: downloading '{repo_id}' failed ({status or 'no answer'}); try again "
