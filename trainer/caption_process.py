@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -20,11 +19,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from trainer.data.captioners import CaptionOptions
 from trainer.errors import UserError
-from trainer.process_runner import ROOT, describe_exit, lower_priority
+from trainer.process_runner import ROOT, become_child, copy_stderr, describe_exit
 
 STOP_POLL_S = 0.2  # how often the app's side looks at should_stop
 STDERR_TAIL = 20
@@ -55,7 +54,7 @@ def caption_in_process(folder: Path, kind: str, source: str | Path | None = None
     child = subprocess.Popen([sys.executable, "-m", "trainer.caption_process"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
     tail: deque[str] = deque(maxlen=STDERR_TAIL)
-    threading.Thread(target=_copy_stderr, args=(child.stderr, tail), daemon=True).start()
+    threading.Thread(target=copy_stderr, args=(child.stderr, tail), daemon=True).start()
     child.stdin.write((json.dumps(request) + "\n").encode())
     child.stdin.flush()
     done = threading.Event()
@@ -81,17 +80,6 @@ def caption_in_process(folder: Path, kind: str, source: str | Path | None = None
     raise UserError(f"the captioning process {describe_exit(code)}{last}")
 
 
-def _copy_stderr(stream: IO[bytes], tail: deque[str]) -> None:
-    for raw in stream:
-        line = raw.decode("utf-8", "replace")
-        if line.strip():
-            tail.append(line.rstrip("\n"))
-        try:
-            sys.stderr.write(line)
-        except (OSError, ValueError):
-            pass
-
-
 def _pass_stop(child: subprocess.Popen, should_stop: Callable[[], bool] | None, done: threading.Event) -> None:
     """Tell the child once when should_stop() turns true."""
     while should_stop is not None and not done.wait(STOP_POLL_S):
@@ -108,10 +96,7 @@ def _pass_stop(child: subprocess.Popen, should_stop: Callable[[], bool] | None, 
 
 
 def serve() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the app handles Ctrl+C and ends us
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a library's print cannot corrupt the messages
-    lower_priority()
+    out = become_child()
     send_lock = threading.Lock()
 
     def send(**message: Any) -> None:  # noqa: ANN401

@@ -207,7 +207,8 @@ class ProcessRunner:
             raise TrainerProcessError(f"cannot start the trainer process {self._command[0]}: {exc}") from None
         self._child = child
         self._stderr_tail.clear()
-        threading.Thread(target=self._read_stderr, args=(child.stderr,), name="trainer-stderr", daemon=True).start()
+        threading.Thread(target=copy_stderr, args=(child.stderr, self._stderr_tail), name="trainer-stderr",
+                         daemon=True).start()
         threading.Thread(target=self._read_messages, args=(child,), name="trainer-messages", daemon=True).start()
         return child
 
@@ -230,15 +231,6 @@ class ProcessRunner:
                 self._replies[message["reply"]] = message
             self._changed.notify_all()
 
-    def _read_stderr(self, stream: IO[bytes]) -> None:
-        for raw in stream:
-            line = raw.decode("utf-8", "replace")
-            self._stderr_tail.append(line.rstrip("\n"))
-            try:
-                sys.stderr.write(line)  # the terminal window shows what the trainer says, as before
-            except (OSError, ValueError):
-                pass
-
     def _child_ended(self, child: subprocess.Popen) -> None:
         """The child exited: a run it had in hand ends as failed, saying how the process ended."""
         if self._child is not child:
@@ -256,6 +248,18 @@ class ProcessRunner:
         with self._changed:
             self._state = RunnerState()
             self._changed.notify_all()
+
+
+def copy_stderr(stream: IO[bytes], tail: deque[str]) -> None:
+    """Copy a child's stderr to ours (the terminal window shows what it says) and keep its last lines in `tail`."""
+    for raw in stream:
+        line = raw.decode("utf-8", "replace")
+        if line.strip():
+            tail.append(line.rstrip("\n"))
+        try:
+            sys.stderr.write(line)
+        except (OSError, ValueError):
+            pass
 
 
 def describe_exit(code: int | None) -> str:
@@ -363,13 +367,21 @@ def lower_priority() -> None:
         pass
 
 
-def serve() -> None:
-    """The child's main: calls from stdin, messages to a private copy of stdout, everything else to stderr."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C in the terminal is the app's to handle; it closes us
+def become_child() -> IO[bytes]:
+    """Set up a child process of the app; returns the private channel for its messages (a copy of stdout).
+
+    fd 1 then goes to stderr, so a library's print cannot corrupt the messages; Ctrl+C in the terminal is the
+    app's to handle (it closes our stdin); and the web server goes first when both want the CPU."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     messages = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     lower_priority()
-    server = _Server(messages)
+    return messages
+
+
+def serve() -> None:
+    """The child's main: calls from stdin, messages to a private copy of stdout, everything else to stderr."""
+    server = _Server(become_child())
     stop = threading.Event()
     forwarder = threading.Thread(target=server.forward, args=(stop,), name="forwarder", daemon=True)
     forwarder.start()
