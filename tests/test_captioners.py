@@ -394,16 +394,3 @@ def test_importing_the_captioners_loads_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=python_env(), check=True)
     assert result.stdout.strip() == "[]"
 
-
-def test_the_app_captions_in_a_child_process_with_status_and_progress(model_dirs, tmp_path):
-    from trainer.caption_process import caption_in_process
-
-    images = make_images(tmp_path / "data")
-    progress, status = [], []
-    outcome = caption_in_process(tmp_path / "data", "blip", model_dirs["blip"],
-                                 CaptionOptions(trigger="ohwx", max_length=6, batch_size=2),
-                                 progress=lambda *call: progress.append(call), status=status.append)
-    assert outcome.describe().startswith("captioned 3 of 3 images") and not outcome.stopped
-    assert [done for done, total, _ in progress][-1] == 3 and status[0].startswith("loading the blip captioner")
-    assert all(sidecar(image).read_text(encoding="utf-8").startswith("ohwx, ") for image in images)
-    # A failure's message crosses as it is: tests/test_app.py::test_dataset_tab_endpoints

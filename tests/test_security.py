@@ -111,7 +111,8 @@ def test_a_hub_token_never_reaches_files_events_or_messages(demo_dir: Path, tmp_
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capfd: pytest.CaptureFixture[str]) -> None:
     import huggingface_hub
-    from test_sources import _hub_error
+
+    from tests.fake_hub import FakeHub, serving
 
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     assert huggingface_hub.get_token() == FAKE_TOKEN  # the token the hub client would send
@@ -128,14 +129,12 @@ def test_a_hub_token_never_reaches_files_events_or_messages(demo_dir: Path, tmp_
         session.end()
 
     failing = tmp_path / "hub"  # the same job from a gated hub repo the token cannot open
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: (_ for _ in ()).throw(
-        _hub_error("gated")))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    hub_spec = spec.model_copy(update={
-        "model": spec.model.model_copy(update={"source": "black-forest-labs/FLUX.2-klein-base-4B"}),
-        "output": spec.output.model_copy(update={"dir": str(failing)})})
+    repo = "black-forest-labs/FLUX.2-klein-base-4B"
+    hub_spec = spec.model_copy(update={"model": spec.model.model_copy(update={"source": repo}),
+                                       "output": spec.output.model_copy(update={"dir": str(failing)})})
     session = Session(hub_spec, emit=events.append)
-    with pytest.raises(UserError, match="gated model and the token in use") as caught:
+    with (serving(FakeHub(repo, demo_dir / "flux2", refuse="gated"), tmp_path / "cache"),
+          pytest.raises(UserError, match="gated model and the token in use") as caught):
         session.run()
     session.end()
 

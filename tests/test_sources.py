@@ -622,8 +622,11 @@ def test_hub_download_fetches_only_what_is_needed_reports_progress_and_resumes(
         pipe = family_ops("flux2").load_pipeline("acme/flux2-demo", FLAVOUR["flux2"], torch.float32, files=files,
                                                  emit=events.append)
     needed = [name for name in hub.files() if not name.startswith("transformer/") or name.endswith("config.json")]
-    assert sorted(set(first)) == needed  # the transformer's weights come from the single file, never downloaded
-    assert hub.downloads() == ["text_encoder/model.safetensors"]  # resumed: only what the first run lost
+    lost, second = "text_encoder/model.safetensors", hub.downloads()
+    # The transformer's weights come from the single file, never downloaded. The first run's parallel downloads
+    # may or may not have reached every file before the lost one failed it; the second fetches only the rest.
+    assert lost in first and set(first) | set(second) == set(needed), (first, second)
+    assert lost in second and not set(second) & (set(first) - {lost}), (first, second)
     assert pipe.transformer.config._name_or_path == str(demo_files["flux2"]["transformer"])
     progress = [e for e in events if isinstance(e, DownloadProgress)]
     size = (demo_dir / "flux2" / "text_encoder" / "model.safetensors").stat().st_size

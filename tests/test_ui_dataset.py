@@ -351,7 +351,7 @@ def test_captioning_errors_are_shown_and_the_job_can_start_again(studio, blip_di
     snapshot = studio.captioning.snapshot()
     assert snapshot.line == "failed: RuntimeError: out of cheese" and "Traceback" in snapshot.log
 
-    studio.captioning._caption = None  # the real one again, with a model that loads
+    studio.captioning._caption = None  # the real one (in a child process) again, with a model that loads
     assert studio.caption_start(str(tmp_path), "blip", str(blip_dir), max_length=16).ok
     wait_until_done(studio.captioning)
     assert studio.captioning.snapshot().state == "finished"

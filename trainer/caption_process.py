@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -124,8 +125,15 @@ def serve() -> None:
                                   should_stop=stop.is_set, status=lambda line: send(status=line))
     except UserError as exc:
         send(error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - the traceback goes to the terminal, the message to the app
+        traceback.print_exc()
+        send(error=f"{type(exc).__name__}: {exc}")
     else:
         send(done=summary.describe(), stopped=summary.stopped)
+    # Leave without the interpreter's shutdown, which would wait for the stdin watcher's lock and abort (a core
+    # dump of a process holding a model takes long); everything has been said.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
