@@ -57,6 +57,18 @@ def test_running_status_and_progress():
     assert view.status_text() == "running: step 3/10 (sampling)"
 
 
+def test_sampling_and_saving_leave_the_status_line_when_training_goes_on():
+    view = RunView()
+    view.begin(10)
+    view.apply([PhaseChanged(phase="training"), progress(3, 0.5), PhaseChanged(phase="sampling"),
+                SampleSaved(step=3, path="/s.png", prompt="p")])
+    assert view.status_text() == "running: step 3/10 (sampling)"
+    view.apply([progress(4, 0.5)])  # the session says nothing when it trains again: the next step does
+    assert view.status_text() == "running: step 4/10"
+    view.apply([PhaseChanged(phase="saving"), LoraSaved(step=4, path="/l.safetensors"), progress(5, 0.4)])
+    assert view.status_text() == "running: step 5/10"
+
+
 def test_loss_smoothing_is_an_exponential_moving_average():
     view = RunView()
     view.begin(10)
