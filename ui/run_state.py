@@ -279,7 +279,7 @@ class RunView:
         """'step 12/40 · 3.10 it/s · ETA 0:00:09 · loss 0.1234 · lr 1.00e-04 · eval loss 0.1301 (step 10) ·
         RAM 1.2 GiB · VRAM 0.0 GiB · 0.32 s/step'."""
         with self._lock:
-            parts = [f"step {self.step}/{self.max_steps}" if self.max_steps else "step -"]
+            parts = [f"step {self.step}/{self.max_steps}" if self.max_steps else "no run yet"]
             if self.download is not None and self.status in ACTIVE:
                 parts.append(download_text(self.download))
             if self.steps_per_second > 0:
