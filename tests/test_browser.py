@@ -24,6 +24,12 @@ WAIT_MS = 120_000  # for the demo to be built and reach its first sample on a sl
 # The loss plot draws its lines (vega's line marks get a colour; a plot that once showed an empty frame did not).
 LOSS_DRAWN = """() => Array.from(document.querySelectorAll('#run-loss [aria-roledescription="line mark"]'))
     .some(line => line.getAttribute('stroke') && (line.getAttribute('d') || '').length > 10)"""
+# The legend names both series inside the plot's frame (at a fixed 300 px height it was cut off below the axis).
+LEGEND_SHOWN = """() => { const frame = document.querySelector('#run-loss')?.getBoundingClientRect();
+    const labels = Array.from(document.querySelectorAll('#run-loss svg text')).filter(text =>
+        ['loss', 'smoothed'].includes(text.textContent) && text.closest('[class*="legend"]'));
+    return frame && labels.length === 2
+        && labels.every(text => text.getBoundingClientRect().bottom <= frame.bottom); }"""
 
 pytestmark = [
     pytest.mark.slow,
@@ -105,6 +111,7 @@ def test_a_new_user_trains_the_demo_in_chromium(tmp_path):
                            f"{first}; }}", shots)
                 assert step_shown(page) > first  # the bar and the line move while it trains
                 wait_until(page, "the loss plot draws its lines", LOSS_DRAWN, shots)
+                assert page.evaluate(LEGEND_SHOWN), "the loss plot's legend is not shown whole"
                 shot(page, "03-training")
 
                 sample = page.locator("#run-samples img").first

@@ -57,6 +57,18 @@ def test_running_status_and_progress():
     assert view.status_text() == "running: step 3/10 (sampling)"
 
 
+def test_sampling_and_saving_leave_the_status_line_when_training_goes_on():
+    view = RunView()
+    view.begin(10)
+    view.apply([PhaseChanged(phase="training"), progress(3, 0.5), PhaseChanged(phase="sampling"),
+                SampleSaved(step=3, path="/s.png", prompt="p")])
+    assert view.status_text() == "running: step 3/10 (sampling)"
+    view.apply([progress(4, 0.5)])  # the session says nothing when it trains again: the next step does
+    assert view.status_text() == "running: step 4/10"
+    view.apply([PhaseChanged(phase="saving"), LoraSaved(step=4, path="/l.safetensors"), progress(5, 0.4)])
+    assert view.status_text() == "running: step 5/10"
+
+
 def test_loss_smoothing_is_an_exponential_moving_average():
     view = RunView()
     view.begin(10)
@@ -307,6 +319,7 @@ NEW_KEYS = {
     "dataset.masks": "/data/masks", "data.prior_loss_weight": 0.5, "data.eval_holdout": 2,
     "train.optimizer": "prodigy", "train.weight_decay": 0.1, "sample.prompt_library": "/data/prompts.toml",
     "output.keep_last": 5, "output.save_state": False, "output.log_with": ["tensorboard"],
+    "output.formats": ["diffusers", "comfyui"], "output.comfy_lora_dir": "/comfy/models/loras",
     "advanced.min_timestep": 100, "advanced.max_timestep": 900, "advanced.guidance_mode": "random",
     "advanced.guidance_min": 2.0, "advanced.guidance_max": 5.0, "advanced.tread": True,
     "advanced.tread_selection_ratio": 0.25, "advanced.tread_start_block": 1, "advanced.tread_end_block": -1,
@@ -319,6 +332,7 @@ def test_new_spec_settings_have_controls_and_keep_the_demo_defaults(tmp_path, de
     assert set(NEW_KEYS) <= set(form.FORM_KEYS)
     assert defaults["train.optimizer"] == "adamw" and defaults["output.save_state"] is True
     assert defaults["output.log_with"] == [] and defaults["lora.targets"] == "all"
+    assert defaults["output.formats"] == ["diffusers"] and defaults["output.comfy_lora_dir"] == ""
     assert defaults["advanced.tread"] is False and defaults["train.eval_every_steps"] == 0
     assert defaults["dataset.masks"] == "" and defaults["sample.prompt_library"] == ""
     assert form.form_to_spec(defaults) == parse_spec(form.default_job(tmp_path))  # Start unchanged trains the demo
@@ -332,6 +346,7 @@ def test_new_keys_map_to_the_spec_and_back(defaults):
     assert (spec.train.optimizer, spec.train.weight_decay, spec.train.eval_every_steps) == ("prodigy", 0.1, 10)
     assert spec.sample.prompt_library == "/data/prompts.toml"
     assert (spec.output.keep_last, spec.output.save_state, spec.output.log_with) == (5, False, ["tensorboard"])
+    assert (spec.output.formats, spec.output.comfy_lora_dir) == (["diffusers", "comfyui"], "/comfy/models/loras")
     a = spec.advanced
     assert (a.min_timestep, a.max_timestep, a.guidance_mode, a.guidance_min, a.guidance_max) == \
         (100, 900, "random", 2.0, 5.0)
@@ -349,7 +364,8 @@ def test_a_loaded_job_with_the_new_keys_round_trips(tmp_path):
         "data": {"eval_holdout": 1, "prior_loss_weight": 0.75},
         "train": {"optimizer": "lion8bit", "weight_decay": 0.0, "eval_every_steps": 5},
         "sample": {"prompt_library": "prompts.toml", "prompts": ["@portrait", "<token> on a beach"]},
-        "output": {"keep_last": 1, "save_state": False, "log_with": ["tensorboard", "wandb"]},
+        "output": {"keep_last": 1, "save_state": False, "log_with": ["tensorboard", "wandb"],
+                   "formats": ["diffusers"], "comfy_lora_dir": "loras"},
         "advanced": {"min_timestep": 50, "max_timestep": 950, "guidance_mode": "random", "guidance_max": 6.0,
                      "tread": True, "tread_start_block": 0, "tread_end_block": -2, "mode_scale": 1.1},
     })
@@ -360,6 +376,8 @@ def test_a_loaded_job_with_the_new_keys_round_trips(tmp_path):
     values, hidden, outcome = studio.load_job(path)
     assert outcome.ok, outcome.problems
     assert values["lora.type"] == "lokr" and values["output.log_with"] == ["tensorboard", "wandb"]
+    assert values["output.formats"] == ["diffusers"]
+    assert values["output.comfy_lora_dir"] == str((tmp_path / "loras").resolve())
     assert values["dataset.masks"] == str((tmp_path / "masks").resolve())
     assert values["sample.prompt_library"] == str((tmp_path / "prompts.toml").resolve())
     assert values["sample.prompts"] == "@portrait | <token> on a beach"

@@ -21,9 +21,32 @@ def sample_placeholders(family: str, flavour: str) -> tuple[str, str]:
     return f"flavour default: {info.sample_steps}", f"flavour default: {info.sample_guidance}"
 
 
-def guidance_interactivity(mode: str) -> tuple[bool, bool]:
-    """(fixed value editable, range editable) for a guidance mode: each mode reads only its own controls."""
-    return mode != "random", mode == "random"
+GUIDANCE_MODE_INFO = ("for models with a guidance embedding (FLUX.1 dev/krea/kontext, FLUX.2 dev): constant uses the "
+                      "value, random draws one per image between min and max")
+
+
+def guidance_interactivity(mode: str, embedded: bool = True) -> tuple[bool, bool]:
+    """(fixed value editable, range editable) for a guidance mode: each mode reads only its own controls, and none
+    counts for a flavour without a guidance embedding."""
+    return embedded and mode != "random", embedded and mode == "random"
+
+
+def takes_guidance(family: str, flavour: str) -> bool:
+    """Whether the flavour has a guidance embedding (what the training guidance feeds); True when unknown."""
+    try:
+        return registry.get_flavour(family, flavour).guidance == "embedded"
+    except KeyError:
+        return True
+
+
+def guidance_mode_info(family: str, flavour: str) -> str:
+    if takes_guidance(family, flavour):
+        return GUIDANCE_MODE_INFO
+    try:
+        label = registry.get_flavour(family, flavour).label
+    except KeyError:
+        label = flavour
+    return f"{label} has no guidance embedding: these settings are not used by this flavour"
 
 
 def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
@@ -33,11 +56,11 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
         fields["advanced.timestep_sampling"] = gr.Dropdown(
             choices=field_choices("advanced.timestep_sampling"), value=defaults["advanced.timestep_sampling"],
             label="Timestep sampling")
-        fields["advanced.logit_mean"] = gr.Number(value=defaults["advanced.logit_mean"], label="Logit mean")
-        fields["advanced.logit_std"] = gr.Number(value=defaults["advanced.logit_std"], label="Logit std")
+        fields["advanced.logit_mean"] = gr.Number(value=defaults["advanced.logit_mean"], label="Logit mean", step=0.1)
+        fields["advanced.logit_std"] = gr.Number(value=defaults["advanced.logit_std"], label="Logit std", step=0.1)
     with gr.Row():
         fields["advanced.shift"] = gr.Number(
-            value=defaults["advanced.shift"], label="Shift", info="used when auto shift is off")
+            value=defaults["advanced.shift"], label="Shift", step=0.1, info="used when auto shift is off")
         fields["advanced.auto_shift"] = gr.Checkbox(
             value=defaults["advanced.auto_shift"], label="Auto shift",
             info="resolution-dependent shift, as the flavour's scheduler computes it")
@@ -53,21 +76,21 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
             info="0-1000, above min; lower it to leave out the noisiest steps (composition)")
 
     gr.Markdown("### Guidance while training")
-    fixed, ranged = guidance_interactivity(defaults["advanced.guidance_mode"])
+    embedded = takes_guidance(defaults["model.family"], defaults["model.flavour"])
+    fixed, ranged = guidance_interactivity(defaults["advanced.guidance_mode"], embedded)
     with gr.Row():
         fields["advanced.guidance_mode"] = gr.Dropdown(
             choices=field_choices("advanced.guidance_mode"), value=defaults["advanced.guidance_mode"],
-            label="Guidance mode",
-            info="for models with a guidance embedding (FLUX.1 dev/krea/kontext, FLUX.2 dev): constant uses the "
-                 "value, random draws one per image between min and max")
+            label="Guidance mode", interactive=embedded,
+            info=guidance_mode_info(defaults["model.family"], defaults["model.flavour"]))
         fields["advanced.guidance_value"] = gr.Number(
-            value=defaults["advanced.guidance_value"], label="Training guidance", interactive=fixed,
+            value=defaults["advanced.guidance_value"], label="Training guidance", step=0.5, interactive=fixed,
             info="constant mode: the guidance fed to the model (and to the evaluation loss)")
         fields["advanced.guidance_min"] = gr.Number(
-            value=defaults["advanced.guidance_min"], label="Guidance min", interactive=ranged,
+            value=defaults["advanced.guidance_min"], label="Guidance min", step=0.5, interactive=ranged,
             info="random mode: lowest guidance drawn")
         fields["advanced.guidance_max"] = gr.Number(
-            value=defaults["advanced.guidance_max"], label="Guidance max", interactive=ranged,
+            value=defaults["advanced.guidance_max"], label="Guidance max", step=0.5, interactive=ranged,
             info="random mode: highest guidance drawn")
 
     gr.Markdown("### TREAD (faster steps)")
@@ -124,14 +147,18 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
             info="empty: the flavour's default")
         fields["sample.seed"] = gr.Number(value=defaults["sample.seed"], precision=0, label="Sample seed")
 
-    def guidance_mode_change(mode: str) -> tuple[Any, Any, Any]:
-        value_on, range_on = guidance_interactivity(mode)
-        return gr.update(interactive=value_on), gr.update(interactive=range_on), gr.update(interactive=range_on)
+    def guidance_controls(mode: str, family: str, flavour: str) -> tuple[Any, Any, Any, Any]:
+        """The mode menu and the controls its mode reads are editable; none of them for a flavour without a
+        guidance embedding, which says why."""
+        embedded = takes_guidance(family, flavour)
+        value_on, range_on = guidance_interactivity(mode, embedded)
+        return (gr.update(interactive=embedded, info=guidance_mode_info(family, flavour)),
+                gr.update(interactive=value_on), gr.update(interactive=range_on), gr.update(interactive=range_on))
 
-    fields["advanced.guidance_mode"].change(
-        guidance_mode_change, fields["advanced.guidance_mode"],
-        [fields["advanced.guidance_value"], fields["advanced.guidance_min"], fields["advanced.guidance_max"]],
-        api_visibility="private", show_progress="hidden")
+    gr.on([fields["advanced.guidance_mode"].change, fields["model.family"].change, fields["model.flavour"].change],
+          guidance_controls, [fields["advanced.guidance_mode"], fields["model.family"], fields["model.flavour"]],
+          [fields["advanced.guidance_mode"], fields["advanced.guidance_value"], fields["advanced.guidance_min"],
+           fields["advanced.guidance_max"]], api_visibility="private", show_progress="hidden")
 
     def family_change(family: str, targets: str) -> Any:  # noqa: ANN401 - a gradio update
         """The family's presets as choices; another family's preset falls back to 'all', a regex stays."""

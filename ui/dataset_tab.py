@@ -76,7 +76,7 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
             value=defaults["data.eval_holdout"], precision=0, label="Evaluation hold-out",
             info="images held out of the first dataset (from its end) for the evaluation loss; 0: none")
         fields["data.prior_loss_weight"] = gr.Number(
-            value=defaults["data.prior_loss_weight"], label="Prior loss weight",
+            value=defaults["data.prior_loss_weight"], label="Prior loss weight", step=0.1,
             info="loss weight of regularisation (prior-preservation) datasets, those marked is_regularisation "
                  "in a loaded job")
     _buckets_and_caches(fields, defaults)

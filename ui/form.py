@@ -50,7 +50,7 @@ FORM_KEYS: tuple[str, ...] = (
     "train.warmup_steps", "train.max_grad_norm", "train.mixed_precision", "train.seed",
     "sample.prompts", "sample.reference_images", "sample.prompt_library", "sample.every_steps",
     "output.dir", "output.name", "output.save_every_steps", "output.keep_last", "output.save_state",
-    "output.log_with",
+    "output.log_with", "output.formats", "output.comfy_lora_dir",
     # Advanced
     "advanced.timestep_sampling", "advanced.logit_mean", "advanced.logit_std", "advanced.shift",
     "advanced.auto_shift", "advanced.loss_weighting", "advanced.min_timestep", "advanced.max_timestep",
@@ -66,10 +66,10 @@ FORM_KEYS: tuple[str, ...] = (
 OPTIONAL_KEYS = frozenset({"sample.steps", "sample.guidance", "lowvram.vram_gib", "lowvram.swap_prefetch",
                            "lowvram.checkpointing_interval"})
 # Single-file paths and the ComfyUI folder: empty means "from model.source" (no folder), the spec's default; an
-# empty reference folder means no edit pairs. An empty box leaves the key out of the spec dict, so a job without
-# these keys still has none after the form.
+# empty reference folder means no edit pairs, an empty ComfyUI loras folder no copy. An empty box leaves the key
+# out of the spec dict, so a job without these keys still has none after the form.
 UNSET_WHEN_EMPTY = frozenset({"model.comfy_models_dir", "model.transformer", "model.vae", "model.text_encoder",
-                              "model.text_encoder_2", "dataset.conditioning"})
+                              "model.text_encoder_2", "dataset.conditioning", "output.comfy_lora_dir"})
 # Edit pairs: how references are cut counts only beside a reference folder (the spec refuses it alone), so the
 # radio's value is left out of the spec while the folder is empty, and an unset one shows the spec's default.
 CONDITIONING_MATCH_KEY = "dataset.conditioning_match"

@@ -22,7 +22,7 @@ FormUpdates = Callable[[dict[str, gr.components.Component], dict[str, Any]], dic
 def outcome_markdown(outcome: Outcome) -> str:
     """The bar's notice: the message, then each problem or note on its own line."""
     lines = [f"**{outcome.message}**" if not outcome.ok else outcome.message]
-    lines += [f"- {line}" for line in [*outcome.problems, *outcome.notes]]
+    lines += [f"- {line}" for line in [*outcome.problems, *outcome.notes] if line != outcome.message]
     return "\n".join(lines)
 
 

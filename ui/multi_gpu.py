@@ -410,8 +410,9 @@ def build(fields: dict[str, gr.components.Component], studio: Studio,
             processes = gr.Number(len([d for d in selected if d != CPU]) or 2, label="Processes", precision=0,
                                   step=1, scale=1, min_width=100, elem_id="multi-gpu-processes",
                                   info="follows the GPUs ticked; with CPU processes, how many")
-            mode = gr.Dropdown(list(MODES), value="auto", label="train.distributed", scale=1, min_width=120,
-                               info="auto: fsdp only when one GPU cannot hold the base")
+            mode = gr.Dropdown(list(MODES), value="auto", label="Mode (train.distributed)", scale=1, min_width=120,
+                               info="ddp: a copy per GPU; fsdp: the frozen model sharded; auto: fsdp only when one "
+                                    "GPU cannot hold the base")
             resume = gr.Checkbox(False, label="Resume from the latest state in output.dir", scale=1)
         plan_text = gr.Markdown("", elem_id="multi-gpu-plan", visible=bool(choices))
         launch = gr.Button("Start on several GPUs", variant="primary", visible=bool(choices),

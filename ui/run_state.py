@@ -35,6 +35,8 @@ PLOT_POINTS = 1000
 ACTIVE = ("starting", "running", "stopping")
 FINISHED = ("completed", "stopped", "failed")
 PAUSED = "paused"  # a live session waits between actions (the runner's PhaseChanged "paused")
+# Phases a session passes through between two steps; the next step's progress ends them.
+BETWEEN_STEPS = ("sampling", "saving")
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class RunView:
         self.status = "idle"  # idle | starting | running | stopping | paused | completed | stopped | failed
         self.phase = ""
         self.phase_detail = ""
+        self.phase_step = 0  # the step at which the phase began: a later step means training went on
         self.step = 0
         self.max_steps = 0
         self.loss: float | None = None
@@ -183,7 +186,7 @@ class RunView:
         elif isinstance(event, DownloadProgress):
             self.download = event
         elif isinstance(event, PhaseChanged):
-            self.phase, self.phase_detail = event.phase, event.detail
+            self.phase, self.phase_detail, self.phase_step = event.phase, event.detail, self.step
             if event.phase != DOWNLOADING:
                 self.download = None
             if event.phase == PAUSED:
@@ -195,6 +198,8 @@ class RunView:
         elif isinstance(event, Progress):
             if self.status == "starting":
                 self.status = "running"
+            if event.step > self.phase_step and self.phase in BETWEEN_STEPS:
+                self.phase, self.phase_detail = "training", ""  # no event says so: sampling/saving is over
             self.step, self.max_steps = event.step, event.max_steps
             self.loss, self.learning_rate = event.loss, event.learning_rate
             self.steps_per_second, self.eta_seconds = event.steps_per_second, event.eta_seconds
@@ -274,7 +279,7 @@ class RunView:
         """'step 12/40 · 3.10 it/s · ETA 0:00:09 · loss 0.1234 · lr 1.00e-04 · eval loss 0.1301 (step 10) ·
         RAM 1.2 GiB · VRAM 0.0 GiB · 0.32 s/step'."""
         with self._lock:
-            parts = [f"step {self.step}/{self.max_steps}" if self.max_steps else "step -"]
+            parts = [f"step {self.step}/{self.max_steps}" if self.max_steps else "no run yet"]
             if self.download is not None and self.status in ACTIVE:
                 parts.append(download_text(self.download))
             if self.steps_per_second > 0:

@@ -17,6 +17,7 @@ from ui.run_state import RunView
 from ui.studio import Outcome, Studio
 
 LOSS_COLUMNS = ["step", "loss", "series"]
+LOSS_COLOURS = {"loss": "#93c5fd", "smoothed": "#1d4ed8", "eval": "#16a34a"}  # the series of RunView.loss_rows
 
 # Keep the log scrolled to its newest line unless the user scrolled up to read (gradio's autoscroll fires once).
 FOLLOW_LOG_JS = """() => {
@@ -105,8 +106,9 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
     progress = gr.HTML(progress_html(studio.view), label="Progress", elem_id="run-progress")
     memory = gr.HTML(gauges_html(read_gauges()), label="Memory", elem_id="run-memory")
     with gr.Row():
+        # No fixed height: at 300 px the legend under the plot was cut off. Raw loss pale, its average strong.
         plot = gr.LinePlot(loss_frame(studio.view), x="step", y="loss", color="series", title="Loss", label="Loss",
-                           height=300, scale=1, elem_id="run-loss")
+                           color_title="", color_map=LOSS_COLOURS, scale=1, elem_id="run-loss")
         gallery = gr.Gallery(label="Samples", columns=3, height=300, scale=1, object_fit="contain",
                              elem_id="run-samples")
     log = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, elem_id="studio-log")
@@ -180,7 +182,10 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
 
     def stop_run() -> str:
         """Stop training after the current step; the LoRA is saved. Train N steps continues a paused session."""
-        return studio.stop()
+        text = studio.stop()
+        if not text.startswith("stopping"):
+            gr.Warning(text)  # the next poll rewrites the status line within a second; the toast stays to be read
+        return text
 
     stop.click(stop_run, None, status, api_name="stop")
 

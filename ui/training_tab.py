@@ -11,6 +11,15 @@ from ui.edit_pairs import edit_controls
 from ui.form import PROMPT_SEPARATOR, field_choices
 
 
+def formats_for_comfy_folder(folder: str | None, formats: list[str] | None) -> list[str] | None:
+    """The formats with comfyui ticked when a ComfyUI loras folder is given but neither comfyui nor kohya is (only
+    those files are copied there: with diffusers alone the folder would stay empty); None when nothing changes."""
+    formats = list(formats or [])
+    if str(folder or "").strip() and not {"comfyui", "kohya"} & set(formats):
+        return [*formats, "comfyui"]
+    return None
+
+
 def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
     gr.Markdown("### LoRA")
     with gr.Row():
@@ -27,9 +36,12 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
             choices=field_choices("train.optimizer"), value=defaults["train.optimizer"], label="Optimizer",
             info="8bit: optimiser states in 8 bits, less memory; Lion wants a 3-10x lower learning rate than "
                  "AdamW; Prodigy finds its own step size: set the learning rate to ~1.0", scale=2)
-        fields["train.learning_rate"] = gr.Number(value=defaults["train.learning_rate"], label="Learning rate")
+        # The arrows step by a size that suits each value (gr.Number's default step of 1 makes 1e-4 into 1.0001).
+        fields["train.learning_rate"] = gr.Number(
+            value=defaults["train.learning_rate"], label="Learning rate", step=1e-5,
+            info="e.g. 1e-4 for AdamW on FLUX; the arrows step by 0.00001")
         fields["train.weight_decay"] = gr.Number(
-            value=defaults["train.weight_decay"], label="Weight decay",
+            value=defaults["train.weight_decay"], label="Weight decay", step=0.01,
             info="pulls the LoRA weights towards 0 each step; 0 turns it off")
     with gr.Row():
         fields["train.max_steps"] = gr.Number(
@@ -46,7 +58,7 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
         fields["train.warmup_steps"] = gr.Number(
             value=defaults["train.warmup_steps"], precision=0, label="Warmup steps")
         fields["train.max_grad_norm"] = gr.Number(
-            value=defaults["train.max_grad_norm"], label="Max grad norm", info="0 turns clipping off")
+            value=defaults["train.max_grad_norm"], label="Max grad norm", step=0.1, info="0 turns clipping off")
         fields["train.mixed_precision"] = gr.Dropdown(
             choices=field_choices("train.mixed_precision"), value=defaults["train.mixed_precision"],
             label="Mixed precision")
@@ -86,3 +98,22 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
         fields["output.log_with"] = gr.CheckboxGroup(
             choices=field_choices("output.log_with"), value=defaults["output.log_with"], label="Log with",
             info="loss, learning rate, speed and memory and the evaluation loss, in the output folder")
+    with gr.Row():
+        fields["output.formats"] = gr.CheckboxGroup(
+            choices=field_choices("output.formats"), value=defaults["output.formats"], label="LoRA formats",
+            info="diffusers: for diffusers' load_lora_weights; comfyui: the names ComfyUI loads (FLUX.1 and "
+                 "FLUX.2); kohya: FLUX.1 only (Forge, kohya's scripts)")
+        fields["output.comfy_lora_dir"] = gr.Textbox(
+            value=defaults["output.comfy_lora_dir"], label="Copy to ComfyUI loras folder", scale=2,
+            placeholder="optional: ComfyUI's models/loras folder",
+            info="the final comfyui (and kohya) file is copied there when the run ends; typing a folder ticks "
+                 "comfyui")
+
+    def comfy_folder_input(folder: str, formats: list[str] | None) -> Any:  # noqa: ANN401 - a gradio update
+        ticked = formats_for_comfy_folder(folder, formats)
+        return gr.skip() if ticked is None else ticked
+
+    folder = fields["output.comfy_lora_dir"]
+    # .blur too: a pasted or filled-in path does not always fire .input; neither fires for a loaded job
+    gr.on([folder.input, folder.blur], comfy_folder_input, [folder, fields["output.formats"]],
+          fields["output.formats"], api_visibility="private", show_progress="hidden")
