@@ -102,6 +102,7 @@ def test_every_format_is_written_copied_and_loads_in_diffusers(demo_dir: Path, t
     session = Session(spec)
     try:
         session.run()
+        session.save(intermediate=True, copy_to_comfy=True)  # the Run tab's Save LoRA
     finally:
         session.end()
     from diffusers import FluxPipeline
@@ -110,8 +111,12 @@ def test_every_format_is_written_copied_and_loads_in_diffusers(demo_dir: Path, t
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("shapes*.safetensors")) == [
         "shapes-step000002.safetensors", "shapes-step000002_comfyui.safetensors", "shapes-step000002_kohya.safetensors",
+        "shapes-step000004.safetensors", "shapes-step000004_comfyui.safetensors", "shapes-step000004_kohya.safetensors",
         "shapes.safetensors", "shapes_comfyui.safetensors", "shapes_kohya.safetensors"]
-    assert sorted(p.name for p in comfy.iterdir()) == ["shapes_comfyui.safetensors", "shapes_kohya.safetensors"]
+    # the final files and those of Save LoRA; interval saves stay in output.dir
+    assert sorted(p.name for p in comfy.iterdir()) == [
+        "shapes-step000004_comfyui.safetensors", "shapes-step000004_kohya.safetensors", "shapes_comfyui.safetensors",
+        "shapes_kohya.safetensors"]
     from safetensors import safe_open
 
     with safe_open(out / "shapes_kohya.safetensors", "pt") as handle:

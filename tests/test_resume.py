@@ -85,6 +85,16 @@ def test_keep_last_prunes_old_states_and_loras(demo_dir: Path, tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.glob("demo_lora-step*.safetensors")) == [
         "demo_lora-step000004.safetensors", "demo_lora-step000005.safetensors"]
 
+    # A new run in the same folder sets the earlier one aside whole, so neither its LoRA is overwritten nor its
+    # states mixed with the new ones (resume would take the newest step, the earlier run's).
+    earlier = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
+               and "cache" not in p.parts}
+    _run(_spec(demo_dir, tmp_path, "train.max_steps=2", "train.warmup_steps=1", "output.save_every_steps=1"))
+    assert [step for step, _ in saved_states(tmp_path)] == [1, 2]
+    (aside,) = (tmp_path / "earlier_runs").iterdir()
+    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == earlier
+    assert '"max_steps": 6' not in (tmp_path / "events.jsonl").read_text()
+
 
 def test_resume_refuses_a_changed_adapter_or_a_missing_state(demo_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no saved training state"):

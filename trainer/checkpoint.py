@@ -98,6 +98,33 @@ def remove_interrupted_writes(output_dir: Path) -> list[Path]:
     return [p for sub in (folder, folder / STATE_DIR, folder / "samples") for p in remove_stale_temporaries(sub)]
 
 
+EARLIER_RUNS = "earlier_runs"
+RUN_RECORDS = ("state", "samples", "logs", "events.jsonl", "job.resolved.toml")  # what every run writes
+
+
+def set_aside_earlier_run(output_dir: Path, name: str, stamp: str | None = None) -> Path | None:
+    """Move what an earlier run wrote in output_dir (its states, samples, logs, events, job and this name's LoRA
+    files) into output_dir/earlier_runs/<stamp>/, so a new run neither overwrites its LoRA nor mixes its states
+    with the new ones (resume takes the newest step). The latent and text caches stay: they are keyed by content.
+    Returns the folder they went to, or None when there was nothing."""
+    folder = Path(output_dir)
+    ours = re.compile(rf"{re.escape(name)}(-step\d{{6,}})?(_comfyui|_kohya)?{re.escape(LORA_WEIGHT_SUFFIX)}")
+    loras = [p for p in folder.glob(f"{glob.escape(name)}*{LORA_WEIGHT_SUFFIX}") if ours.fullmatch(p.name)]
+    found = [folder / entry for entry in RUN_RECORDS if (folder / entry).exists()] + loras
+    if not any(p.is_file() or any(p.iterdir()) for p in found):
+        return None
+    import time
+
+    target = folder / EARLIER_RUNS / (stamp or time.strftime("%Y%m%d-%H%M%S"))
+    while target.exists():  # two runs within a second
+        target = target.with_name(target.name + "+")
+    target.mkdir(parents=True)
+    for path in found:
+        os.replace(path, target / path.name)
+    sync_folder(folder)
+    return target
+
+
 def prune_checkpoints(output_dir: Path, name: str, keep_last: int) -> list[Path]:
     """Delete the intermediate LoRAs (every format) and states of all but the newest `keep_last` saved steps."""
     pattern = re.compile(rf"^{re.escape(name)}-step(\d{{6,}})(_comfyui|_kohya)?{re.escape(LORA_WEIGHT_SUFFIX)}$")
@@ -119,7 +146,7 @@ def save_lora_files(transformer: Any, pipeline_class: type, output_dir: Path, na
     """The LoRA in every requested format (step in the name for intermediate saves), each atomic.
 
     `metadata`: the keyword arguments of `lora_formats.build_metadata` except rank, alpha and format.
-    Final saves in a ComfyUI layout are also copied into `comfy_lora_dir` when one is set.
+    Files in a ComfyUI layout are also copied into `comfy_lora_dir` when one is given.
     """
     from trainer import lora_formats
     from trainer.adapters import adapter_export
@@ -137,7 +164,7 @@ def save_lora_files(transformer: Any, pipeline_class: type, output_dir: Path, na
             lora_formats.write_lora(path, lora_formats.to_comfyui(metadata["family"], tensors, alpha, rank), header)
         else:
             lora_formats.write_lora(path, lora_formats.to_kohya(tensors, alpha, rank), header)
-        if comfy_lora_dir and step is None and fmt != "diffusers":
+        if comfy_lora_dir and fmt != "diffusers":
             lora_formats.copy_to_comfy_loras(path, comfy_lora_dir)
         written[fmt] = path
     return written

@@ -398,7 +398,7 @@ class TrainingRunner:
             self._emit(LogMessage(level="info", message=f"stopped at step {session.step}; Train N steps to "
                                                         "continue, End training to finish"))
         elif saves or due:  # the loop skips the interval save on a chunk's last step
-            session.save(intermediate=True)
+            session.save(intermediate=True, copy_to_comfy=saves)
         self._pause()
 
     def _save_final(self) -> Path:
@@ -411,7 +411,7 @@ class TrainingRunner:
         self._pause()
 
     def _save_intermediate(self) -> None:
-        self._session.save(intermediate=True)
+        self._session.save(intermediate=True, copy_to_comfy=True)
         self._pause()
 
     def _end_training(self) -> None:

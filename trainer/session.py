@@ -29,12 +29,13 @@ from trainer.checkpoint import (
     save_lora_files,
     save_training_state,
     saved_states,
+    set_aside_earlier_run,
     state_path,
 )
 from trainer.data.cache import TextEmbeddingCache
 from trainer.data.caching import InputCaches, stack_references
 from trainer.data.datasets import TrainItem
-from trainer.data.health import check_datasets
+from trainer.data.health import HealthReport, check_datasets
 from trainer.data.pairs import reference_for_sampling, sample_references
 from trainer.data.planning import plan_training_items
 from trainer.errors import UserError
@@ -213,13 +214,19 @@ class Session:
         if problems:
             raise UserError("\n".join(problems))
         self.prompts = sample_prompts(spec)
+        # Before the output folder is touched: a dataset that cannot train leaves an earlier run's files in place.
+        health = check_datasets(spec)
+        if health.verdict == "will not train":
+            raise UserError("the dataset cannot train:\n" + health.table())
         if self.dist.is_main and (reason := unwritable_reason(self.output_dir)):
             raise UserError(f"output.dir: cannot write in '{self.output_dir}' ({reason}); choose a folder you can "
                             "write to, or fix its permissions")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.commands.clear_stale_stop()
+        earlier = None
         if self.dist.is_main:
             remove_interrupted_writes(self.output_dir)  # what a run killed mid-save left behind
+            earlier = None if self.resume else set_aside_earlier_run(self.output_dir, spec.output.name)
             self._jsonl = JsonlWriter(self.output_dir / "events.jsonl")
             self._listeners.append(self._jsonl)
             if spec.output.log_with:
@@ -228,6 +235,9 @@ class Session:
             save_spec(spec, self.output_dir / "job.resolved.toml")
         self.emit(RunStarted(max_steps=spec.train.max_steps, output_dir=str(self.output_dir),
                              family=spec.model.family, flavour=spec.model.flavour))
+        if earlier is not None:
+            self.emit(LogMessage(level="info", message=f"the earlier run's LoRA, states, samples and log in this "
+                                                       f"output folder were moved to {earlier}"))
         torch.manual_seed(spec.train.seed)
         if self.dist.world_size > 1:
             self.emit(LogMessage(level="info", message=f"distributed: {self.dist.describe()}"))
@@ -236,7 +246,7 @@ class Session:
         if warning:
             self.emit(LogMessage(level="warning", message=warning))
 
-        self.items = self._plan_items()
+        self.items = self._plan_items(health)
         self.sample_references = sample_references(spec, self.items, len(self.prompts))  # edit flavours' `image=`
         self.eval_indices = self._held_out_indices()
         caches = InputCaches(spec, self.ops, self.flavour, self.emit, lambda: self.commands.stop_requested,
@@ -258,13 +268,10 @@ class Session:
         if self.resume:
             self._resume_latest()
 
-    def _plan_items(self) -> list[TrainItem]:
-        """Health check, then one item per image, resolution and bucket; both reports go to the log."""
+    def _plan_items(self, health: HealthReport) -> list[TrainItem]:
+        """One item per image, resolution and bucket; the health check's findings and the plan go to the log."""
         spec = self.spec
         self.emit(PhaseChanged(phase="checking dataset", detail=f"{len(spec.data.datasets)} folder(s)"))
-        health = check_datasets(spec)
-        if health.verdict == "will not train":
-            raise UserError("the dataset cannot train:\n" + health.table())
         if health.rows:
             self.emit(LogMessage(level="warning", message="dataset check:\n" + health.table()))
         items, plan = plan_training_items(spec, health)
@@ -561,8 +568,9 @@ class Session:
             if self.commands.take_sample_request() or (spec.sample.prompts and every and self.step % every == 0):
                 self.validate()
             save_due = spec.output.save_every_steps and self.step % spec.output.save_every_steps == 0
-            if self.commands.take_save_request() or (save_due and self.step < end):
-                self.save(intermediate=True)
+            asked = self.commands.take_save_request()  # Save LoRA: also copied to the ComfyUI loras folder
+            if asked or (save_due and self.step < end):
+                self.save(intermediate=True, copy_to_comfy=asked)
 
     def _optimizer_step(self) -> float:
         """Forward and backward over the accumulated batches, clip, step; returns the mean loss."""
@@ -677,10 +685,12 @@ class Session:
         self.transformer.train()
         return paths
 
-    def save(self, intermediate: bool = False) -> Path:
+    def save(self, intermediate: bool = False, copy_to_comfy: bool | None = None) -> Path:
         """Write the LoRA in every format of output.formats; intermediate saves carry the step in the file name.
 
-        Returns the first format's file (the diffusers one when it is asked for).
+        ComfyUI-layout files go to output.comfy_lora_dir too when `copy_to_comfy` (default: for the final save;
+        the user's Save LoRA asks for it, interval saves do not). Returns the first format's file (the diffusers
+        one when it is asked for).
         """
         spec = self.spec
         name = spec.output.name
@@ -701,7 +711,8 @@ class Session:
                     state_path(self.output_dir, self.step), state))
             written = self._write_or_explain(self.output_dir, lambda: save_lora_files(
                 self.transformer, type(self.pipe), self.output_dir, name, step, list(spec.output.formats),
-                metadata, spec.output.comfy_lora_dir))
+                metadata, spec.output.comfy_lora_dir if (not intermediate if copy_to_comfy is None else copy_to_comfy)
+                else ""))
             path = written[spec.output.formats[0]]
             prune_checkpoints(self.output_dir, name, spec.output.keep_last)
         self.last_lora_path = path

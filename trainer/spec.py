@@ -263,7 +263,7 @@ class OutputSection(_Section):
     # diffusers (`transformer.` keys), comfyui (BFL names, fused qkv/linear1), kohya (FLUX.1 only).
     formats: list[Literal["diffusers", "comfyui", "kohya"]] = Field(default_factory=lambda: ["diffusers"],
                                                                      min_length=1)
-    comfy_lora_dir: str = ""  # ComfyUI's models/loras: the final comfyui/kohya file is copied there
+    comfy_lora_dir: str = ""  # ComfyUI's models/loras: the final (and Save LoRA's) comfyui/kohya files are copied there
     log_with: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)  # logs go to output.dir/logs
 
 

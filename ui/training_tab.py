@@ -106,8 +106,8 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
         fields["output.comfy_lora_dir"] = gr.Textbox(
             value=defaults["output.comfy_lora_dir"], label="Copy to ComfyUI loras folder", scale=2,
             placeholder="optional: ComfyUI's models/loras folder",
-            info="the final comfyui (and kohya) file is copied there when the run ends; typing a folder ticks "
-                 "comfyui")
+            info="the comfyui (and kohya) file is copied there when the run ends and at each Save LoRA; typing a "
+                 "folder ticks comfyui")
 
     def comfy_folder_input(folder: str, formats: list[str] | None) -> Any:  # noqa: ANN401 - a gradio update
         ticked = formats_for_comfy_folder(folder, formats)
