@@ -286,7 +286,7 @@ def test_two_browsers_share_one_run_and_the_page_answers_while_it_trains(tmp_pat
                                            "page while training": [], "poll while training": []}
         steps: list[int] = []
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and len(timings["poll while training"]) < 25:
+        while time.monotonic() < deadline and len(timings["poll while training"]) < 15:
             page_s, _ = _timed(lambda: urllib.request.urlopen(url, timeout=30).read())
             poll_s, answer = _timed(lambda: _call(url, "poll", "second-browser-tab"))
             status = answer[0]
@@ -309,7 +309,7 @@ def test_two_browsers_share_one_run_and_the_page_answers_while_it_trains(tmp_pat
                 if seconds:
                     assert seconds[max(0, round(0.9 * len(seconds)) - 1)] < 0.2, report
 
-        first_polls, later_polls = _crowd_polls(url, clients=20, polls=5)
+        first_polls, later_polls = _crowd_polls(url, clients=20, polls=3)
         crowd = (_summary("20 clients polling at once, first polls", first_polls) + "\n"
                  + _summary("20 clients polling at once, later polls", later_polls))
         print(crowd)

@@ -17,9 +17,10 @@ def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_demo_command_builds_a_trainable_job(tmp_path: Path) -> None:
-    result = _run("demo", "--out", str(tmp_path / "my demo"), "--family", "flux2")
-    assert result.returncode == 0, result.stderr
+def test_demo_command_builds_a_trainable_job(tmp_path: Path, capsys) -> None:
+    # Only test_train_runs_the_demo_headless runs `python -m trainer` itself; the others call its main() (a
+    # subprocess costs ~5-10 s of imports each)
+    assert main(["demo", "--out", str(tmp_path / "my demo"), "--family", "flux2"]) == 0, capsys.readouterr().err
     job = tmp_path / "my demo" / "job.toml"
     assert job.is_file()
     assert (tmp_path / "my demo" / "flux2" / "model_index.json").is_file()
@@ -42,22 +43,21 @@ def test_train_runs_the_demo_headless(demo_dir: Path, tmp_path: Path) -> None:
     assert "4/4" in result.stderr  # the progress bar
 
 
-def test_bad_values_give_one_line_each_and_no_traceback(demo_dir: Path) -> None:
-    result = _run("train", str(demo_dir / "job.toml"), "--set", "lora.rank=0", "--set", "train.lerning_rate=1")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 2, result.stderr
+def test_bad_values_give_one_line_each_and_no_traceback(demo_dir: Path, capsys) -> None:
+    assert main(["train", str(demo_dir / "job.toml"), "--set", "lora.rank=0", "--set", "train.lerning_rate=1"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err
     assert any("lora.rank" in line and "greater than or equal to 1" in line for line in lines)
     assert any("train.lerning_rate: unknown key; did you mean 'learning_rate'?" in line for line in lines)
     assert all(line.startswith(f"error: {demo_dir / 'job.toml'}") for line in lines)
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in err
 
 
-def test_missing_dataset_folder_is_named(demo_dir: Path, tmp_path: Path) -> None:
+def test_missing_dataset_folder_is_named(demo_dir: Path, tmp_path: Path, capsys) -> None:
     missing = tmp_path / "no such folder"
-    result = _run("train", str(demo_dir / "job.toml"), "--set", f"data.datasets=[{{path='{missing}'}}]")
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"error: data.datasets[0].path: folder '{missing}' does not exist"
+    assert main(["train", str(demo_dir / "job.toml"), "--set", f"data.datasets=[{{path='{missing}'}}]"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: data.datasets[0].path: folder '{missing}' does not exist"
 
 
 def test_validate_checks_files_and_debug_shows_traceback(demo_dir: Path, tmp_path: Path, capsys) -> None:
@@ -74,22 +74,21 @@ def test_validate_checks_files_and_debug_shows_traceback(demo_dir: Path, tmp_pat
     assert "Traceback" in err
 
 
-def test_resume_continues_from_the_latest_state(demo_dir: Path, tmp_path: Path) -> None:
+def test_resume_continues_from_the_latest_state(demo_dir: Path, tmp_path: Path, capsys) -> None:
     common = ["--set", f"output.dir='{tmp_path}'", "--set", "sample.prompts=[]", "--no-progress"]
-    first = _run("train", str(demo_dir / "job.toml"), "--set", "train.max_steps=2", *common)
-    assert first.returncode == 0, first.stderr
-    second = _run("train", str(demo_dir / "job.toml"), "--set", "train.max_steps=4", "--resume", *common)
-    assert second.returncode == 0, second.stderr
-    assert "resumed from" in second.stdout and "step000002.safetensors at step 2" in second.stdout
-    assert "run completed at step 4" in second.stdout
+    assert main(["train", str(demo_dir / "job.toml"), "--set", "train.max_steps=2", *common]) == 0
+    capsys.readouterr()
+    assert main(["train", str(demo_dir / "job.toml"), "--set", "train.max_steps=4", "--resume", *common]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step000002.safetensors at step 2" in out
+    assert "run completed at step 4" in out
     progress = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in progress if e["event"] == "progress"] == [1, 2, 3, 4]
 
 
-def test_estimate_prints_one_json_object_without_loading_a_model(demo_dir: Path) -> None:
-    result = _run("estimate", str(demo_dir / "job.toml"), "--set", "model.flavour=klein-base-9b",
-                  "--set", "model.source=''", "--gpu-vram", "8", "--json")
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+def test_estimate_prints_one_json_object_without_loading_a_model(demo_dir: Path, capsys) -> None:
+    assert main(["estimate", str(demo_dir / "job.toml"), "--set", "model.flavour=klein-base-9b",
+                 "--set", "model.source=''", "--gpu-vram", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert {"vram_gib", "ram_gib", "phases", "breakdown", "verdict", "suggestion"} <= report.keys()
     assert report["verdict"] == "will not fit" and report["phases"]["training step"]["vram_gib"] > 8
