@@ -84,3 +84,10 @@ def test_how_a_process_ended_in_words():
     assert describe_exit(-9).startswith("was killed by SIGKILL: the system may have run out of memory")
     assert describe_exit(-15) == "was killed by SIGTERM"
     assert describe_exit(3) == "exited with code 3"
+
+
+def test_a_trainer_process_that_cannot_start_says_why(demo_dir: Path, tmp_path: Path):
+    runner = ProcessRunner(command=[sys.executable, "-c", "import sys; sys.exit('no torch here')"])
+    with pytest.raises(NothingToDo, match=r"did not take 'start' \(it exited with code 1; its last words: no torch"):
+        runner.start(_spec(demo_dir, tmp_path))
+    assert not runner.running and runner.spec is None

@@ -85,6 +85,7 @@ class ProcessRunner:
         self._replies: dict[int, dict[str, Any]] = {}
         self._next_id = 0
         self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL)
+        self._stderr_reader: threading.Thread | None = None
         self.spec: JobSpec | None = None  # the spec of the live (or last) session
         _LIVE.add(self)
 
@@ -185,8 +186,10 @@ class ProcessRunner:
                     lambda: call_id in self._replies or child.poll() is not None, CALL_TIMEOUT_S)
                 reply = self._replies.pop(call_id, None)
         if reply is None:
-            why = "it ended" if answered else f"no answer within {CALL_TIMEOUT_S:.0f} s"
-            raise TrainerProcessError(f"the trainer process did not take '{name}' ({why}); try again")
+            why = f"it {describe_exit(child.poll())}" if answered else f"no answer within {CALL_TIMEOUT_S:.0f} s"
+            tail = self._last_words()
+            last = f"; its last words: {tail[-1]}" if tail else ""
+            raise TrainerProcessError(f"the trainer process did not take '{name}' ({why}{last}); try again")
         if "refused" in reply:
             raise REFUSALS.get(reply["refused"], NothingToDo)(reply["message"])
         if "error" in reply:
@@ -207,8 +210,9 @@ class ProcessRunner:
             raise TrainerProcessError(f"cannot start the trainer process {self._command[0]}: {exc}") from None
         self._child = child
         self._stderr_tail.clear()
-        threading.Thread(target=copy_stderr, args=(child.stderr, self._stderr_tail), name="trainer-stderr",
-                         daemon=True).start()
+        self._stderr_reader = threading.Thread(target=copy_stderr, args=(child.stderr, self._stderr_tail),
+                                               name="trainer-stderr", daemon=True)
+        self._stderr_reader.start()
         threading.Thread(target=self._read_messages, args=(child,), name="trainer-messages", daemon=True).start()
         return child
 
@@ -231,6 +235,13 @@ class ProcessRunner:
                 self._replies[message["reply"]] = message
             self._changed.notify_all()
 
+    def _last_words(self) -> list[str]:
+        """The tail of a child's stderr once it has ended (its reader may still be catching up)."""
+        reader = self._stderr_reader
+        if reader is not None:
+            reader.join(timeout=2)
+        return list(self._stderr_tail)
+
     def _child_ended(self, child: subprocess.Popen) -> None:
         """The child exited: a run it had in hand ends as failed, saying how the process ended."""
         if self._child is not child:
@@ -238,7 +249,7 @@ class ProcessRunner:
         state = self._state
         if state.action is not None or state.live:
             how = describe_exit(child.returncode)
-            tail = "\n".join(self._stderr_tail)
+            tail = "\n".join(self._last_words())
             if tail:
                 self._events(LogMessage(level="error", message=f"the trainer process's last words:\n{tail}"))
             self._events(RunFinished(

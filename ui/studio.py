@@ -140,7 +140,7 @@ class Studio:
                 return refusal
             try:
                 refused = start()
-            except AlreadyRunning as exc:
+            except (AlreadyRunning, NothingToDo) as exc:  # NothingToDo: also a trainer process that cannot start
                 return Outcome(str(exc), [str(exc)])
             if refused:
                 return refused
