@@ -70,6 +70,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trainer import registry
 from trainer.errors import UserError
 from trainer.files import write_atomic
 
@@ -77,9 +78,8 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 FORMATS = ("diffusers", "comfyui", "kohya")
-FAMILIES = ("flux2", "flux1")
+FAMILIES = tuple(registry.FAMILIES)  # ("flux2", "flux1")
 _SUFFIX = {"diffusers": "", "comfyui": "_comfyui", "kohya": "_kohya"}
-_FAMILY_LABEL = {"flux2": "FLUX.2", "flux1": "FLUX.1"}
 _COMFY_PREFIX = "diffusion_model."
 _KOHYA_PREFIX = "lora_unet_"
 METADATA_PREFIX = "flux_lora_studio."  # our own header keys; everything else uses names other tools read
@@ -215,7 +215,8 @@ def check_formats(formats: list[str] | tuple[str, ...], family: str, adapter_typ
         if fmt not in FORMATS:
             raise UserError(f"output.formats: '{fmt}' is not one of {', '.join(FORMATS)}")
     if "kohya" in formats and family != "flux1":
-        raise UserError(f"output.formats: 'kohya' is the FLUX.1 layout (sd-scripts); for a {_FAMILY_LABEL[family]} "
+        label = registry.FAMILIES[family].label
+        raise UserError(f"output.formats: 'kohya' is the FLUX.1 layout (sd-scripts); for a {label} "
                         "LoRA use 'comfyui' (original BFL names, which ComfyUI and diffusers read)")
     others = [fmt for fmt in formats if fmt != "diffusers"]
     if adapter_type != "lora" and others:
@@ -445,7 +446,7 @@ def from_comfyui(family: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """
     _check_family(family)
     index = _bfl_index(family)
-    label = _FAMILY_LABEL[family]
+    label = registry.FAMILIES[family].label
     modules: dict[str, dict[str, Tensor]] = {}
     suffixes = (("A", ".lora_A.weight"), ("B", ".lora_B.weight"), ("A", ".lora_down.weight"),
                 ("B", ".lora_up.weight"), ("alpha", ".alpha"))
@@ -521,7 +522,7 @@ def build_metadata(*, family: str, flavour: str, rank: int, alpha: float, steps:
     implementation = ("diffusers" if format == "diffusers" else
                       "https://github.com/black-forest-labs/flux" if family == "flux1" else
                       "https://github.com/black-forest-labs/flux2")
-    title = title or f"{_FAMILY_LABEL[family]} {flavour} LoRA"
+    title = title or f"{registry.FAMILIES[family].label} {flavour} LoRA"
     meta = {
         "format": "pt",
         "modelspec.sai_model_spec": "1.0.1",

@@ -15,9 +15,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from trainer.registry import FAMILIES
 from trainer.sources.recognise import NotSafetensors, read_raw_header
 
-FAMILY_LABEL = {"flux1": "FLUX.1", "flux2": "FLUX.2"}
 _METADATA_KEYS = ("flux_lora_studio.family", "ss_base_model_version", "modelspec.architecture")
 _FLUX = re.compile(r"^flux[-_. ]?([12])", re.IGNORECASE)
 _STABLE_DIFFUSION = re.compile(r"stable[-_ ]?diffusion|^sd(xl|3|_v|-v|\d)|^sdxl", re.IGNORECASE)
@@ -46,7 +46,7 @@ def lora_family(path: str | Path) -> tuple[str, str]:
     for name in header:
         for pattern, family in _KEY_MARKERS:
             if pattern.search(name):
-                return family, f"its keys are {FAMILY_LABEL[family]}'s, e.g. {name}"
+                return family, f"its keys are {FAMILIES[family].label}'s, e.g. {name}"
     return "", ""
 
 
@@ -66,7 +66,7 @@ def check_init_from(path: str | Path, family: str) -> str | None:
         return f"{field}: '{file}' is not a readable safetensors file ({exc})"
     if not found or found == family:
         return None
-    label = FAMILY_LABEL[family]
-    what = f"a {FAMILY_LABEL[found]} LoRA" if found in FAMILY_LABEL else "a LoRA for another model (not FLUX)"
+    label = FAMILIES[family].label
+    what = f"a {FAMILIES[found].label} LoRA" if found in FAMILIES else "a LoRA for another model (not FLUX)"
     return (f"{field}: '{file.name}' is {what} ({evidence}), but this job trains {label} (model.family = "
             f"{family}); give a {label} LoRA or clear {field} to start a new one")
