@@ -24,7 +24,7 @@ from typing import Any
 
 from trainer.data.captioners import CaptionOptions
 from trainer.errors import UserError
-from trainer.process_runner import ROOT, become_child, copy_stderr, describe_exit
+from trainer.process_runner import become_child, copy_stderr, describe_exit, start_child
 
 STOP_POLL_S = 0.2  # how often the app's side looks at should_stop
 STDERR_TAIL = 20
@@ -50,10 +50,7 @@ def caption_in_process(folder: Path, kind: str, source: str | Path | None = None
     """caption_dataset in a child process; raises UserError with the child's message, or how it ended."""
     request = {"folder": str(folder), "kind": kind, "source": None if source is None else str(source),
                "options": asdict(options or CaptionOptions())}
-    environment = dict(os.environ if env is None else env)
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
-    child = subprocess.Popen([sys.executable, "-m", "trainer.caption_process"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
+    child = start_child([sys.executable, "-m", "trainer.caption_process"], env)
     tail: deque[str] = deque(maxlen=STDERR_TAIL)
     threading.Thread(target=copy_stderr, args=(child.stderr, tail), daemon=True).start()
     child.stdin.write((json.dumps(request) + "\n").encode())

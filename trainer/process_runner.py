@@ -200,12 +200,8 @@ class ProcessRunner:
         """The child, started when there is none (or the last one ended); the lock is held."""
         if self._child is not None and self._child.poll() is None:
             return self._child
-        env = dict(os.environ if self._env is None else self._env)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        env.setdefault("PYTHONUNBUFFERED", "1")
         try:
-            child = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env)
+            child = start_child(self._command, self._env)
         except OSError as exc:
             raise TrainerProcessError(f"cannot start the trainer process {self._command[0]}: {exc}") from None
         self._child = child
@@ -259,6 +255,14 @@ class ProcessRunner:
         with self._changed:
             self._state = RunnerState()
             self._changed.notify_all()
+
+
+def start_child(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A child of the app, with pipes for stdin, stdout (its messages) and stderr, able to import this project."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
 def copy_stderr(stream: IO[bytes], tail: deque[str]) -> None:
