@@ -1,9 +1,12 @@
-"""Shared fixtures: the demo (tiny random models + dataset) is built once per test run."""
+"""Shared fixtures: the demo (tiny pre-trained models + dataset) is built once and reused while its key holds."""
 
 from __future__ import annotations
 
+import getpass
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,12 +29,26 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def built_demo() -> Path:
+    """The demo built by this code, shared by the test workers and by later runs: built once per key (its code and
+    library versions), under a lock, in the temporary folder. Copy it before changing anything in it."""
+    from filelock import FileLock
+
+    from trainer.demo import build_demo, demo_key, is_built
+
+    root = Path(tempfile.gettempdir()) / f"flux-lora-studio-demo-{getpass.getuser()}"
+    root.mkdir(exist_ok=True)
+    folder = root / demo_key()
+    with FileLock(str(folder) + ".lock"):
+        if not is_built(folder):
+            build_demo(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.demo import build_demo
-
     out = tmp_path_factory.mktemp("demo")
-    build_demo(out)
+    shutil.copytree(built_demo(), out, dirs_exist_ok=True)  # this worker's own copy: tests may write beside it
     return out
 
 

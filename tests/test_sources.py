@@ -449,10 +449,10 @@ def test_preflight_and_load_refuse_with_one_line_per_key(demo_dir: Path, demo_fi
         f"model.comfy_models_dir: folder '{tmp_path / 'no_comfy'}' does not exist; give ComfyUI's models folder or "
         "leave it empty",
         "model.transformer: 'flux2_ae.safetensors' is a VAE (FLUX.2 VAE (bfl layout) [32 latent channels]), not the "
-        "FLUX.2 demo (tiny, random weights) transformer; it belongs in model.vae",
+        "FLUX.2 demo (tiny, pre-trained on shapes) transformer; it belongs in model.vae",
         f"model.vae: file '{tmp_path / 'missing.safetensors'}' does not exist",
         "model.text_encoder: 'qwen_3_4b.safetensors' is the Qwen3-4B text encoder [36 layers of 2560]; FLUX.2 demo "
-        "(tiny, random weights) needs a Qwen3 text encoder (hidden 16)",
+        "(tiny, pre-trained on shapes) needs a Qwen3 text encoder (hidden 16)",
     ]
     files = ModelFiles(transformer=str(demo_files["flux1"]["transformer"]))
     with pytest.raises(UserError, match=r"^model.transformer: 'flux1_transformer.safetensors' is a FLUX.1 demo"):
@@ -465,7 +465,7 @@ def test_preflight_and_load_refuse_with_one_line_per_key(demo_dir: Path, demo_fi
 @pytest.mark.parametrize(("family", "flavour", "folder", "expected"), [
     ("flux2", "demo", "flux1", "holds a FluxPipeline (its model_index.json), but flux2 demo needs a "
                                "Flux2KleinPipeline; set model.family flux1 with model.flavour demo, dev, krea or "
-                               "schnell, or point model.source at a FLUX.2 demo (tiny, random weights) folder"),
+                               "schnell, or point model.source at a FLUX.2 demo (tiny, pre-trained on shapes) folder"),
     ("flux1", "kontext", "flux1", "holds a FluxPipeline (its model_index.json), but flux1 kontext needs a "
                                   "FluxKontextPipeline; set model.family flux1 with model.flavour demo, dev, krea or "
                                   "schnell, or point model.source at a FLUX.1 Kontext [dev] folder"),

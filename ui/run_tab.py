@@ -17,6 +17,7 @@ from ui.run_state import RunView
 from ui.studio import Outcome, Studio
 
 LOSS_COLUMNS = ["step", "loss", "series"]
+COMPARE_PX = 128  # shown size of the step-0 and latest samples side by side
 LOSS_COLOURS = {"loss": "#93c5fd", "smoothed": "#1d4ed8", "eval": "#16a34a"}  # the series of RunView.loss_rows
 
 # Keep the log scrolled to its newest line unless the user scrolled up to read (gradio's autoscroll fires once).
@@ -70,6 +71,48 @@ def gallery_items(view: RunView, roots: list[str], folders: Folders | None = Non
     return items
 
 
+def _allowed_image(path: str, roots: list[str], folders: Folders | None) -> Path | None:
+    """The sample file, if the page may show it (the gallery's rule); None otherwise."""
+    resolved = Path(path).resolve()
+    allowed = any(resolved.is_relative_to(root) for root in roots) or folders is None or folders.allows(resolved)
+    return resolved if allowed and resolved.is_file() else None
+
+
+def _thumbnail_uri(path: Path, size: int = COMPARE_PX) -> str:
+    """The image as a PNG data URI at most `size` px wide (a real model's 1024 px sample would weigh megabytes)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((size, size))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def compare_html(view: RunView, roots: list[str], folders: Folders | None = None) -> str:
+    """One row per sample prompt: its first sample (step 0) beside its latest, each labelled with its step."""
+    rows = []
+    for first, latest in view.first_and_latest():
+        cells = []
+        for sample in (first, latest) if latest is not first else (first,):
+            path = _allowed_image(sample.path, roots, folders)
+            picture = (f'<img src="{_thumbnail_uri(path)}" alt="step {sample.step}" style="width:{COMPARE_PX}px;'
+                       'image-rendering:pixelated;border-radius:4px">' if path else "(not readable)")
+            cells.append(f'<figure style="margin:0;text-align:center">{picture}'
+                         f"<figcaption>step {sample.step}</figcaption></figure>")
+        if latest is first:
+            cells.append('<div style="align-self:center;opacity:.6">the next sample goes here</div>')
+        prompt = f'<div style="width:180px;align-self:center">{html.escape(first.prompt)}</div>'
+        rows.append(f'<div style="display:flex;gap:12px;align-items:flex-start">{prompt}{"".join(cells)}</div>')
+    if not rows:
+        return '<div style="opacity:.6">Each sample prompt\'s step-0 image will show here beside its latest.</div>'
+    return '<div style="display:flex;flex-direction:column;gap:8px">' + "".join(rows) + "</div>"
+
+
 def problems_update(outcome: Outcome) -> Any:  # noqa: ANN401 - a gradio update
     if outcome.ok:
         return gr.update(visible=False, value="")
@@ -105,6 +148,9 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
     connect_multi_gpu(status, problems)
     progress = gr.HTML(progress_html(studio.view), label="Progress", elem_id="run-progress")
     memory = gr.HTML(gauges_html(read_gauges()), label="Memory", elem_id="run-memory")
+    roots = allowed_paths(studio.workdir)
+    compare = gr.HTML(compare_html(studio.view, roots, studio.folders), label="Step 0 beside the latest",
+                      elem_id="run-compare")
     with gr.Row():
         # No fixed height: at 300 px the legend under the plot was cut off. Raw loss pale, its average strong.
         plot = gr.LinePlot(loss_frame(studio.view), x="step", y="loss", color="series", title="Loss", label="Loss",
@@ -114,7 +160,6 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
     log = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, elem_id="studio-log")
     log.change(None, js=FOLLOW_LOG_JS, api_visibility="private", show_progress="hidden")
     seen = gr.State({})  # per browser session: what it was last sent, so unchanged plots are not re-sent
-    roots = allowed_paths(studio.workdir)
     form_kwargs = {**{form.api_name(k): fields[k] for k in form.FORM_KEYS}, "base": base}
     offer_inputs = {"output_dir": fields["output.dir"], "train_max_steps": fields["train.max_steps"]}
 
@@ -222,6 +267,13 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
     # that is skipped (20 ms for a gallery, a tenth of that for the others), so the poll never names the gallery.
     shown = gr.State([0, 0])
     shown.change(samples, None, gallery, api_name="samples", show_progress="hidden", concurrency_limit=None)
+
+    def comparison() -> str:
+        """Each sample prompt's step-0 image beside its latest, labelled with their steps."""
+        with studio.view.lock:
+            return compare_html(studio.view, roots, studio.folders)
+
+    shown.change(comparison, None, compare, api_name="compare", show_progress="hidden", concurrency_limit=None)
 
     gauge_timer = gr.Timer(2.0)  # NVML and psutil reads are cheap, but need not follow every progress poll
     gauge_timer.tick(lambda: gauges_html(read_gauges()), None, memory, api_name="memory_gauges",

@@ -1,0 +1,86 @@
+"""The demo learns what it is shown: trained on its dataset, a LoRA's samples of training captions come at least twice
+as close to their training images as the step-0 samples were; with the flow target's sign flipped they do not (so
+the check guards the objective, the timestep sampling, the latent packing, the caches and the sampler together)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from trainer import flow
+from trainer.demo_shapes import learning_errors, training_pictures
+from trainer.events import SampleSaved
+from trainer.session import Session
+from trainer.spec import load_spec, resolve_paths
+
+JOBS = {"flux2": "job.toml", "flux1": "job_flux1.toml"}
+# Shorter than the user's demo run (tests/conftest.py's time budget), on two training captions of the dataset.
+STEPS = 120
+PROMPTS = [f"shapez {picture.caption}" for picture in training_pictures()[:2]]
+
+
+def _train(demo_dir: Path, out: Path, family: str) -> tuple[Session, list[tuple[int, str, str]]]:
+    overrides = [f"train.max_steps={STEPS}", f"sample.every_steps={STEPS}", f"sample.prompts={PROMPTS!r}",
+                 "output.save_state=false", f"output.dir='{out}'"]
+    events: list = []
+    session = Session(resolve_paths(load_spec(demo_dir / JOBS[family], overrides), demo_dir), emit=events.append)
+    session.run()
+    return session, [(e.step, e.path, e.prompt) for e in events if isinstance(e, SampleSaved)]
+
+
+def _flipped_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test-only: the velocity target with its sign flipped, x0 − ε instead of ε − x0."""
+    right = flow.noisy_latents
+
+    def wrong(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        noisy, target = right(latents, noise, sigmas)
+        return noisy, -target
+
+    monkeypatch.setattr(flow, "noisy_latents", wrong)
+
+
+@pytest.mark.parametrize("family", sorted(JOBS))
+def test_samples_of_training_captions_come_twice_as_close(demo_dir: Path, tmp_path: Path, family: str) -> None:
+    session, samples = _train(demo_dir, tmp_path, family)
+    try:
+        errors = learning_errors(samples, demo_dir / "dataset")
+        assert sorted(errors) == sorted(PROMPTS)
+        for prompt, (first, last) in errors.items():
+            assert last <= 0.5 * first, f"{family} {prompt!r}: error {first:.1f} at step 0, {last:.1f} at the end"
+        _diffusers_draws_the_trainers_sample(session, demo_dir, samples)
+    finally:
+        session.end()
+
+
+@pytest.mark.parametrize("family", sorted(JOBS))
+def test_the_check_fails_when_the_target_is_wrong(demo_dir: Path, tmp_path: Path, family: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _flipped_target(monkeypatch)
+    session, samples = _train(demo_dir, tmp_path, family)
+    session.end()
+    errors = learning_errors(samples, demo_dir / "dataset")
+    assert sorted(errors) == sorted(PROMPTS)
+    assert any(last > 0.5 * first for first, last in errors.values()), errors
+
+
+def _diffusers_draws_the_trainers_sample(session: Session, demo_dir: Path,
+                                         samples: list[tuple[int, str, str]]) -> None:
+    """The final LoRA, loaded by diffusers' own pipeline from the demo folder, draws the trainer's last sample of the
+    first prompt from the prompt's text (the pipeline encodes it), at the sampler's settings."""
+    family, flavour = session.spec.model.family, session.flavour
+    pipe = type(session.pipe).from_pretrained(demo_dir / family)
+    pipe.set_progress_bar_config(disable=True)
+    lora = session.last_lora_path
+    pipe.load_lora_weights(lora.parent, weight_name=lora.name)
+    extra = {"text_encoder_out_layers": flavour.text_encoder_layers} if family == "flux2" else {}
+    with torch.no_grad():
+        image = pipe(prompt=PROMPTS[0], num_inference_steps=flavour.sample_steps,
+                     guidance_scale=flavour.sample_guidance, height=64, width=64, max_sequence_length=64,
+                     generator=torch.Generator("cpu").manual_seed(session.spec.sample.seed), **extra).images[0]
+    last = max((step, path) for step, path, prompt in samples if prompt == PROMPTS[0])[1]
+    with Image.open(last) as trainers:
+        difference = torch.tensor(list(image.getdata())) - torch.tensor(list(trainers.convert("RGB").getdata()))
+    assert difference.abs().max() <= 1, "diffusers' pipeline with the LoRA draws another image than the trainer"

@@ -1,0 +1,121 @@
+"""Brief pre-training of the demo's tiny models, so that a LoRA trained on them visibly learns.
+
+Random weights cannot show learning: a random VAE decodes any latent to coloured noise, and a random transformer
+samples noise that no small adapter turns into a picture. So, when the demo is built, the VAE learns to give the
+demo's pictures back (decode(encode(x)) ≈ x), its latents get the statistics the pipelines normalise with, and the
+transformer learns to draw pictures of that kind without being told which (every caption empty). What a caption
+means is left for the LoRA: at step 0 a prompt gives some shape in some colours, after training the one it names.
+
+Step counts, not time, bound each stage, so a build is the same for a seed on a given machine.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from trainer.demo_shapes import random_pictures, render
+
+POOL = 256  # distinct pictures per stage: plenty for shapes this simple
+VAE_STEPS = 240
+VAE_BATCH = 8
+VAE_LR = 3e-3
+TRANSFORMER_STEPS = 300
+TRANSFORMER_BATCH = 8
+TRANSFORMER_LR = 2e-3
+
+
+def picture_pixels(count: int, seed: int) -> torch.Tensor:
+    """`count` random demo pictures as pixels in [-1, 1], (count, 3, 64, 64)."""
+    import numpy as np
+
+    images = [np.asarray(render(p)) for p in itertools.islice(random_pictures(seed), count)]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _one_cycle(optimizer: torch.optim.Optimizer, peak: float, steps: int) -> Any:  # noqa: ANN401
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=steps, pct_start=0.15)
+
+
+def train_vae(vae: Any, seed: int, steps: int = VAE_STEPS) -> float:  # noqa: ANN401 - a diffusers VAE
+    """Teach the VAE to reconstruct demo pictures (mean squared error of the decoded means); returns the last loss."""
+    pixels = picture_pixels(POOL, seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=VAE_LR)
+    schedule = _one_cycle(optimizer, VAE_LR, steps)
+    vae.train()
+    loss = torch.zeros(())
+    for _ in range(steps):
+        batch = pixels[torch.randint(0, POOL, (VAE_BATCH,), generator=generator)]
+        decoded = vae.decode(vae.encode(batch).latent_dist.mode()).sample
+        loss = (decoded - batch).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    vae.eval()
+    vae.requires_grad_(False)
+    return loss.item()
+
+
+def set_latent_statistics(vae: Any, family: str, seed: int) -> None:  # noqa: ANN401
+    """What the pipelines normalise latents with, measured on demo pictures: FLUX.2's BatchNorm running statistics of
+    the 2x2-patchified latents, FLUX.1's shift and scaling factors."""
+    with torch.no_grad():
+        latents = vae.encode(picture_pixels(POOL, seed + 1)).latent_dist.mode()
+    if family == "flux2":
+        from diffusers import Flux2KleinPipeline
+
+        patches = Flux2KleinPipeline._patchify_latents(latents)
+        vae.bn.running_mean.copy_(patches.mean(dim=(0, 2, 3)))
+        vae.bn.running_var.copy_(patches.var(dim=(0, 2, 3)))
+    else:
+        vae.register_to_config(shift_factor=round(float(latents.mean()), 4),
+                               scaling_factor=round(1.0 / float(latents.std()), 4))
+
+
+def pretrain_transformer(pipe: Any, family: str, seed: int, steps: int = TRANSFORMER_STEPS) -> float:  # noqa: ANN401
+    """Flow matching on demo pictures with the empty prompt, every weight trained; returns the last loss."""
+    from trainer import flow, registry
+    from trainer.families import family_ops
+    from trainer.spec import AdvancedSection
+
+    ops, flavour = family_ops(family), registry.get_flavour(family, "demo")
+    text = ops.encode_prompts(pipe, [""], flavour)
+    with torch.no_grad():
+        latents = torch.cat([ops.encode_images(pipe, chunk) for chunk in picture_pixels(POOL, seed + 2).split(64)])
+    transformer, generator = pipe.transformer, torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(transformer.parameters(), lr=TRANSFORMER_LR)
+    schedule = _one_cycle(optimizer, TRANSFORMER_LR, steps)
+    advanced = AdvancedSection()
+    mu = ops.shift_mu(ops.image_seq_len(latents[:1]), flavour)
+    batch_text = {k: v.expand(TRANSFORMER_BATCH, *v.shape[1:]) for k, v in text.items()}
+    transformer.train()
+    loss = torch.zeros(())
+    for _ in range(steps):
+        clean = latents[torch.randint(0, POOL, (TRANSFORMER_BATCH,), generator=generator)]
+        noise = torch.randn(clean.shape, generator=generator)
+        sigmas = flow.sample_sigmas(advanced, TRANSFORMER_BATCH, mu, generator)
+        noisy, target = flow.noisy_latents(clean, noise, sigmas)
+        # FLUX.1 samples with an embedded guidance value: learn a range of them so any the user picks works.
+        guidance = 1.0 + 4.0 * torch.rand(TRANSFORMER_BATCH, generator=generator) \
+            if flavour.guidance == "embedded" else None
+        loss = (ops.predict(transformer, noisy, sigmas, batch_text, guidance) - target).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    transformer.eval()
+    return loss.item()
+
+
+def pretrain(pipe: Any, family: str, seed: int, report: Callable[[str], None]) -> None:  # noqa: ANN401
+    """VAE, its latent statistics, then the transformer; `report` hears each stage as it starts."""
+    report(f"{family}: training the VAE ({VAE_STEPS} steps)")
+    train_vae(pipe.vae, seed)
+    set_latent_statistics(pipe.vae, family, seed)
+    report(f"{family}: pre-training the transformer ({TRANSFORMER_STEPS} steps)")
+    pretrain_transformer(pipe, family, seed)
