@@ -19,6 +19,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 # The demo's tiny matrices run faster on one thread than split over two (measured: ~1.7x on this suite).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# The demo's pre-trained models are built once per key (their code and library versions) in this folder, shared by
+# the test workers, the apps they start (which inherit it) and later runs.
+CACHE_ENV = "FLUX_LORA_STUDIO_DEMO_CACHE"
+os.environ.setdefault(CACHE_ENV, str(Path(tempfile.gettempdir()) / f"flux-lora-studio-demo-{getpass.getuser()}"))
 
 from trainer.quiet import silence_library_noise  # noqa: E402
 
@@ -29,26 +33,13 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
-def built_demo() -> Path:
-    """The demo built by this code, shared by the test workers and by later runs: built once per key (its code and
-    library versions), under a lock, in the temporary folder. Copy it before changing anything in it."""
-    from filelock import FileLock
-
-    from trainer.demo import build_demo, demo_key, is_built
-
-    root = Path(tempfile.gettempdir()) / f"flux-lora-studio-demo-{getpass.getuser()}"
-    root.mkdir(exist_ok=True)
-    folder = root / demo_key()
-    with FileLock(str(folder) + ".lock"):
-        if not is_built(folder):
-            build_demo(folder)
-    return folder
-
-
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    shutil.copytree(built_demo(), out, dirs_exist_ok=True)  # this worker's own copy: tests may write beside it
+    from trainer.demo import cached_build
+
+    # Built once per key for every worker and later run; this worker's own copy, as tests may write beside it.
+    shutil.copytree(cached_build(Path(os.environ[CACHE_ENV])), out, dirs_exist_ok=True)
     return out
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from trainer.demo_shapes import (
     COLOURS,
@@ -39,6 +42,7 @@ _CLIP_T5_HIDDEN = 32
 _VAE_CHANNELS = (8, 8, 8, 8)
 _VAE_GROUPS = 1
 STAMP = "demo.json"
+CACHE_ENV = "FLUX_LORA_STUDIO_DEMO_CACHE"
 _BUILD_THREADS = 2
 # The demo job: a LoRA that learns the dataset within a minute on two CPU cores (tests/test_demo_learning.py).
 DEMO_STEPS = 300
@@ -164,18 +168,19 @@ def _flux1_pipeline():  # noqa: ANN202 - a FluxPipeline
 _PIPELINES = {"flux2": _flux2_pipeline, "flux1": _flux1_pipeline}
 
 
-def build_family_demo(out_dir: Path, family: str, report: Callable[[str], None] = lambda _: None) -> Path:
-    """The family's tiny pipeline, pre-trained on demo pictures, saved in diffusers folder layout."""
+def build_family_demo(out_dir: Path, family: str, report: Callable[[str], None] = lambda _: None,
+                      flux2_vae: Any = None) -> Any:  # noqa: ANN401
+    """The family's tiny pipeline, pre-trained on demo pictures, saved in diffusers folder layout under
+    `out_dir/family`; returns the pipeline. `flux2_vae`: the FLUX.1 VAE starts from this trained one."""
     import torch
 
     from trainer.demo_pretrain import pretrain
 
     torch.manual_seed(DEMO_SEED)
     pipe = _PIPELINES[family]()
-    pretrain(pipe, family, DEMO_SEED, report)
-    target = out_dir / family
-    pipe.save_pretrained(target, safe_serialization=True)
-    return target
+    pretrain(pipe, family, DEMO_SEED, report, flux2_vae)
+    pipe.save_pretrained(out_dir / family, safe_serialization=True)
+    return pipe
 
 
 def build_demo_dataset(out_dir: Path, count: int = 12, size: int = DEMO_IMAGE_SIZE) -> Path:
@@ -344,8 +349,10 @@ def build_demo(out_dir: str | Path, families: tuple[str, ...] = FAMILIES,
     started, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(_BUILD_THREADS)  # one count everywhere: the same float sums, so the same weights
     try:
-        for family in families:
-            build_family_demo(out, family, report)
+        built = {}
+        for family in sorted(families, key=lambda name: name != "flux2"):  # FLUX.1 VAE starts from FLUX.2
+            flux2 = built.get("flux2")
+            built[family] = build_family_demo(out, family, report, flux2.vae if flux2 is not None else None)
     finally:
         torch.set_num_threads(threads)
     if "flux1" in families:
@@ -373,8 +380,23 @@ def is_built(out_dir: str | Path, families: tuple[str, ...] = FAMILIES) -> bool:
             and is_demo_folder(out) and all((out / family / "model_index.json").is_file() for family in families))
 
 
+def cached_build(cache_root: Path, report: Callable[[str], None] = lambda _: None) -> Path:
+    """This code's demo in `cache_root`/<key>, built there first if it is not; a lock makes processes that ask at
+    once build it once."""
+    from filelock import FileLock
+
+    cache_root.mkdir(parents=True, exist_ok=True)
+    folder = cache_root / demo_key()
+    with FileLock(str(folder) + ".lock"):
+        if not is_built(folder):
+            build_demo(folder, report=report)
+    return folder
+
+
 def ensure_demo(out_dir: str | Path, emit: Callable[[Event], None] | None = None) -> Path:
-    """Build the demo under `out_dir` unless this code's build is already there; returns the job file."""
+    """Build the demo under `out_dir` unless this code's build is already there; returns the job file. With
+    FLUX_LORA_STUDIO_DEMO_CACHE set (a folder several work folders share; the tests use one), the build is made
+    there once and copied."""
     out = Path(out_dir)
     if not is_built(out):
         def report(stage: str) -> None:
@@ -382,5 +404,9 @@ def ensure_demo(out_dir: str | Path, emit: Callable[[Event], None] | None = None
                 emit(PhaseChanged(phase="building demo", detail=stage))
 
         report(f"{out} (once; about a minute)")
-        build_demo(out, report=report)
+        cache = os.environ.get(CACHE_ENV)
+        if cache:
+            shutil.copytree(cached_build(Path(cache), report), out, dirs_exist_ok=True)
+        else:
+            build_demo(out, report=report)
     return out / "job.toml"

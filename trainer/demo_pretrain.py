@@ -20,10 +20,10 @@ import torch
 from trainer.demo_shapes import random_pictures, render
 
 POOL = 256  # distinct pictures per stage: plenty for shapes this simple
-VAE_STEPS = 240
+VAE_STEPS = 450
 VAE_BATCH = 8
-VAE_LR = 3e-3
-TRANSFORMER_STEPS = 300
+VAE_LR = 1e-2
+TRANSFORMER_STEPS = 200
 TRANSFORMER_BATCH = 8
 TRANSFORMER_LR = 2e-3
 
@@ -59,6 +59,34 @@ def train_vae(vae: Any, seed: int, steps: int = VAE_STEPS) -> float:  # noqa: AN
     vae.eval()
     vae.requires_grad_(False)
     return loss.item()
+
+
+def vae_from_flux2(vae: Any, flux2_vae: Any, seed: int) -> None:  # noqa: ANN401 - diffusers VAEs
+    """Start the FLUX.1 VAE from the trained FLUX.2 one, whose layers are the same but for the latent width: those
+    are copied, and FLUX.2's 32 latent channels become FLUX.1's 16 by their principal components on demo pictures
+    (folded into the encoder's last and the decoder's first conv, with FLUX.2's 1x1 quant convs)."""
+    with torch.no_grad():
+        own = vae.state_dict()
+        vae.load_state_dict({k: v for k, v in flux2_vae.state_dict().items()
+                             if k in own and own[k].shape == v.shape}, strict=False)
+        width = vae.config.latent_channels
+        quant, post = flux2_vae.quant_conv, flux2_vae.post_quant_conv
+        wq, bq = quant.weight[:, :, 0, 0], quant.bias
+        w_mean = torch.einsum("oc,cikl->oikl", wq, flux2_vae.encoder.conv_out.weight)[:flux2_vae.config.latent_channels]
+        b_mean = (wq @ flux2_vae.encoder.conv_out.bias + bq)[:flux2_vae.config.latent_channels]
+        latents = flux2_vae.encode(picture_pixels(POOL, seed + 3)).latent_dist.mode()
+        flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+        centre = flat.mean(dim=0)
+        basis = torch.linalg.svd(flat - centre, full_matrices=False).Vh[:width].T  # (32, 16)
+        conv_out = vae.encoder.conv_out  # mean, then log-variance (left at 0)
+        conv_out.weight.zero_()
+        conv_out.bias.zero_()
+        conv_out.weight[:width] = torch.einsum("or,oikl->rikl", basis, w_mean)
+        conv_out.bias[:width] = basis.T @ (b_mean - centre)
+        wp, bp = post.weight[:, :, 0, 0], post.bias
+        conv_in, wd = vae.decoder.conv_in, flux2_vae.decoder.conv_in.weight
+        conv_in.weight.copy_(torch.einsum("oikl,ij,jr->orkl", wd, wp, basis))
+        conv_in.bias.copy_(flux2_vae.decoder.conv_in.bias + torch.einsum("oikl,i->o", wd, wp @ centre + bp))
 
 
 def set_latent_statistics(vae: Any, family: str, seed: int) -> None:  # noqa: ANN401
@@ -112,10 +140,17 @@ def pretrain_transformer(pipe: Any, family: str, seed: int, steps: int = TRANSFO
     return loss.item()
 
 
-def pretrain(pipe: Any, family: str, seed: int, report: Callable[[str], None]) -> None:  # noqa: ANN401
-    """VAE, its latent statistics, then the transformer; `report` hears each stage as it starts."""
-    report(f"{family}: training the VAE ({VAE_STEPS} steps)")
-    train_vae(pipe.vae, seed)
+def pretrain(pipe: Any, family: str, seed: int, report: Callable[[str], None],  # noqa: ANN401
+             flux2_vae: Any = None) -> None:  # noqa: ANN401
+    """VAE, its latent statistics, then the transformer; `report` hears each stage as it starts. With `flux2_vae`
+    (FLUX.1 built after FLUX.2), the FLUX.1 VAE is made from it: as good, at no training cost."""
+    if flux2_vae is None:
+        report(f"{family}: training the VAE ({VAE_STEPS} steps)")
+        train_vae(pipe.vae, seed)
+    else:
+        report(f"{family}: the VAE from the FLUX.2 one")
+        vae_from_flux2(pipe.vae, flux2_vae, seed)
+        pipe.vae.eval()
     set_latent_statistics(pipe.vae, family, seed)
     report(f"{family}: pre-training the transformer ({TRANSFORMER_STEPS} steps)")
     pretrain_transformer(pipe, family, seed)
