@@ -35,7 +35,8 @@ from trainer.checkpoint import (
 from trainer.data.cache import TextEmbeddingCache
 from trainer.data.caching import InputCaches, stack_references
 from trainer.data.datasets import TrainItem
-from trainer.data.health import HealthReport, check_datasets
+from trainer.data.health import check_datasets
+from trainer.data.health_report import HealthReport
 from trainer.data.pairs import reference_for_sampling, sample_references
 from trainer.data.planning import plan_training_items
 from trainer.errors import UserError
