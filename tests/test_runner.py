@@ -173,3 +173,32 @@ def test_a_failing_action_leaves_the_runner_usable(demo_dir: Path, tmp_path: Pat
     assert _of(events, RunFinished)[-1].status == "completed"
     assert (tmp_path / "c" / "demo_lora.safetensors").is_file() and not runner.live
 
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
+
+
+def test_a_whole_run_and_the_same_steps_step_by_step_end_with_the_same_files(demo_dir: Path, tmp_path: Path):
+    """Start (Session.run) and Train 3 + Train 2 + End training follow one lifecycle: the same samples (the baseline,
+    the interval's, the final one), the same LoRA and state files, the same weights."""
+    from safetensors.torch import load_file
+
+    settings = ("train.max_steps=5", "sample.prompts=['shapez a red circle']", "sample.every_steps=4",
+                "sample.steps=2")
+    whole, stepwise = tmp_path / "whole", tmp_path / "stepwise"
+    runner, events = TrainingRunner(), []
+    runner.start(RunRequest(_spec(demo_dir, whole, *settings)))
+    _finish(runner, events)
+    runner.send(TrainSteps(3, RunRequest(_spec(demo_dir, stepwise, *settings))))
+    _finish(runner, events)
+    runner.send(TrainSteps(2))
+    _finish(runner, events)
+    runner.send(EndTraining())
+    _finish(runner, events)
+
+    assert [(f.status, f.step) for f in _of(events, RunFinished)] == [("completed", 5)] * 2
+    assert _files(whole) == _files(stepwise)
+    assert [name for name in _files(whole) if name.startswith("samples")] == [
+        "samples/step000000_0.png", "samples/step000004_0.png", "samples/step000005_0.png"]
+    lora_a, lora_b = load_file(whole / "demo_lora.safetensors"), load_file(stepwise / "demo_lora.safetensors")
+    assert lora_a.keys() == lora_b.keys() and all(lora_a[key].equal(lora_b[key]) for key in lora_a)

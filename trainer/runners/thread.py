@@ -120,8 +120,6 @@ class TrainingRunner(StateViews):
         self._commands = Commands()
         self._events = EventQueue()
         self._session: Any = None  # the live Session; only the worker changes it
-        self._saved_step: int | None = None  # the step of the last final save (or of setup/resume)
-        self._saved_path: Path | None = None  # the last final LoRA of the live session
         self.spec: JobSpec | None = None  # the spec of the live (or last) session
 
     # ------------------------------------------------------------------ state
@@ -288,8 +286,6 @@ class TrainingRunner(StateViews):
 
     def _set_session(self, session: Any) -> None:  # noqa: ANN401 - a Session; torch-free module
         self._session = session
-        self._saved_step = None if session is None else session.step
-        self._saved_path = None
 
     def _emit(self, event: Event) -> None:
         """Through the live session (so events.jsonl has it too), else straight to the app."""
@@ -315,7 +311,6 @@ class TrainingRunner(StateViews):
 
     def _end_session(self) -> None:
         session, self._session = self._session, None
-        self._saved_step = self._saved_path = None
         if session is not None:
             try:
                 session.end()
@@ -335,10 +330,7 @@ class TrainingRunner(StateViews):
 
             session = Session(spec, emit=self._events, commands=self._commands, resume=request.resume)
             self._set_session(session)
-            session.setup()
-            self._saved_step = session.step
-            if spec.sample.prompts and spec.sample.every_steps and session.step == 0:
-                session.validate()  # the baseline every later sample is compared with, as in a whole run
+            session.begin()  # as a whole run begins (Session.run)
             self._train(steps)
 
         self._guarded(setup)()
@@ -357,18 +349,12 @@ class TrainingRunner(StateViews):
         due = every and session.step % every == 0 and session.step < session.spec.train.max_steps
         if commands.stop_requested:
             commands.clear_stop()
-            if session.step != self._saved_step:
-                self._save_final()
+            session.save_final()
             self._emit(LogMessage(level="info", message=f"stopped at step {session.step}; Train N steps to "
                                                         "continue, End training to finish"))
         elif saves or due:  # the loop skips the interval save on a chunk's last step
             session.save(intermediate=True, copy_to_comfy=saves)
         self._pause()
-
-    def _save_final(self) -> Path:
-        self._saved_path = self._session.save()
-        self._saved_step = self._session.step
-        return self._saved_path
 
     def _validate(self) -> None:
         self._session.validate()
@@ -379,9 +365,5 @@ class TrainingRunner(StateViews):
         self._pause()
 
     def _end_training(self) -> None:
-        session = self._session
-        path = self._save_final() if session.step != self._saved_step else self._saved_path
-        status = "completed" if session.step >= session.spec.train.max_steps else "stopped"
-        message = f"LoRA saved to {path}" if path else "nothing was trained; no LoRA saved"
-        self._emit(RunFinished(status=status, step=session.step, lora_path=str(path or ""), message=message))
+        self._session.finish()  # as a whole run finishes (Session.run): final LoRA, final samples, RunFinished
         self._end_session()
