@@ -472,8 +472,17 @@ class FakeRunner:
         self.running = True
         self.spec = request.spec
 
+    @property
+    def state(self):
+        from trainer.runners.base import RunnerState
+
+        return RunnerState((self.action or "start") if self.running else None, self.live, self.step)
+
     def stop(self):
         return self.running
+
+    def join(self, timeout=None):
+        return True
 
     def output_dir(self):
         return Path(self.spec.output.dir) if self.spec else None
