@@ -17,6 +17,7 @@ written last, so a killed fabricate leaves nothing a later run would take for a 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -80,10 +81,15 @@ def _tokenizers(flavour: registry.Flavour) -> dict[str, Any]:
 
 def plan(flavour: registry.Flavour, layout: str, small_encoders: bool = False) -> tuple[list, dict[str, Any]]:
     """The components (meta device) and tokenizers of a fabricated flavour."""
-    from trainer.fabric.models import pipeline_components
-
     if layout not in LAYOUTS:
         raise UserError(f"fabricate: --layout must be one of {', '.join(LAYOUTS)}, not '{layout}'")
+    return _plan(flavour, small_encoders)
+
+
+@functools.lru_cache(maxsize=4)  # both layouts of one flavour share them (the meta models take seconds to build)
+def _plan(flavour: registry.Flavour, small_encoders: bool) -> tuple[list, dict[str, Any]]:
+    from trainer.fabric.models import pipeline_components
+
     tokenizers = _tokenizers(flavour)
     return pipeline_components(flavour, small_encoders, tokenizers), tokenizers
 
@@ -93,7 +99,8 @@ def needed_bytes(flavour: registry.Flavour, layout: str, small_encoders: bool = 
     from trainer.fabric.layouts import file_specs
 
     components, _ = plan(flavour, layout, small_encoders)
-    return sum(spec.nbytes for component in components for spec in file_specs(flavour, component, layout))
+    # the comfy VAE holds the hub VAE's tensors renamed (and its 1x1 attention reshaped): the same bytes
+    return sum(spec.nbytes for c in components for spec in file_specs(flavour, c, "hub" if c.name == "vae" else layout))
 
 
 def check_room(folder: Path, need: int, what: str) -> None:
@@ -138,9 +145,7 @@ def fabricate(flavour: registry.Flavour, layout: str, out: str | Path, seed: int
     if out.exists():
         raise UserError(f"fabricate: --out '{out}' already exists; delete it or choose another folder")
     components, tokenizers = plan(flavour, layout, small_encoders)
-    from trainer.fabric.layouts import file_specs
-
-    need = sum(spec.nbytes for c in components for spec in file_specs(flavour, c, layout))
+    need = needed_bytes(flavour, layout, small_encoders)
     check_room(out.parent, need, "fabricate")
     partial = out.parent / f".{out.name}.partial"
     if partial.exists():
@@ -162,3 +167,13 @@ def fabricate(flavour: registry.Flavour, layout: str, out: str | Path, seed: int
     (partial / MARKER).write_text(json.dumps(info, indent=2), encoding="utf-8")
     partial.rename(out)
     return Fabricated(out, layout, size, seconds, out / source, {slot: out / p for slot, p in files.items()})
+
+
+def real_width(flavour: registry.Flavour) -> registry.Flavour:
+    """The flavour at its real widths with one double and one single block, its joint dimension fitted to the
+    small text encoders (FLUX.2: three stacked layers of 16; FLUX.1: a T5 of 64): what the CI test trains."""
+    from dataclasses import replace
+
+    joint = 48 if flavour.family == "flux2" else 64
+    return replace(flavour, double_blocks=1, single_blocks=1, joint_attention_dim=joint,
+                   max_blocks_to_swap=registry._DERIVE)

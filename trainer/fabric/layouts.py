@@ -7,10 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from trainer.fabric.models import Component, scheduler_config
-from trainer.fabric.stream import TensorSpec, shard, write_file
+from trainer.fabric.stream import TensorSpec, shard, values, write_file
 from trainer.registry import Flavour
 
 _WEIGHT_STEMS = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
@@ -31,24 +29,42 @@ def _comfy_text_name(component: Component, name: str) -> str | None:
     return name
 
 
-def file_specs(flavour: Flavour, component: Component, layout: str) -> list[TensorSpec]:
-    """The tensors of one component's weights file(s), named as the layout stores them."""
+def _whole(name: str, shape: tuple[int, ...]) -> tuple:
+    return ((name, shape, 0, shape[0] if shape else 1),)
+
+
+def _bfl_transformer(flavour: Flavour, tensors: dict) -> list[TensorSpec]:
+    """BFL tensors as stacks of the diffusers tensors' rows (a fused qkv: q, k, v; norm_out's halves swapped)."""
+    from trainer.sources.transformer_keys import bfl_shapes, transformer_plan
+
+    shapes = {name: shape for name, (shape, _) in tensors.items()}
+    plan = transformer_plan(flavour.family, shapes)
+    segments: dict[str, list[tuple[int, tuple]]] = {}
+    for name, pieces in plan.items():
+        row = 0
+        for piece in pieces:
+            count = piece.stop - piece.start
+            segments.setdefault(piece.key, []).append((piece.start, (name, shapes[name], row, row + count)))
+            row += count
+    return [TensorSpec(key, shape, parts=tuple(part for _, part in sorted(segments[key])))
+            for key, shape in bfl_shapes(plan, shapes).items()]
+
+
+def file_specs(flavour: Flavour, component: Component, layout: str, seed: int = 0) -> list[TensorSpec]:
+    """The tensors of one component's weights file(s), named as the layout stores them; the values are the same
+    in both layouts (each comfy tensor is made of the hub tensors' rows)."""
     tensors = component.tensors
     if layout == "hub":
         return [TensorSpec(name, shape, dtype) for name, (shape, dtype) in tensors.items()]
     if component.name == "transformer":
-        from trainer.sources.transformer_keys import bfl_shapes, transformer_plan
-
-        shapes = {name: shape for name, (shape, _) in tensors.items()}
-        return [TensorSpec(key, shape) for key, shape in bfl_shapes(transformer_plan(flavour.family, shapes),
-                                                                     shapes).items()]
-    if component.name == "vae":
+        return _bfl_transformer(flavour, tensors)
+    if component.name == "vae":  # small (84 M parameters): converted in memory by the same function tests use
         from trainer.sources.vae_keys import vae_diffusers_to_ldm
 
-        meta = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in tensors.items()}
-        converted = vae_diffusers_to_ldm(meta, flavour.family)
-        return [TensorSpec(key, tuple(t.shape), t.dtype) for key, t in converted.items()]
-    specs = [TensorSpec(key, shape, dtype) for name, (shape, dtype) in tensors.items()
+        state = {name: values(TensorSpec(name, shape, dtype), seed) for name, (shape, dtype) in tensors.items()}
+        converted = vae_diffusers_to_ldm(state, flavour.family)
+        return [TensorSpec(key, tuple(t.shape), t.dtype, tensor=t) for key, t in converted.items()]
+    specs = [TensorSpec(key, shape, dtype, parts=_whole(name, shape)) for name, (shape, dtype) in tensors.items()
              if (key := _comfy_text_name(component, name)) is not None]
     if component.class_name == "CLIPTextModel":  # ComfyUI's clip_l carries the full CLIP's projection
         width = next(s.shape[0] for s in specs if s.name.endswith("final_layer_norm.weight"))
@@ -122,7 +138,7 @@ def write_comfy(out: Path, flavour: Flavour, components: list[Component], tokeni
     files: dict[str, Path] = {}
     for component in components:
         relative = Path("models") / COMFY_FOLDERS[component.name] / names[component.name]
-        write_file(out / relative, file_specs(flavour, component, "comfy"), seed)
+        write_file(out / relative, file_specs(flavour, component, "comfy", seed), seed)
         files[component.name] = relative
         say(f"  {component.name}: {relative}")
     return files

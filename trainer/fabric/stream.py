@@ -25,11 +25,20 @@ _CHUNK_BYTES = 256 * 1024**2  # one slice of rows generated at a time: bounds th
 PERIOD = 1_000_003
 
 
-@dataclass(frozen=True)
+Part = tuple[str, tuple[int, ...], int, int]  # (source tensor name, its shape, first row, row after the last)
+
+
+@dataclass(frozen=True, eq=False)
 class TensorSpec:
+    """One tensor of a file. Its values are those of its `parts`, stacked by rows: rows of source tensors named and
+    shaped as another layout names them (a BFL qkv is the diffusers q, k and v), so both layouts of a fabricated
+    model hold the same numbers. Without parts it is its own source; `tensor` gives the values outright."""
+
     name: str  # the key written to the file
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.bfloat16
+    parts: tuple[Part, ...] = ()
+    tensor: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -37,6 +46,9 @@ class TensorSpec:
         for n in self.shape:
             count *= n
         return count * torch.empty((), dtype=self.dtype).element_size()
+
+    def sources(self) -> tuple[Part, ...]:
+        return self.parts or ((self.name, self.shape, 0, self.shape[0] if self.shape else 1),)
 
 
 def fill_kind(name: str, shape: tuple[int, ...]) -> str:
@@ -54,33 +66,48 @@ def _seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def _slices(spec: TensorSpec, seed: int) -> Iterable[torch.Tensor]:
-    """The tensor's values, a slice of rows at a time, as raw little-endian bytes-viewable tensors."""
-    kind = fill_kind(spec.name, spec.shape)
-    if not spec.shape:
-        value = torch.zeros((), dtype=spec.dtype) if kind != "ones" else torch.ones((), dtype=spec.dtype)
+def _rows(source: str, shape: tuple[int, ...], first: int, stop: int, dtype: torch.dtype,
+          seed: int) -> Iterable[torch.Tensor]:
+    """Rows first..stop-1 of the fabricated tensor `source` of `shape`, a slice at a time (the same values however
+    the rows are cut: each element's value depends on its position in the whole tensor only)."""
+    kind = fill_kind(source, shape)
+    if not shape:
+        value = torch.ones(()) if kind == "ones" else torch.zeros(())
         if kind == "normal":
-            value = torch.randn((), generator=torch.Generator().manual_seed(_seed(seed, spec.name))) * 0.02
-        yield value.to(spec.dtype).reshape(1)
+            value = torch.randn((), generator=torch.Generator().manual_seed(_seed(seed, source))) * 0.02
+        yield value.to(dtype).reshape(1)
         return
-    rows, rest = spec.shape[0], spec.shape[1:]
+    rest = shape[1:]
     per_row = 1
     for n in rest:
         per_row *= n
-    step = max(1, _CHUNK_BYTES // max(1, per_row * torch.empty((), dtype=spec.dtype).element_size()))
+    step = max(1, _CHUNK_BYTES // max(1, per_row * torch.empty((), dtype=dtype).element_size()))
     if kind == "normal":
-        generator = torch.Generator().manual_seed(_seed(seed, spec.name))
-        period = (torch.randn(min(PERIOD, rows * per_row), generator=generator) * 0.02).to(spec.dtype)
-    for start in range(0, rows, step):
-        count = min(step, rows - start)
+        generator = torch.Generator().manual_seed(_seed(seed, source))
+        period = (torch.randn(min(PERIOD, shape[0] * per_row), generator=generator) * 0.02).to(dtype)
+    for start in range(first, stop, step):
+        count = min(step, stop - start)
         if kind == "zeros":
-            yield torch.zeros((count, *rest), dtype=spec.dtype)
+            yield torch.zeros((count, *rest), dtype=dtype)
         elif kind == "ones":
-            yield torch.ones((count, *rest), dtype=spec.dtype)
+            yield torch.ones((count, *rest), dtype=dtype)
         else:
             offset, size = (start * per_row) % period.numel(), count * per_row
             rolled = torch.cat([period[offset:], period[:offset]])
             yield rolled.repeat(-(-size // rolled.numel()))[:size].view(count, *rest)
+
+
+def _slices(spec: TensorSpec, seed: int) -> Iterable[torch.Tensor]:
+    if spec.tensor is not None:
+        yield spec.tensor.to(spec.dtype)
+        return
+    for source, shape, first, stop in spec.sources():
+        yield from _rows(source, shape, first, stop, spec.dtype, seed)
+
+
+def values(spec: TensorSpec, seed: int) -> torch.Tensor:
+    """The whole tensor in memory (for small ones: the VAE, tests)."""
+    return torch.cat([piece.reshape(-1) for piece in _slices(spec, seed)]).view(spec.shape)
 
 
 def header_bytes(specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
