@@ -30,7 +30,7 @@ class LoraLoad:
         return self.adapter_tensors > 0 and not self.warnings
 
 
-_KEY_WORDS = ("unexpected", "missing", "not used", "ignored", "were not")
+_KEY_WORDS = ("unexpected key", "missing key", "were not used", "not used by", "ignored")
 
 
 class _Collect(logging.Handler):
