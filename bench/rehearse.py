@@ -8,7 +8,7 @@ few generated images, and runs `python -m trainer train` with the flavour's smal
 profile beneath it, as the app merges them), the CPU as the device, N steps at R px, one 2-step sample after
 training and every LoRA format the family has. While it runs, the trainer's resident memory is sampled every 50 ms
 (/proc/PID/status: anonymous, file-backed, shared) and cut into phases by its events.jsonl. It prints per phase
-the estimator's prediction for this CPU-only run (trainer/estimator_cpu.py: device and host are the same RAM, and
+the estimator's prediction for this CPU-only run (trainer/estimator/cpu_only.py: device and host are the same RAM, and
 the prediction is resident memory, anonymous and file-backed together), the measured peak, the difference and
 the wall time; then s/step; then each written LoRA loaded at real width by diffusers' load_lora_weights.
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def rehearse(args: argparse.Namespace) -> int:
-    from trainer.estimator_cpu import cpu_only_phases
+    from trainer.estimator.cpu_only import cpu_only_phases
     from trainer.fabric import existing, fabricate, flavour_of, needed_bytes
 
     flavour = flavour_of(args.flavour)
@@ -209,7 +209,7 @@ def rehearse(args: argparse.Namespace) -> int:
     code, watcher, seconds = run_trainer(job, work / "output" / "events.jsonl", work / "train.log")
     rows = table(watcher, predicted)
     print(f"\n{flavour.label}, {args.layout} layout, CPU, {args.steps} steps at {args.resolution} px "
-          f"({seconds:.0f} s, exit {code}); predicted = trainer/estimator_cpu.py, RSS = anon + file + shmem")
+          f"({seconds:.0f} s, exit {code}); predicted = trainer/estimator/cpu_only.py, RSS = anon + file + shmem")
     print_table(rows)
     if watcher.steps:
         print(f"s/step: {', '.join(f'{s:.1f}' for s in watcher.steps)}")
@@ -226,7 +226,7 @@ def rehearse(args: argparse.Namespace) -> int:
 
 
 def _plan(spec) -> str:  # noqa: ANN001
-    from trainer.memory.strategies import resolve_lowvram
+    from trainer.estimator.auto import resolve_lowvram
 
     return resolve_lowvram(spec, None).describe()
 

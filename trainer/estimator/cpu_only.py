@@ -1,6 +1,6 @@
 """The memory estimate of a run whose device is the CPU: the device's memory and the host's are the same RAM.
 
-The estimator (trainer/estimator.py) predicts each phase as VRAM on the device plus RAM on the host. When the
+The estimator (trainer/estimator/core.py) predicts each phase as VRAM on the device plus RAM on the host. When the
 device is the CPU (no GPU, or a rehearsal of the real path on the CPU), moving a module "to the device" moves
 nothing, so one phase needs, in the same RAM:
 
@@ -17,8 +17,9 @@ leaves mapped from their safetensors files are as resident as copied ones while 
 from __future__ import annotations
 
 from trainer import registry
-from trainer.estimator import CONTEXT, GIB, OVERHEAD, PROCESS_RAM_GIB, estimate
-from trainer.estimator_activations import text_encoder_memory
+from trainer.estimator.activations import text_encoder_memory
+from trainer.estimator.auto import estimate_as_run, resolve_lowvram
+from trainer.estimator.core import CONTEXT, GIB, OVERHEAD, PROCESS_RAM_GIB
 from trainer.spec import JobSpec
 
 # Python, torch, diffusers and transformers imported, before any model; measured by bench/rehearse.py as the
@@ -34,7 +35,8 @@ def cpu_only_phases(spec: JobSpec, first_run: bool = True) -> dict[str, float]:
     f = registry.get_flavour(spec.model.family, spec.model.flavour)
     if first_run and spec.data.cache_text_embeddings == "disk":
         spec = spec.model_copy(update={"data": spec.data.model_copy(update={"cache_text_embeddings": "memory"})})
-    result = estimate(spec, gpu_vram_gib=None)
+    plan = resolve_lowvram(spec, None)  # the session's plan on a device without VRAM
+    result = estimate_as_run(spec, None, plan=plan)
     lighter = PROCESS_RAM_GIB - PROCESS_RAM_GIB_CPU
     phases: dict[str, float] = {}
     for name, phase in result.phases.items():
@@ -46,9 +48,7 @@ def cpu_only_phases(spec: JobSpec, first_run: bool = True) -> dict[str, float]:
     text = "caching text embeddings"
     if text in phases and spec.data.cache_text_embeddings != "disk":
         # the encoder whole in RAM with its working memory, in place of its host share and device share
-        from trainer.memory.strategies import resolve_lowvram
-
-        host_share = text_encoder_memory(f, spec, resolve_lowvram(spec, None).text_encoder_device)[3]
+        host_share = text_encoder_memory(f, spec, plan.text_encoder_device)[3]
         whole_and_work = text_encoder_memory(f, spec, "cpu")[3]
         phases[text] = result.phases[text].ram_gib + (whole_and_work - host_share) / GIB - lighter
     return phases
