@@ -1,4 +1,4 @@
-"""Command line: `python -m trainer demo | train | validate | estimate | caption`.
+"""Command line: `python -m trainer demo | train | validate | estimate | caption | fabricate`.
 
 Problems the user can fix print as `error: ...` lines and exit 2; anything else exits 1 with one line, and
 `--debug` shows the traceback.
@@ -132,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_estimate(args: argparse.Namespace) -> int:
     import json
 
-    from trainer.estimator import estimate
+    from trainer.estimator.job import estimate_job
 
     gpu_vram, gpu = args.gpu_vram, None
     if args.gpus < 1:
@@ -143,7 +143,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         from trainer.profiles import gpu_vram_gib
 
         gpu_vram, gpu = gpu_vram_gib(args.gpu)
-    result = estimate(_load_job(args.job, args.set), gpu_vram_gib=gpu_vram, gpus=args.gpus).to_json()
+    result = estimate_job(_load_job(args.job, args.set), gpu_vram_gib=gpu_vram, gpus=args.gpus).to_json()
     if gpu is not None:
         result["gpu"] = gpu
     if args.json:
@@ -153,7 +153,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         print(f"GPU: {gpu}" + (f", {gpu_vram:g} GiB usable" if gpu_vram else ""))
     shared = result["distributed"]
     if shared["gpus"] > 1:
-        # the mode the trainer would pick (train.distributed; auto as trainer/estimator_sharding.py decides)
+        # the mode the trainer would pick (train.distributed; auto as trainer/estimator/auto.py decides)
         print(f"{shared['gpus']} GPUs, {shared['mode']} ({shared['reason']}): VRAM per GPU, RAM for all "
               f"{shared['gpus']} processes")
     print(f"{'phase':28}{'VRAM GiB':>10}{'RAM GiB':>10}")
@@ -168,6 +168,19 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         print(f"verdict: {result['verdict']}" + (f" — {result['suggestion']}" if result.get("suggestion") else ""))
     for note in result.get("notes", []):
         print(f"note: {note}")
+    return 0
+
+
+def cmd_fabricate(args: argparse.Namespace) -> int:
+    from trainer.fabric import fabricate, flavour_of, needed_bytes
+
+    flavour = flavour_of(args.flavour)
+    need = needed_bytes(flavour, args.layout)
+    print(f"fabricating {flavour.label} ({args.layout} layout, seed {args.seed}): {need / 1024**3:.1f} GiB of "
+          f"weights into {Path(args.out).resolve()} ...", flush=True)
+    made = fabricate(flavour, args.layout, args.out, seed=args.seed, progress=lambda line: print(line, flush=True))
+    print(f"done in {made.seconds:.0f} s: {made.bytes / 1024**3:.1f} GiB in {made.folder}; model.source = "
+          f"'{made.source}'" + "".join(f", model.{slot} = '{path}'" for slot, path in made.files.items()))
     return 0
 
 
@@ -206,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--json", action="store_true", help="one JSON object")
     estimate.add_argument("--debug", action="store_true", help="show tracebacks")
     estimate.set_defaults(func=cmd_estimate)
+    from trainer.fabric import FLAVOURS, LAYOUTS
+
+    fab = sub.add_parser("fabricate", help="write seeded random weights of a flavour's real shapes (for rehearsals)")
+    fab.add_argument("flavour", choices=list(FLAVOURS))
+    fab.add_argument("--layout", choices=list(LAYOUTS), default="hub",
+                     help="hub: the diffusers repo layout; comfy: ComfyUI's single files plus a source/ folder")
+    fab.add_argument("--out", required=True, help="folder to create (must not exist)")
+    fab.add_argument("--seed", type=int, default=0)
+    fab.add_argument("--debug", action="store_true", help="show tracebacks")
+    fab.set_defaults(func=cmd_fabricate)
     from trainer.captioning_cli import add_parser as add_caption_parser
 
     add_caption_parser(sub)

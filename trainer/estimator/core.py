@@ -1,0 +1,419 @@
+"""The memory of one job under one given low-VRAM plan and multi-GPU mode, phase by phase, with a verdict per GPU.
+
+Torch-free. Imports only the standard library, `trainer.registry`, `trainer.spec` and the layers of the estimator
+below it: the plan (trainer/estimator/plans.py), the shapes (shapes.py), the working memory (activations.py) and
+what each GPU holds under FSDP (sharding.py). One estimate takes well under a millisecond; the `auto` strategy
+runs a binary search of them (auto.py), the suggestions (suggest.py) a few dozen. `estimate_job` (job.py) picks
+the plan and the mode as the run does.
+
+Phases follow the session: the pipeline is loaded to system RAM; text embeddings are cached with the text
+encoders where `plan.text_encoder_device` says ("gpu": the whole encoder on the GPU; "cpu": in RAM, run on the
+CPU; "offload": its layers in RAM, streamed to the GPU through a ring of 2 layer buffers, the rest of it on
+the GPU); the text encoders
+are freed; latents are cached with the VAE on the GPU; the VAE is parked in RAM (freed when nothing is
+sampled); the transformer goes to the GPU except its swapped blocks, whose frozen weights stay in (pinned) RAM
+and stream through a ring of `swap_prefetch + 1` GPU slots; the LoRA and optimiser are added; training;
+validation sampling brings the VAE back. With `data.cache_text_embeddings = "disk"` the estimate assumes a
+warm cache (a repeated run); what a first run needs is in `Estimate.notes`. With `gpus` N > 1 every process
+runs these phases at once: the VRAM is per GPU, the RAM for all N; under fsdp each GPU holds a share of the
+base and gathers blocks as they compute (trainer/estimator/sharding.py has the model).
+
+Every field of the LowVramPlan counts:
+- blocks_to_swap: the first n blocks in execution order (double blocks first, as trainer/memory/block_swap.py
+  swaps them) stay in RAM; the GPU holds the others plus the ring: min(n, swap_prefetch + 1) slots, each the
+  size of the largest swapped block;
+- pin_memory: where the swapped weights live (pinned RAM cannot be paged out; the size is the same);
+- gradient_checkpointing / checkpointing_interval: every n-th block (and every swapped block) keeps only its
+  inputs, 2-4·h bytes per token; the others keep their full activations, ≈60·h; the backward meets one
+  recomputed block at a time, beside the activations of the blocks before it;
+- cpu_offload_checkpointing: the checkpointed inputs go to RAM, about 2 blocks' worth stay on the GPU;
+- optimizer_offload: the optimiser state, fp32 masters of the LoRA weights and a gradient staging copy in RAM
+  (trainer/memory/optimizer_memory.py); the weights and their gradients stay on the GPU;
+- fused_backward: only about one trainable tensor's gradient alive at a time instead of all of them;
+- text_encoder_device: see above.
+
+Weights by storage precision (model.base_precision): fp32 4 B, bf16/fp16 2 B; fp8 and int8 1 B plus one fp32
+scale per output row; int4 and nf4 0.5 B plus one fp32 scale per 64 weights. Only the Linears inside blocks are
+quantised; modulation Linears, embedders, norm_out and proj_out stay in bf16. A quantised Linear is dequantised
+to bf16 while it computes: one copy of the largest such Linear is the "dequantisation workspace".
+
+Assumed (figures from shared/TECHNIQUES.md, "Activations" and "Optimiser", and measured on the CPU; see the
+constants here and in trainer/estimator/activations.py): activations ≈60·h bytes per token per block for FLUX.2 in
+16-bit compute (50 for FLUX.1; 90 and 72 in fp32), checkpoint inputs ≈4·h per double block and 2·h per single
+block, ≈18·h outside the blocks, the block being recomputed ≈1.05 blocks' activations; tokens = image tokens
+(res/16)² + text tokens (512, schnell 256, demo 64), and for edit pairs as many reference tokens again (a sample
+with a reference image likewise); attention in a fused kernel needs no s² workspace (otherwise
+4·heads·s² bytes per block); LoRA weights and grads in fp32 (peft keeps adapters in fp32); optimiser state per
+trainable parameter: AdamW 8 B, AdamW8bit 2 B, Lion8bit 1 B, Adafactor ≈4·(rows + cols) per matrix, Prodigy ≈16 B;
+VAE ≈84 M parameters; CUDA context 0.5 GiB; allocator overhead 10 % of the GPU tensors that are not weights; a
+process baseline of 2 GiB of RAM.
+Every phase's VRAM is the sum of its `parts` (the "training step"'s are its `breakdown`); the training step's
+tensor part (without context and overhead) is what trainer/memory_probe.py measures; the demo agrees within a
+few per cent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer import registry
+from trainer.estimator.activations import (
+    INFERENCE_FACTOR,
+    Activations,
+    text_encoder_memory,
+    training_activations,
+)
+from trainer.estimator.plans import LowVramPlan, mode_problems, plan_under
+from trainer.estimator.shapes import (
+    QUANTISED,
+    WeightLayout,
+    adafactor_bytes,
+    largest_lora_tensor,
+    lora_param_counts,
+    text_tokens,
+    weight_layout,
+)
+from trainer.estimator.sharding import gathered_bytes, shard_bytes
+from trainer.spec import JobSpec
+
+GIB = 1024**3
+CUDA_CONTEXT_GIB = 0.5
+ALLOCATOR_OVERHEAD = 0.10
+TIGHT_SHARE = 0.90
+PROCESS_RAM_GIB = 2.0  # python, torch and the CUDA libraries, before any model
+CACHES_RAM_GIB = 0.1  # latents and embeddings cached in memory for a small dataset (see the note per caption)
+CONTEXT = "cuda context"
+OVERHEAD = "allocator overhead"
+
+# Bytes of optimiser state per trainable parameter (adafactor is computed per matrix).
+OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "lion8bit": 1.0, "prodigy": 16.0}
+
+VAE_PARAMS = 84e6  # both FLUX VAEs; the encoder alone is about a third
+VAE_PEAK_BYTES_PER_PIXEL = 400.0  # activations of one image through the VAE (slicing: one image at a time), 16-bit
+
+PHASES = ("loading", "caching text embeddings", "caching latents", "training step", "validation sampling")
+
+
+@dataclass(frozen=True)
+class PhaseMemory:
+    vram_gib: float  # per GPU: the sum of `parts`
+    ram_gib: float  # all processes together
+    parts: dict[str, float] = field(default_factory=dict)  # GiB on the GPU by part; empty when the phase does not run
+
+
+@dataclass
+class Estimate:
+    vram_gib: float
+    ram_gib: float
+    phases: dict[str, PhaseMemory]
+    breakdown: dict[str, float]  # the training step on the GPU, GiB; sums to that phase's VRAM
+    verdict: str | None = None  # "fits", "tight", "will not fit"; None without a GPU size
+    suggestion: str | None = None
+    notes: list[str] = field(default_factory=list)
+    ram_breakdown: dict[str, float] = field(default_factory=dict)  # system RAM during the training step, GiB
+    components: dict[str, float] = field(default_factory=dict)  # whole models at their precision, GiB
+    plan: str = ""  # the low-VRAM plan the estimate assumed, described
+    mode: str = "single"  # "single", "ddp" or "fsdp": how the GPUs share the job
+    gpus: int = 1
+    mode_reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        def rounded(values: dict[str, float]) -> dict[str, float]:
+            return {name: round(value, 4) for name, value in values.items()}
+
+        return {
+            "vram_gib": round(self.vram_gib, 3),
+            "ram_gib": round(self.ram_gib, 3),
+            # parts of zero are left out: a bar shows what is there
+            "phases": {name: {"vram_gib": round(p.vram_gib, 3), "ram_gib": round(p.ram_gib, 3),
+                              "parts": rounded({k: v for k, v in p.parts.items() if v > 0})}
+                       for name, p in self.phases.items()},
+            "breakdown": rounded(self.breakdown),
+            "ram_breakdown": rounded(self.ram_breakdown),
+            "components": rounded(self.components),
+            "distributed": {"mode": self.mode, "gpus": self.gpus, "reason": self.mode_reason},
+            "plan": self.plan,
+            "verdict": self.verdict,
+            "suggestion": self.suggestion,
+            "notes": list(self.notes),
+        }
+
+
+def _gpu_phase(weights: dict[str, float], dynamic: dict[str, float], ram: float) -> PhaseMemory:
+    """A phase from its GPU tensors in bytes by part: weights are allocated once, at their size; the allocator
+    overhead applies to everything else; the CUDA context is always there."""
+    parts = {name: value / GIB for name, value in (weights | dynamic).items()}
+    parts[CONTEXT] = CUDA_CONTEXT_GIB
+    parts[OVERHEAD] = sum(dynamic.values()) * ALLOCATOR_OVERHEAD / GIB
+    return PhaseMemory(sum(parts.values()), ram, parts)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every part of an estimate reads: the job, its flavour, the plan under the mode, and the token counts."""
+
+    spec: JobSpec
+    f: registry.Flavour
+    plan: LowVramPlan
+    mode: str
+    gpus: int
+    layout: WeightLayout
+    compute_elem: int  # bytes of the compute dtype
+    vae_elem: int  # the VAE loads in the compute dtype, never quantised
+    resolution: int
+    image_tokens: int
+    reference_tokens: int
+
+    @property
+    def precision(self) -> str:
+        return self.spec.model.base_precision
+
+    @property
+    def tokens(self) -> int:
+        return self.image_tokens + self.reference_tokens + text_tokens(self.f)
+
+    @property
+    def text_loaded(self) -> bool:
+        """The text encoders load (not on a warm disk cache of the embeddings)."""
+        return self.spec.data.cache_text_embeddings != "disk"
+
+    @property
+    def vae_bytes(self) -> float:
+        return 0.0 if self.f.is_demo else VAE_PARAMS * self.vae_elem
+
+
+@dataclass(frozen=True)
+class _Step:
+    """The training step's GPU tensors in bytes by part, and what of them the sampling phase keeps."""
+
+    dynamic: dict[str, float]
+    kept_for_sampling: dict[str, float]
+    optimizer_ram: float  # offloaded optimiser state, fp32 masters and gradient copies
+    activations: Activations
+    modules: int
+    lora_params: int
+
+
+def estimate(spec: JobSpec, plan: LowVramPlan, *, mode: str = "single", gpus: int = 1,
+             gpu_vram_gib: float | None = None, fused_attention: bool = True, mode_reason: str = "given") -> Estimate:
+    """VRAM per GPU and RAM per phase of `spec` on `gpus` GPUs in `mode` ("single", "ddp" or "fsdp") under `plan`,
+    with a verdict against `gpu_vram_gib` (per GPU; default: the job's lowvram.vram_gib). The RAM is for all the
+    processes together. Under fsdp block swap is off, as in the run (plans.plan_under). The sum of named parts:
+    the base's weights, the training step, the text encoders, the VAE and sampling, the RAM of each phase.
+
+    `fused_attention`: whether attention runs in a fused kernel (no s² workspace); torch's SDPA picks a flash
+    kernel on CUDA and on the CPU (the probe measured no s² tensor on the demo).
+    """
+    job = _job(spec, plan_under(mode, plan), mode, gpus)
+    weights, swapped_ram = _base_weights(job)
+    step = _training_step(job, fused_attention)
+    train_ram = _training_ram(job, swapped_ram, step)
+    phases = _phases(job, weights, step, train_ram)
+    phases = {name: PhaseMemory(p.vram_gib, p.ram_gib * gpus / GIB, p.parts) for name, p in phases.items()}
+    te_whole = text_encoder_memory(job.f, spec, job.plan.text_encoder_device)[0]
+    components = {
+        f"transformer ({job.precision})": job.layout.total / GIB,
+        f"text encoder ({job.f.text_encoder_label}, {spec.model.text_encoder_precision})": te_whole / GIB,
+        "vae": job.vae_bytes / GIB,
+    }
+    result = Estimate(
+        vram_gib=max(p.vram_gib for p in phases.values()),
+        ram_gib=max(p.ram_gib for p in phases.values()),
+        phases=phases, breakdown=dict(phases["training step"].parts),
+        notes=_notes(job, step, weights, mode_reason),
+        ram_breakdown={name: value * gpus / GIB for name, value in train_ram.items()},
+        components=components, plan=job.plan.describe(), mode=mode, gpus=gpus, mode_reason=mode_reason,
+    )
+    vram = spec.lowvram.vram_gib if gpu_vram_gib is None else gpu_vram_gib
+    if vram is not None:
+        result.verdict = verdict(result.vram_gib, vram)
+    return result
+
+
+def _job(spec: JobSpec, plan: LowVramPlan, mode: str, gpus: int) -> _Job:
+    f = registry.get_flavour(spec.model.family, spec.model.flavour)
+    precision = spec.model.base_precision
+    resolution = max(spec.data.every_resolution())
+    image_tokens = (resolution // 16) ** 2
+    return _Job(spec, f, plan, mode, gpus, weight_layout(f, precision),
+                compute_elem=4 if (spec.train.mixed_precision == "no" and precision == "fp32") else 2,
+                vae_elem=4 if precision == "fp32" else 2, resolution=resolution, image_tokens=image_tokens,
+                reference_tokens=_reference_tokens(spec, image_tokens))
+
+
+def _base_weights(job: _Job) -> tuple[dict[str, float], float]:
+    """(the frozen transformer's bytes on the GPU by part, the swapped blocks' bytes in RAM). One GPU or ddp:
+    resident blocks and the rest, swapped blocks in RAM behind a ring; fsdp: a 1/N share of everything, plus what
+    is gathered while computing."""
+    layout, precision = job.layout, job.precision
+    swapped_count = min(job.plan.blocks_to_swap, job.f.total_blocks)
+    swapped = layout.blocks[:swapped_count]
+    if job.mode == "fsdp":
+        shares = {f"base weights on GPU ({precision}, 1/{job.gpus} shard)": shard_bytes(layout, job.gpus),
+                  "gathered weights (FSDP: non-block weights + 2 neighbouring blocks)": gathered_bytes(layout)}
+        return shares, sum(swapped)
+    ring_slots = min(swapped_count, job.plan.swap_prefetch + 1)
+    return {f"base weights on GPU ({precision})": layout.other + sum(layout.blocks[swapped_count:]),
+            f"swap ring ({ring_slots} x largest swapped block)": ring_slots * max(swapped, default=0.0)}, sum(swapped)
+
+
+def _checkpointing_label(job: _Job, act: Activations) -> str:
+    plan, total = job.plan, job.f.total_blocks
+    offloaded = ", inputs offloaded)" if plan.cpu_offload_checkpointing else ")"
+    if act.checkpointed == total:
+        return " (checkpointed" + offloaded
+    if act.checkpointed:
+        every = plan.checkpointing_interval
+        return (f" ({act.checkpointed} of {total} blocks checkpointed"
+                + (f", every {every}" if plan.gradient_checkpointing and every > 1 else "") + offloaded)
+    return ""
+
+
+def _training_step(job: _Job, fused_attention: bool) -> _Step:
+    """The LoRA, its gradients, the optimiser state, the activations and the dequantisation workspace."""
+    spec, f, plan = job.spec, job.f, job.plan
+    lora = spec.lora
+    modules, lora_params = lora_param_counts(f, lora.targets, lora.rank, lora.type)
+    lora_bytes = lora_params * 4.0
+    if plan.fused_backward:
+        grad_bytes = largest_lora_tensor(f, lora.targets, lora.rank, lora.type) * 4.0
+    else:
+        grad_bytes = lora_params * 4.0
+    if spec.train.optimizer == "adafactor":
+        optimizer_bytes = adafactor_bytes(f, lora.targets, lora.rank, lora.type)
+    else:
+        optimizer_bytes = lora_params * OPTIMIZER_BYTES[spec.train.optimizer]
+    optimizer_gpu = 0.0 if plan.optimizer_offload else optimizer_bytes
+    act = training_activations(f, plan, job.tokens, spec.train.batch_size, job.compute_elem, fused_attention)
+    dequant = 2.0 * job.layout.largest_linear_params if job.precision in QUANTISED else 0.0
+    optimizer_label = f"optimizer state ({spec.train.optimizer}" + (
+        ", offloaded to RAM)" if plan.optimizer_offload else ")")
+    kept = {"lora weights (fp32)": lora_bytes, optimizer_label: optimizer_gpu, "dequantisation workspace": dequant}
+    dynamic = {
+        "lora weights (fp32)": lora_bytes,
+        "lora grads (fp32" + (", fused backward: one tensor at a time)" if plan.fused_backward else ")"): grad_bytes,
+        optimizer_label: optimizer_gpu,
+        "activations" + _checkpointing_label(job, act): act.gpu,
+        "attention workspace": act.attention,
+        "dequantisation workspace": dequant,
+    }
+    optimizer_ram = optimizer_bytes + 2 * lora_bytes if plan.optimizer_offload else 0.0  # + masters, grad copies
+    return _Step(dynamic, kept, optimizer_ram, act, modules, lora_params)
+
+
+def _training_ram(job: _Job, swapped_ram: float, step: _Step) -> dict[str, float]:
+    """System RAM per process during the training step, by part."""
+    sampled = bool(job.spec.sample.prompts)
+    return {
+        "process (python, torch, CUDA libraries)": PROCESS_RAM_GIB * GIB,
+        f"swapped base weights ({min(job.plan.blocks_to_swap, job.f.total_blocks)} blocks, {job.precision}"
+        + (", pinned)" if job.plan.pin_memory else ")"): swapped_ram,
+        "vae (parked for sampling)": job.vae_bytes if sampled else 0.0,
+        "optimizer state + fp32 lora masters and grads (offloaded)": step.optimizer_ram,
+        "checkpoint inputs (offloaded)": step.activations.offloaded,
+        "cached latents and embeddings (in memory)": CACHES_RAM_GIB * GIB,
+    }
+
+
+def _sampling_work(job: _Job) -> float:
+    """Bytes of the sampling's working memory: the denoiser's no-grad forward (cond and uncond in one batch under
+    CFG), then the VAE decode; one after the other, so the larger of the two counts."""
+    spec, f = job.spec, job.f
+    sample_res = spec.sample.resolution or f.sample_resolution
+    # a sample rendered from a reference image carries it at the sample's own size (trainer/data/pairs.py)
+    has_pairs = any(entry.conditioning for entry in spec.data.datasets)
+    sample_references = f.reference_images and bool(spec.sample.reference_images or has_pairs)
+    sample_tokens = (sample_res // 16) ** 2 * (2 if sample_references else 1) + text_tokens(f)
+    cfg = 2 if (f.guidance == "cfg" and (spec.sample.guidance or f.sample_guidance) > 1.0) else 1
+    denoise = INFERENCE_FACTOR[job.compute_elem] * f.hidden_size * sample_tokens * cfg
+    decode = 0.0 if f.is_demo else VAE_PEAK_BYTES_PER_PIXEL * sample_res**2 * job.vae_elem / 2
+    return max(denoise, decode)
+
+
+def _phases(job: _Job, weights: dict[str, float], step: _Step, train_ram: dict[str, float]) -> dict[str, PhaseMemory]:
+    """Every phase in the session's order; RAM per process: the loaded pipeline (the transformer quantised while it
+    streams in: one block in bf16 at a time), then what each phase leaves there (each process loads the whole
+    pipeline before it moves or shards it). The text encoders are skipped on a warm disk cache."""
+    spec, f, plan = job.spec, job.f, job.plan
+    te_whole, te_gpu, te_gpu_weights, te_ram = text_encoder_memory(f, spec, plan.text_encoder_device)
+    te_label = f"{f.text_encoder_label}, {spec.model.text_encoder_precision}, {plan.text_encoder_device}"
+    process, transformer_ram, vae_bytes = PROCESS_RAM_GIB * GIB, job.layout.total, job.vae_bytes
+    staging = max(weight_layout(f, "bf16").blocks) if job.precision in QUANTISED else 0.0
+    vae_work = 0.0 if f.is_demo else VAE_PEAK_BYTES_PER_PIXEL * job.resolution**2 * job.vae_elem / 2
+    ram_step = sum(train_ram.values())
+    no_gpu: dict[str, float] = {}
+    loaded = job.text_loaded
+    text_weights = {f"text encoder weights ({te_label})": te_gpu_weights} if loaded else no_gpu
+    text_work = {"text encoder working memory": te_gpu - te_gpu_weights} if loaded else no_gpu
+    sampling = (_gpu_phase(weights | {"vae": vae_bytes},
+                           step.kept_for_sampling | {"sampling working memory (denoiser, then VAE decode)":
+                                                     _sampling_work(job)},
+                           ram_step - train_ram["vae (parked for sampling)"] - step.activations.offloaded)
+                if spec.sample.prompts else PhaseMemory(0.0, 0.0))
+    return {
+        "loading": _gpu_phase(no_gpu, no_gpu, process + transformer_ram + staging + vae_bytes
+                              + (te_whole if loaded else 0.0)),
+        "caching text embeddings": _gpu_phase(text_weights, text_work,
+                                              process + transformer_ram + vae_bytes + (te_ram if loaded else 0.0)),
+        "caching latents": _gpu_phase({"vae": vae_bytes}, {"vae working memory (one image)": vae_work},
+                                      process + transformer_ram + CACHES_RAM_GIB * GIB),
+        "training step": _gpu_phase(weights, step.dynamic, ram_step),
+        "validation sampling": sampling,
+    }
+
+
+def _notes(job: _Job, step: _Step, weights: dict[str, float], mode_reason: str) -> list[str]:
+    spec, f, plan, gpus = job.spec, job.f, job.plan, job.gpus
+    references = f" + {job.reference_tokens} reference" if job.reference_tokens else ""
+    notes = [f"{step.modules} {spec.lora.type} modules, {step.lora_params:,} trainable parameters; {job.tokens} "
+             f"tokens per sample ({job.image_tokens} image{references} + {text_tokens(f)} text) at "
+             f"{job.resolution} px", f"plan: {plan.describe()}"]
+    if job.reference_tokens:
+        notes.append("edit pairs: each target's reference image is encoded beside it and appended to its tokens, so "
+                     "the transformer sees about twice the image tokens")
+    if gpus > 1 or job.mode != "single":
+        notes += _distributed_notes(spec, job.mode, mode_reason, gpus, weights)
+    if not f.is_demo:
+        per_caption = text_tokens(f) * f.joint_attention_dim * 2 / 1024**2
+        notes.append(f"each caption's cached text embedding takes {per_caption:.1f} MiB "
+                     f"({'on disk' if not job.text_loaded else 'in RAM'})")
+    te_whole, te_gpu, te_gpu_weights, te_ram = text_encoder_memory(f, spec, plan.text_encoder_device)
+    if not job.text_loaded and te_whole:
+        cold = _gpu_phase({"weights": te_gpu_weights}, {"work": te_gpu - te_gpu_weights}, 0.0)
+        ram = PROCESS_RAM_GIB * GIB + job.layout.total + job.vae_bytes + te_ram
+        notes.append(f"assumes the text embeddings are already on disk; a first run caches them with the text encoder "
+                     f"({plan.text_encoder_device}): {cold.vram_gib:.1f} GiB VRAM, {ram * gpus / GIB:.1f} GiB RAM")
+    return notes
+
+
+def _reference_tokens(spec: JobSpec, image_tokens: int) -> int:
+    """Reference-image tokens beside the largest sample's image tokens: an edit pair's reference is cut to its
+    target's bucket (strict) or to one of the same pixel area (loose), so it adds as many tokens as the target;
+    0 without edit pairs. `image_tokens`: those of the job's largest resolution."""
+    largest = 0
+    for entry in spec.data.datasets:
+        if entry.conditioning:
+            own = (max(spec.data.resolutions(entry)) // 16) ** 2
+            largest = max(largest, 2 * own)  # target and reference
+    return max(0, largest - image_tokens)
+
+
+def _distributed_notes(spec: JobSpec, mode: str, reason: str, gpus: int, weights: dict[str, float]) -> list[str]:
+    """What the mode means for this job, in words, and what the run would refuse."""
+    each = f"the activations of its own micro-batch of {spec.train.batch_size}; RAM is for all {gpus} processes"
+    if mode == "fsdp":
+        shard, gathered = (value / GIB for value in weights.values())
+        lines = [f"fsdp on {gpus} GPUs ({reason}): each GPU keeps 1/{gpus} of the base ({shard:.1f} GiB) and gathers "
+                 f"the non-block weights and two blocks at a time ({gathered:.1f} GiB); the LoRA and optimiser whole "
+                 f"on every GPU, {each}, each loading the whole pipeline before it is sharded; no block swap"]
+    else:
+        lines = [f"{mode} on {gpus} GPUs ({reason}): every GPU holds the whole base, LoRA and optimiser, and "
+                 f"{each}, each loading the whole pipeline"]
+    return lines + [f"the run refuses this: {problem}" for problem in mode_problems(spec, mode)]
+
+
+def verdict(need_gib: float, gpu_vram_gib: float) -> str:
+    if need_gib > gpu_vram_gib:
+        return "will not fit"
+    return "tight" if need_gib > TIGHT_SHARE * gpu_vram_gib else "fits"
