@@ -4,6 +4,9 @@ the check guards the objective, the timestep sampling, the latent packing, the c
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,8 @@ import torch
 from PIL import Image
 
 from trainer import flow
-from trainer.demo_shapes import learning_errors, training_pictures
+from trainer.demo import CACHE_ENV, demo_key, ensure_demo
+from trainer.demo_shapes import DEMO_SEED, learning_errors, training_pictures
 from trainer.events import SampleSaved
 from trainer.session import Session
 from trainer.spec import load_spec, resolve_paths
@@ -84,3 +88,28 @@ def _diffusers_draws_the_trainers_sample(session: Session, demo_dir: Path,
     with Image.open(last) as trainers:
         difference = torch.tensor(list(image.getdata())) - torch.tensor(list(trainers.convert("RGB").getdata()))
     assert difference.abs().max() <= 1, "diffusers' pipeline with the LoRA draws another image than the trainer"
+
+
+def test_a_later_start_reuses_the_build(demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CACHE_ENV, raising=False)  # no shared build to copy: a rebuild would build here, for a minute
+    shutil.copytree(demo_dir, tmp_path / "demo")
+    events: list = []
+    started = time.perf_counter()
+    assert ensure_demo(tmp_path / "demo", events.append) == tmp_path / "demo" / "job.toml"
+    assert events == [] and time.perf_counter() - started < 2
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["key"] == demo_key()
+
+
+def test_pre_training_is_the_same_for_a_seed() -> None:
+    from trainer.demo import _PIPELINES
+    from trainer.demo_pretrain import pretrain_transformer, set_latent_statistics, train_vae
+
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(DEMO_SEED)
+        pipe = _PIPELINES["flux2"]()
+        train_vae(pipe.vae, DEMO_SEED, steps=2)
+        set_latent_statistics(pipe.vae, "flux2", DEMO_SEED)
+        pretrain_transformer(pipe, "flux2", DEMO_SEED, steps=2)
+        weights.append({**pipe.vae.state_dict(), **pipe.transformer.state_dict()})
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])

@@ -43,9 +43,8 @@ _VAE_CHANNELS = (8, 8, 8, 8)
 _VAE_GROUPS = 1
 STAMP = "demo.json"
 CACHE_ENV = "FLUX_LORA_STUDIO_DEMO_CACHE"
-_BUILD_THREADS = 2
 # The demo job: a LoRA that learns the dataset within a minute on two CPU cores (tests/test_demo_learning.py).
-DEMO_STEPS = 300
+DEMO_STEPS = 600
 DEMO_RANK = 8
 DEMO_LEARNING_RATE = 0.005
 SAMPLED_CAPTIONS = 3
@@ -315,15 +314,14 @@ FAMILIES = ("flux2", "flux1")
 
 def demo_key() -> str:
     """What a build depends on: the demo's code, the code its pre-training runs, and the library versions."""
-    import diffusers
-    import torch
-    import transformers
+    from importlib.metadata import version
 
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
     for path in [here / name for name in _SOURCES] + [here / "flow.py", *sorted((here / "families").glob("*.py"))]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    digest.update(f"{torch.__version__} {diffusers.__version__} {transformers.__version__} {DEMO_SEED}".encode())
+    libraries = " ".join(version(name) for name in ("torch", "diffusers", "transformers"))
+    digest.update(f"{libraries} {DEMO_SEED}".encode())
     return digest.hexdigest()[:20]
 
 
@@ -338,23 +336,17 @@ def build_demo(out_dir: str | Path, families: tuple[str, ...] = FAMILIES,
                report: Callable[[str], None] = lambda _: None) -> Path:
     """Build the demo pipelines, dataset and job.toml under `out_dir`; returns the job file's path. The stamp
     (demo.json, written last) names the key and the families, so an interrupted build is never taken as done."""
-    import torch
-
     from trainer.quiet import disable_loading_bars
 
     disable_loading_bars()
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / STAMP).unlink(missing_ok=True)
-    started, threads = time.perf_counter(), torch.get_num_threads()
-    torch.set_num_threads(_BUILD_THREADS)  # one count everywhere: the same float sums, so the same weights
-    try:
-        built = {}
-        for family in sorted(families, key=lambda name: name != "flux2"):  # FLUX.1 VAE starts from FLUX.2
-            flux2 = built.get("flux2")
-            built[family] = build_family_demo(out, family, report, flux2.vae if flux2 is not None else None)
-    finally:
-        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    built = {}
+    for family in sorted(families, key=lambda name: name != "flux2"):  # FLUX.1's VAE is made from FLUX.2's
+        flux2 = built.get("flux2")
+        built[family] = build_family_demo(out, family, report, flux2.vae if flux2 is not None else None)
     if "flux1" in families:
         write_text_atomic(out / "job_flux1.toml", demo_job_toml("flux1"))
     build_demo_dataset(out)

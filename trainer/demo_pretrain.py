@@ -22,10 +22,10 @@ from trainer.demo_shapes import random_pictures, render
 POOL = 256  # distinct pictures per stage: plenty for shapes this simple
 VAE_STEPS = 450
 VAE_BATCH = 8
-VAE_LR = 1e-2
-TRANSFORMER_STEPS = 200
-TRANSFORMER_BATCH = 8
-TRANSFORMER_LR = 2e-3
+VAE_LR = 3e-3
+TRANSFORMER_STEPS = 400
+TRANSFORMER_BATCH = 16
+TRANSFORMER_LR = 3e-3
 
 
 def picture_pixels(count: int, seed: int) -> torch.Tensor:
