@@ -3,8 +3,9 @@
 Random weights cannot show learning: a random VAE decodes any latent to coloured noise, and a random transformer
 samples noise that no small adapter turns into a picture. So, when the demo is built, the VAE learns to give the
 demo's pictures back (decode(encode(x)) ≈ x), its latents get the statistics the pipelines normalise with, and the
-transformer learns to draw pictures of that kind without being told which (every caption empty). What a caption
-means is left for the LoRA: at step 0 a prompt gives some shape in some colours, after training the one it names.
+transformer learns to draw pictures of that kind from captions in another vocabulary (numbers: `coded_caption`), so
+it listens to its prompt without knowing the demo's words. Those are left for the LoRA: at step 0 a demo caption gives
+some picture in some colours, after training the one it names.
 
 Step counts, not time, bound each stage, so a build is the same for a seed on a given machine.
 """
@@ -17,12 +18,12 @@ from typing import Any
 
 import torch
 
-from trainer.demo_shapes import random_pictures, render
+from trainer.demo_shapes import COLOURS, SHAPES, Picture, random_pictures, render
 
 POOL = 256  # distinct pictures per stage: plenty for shapes this simple
-VAE_STEPS = 450
+VAE_STEPS = 600
 VAE_BATCH = 8
-VAE_LR = 3e-3
+VAE_LR = 2e-3
 TRANSFORMER_STEPS = 400
 TRANSFORMER_BATCH = 16
 TRANSFORMER_LR = 3e-3
@@ -30,14 +31,25 @@ TRANSFORMER_LR = 3e-3
 
 def picture_pixels(count: int, seed: int) -> torch.Tensor:
     """`count` random demo pictures as pixels in [-1, 1], (count, 3, 64, 64)."""
+    return pixels_of(list(itertools.islice(random_pictures(seed), count)))
+
+
+def pixels_of(pictures: list[Picture]) -> torch.Tensor:
     import numpy as np
 
-    images = [np.asarray(render(p)) for p in itertools.islice(random_pictures(seed), count)]
+    images = [np.asarray(render(p)) for p in pictures]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def coded_caption(picture: Picture) -> str:
+    """The transformer's pre-training caption: the shape and colours as numbers, e.g. "2 0 4". It learns to listen to
+    its captions without learning a word of the demo's ("a red circle on a white background"): those are the LoRA's."""
+    names = list(COLOURS)
+    return f"{SHAPES.index(picture.shape)} {names.index(picture.fg)} {names.index(picture.bg)}"
+
+
 def _one_cycle(optimizer: torch.optim.Optimizer, peak: float, steps: int) -> Any:  # noqa: ANN401
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=steps, pct_start=0.15)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=steps, pct_start=0.1)
 
 
 def train_vae(vae: Any, seed: int, steps: int = VAE_STEPS) -> float:  # noqa: ANN401 - a diffusers VAE
@@ -106,25 +118,26 @@ def set_latent_statistics(vae: Any, family: str, seed: int) -> None:  # noqa: AN
 
 
 def pretrain_transformer(pipe: Any, family: str, seed: int, steps: int = TRANSFORMER_STEPS) -> float:  # noqa: ANN401
-    """Flow matching on demo pictures with the empty prompt, every weight trained; returns the last loss."""
+    """Flow matching on demo pictures with their coded captions, every weight trained; returns the last loss."""
     from trainer import flow, registry
     from trainer.families import family_ops
     from trainer.spec import AdvancedSection
 
     ops, flavour = family_ops(family), registry.get_flavour(family, "demo")
-    text = ops.encode_prompts(pipe, [""], flavour)
+    pictures = list(itertools.islice(random_pictures(seed + 2), POOL))
+    text = ops.encode_prompts(pipe, [coded_caption(p) for p in pictures], flavour)
     with torch.no_grad():
-        latents = torch.cat([ops.encode_images(pipe, chunk) for chunk in picture_pixels(POOL, seed + 2).split(64)])
+        latents = torch.cat([ops.encode_images(pipe, chunk) for chunk in pixels_of(pictures).split(64)])
     transformer, generator = pipe.transformer, torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(transformer.parameters(), lr=TRANSFORMER_LR)
     schedule = _one_cycle(optimizer, TRANSFORMER_LR, steps)
     advanced = AdvancedSection()
     mu = ops.shift_mu(ops.image_seq_len(latents[:1]), flavour)
-    batch_text = {k: v.expand(TRANSFORMER_BATCH, *v.shape[1:]) for k, v in text.items()}
     transformer.train()
     loss = torch.zeros(())
     for _ in range(steps):
-        clean = latents[torch.randint(0, POOL, (TRANSFORMER_BATCH,), generator=generator)]
+        chosen = torch.randint(0, POOL, (TRANSFORMER_BATCH,), generator=generator)
+        clean, batch_text = latents[chosen], {k: v[chosen] for k, v in text.items()}
         noise = torch.randn(clean.shape, generator=generator)
         sigmas = flow.sample_sigmas(advanced, TRANSFORMER_BATCH, mu, generator)
         noisy, target = flow.noisy_latents(clean, noise, sigmas)
