@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bfl_layout import bfl_to_diffusers, diffusers_to_bfl
 from safetensors.torch import save_file
 
 from tests.fake_hub import FakeHub, serving
@@ -23,13 +24,7 @@ from trainer.events import DownloadProgress, Event
 from trainer.families import family_ops
 from trainer.sources import ModelFiles, model_files, resolve_model_paths
 from trainer.sources.recognise import check_file, recognise
-from trainer.sources.transformer_keys import (
-    BFL_PREFIX,
-    bfl_shapes,
-    bfl_to_diffusers,
-    diffusers_to_bfl,
-    transformer_plan,
-)
+from trainer.sources.transformer_keys import BFL_PREFIX, bfl_shapes, transformer_plan
 from trainer.sources.vae_keys import vae_diffusers_to_ldm, vae_ldm_to_diffusers
 
 FLAVOUR = {family: registry.get_flavour(family, "demo") for family in ("flux2", "flux1")}

@@ -164,14 +164,3 @@ class JsonlWriter:
     def close(self) -> None:
         with self._lock:
             self._handle.close()
-
-
-def read_events(path: Path) -> list[Event]:
-    """Events from an events.jsonl; a half-written last line (a crash mid-write) is skipped."""
-    events: list[Event] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(event_from_dict(json.loads(line)))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return events

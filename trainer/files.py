@@ -55,10 +55,6 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    write_atomic(path, lambda tmp: tmp.write_bytes(data))
-
-
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete what atomic writes killed midway left in `folder` (not below it); returns what was removed."""
     if not Path(folder).is_dir():

@@ -294,10 +294,6 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def family_names() -> list[str]:
-    return list(FAMILIES)
-
-
 def _get_family(family: str) -> Family:
     try:
         return FAMILIES[family]

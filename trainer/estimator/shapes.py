@@ -110,10 +110,6 @@ def _linears(f: registry.Flavour) -> tuple[Linear, ...]:
     return tuple(_flux2_linears(f) if f.family == "flux2" else _flux1_linears(f))
 
 
-def transformer_linears(f: registry.Flavour) -> list[Linear]:
-    return list(_linears(f))
-
-
 def _norms_per_block(f: registry.Flavour, index: int) -> int:
     """RMSNorm weights of the QK norms (head_dim each): norm_q/k, plus norm_added_q/k in double blocks."""
     return (4 if index < f.double_blocks else 2) * f.head_dim

@@ -83,12 +83,6 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
             for name, info in header.items() if name != "__metadata__" and isinstance(info, dict)}
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The file's `__metadata__` (string keys and values; empty when it has none)."""
-    metadata = read_raw_header(path).get("__metadata__")
-    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
-
-
 @dataclass(frozen=True)
 class Recognised:
     """What a file holds. `kind`: transformer, vae, qwen3, mistral, clip, t5 or unknown."""
