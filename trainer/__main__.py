@@ -219,7 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, UserError) as exc:
+    except SpecError as exc:
+        if args.debug:
+            traceback.print_exc()
+        where = f"{exc.source}: " if exc.source else ""
+        for problem in exc.errors:  # one line per problem, naming its field
+            print(f"error: {where}{problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except UserError as exc:
         if args.debug:
             traceback.print_exc()
         for line in str(exc).splitlines():

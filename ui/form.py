@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.demo import demo_job_toml
-from trainer.spec import JobSpec, SpecError, deep_merge, parse_spec
+from trainer.spec import JobSpec, Problem, SpecError, deep_merge, parse_spec
 
 DATASET = "dataset."
 PROMPT_SEPARATOR = "|"
@@ -277,7 +277,7 @@ def values_to_dict(values: Mapping[str, Any], base: Mapping[str, Any] | None = N
 def parse_form_dict(data: dict[str, Any]) -> JobSpec:
     """`parse_spec` of a dict made by `values_to_dict`: resolution text the form could not read is one more
     problem; every problem is reported at once in one SpecError."""
-    problems: list[str] = []
+    problems: list[Problem] = []
     data = deep_merge({}, data)
     section, name = RESOLUTION_KEY.split(".")
     value = data.get(section, {}).get(name)
@@ -285,12 +285,12 @@ def parse_form_dict(data: dict[str, Any]) -> JobSpec:
         try:
             data[section][name] = parse_resolution(value)
         except ValueError as exc:
-            problems.append(f"{RESOLUTION_KEY}: {exc} (got {value!r})")
+            problems.append(Problem(RESOLUTION_KEY, f"{exc} (got {value!r})"))
             del data[section][name]  # the rest of the job is still checked
     try:
         spec = parse_spec(data)
     except SpecError as exc:
-        raise SpecError(problems + exc.problems) from None
+        raise SpecError([*problems, *exc.errors]) from None
     if problems:
         raise SpecError(problems)
     return spec
