@@ -206,7 +206,8 @@ class Session:
         """Set up, then render the baseline samples every later sample is compared with (a fresh run that samples
         on an interval)."""
         self.setup()
-        self._final = (self.step, None)  # nothing trained yet: nothing to save
+        if self.step == 0:
+            self._final = (0, None)  # nothing trained yet: nothing to save (a resumed state's LoRA is written again)
         if self.spec.sample.prompts and self.spec.sample.every_steps and self.step == 0:
             self.validate()
 
