@@ -1,0 +1,72 @@
+"""Run history (ui/run_history.py): the runs of the output folder with their status, steps, last loss, samples and
+LoRA files, read from the events each run writes; Delete moves a run to the workdir's trash, never the running one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainer.events import JsonlWriter, LoraSaved, Progress, RunFinished, RunStarted, SampleSaved
+from ui.paths import Folders, PathRefused
+from ui.run_history import COLUMNS, History
+
+
+def write_run(root: Path, name: str, steps: int, max_steps: int, status: str | None, state: bool = False) -> Path:
+    folder = root / name
+    (folder / "samples").mkdir(parents=True)
+    writer = JsonlWriter(folder / "events.jsonl")
+    writer(RunStarted(max_steps=max_steps, output_dir=str(folder), family="flux2", flavour="demo"))
+    for step in range(1, steps + 1):
+        writer(Progress(step=step, max_steps=max_steps, loss=1.0 / step, learning_rate=1e-3, steps_per_second=5.0,
+                        eta_seconds=1.0))
+    sample = folder / "samples" / "step000002.png"
+    sample.write_bytes(b"png")
+    writer(SampleSaved(step=2, path=str(sample), prompt="a photo"))
+    (folder / f"{name}.safetensors").write_bytes(b"lora")
+    writer(LoraSaved(step=steps, path=str(folder / f"{name}.safetensors")))
+    if status:
+        writer(RunFinished(status=status, step=steps))
+    writer.close()
+    if state:
+        (folder / "state").mkdir()
+        (folder / "state" / f"step{steps:06d}.safetensors").write_bytes(b"state")
+    return folder
+
+
+@pytest.fixture
+def history(tmp_path: Path) -> History:
+    root = tmp_path / "output"
+    write_run(root, "done", 4, 4, "completed")
+    write_run(root, "halted", 2, 10, "stopped", state=True)
+    write_run(root, "crashed", 3, 10, None, state=True)  # the process died: no run_finished
+    write_run(root, "live", 1, 10, None)
+    (root / "not_a_run").mkdir()
+    return History(Folders.of(tmp_path), root)
+
+
+def test_each_run_is_listed_with_its_status_steps_and_loss_the_live_one_first(history):
+    runs = history.runs(live_dir=history.root / "live")
+    assert [run.name for run in runs][0] == "live"
+    by_name = {run.name: run for run in runs}
+    assert set(by_name) == {"done", "halted", "crashed", "live"}
+    assert [by_name[name].status for name in ("done", "halted", "crashed", "live")] == [
+        "finished", "stopped", "failed", "running"]
+    assert by_name["crashed"].detail.startswith("it ended without a result")
+    row = dict(zip(COLUMNS, by_name["halted"].row(), strict=True))
+    assert row["flavour"] == "flux2/demo" and row["steps"] == "2 / 10" and row["last loss"] == "0.5000"
+    assert [by_name[name].resumable for name in ("done", "halted", "crashed", "live")] == [False, True, True, False]
+    assert by_name["done"].loras == [history.root / "done" / "done.safetensors"]
+    assert [label for _, label in by_name["done"].samples()] == ["step 2: a photo"]
+    assert [row["series"] for row in by_name["done"].view.loss_rows()][:2] == ["loss", "smoothed"]
+
+
+def test_delete_moves_a_run_to_the_trash_and_refuses_the_running_one(history, tmp_path):
+    moved = history.trash("halted")
+    assert moved.parent == tmp_path / "trash" and (moved / "halted.safetensors").is_file()
+    assert not (history.root / "halted").exists()
+    assert "halted" not in [run.name for run in history.runs()]
+    with pytest.raises(PathRefused, match="live is running; stop it before deleting it"):
+        history.trash("live", live_dir=history.root / "live")
+    with pytest.raises(PathRefused, match="is not a run in"):
+        history.trash("../output")

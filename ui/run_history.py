@@ -1,0 +1,149 @@
+"""The runs in the workdir's output folder, read from what each run writes (events.jsonl, job.resolved.toml, its
+LoRA files), and moving one to the trash. Plain python: no gradio, no torch.
+
+A run's events are replayed into a RunView (ui/run_state.py), the same reading the Run tab makes of a live run,
+so the history's loss curve and samples are the Run tab's. A folder's events are read again only when the file
+changed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.checkpoint import saved_states
+from trainer.events import read_events
+from ui.paths import Folders, PathRefused
+from ui.run_state import ACTIVE, PAUSED, RunView
+
+EVENTS = "events.jsonl"
+RESOLVED_JOB = "job.resolved.toml"
+TRASH_DIR = "trash"  # under the workdir: deleted runs go here, never gone
+STATUS_WORDS = {"completed": "finished", "stopped": "stopped", "failed": "failed"}
+COLUMNS = ["run", "flavour", "steps", "status", "last loss", "date"]
+
+
+@dataclass
+class Run:
+    """One run folder as the history lists it."""
+
+    name: str
+    folder: Path
+    flavour: str = ""
+    steps_done: int = 0
+    steps_planned: int = 0
+    status: str = "failed"  # finished | stopped | failed | running
+    last_loss: float | None = None
+    date: float = 0.0  # when its events were last written
+    detail: str = ""
+    view: RunView = field(default_factory=RunView)
+    loras: list[Path] = field(default_factory=list)
+    resumable: bool = False
+
+    def row(self) -> list[str]:
+        loss = f"{self.last_loss:.4f}" if self.last_loss is not None else "—"
+        return [self.name, self.flavour, f"{self.steps_done} / {self.steps_planned}", self.status, loss,
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(self.date))]
+
+    def samples(self) -> list[tuple[str, str]]:
+        """(path, label) of the run's sample images that are still inside its folder, newest first."""
+        return [(path, label) for path, label in self.view.gallery()
+                if Path(path).resolve().is_relative_to(self.folder) and Path(path).is_file()]
+
+
+def _flavour(folder: Path, view: RunView) -> str:
+    try:
+        model = tomllib.loads((folder / RESOLVED_JOB).read_text(encoding="utf-8")).get("model", {})
+        return f"{model.get('family', '')}/{model.get('flavour', '')}".strip("/")
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        started = next((line for line in view.log_lines if "run started: " in line), "")
+        return started.split("run started: ", 1)[-1].split(",", 1)[0] if started else ""
+
+
+def read_run(folder: Path, live: bool = False) -> Run:
+    """A run folder; `live`: this app's runner is working in it now."""
+    view = RunView()
+    view.begin(0)
+    events = folder / EVENTS
+    try:
+        view.apply(read_events(events))
+        date = events.stat().st_mtime
+    except (OSError, UnicodeDecodeError):
+        date = folder.stat().st_mtime
+    if live:
+        status = "running"
+    elif view.status in ACTIVE or view.status == PAUSED:
+        status, view.finished_message = "failed", "it ended without a result (the app or the machine stopped)"
+    else:
+        status = STATUS_WORDS.get(view.status, "failed")
+    loras = sorted(folder.glob("*.safetensors"), key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+    finished = status == "finished" and view.step >= view.max_steps
+    return Run(name=folder.name, folder=folder, flavour=_flavour(folder, view), steps_done=view.step,
+               steps_planned=view.max_steps, status=status, last_loss=view.loss, date=date,
+               detail=view.finished_message, view=view, loras=loras,
+               resumable=not live and not finished and bool(saved_states(folder)))
+
+
+class History:
+    """The runs under `root` (the workdir's output folder), cached per folder by its events file's size and time."""
+
+    def __init__(self, folders: Folders, root: Path) -> None:
+        self.folders, self.root = folders, Path(root)
+        self._cache: dict[Path, tuple[tuple[int, float, bool], Run]] = {}
+        self._lock = threading.Lock()
+
+    def runs(self, live_dir: Path | None = None) -> list[Run]:
+        """Every run folder (one with events or a resolved job), the live one first, then the newest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        with self._lock:
+            for folder in sorted(self.root.iterdir()):
+                if not folder.is_dir() or folder.is_symlink() or not (
+                        (folder / EVENTS).is_file() or (folder / RESOLVED_JOB).is_file()):
+                    continue
+                live = live_dir is not None and folder.resolve() == Path(live_dir).resolve()
+                found.append(self._read(folder.resolve(), live))
+        return sorted(found, key=lambda run: (run.status != "running", -run.date))
+
+    def _read(self, folder: Path, live: bool) -> Run:
+        try:
+            info = (folder / EVENTS).stat()
+            key = (info.st_size, info.st_mtime, live)
+        except OSError:
+            key = (0, 0.0, live)
+        cached = self._cache.get(folder)
+        if cached and cached[0] == key:
+            return cached[1]
+        run = read_run(folder, live)
+        self._cache[folder] = (key, run)
+        return run
+
+    def find(self, name: str, live_dir: Path | None = None) -> Run:
+        """The run of that name; raises PathRefused for a name that is not one of the listed runs."""
+        for run in self.runs(live_dir):
+            if run.name == name:
+                return run
+        raise PathRefused(f"Run: {name!r} is not a run in {self.root}; choose one from the list")
+
+    def trash(self, name: str, live_dir: Path | None = None) -> Path:
+        """Move a run folder to WORKDIR/trash/<name>-<date-time>; refused for the running one. Returns where."""
+        run = self.find(name, live_dir)
+        if run.status == "running":
+            raise PathRefused(f"Run: {name} is running; stop it before deleting it")
+        source = self.folders.check(run.folder, "run folder")
+        trash = self.folders.check(self.folders.workdir / TRASH_DIR, "trash folder")
+        trash.mkdir(parents=True, exist_ok=True)
+        target = trash / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        suffix = 1
+        while target.exists():
+            suffix += 1
+            target = trash / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+        shutil.move(str(source), str(target))
+        with self._lock:
+            self._cache.pop(source, None)
+        return target
