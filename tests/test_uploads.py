@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from ui.paths import Folders, PathRefused
-from ui.uploads import KEEP, REPLACE, UploadLimits, dataset_folder, list_datasets, safe_name, save_upload
+from ui.upload_limits import UploadLimits
+from ui.uploads import KEEP, REPLACE, dataset_folder, list_datasets, safe_name, save_upload
 
 
 def png_bytes(colour: tuple[int, int, int] = (200, 40, 40)) -> bytes:

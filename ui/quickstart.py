@@ -24,6 +24,7 @@ SMALL_GPU_GIB = 15.0
 FLAVOUR_FOR_SMALL_GPU = ("flux2", "klein-base-4b")
 FLAVOUR_FOR_LARGER_GPU = ("flux2", "klein-base-9b")
 DEMO_FLAVOUR = ("flux2", "demo")
+VERDICTS = ("fits", "tight", "will not fit")  # the estimator's words, best first
 NO_GPU_NOTE = ("No NVIDIA GPU here: the quick start trains the built-in demo (a tiny random model, a minute on a "
                "CPU) to show a whole run. Real FLUX models need an NVIDIA GPU.")
 
@@ -99,7 +100,7 @@ def model_words(choice: Choice) -> str:
         return f"**{info.label}** — built here in seconds, nothing to download.\n\n{NO_GPU_NOTE}"
     download, ram = _costs(choice.family, choice.flavour, choice.preset)
     return (f"**{info.label}** — {_gb(download)} to download once (from `{info.hub_id}`); the first run needs "
-            f"{_gb(ram)} of RAM (it loads the text encoder; later runs reuse its cached output).")
+            f"about {ram:.0f} GiB of RAM (it loads the text encoder; later runs reuse what it computed).")
 
 
 def sample_prompts(trigger: str) -> list[str]:
@@ -147,17 +148,22 @@ def machine_ram_gib() -> float | None:
 
 
 def verdict_line(spec: JobSpec, choice: Choice, ram_gib: float | None) -> str:
-    """One line: does the job fit the GPU (VRAM) and this machine (RAM, first run included)?"""
-    result = estimate(spec, choice.profile.vram_gib or None)
-    cold = estimate(spec.model_copy(update={"data": spec.data.model_copy(update={"cache_text_embeddings": "memory"})}),
-                    choice.profile.vram_gib or None)
-    ram_need = max(result.ram_gib, cold.ram_gib)
-    if choice.profile.vram_gib > 0:
-        gpu = (f"{result.verdict} — {result.vram_gib:.1f} GiB of VRAM at the peak on the {choice.profile.label} "
-               f"({choice.profile.vram_gib:g} GiB usable)")
+    """One line, its first word the worse of the two verdicts: the job's VRAM against the GPU and its RAM (the
+    first run's, with the text encoder loaded) against this machine."""
+    gpu_gib = choice.profile.vram_gib or None
+    result = estimate(spec, gpu_gib)
+    cold = spec.model_copy(update={"data": spec.data.model_copy(update={"cache_text_embeddings": "memory"})})
+    ram_need = max(result.ram_gib, estimate(cold, gpu_gib).ram_gib)
+    verdicts, parts = [], []
+    if gpu_gib and result.verdict:
+        verdicts.append(result.verdict)
+        parts.append(f"{result.vram_gib:.1f} GiB VRAM of the {choice.profile.label}'s {gpu_gib:g} GiB")
     else:
-        gpu = f"no GPU — runs on the CPU, {result.vram_gib:.1f} GiB of VRAM would be needed on a GPU"
-    if ram_gib is None:
-        return f"{gpu}; {ram_need:.1f} GiB of RAM (this machine's RAM is unknown)"
-    ram = verdict(ram_need, ram_gib)
-    return f"{gpu}; RAM {ram} — {ram_need:.1f} GiB needed at most, this machine has {ram_gib:.0f} GiB"
+        parts.append("no NVIDIA GPU: trains on the CPU")
+    if ram_gib:
+        verdicts.append(verdict(ram_need, ram_gib))
+        parts.append(f"{ram_need:.1f} GiB RAM on the first run of this machine's {ram_gib:.0f} GiB")
+    else:
+        parts.append(f"{ram_need:.1f} GiB RAM on the first run (this machine's RAM is unknown)")
+    word = max(verdicts, key=VERDICTS.index) if verdicts else "no verdict"
+    return f"{word} — {', '.join(parts)}"

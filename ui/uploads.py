@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 from trainer.data.datasets import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
 from ui.paths import Folders, PathRefused
+from ui.upload_limits import UploadLimits
 
 DATASETS_DIR = "datasets"  # under the workdir
 ZIP_EXTENSION = ".zip"
@@ -40,22 +41,6 @@ WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10
 IMAGE_SIGNATURES = {".png": (b"\x89PNG\r\n\x1a\n",), ".jpg": (b"\xff\xd8\xff",), ".jpeg": (b"\xff\xd8\xff",),
                     ".webp": (b"RIFF",), ".bmp": (b"BM",)}
 REPLACE, KEEP = "replace", "keep"
-
-
-@dataclass(frozen=True)
-class UploadLimits:
-    """Per upload. A LoRA dataset is 10 to a few hundred images: 2 GiB holds 500 large JPEGs with room to spare,
-    and 2000 files are 1000 images with their captions. Set at launch (--upload-max-mb, --upload-max-files)."""
-
-    max_total_mb: int = 2048
-    max_files: int = 2000
-
-    @property
-    def max_total_bytes(self) -> int:
-        return self.max_total_mb * 1024 * 1024
-
-    def describe(self) -> str:
-        return f"{self.max_total_mb} MB and {self.max_files} files per upload"
 
 
 @dataclass
@@ -283,14 +268,14 @@ def _stage(chosen: list[tuple[_Member, str]], staging: Path, limits: UploadLimit
     return staged
 
 
-def save_upload(files: list[tuple[str | Path, str]], folder: Path, limits: UploadLimits = UploadLimits(),
+def save_upload(files: list[tuple[str | Path, str]], folder: Path, limits: UploadLimits | None = None,
                 existing: str = KEEP) -> UploadResult:
     """Write uploaded files into `folder` (already through the allowed-folders check, see dataset_folder).
     `files`: (path on this machine, the name the user gave it); a .zip is opened and its entries taken.
     `existing`: KEEP leaves a file already in the folder as it is (and says so), REPLACE overwrites it."""
     result = UploadResult(folder)
     with ExitStack() as stack:
-        return _save(files, folder, limits, existing, result, stack)
+        return _save(files, folder, limits or UploadLimits(), existing, result, stack)
 
 
 def _save(files: list[tuple[str | Path, str]], folder: Path, limits: UploadLimits, existing: str,
