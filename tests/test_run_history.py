@@ -70,3 +70,26 @@ def test_delete_moves_a_run_to_the_trash_and_refuses_the_running_one(history, tm
         history.trash("live", live_dir=history.root / "live")
     with pytest.raises(PathRefused, match="is not a run in"):
         history.trash("../output")
+
+
+def test_resume_from_the_history_starts_the_run_with_the_job_it_ran(tmp_path):
+    from test_ui_state import FakeRunner
+
+    from trainer.spec import parse_spec
+    from ui import form
+    from ui.jobs import write_job
+    from ui.studio import Studio
+
+    runner = FakeRunner()
+    studio = Studio(runner, tmp_path)
+    folder = write_run(tmp_path / "output", "halted", 2, 10, "stopped", state=True)
+    job = form.default_job(tmp_path)
+    job["output"].update(dir=str(folder), name="halted")
+    job["train"]["max_steps"] = 10
+    write_job(parse_spec(job), folder / "job.resolved.toml")
+    values, hidden, outcome = studio.run_job("halted")
+    assert outcome.ok and values["output.dir"] == str(folder) and values["train.max_steps"] == 10
+    assert studio.start(values, hidden, resume=True).ok
+    assert runner.started[0][0].output.dir == str(folder)
+    assert studio.history.runs(studio.live_output_dir())[0].status == "running"  # the live run, first
+    assert not studio.run_job("nothing")[2].ok

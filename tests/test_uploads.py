@@ -154,3 +154,11 @@ def test_two_files_with_one_safe_name_are_not_both_written(given, folders):
     result = save_upload([put(given, "a b.txt", b"1"), put(given, "a_b.txt", b"2")], dataset_folder(folders, "d"))
     assert result.written == ["a_b.txt"]
     assert result.refused == ["a_b.txt: the same name as a b.txt (as a_b.txt); refused"]
+
+
+def test_a_dataset_folder_holding_a_link_that_leads_out_is_refused(given, folders, tmp_path):
+    folder = dataset_folder(folders, "d")
+    folder.mkdir(parents=True)
+    os.symlink(tmp_path / "uploaded", folder / "a.png")  # an upload must never write through it
+    with pytest.raises(PathRefused, match="dataset folder entry"):
+        dataset_folder(folders, "d")

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer import registry
-from trainer.estimator import estimate, verdict
+from trainer.estimator.core import verdict
+from trainer.estimator.job import estimate_job
 from trainer.profiles import Profile, ProfileError, get_preset, list_presets
 from trainer.spec import JobSpec, SpecError, deep_merge, parse_spec
 from ui import form, presets
@@ -90,7 +91,8 @@ def _costs(family: str, flavour: str, preset: str | None) -> tuple[float, float]
     cold = parse_spec(deep_merge(job, {"data": {"cache_text_embeddings": "memory"}}))
     weights = parse_spec(deep_merge(job, {"model": {"base_precision": "bf16",
                                                             "text_encoder_precision": "bf16"}}))
-    return sum(estimate(weights, None).components.values()), estimate(cold, None).ram_gib
+    return (sum(estimate_job(weights, None, suggest=False).components.values()),
+            estimate_job(cold, None, suggest=False).ram_gib)
 
 
 def model_words(choice: Choice) -> str:
@@ -151,9 +153,9 @@ def verdict_line(spec: JobSpec, choice: Choice, ram_gib: float | None) -> str:
     """One line, its first word the worse of the two verdicts: the job's VRAM against the GPU and its RAM (the
     first run's, with the text encoder loaded) against this machine."""
     gpu_gib = choice.profile.vram_gib or None
-    result = estimate(spec, gpu_gib)
+    result = estimate_job(spec, gpu_gib, suggest=False)
     cold = spec.model_copy(update={"data": spec.data.model_copy(update={"cache_text_embeddings": "memory"})})
-    ram_need = max(result.ram_gib, estimate(cold, gpu_gib).ram_gib)
+    ram_need = max(result.ram_gib, estimate_job(cold, gpu_gib, suggest=False).ram_gib)
     verdicts, parts = [], []
     if gpu_gib and result.verdict:
         verdicts.append(result.verdict)

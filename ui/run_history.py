@@ -136,7 +136,7 @@ class History:
         if run.status == "running":
             raise PathRefused(f"Run: {name} is running; stop it before deleting it")
         source = self.folders.check(run.folder, "run folder")
-        trash = self.folders.check(self.folders.workdir / TRASH_DIR, "trash folder")
+        trash = self.folders.check_folder_to_write(self.folders.workdir / TRASH_DIR, "trash folder")
         trash.mkdir(parents=True, exist_ok=True)
         target = trash / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         suffix = 1

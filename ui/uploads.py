@@ -103,7 +103,7 @@ def dataset_folder(folders: Folders, name: str) -> Path:
     clean = safe_name((name or "").replace(".", "_"))
     if not clean:
         raise PathRefused(f"Dataset name: {name!r} has no letters or digits; give a name such as my_dataset")
-    return folders.check(Path(DATASETS_DIR) / clean, "dataset folder")
+    return folders.check_folder_to_write(Path(DATASETS_DIR) / clean, "dataset folder")
 
 
 def list_datasets(folders: Folders) -> list[str]:
