@@ -13,6 +13,7 @@ from trainer.spec import SpecError
 from ui import form, quickstart, upload_area
 from ui.lowvram_tab import VERDICT_CSS, VERDICT_HTML
 from ui.studio import Studio
+from ui.uploads import DATASETS_DIR
 
 DEFAULT_NAME = "my_first_lora"
 RUN_TAB = "run"  # the id of the Run tab in ui/__init__.py
@@ -21,6 +22,8 @@ RUN_TAB = "run"  # the id of the Run tab in ui/__init__.py
 def verdict(studio: Studio, gpu: str, images: str, trigger: str, name: str) -> str:
     """The estimator's line for the job Start would run, or what is missing."""
     choice = quickstart.choose(gpu)
+    # The estimate needs no images: before any are given it is made for a folder of them, and Start asks for them.
+    images = images or ("" if choice.is_demo else str(studio.workdir / DATASETS_DIR / "images"))
     filled = quickstart.fill(choice, studio.workdir, studio.demo_dir, images, trigger, name)
     if not filled.ok:
         return "problems — " + "; ".join(filled.problems)
