@@ -52,14 +52,6 @@ def build(studio: Studio) -> Callable[..., None]:
     files = gr.File(label="LoRA files", file_count="multiple", interactive=False, elem_id="runs-loras")
     seen = gr.State(None)  # the list as last sent to this browser: only a change is sent again
 
-    def refresh(last: Any) -> tuple[Any, Any, Any]:  # noqa: ANN401
-        """The list (when it changed) and the run menu's choices."""
-        current = studio.history.runs(studio.live_output_dir())
-        rows = [run.row() for run in current]
-        if rows == last:
-            return gr.skip(), gr.skip(), last
-        return table(current), gr.update(choices=[run.name for run in current]), rows
-
     def show(name: str | None) -> tuple[Any, ...]:
         """The chosen run: details, Resume and Delete, the loss curve, samples, LoRA files."""
         run = next((run for run in studio.history.runs(studio.live_output_dir()) if run.name == name), None)
@@ -70,14 +62,28 @@ def build(studio: Studio) -> Callable[..., None]:
                 [str(path) for path in run.loras] or None)
 
     shown = [details, resume, delete, plot, gallery, files]
+
+    def refresh(last: Any, name: str | None) -> tuple[Any, ...]:  # noqa: ANN401
+        """The list and the run menu's choices when they changed; the chosen run again when its row did (the
+        running one moves on)."""
+        current = studio.history.runs(studio.live_output_dir())
+        rows = [run.row() for run in current]
+        if rows == last:
+            return (gr.skip(),) * (3 + len(shown))
+        before = {row[0]: row for row in last or []}
+        after = {row[0]: row for row in rows}
+        again = show(name) if name and before.get(name) != after.get(name) else (gr.skip(),) * len(shown)
+        return (table(current), gr.update(choices=[run.name for run in current]), rows, *again)
+
+    listed = [listing, chosen, seen, *shown]
     chosen.change(show, chosen, shown, api_name="run_details", show_progress="hidden")
+
     def pick(event: gr.SelectData) -> Any:  # noqa: ANN401
         return event.row_value[0] if event.row_value else gr.skip()
 
     listing.select(pick, None, chosen, api_visibility="private")
     timer = gr.Timer(REFRESH_SECONDS)
-    timer.tick(refresh, seen, [listing, chosen, seen], api_name="runs", show_progress="hidden",
-               concurrency_limit=None)
+    timer.tick(refresh, [seen, chosen], listed, api_name="runs", show_progress="hidden", concurrency_limit=None)
 
     def trash(name: str | None) -> tuple[Any, ...]:
         """Move the chosen run to the workdir's trash folder."""
@@ -89,11 +95,11 @@ def build(studio: Studio) -> Callable[..., None]:
         return problems_update(Outcome("deleted")), gr.update(value=None), None
 
     delete.click(trash, chosen, [problems, chosen, seen], api_name="delete_run").then(
-        refresh, seen, [listing, chosen, seen], api_visibility="private")
+        refresh, [seen, chosen], listed, api_visibility="private")
 
     def connect(fields: dict[str, gr.components.Component], base: gr.State, baseline: gr.State, tabs: gr.Tabs,
                 form_updates: Callable[[dict[str, Any], dict[str, Any]], dict[Any, Any]], tab: gr.Tab) -> None:
-        tab.select(refresh, seen, [listing, chosen, seen], api_visibility="private", show_progress="hidden")
+        tab.select(refresh, [seen, chosen], listed, api_visibility="private", show_progress="hidden")
 
         def resume_run(name: str | None) -> dict[Any, Any]:
             """Fill the form with the run's job as it ran and continue it from its latest saved state."""
