@@ -32,6 +32,26 @@ def details_markdown(run: Run) -> str:
     return "\n\n".join(lines)
 
 
+def run_outputs(studio: Studio, name: str | None) -> tuple[Any, ...]:
+    """For the run called `name`: details, Resume and Delete buttons, loss frame, samples, LoRA files."""
+    run = next((run for run in studio.history.runs(studio.live_output_dir()) if run.name == name), None)
+    if run is None:
+        return "", gr.update(visible=False), gr.update(visible=False), None, [], None
+    return (details_markdown(run), gr.update(visible=run.resumable), gr.update(visible=run.status != "running"),
+            loss_frame(run.view), run.samples(),  # inside the output folder, which gradio serves
+            [str(path) for path in run.loras] or None)
+
+
+def trash_run(studio: Studio, name: str | None) -> tuple[Any, Any, Any]:
+    """(problems, run menu, the list last sent) after moving the run to the workdir's trash folder."""
+    try:
+        where = studio.history.trash(name or "", studio.live_output_dir())
+    except Exception as exc:  # noqa: BLE001 - PathRefused, or the move failing: shown, the app lives
+        return problems_update(Outcome("not deleted", [str(exc)])), gr.skip(), gr.skip()
+    gr.Info(f"{name} moved to {where}")
+    return problems_update(Outcome("deleted")), gr.update(value=None), None
+
+
 def build(studio: Studio) -> Callable[..., None]:
     """The tab's controls; returns `connect(fields, base, baseline, tabs, form_updates, tab)`: Resume fills the form
     with the run's job and opens the Run tab; opening this tab refreshes the list."""
@@ -54,12 +74,7 @@ def build(studio: Studio) -> Callable[..., None]:
 
     def show(name: str | None) -> tuple[Any, ...]:
         """The chosen run: details, Resume and Delete, the loss curve, samples, LoRA files."""
-        run = next((run for run in studio.history.runs(studio.live_output_dir()) if run.name == name), None)
-        if run is None:
-            return "", gr.update(visible=False), gr.update(visible=False), None, [], None
-        return (details_markdown(run), gr.update(visible=run.resumable), gr.update(visible=run.status != "running"),
-                loss_frame(run.view), run.samples(),  # inside the output folder, which gradio serves
-                [str(path) for path in run.loras] or None)
+        return run_outputs(studio, name)
 
     shown = [details, resume, delete, plot, gallery, files]
 
@@ -87,12 +102,7 @@ def build(studio: Studio) -> Callable[..., None]:
 
     def trash(name: str | None) -> tuple[Any, ...]:
         """Move the chosen run to the workdir's trash folder."""
-        try:
-            where = studio.history.trash(name or "", studio.live_output_dir())
-        except Exception as exc:  # noqa: BLE001 - PathRefused, or the move failing: shown, the app lives
-            return problems_update(Outcome("not deleted", [str(exc)])), gr.skip(), gr.skip()
-        gr.Info(f"{name} moved to {where}")
-        return problems_update(Outcome("deleted")), gr.update(value=None), None
+        return trash_run(studio, name)
 
     delete.click(trash, chosen, [problems, chosen, seen], api_name="delete_run").then(
         refresh, [seen, chosen], listed, api_visibility="private")
