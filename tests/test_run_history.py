@@ -12,17 +12,20 @@ from ui.paths import Folders, PathRefused
 from ui.run_history import COLUMNS, History
 
 
-def write_run(root: Path, name: str, steps: int, max_steps: int, status: str | None, state: bool = False) -> Path:
+def write_run(root: Path, name: str, steps: int, max_steps: int, status: str | None, state: bool = False,
+              written_in: Path | None = None) -> Path:
+    """A run's folder as a run leaves it; `written_in`: where the run wrote it (an earlier run, moved since)."""
     folder = root / name
     (folder / "samples").mkdir(parents=True)
     writer = JsonlWriter(folder / "events.jsonl")
-    writer(RunStarted(max_steps=max_steps, output_dir=str(folder), family="flux2", flavour="demo"))
+    written = written_in or folder
+    writer(RunStarted(max_steps=max_steps, output_dir=str(written), family="flux2", flavour="demo"))
     for step in range(1, steps + 1):
         writer(Progress(step=step, max_steps=max_steps, loss=1.0 / step, learning_rate=1e-3, steps_per_second=5.0,
                         eta_seconds=1.0))
     sample = folder / "samples" / "step000002.png"
     sample.write_bytes(b"png")
-    writer(SampleSaved(step=2, path=str(sample), prompt="a photo"))
+    writer(SampleSaved(step=2, path=str(written / "samples" / sample.name), prompt="a photo"))
     (folder / f"{name}.safetensors").write_bytes(b"lora")
     writer(LoraSaved(step=steps, path=str(folder / f"{name}.safetensors")))
     if status:
@@ -41,6 +44,8 @@ def history(tmp_path: Path) -> History:
     write_run(root, "halted", 2, 10, "stopped", state=True)
     write_run(root, "crashed", 3, 10, None, state=True)  # the process died: no run_finished
     write_run(root, "live", 1, 10, None)
+    write_run(root / "done" / "earlier_runs", "20261206-101010", 2, 4, "stopped", state=True,
+              written_in=root / "done")  # written in done/, set aside by the later run
     (root / "not_a_run").mkdir()
     return History(Folders.of(tmp_path), root)
 
@@ -49,7 +54,10 @@ def test_each_run_is_listed_with_its_status_steps_and_loss_the_live_one_first(hi
     runs = history.runs(live_dir=history.root / "live")
     assert [run.name for run in runs][0] == "live"
     by_name = {run.name: run for run in runs}
-    assert set(by_name) == {"done", "halted", "crashed", "live"}
+    assert set(by_name) == {"done", "halted", "crashed", "live", "done/earlier_runs/20261206-101010"}
+    assert by_name["done/earlier_runs/20261206-101010"].status == "stopped"
+    assert not by_name["done/earlier_runs/20261206-101010"].resumable  # its job's output.dir is the later run's
+    assert [label for _, label in by_name["done/earlier_runs/20261206-101010"].samples()] == ["step 2: a photo"]
     assert [by_name[name].status for name in ("done", "halted", "crashed", "live")] == [
         "finished", "stopped", "failed", "running"]
     assert by_name["crashed"].detail.startswith("it ended without a result")
@@ -70,6 +78,7 @@ def test_delete_moves_a_run_to_the_trash_and_refuses_the_running_one(history, tm
         history.trash("live", live_dir=history.root / "live")
     with pytest.raises(PathRefused, match="is not a run in"):
         history.trash("../output")
+    assert history.trash("done/earlier_runs/20261206-101010").name.startswith("done_earlier_runs_20261206-101010-")
 
 
 def test_resume_from_the_history_starts_the_run_with_the_job_it_ran(tmp_path):

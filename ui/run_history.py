@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.checkpoint import saved_states
+from trainer.checkpoint import EARLIER_RUNS, saved_states
 from trainer.events import read_events
 from ui.paths import Folders, PathRefused
 from ui.run_state import ACTIVE, PAUSED, RunView
@@ -50,9 +50,16 @@ class Run:
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(self.date))]
 
     def samples(self) -> list[tuple[str, str]]:
-        """(path, label) of the run's sample images that are still inside its folder, newest first."""
-        return [(path, label) for path, label in self.view.gallery()
-                if Path(path).resolve().is_relative_to(self.folder) and Path(path).is_file()]
+        """(path, label) of the run's sample images that are inside its folder, newest first; the events name them
+        where the run wrote them, so an earlier run set aside finds them in its new folder."""
+        found = []
+        for written, label in self.view.gallery():
+            path = Path(written)
+            if self.view.output_dir and path.is_relative_to(self.view.output_dir):
+                path = self.folder / path.relative_to(self.view.output_dir)
+            if path.resolve().is_relative_to(self.folder) and path.is_file():
+                found.append((str(path), label))
+        return found
 
 
 def _flavour(folder: Path, view: RunView) -> str:
@@ -64,8 +71,9 @@ def _flavour(folder: Path, view: RunView) -> str:
         return started.split("run started: ", 1)[-1].split(",", 1)[0] if started else ""
 
 
-def read_run(folder: Path, live: bool = False) -> Run:
-    """A run folder; `live`: this app's runner is working in it now."""
+def read_run(folder: Path, live: bool = False, name: str | None = None) -> Run:
+    """A run folder; `live`: this app's runner is working in it now. An earlier run set aside by a later one in
+    the same folder (name/earlier_runs/<date-time>) is never resumable: its job's output.dir is the later run's."""
     view = RunView()
     view.begin(0)
     events = folder / EVENTS
@@ -82,10 +90,33 @@ def read_run(folder: Path, live: bool = False) -> Run:
         status = STATUS_WORDS.get(view.status, "failed")
     loras = sorted(folder.glob("*.safetensors"), key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
     finished = status == "finished" and view.step >= view.max_steps
-    return Run(name=folder.name, folder=folder, flavour=_flavour(folder, view), steps_done=view.step,
+    earlier = folder.parent.name == EARLIER_RUNS
+    return Run(name=name or folder.name, folder=folder, flavour=_flavour(folder, view), steps_done=view.step,
                steps_planned=view.max_steps, status=status, last_loss=view.loss, date=date,
                detail=view.finished_message, view=view, loras=loras,
-               resumable=not live and not finished and bool(saved_states(folder)))
+               resumable=not live and not earlier and not finished and bool(saved_states(folder)))
+
+
+def _is_run(folder: Path) -> bool:
+    return folder.is_dir() and not folder.is_symlink() and (
+        (folder / EVENTS).is_file() or (folder / RESOLVED_JOB).is_file())
+
+
+def _run_folders(root: Path) -> list[tuple[str, Path]]:
+    """(name as listed, resolved folder) of the runs under root: name, or name/earlier_runs/<date-time>."""
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in sorted(root.iterdir()):
+        if folder.is_symlink() or not folder.is_dir():  # a link could lead anywhere: not listed
+            continue
+        if _is_run(folder):
+            found.append((folder.name, folder.resolve()))
+        earlier = folder / EARLIER_RUNS
+        if earlier.is_dir() and not earlier.is_symlink():
+            found += [(f"{folder.name}/{EARLIER_RUNS}/{old.name}", old.resolve())
+                      for old in sorted(earlier.iterdir()) if _is_run(old)]
+    return found
 
 
 class History:
@@ -97,20 +128,16 @@ class History:
         self._lock = threading.Lock()
 
     def runs(self, live_dir: Path | None = None) -> list[Run]:
-        """Every run folder (one with events or a resolved job), the live one first, then the newest first."""
-        if not self.root.is_dir():
-            return []
+        """Every run folder (one with events or a resolved job) and the earlier runs set aside in it, the live one
+        first, then the newest first."""
         found = []
         with self._lock:
-            for folder in sorted(self.root.iterdir()):
-                if not folder.is_dir() or folder.is_symlink() or not (
-                        (folder / EVENTS).is_file() or (folder / RESOLVED_JOB).is_file()):
-                    continue
-                live = live_dir is not None and folder.resolve() == Path(live_dir).resolve()
-                found.append(self._read(folder.resolve(), live))
+            for name, folder in _run_folders(self.root):
+                live = live_dir is not None and folder == Path(live_dir).resolve()
+                found.append(self._read(folder, live, name))
         return sorted(found, key=lambda run: (run.status != "running", -run.date))
 
-    def _read(self, folder: Path, live: bool) -> Run:
+    def _read(self, folder: Path, live: bool, name: str) -> Run:
         try:
             info = (folder / EVENTS).stat()
             key = (info.st_size, info.st_mtime, live)
@@ -119,7 +146,7 @@ class History:
         cached = self._cache.get(folder)
         if cached and cached[0] == key:
             return cached[1]
-        run = read_run(folder, live)
+        run = read_run(folder, live, name)
         self._cache[folder] = (key, run)
         return run
 
@@ -138,11 +165,11 @@ class History:
         source = self.folders.check(run.folder, "run folder")
         trash = self.folders.check_folder_to_write(self.folders.workdir / TRASH_DIR, "trash folder")
         trash.mkdir(parents=True, exist_ok=True)
-        target = trash / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        suffix = 1
+        stem = f"{name.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target, suffix = trash / stem, 1
         while target.exists():
             suffix += 1
-            target = trash / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+            target = trash / f"{stem}-{suffix}"
         shutil.move(str(source), str(target))
         with self._lock:
             self._cache.pop(source, None)
