@@ -29,10 +29,11 @@ class UploadArea:
 
 def result_markdown(result: UploadResult) -> str:
     """The outcome, then one line per refused file (its name and the rule) and per note."""
-    lines = [result.message() if result.folder else f"**{result.message()}**"]
-    lines += [f"- {line}" for line in [*result.refused, *result.notes] if f"not uploaded: {line}" != lines[0]
-              and f"**not uploaded: {line}**" != lines[0]]
-    return "\n".join(lines)
+    if result.folder is None:  # the message is the first refusal
+        head, rest = f"**{result.message()}**", result.refused[1:]
+    else:
+        head, rest = result.message(), result.refused
+    return "\n".join([head, *(f"- {line}" for line in [*rest, *result.notes])])
 
 
 def thumbnails(folder: Path | None) -> list[tuple[Any, str]]:
