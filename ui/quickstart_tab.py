@@ -16,7 +16,7 @@ from ui.studio import Studio
 from ui.uploads import DATASETS_DIR
 
 DEFAULT_NAME = "my_first_lora"
-RUN_TAB = "run"  # the id of the Run tab in ui/__init__.py
+RUN_TAB = "run"  # the id of the Run tab in ui/page.py
 
 
 def verdict(studio: Studio, gpu: str, images: str, trigger: str, name: str) -> str:
