@@ -10,11 +10,11 @@ from typing import Any
 import gradio as gr
 
 from ui.feedback import problems_update
+from ui.quickstart_tab import RUN_TAB
 from ui.run_history import COLUMNS, Run
 from ui.run_tab import LOSS_COLOURS, loss_frame
 from ui.studio import Outcome, Studio
 
-RUN_TAB = "run"  # the id of the Run tab in ui/page.py
 REFRESH_SECONDS = 2.0
 
 
