@@ -105,6 +105,8 @@ def test_a_newcomer_trains_a_first_lora_from_the_quick_start(app, tmp_path):
                                                                   timeout=WAIT_MS)
     page.get_by_role("tab", name="Dataset & Captioning").click()  # the quick start filled the form
     expect(page.get_by_label("Image folder").filter(visible=True)).to_have_value(str(dataset))
+    page.get_by_role("tab", name="Model").click()
+    expect(page.get_by_role("combobox", name="Hardware profile")).to_have_value("CPU only (no NVIDIA GPU) (no GPU)")
 
     page.get_by_role("tab", name="Runs").click()
     row = page.locator("#runs-table").get_by_test_id("cell-0-0")  # the newest run is the first row

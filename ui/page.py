@@ -45,6 +45,7 @@ def build_app(runner: TrainingRunner, workdir: Path, allowed: Iterable[str | Pat
     defaults = studio.default_values()
     detected = detected_vram_gib()
     fields: dict[str, gr.components.Component] = {}
+    menus: dict[str, gr.components.Component] = {}  # the Model tab's profile menu, which the Quick start sets
     with gr.Blocks(title=TITLE) as app:
         gr.Markdown(f"## {TITLE}")
         base = gr.State({})  # fields of a loaded job that the form has no control for
@@ -54,7 +55,7 @@ def build_app(runner: TrainingRunner, workdir: Path, allowed: Iterable[str | Pat
             with gr.Tab("Quick start", id="quick"):
                 connect_quickstart = quickstart_tab.build(studio)
             with gr.Tab("Model"):
-                connect_model = model_tab.build(fields, defaults, studio)
+                connect_model = model_tab.build(fields, defaults, studio, menus)
             with gr.Tab("Dataset & Captioning"):
                 connect_dataset = dataset_tab.build(fields, defaults, studio, base)
             with gr.Tab("Low VRAM"):
@@ -76,7 +77,7 @@ def build_app(runner: TrainingRunner, workdir: Path, allowed: Iterable[str | Pat
         connect_lowvram(base, app)  # the live verdict reads the whole job
         connect_model(base, baseline)  # a preset fills the whole form
         connect_job_bar(fields, base, baseline, defaults, model_tab.form_updates, app)  # a job fills every tab
-        connect_quickstart(fields, base, baseline, tabs, model_tab.form_updates)  # Start fills every tab
+        connect_quickstart(fields, base, baseline, tabs, model_tab.form_updates, menus["profile"])  # fills every tab
         connect_history(fields, base, baseline, tabs, model_tab.form_updates, runs)  # so does Resume
 
         def placeholders(family: str, flavour: str) -> tuple[object, object]:

@@ -35,8 +35,8 @@ def verdict(studio: Studio, gpu: str, images: str, trigger: str, name: str) -> s
 
 
 def build(studio: Studio) -> Callable[..., None]:
-    """The tab's controls; returns `connect(fields, base, baseline, tabs, form_updates)`, to call once every tab's
-    fields exist (Start fills them all)."""
+    """The tab's controls; returns `connect(fields, base, baseline, tabs, form_updates, profile)`, to call once every
+    tab's fields exist (Start fills them all, and sets the Model tab's profile menu to the GPU chosen)."""
     gr.Markdown("### Your first LoRA\nChoose the GPU, bring the images, name it, Start. Every setting it makes is "
                 "on the other tabs afterwards, to see and change.")
     gpu_name = quickstart.default_gpu()
@@ -64,7 +64,8 @@ def build(studio: Studio) -> Callable[..., None]:
           [gpu, images, trigger, name], line, api_visibility="private", show_progress="hidden")
 
     def connect(fields: dict[str, gr.components.Component], base: gr.State, baseline: gr.State, tabs: gr.Tabs,
-                form_updates: Callable[[dict[str, Any], dict[str, Any]], dict[Any, Any]]) -> None:
+                form_updates: Callable[[dict[str, Any], dict[str, Any]], dict[Any, Any]],
+                profile: gr.Dropdown) -> None:
         # the caption editor and the captioner read the form's image folder: an upload here sets it too
         upload_area.connect(area, studio, [images, fields["dataset.path"]])
 
@@ -81,9 +82,11 @@ def build(studio: Studio) -> Callable[..., None]:
                     gr.Warning(problem)
                 return {message: f"**{outcome.message}**\n" + "\n".join(f"- {p}" for p in outcome.problems)}
             return {**form_updates(fields, filled.values), base: filled.hidden, baseline: filled.baseline,
-                    message: f"{outcome.message}; the Run tab follows it", tabs: gr.Tabs(selected=RUN_TAB)}
+                    profile: chosen, message: f"{outcome.message}; the Run tab follows it",
+                    tabs: gr.Tabs(selected=RUN_TAB)}
 
-        start.click(quick_start, [gpu, images, trigger, name], [*fields.values(), base, baseline, message, tabs],
+        start.click(quick_start, [gpu, images, trigger, name],
+                    [*fields.values(), base, baseline, profile, message, tabs],
                     api_name="quick_start", concurrency_limit=1)
 
     return connect
