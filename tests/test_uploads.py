@@ -127,8 +127,8 @@ def test_a_zip_bomb_stops_at_the_expanded_size_and_writes_nothing(given, folders
     liar = given / "liar.zip"
     liar.write_bytes(declared[0].read_bytes().replace((2 * 2**20).to_bytes(4, "little"), (10).to_bytes(4, "little")))
     result = save_upload([(liar, "liar.zip")], folder, limits)
-    assert result.written == [] and result.refused == ["liar.zip: a.txt: cannot be read (Bad CRC-32 for file 'a.txt'); "
-                                                       "refused"]
+    assert result.written == [] and result.refused == ["liar.zip: a.txt: could not be copied (Bad CRC-32 for file "
+                                                       "'a.txt'); refused"]
     assert not folder.exists() or not any(folder.iterdir())
 
 

@@ -257,7 +257,8 @@ def _stage(chosen: list[tuple[_Member, str]], staging: Path, limits: UploadLimit
                                      "(--upload-max-mb); nothing was written")
             return None
         except (OSError, zipfile.BadZipFile, RuntimeError) as exc:  # RuntimeError: an encrypted entry
-            result.refused.append(f"{member.shown}: cannot be read ({exc}); refused")
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            result.refused.append(f"{member.shown}: could not be copied ({reason}); refused")
             continue
         problem = _content_problem(target, member.shown)
         if problem:
@@ -288,8 +289,11 @@ def _save(files: list[tuple[str | Path, str]], folder: Path, limits: UploadLimit
         result.folder = None
         result.refused = result.refused or ["no files given"]
         return result
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    except OSError as exc:
+        return UploadResult(None, refused=[f"{folder}: cannot be written ({exc.strerror or exc})"], notes=result.notes)
     try:
         staged = _stage(chosen, staging, limits, result)
         if staged is None:
