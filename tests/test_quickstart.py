@@ -28,6 +28,7 @@ def test_the_model_is_described_with_its_download_and_first_run_ram():
         "**FLUX.2 [klein] base 4B** — about 16 GB to download once (from `black-forest-labs/FLUX.2-klein-base-4B`); "
         "the first run needs about 14 GiB of RAM")
     assert NO_GPU_NOTE in model_words(choose("cpu-only")) and "Real FLUX models need an NVIDIA GPU" in NO_GPU_NOTE
+    assert "No NVIDIA GPU was found on this machine" in model_words(choose("rtx-3060ti-8gb"), gpu_found=False)
 
 
 def test_the_form_is_filled_from_the_preset_with_the_users_images_trigger_and_name(tmp_path: Path):

@@ -26,6 +26,8 @@ FLAVOUR_FOR_SMALL_GPU = ("flux2", "klein-base-4b")
 FLAVOUR_FOR_LARGER_GPU = ("flux2", "klein-base-9b")
 DEMO_FLAVOUR = ("flux2", "demo")
 VERDICTS = ("fits", "tight", "will not fit")  # the estimator's words, best first
+NO_GPU_FOUND = ("No NVIDIA GPU was found on this machine, where the training runs: real FLUX models need one. "
+                "Choose 'CPU only' for the demo.")
 NO_GPU_NOTE = ("No NVIDIA GPU here: the quick start trains the built-in demo (a tiny random model, a minute on a "
                "CPU) to show a whole run. Real FLUX models need an NVIDIA GPU.")
 
@@ -47,6 +49,10 @@ class Choice:
 def gpu_choices() -> list[tuple[str, str]]:
     """(label, profile name) for the GPU menu: the profiles, smallest first, without "no profile"."""
     return [(label, name) for label, name in presets.profile_choices() if name != presets.NO_PROFILE]
+
+
+def gpu_found() -> bool:
+    return presets.detected_profile() is not None
 
 
 def default_gpu() -> str:
@@ -95,14 +101,18 @@ def _costs(family: str, flavour: str, preset: str | None) -> tuple[float, float]
             estimate_job(cold, None, suggest=False).ram_gib)
 
 
-def model_words(choice: Choice) -> str:
-    """Markdown: the model, what it downloads, the RAM its first run needs; the plain no-GPU note for the demo."""
+def model_words(choice: Choice, gpu_found: bool = True) -> str:
+    """Markdown: the model, what it downloads, the RAM its first run needs; the plain no-GPU note for the demo, and
+    a warning when a GPU was chosen on a machine without one (it trains where the app runs)."""
     info = registry.get_flavour(choice.family, choice.flavour)
     if choice.is_demo:
         return f"**{info.label}** — built here in seconds, nothing to download.\n\n{NO_GPU_NOTE}"
     download, ram = _costs(choice.family, choice.flavour, choice.preset)
-    return (f"**{info.label}** — {_gb(download)} to download once (from `{info.hub_id}`); the first run needs "
+    text = (f"**{info.label}** — {_gb(download)} to download once (from `{info.hub_id}`); the first run needs "
             f"about {ram:.0f} GiB of RAM (it loads the text encoder; later runs reuse what it computed).")
+    if not gpu_found:
+        text += f"\n\n**{NO_GPU_FOUND}**"
+    return text
 
 
 def sample_prompts(trigger: str) -> list[str]:

@@ -43,7 +43,8 @@ def build(studio: Studio) -> Callable[..., None]:
     with gr.Row(equal_height=True):
         gpu = gr.Dropdown(choices=quickstart.gpu_choices(), value=gpu_name, label="GPU", scale=2,
                           info="the detected one is chosen; the model and its settings follow it")
-        model = gr.Markdown(quickstart.model_words(quickstart.choose(gpu_name)), elem_id="quick-model")
+        model = gr.Markdown(quickstart.model_words(quickstart.choose(gpu_name), quickstart.gpu_found()),
+                            elem_id="quick-model")
     gr.Markdown("#### Images")
     area = upload_area.build(studio, "quick-upload")
     images = gr.Textbox("", label="Image folder", elem_id="quick-images",
@@ -58,7 +59,7 @@ def build(studio: Studio) -> Callable[..., None]:
     start = gr.Button("Start", variant="primary", size="lg", elem_id="quick-start")
     message = gr.Markdown("", elem_id="quick-message")
 
-    gpu.change(lambda chosen: quickstart.model_words(quickstart.choose(chosen)), gpu, model,
+    gpu.change(lambda chosen: quickstart.model_words(quickstart.choose(chosen), quickstart.gpu_found()), gpu, model,
                api_visibility="private", show_progress="hidden")
     gr.on([gpu.change, images.change, trigger.change, name.change], lambda *args: verdict(studio, *args),
           [gpu, images, trigger, name], line, api_visibility="private", show_progress="hidden")
