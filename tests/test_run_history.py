@@ -9,7 +9,7 @@ import pytest
 
 from trainer.events import JsonlWriter, LoraSaved, Progress, RunFinished, RunStarted, SampleSaved
 from ui.paths import Folders, PathRefused
-from ui.run_history import COLUMNS, History
+from ui.run_history import COLUMNS, History, follow
 
 
 def write_run(root: Path, name: str, steps: int, max_steps: int, status: str | None, state: bool = False,
@@ -102,3 +102,20 @@ def test_resume_from_the_history_starts_the_run_with_the_job_it_ran(tmp_path):
     assert runner.started[0][0].output.dir == str(folder)
     assert studio.history.runs(studio.live_output_dir())[0].status == "running"  # the live run, first
     assert not studio.run_job("nothing")[2].ok
+
+
+def test_a_growing_events_file_is_read_from_where_it_was_left(tmp_path):
+    folder = write_run(tmp_path, "live", 2, 10, None)
+    tail = follow(folder / "events.jsonl")
+    assert tail.view.step == 2
+    with open(folder / "events.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"event": "progress", "step": 3, "max_steps": 10, "loss": 0.1, "learning_rate": 0.001, '
+                     '"steps_per_second": 1.0, "eta_seconds": 1.0, "time": 1.0}\n{"event": "progr')  # half a line
+    offset = tail.offset
+    assert follow(folder / "events.jsonl", tail) is tail and tail.view.step == 3 and tail.view.loss == 0.1
+    assert tail.offset > offset and (folder / "events.jsonl").stat().st_size > tail.offset  # the half line waits
+    (folder / "events.jsonl").unlink()  # a new run moved it aside and starts its own
+    write_run(tmp_path / "again", "live", 1, 5, None)
+    (tmp_path / "again" / "live" / "events.jsonl").rename(folder / "events.jsonl")
+    fresh = follow(folder / "events.jsonl", tail)
+    assert fresh is not tail and (fresh.view.step, fresh.view.max_steps) == (1, 5)

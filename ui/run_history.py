@@ -8,6 +8,7 @@ changed.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.checkpoint import EARLIER_RUNS, saved_states
-from trainer.events import read_events
+from trainer.events import event_from_dict
 from ui.paths import Folders, PathRefused
 from ui.run_state import ACTIVE, PAUSED, RunView
 
@@ -71,29 +72,65 @@ def _flavour(folder: Path, view: RunView) -> str:
         return started.split("run started: ", 1)[-1].split(",", 1)[0] if started else ""
 
 
-def read_run(folder: Path, live: bool = False, name: str | None = None) -> Run:
-    """A run folder; `live`: this app's runner is working in it now. An earlier run set aside by a later one in
-    the same folder (name/earlier_runs/<date-time>) is never resumable: its job's output.dir is the later run's."""
-    view = RunView()
-    view.begin(0)
-    events = folder / EVENTS
+@dataclass
+class EventsTail:
+    """A run's events.jsonl read so far: the file (inode), how far (bytes, whole lines only), and the view they
+    make. A live run's file grows; only the new lines are read each time."""
+
+    inode: int = 0
+    offset: int = 0
+    view: RunView = field(default_factory=RunView)
+
+
+def follow(events: Path, tail: EventsTail | None = None) -> EventsTail:
+    """`tail` brought up to date with the file's new whole lines; a new tail when the file was replaced or cut
+    (a new run moved the earlier one's events aside)."""
     try:
-        view.apply(read_events(events))
+        info = events.stat()
+    except OSError:
+        return EventsTail()
+    if tail is None or tail.inode != info.st_ino or info.st_size < tail.offset:
+        tail = EventsTail(info.st_ino)
+        tail.view.begin(0)
+    if info.st_size > tail.offset:
+        with open(events, "rb") as handle:
+            handle.seek(tail.offset)
+            data = handle.read(info.st_size - tail.offset)
+        whole = data[:data.rfind(b"\n") + 1]  # a line being written is read next time
+        tail.offset += len(whole)
+        parsed = []
+        for line in whole.decode("utf-8", errors="replace").splitlines():
+            try:
+                parsed.append(event_from_dict(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line a crash cut short
+        tail.view.apply(parsed)
+    return tail
+
+
+def read_run(folder: Path, live: bool = False, name: str | None = None, view: RunView | None = None) -> Run:
+    """A run folder; `live`: this app's runner is working in it now; `view`: its events (default: read now). An
+    earlier run set aside by a later one in the same folder (name/earlier_runs/<date-time>) is never resumable:
+    its job's output.dir is the later run's."""
+    events = folder / EVENTS
+    view = view if view is not None else follow(events).view
+    try:
         date = events.stat().st_mtime
-    except (OSError, UnicodeDecodeError):
+    except OSError:
         date = folder.stat().st_mtime
+    detail = view.finished_message
     if live:
         status = "running"
     elif view.status in ACTIVE or view.status == PAUSED:
-        status, view.finished_message = "failed", "it ended without a result (the app or the machine stopped)"
+        status, detail = "failed", "it ended without a result (the app or the machine stopped)"
     else:
         status = STATUS_WORDS.get(view.status, "failed")
     loras = sorted(folder.glob("*.safetensors"), key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
     finished = status == "finished" and view.step >= view.max_steps
     earlier = folder.parent.name == EARLIER_RUNS
     return Run(name=name or folder.name, folder=folder, flavour=_flavour(folder, view), steps_done=view.step,
-               steps_planned=view.max_steps, status=status, last_loss=view.loss, date=date,
-               detail=view.finished_message, view=view, loras=loras,
+               steps_planned=view.max_steps, status=status, last_loss=view.loss, date=date, detail=detail,
+               view=view, loras=loras,
                resumable=not live and not earlier and not finished and bool(saved_states(folder)))
 
 
@@ -125,6 +162,7 @@ class History:
     def __init__(self, folders: Folders, root: Path) -> None:
         self.folders, self.root = folders, Path(root)
         self._cache: dict[Path, tuple[tuple[int, float, bool], Run]] = {}
+        self._tails: dict[Path, EventsTail] = {}
         self._lock = threading.Lock()
 
     def runs(self, live_dir: Path | None = None) -> list[Run]:
@@ -146,7 +184,8 @@ class History:
         cached = self._cache.get(folder)
         if cached and cached[0] == key:
             return cached[1]
-        run = read_run(folder, live, name)
+        tail = self._tails[folder] = follow(folder / EVENTS, self._tails.get(folder))
+        run = read_run(folder, live, name, tail.view)
         self._cache[folder] = (key, run)
         return run
 
@@ -173,4 +212,5 @@ class History:
         shutil.move(str(source), str(target))
         with self._lock:
             self._cache.pop(source, None)
+            self._tails.pop(source, None)
         return target
