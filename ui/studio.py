@@ -419,7 +419,6 @@ class Studio:
         state, result = caption_editor.save_captions(state)
         return state, Outcome(result.message(), result.problems)
 
-
     # ------------------------------------------------------------------ uploads, run history
 
     def upload_dataset(self, files: list[tuple[str | Path, str]], name: str | None,
