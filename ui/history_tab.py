@@ -16,6 +16,8 @@ from ui.run_tab import LOSS_COLOURS, loss_frame
 from ui.studio import Outcome, Studio
 
 REFRESH_SECONDS = 2.0
+# Asked in the browser before the run's folder moves: a declined move sends no name, and nothing happens.
+CONFIRM_DELETE = "(name) => confirm(`Move the run ${name} to the trash folder of the workdir?`) ? name : null"
 
 
 def table(runs: list[Run]) -> Any:  # noqa: ANN401 - a pandas DataFrame (pandas comes with gradio)
@@ -44,7 +46,10 @@ def run_outputs(studio: Studio, name: str | None) -> tuple[Any, ...]:
 
 
 def trash_run(studio: Studio, name: str | None) -> tuple[Any, Any, Any]:
-    """(problems, run menu, the list last sent) after moving the run to the workdir's trash folder."""
+    """(problems, run menu, the list last sent) after moving the run to the workdir's trash folder; nothing when
+    the person declined (the page's confirmation sends no name)."""
+    if not name:
+        return gr.skip(), gr.skip(), gr.skip()
     try:
         where = studio.history.trash(name or "", studio.live_output_dir())
     except Exception as exc:  # noqa: BLE001 - PathRefused, or the move failing: shown, the app lives
@@ -105,7 +110,7 @@ def build(studio: Studio) -> Callable[..., None]:
         """Move the chosen run to the workdir's trash folder."""
         return trash_run(studio, name)
 
-    delete.click(trash, chosen, [problems, chosen, seen], api_name="delete_run").then(
+    delete.click(trash, chosen, [problems, chosen, seen], api_name="delete_run", js=CONFIRM_DELETE).then(
         refresh, [seen, chosen], listed, api_visibility="private")
 
     def connect(fields: dict[str, gr.components.Component], base: gr.State, baseline: gr.State, tabs: gr.Tabs,
