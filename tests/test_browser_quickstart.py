@@ -122,6 +122,14 @@ def test_a_newcomer_trains_a_first_lora_from_the_quick_start(app, tmp_path):
     assert saved.read_bytes() == (workdir / "output" / "first_lora" / "first_lora.safetensors").read_bytes()
     page.screenshot(path=shots / "runs.png", full_page=True)
 
+    page.once("dialog", lambda dialog: dialog.dismiss())  # Delete asks first; declined, nothing moves
+    page.get_by_role("button", name="Delete").click()
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete").click()
+    expect(page.locator("#runs-table")).not_to_contain_text("first_lora", timeout=WAIT_MS)
+    assert not (workdir / "output" / "first_lora").exists()
+    assert [p.name.split("-")[0] for p in (workdir / "trash").iterdir()] == ["first_lora"]
+
 
 def test_a_zip_whose_entry_leaves_its_folder_is_refused(app, tmp_path):
     from playwright.sync_api import expect
