@@ -11,18 +11,20 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import gradio as gr
 
-    from trainer.runner import TrainingRunner
+    from trainer.runners.process import ProcessRunner
+    from trainer.runners.thread import TrainingRunner
     from ui.upload_limits import UploadLimits
 
 TITLE = "Flux LoRA Studio"
 
 
-def build_app(runner: TrainingRunner, workdir: Path, allowed: Iterable[str | Path] = (),
+def build_app(runner: ProcessRunner | TrainingRunner, workdir: Path, allowed: Iterable[str | Path] = (),
               upload_limits: UploadLimits | None = None) -> gr.Blocks:
     """The whole UI around one runner; every default comes from the demo job, so Start trains the demo. Paths the
     users type are used only inside the workdir and the `allowed` folders; uploads keep to `upload_limits`."""
     import gradio as gr
 
+    from trainer.runners.app import AppRunner
     from ui import (
         advanced_tab,
         dataset_tab,
@@ -37,7 +39,6 @@ def build_app(runner: TrainingRunner, workdir: Path, allowed: Iterable[str | Pat
     )
     from ui.form import FORM_KEYS
     from ui.memory import detected_vram_gib
-    from ui.multi_gpu import AppRunner
     from ui.studio import Studio
 
     # one training at a time, here or in processes
