@@ -3,13 +3,14 @@ LoRA files, read from the events each run writes; Delete moves a run to the work
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from trainer.events import JsonlWriter, LoraSaved, Progress, RunFinished, RunStarted, SampleSaved
 from ui.paths import Folders, PathRefused
-from ui.run_history import COLUMNS, History, follow
+from ui.run_history import COLUMNS, History, follow, read_run
 
 
 def write_run(root: Path, name: str, steps: int, max_steps: int, status: str | None, state: bool = False,
@@ -65,6 +66,9 @@ def test_each_run_is_listed_with_its_status_steps_and_loss_the_live_one_first(hi
     assert row["flavour"] == "flux2/demo" and row["steps"] == "2 / 10" and row["last loss"] == "0.5000"
     assert [by_name[name].resumable for name in ("done", "halted", "crashed", "live")] == [False, True, True, False]
     assert by_name["done"].loras == [history.root / "done" / "done.safetensors"]
+    os.symlink(history.root.parent / "secret.safetensors", history.root / "done" / "link.safetensors")
+    (history.root.parent / "secret.safetensors").write_bytes(b"not a download")
+    assert read_run(history.root / "done").loras == [history.root / "done" / "done.safetensors"]  # a link: never
     assert [label for _, label in by_name["done"].samples()] == ["step 2: a photo"]
     assert [row["series"] for row in by_name["done"].view.loss_rows()][:2] == ["loss", "smoothed"]
 

@@ -125,7 +125,9 @@ def read_run(folder: Path, live: bool = False, name: str | None = None, view: Ru
         status, detail = "failed", "it ended without a result (the app or the machine stopped)"
     else:
         status = STATUS_WORDS.get(view.status, "failed")
-    loras = sorted(folder.glob("*.safetensors"), key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+    # only files that are inside the folder (a link could lead anywhere): the page offers them for download
+    loras = sorted((p for p in folder.glob("*.safetensors") if p.resolve().is_relative_to(folder) and p.is_file()),
+                   key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
     finished = status == "finished" and view.step >= view.max_steps
     earlier = folder.parent.name == EARLIER_RUNS
     return Run(name=name or folder.name, folder=folder, flavour=_flavour(folder, view), steps_done=view.step,
