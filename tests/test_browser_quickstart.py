@@ -105,6 +105,10 @@ def test_a_newcomer_trains_a_first_lora_from_the_quick_start(app, tmp_path):
                                                                   timeout=WAIT_MS)
     page.get_by_role("tab", name="Dataset & Captioning").click()  # the quick start filled the form
     expect(page.get_by_label("Image folder").filter(visible=True)).to_have_value(str(dataset))
+    page.get_by_role("button", name="Caption editor ▼").click()  # the uploaded images, with their captions
+    page.get_by_role("button", name="Load captions").click()
+    expect(page.get_by_label("Editor", exact=True)).to_have_value(f"4 images in {dataset}", timeout=WAIT_MS)
+    expect(page.get_by_label("photo_0.png", exact=True)).to_have_value("a plain square, number 0")
     page.get_by_role("tab", name="Model").click()
     expect(page.get_by_role("combobox", name="Hardware profile")).to_have_value("CPU only (no NVIDIA GPU) (no GPU)")
 
