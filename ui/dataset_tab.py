@@ -11,7 +11,7 @@ from typing import Any
 import gradio as gr
 
 from trainer.data.captioners import CAPTIONERS
-from ui import caption_editor
+from ui import caption_editor, upload_area
 from ui.captioning import MAX_LENGTH_RANGE
 from ui.dataset_check import CHECKING
 from ui.edit_pairs import edit_controls
@@ -49,6 +49,8 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
     fields["dataset.path"] = gr.Textbox(
         value=defaults["dataset.path"], label="Image folder",
         info="a folder of images; captions in .txt files beside them (same name)")
+    with gr.Accordion("Upload images", open=False):
+        upload_area.connect(upload_area.build(studio, "dataset-upload"), studio, [fields["dataset.path"]])
     with gr.Row():
         fields["dataset.trigger"] = gr.Textbox(
             value=defaults["dataset.trigger"], label="Trigger word",
