@@ -133,6 +133,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     import json
 
     from trainer.estimator import estimate
+    from trainer.preflight import check_model
 
     gpu_vram, gpu = args.gpu_vram, None
     if args.gpus < 1:
@@ -143,7 +144,11 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         from trainer.profiles import gpu_vram_gib
 
         gpu_vram, gpu = gpu_vram_gib(args.gpu)
-    result = estimate(_load_job(args.job, args.set), gpu_vram_gib=gpu_vram, gpus=args.gpus).to_json()
+    spec = _load_job(args.job, args.set)
+    problems = check_model(spec)  # an estimate of another model than the folder holds would mislead
+    if problems:
+        raise SpecError(problems, args.job)
+    result = estimate(spec, gpu_vram_gib=gpu_vram, gpus=args.gpus).to_json()
     if gpu is not None:
         result["gpu"] = gpu
     if args.json:
