@@ -18,8 +18,14 @@ EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
 
 
-def _load_job(path: str, overrides: list[str]) -> JobSpec:
-    spec = load_spec(path, overrides)
+def _load_job(path: str, overrides: list[str], preset: str | None = None) -> JobSpec:
+    """The job file under its preset (the file's values and then --set win over the preset's)."""
+    base = None
+    if preset:
+        from trainer.profiles import find_preset
+
+        base = find_preset(preset).spec
+    spec = load_spec(path, overrides, base)
     return resolve_paths(spec, Path(path).expanduser().resolve().parent)
 
 
@@ -41,7 +47,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from trainer.data.planning import plan_training_items
     from trainer.preflight import check_files, model_source
 
-    spec = _load_job(args.job, args.set)
+    spec = _load_job(args.job, args.set, args.preset)
     problems = check_files(spec)
     if problems:
         raise SpecError(problems, args.job)
@@ -109,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.preflight import check_files
     from trainer.quiet import silence_library_noise
 
-    spec = _load_job(args.job, args.set)
+    spec = _load_job(args.job, args.set, args.preset)
     problems = check_files(spec)  # before torch loads: a mistake in the job is reported at once
     if problems:
         raise SpecError(problems)
@@ -144,7 +150,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         from trainer.profiles import gpu_vram_gib
 
         gpu_vram, gpu = gpu_vram_gib(args.gpu)
-    spec = _load_job(args.job, args.set)
+    spec = _load_job(args.job, args.set, args.preset)
     problems = check_model(spec)  # an estimate of another model than the folder holds would mislead
     if problems:
         raise SpecError(problems, args.job)
@@ -176,6 +182,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+_PRESET_HELP = ("a preset under the job (a file of presets/ without .toml, or a path): the job's own values and "
+                "--set win over it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Flux LoRA Studio, headless.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("job", help="job TOML file")
         command.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="override a setting; the value is a TOML literal, a bare word is a string")
+        command.add_argument("--preset", metavar="NAME", help=_PRESET_HELP)
         command.add_argument("--debug", action="store_true", help="show tracebacks")
         if name == "train":
             command.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -201,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate = sub.add_parser("estimate", help="predict peak VRAM and RAM per phase, without loading a model")
     estimate.add_argument("job", help="job TOML file")
     estimate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    estimate.add_argument("--preset", metavar="NAME", help=_PRESET_HELP)
     estimate.add_argument("--gpu-vram", type=float, metavar="GIB", help="the GPU's memory, for a verdict")
     estimate.add_argument("--gpu", metavar="PROFILE",
                           help="a hardware profile (e.g. rtx-3060ti-8gb; see hardware_profiles/), 'detect', or a "

@@ -146,7 +146,8 @@ def save_lora_files(transformer: Any, pipeline_class: type, output_dir: Path, na
     """The LoRA in every requested format (step in the name for intermediate saves), each atomic.
 
     `metadata`: the keyword arguments of `lora_formats.build_metadata` except rank, alpha and format.
-    Files in a ComfyUI layout are also copied into `comfy_lora_dir` when one is given.
+    Files in a ComfyUI layout are also copied into `comfy_lora_dir` when one is given (their paths under the keys
+    'copy:<format>'); when only the diffusers format is asked for, the ComfyUI file is written for the copy.
     """
     from trainer import lora_formats
     from trainer.adapters import adapter_export
@@ -154,6 +155,8 @@ def save_lora_files(transformer: Any, pipeline_class: type, output_dir: Path, na
     tensors, config = adapter_export(transformer)
     rank, alpha = config.get("r", 0), config.get("lora_alpha", config.get("alpha", 0))
     written: dict[str, Path] = {}
+    if comfy_lora_dir and set(formats) == {"diffusers"}:
+        formats = [*formats, "comfyui"]  # ComfyUI reads its own layout: the copy needs that file
     for fmt in formats:
         path = Path(output_dir) / lora_formats.lora_filename(name, fmt, step)
         header = lora_formats.build_metadata(rank=rank, alpha=alpha, format=fmt, **metadata)
@@ -164,7 +167,7 @@ def save_lora_files(transformer: Any, pipeline_class: type, output_dir: Path, na
             lora_formats.write_lora(path, lora_formats.to_comfyui(metadata["family"], tensors, alpha, rank), header)
         else:
             lora_formats.write_lora(path, lora_formats.to_kohya(tensors, alpha, rank), header)
-        if comfy_lora_dir and fmt != "diffusers":
-            lora_formats.copy_to_comfy_loras(path, comfy_lora_dir)
         written[fmt] = path
+        if comfy_lora_dir and fmt != "diffusers":
+            written[f"copy:{fmt}"] = lora_formats.copy_to_comfy_loras(path, comfy_lora_dir)
     return written

@@ -27,6 +27,18 @@ def sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask_mode() -> int:
+    """The mode a file the user creates gets (0o666 less their umask): mkstemp's own 0600 would keep a ComfyUI or
+    a web server running as another user from reading a LoRA or sample the trainer wrote."""
+    mask = os.umask(0o022)  # the only way to read the umask is to set it; it is put back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+# read once, at import (before the trainer starts threads that create files)
+FILE_MODE = _umask_mode()
+
+
 def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
     """Call `write(tmp)` on a temporary file beside `path`, flush it to disk, then rename it over `path`.
 
@@ -36,6 +48,10 @@ def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except (AttributeError, OSError):  # Windows has no fchmod; its files have no such modes
+        pass
     os.close(fd)
     tmp = Path(tmp_name)
     try:

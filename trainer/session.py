@@ -64,7 +64,7 @@ from trainer.preflight import check_files, model_source
 from trainer.prompts import SamplePrompt, sample_prompts
 from trainer.quiet import disable_loading_bars
 from trainer.sources import model_files
-from trainer.spec import JobSpec, save_spec, spec_to_toml
+from trainer.spec import JobSpec, LowVramSection, save_spec, spec_to_toml
 from trainer.trackers import TrackerLogger
 from trainer.tread import TreadConfig, transformer_blocks, tread_routing
 
@@ -208,6 +208,12 @@ class Session:
 
     # ------------------------------------------------------------------ setup
 
+    def spec_as_run(self) -> JobSpec:
+        """The job with the low-VRAM plan that runs written out (the bundle, blocks swapped, offloads), not the
+        'auto' or partial settings it was asked with: what job.resolved.toml and the LoRA's header record."""
+        ran = {key: getattr(self.plan, key) for key in LowVramSection.model_fields if hasattr(self.plan, key)}
+        return self.spec.model_copy(update={"lowvram": self.spec.lowvram.model_copy(update=ran)})
+
     def setup(self) -> None:
         spec = self.spec
         problems = check_files(spec) + self.dist.problems
@@ -232,7 +238,7 @@ class Session:
             if spec.output.log_with:
                 self._trackers = TrackerLogger(spec.output.log_with, self.output_dir, spec.output.name, _flat(spec))
                 self._listeners.append(self._trackers)
-            save_spec(spec, self.output_dir / "job.resolved.toml")
+            save_spec(self.spec_as_run(), self.output_dir / "job.resolved.toml")
         self.emit(RunStarted(max_steps=spec.train.max_steps, output_dir=str(self.output_dir),
                              family=spec.model.family, flavour=spec.model.flavour))
         if earlier is not None:
@@ -698,7 +704,8 @@ class Session:
         metadata = {
             "family": spec.model.family, "flavour": spec.model.flavour, "steps": self.step,
             "trigger_words": [e.trigger for e in spec.data.datasets if e.trigger],
-            "base_model": spec.model.transformer or model_source(spec), "spec_toml": spec_to_toml(spec), "title": name,
+            "base_model": spec.model.transformer or model_source(spec), "spec_toml": spec_to_toml(self.spec_as_run()),
+            "title": name,
         }
         self._refuse_non_finite_weights()
         step = self.step if intermediate else None
@@ -714,6 +721,10 @@ class Session:
                 metadata, spec.output.comfy_lora_dir if (not intermediate if copy_to_comfy is None else copy_to_comfy)
                 else ""))
             path = written[spec.output.formats[0]]
+            for key, copy in written.items():
+                if key.startswith("copy:"):
+                    self.emit(LogMessage(level="info", message=f"copied {copy.name} ({key.removeprefix('copy:')} "
+                                         f"layout) to ComfyUI's loras folder {copy.parent}"))
             prune_checkpoints(self.output_dir, name, spec.output.keep_last)
         self.last_lora_path = path
         self.emit(LoraSaved(step=self.step, path=str(path)))
