@@ -48,14 +48,12 @@ def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)
-    except (AttributeError, OSError):  # Windows has no fchmod; its files have no such modes
-        pass
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        # after the write: some writers (safetensors' save_file) replace the file with one of their own making
+        os.chmod(tmp, FILE_MODE)
         if durable:
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())

@@ -1,0 +1,103 @@
+"""What the CLI trainer writes and says: presets under a job, the plan that ran, file modes, the ComfyUI copy, and
+guidance a flavour would ignore. In-process (`main()`), on the demo."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from trainer.__main__ import main
+from trainer.spec import SpecError, parse_spec
+
+PRESET = """\
+[preset]
+label = "test"
+description = "a preset under the demo job"
+tier_gib = 8
+profile = "rtx-3060ti-8gb"
+
+[model]
+family = "flux2"
+flavour = "demo"
+
+[lora]
+rank = 2  # the job's own rank (4) wins
+
+[train]
+gradient_accumulation = 2  # the job says nothing: the preset's value counts
+max_steps = 7  # --set wins
+"""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_a_preset_run_records_its_plan_follows_the_umask_and_copies_to_comfyui(demo_dir: Path, tmp_path: Path,
+                                                                                capsys) -> None:
+    preset, out, comfy = tmp_path / "mine.toml", tmp_path / "out", tmp_path / "ComfyUI" / "loras"
+    preset.write_text(PRESET)
+    comfy.mkdir(parents=True)
+    code = main(["train", str(demo_dir / "job.toml"), "--preset", str(preset), "--no-progress",
+                 "--set", "train.max_steps=2", "--set", "sample.every_steps=0", "--set", "sample.prompts=[]",
+                 "--set", f"output.dir='{out}'", "--set", f"output.comfy_lora_dir='{comfy}'"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    resolved = tomllib.loads((out / "job.resolved.toml").read_text())
+    assert resolved["train"]["gradient_accumulation"] == 2 and resolved["lora"]["rank"] == 4
+    assert resolved["train"]["max_steps"] == 2
+    # the plan that ran, not "auto": the bundle and every setting of it
+    plan = resolved["lowvram"]
+    assert plan["strategy"] in ("none", "conservative", "aggressive", "extreme")
+    assert {"blocks_to_swap", "gradient_checkpointing", "optimizer_offload", "text_encoder_device"} <= set(plan)
+    assert f"low-VRAM plan: strategy {plan['strategy']}" in captured.out
+    # only the diffusers format was asked for: the ComfyUI file is written for the copy, and the log says so
+    copy = comfy / "demo_lora_comfyui.safetensors"
+    assert copy.is_file() and (out / "demo_lora.safetensors").is_file()
+    assert f"copied {copy.name} (comfyui layout) to ComfyUI's loras folder {comfy}" in captured.out
+    mode = 0o666 & ~_umask()
+    for path in (out / "demo_lora.safetensors", copy, out / "job.resolved.toml", out / "events.jsonl"):
+        assert path.stat().st_mode & 0o777 == mode, path  # mkstemp's 0600 would hide them from another user
+
+
+def test_an_unknown_preset_is_named(demo_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["validate", str(demo_dir / "job.toml"), "--preset", "no-such-preset"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown preset 'no-such-preset'; known: flux1-dev-12gb, ") and "Traceback" not in err
+    assert main(["estimate", str(demo_dir / "job.toml"), "--preset", str(tmp_path / "gone.toml")]) == 2
+    assert f"--preset: file '{tmp_path / 'gone.toml'}' does not exist" in capsys.readouterr().err
+
+
+def test_a_named_preset_applies_under_estimate(demo_dir: Path, capsys) -> None:
+    assert main(["estimate", str(demo_dir / "job.toml"), "--preset", "flux2-demo", "--json"]) == 0
+    assert '"vram_gib"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("family", "flavour"), [("flux2", "klein-base-4b"), ("flux1", "schnell")])
+def test_training_guidance_is_refused_where_the_flavour_has_no_guidance_embedding(family: str, flavour: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec({"model": {"family": family, "flavour": flavour},
+                    "advanced": {"guidance_mode": "random", "guidance_max": 6.0}})
+    assert "advanced.guidance_mode, advanced.guidance_max: " in str(caught.value)
+    assert f"({family} {flavour}) has no guidance embedding, so training guidance would be ignored" in str(caught.value)
+    parse_spec({"model": {"family": family, "flavour": flavour}, "advanced": {"guidance_value": 1.0}})  # the default
+    parse_spec({"model": {"family": "flux1", "flavour": "dev"}, "advanced": {"guidance_value": 3.5}})
+
+
+def test_the_cli_and_the_page_agree_on_training_guidance(demo_dir: Path, capsys) -> None:
+    from ui import form
+
+    assert main(["validate", str(demo_dir / "job.toml"), "--set", "advanced.guidance_value=3.5"]) == 2
+    assert "advanced.guidance_value: FLUX.2 demo (tiny, random weights) (flux2 demo) has no guidance embedding" in \
+        capsys.readouterr().err
+    # the page greys the controls out for such a flavour: it sends no value the spec would refuse
+    values = {"model.family": "flux2", "model.flavour": "klein-base-4b", "advanced.guidance_value": 3.5,
+              "advanced.guidance_mode": "random"}
+    assert "guidance_value" not in form.values_to_dict(values).get("advanced", {})
+    values["model.flavour"] = "dev"
+    assert form.values_to_dict(values)["advanced"]["guidance_value"] == 3.5
