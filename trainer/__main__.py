@@ -138,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_estimate(args: argparse.Namespace) -> int:
     import json
 
-    from trainer.estimator import estimate
+    from trainer.estimator.job import estimate_job
     from trainer.preflight import check_model
 
     gpu_vram, gpu = args.gpu_vram, None
@@ -154,7 +154,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     problems = check_model(spec)  # an estimate of another model than the folder holds would mislead
     if problems:
         raise SpecError(problems, args.job)
-    result = estimate(spec, gpu_vram_gib=gpu_vram, gpus=args.gpus).to_json()
+    result = estimate_job(spec, gpu_vram_gib=gpu_vram, gpus=args.gpus).to_json()
     if gpu is not None:
         result["gpu"] = gpu
     if args.json:
@@ -164,7 +164,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         print(f"GPU: {gpu}" + (f", {gpu_vram:g} GiB usable" if gpu_vram else ""))
     shared = result["distributed"]
     if shared["gpus"] > 1:
-        # the mode the trainer would pick (train.distributed; auto as trainer/estimator_sharding.py decides)
+        # the mode the trainer would pick (train.distributed; auto as trainer/estimator/auto.py decides)
         print(f"{shared['gpus']} GPUs, {shared['mode']} ({shared['reason']}): VRAM per GPU, RAM for all "
               f"{shared['gpus']} processes")
     print(f"{'phase':28}{'VRAM GiB':>10}{'RAM GiB':>10}")
