@@ -101,3 +101,39 @@ def test_the_cli_and_the_page_agree_on_training_guidance(demo_dir: Path, capsys)
     assert "guidance_value" not in form.values_to_dict(values).get("advanced", {})
     values["model.flavour"] = "dev"
     assert form.values_to_dict(values)["advanced"]["guidance_value"] == 3.5
+
+
+def test_known_harmless_library_warnings_are_silenced_at_their_source(caplog) -> None:
+    import logging
+
+    from trainer.quiet import silence_library_noise
+
+    silence_library_noise()
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you "
+                       "already `pip install kernels` and the kernels >= 0.11.1", "No module named 'kernels'")
+        logger.warning("a bitsandbytes warning nobody has judged harmless")
+    assert [r.getMessage() for r in caplog.records] == ["a bitsandbytes warning nobody has judged harmless"]
+
+
+def test_a_killed_trainers_last_words_leave_library_warnings_out(capsys) -> None:
+    import io
+    from collections import deque
+
+    from trainer.process_runner import copy_stderr
+
+    stderr = (
+        "W1206 17:51:00.573000 8489 torch/utils/_pytree.py:630] <enum 'KernelPreference'> is an Enum subclass\n"
+        "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.\n"
+        "/venv/lib/python3.11/site-packages/peft/tuners/lora.py:120: UserWarning: fan_in_fan_out is set to False\n"
+        "  warnings.warn(\n"
+        "Traceback (most recent call last):\n"
+        "  File \"trainer/session.py\", line 300, in step\n"
+        "RuntimeError: CUDA error: an illegal memory access was encountered\n"
+    )
+    tail: deque[str] = deque(maxlen=20)
+    copy_stderr(io.BytesIO(stderr.encode()), tail)
+    assert list(tail) == ["Traceback (most recent call last):", "  File \"trainer/session.py\", line 300, in step",
+                          "RuntimeError: CUDA error: an illegal memory access was encountered"]
+    assert capsys.readouterr().err == stderr  # the terminal still shows everything

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from trainer.events import Event, EventQueue, LogMessage, RunFinished, event_from_dict
+from trainer.quiet import library_warning
 from trainer.runner import AlreadyRunning, NothingToDo, TrainingRunner
 from trainer.spec import JobSpec, parse_spec
 
@@ -266,10 +267,14 @@ def start_child(command: list[str], env: dict[str, str] | None = None) -> subpro
 
 
 def copy_stderr(stream: IO[bytes], tail: deque[str]) -> None:
-    """Copy a child's stderr to ours (the terminal window shows what it says) and keep its last lines in `tail`."""
+    """Copy a child's stderr to ours (the terminal window shows what it says) and keep its last lines in `tail`,
+    libraries' warnings left out (with the indented source line Python prints under one): the last words are the
+    child's own."""
+    skipping = False
     for raw in stream:
         line = raw.decode("utf-8", "replace")
-        if line.strip():
+        skipping = library_warning(line) or (skipping and line[:1].isspace())
+        if line.strip() and not skipping:
             tail.append(line.rstrip("\n"))
         try:
             sys.stderr.write(line)
