@@ -137,3 +137,29 @@ def test_a_killed_trainers_last_words_leave_library_warnings_out(capsys) -> None
     assert list(tail) == ["Traceback (most recent call last):", "  File \"trainer/session.py\", line 300, in step",
                           "RuntimeError: CUDA error: an illegal memory access was encountered"]
     assert capsys.readouterr().err == stderr  # the terminal still shows everything
+
+
+def test_a_damaged_weight_file_in_the_model_folder_is_named(demo_dir: Path, tmp_path: Path, capsys) -> None:
+    import json
+    import shutil
+
+    folder = Path(shutil.copytree(demo_dir / "flux2", tmp_path / "flux2"))
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as handle:
+        handle.truncate(size - 100)  # an interrupted copy: the header survives, the last tensor does not
+    index = folder / "vae" / "diffusion_pytorch_model.safetensors.index.json"
+    shard = "diffusion_pytorch_model-00002.safetensors"
+    index.write_text(json.dumps({"weight_map": {"decoder.conv_in.weight": shard}}))
+    job = ["--set", f"model.source='{folder}'", "--set", f"output.dir='{tmp_path / 'out'}'"]
+    expected = [
+        f"model.source: '{folder / 'transformer' / weights.name}' is damaged (the file is truncated: its tensors "
+        f"need {size:,} bytes and it holds {size - 100:,}; download or copy it again)",
+        f"model.source: '{folder / 'vae' / 'diffusion_pytorch_model-00002.safetensors'}' is missing (named by "
+        f"{index.name}); download or copy the model folder again"]
+    for command in ("validate", "train"):
+        assert main([command, str(demo_dir / "job.toml"), *job]) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 2 and all(line.endswith(text) for line, text in zip(lines, expected, strict=True)), err
+    assert not (tmp_path / "out").exists()

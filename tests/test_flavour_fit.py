@@ -28,6 +28,11 @@ REAL = {family: [f for f in registry.FAMILIES[family].flavours.values() if not f
 PAIRS = [(a, b) for family in REAL.values() for a, b in itertools.permutations(family, 2)]
 
 
+def _checked(folder: Path, flavour: registry.Flavour, given: tuple[str, ...] = ()) -> str | None:
+    """The folder check's lines as one text; None when the folder fits."""
+    return "\n".join(check_folder(folder, flavour, given)) or None
+
+
 def _same_transformer(a: registry.Flavour, b: registry.Flavour) -> bool:
     return of_flavour(a) == of_flavour(b)
 
@@ -72,7 +77,7 @@ def _name(flavour: registry.Flavour) -> str:
 def test_every_pair_of_flavours_is_refused_both_ways(weights: registry.Flavour, named: registry.Flavour,
                                                      models: dict[str, tuple[Path, Path]]) -> None:
     folder, single = models[_name(weights)]
-    in_folder, as_file = check_folder(folder, named), check_file("transformer", single, named)
+    in_folder, as_file = _checked(folder, named), check_file("transformer", single, named)
     if _same_transformer(weights, named):
         # only the pipeline class tells a Kontext folder from a [dev] one
         assert (in_folder is not None) == ("kontext" in (weights.name, named.name))
@@ -86,17 +91,17 @@ def test_every_pair_of_flavours_is_refused_both_ways(weights: registry.Flavour, 
         assert f"{weights.double_blocks} + {weights.single_blocks} blocks, width {weights.hidden_size}" in line
         assert f"not {named.label} (model.family = {named.family}, model.flavour = {named.name}" in line
         assert line.split("; ")[-1].startswith("choose model.flavour = ") and weights.name in line.split("; ")[-1]
-    assert check_folder(folder, weights) is None and check_file("transformer", single, weights) is None
+    assert _checked(folder, weights) is None and check_file("transformer", single, weights) is None
 
 
 def test_the_klein_4b_message_reads_as_the_issue_asks(models: dict[str, tuple[Path, Path]]) -> None:
     folder, _ = models["flux2/klein-base-4b"]
-    assert check_folder(folder, registry.get_flavour("flux2", "klein-base-9b")) == (
+    assert _checked(folder, registry.get_flavour("flux2", "klein-base-9b")) == (
         f"model.source: '{folder / 'transformer' / 'config.json'}' is FLUX.2 [klein] base 4B: 5 + 20 blocks, width "
         "3072, not FLUX.2 [klein] base 9B (model.family = flux2, model.flavour = klein-base-9b: 8 + 24 blocks, width "
         "4096); choose model.flavour = klein-base-4b")
     schnell, _ = models["flux1/schnell"]
-    assert check_folder(schnell, registry.get_flavour("flux1", "dev")).endswith(
+    assert _checked(schnell, registry.get_flavour("flux1", "dev")).endswith(
         "is FLUX.1 [schnell]: 19 + 38 blocks, width 3072, no guidance embedding, not FLUX.1 [dev] (model.family = "
         "flux1, model.flavour = dev: 19 + 38 blocks, width 3072, with a guidance embedding); choose model.flavour = "
         "schnell")
@@ -113,16 +118,16 @@ def test_a_text_encoder_or_vae_of_another_flavour_is_refused(models: dict[str, t
     (folder / "transformer" / "config.json").write_text(source.read_text())
     (folder / "model_index.json").write_text(json.dumps({"_class_name": nine.pipeline_class}))
     Qwen3Config(hidden_size=2560, num_hidden_layers=36).save_pretrained(folder / "text_encoder")  # Qwen3-4B's
-    assert check_folder(folder, nine) == (
+    assert _checked(folder, nine) == (
         f"model.source: '{folder / 'text_encoder' / 'config.json'}' is a qwen3 text encoder of width 2560 with 36 "
         "layers, not Qwen3-8B text encoder (hidden 4096); FLUX.2 [klein] base 9B stacks its hidden-state layers "
         "(9, 18, 27); point model.source at a FLUX.2 [klein] base 9B folder or give that text encoder in "
         "model.text_encoder")
-    assert check_folder(folder, nine, given=("text_encoder",)) is None  # a single file replaces it
+    assert _checked(folder, nine, given=("text_encoder",)) is None  # a single file replaces it
     (folder / "text_encoder" / "config.json").unlink()
     (folder / "vae").mkdir()
     (folder / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 16}))
-    assert check_folder(folder, nine) == (
+    assert _checked(folder, nine) == (
         f"model.source: '{folder / 'vae' / 'config.json'}' is a AutoencoderKL with 16 latent channels, not the "
         "32-channel AutoencoderKLFlux2 FLUX.2 [klein] base 9B needs; point model.source at a FLUX.2 [klein] base 9B "
         "folder or give that VAE in model.vae")

@@ -55,7 +55,7 @@ def _check_source(spec: JobSpec) -> list[str]:
     wrong = check_folder(folder, registry.get_flavour(spec.model.family, spec.model.flavour),
                          model_files(spec.model).given())
     if wrong:
-        return [wrong]
+        return wrong
     # a single file takes its component's configuration from the folder
     return [f"model.{slot}: its configuration comes from model.source, but '{folder / slot / 'config.json'}' does "
             "not exist" for slot in model_files(spec.model).given() if not (folder / slot / "config.json").is_file()]

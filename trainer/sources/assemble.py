@@ -57,9 +57,9 @@ def local_folder(source: str, flavour: Flavour, skip: tuple[str, ...], files: Mo
         from trainer.sources.hub import fetch, needed_patterns
 
         folder = fetch(source, needed_patterns(flavour, skip, files), emit)
-    problem = check_folder(folder, flavour, files.given())
-    if problem:
-        raise UserError(problem)
+    problems = check_folder(folder, flavour, files.given())
+    if problems:
+        raise UserError("\n".join(problems))
     return folder
 
 

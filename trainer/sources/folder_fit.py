@@ -15,7 +15,7 @@ from typing import Any
 from trainer import registry
 from trainer.sources import pipeline_class_problem
 from trainer.sources.architecture import mismatch, of_config
-from trainer.sources.recognise import expected
+from trainer.sources.recognise import NotSafetensors, expected, read_raw_header
 
 _TRANSFORMER_FAMILY = {"Flux2Transformer2DModel": "flux2", "FluxTransformer2DModel": "flux1"}
 # transformers' model_type -> the kind recognise.py names
@@ -87,7 +87,36 @@ def folder_problem(folder: str | Path, flavour: registry.Flavour, given: Iterabl
     return None
 
 
-def check_folder(folder: str | Path, flavour: registry.Flavour, given: Iterable[str] = ()) -> str | None:
-    """Why the diffusers `folder` cannot be loaded as `flavour`, or None: its components' architecture first (it
-    names the flavour to choose), then the pipeline class its model_index.json names."""
-    return folder_problem(folder, flavour, given) or pipeline_class_problem(folder, flavour)
+def damaged_weights(folder: str | Path, flavour: registry.Flavour, given: Iterable[str] = ()) -> list[str]:
+    """One line per weight file of the folder's components (those not given as single files) that is damaged: a
+    header that does not read, fewer bytes than its tensors need, or a shard its index names that is missing."""
+    skip, problems = set(given), []
+    for component in flavour.components:
+        if component in skip or not (Path(folder) / component).is_dir():
+            continue
+        for index in sorted((Path(folder) / component).glob("*.safetensors.index.json")):
+            problems += _missing_shards(index)
+        for path in sorted((Path(folder) / component).glob("*.safetensors")):
+            try:
+                read_raw_header(path)
+            except NotSafetensors as exc:
+                fix = "" if "again" in str(exc) else "; download or copy the model folder again"
+                problems.append(f"model.source: '{path}' is damaged ({exc}){fix}")
+    return problems
+
+
+def _missing_shards(index: Path) -> list[str]:
+    try:
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return [f"model.source: '{index}' cannot be read ({exc}); download or copy the model folder again"]
+    return [f"model.source: '{index.parent / shard}' is missing (named by {index.name}); download or copy the model "
+            "folder again" for shard in sorted(shards) if not (index.parent / shard).is_file()]
+
+
+def check_folder(folder: str | Path, flavour: registry.Flavour, given: Iterable[str] = ()) -> list[str]:
+    """Why the diffusers `folder` cannot be loaded as `flavour`, one line each; empty when it can: its components'
+    architecture first (it names the flavour to choose), then the pipeline class its model_index.json names, then
+    every damaged weight file."""
+    wrong = folder_problem(folder, flavour, given) or pipeline_class_problem(folder, flavour)
+    return [wrong] if wrong else damaged_weights(folder, flavour, given)
