@@ -4,6 +4,7 @@ guidance a flavour would ignore. In-process (`main()`), on the demo."""
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 
@@ -163,3 +164,25 @@ def test_a_damaged_weight_file_in_the_model_folder_is_named(demo_dir: Path, tmp_
         lines = err.strip().splitlines()
         assert len(lines) == 2 and all(line.endswith(text) for line, text in zip(lines, expected, strict=True)), err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_shows_the_hub_download_and_says_the_base_was_quantised(demo_dir: Path, tmp_path: Path, capsys,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.fake_hub import FakeHub, serving
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    hub = FakeHub("acme/flux2-demo", demo_dir / "flux2")
+    with serving(hub, tmp_path / "cache"):
+        code = main(["train", str(demo_dir / "job.toml"), "--no-progress", "--set", "model.source='acme/flux2-demo'",
+                     "--set", "model.base_precision='int8'", "--set", "train.max_steps=1", "--set", "sample.prompts=[]",
+                     "--set", f"output.dir='{tmp_path / 'out'}'"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    files = len(hub.files())
+    lines = [line for line in captured.out.splitlines() if line.startswith("downloading acme/flux2-demo: ")]
+    assert lines and lines[-1].endswith(f" GB (100 %), {files}/{files} files"), captured.out
+    assert len(lines) <= files + 11  # a line per file done or tenth of the bytes, not one per event
+    quantised = [line for line in captured.out.splitlines() if "base transformer quantised to int8" in line]
+    assert len(quantised) == 1, captured.out
+    before, after = re.findall(r"([\d.]+ [KMG]iB)", quantised[0])
+    assert float(after.split()[0]) < float(before.split()[0]) and before.split()[1] == after.split()[1], quantised

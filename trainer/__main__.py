@@ -75,13 +75,41 @@ class _ConsoleProgress:
     def __init__(self, show_bar: bool) -> None:
         self.show_bar = show_bar
         self.bar = None
+        self.download_bar = None
+        self.download_shown: tuple[int, int] | None = None
         self.failed_message = ""
+
+    def _download(self, event: object) -> None:
+        """A hub download: a bar of bytes with the files done (the app's words on each line without a bar: when a
+        file completes or another tenth arrives)."""
+        from tqdm import tqdm
+
+        if not self.show_bar:
+            tenth = 10 * event.downloaded_bytes // event.total_bytes if event.total_bytes else -1
+            if (event.files_done, tenth) != self.download_shown:
+                self.download_shown = (event.files_done, tenth)
+                print(event.describe(), flush=True)
+            return
+        if self.download_bar is None:
+            self.download_bar = tqdm(unit="B", unit_scale=True, dynamic_ncols=True, desc=f"downloading {event.repo_id}")
+        bar = self.download_bar
+        if event.total_bytes and bar.total != event.total_bytes:
+            bar.total = event.total_bytes
+        bar.update(event.downloaded_bytes - bar.n)
+        if event.files_total:
+            bar.set_postfix_str(f"{event.files_done}/{event.files_total} files")
 
     def __call__(self, event: object) -> None:
         from tqdm import tqdm
 
         from trainer import events
 
+        if isinstance(event, events.DownloadProgress):
+            self._download(event)
+            return
+        if self.download_bar is not None:  # the download is over once anything else happens
+            self.download_bar.close()
+            self.download_bar = None
         if isinstance(event, events.Progress):
             if self.bar is None and self.show_bar:
                 self.bar = tqdm(total=event.max_steps, unit="step", dynamic_ncols=True)

@@ -53,6 +53,15 @@ class DownloadProgress(Event):
     files_done: int = 0
     files_total: int = 0
 
+    def describe(self) -> str:
+        """'downloading org/repo: 1.2/16.0 GB (8 %), 3/12 files': what the app's progress line and the CLI show."""
+        text = f"downloading {self.repo_id}: {self.downloaded_bytes / 1e9:.1f}"
+        if self.total_bytes:
+            text += f"/{self.total_bytes / 1e9:.1f} GB ({100 * self.downloaded_bytes / self.total_bytes:.0f} %)"
+        else:
+            text += " GB"
+        return text + (f", {self.files_done}/{self.files_total} files" if self.files_total else "")
+
 
 @dataclass(frozen=True)
 class Progress(Event):

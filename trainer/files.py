@@ -39,6 +39,14 @@ def _umask_mode() -> int:
 FILE_MODE = _umask_mode()
 
 
+def size_text(count: int) -> str:
+    """A byte count for people: '1.23 GiB', '456.7 MiB', '12.3 KiB'."""
+    for unit, power in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 2**power:
+            return f"{count / 2**power:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{count} bytes"
+
+
 def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
     """Call `write(tmp)` on a temporary file beside `path`, flush it to disk, then rename it over `path`.
 

@@ -55,11 +55,12 @@ from trainer.events import (
     SampleSaved,
 )
 from trainer.families import family_ops
-from trainer.files import describe_write_error, unwritable_reason, write_atomic
+from trainer.files import describe_write_error, size_text, unwritable_reason, write_atomic
 from trainer.lora_formats import lora_filename
 from trainer.memory.checkpointing import ActivationOffloader, enable_block_checkpointing
 from trainer.memory.optimizer_memory import FusedBackward, build_training_optimizer
 from trainer.memory.placement import TextEncoderPlacement, place_transformer
+from trainer.memory.quantize import quantised_sizes
 from trainer.memory.system_ram import ram_warning
 from trainer.optimizers import build_optimizer, build_scheduler, effective_learning_rate
 from trainer.preflight import check_files, model_source
@@ -300,6 +301,7 @@ class Session:
                                            base_precision=spec.model.base_precision,
                                            files=model_files(spec.model), emit=self.emit)
         self.pipe.set_progress_bar_config(disable=True)
+        self._report_quantised()
         for name in ("text_encoder", "text_encoder_2"):
             if getattr(self.pipe, name, None) is not None:
                 getattr(self.pipe, name).to(_DTYPES[spec.model.text_encoder_precision])
@@ -310,6 +312,13 @@ class Session:
         self.pipe.vae.to(self.device)
         self._text_placement = TextEncoderPlacement(self.pipe, self.device, self.plan.text_encoder_device,
                                                     self.plan.pin_memory)
+
+    def _report_quantised(self) -> None:
+        """The log says when the frozen transformer was quantised while it loaded: format, size before and after."""
+        before, after, fmt = quantised_sizes(self.pipe.transformer)
+        if fmt:
+            self.emit(LogMessage(level="info", message=f"base transformer quantised to {fmt} while loading: "
+                                 f"{size_text(before)} -> {size_text(after)}"))
 
     def _release_text_encoders(self) -> None:
         """Every embedding training and sampling need is cached: the text encoders are freed entirely."""
