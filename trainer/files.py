@@ -108,6 +108,37 @@ def unwritable_reason(folder: Path) -> str | None:
     return None
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error is the disk filling up: an OSError ENOSPC, or a library's wrapping of one (safetensors'
+    SafetensorError says 'I/O error: No space left on device (os error 28)')."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return f"(os error {errno.ENOSPC})" in str(exc) or "No space left on device" in str(exc)
+
+
+def free_space(folder: Path) -> int | None:
+    """Bytes free on the disk that holds `folder` (its nearest existing parent); None when it cannot be told."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        return shutil.disk_usage(existing).free
+    except OSError:
+        return None
+
+
+def disk_full_text(folder: Path, needed: int | None = None) -> str:
+    """'the disk is full: this save needs about 1.2 GiB and 300.0 MiB is free there; free some space ...'."""
+    free = free_space(folder)
+    sizes = []
+    if needed:
+        sizes.append(f"this save needs about {size_text(needed)}")
+    if free is not None:
+        sizes.append(f"{size_text(free)} is free there")
+    said = f": {' and '.join(sizes)}" if sizes else ""
+    return f"the disk is full{said}; free some space (or choose an output.dir on another disk)"
+
+
 def describe_write_error(exc: OSError) -> str:
     """An OSError from a save, in the user's words, with what to do about it."""
     if exc.errno == errno.ENOSPC:

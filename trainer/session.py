@@ -24,6 +24,7 @@ from trainer.adapters import add_adapter
 from trainer.checkpoint import (
     latest_state,
     load_training_state,
+    lora_bytes,
     prune_checkpoints,
     remove_interrupted_writes,
     save_lora_files,
@@ -31,6 +32,7 @@ from trainer.checkpoint import (
     saved_states,
     set_aside_earlier_run,
     state_path,
+    tensor_bytes,
 )
 from trainer.data.cache import TextEmbeddingCache
 from trainer.data.caching import InputCaches, stack_references
@@ -55,7 +57,14 @@ from trainer.events import (
     SampleSaved,
 )
 from trainer.families import family_ops
-from trainer.files import describe_write_error, size_text, unwritable_reason, write_atomic
+from trainer.files import (
+    describe_write_error,
+    disk_full,
+    disk_full_text,
+    size_text,
+    unwritable_reason,
+    write_atomic,
+)
 from trainer.lora_formats import lora_filename
 from trainer.memory.checkpointing import ActivationOffloader, enable_block_checkpointing
 from trainer.memory.optimizer_memory import FusedBackward, build_training_optimizer
@@ -201,6 +210,11 @@ class Session:
             self.emit(RunFinished(status="failed", step=self.step, message=str(exc)))
             raise
         except Exception as exc:
+            if disk_full(exc):  # between saves (the log, a sample, a cache): the same one message as in a save
+                folder = Path(exc.filename).parent if getattr(exc, "filename", None) else self.output_dir
+                error = self._write_failed(folder, exc, doing="write")
+                self.emit(RunFinished(status="failed", step=self.step, message=str(error)))
+                raise error from None
             self.emit(LogMessage(level="error", message=traceback.format_exc()))
             self.emit(RunFinished(status="failed", step=self.step, message=f"{type(exc).__name__}: {exc}"))
             raise
@@ -724,13 +738,14 @@ class Session:
         path = self.output_dir / lora_filename(name, spec.output.formats[0], step)
         self.dist.reshard(self.transformer)
         if self.dist.is_main:  # the adapter is whole on every rank; rank 0 writes it
+            needed = tensor_bytes(state) + lora_bytes(self.transformer, list(spec.output.formats))
             if state is not None:  # the state first: if the disk fills during the LoRA, the step can still resume
                 self._write_or_explain(self.output_dir, lambda: save_training_state(
-                    state_path(self.output_dir, self.step), state))
+                    state_path(self.output_dir, self.step), state), needed)
             written = self._write_or_explain(self.output_dir, lambda: save_lora_files(
                 self.transformer, type(self.pipe), self.output_dir, name, step, list(spec.output.formats),
                 metadata, spec.output.comfy_lora_dir if (not intermediate if copy_to_comfy is None else copy_to_comfy)
-                else ""))
+                else ""), needed)
             path = written[spec.output.formats[0]]
             for key, copy in written.items():
                 if key.startswith("copy:"):
@@ -753,16 +768,27 @@ class Session:
                             f"{bad[0]}), so nothing was saved and the files saved before are kept; lower "
                             "train.learning_rate, set train.max_grad_norm (e.g. 1.0), or use bf16 instead of fp16")
 
-    def _write_or_explain(self, folder: Path, write: Callable[[], Any]) -> Any:  # noqa: ANN401 - write's result
-        """`write()`; a failed write (disk full, no permission) becomes one message naming the folder and what is
-        kept. Every write is atomic, so the files saved before are intact."""
+    def _write_or_explain(self, folder: Path, write: Callable[[], Any],  # noqa: ANN401 - write's result
+                          needed: int | None = None) -> Any:  # noqa: ANN401
+        """`write()`; a failed write (disk full, no permission) becomes one message naming the folder, the space
+        the save needs (`needed` bytes) and what is free, and what is kept. Every write is atomic, so the files
+        saved before are intact."""
         try:
             return write()
-        except OSError as exc:
-            kept = latest_state(self.output_dir)
-            resume = f"; the last saved state is {kept}: resume from it" if kept else ""
-            raise UserError(f"cannot save in '{folder}' at step {self.step}: {describe_write_error(exc)}. The "
-                            f"files saved before are intact{resume}") from None
+        except Exception as exc:
+            if not (isinstance(exc, OSError) or disk_full(exc)):
+                raise
+            raise self._write_failed(folder, exc, needed) from None
+
+    def _write_failed(self, folder: Path, exc: BaseException, needed: int | None = None,
+                      doing: str = "save") -> UserError:
+        """The one message for a write that failed in `folder`: why, with the space needed and free when the disk
+        is full, and the saved state to resume from."""
+        kept = latest_state(self.output_dir)
+        resume = f"; the last saved state is {kept}: resume from it" if kept else ""
+        why = disk_full_text(folder, needed) if disk_full(exc) else describe_write_error(exc)
+        return UserError(f"cannot {doing} in '{folder}' at step {self.step}: {why}. The files saved before are "
+                         f"intact{resume}")
 
     # ------------------------------------------------------------------ end
 
