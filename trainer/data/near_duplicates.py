@@ -29,6 +29,9 @@ class Fingerprint:
 
 def fingerprint(image: Image.Image) -> Fingerprint:
     """The fingerprint of a decoded (RGB, upright) image."""
+    factor = min(image.size) // 64
+    if factor > 1:  # a whole-number box reduction first: resizing a photo-sized image straight down costs more
+        image = image.reduce(factor)
     grey = list(image.convert("L").resize((9, 8), Image.Resampling.BOX).getdata())
     bits = 0
     for row in range(8):
