@@ -148,3 +148,24 @@ def test_the_demo_folder_under_a_real_flavour_is_refused_by_every_command(demo_d
         assert err.rstrip().endswith("choose model.flavour = demo"), (command, err)
     assert not (tmp_path / "out").exists()  # nothing was trained, nothing written
 
+
+
+def test_a_hub_repo_of_another_flavour_is_refused_once_downloaded_before_it_loads(
+        demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id is checked when its files arrive: the same line, naming the snapshot's config, and nothing loads."""
+    import torch
+
+    from tests.fake_hub import FakeHub, serving
+    from trainer.errors import UserError
+    from trainer.families import family_ops
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    klein = registry.get_flavour("flux2", "klein-base-4b")
+    loaded = []
+    monkeypatch.setattr("diffusers.Flux2KleinPipeline.from_pretrained", lambda *a, **k: loaded.append(a))
+    with serving(FakeHub("acme/not-klein", demo_dir / "flux2"), tmp_path / "cache"), \
+            pytest.raises(UserError) as caught:
+        family_ops("flux2").load_pipeline("acme/not-klein", klein, torch.bfloat16)
+    assert "transformer/config.json' is FLUX.2 demo (tiny, random weights): 2 + 2 blocks, width 32, not FLUX.2 " \
+           "[klein] base 4B" in str(caught.value) and str(caught.value).endswith("choose model.flavour = demo")
+    assert loaded == []
