@@ -29,8 +29,9 @@ def test_a_reencoded_copy_is_a_likely_duplicate_and_the_cli_names_both(demo_dir:
     assert likely[first.name].startswith("looks like dataset/copy_as.jpg (the same picture saved again, e.g. as JPEG)")
     assert likely["smaller.png"].startswith(f"looks like dataset/{second.name} (the same picture saved again")
     # the demo's own pictures (shapes in a few colours on plain grounds) are all told apart
-    plain = check_datasets([DatasetEntry(path=str(demo_dir / "dataset"))])
-    assert not [row for row in plain.rows if row.kind == "duplicate"]
+    for name in ("dataset", "dataset_edit", "dataset_edit_ref"):  # the edit pairs: one shape, colours swapped
+        plain = check_datasets([DatasetEntry(path=str(demo_dir / name))])
+        assert not [row for row in plain.rows if row.kind == "duplicate"], name
     assert main(["validate", str(demo_dir / "job.toml"), "--set", f"data.datasets=[{{path='{folder}'}}]"]) == 0
     out = capsys.readouterr().out
     assert first.name in out and "looks like dataset/copy_as.jpg" in out
