@@ -72,6 +72,11 @@ def test_an_unknown_preset_is_named(demo_dir: Path, tmp_path: Path, capsys) -> N
     assert err.startswith("error: unknown preset 'no-such-preset'; known: flux1-dev-12gb, ") and "Traceback" not in err
     assert main(["estimate", str(demo_dir / "job.toml"), "--preset", str(tmp_path / "gone.toml")]) == 2
     assert f"--preset: file '{tmp_path / 'gone.toml'}' does not exist" in capsys.readouterr().err
+    # a preset of another flavour: its sizes and precisions were chosen for that model
+    assert main(["validate", str(demo_dir / "job.toml"), "--preset", "flux2-klein-base-4b-8gb"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --preset flux2-klein-base-4b-8gb: it is for flux2 klein-base-4b, but the job trains flux2 demo; "
+        "choose one of its presets (flux2-demo) or set model.flavour")
 
 
 def test_a_named_preset_applies_under_estimate(demo_dir: Path, capsys) -> None:

@@ -20,12 +20,18 @@ EXIT_FAILURE = 1
 
 def _load_job(path: str, overrides: list[str], preset: str | None = None) -> JobSpec:
     """The job file under its preset (the file's values and then --set win over the preset's)."""
-    base = None
-    if preset:
-        from trainer.profiles import find_preset
+    if not preset:
+        return resolve_paths(load_spec(path, overrides), Path(path).expanduser().resolve().parent)
+    from trainer.profiles import find_preset, list_presets
 
-        base = find_preset(preset).spec
-    spec = load_spec(path, overrides, base)
+    chosen = find_preset(preset)
+    spec = load_spec(path, overrides, chosen.spec)
+    if (spec.model.family, spec.model.flavour) != (chosen.family, chosen.flavour):
+        # its sizes and precisions are chosen for that model: under another they would mislead
+        fitting = ", ".join(p.name for p in list_presets(spec.model.family, spec.model.flavour)) or "none"
+        raise SpecError([f"--preset {preset}: it is for {chosen.family} {chosen.flavour}, but the job trains "
+                         f"{spec.model.family} {spec.model.flavour}; choose one of its presets ({fitting}) or set "
+                         "model.flavour"])
     return resolve_paths(spec, Path(path).expanduser().resolve().parent)
 
 
