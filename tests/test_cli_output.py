@@ -127,7 +127,7 @@ def test_a_killed_trainers_last_words_leave_library_warnings_out(capsys) -> None
     import io
     from collections import deque
 
-    from trainer.process_runner import copy_stderr
+    from trainer.runners.child import copy_stderr
 
     stderr = (
         "W1206 17:51:00.573000 8489 torch/utils/_pytree.py:630] <enum 'KernelPreference'> is an Enum subclass\n"
