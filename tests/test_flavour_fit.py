@@ -50,12 +50,16 @@ def _transformer(flavour: registry.Flavour) -> object:
                                                          if flavour.family == "flux1" else {}))
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+def _real_width(flavour: registry.Flavour) -> registry.Flavour:
+    from trainer.fabric import real_width
+
+    return real_width(flavour)
+
+
+def _write_models(root: Path, flavours: list[registry.Flavour]) -> dict[str, tuple[Path, Path]]:
     """flavour name (family/name) -> (diffusers folder, single BFL file), header only."""
-    root = tmp_path_factory.mktemp("flavours")
     made = {}
-    for flavour in (f for flavours in REAL.values() for f in flavours):
+    for flavour in flavours:
         key = f"{flavour.family}/{flavour.name}"
         folder = root / flavour.family / flavour.name
         model = _transformer(flavour)
@@ -69,6 +73,29 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
     return made
 
 
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    return _write_models(tmp_path_factory.mktemp("flavours"), [f for flavours in REAL.values() for f in flavours])
+
+
+SHALLOW = [_real_width(f) for family in REAL.values() for f in family]
+
+
+@pytest.fixture(scope="module")
+def shallow_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    return _write_models(tmp_path_factory.mktemp("shallow"), SHALLOW)
+
+
+@pytest.fixture
+def shallow(shallow_files: dict[str, tuple[Path, Path]],
+            monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[Path, Path]]:
+    """The real-size tests' models (trainer.fabric.real_width: the released widths, one double and one single
+    block), every flavour's name meaning its shallow model during the test."""
+    for flavour in SHALLOW:
+        monkeypatch.setitem(registry.FAMILIES[flavour.family].flavours, flavour.name, flavour)
+    return shallow_files
+
+
 def _name(flavour: registry.Flavour) -> str:
     return f"{flavour.family}/{flavour.name}"
 
@@ -76,6 +103,18 @@ def _name(flavour: registry.Flavour) -> str:
 @pytest.mark.parametrize(("weights", "named"), PAIRS, ids=[f"{a.family}-{a.name}-as-{b.name}" for a, b in PAIRS])
 def test_every_pair_of_flavours_is_refused_both_ways(weights: registry.Flavour, named: registry.Flavour,
                                                      models: dict[str, tuple[Path, Path]]) -> None:
+    _assert_refused_both_ways(weights, named, models)
+
+
+@pytest.mark.parametrize(("weights", "named"), PAIRS, ids=[f"{a.family}-{a.name}-as-{b.name}" for a, b in PAIRS])
+def test_every_pair_of_real_width_shallow_models_is_refused_both_ways(
+        weights: registry.Flavour, named: registry.Flavour, shallow: dict[str, tuple[Path, Path]]) -> None:
+    family = registry.FAMILIES[weights.family].flavours
+    _assert_refused_both_ways(family[weights.name], family[named.name], shallow)
+
+
+def _assert_refused_both_ways(weights: registry.Flavour, named: registry.Flavour,
+                              models: dict[str, tuple[Path, Path]]) -> None:
     folder, single = models[_name(weights)]
     in_folder, as_file = _checked(folder, named), check_file("transformer", single, named)
     if _same_transformer(weights, named):
