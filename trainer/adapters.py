@@ -571,7 +571,7 @@ def flavour_preset_counts(family: str, flavour: str) -> dict[str, int]:
               "num_attention_heads": info.num_heads, "attention_head_dim": info.head_dim,
               "joint_attention_dim": info.joint_attention_dim, "guidance_embeds": info.guidance == "embedded"}
     if family == "flux1":
-        kwargs["pooled_projection_dim"] = 768 if not info.is_demo else info.joint_attention_dim
+        kwargs["pooled_projection_dim"] = info.pooled_dim
     with torch.device("meta"):
         transformer = model_class(**kwargs)
     return preset_report(transformer, family)

@@ -376,6 +376,26 @@ class AdvancedSection(_Section):
         return self
 
 
+# The training guidance a guidance-distilled transformer is fed (advanced.*); the others have no input for it.
+TRAINING_GUIDANCE_KEYS = ("guidance_mode", "guidance_value", "guidance_min", "guidance_max")
+
+
+def _guidance_agrees(spec: JobSpec) -> list[Problem]:
+    """Training guidance set (not left at its default) on a flavour without a guidance embedding would be ignored:
+    validation never accepts what training would ignore."""
+    flavour = registry.get_flavour(spec.model.family, spec.model.flavour)
+    if flavour.guidance == "embedded":
+        return []
+    fields = AdvancedSection.model_fields
+    changed = [key for key in TRAINING_GUIDANCE_KEYS if getattr(spec.advanced, key) != fields[key].default]
+    if not changed:
+        return []
+    keys = ", ".join(f"advanced.{key}" for key in changed)
+    return [Problem(keys, f"{flavour.label} ({spec.model.family} {spec.model.flavour}) has no guidance embedding, "
+                    "so training guidance would be ignored; remove these keys, or choose a flavour with one "
+                    "(FLUX.1 dev, krea or kontext, FLUX.2 dev)")]
+
+
 class JobSpec(_Section):
     spec_version: Literal[1] = SPEC_VERSION  # a newer file is refused rather than half-understood
     model: ModelSection  # required: which model to train is never guessed
@@ -412,6 +432,11 @@ class JobSpec(_Section):
         if self.lora.type == "lokr" and set(self.output.formats) - {"diffusers"}:
             problems.append(Problem("output.formats", "LoKr is written in the diffusers format only; remove "
                                                       "comfyui/kohya"))
+        elif self.lora.type == "lokr" and self.output.comfy_lora_dir:
+            problems.append(Problem("output.comfy_lora_dir", "LoKr is written in the diffusers format only, which "
+                                    "is not ComfyUI's layout, so nothing could be copied there; leave it empty or "
+                                    "train a LoRA (lora.type = lora)"))
+        problems += _guidance_agrees(self)
         problems += _lowvram_agrees(self)
         problems += _references_agree(self)
         if self.advanced.tread:
@@ -534,7 +559,8 @@ def parse_spec(data: dict[str, Any], source: str | None = None) -> JobSpec:
         raise SpecError([problem for error in exc.errors() for problem in _describe(error)], source) from None
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+def load_spec(path: str | Path, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> JobSpec:
+    """The job file at `path`, over `base` (a preset's partial job: the file's own values win), then `overrides`."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -549,6 +575,8 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError([f"not valid TOML: {exc}"], str(path)) from None
+    if base:
+        data = deep_merge(base, data)
     if overrides:
         data = apply_overrides(data, overrides)
     return parse_spec(data, str(path))

@@ -21,8 +21,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from trainer import registry
 from trainer.demo import demo_job_toml
-from trainer.spec import JobSpec, Problem, SpecError, deep_merge, parse_spec
+from trainer.spec import TRAINING_GUIDANCE_KEYS, JobSpec, Problem, SpecError, deep_merge, parse_spec
 
 DATASET = "dataset."
 PROMPT_SEPARATOR = "|"
@@ -245,6 +246,19 @@ def _from_spec_value(key: str, value: Any) -> Any:  # noqa: ANN401 - any spec va
     return value
 
 
+def _drop_unused_guidance(data: dict[str, Any]) -> None:
+    """The training guidance controls are greyed out for a flavour without a guidance embedding: they send nothing
+    (the spec refuses guidance such a flavour would ignore)."""
+    model = data.get("model", {})
+    try:
+        embedded = registry.get_flavour(model.get("family", ""), model.get("flavour", "")).guidance == "embedded"
+    except KeyError:
+        return  # an unknown flavour: the spec names it
+    if not embedded:
+        for key in TRAINING_GUIDANCE_KEYS:
+            data.get("advanced", {}).pop(key, None)
+
+
 def values_to_dict(values: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Nested spec dict from form values (key → value), laid over `base` (a loaded job's fields the form lacks).
 
@@ -268,6 +282,7 @@ def values_to_dict(values: Mapping[str, Any], base: Mapping[str, Any] | None = N
             target.pop(name, None)
         else:
             target[name] = value
+    _drop_unused_guidance(data)
     if CONDITIONING_MATCH_KEY in values and not dataset.get("conditioning"):
         dataset.pop("conditioning_match", None)  # no edit pairs: nothing to match
     data["data"]["datasets"] = [dataset, *datasets[1:]]

@@ -279,6 +279,25 @@ def is_quantized(module: torch.nn.Module) -> bool:
     return isinstance(module, QuantizedLinear)
 
 
+def quantised_sizes(model: torch.nn.Module) -> tuple[int, int, str]:
+    """(bytes the model would hold unquantised, bytes it holds, format) for a quantised base; the format is "" when
+    no layer is quantised. Unquantised: each quantised layer's weight at its compute dtype."""
+    before = after = 0
+    fmt = ""
+    for module in model.modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        size = sum(t.numel() * t.element_size() for t in own)
+        after += size
+        if isinstance(module, QuantizedLinear):
+            fmt = module.format
+            bias = module.bias.numel() * module.bias.element_size() if module.bias is not None else 0
+            element = torch.empty((), dtype=module.compute_dtype).element_size()
+            before += module.in_features * module.out_features * element + bias
+        else:
+            before += size
+    return before, after, fmt
+
+
 def quantizable_names(model: torch.nn.Module) -> list[str]:
     """Names of the Linears a quantised base stores quantised: attention and MLP inside the blocks (a layer
     wrapped by peft is named by its `base_layer`; the adapter's own Linears never count)."""
