@@ -51,7 +51,7 @@ def _transformer(flavour: registry.Flavour) -> object:
 
 
 def _real_width(flavour: registry.Flavour) -> registry.Flavour:
-    from trainer.fabric import real_width
+    from trainer.fabric.make import real_width
 
     return real_width(flavour)
 

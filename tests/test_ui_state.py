@@ -397,7 +397,7 @@ def test_a_loaded_job_with_the_new_keys_round_trips(tmp_path):
     ({"lora.targets": "mmdit"}, "lora.targets: 'mmdit' is not a flux2 preset"),
     ({"lora.targets": "blocks.(("}, "lora.targets: 'blocks.((' is neither a preset nor a valid regex"),
     ({"lora.type": "lokr", "lora.init": "pissa"}, "lora.init: 'pissa' applies to LoRA only"),
-    ({"advanced.tread": True, "advanced.tread_end_block": 9}, "advanced.tread_end_block = 9 is outside"),
+    ({"advanced.tread": True, "advanced.tread_end_block": 9}, "advanced.tread_end_block: 9 is outside"),
     ({"train.weight_decay": 2.0, "output.keep_last": 0}, "train.weight_decay"),
     ({"data.eval_holdout": -1}, "data.eval_holdout"),
     ({"output.log_with": ["mlflow"]}, "output.log_with[0]"),
