@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from trainer.demo_shapes import (
     training_pictures,
     write_dataset,
 )
-from trainer.events import Event, PhaseChanged
+from trainer.events import Event, LogMessage, PhaseChanged, RunFinished
 from trainer.files import write_text_atomic
 
 # The transformers are 128 wide: at least as wide as a FLUX.2 latent token (32 channels x 2x2), or the flow they
@@ -402,3 +403,17 @@ def ensure_demo(out_dir: str | Path, emit: Callable[[Event], None] | None = None
         else:
             build_demo(out, report=report)
     return out / "job.toml"
+
+
+def prepare_demo(demo_dir: Path | None, emit: Callable[[Event], None]) -> bool:
+    """Build the demo in `demo_dir` when it is missing, as a run starts (None: nothing to build); False, with a
+    failed RunFinished emitted, when that fails. Both kinds of run in the app call this first."""
+    if demo_dir is None:
+        return True
+    try:
+        ensure_demo(demo_dir, emit)
+    except Exception as exc:  # noqa: BLE001 - the app must survive anything the trainer does
+        emit(LogMessage(level="error", message=traceback.format_exc()))
+        emit(RunFinished(status="failed", step=0, message=f"building the demo failed: {exc}"))
+        return False
+    return True
