@@ -21,9 +21,9 @@ import torch
 from trainer.demo_shapes import COLOURS, SHAPES, Picture, random_pictures, render
 
 POOL = 256  # distinct pictures per stage: plenty for shapes this simple
-VAE_STEPS = 600
+VAE_STEPS = 450
 VAE_BATCH = 8
-VAE_LR = 2e-3
+VAE_LR = 3e-3
 TRANSFORMER_STEPS = 400
 TRANSFORMER_BATCH = 16
 TRANSFORMER_LR = 3e-3
@@ -49,7 +49,7 @@ def coded_caption(picture: Picture) -> str:
 
 
 def _one_cycle(optimizer: torch.optim.Optimizer, peak: float, steps: int) -> Any:  # noqa: ANN401
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=steps, pct_start=0.1)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=steps, pct_start=0.15)
 
 
 def train_vae(vae: Any, seed: int, steps: int = VAE_STEPS) -> float:  # noqa: ANN401 - a diffusers VAE
