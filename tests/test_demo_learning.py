@@ -104,9 +104,12 @@ def test_a_later_start_reuses_the_build(demo_dir: Path, tmp_path: Path, monkeypa
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["key"] == demo_key()
 
 
-def test_pre_training_is_the_same_for_a_seed() -> None:
+def test_pre_training_is_the_same_for_a_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer import demo_pretrain
     from trainer.demo import _PIPELINES
     from trainer.demo_pretrain import pretrain_transformer, set_latent_statistics, train_vae
+
+    monkeypatch.setattr(demo_pretrain, "POOL", 16)  # a few pictures: the same code path, a fraction of the time
 
     weights = []
     for _ in range(2):
