@@ -303,8 +303,9 @@ def test_lokr_counts_match_peft_on_the_demo() -> None:
 
     with torch.device("meta"):
         transformer = diffusers.Flux2Transformer2DModel(
-            num_layers=2, num_single_layers=2, num_attention_heads=2, attention_head_dim=16, joint_attention_dim=48,
-            in_channels=128, timestep_guidance_channels=32, guidance_embeds=False)
+            num_layers=2, num_single_layers=2, num_attention_heads=info.num_heads, attention_head_dim=info.head_dim,
+            joint_attention_dim=48, in_channels=128, timestep_guidance_channels=32, guidance_embeds=False,
+            axes_dims_rope=[info.head_dim // 4] * 4)
     for rank in (2, 16):
         names = target_modules(transformer, "flux2", "all")
         with torch.device("meta"):
