@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ui_and_app_import_without_torch():
     code = ("import sys, ui, app; import ui.run_state, ui.form, ui.studio, ui.dataset_check, ui.captioning, "
-            "ui.caption_editor, ui.paths, ui.jobs, ui.presets; print('torch' in sys.modules)")
+            "ui.caption_editor, trainer.folders, ui.jobs, ui.presets; print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

@@ -10,9 +10,9 @@ from typing import Any
 
 import gradio as gr
 
+from trainer.folders import Folders
 from ui import allowed_paths, form, multi_gpu
 from ui.gauges import gauges_html, read_gauges
-from ui.paths import Folders
 from ui.run_state import RunView
 from ui.studio import Outcome, Studio
 

@@ -12,6 +12,7 @@ from typing import Any
 from trainer.demo import FAMILIES as DEMO_FAMILIES
 from trainer.demo import is_demo_folder
 from trainer.errors import UserError
+from trainer.folders import Folders, PathRefused, spec_paths, written_folders
 from trainer.preflight import check_files
 from trainer.runner import AlreadyRunning, NothingToDo, TrainingRunner
 from trainer.spec import JobSpec, SpecError, is_local_path, parse_spec, resolve_paths
@@ -20,7 +21,6 @@ from ui.captioning import CaptionJob, make_request
 from ui.dataset_check import DatasetCheck, check_form
 from ui.jobs import LAST_FORM, LastForm, Outcome, default_job_path, read_job, write_job
 from ui.model_info import flavour_summary, target_counts  # noqa: F401 - the tabs' and tests' old import path
-from ui.paths import Folders, PathRefused, spec_paths, written_folders
 from ui.resume import find_interrupted_run, latest_state_step
 from ui.run_state import RunView
 
@@ -34,7 +34,8 @@ TRAINING_IN_PROGRESS = "a training run is in progress; caption when it has finis
 class Studio:
     """The app's server-side state: one runner and one RunView shared by every browser session.
 
-    Every path a user types is used only inside `folders`: the workdir and the `allowed` folders (see ui/paths.py).
+    Every path a user types is used only inside `folders`: the workdir and the `allowed` folders (see
+    trainer/folders.py).
     """
 
     def __init__(self, runner: TrainingRunner, workdir: Path, allowed: Iterable[str | Path] = ()) -> None:

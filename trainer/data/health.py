@@ -23,15 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from trainer.data.datasets import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, find_mask, list_images
+from trainer.data.datasets import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, find_mask, links_out, list_images
 from trainer.data.images import verify_image, verify_mask
 from trainer.errors import UserError
+from trainer.folders import leads_out
 from trainer.spec import DatasetEntry, JobSpec
 
 Severity = Literal["error", "warning"]
 Verdict = Literal["ok", "warnings", "will not train"]
 # What a row is about, for grouping long reports: a folder of 300 uncaptioned images says so in a few lines.
-Kind = Literal["dataset", "count", "unreadable", "too small", "mask", "pair", "duplicate", "caption", "ignored"]
+Kind = Literal["dataset", "count", "link", "unreadable", "too small", "mask", "pair", "duplicate", "caption",
+               "ignored"]
 _KIND_ORDER = get_args(Kind)  # the order reports list them in
 
 # Left alone without a word: what file managers and editors drop into folders.
@@ -187,6 +189,8 @@ def _caption_problem(image: Path, trigger: str) -> str:
     for ext in CAPTION_EXTENSIONS:
         sidecar = image.with_suffix(ext)
         if sidecar.is_file():
+            if leads_out(sidecar, image.parent) is not None:
+                return f"caption file {sidecar.name} leads outside the folder (see its row); it trains with {fallback}"
             try:
                 text = sidecar.read_bytes().decode("utf-8")
             except UnicodeDecodeError:
@@ -208,6 +212,8 @@ def _stray_files(folder: Path, own: Sequence[str]) -> list[HealthRow]:
         name, suffix = path.name.lower(), path.suffix.lower()
         if name in _SILENT_NAMES or name.startswith("."):
             continue
+        if suffix in IMAGE_EXTENSIONS + CAPTION_EXTENSIONS and leads_out(path, folder) is not None:
+            continue  # a row of its own (`_link_rows`)
         if path.is_dir():
             if path.resolve() not in owned:
                 rows.append(HealthRow(path, "a subfolder: not searched (images must be directly in the dataset "
@@ -223,6 +229,17 @@ def _stray_files(folder: Path, own: Sequence[str]) -> list[HealthRow]:
                                         "ignored — convert it to PNG or JPEG to train on it", "warning", "ignored"))
         else:
             rows.append(HealthRow(path, "not a training image; ignored", "warning", "ignored"))
+    return rows
+
+
+def _link_rows(entry: DatasetEntry) -> list[HealthRow]:
+    """A row naming each image, caption, mask or reference of the entry's folders that links outside its folder."""
+    rows = []
+    for what, folder in (("dataset", entry.path), ("mask", entry.masks), ("reference", entry.conditioning or "")):
+        if folder and Path(folder).is_dir():
+            rows += [HealthRow(path, f"a link to {target}, outside the {what} folder: refused, never read; copy the "
+                                     "file into the folder to use it", "warning", "link")
+                     for path, target in links_out(Path(folder))]
     return rows
 
 
@@ -272,6 +289,7 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
             report.rows.append(HealthRow(folder, "cannot read this folder (permission denied)", "error", "dataset"))
             continue
         report.rows += _stray_files(folder, (entry.masks, entry.conditioning or ""))
+        report.rows += _link_rows(entry)
         images = list_images(folder)
         if not images:
             report.rows.append(HealthRow(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder",
