@@ -98,15 +98,17 @@ def free_port(host: str) -> int:
 
 def launch_options(args: argparse.Namespace, workdir: Path, auth: tuple[str, str] | None,
                    open_browser: bool) -> dict[str, Any]:
-    """The keyword arguments of gradio's launch(): where to listen, the login, what gradio may serve, the page
-    built once per visitor (ui/page_cache.py)."""
+    """The keyword arguments of gradio's launch(): where to listen, the login (wrong passwords throttled per
+    address, ui/login_throttle.py), what gradio may serve, the page built once per visitor (ui/page_cache.py)."""
     import ui
+    from ui.login_throttle import login_throttle_middleware
     from ui.page_cache import page_cache_middleware
 
     host = ALL_INTERFACES if args.listen else LOCALHOST
+    middleware = [page_cache_middleware(), login_throttle_middleware()]
     return {"server_name": host, "server_port": args.port or free_port(host), "share": args.share, "auth": auth,
             "allowed_paths": ui.allowed_paths(workdir), "blocked_paths": ui.blocked_paths(workdir),
-            "inbrowser": open_browser, "app_kwargs": {"middleware": [page_cache_middleware()]}}
+            "inbrowser": open_browser, "app_kwargs": {"middleware": middleware}}
 
 
 def keep_the_page_responsive() -> None:
