@@ -24,8 +24,10 @@ from trainer.adapters import add_adapter
 from trainer.checkpoint import (
     latest_state,
     load_training_state,
+    lora_metadata,
     prune_checkpoints,
     remove_interrupted_writes,
+    repair_incomplete_loras,
     save_lora_files,
     save_training_state,
     saved_states,
@@ -64,7 +66,7 @@ from trainer.preflight import check_files, model_source
 from trainer.prompts import SamplePrompt, sample_prompts
 from trainer.quiet import disable_loading_bars
 from trainer.sources import model_files
-from trainer.spec import JobSpec, save_spec, spec_to_toml
+from trainer.spec import JobSpec, save_spec
 from trainer.trackers import TrackerLogger
 from trainer.tread import TreadConfig, transformer_blocks, tread_routing
 
@@ -223,9 +225,10 @@ class Session:
                             "write to, or fix its permissions")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.commands.clear_stale_stop()
-        earlier = None
+        earlier, repairs = None, []
         if self.dist.is_main:
             remove_interrupted_writes(self.output_dir)  # what a run killed mid-save left behind
+            repairs = self._repair_loras()
             earlier = None if self.resume else set_aside_earlier_run(self.output_dir, spec.output.name)
             self._jsonl = JsonlWriter(self.output_dir / "events.jsonl")
             self._listeners.append(self._jsonl)
@@ -238,6 +241,8 @@ class Session:
         if earlier is not None:
             self.emit(LogMessage(level="info", message=f"the earlier run's LoRA, states, samples and log in this "
                                                        f"output folder were moved to {earlier}"))
+        for message in repairs:
+            self.emit(LogMessage(level="warning", message=message))
         torch.manual_seed(spec.train.seed)
         if self.dist.world_size > 1:
             self.emit(LogMessage(level="info", message=f"distributed: {self.dist.describe()}"))
@@ -695,11 +700,7 @@ class Session:
         spec = self.spec
         name = spec.output.name
         self.emit(PhaseChanged(phase="saving", detail=f"{name} at step {self.step} ({', '.join(spec.output.formats)})"))
-        metadata = {
-            "family": spec.model.family, "flavour": spec.model.flavour, "steps": self.step,
-            "trigger_words": [e.trigger for e in spec.data.datasets if e.trigger],
-            "base_model": spec.model.transformer or model_source(spec), "spec_toml": spec_to_toml(spec), "title": name,
-        }
+        metadata = lora_metadata(spec, self.step)
         self._refuse_non_finite_weights()
         step = self.step if intermediate else None
         state = self.state_dict() if spec.output.save_state else None  # on every rank: it gathers their RNG
@@ -718,6 +719,17 @@ class Session:
         self.last_lora_path = path
         self.emit(LoraSaved(step=self.step, path=str(path)))
         return path
+
+    def _repair_loras(self) -> list[str]:
+        """LoRA files an interrupted save of an earlier version left without their header: repaired or removed.
+        Returns what to say about them (said once the run has started)."""
+        repaired, removed = repair_incomplete_loras(self.output_dir, self.spec.output.name)
+        said = []
+        for paths, what in ((repaired, "given back the header an interrupted save left out"),
+                            (removed, "removed: an interrupted save left it without its header")):
+            if paths:
+                said.append(f"{', '.join(path.name for path in paths)} in {self.output_dir}: {what}")
+        return said
 
     def _refuse_non_finite_weights(self) -> None:
         """A step with a finite loss can still leave nan weights (inf gradients, no clipping): never save those over
