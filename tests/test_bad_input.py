@@ -265,7 +265,7 @@ def test_the_family_of_a_lora_file_is_told_from_its_metadata_or_keys(names: tupl
 
 SECTION_AS_VALUE = "train: should be a table of settings ([train] in TOML), not a single value (got 5)"
 JOB_FILES = {  # file name -> (its bytes; None: no file, "dir": a folder), what the CLI says, what the app says
-    "missing.toml": (None, "file not found; give the path of a job TOML", "cannot read the file: No such file"),
+    "missing.toml": (None, "file not found; give the path of a job TOML", "file not found; give the path of a job"),
     "a folder.toml": ("dir", "cannot read the file: Is a directory", "cannot read the file: Is a directory"),
     "picture.toml": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not a text file (UTF-8)", "not a text file (UTF-8)"),
     "broken.toml": (b"[lora\nrank = 4\n", "not valid TOML: ", "not valid TOML: "),

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +41,8 @@ class SpecError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # allow_inf_nan=False: inf or nan in any number (lora.alpha = inf) is refused here, not at step 1
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -486,21 +489,71 @@ def parse_spec(data: dict[str, Any], source: str | None = None) -> JobSpec:
         raise SpecError(problems, source) from None
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+# The deepest a job goes: the document, [data], its [[data.datasets]] array, one dataset, its resolution list.
+MAX_NESTING = 8
+MAX_JOB_BYTES = 16 * 1024 * 1024  # far above any job (a few kB); a bigger file is not one
+
+
+def read_job_text(path: str | Path) -> str:
+    """A job file's text; SpecError when it is missing, not a regular file (a FIFO would block a plain read
+    forever), too big, unreadable or not UTF-8."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # O_NONBLOCK: opening a FIFO for reading returns at once instead of waiting for a writer
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
         raise SpecError(["file not found; give the path of a job TOML (make one with `python -m trainer demo`)"],
                         str(path)) from None
     except OSError as exc:
         raise SpecError([f"cannot read the file: {exc.strerror}"], str(path)) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        problem = "cannot read the file: Is a directory" if stat.S_ISDIR(mode) else \
+            "is not a regular file (a pipe, socket or device)"
+        raise SpecError([f"{problem}; give the path of a job TOML"], str(path))
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(MAX_JOB_BYTES + 1)
+    if len(data) > MAX_JOB_BYTES:
+        raise SpecError([f"is larger than {MAX_JOB_BYTES // 2**20} MB; a job TOML is a few kB"], str(path))
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise SpecError(["not a text file (UTF-8); give the path of a job TOML"], str(path)) from None
+
+
+def _nesting(data: Any) -> int:  # noqa: ANN401 - parsed TOML
+    """How deep tables and arrays nest in `data` (a plain value: 0), counted without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_NESTING:  # deeper than that is refused anyway: no need to walk it all
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_toml(text: str, source: str | None = None) -> dict[str, Any]:
+    """A job's TOML as a dict; SpecError when it is not TOML or nests deeper than any job (which would reach
+    Python's recursion limit in the parser or the validation)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise SpecError([f"not valid TOML: {exc}"], str(path)) from None
+        raise SpecError([f"not valid TOML: {exc}"], source) from None
+    except RecursionError:
+        data = None
+    if data is None or _nesting(data) > MAX_NESTING:
+        raise SpecError([f"tables and arrays nest deeper than {MAX_NESTING} levels; no job needs more than 5 (the "
+                         "deepest is data.datasets[i].resolution): check the brackets"], source)
+    return data
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    path = Path(path)
+    data = parse_toml(read_job_text(path), str(path))
     if overrides:
         data = apply_overrides(data, overrides)
     return parse_spec(data, str(path))
@@ -529,6 +582,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except RecursionError:
+        value = None
+    if value is None or _nesting(value) >= MAX_NESTING:
+        raise SpecError([f"--set {key.strip()}: its value nests deeper than any job needs; check the brackets"])
     return parts, value
 
 

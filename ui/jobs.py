@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import threading
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trainer.files import write_text_atomic
-from trainer.spec import JobSpec, SpecError, parse_spec, resolve_paths, spec_to_toml
+from trainer.spec import JobSpec, SpecError, parse_spec, parse_toml, read_job_text, resolve_paths, spec_to_toml
 
 LAST_FORM = "last_form.toml"
 FILLED_SUFFIX = ".filled.json"  # beside it: what the last preset or loaded job filled in (see ui/presets.py)
@@ -41,15 +40,8 @@ def read_job(path: Path, workdir: Path, name: str | None = None) -> tuple[JobSpe
     """(spec with relative paths taken from `workdir`, []) or (None, problems each prefixed with the file's name)."""
     name = name or path.name
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = parse_toml(read_job_text(path), name)  # the CLI's checks: a FIFO, deep nesting, not UTF-8
         return resolve_paths(parse_spec(data, name), workdir), []
-    except tomllib.TOMLDecodeError as exc:
-        return None, [f"{name}: not valid TOML: {exc}"]
-    except UnicodeDecodeError:
-        return None, [f"{name}: not a text file (UTF-8); give a job TOML"]
-    except OSError as exc:
-        reason = exc.strerror or exc
-        return None, [f"{name}: cannot read the file: {reason}"]
     except SpecError as exc:
         return None, [f"{name}: {problem}" for problem in exc.problems]
 
