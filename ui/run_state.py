@@ -2,10 +2,16 @@
 
 One RunView is shared by every browser session, so a second browser sees the job that is already running.
 Every method takes the view's lock: poll handlers of several sessions may run at once.
+
+Every open page polls once a second, and the app's users share one link: twenty pages must not cost the run
+more than one. So the pages are answered from a `Snapshot`, everything the Run tab shows already rendered,
+published at most every SNAPSHOT_EVERY_S (see Studio.snapshot): a poll only picks the latest one and sends it.
 """
 
 from __future__ import annotations
 
+import html
+import math
 import threading
 import time
 from collections import deque
@@ -31,6 +37,11 @@ LOSS_SMOOTHING = 0.9  # weight of the previous average in the exponential moving
 # Every poll that sees new steps sends the whole plot to every open page; a long run would send tens of thousands
 # of points a second, more than a plot a few hundred pixels wide can show.
 PLOT_POINTS = 1000
+SNAPSHOT_EVERY_S = 0.5  # how often a new snapshot is published while the run changes (a page polls each second)
+LOSS_COLUMNS = ["step", "loss", "series"]
+# The loss plot's columns as gradio's LinePlot sends them to the browser (its PlotData), so a snapshot's plot is
+# sent as it is, never converted per page.
+LOSS_DATATYPES = {"step": "quantitative", "loss": "quantitative", "series": "nominal"}
 
 ACTIVE = ("starting", "running", "stopping")
 FINISHED = ("completed", "stopped", "failed")
@@ -61,6 +72,24 @@ class Sample:
     @property
     def label(self) -> str:
         return f"step {self.step}: {self.prompt}"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the Run tab shows at one moment, rendered once for every page that polls."""
+
+    run_id: int
+    version: int
+    status: str
+    status_text: str
+    progress_html: str
+    losses: int  # how many loss and evaluation points the plot holds: a page re-draws it only when they change
+    evals: int
+    plot: dict | None  # the LinePlot's value as sent (columns, data, datatypes, mark); None before the first step
+    logged: int  # log lines ever written: a page is sent the log only when it grows
+    log_text: str
+    samples: int
+    made: float  # time.monotonic() when it was taken
 
 
 def thinned(points: list[LossPoint], limit: int) -> list[LossPoint]:
@@ -97,6 +126,7 @@ class RunView:
         self._lock = threading.RLock()
         self.run_id = 0  # counts begin() calls
         self.version = 0  # changes whenever anything shown changes
+        self.logged = 0  # log lines ever written: the log changed when it did
         self._reset()
 
     def _reset(self) -> None:
@@ -229,6 +259,7 @@ class RunView:
                       event.time)
 
     def _log(self, level: str, message: str, when: float | None = None) -> None:
+        self.logged += 1
         stamp = time.strftime("%H:%M:%S", time.localtime(when if when is not None else time.time()))
         prefix = f"{stamp} {level}: " if level != "info" else f"{stamp} "
         for index, line in enumerate(message.rstrip().splitlines() or [""]):
@@ -309,6 +340,32 @@ class RunView:
                 rows.append({"step": point.step, "loss": point.smoothed, "series": "smoothed"})
             rows += [{"step": point.step, "loss": point.loss, "series": "eval"} for point in self.eval_losses]
             return rows
+
+    def progress_html(self) -> str:
+        """The progress bar (coloured by status) over the progress line."""
+        with self._lock:
+            percent = round(100 * self.progress_fraction(), 1)
+            colour = {"failed": "#dc2626", "stopped": "#d97706", "completed": "#16a34a", "paused": "#2563eb"}.get(
+                self.status, "#f97316")
+            return (
+                '<div style="display:flex;flex-direction:column;gap:6px">'
+                '<div style="height:14px;border-radius:7px;background:var(--neutral-200,#e5e7eb);overflow:hidden">'
+                f'<div style="height:100%;width:{percent}%;background:{colour};transition:width .4s"></div></div>'
+                f"<div>{html.escape(self.progress_line())}</div></div>"
+            )
+
+    def snapshot(self) -> Snapshot:
+        """What every page shows now, rendered once."""
+        with self._lock:
+            rows = self.loss_rows()
+            # JSON has no NaN: a diverged step shows as a gap, as the DataFrame the plot took before sent it
+            data = [[row["step"], row["loss"] if math.isfinite(row["loss"]) else None, row["series"]] for row in rows]
+            plot = {"columns": list(LOSS_COLUMNS), "data": data,
+                    "datatypes": dict(LOSS_DATATYPES), "mark": "line"} if rows else None
+            return Snapshot(self.run_id, self.version, self.status, self.status_text(), self.progress_html(),
+                            len(self.losses), len(self.eval_losses), plot, self.logged, self.log_text(),
+                            len(self.samples),
+                            time.monotonic())
 
     def gallery(self) -> list[tuple[str, str]]:
         """(path, 'step N: prompt'), newest first."""

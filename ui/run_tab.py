@@ -4,7 +4,6 @@ whoever started it, and a second Start is refused while it goes on."""
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +12,9 @@ import gradio as gr
 from trainer.folders import Folders
 from ui import allowed_paths, form, multi_gpu
 from ui.gauges import gauges_html, read_gauges
-from ui.run_state import RunView
+from ui.run_state import LOSS_COLUMNS, RunView
 from ui.studio import Outcome, Studio
 
-LOSS_COLUMNS = ["step", "loss", "series"]
 LOSS_COLOURS = {"loss": "#93c5fd", "smoothed": "#1d4ed8", "eval": "#16a34a"}  # the series of RunView.loss_rows
 
 # Keep the log scrolled to its newest line unless the user scrolled up to read (gradio's autoscroll fires once).
@@ -30,15 +28,7 @@ FOLLOW_LOG_JS = """() => {
 
 
 def progress_html(view: RunView) -> str:
-    percent = round(100 * view.progress_fraction(), 1)
-    colour = {"failed": "#dc2626", "stopped": "#d97706", "completed": "#16a34a", "paused": "#2563eb"}.get(
-        view.status, "#f97316")
-    return (
-        '<div style="display:flex;flex-direction:column;gap:6px">'
-        '<div style="height:14px;border-radius:7px;background:var(--neutral-200,#e5e7eb);overflow:hidden">'
-        f'<div style="height:100%;width:{percent}%;background:{colour};transition:width .4s"></div></div>'
-        f"<div>{html.escape(view.progress_line())}</div></div>"
-    )
+    return view.progress_html()
 
 
 def loss_frame(view: RunView) -> Any:  # noqa: ANN401 - a pandas DataFrame (pandas comes with gradio), or None
@@ -198,20 +188,20 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
 
     def poll(last: dict[str, int]) -> tuple[Any, ...]:
         """Status line first ('idle', 'running: step 12/40', 'paused at step 12 — …', 'completed: LoRA saved to
-        …', 'failed: …'); the last value says which samples there are (/samples returns them)."""
-        view = studio.poll()
-        with view.lock:
-            key = {"run": view.run_id, "losses": len(view.losses), "evals": len(view.eval_losses),
-                   "log": view.version, "status": view.status}
-            fresh = last.get("run") != key["run"]
-            plot_changed = last.get("losses") != key["losses"] or last.get("evals") != key["evals"]
-            plot_value = loss_frame(view) if fresh or plot_changed else gr.skip()
-            log_value = view.log_text() if fresh or last.get("log") != key["log"] else gr.skip()
-            # A start's problems stay up until the run they were about moves on (e.g. "already in progress").
-            moved_on = bool(last) and last.get("status") != view.status
-            problems_value = gr.update(visible=False, value="") if moved_on else gr.skip()
-            return (view.status_text(), progress_html(view), plot_value, log_value, problems_value, key,
-                    [view.run_id, len(view.samples)])
+        …', 'failed: …'); the last value says which samples there are (/samples returns them). Answered from the
+        published snapshot: nothing is drained or rendered per page."""
+        snap = studio.snapshot()
+        key = {"run": snap.run_id, "losses": snap.losses, "evals": snap.evals, "log": snap.logged,
+               "status": snap.status}
+        fresh = last.get("run") != key["run"]
+        plot_changed = last.get("losses") != key["losses"] or last.get("evals") != key["evals"]
+        plot_value = snap.plot if fresh or plot_changed else gr.skip()
+        log_value = snap.log_text if fresh or last.get("log") != key["log"] else gr.skip()
+        # A start's problems stay up until the run they were about moves on (e.g. "already in progress").
+        moved_on = bool(last) and last.get("status") != snap.status
+        problems_value = gr.update(visible=False, value="") if moved_on else gr.skip()
+        return (snap.status_text, snap.progress_html, plot_value, log_value, problems_value, key,
+                [snap.run_id, snap.samples])
 
     def samples() -> list[tuple[Any, str]]:
         """The sample images so far, each labelled with its step and prompt."""

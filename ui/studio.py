@@ -5,7 +5,9 @@ The gradio handlers in the tab modules call these and only turn the results into
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from ui.dataset_check import DatasetCheck, check_form
 from ui.jobs import LAST_FORM, LastForm, Outcome, default_job_path, read_job, write_job
 from ui.model_info import flavour_summary, target_counts  # noqa: F401 - the tabs' and tests' old import path
 from ui.resume import find_interrupted_run, latest_state_step
-from ui.run_state import RunView
+from ui.run_state import SNAPSHOT_EVERY_S, RunView, Snapshot
 
 ALREADY_RUNNING = "a run is already in progress; stop it or wait for it to finish"
 SESSION_PAUSED = ("a session is paused at step {step}; End training before starting a new run (or Train N steps "
@@ -47,6 +49,7 @@ class Studio:
         self.jobs_dir = self.workdir / ".studio" / "jobs"
         self.last_form = LastForm(self.workdir / ".studio" / LAST_FORM)
         self.view = RunView()
+        self._snapshot: Snapshot | None = None
         self.captioning = CaptionJob()
 
     # ------------------------------------------------------------------ form → spec
@@ -270,6 +273,24 @@ class Studio:
             if not running:
                 self.view.thread_ended()
         return self.view
+
+    def snapshot(self) -> Snapshot:
+        """What the pages show: the published snapshot, replaced by a fresh one (events drained, rendered once)
+        when it is older than SNAPSHOT_EVERY_S or a run began or changed status since; so any number of pages
+        polling cost the run what one does."""
+        current = self._snapshot
+        view = self.view
+        if current is not None and time.monotonic() - current.made < SNAPSHOT_EVERY_S \
+                and (current.run_id, current.status) == (view.run_id, view.status):
+            return current
+        with view.lock:
+            current = self._snapshot  # another page's poll may have published one while this one waited
+            if current is None or time.monotonic() - current.made >= SNAPSHOT_EVERY_S \
+                    or (current.run_id, current.status) != (view.run_id, view.status):
+                self.poll()
+                current = self._snapshot = view.snapshot() if current is None or current.version != view.version \
+                    else replace(current, made=time.monotonic())
+            return current
 
     # ------------------------------------------------------------------ jobs as files
 
