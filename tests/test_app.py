@@ -174,7 +174,8 @@ def _in_process_app(workdir: Path) -> Iterator[object]:
     from gradio_client import Client
 
     from trainer.runner import TrainingRunner
-    from ui import allowed_paths, build_app
+    from ui.page import build_app
+    from ui.served import allowed_paths
 
     blocks = build_app(TrainingRunner(), workdir)
     blocks.launch(prevent_thread_lock=True, server_port=_free_port(), allowed_paths=allowed_paths(workdir),
@@ -442,7 +443,7 @@ def test_dataset_tab_endpoints(tmp_path):
 @pytest.mark.slow
 def test_memory_endpoints(tmp_path):
     """The live low-VRAM verdict and the estimator tab through the API of an app built in-process."""
-    from trainer.estimator import PHASES
+    from trainer.estimator.core import PHASES
 
     with _in_process_app(tmp_path) as client:
         job = {"model_flavour": "klein-base-9b", "model_source": "", "model_base_precision": "bf16",
