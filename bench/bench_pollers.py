@@ -4,7 +4,8 @@ in one run of the app (app.py in its own process, the demo training in the app's
 Each watcher polls /poll once a second in a session of its own, as an open page's timer does (gradio keeps each
 session's "what it was last sent" state, so unchanged outputs are skipped as for a browser). The phases alternate
 (1, 20, 1, 20 watchers) so a drift in the machine's speed shows; the ratio is the 20-watcher speed over the
-1-watcher speed, medians of the phases, with the polls' response times.
+1-watcher speed, medians of the phases, with the polls' response times and the CPU the app's web server used
+(its own process, without the trainer process): what the watchers cost, whatever else runs on the machine.
 
     .venv/bin/python bench/bench_pollers.py [--seconds 20] [--watchers 20] [--rounds 2]
 
@@ -82,6 +83,10 @@ def main() -> None:
     process, url, log = _launch(workdir)
     speeds: dict[int, list[float]] = {1: [], args.watchers: []}
     polls: dict[int, list[float]] = {1: [], args.watchers: []}
+    server_cpu: dict[int, list[float]] = {1: [], args.watchers: []}  # the web server's CPU, % of one core
+    import psutil
+
+    server = psutil.Process(process.pid)
     try:
         _wait_until_up(url, process, timeout=180)
         from gradio_client import Client
@@ -95,12 +100,17 @@ def main() -> None:
         for round_number in range(args.rounds):
             for count in (1, args.watchers):
                 with Watchers(url, count, f"r{round_number}-w{count}") as watchers:
-                    time.sleep(args.seconds)
+                    time.sleep(3.0)  # the sessions set up
+                    before, began = server.cpu_times(), time.monotonic()
+                    time.sleep(args.seconds - 3.0)
+                    after, took = server.cpu_times(), time.monotonic() - began
+                server_cpu[count].append(100 * (after.user + after.system - before.user - before.system) / took)
                 speed = watchers.steps_per_second(warm=3.0)
                 speeds[count].append(speed)
                 polls[count] += watchers.seconds
                 print(f"round {round_number + 1}: {count:>2} watchers  {speed:6.2f} steps/s  poll median "
-                      f"{1000 * statistics.median(watchers.seconds):6.1f} ms", flush=True)
+                      f"{1000 * statistics.median(watchers.seconds):6.1f} ms  web server CPU "
+                      f"{server_cpu[count][-1]:5.1f} %", flush=True)
         client.predict(api_name="/stop")
     finally:
         _shut_down(process, log)
@@ -110,7 +120,8 @@ def main() -> None:
         ordered = sorted(polls[count])
         p90 = ordered[max(0, round(0.9 * len(ordered)) - 1)]
         print(f"  {count:>2} watchers: {speed:6.2f} steps/s (median of {len(speeds[count])} phases); poll median "
-              f"{1000 * statistics.median(ordered):6.1f} ms, p90 {1000 * p90:6.1f} ms")
+              f"{1000 * statistics.median(ordered):6.1f} ms, p90 {1000 * p90:6.1f} ms; web server CPU "
+              f"{statistics.median(server_cpu[count]):5.1f} % of a core")
     print(f"  ratio {args.watchers} watchers / 1 watcher: {many / one:.3f} (cost of the watchers: "
           f"{100 * (1 - many / one):.1f} %)")
 

@@ -29,7 +29,8 @@ def test_twenty_pages_polling_drain_and_render_once(tmp_path, monkeypatch: pytes
     studio = Studio(CountingRunner(), tmp_path)
     studio.view.begin(1000, "watched")
     renders = []
-    monkeypatch.setattr(RunView, "snapshot", lambda view, real=RunView.snapshot: renders.append(1) or real(view))
+    real = RunView.snapshot
+    monkeypatch.setattr(RunView, "snapshot", lambda view, previous=None: renders.append(1) or real(view, previous))
     first = studio.snapshot()
     answers = [studio.snapshot() for _ in range(20)]  # twenty pages within the same half second
     assert all(answer is first for answer in answers)
@@ -39,7 +40,10 @@ def test_twenty_pages_polling_drain_and_render_once(tmp_path, monkeypatch: pytes
     monkeypatch.setattr(run_state, "SNAPSHOT_EVERY_S", 0.0)
     monkeypatch.setattr("ui.studio.SNAPSHOT_EVERY_S", 0.0)
     later = studio.snapshot()  # once the snapshot is old, the next poll publishes a fresh one
-    assert later is not first and later.losses == 2 and studio.runner.drains == 2
+    assert later is not first and later.status_text == "running: step 2/1000" and studio.runner.drains == 2
+    assert later.plot is first.plot and later.losses == 1  # the plot is redrawn every PLOT_EVERY_S only
+    monkeypatch.setattr(run_state, "PLOT_EVERY_S", 0.0)
+    assert studio.snapshot().losses == 3
 
     monkeypatch.setattr("ui.studio.SNAPSHOT_EVERY_S", 60.0)
     assert studio.stop().startswith("stopping")  # a change made here shows at once, not a snapshot later

@@ -34,10 +34,11 @@ from trainer.events import (
 LOG_LINES = 200
 DOWNLOADING = "downloading"  # the phase trainer/sources/hub.py announces while model files download
 LOSS_SMOOTHING = 0.9  # weight of the previous average in the exponential moving average of the loss
-# Every poll that sees new steps sends the whole plot to every open page; a long run would send tens of thousands
-# of points a second, more than a plot a few hundred pixels wide can show.
-PLOT_POINTS = 1000
+# Every poll that sees new steps sends the whole plot to every open page, and gradio walks every value it sends
+# (looking for files) once per page: a plot a few hundred pixels wide needs no more points than this.
+PLOT_POINTS = 300
 SNAPSHOT_EVERY_S = 0.5  # how often a new snapshot is published while the run changes (a page polls each second)
+PLOT_EVERY_S = 5.0  # how often a running run's loss plot is redrawn (status and progress: every snapshot)
 LOSS_COLUMNS = ["step", "loss", "series"]
 # The loss plot's columns as gradio's LinePlot sends them to the browser (its PlotData), so a snapshot's plot is
 # sent as it is, never converted per page.
@@ -86,6 +87,7 @@ class Snapshot:
     losses: int  # how many loss and evaluation points the plot holds: a page re-draws it only when they change
     evals: int
     plot: dict | None  # the LinePlot's value as sent (columns, data, datatypes, mark); None before the first step
+    plot_made: float  # time.monotonic() when the plot was drawn (it is kept for PLOT_EVERY_S while running)
     logged: int  # log lines ever written: a page is sent the log only when it grows
     log_text: str
     samples: int
@@ -354,18 +356,27 @@ class RunView:
                 f"<div>{html.escape(self.progress_line())}</div></div>"
             )
 
-    def snapshot(self) -> Snapshot:
-        """What every page shows now, rendered once."""
+    def snapshot(self, previous: Snapshot | None = None) -> Snapshot:
+        """What every page shows now, rendered once; while the run is active, `previous`'s plot is kept until it is
+        PLOT_EVERY_S old (every page is sent a new plot whole)."""
         with self._lock:
-            rows = self.loss_rows()
-            # JSON has no NaN: a diverged step shows as a gap, as the DataFrame the plot took before sent it
-            data = [[row["step"], row["loss"] if math.isfinite(row["loss"]) else None, row["series"]] for row in rows]
-            plot = {"columns": list(LOSS_COLUMNS), "data": data,
-                    "datatypes": dict(LOSS_DATATYPES), "mark": "line"} if rows else None
+            now = time.monotonic()
+            keep = (previous is not None and previous.run_id == self.run_id and self.status in ACTIVE
+                    and now - previous.plot_made < PLOT_EVERY_S)
+            if keep:
+                plot, losses, evals, plot_made = previous.plot, previous.losses, previous.evals, previous.plot_made
+            else:
+                plot, losses, evals, plot_made = self._plot(), len(self.losses), len(self.eval_losses), now
             return Snapshot(self.run_id, self.version, self.status, self.status_text(), self.progress_html(),
-                            len(self.losses), len(self.eval_losses), plot, self.logged, self.log_text(),
-                            len(self.samples),
-                            time.monotonic())
+                            losses, evals, plot, plot_made, self.logged, self.log_text(), len(self.samples), now)
+
+    def _plot(self) -> dict | None:
+        rows = self.loss_rows()
+        if not rows:
+            return None
+        # JSON has no NaN: a diverged step shows as a gap, as the DataFrame the plot took before sent it
+        data = [[row["step"], row["loss"] if math.isfinite(row["loss"]) else None, row["series"]] for row in rows]
+        return {"columns": list(LOSS_COLUMNS), "data": data, "datatypes": dict(LOSS_DATATYPES), "mark": "line"}
 
     def gallery(self) -> list[tuple[str, str]]:
         """(path, 'step N: prompt'), newest first."""

@@ -288,8 +288,8 @@ class Studio:
             if current is None or time.monotonic() - current.made >= SNAPSHOT_EVERY_S \
                     or (current.run_id, current.status) != (view.run_id, view.status):
                 self.poll()
-                current = self._snapshot = view.snapshot() if current is None or current.version != view.version \
-                    else replace(current, made=time.monotonic())
+                current = self._snapshot = view.snapshot(current) if current is None \
+                    or current.version != view.version else replace(current, made=time.monotonic())
             return current
 
     # ------------------------------------------------------------------ jobs as files
