@@ -178,8 +178,7 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
         if not os.access(folder, os.R_OK | os.X_OK):  # listing it would raise PermissionError
             report.rows.append(HealthRow(folder, "cannot read this folder (permission denied)", "error", "dataset"))
             continue
-        report.rows += _stray_files(folder, (entry.masks, entry.conditioning or ""))
-        report.rows += _link_rows(entry)
+        report.rows += _stray_files(folder, (entry.masks, entry.conditioning or "")) + _link_rows(entry)
         images = list_images(folder)
         if not images:
             report.rows.append(HealthRow(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder",
