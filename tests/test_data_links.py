@@ -84,3 +84,22 @@ def test_check_dataset_and_cli_validate_name_the_links_and_never_show_them(linke
     assert SECRET not in out + err
     assert all(name in out for name in ("img_1.txt", "img_2.caption", "img_9.png")), out
     assert "outside the dataset folder: refused" in out
+
+
+def test_a_loop_of_links_is_refused_not_a_crash(tmp_path: Path) -> None:
+    from trainer.folders import Folders, PathRefused
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (64, 64)).save(data / "img_0.png")
+    (data / "loop.png").symlink_to(data / "loop2.png")
+    (data / "loop2.png").symlink_to(data / "loop.png")
+    assert [p.name for p in list_images(data)] == ["img_0.png"]
+    rows = [row for row in check_datasets([DatasetEntry(path=str(data))]).rows if row.kind == "link"]
+    assert sorted(row.file.name for row in rows) == ["loop.png", "loop2.png"]
+    folders = Folders.of(tmp_path)
+    with pytest.raises(PathRefused, match="loop of links"):
+        folders.check(data / "loop.png", "image")
+    assert not folders.allows(data / "loop.png")
+    with pytest.raises(PathRefused, match="loop of links"):
+        folders.check_folder_to_write(data, "output.dir")

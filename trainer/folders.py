@@ -54,13 +54,19 @@ class Folders:
         return (path if path.is_absolute() else self.workdir / path).resolve()
 
     def allows(self, path: str | Path) -> bool:
-        resolved = self.absolute(path)
-        return any(resolved.is_relative_to(root) for root in self.roots)
+        try:
+            self.check(path, "path")
+        except PathRefused:
+            return False
+        return True
 
     def check(self, text: str | Path, what: str) -> Path:
         """The resolved path when it lies inside an allowed folder (links followed); raises PathRefused naming
         `what` (e.g. "image folder"), the path as typed, where it leads and the allowed folders."""
-        resolved = self.absolute(text)
+        try:
+            resolved = self.absolute(text)
+        except (OSError, RuntimeError):  # a loop of links: it leads nowhere, so nowhere allowed
+            raise PathRefused(f"refused: the {what} {str(text).strip()!r} is a loop of links") from None
         if any(resolved.is_relative_to(root) for root in self.roots):
             return resolved
         typed = str(text).strip()
@@ -95,7 +101,10 @@ class Folders:
 def leads_out(path: Path, folder: Path) -> Path | None:
     """Where `path`, an entry of `folder`, really is when a link takes it outside `folder` (links followed on both
     sides); None when it stays inside, the case for every plain file."""
-    target = Path(path).resolve()
+    try:
+        target = Path(path).resolve()
+    except (OSError, RuntimeError):  # a loop of links leads nowhere inside
+        return Path(path)
     return None if target.is_relative_to(Path(folder).resolve()) else target
 
 
