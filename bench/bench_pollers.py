@@ -84,6 +84,7 @@ def main() -> None:
     speeds: dict[int, list[float]] = {1: [], args.watchers: []}
     polls: dict[int, list[float]] = {1: [], args.watchers: []}
     server_cpu: dict[int, list[float]] = {1: [], args.watchers: []}  # the web server's CPU, % of one core
+    per_poll: dict[int, list[float]] = {1: [], args.watchers: []}  # the web server's CPU ms per poll answered
     import psutil
 
     server = psutil.Process(process.pid)
@@ -101,16 +102,19 @@ def main() -> None:
             for count in (1, args.watchers):
                 with Watchers(url, count, f"r{round_number}-w{count}") as watchers:
                     time.sleep(3.0)  # the sessions set up
-                    before, began = server.cpu_times(), time.monotonic()
+                    before, began, answered = server.cpu_times(), time.monotonic(), len(watchers.seconds)
                     time.sleep(args.seconds - 3.0)
-                    after, took = server.cpu_times(), time.monotonic() - began
-                server_cpu[count].append(100 * (after.user + after.system - before.user - before.system) / took)
+                    after, took, answered = server.cpu_times(), time.monotonic() - began, \
+                        len(watchers.seconds) - answered
+                used = after.user + after.system - before.user - before.system
+                server_cpu[count].append(100 * used / took)
+                per_poll[count].append(1000 * used / max(answered, 1))
                 speed = watchers.steps_per_second(warm=3.0)
                 speeds[count].append(speed)
                 polls[count] += watchers.seconds
                 print(f"round {round_number + 1}: {count:>2} watchers  {speed:6.2f} steps/s  poll median "
                       f"{1000 * statistics.median(watchers.seconds):6.1f} ms  web server CPU "
-                      f"{server_cpu[count][-1]:5.1f} %", flush=True)
+                      f"{server_cpu[count][-1]:5.1f} % ({per_poll[count][-1]:5.1f} ms a poll)", flush=True)
         client.predict(api_name="/stop")
     finally:
         _shut_down(process, log)
@@ -121,7 +125,8 @@ def main() -> None:
         p90 = ordered[max(0, round(0.9 * len(ordered)) - 1)]
         print(f"  {count:>2} watchers: {speed:6.2f} steps/s (median of {len(speeds[count])} phases); poll median "
               f"{1000 * statistics.median(ordered):6.1f} ms, p90 {1000 * p90:6.1f} ms; web server CPU "
-              f"{statistics.median(server_cpu[count]):5.1f} % of a core")
+              f"{statistics.median(server_cpu[count]):5.1f} % of a core, {statistics.median(per_poll[count]):5.1f} ms "
+              "a poll")
     print(f"  ratio {args.watchers} watchers / 1 watcher: {many / one:.3f} (cost of the watchers: "
           f"{100 * (1 - many / one):.1f} %)")
 
