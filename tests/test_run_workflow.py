@@ -15,7 +15,7 @@ from ui.studio import Studio
 
 def _values(studio: Studio, demo_dir: Path, out: Path, **changes: object) -> dict:
     values = studio.default_values()
-    values.update({"model.source": str(demo_dir / "flux2"), "data.datasets.path": str(demo_dir / "dataset"),
+    values.update({"model.source": str(demo_dir / "flux2"), "dataset.path": str(demo_dir / "dataset"),
                    "output.dir": str(out), "train.max_steps": 8, "sample.prompts": "shapez a red circle",
                    "sample.every_steps": 2, "sample.steps": "2", "output.save_every_steps": 0})
     values.update(changes)

@@ -18,7 +18,7 @@ from trainer.spec import JobSpec, SpecError, is_local_path, parse_spec, resolve_
 from ui import caption_editor, form
 from ui.captioning import CaptionJob, make_request
 from ui.dataset_check import DatasetCheck, check_form
-from ui.jobs import LAST_FORM, LastForm, Outcome, default_job_path, read_job, write_job
+from ui.jobs import LAST_FORM, LastForm, Outcome, default_job_path, read_job, relative_paths, write_job
 from ui.model_info import flavour_summary, target_counts  # noqa: F401 - the tabs' and tests' old import path
 from ui.paths import Folders, PathRefused, spec_paths
 from ui.resume import InterruptedRun, find_interrupted_run, latest_state_step, read_history
@@ -374,20 +374,29 @@ class Studio:
 
     def load_job(self, path: str | Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None, Outcome]:
         """(form values, hidden fields, outcome) of a job TOML at a path the user typed (inside the allowed
-        folders); relative paths in the job are taken from the workdir."""
+        folders); relative paths in the job are taken from the job file's folder, as the CLI takes them."""
         try:
             target = self.folders.check(path, "job file")
         except PathRefused as exc:
             return None, None, Outcome(f"not loaded: {Path(str(path)).name}", [str(exc)])
-        return self._load(target, target.name)
+        return self._load(target, target.name, target.parent)
 
     def load_upload(self, path: str | Path, name: str | None = None) -> tuple[dict[str, Any] | None,
                                                                           dict[str, Any] | None, Outcome]:
-        """Like load_job, for a file the browser uploaded (gradio keeps uploads in its own folder)."""
-        return self._load(Path(path), name or Path(path).name)
+        """Like load_job, for a file the browser uploaded. Gradio keeps uploads in a folder of its own and the
+        browser does not say where the file came from, so relative paths are taken from the workdir, and the
+        notice says so when the job has any."""
+        name = name or Path(path).name
+        loaded = self._load(Path(path), name, self.workdir)
+        if loaded[0] is not None and relative_paths(Path(path)):
+            loaded[2].notes.append(f"{name}: its relative paths ({', '.join(relative_paths(Path(path)))}) were "
+                                   f"taken from the app's workdir {self.workdir}; Load job with the file's path "
+                                   "takes them from its folder, as the command line does")
+        return loaded
 
-    def _load(self, path: Path, name: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, Outcome]:
-        spec, problems = read_job(path, self.workdir, name)
+    def _load(self, path: Path, name: str, base_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None,
+                                                                     Outcome]:
+        spec, problems = read_job(path, base_dir, name)
         if spec is None:
             return None, None, Outcome(f"not loaded: {name}", problems)
         self.last_form.save(spec)
