@@ -458,7 +458,8 @@ def test_memory_endpoints(tmp_path):
                                                                     gpu_vram_gib=0, api_name="/estimate")
         assert line == swapped and "| training step |" in details
         assert list(dict.fromkeys(row[0] for row in bars["data"])) == list(PHASES)
-        assert [row[0] for row in strategies["data"]] == ["none", "conservative (this job)", "aggressive", "extreme"]
+        assert [row[0] for row in strategies["data"]] == ["this job: conservative + its own settings", "none",
+                                                          "conservative", "aggressive", "extreme"]
         assert breakdown["data"][0][0].startswith("base weights")
 
         line, *_ = client.predict(**job, lowvram_swap_prefetch="many", api_name="/estimate")

@@ -89,7 +89,7 @@ def test_a_new_user_trains_the_demo_in_chromium(tmp_path):
                 expect(page.get_by_role("tab", name="Model")).to_be_visible()
                 shot(page, "01-opened")
 
-                choose(page, "Hardware profile", "CPU only (no NVIDIA GPU) (no GPU)")
+                choose(page, "Hardware profile", "CPU only (no NVIDIA GPU)")
                 choose(page, "Preset", re.compile(r"^Demo · "))
                 page.get_by_role("button", name="Apply profile and preset").click()
                 expect(page.get_by_text("applied profile CPU only (no NVIDIA GPU) and preset Demo").first)\

@@ -12,6 +12,7 @@ defaults < hardware profile < preset < the user's edits, where
 from __future__ import annotations
 
 import functools
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,15 +56,26 @@ def profile_choices() -> list[tuple[str, str]]:
     """(label, name) pairs for the menu, "no profile" first, smallest GPU first."""
     choices = [("no profile", NO_PROFILE)]
     for name, profile in profiles().items():
-        usable = f"{profile.vram_gib:g} GiB usable" if profile.vram_gib else "no GPU"
-        choices.append((f"{profile.label} ({usable})", name))
+        # the profile without a GPU says so in its own label ("CPU only (no NVIDIA GPU)")
+        choices.append((f"{profile.label} ({profile.vram_gib:g} GiB usable)" if profile.vram_gib else profile.label,
+                        name))
     return choices
 
 
+def cpu_profile() -> str | None:
+    """The name of the profile for a machine without a GPU (usable VRAM 0), if a profile file gives one."""
+    return next((name for name, profile in profiles().items() if not profile.vram_gib), None)
+
+
 def default_profile() -> str:
-    """The detected GPU's profile, else none: what the menu opens with."""
+    """What the menu opens with: the detected GPU's profile; on a machine where NVML finds no GPU, the CPU
+    profile; else none."""
     detected = detected_profile()
-    return detected.name if detected is not None else NO_PROFILE
+    if detected is not None:
+        return detected.name
+    if shutil.which("nvidia-smi") is not None:  # a GPU that NVML could not name: the user chooses
+        return NO_PROFILE
+    return cpu_profile() or NO_PROFILE
 
 
 def preset_choices(family: str, flavour: str) -> list[tuple[str, str]]:
