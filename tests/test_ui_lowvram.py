@@ -363,3 +363,20 @@ def test_the_estimate_handler_returns_bars_and_tables(blocks):
     assert list(breakdown.columns) == memory.BREAKDOWN_COLUMNS
     line, *_ = fn.fn(**dict(kwargs, lowvram_swap_prefetch="x"), base={}, gpu_vram_gib=0)
     assert line.startswith("problems — lowvram.swap_prefetch:")
+
+
+def test_the_to_fit_changes_are_applied_to_the_form():
+    values = klein_values(**{"lowvram.strategy": "none", "lowvram.vram_gib": "8"})
+    report = memory.estimate_form(values, None, 0, None)
+    assert report.line.startswith("will not fit") and report.result["suggestion"]
+    changed, message = memory.apply_suggestion(values, None, 0, None)
+    assert message.startswith("applied: ") and changed is not None
+    expected = memory.suggestion_changes(report.result["suggestion"])
+    spec = form.form_to_spec(changed)
+    for section, table in expected.items():
+        for key, value in table.items():
+            assert getattr(getattr(spec, section), key) == value, (section, key)
+    assert not memory.estimate_form(changed, None, 0, None).line.startswith("will not fit")
+    assert memory.apply_suggestion(changed, None, 0, None)[0] is None  # fits now: nothing to apply
+    assert memory.suggestion_changes('lowvram.blocks_to_swap ≥ 18; model.base_precision = "fp8"') == {
+        "lowvram": {"blocks_to_swap": 18}, "model": {"base_precision": "fp8"}}

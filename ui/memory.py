@@ -311,3 +311,49 @@ def estimate_form(values: dict[str, Any], base: dict[str, Any] | None, gpu_gib: 
         breakdown_rows=breakdown,
         result=data,
     )
+
+
+# ---------------------------------------------------------------------- the estimator's "To fit", applied
+
+SUGGESTED = re.compile(r"^([a-z_]+)\.([a-z_]+) (=|≥) (.+)$")  # one change of a suggestion: `key = value`, `key ≥ n`
+
+
+def suggestion_changes(suggestion: str | None) -> dict[str, dict[str, Any]]:
+    """The settings of an estimator suggestion ('lowvram.blocks_to_swap ≥ 18; model.base_precision = "fp8"') as a
+    nested job dict; {} when it names none (e.g. 'none of the supported changes is enough')."""
+    import tomllib
+
+    changes: dict[str, dict[str, Any]] = {}
+    for part in (suggestion or "").split("; "):
+        found = SUGGESTED.match(part.strip())
+        if not found:
+            continue
+        section, key, _, text = found.groups()
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            continue
+        changes.setdefault(section, {})[key] = value
+    return changes
+
+
+def apply_suggestion(values: dict[str, Any], base: dict[str, Any] | None, gpu_gib: Any,  # noqa: ANN401
+                     detected: float | None) -> tuple[dict[str, Any] | None, str]:
+    """(the form with the estimator's "To fit" changes made, what was changed) — or (None, why not)."""
+    report = estimate_form(values, base, gpu_gib, detected)
+    if not report.ok:
+        return None, report.line
+    changes = suggestion_changes((report.result or {}).get("suggestion"))
+    if not changes:
+        return None, "nothing to apply: the job fits" if report.line.startswith(("fits", "tight")) else \
+            f"nothing to apply: {(report.result or {}).get('suggestion') or report.line}"
+    job = form.values_to_dict(values, base)
+    for section, table in changes.items():
+        job.setdefault(section, {}).update(table)
+    try:
+        spec = form.parse_form_dict(job)
+    except SpecError as exc:
+        return None, "not applied: " + "; ".join(exc.problems)
+    shown = "; ".join(f"{section}.{key} = {value}" for section, table in changes.items()
+                      for key, value in table.items())
+    return form.spec_to_values(spec), f"applied: {shown}"
