@@ -106,7 +106,7 @@ def launch_options(args: argparse.Namespace, workdir: Path, auth: tuple[str, str
     host = ALL_INTERFACES if args.listen else LOCALHOST
     return {"server_name": host, "server_port": args.port or free_port(host), "share": args.share, "auth": auth,
             "allowed_paths": ui.allowed_paths(workdir), "blocked_paths": ui.blocked_paths(workdir),
-            "inbrowser": open_browser, "app_kwargs": {"middleware": [page_cache_middleware()]}}
+            "inbrowser": open_browser, "app_kwargs": {"middleware": [page_cache_middleware()]}, "css": ui.APP_CSS}
 
 
 def keep_the_page_responsive() -> None:

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from trainer.runner import TrainingRunner
 
 TITLE = "Flux LoRA Studio"
+# Toasts at the bottom right: at the top they covered the job bar's buttons (gradio 6 takes css in launch()).
+APP_CSS = ".toast-wrap { top: auto !important; bottom: var(--size-4); }"
 
 
 def allowed_paths(workdir: Path) -> list[str]:

@@ -48,8 +48,10 @@ def build(studio: Studio) -> Callable[..., None]:
         load = gr.Button("Load job", scale=1, min_width=110, size="md")
         upload = gr.UploadButton("Upload job…", file_types=[".toml"], type="filepath", scale=1, min_width=110,
                                  size="md")
+        # In the bar, not a file box under it: that pushed the tabs down by a hand's width after every save.
+        download = gr.DownloadButton("Download job", visible=False, scale=1, min_width=110, size="md",
+                                     elem_id="job-download")
     notice = gr.Markdown("", elem_id="job-notice")
-    download = gr.File(label="Saved job", visible=False, interactive=False)
 
     def connect(fields: dict[str, gr.components.Component], base: gr.State, baseline: gr.State,
                 defaults: dict[str, Any], form_updates: FormUpdates, app: gr.Blocks) -> None:

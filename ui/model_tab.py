@@ -45,9 +45,12 @@ def form_updates(fields: dict[str, gr.components.Component], values: dict[str, A
     family, flavour = values["model.family"], values["model.flavour"]
     updates[fields["model.flavour"]] = gr.update(choices=flavour_choices(family), value=flavour)
     updates[fields["lora.targets"]] = gr.update(choices=form.target_choices(family), value=values["lora.targets"])
-    # a value above the old bound would be clipped by the slider before its bound follows the flavour
-    most, _ = swap_bound(family, flavour)
-    updates[fields["lowvram.blocks_to_swap"]] = gr.update(maximum=most, value=values["lowvram.blocks_to_swap"])
+    # limits and value in one update; a value beyond the flavour's bound is clamped, and one notice says so
+    most, value = swap_bound(family, flavour, values["lowvram.blocks_to_swap"])
+    if value != values["lowvram.blocks_to_swap"] and values.get("lowvram.override_blocks_to_swap", True):
+        gr.Warning(f"Blocks to swap (Low VRAM): {values['lowvram.blocks_to_swap']} is more than this flavour "
+                   f"has; set to its {most} (lowvram.blocks_to_swap)")
+    updates[fields["lowvram.blocks_to_swap"]] = gr.update(maximum=most, value=value)
     return updates
 
 

@@ -319,7 +319,7 @@ class RunView:
 
     def progress_line(self) -> str:
         """'step 12/40 · 3.10 it/s · ETA 0:00:09 · loss 0.1234 · lr 1.00e-04 · eval loss 0.1301 (step 10) ·
-        RAM 1.2 GiB · VRAM 0.0 GiB · 0.32 s/step'."""
+        trainer RAM 1.2 GiB · trainer peak VRAM 3.1 GiB · 0.32 s/step'."""
         with self._lock:
             idle = "no run started" if self.status == REFUSED else "no run yet"
             parts = [f"step {self.step}/{self.max_steps}" if self.max_steps else idle]
@@ -336,8 +336,9 @@ class RunView:
             if self.eval_losses:
                 last = self.eval_losses[-1]
                 parts.append(f"eval loss {last.loss:.4f} (step {last.step})")
-            if self.ram_gib > 0 or self.vram_gib > 0:
-                parts.append(f"RAM {self.ram_gib:.1f} GiB · VRAM {self.vram_gib:.1f} GiB")
+            if self.ram_gib > 0 or self.vram_gib > 0:  # the trainer's own; the gauges below show the machine's
+                parts.append(f"trainer RAM {self.ram_gib:.1f} GiB"
+                             + (f" · trainer peak VRAM {self.vram_gib:.1f} GiB" if self.vram_gib > 0 else ""))
             if self.step_seconds > 0:
                 parts.append(f"{self.step_seconds:.2f} s/step")
             return " · ".join(parts)
