@@ -35,10 +35,13 @@ from trainer.checkpoint import (
 from trainer.data.cache import TextEmbeddingCache
 from trainer.data.caching import InputCaches, stack_references
 from trainer.data.datasets import TrainItem
-from trainer.data.health import HealthReport, check_datasets
+from trainer.data.health import check_datasets
+from trainer.data.health_report import HealthReport
 from trainer.data.pairs import reference_for_sampling, sample_references
 from trainer.data.planning import plan_training_items
 from trainer.errors import UserError
+from trainer.estimator.auto import resolve_lowvram
+from trainer.estimator.plans import LowVramPlan
 from trainer.events import (
     EvalLoss,
     Event,
@@ -57,7 +60,6 @@ from trainer.lora_formats import lora_filename
 from trainer.memory.checkpointing import ActivationOffloader, enable_block_checkpointing
 from trainer.memory.optimizer_memory import FusedBackward, build_training_optimizer
 from trainer.memory.placement import TextEncoderPlacement, place_transformer
-from trainer.memory.strategies import LowVramPlan, resolve_lowvram
 from trainer.memory.system_ram import ram_warning
 from trainer.optimizers import build_optimizer, build_scheduler, effective_learning_rate
 from trainer.preflight import check_files, model_source

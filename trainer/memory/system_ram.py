@@ -7,7 +7,7 @@ can be off by a few per cent, and a user may accept a slow, swapping run.
 
 from __future__ import annotations
 
-from trainer.memory.strategies import LowVramPlan
+from trainer.estimator.plans import LowVramPlan
 from trainer.spec import JobSpec
 
 GIB = 1024**3
@@ -49,8 +49,8 @@ def shortfall_message(need_gib: float, ram_free_gib: float, swap_free_gib: float
 
 def ram_warning(spec: JobSpec, plan: LowVramPlan, vram_gib: float | None) -> str | None:
     """The estimator's peak RAM for the plan against this machine's free memory."""
-    from trainer import estimator
+    from trainer.estimator.auto import estimate_as_run
 
-    need = estimator.estimate(spec, vram_gib, plan=plan, _suggest=False).ram_gib
+    need = estimate_as_run(spec, vram_gib, plan=plan).ram_gib
     ram, swap = free_memory_gib()
     return shortfall_message(need, ram, swap, spec, plan)
