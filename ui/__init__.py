@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 
 TITLE = "Flux LoRA Studio"
 # Toasts at the bottom right: at the top they covered the job bar's buttons (gradio 6 takes css in launch()).
-APP_CSS = ".toast-wrap { top: auto !important; bottom: var(--size-4); }"
+APP_CSS = """.toast-wrap { top: auto !important; bottom: var(--size-4); }
+#run-samples .caption, #run-samples .caption-label { white-space: normal !important; text-overflow: clip !important;
+  overflow: visible !important; max-width: none !important; }"""  # a sample's whole label, step and prompt
 
 
 def allowed_paths(workdir: Path) -> list[str]:

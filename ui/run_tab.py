@@ -305,12 +305,13 @@ def _connect_poll(studio: Studio, buttons: dict[str, gr.Button], status: gr.Text
     # that is skipped (20 ms for a gallery, a tenth of that for the others), so the poll never names the gallery.
     shown = gr.State([0, 0])
     shown.change(samples, None, gallery, api_name="samples", show_progress="hidden", concurrency_limit=None)
-    titles.change(None, titles, None, js=BUTTON_TITLES_JS, api_visibility="private", show_progress="hidden")
     refresh_offer(ended.change)
 
     gauge_timer = gr.Timer(2.0)  # NVML and psutil reads are cheap, but need not follow every progress poll
     gauge_timer.tick(lambda: gauges_html(read_gauges()), None, memory, api_name="memory_gauges",
                      show_progress="hidden", concurrency_limit=None)
     timer = gr.Timer(1.0)
+    # The tooltips are set in the browser after every poll: the Run tab's buttons exist only once it was opened.
     timer.tick(poll, seen, [status, progress, plot, log, problems, seen, shown, *buttons.values(), titles, ended],
-               api_name="poll", show_progress="hidden", concurrency_limit=None)
+               api_name="poll", show_progress="hidden", concurrency_limit=None).then(
+        None, titles, None, js=BUTTON_TITLES_JS, api_visibility="private", show_progress="hidden")
