@@ -87,6 +87,7 @@ BUTTON_TITLES_JS = """(reasons) => { for (const [name, why] of Object.entries(re
   const button = document.getElementById('run-' + name); if (button) button.title = why; } }"""
 # The Run tab's N is kept in the browser, so a reload shows the one the user chose.
 STEPS_KEY = "flux-studio-run-steps"
+DEFAULT_STEPS = 10
 
 
 def offer_updates(found: InterruptedRun | None) -> tuple[str, Any, Any]:
@@ -116,7 +117,7 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
     reasons = studio.actions()
     with gr.Row():
         start = gr.Button("Start", variant="primary", scale=2, elem_id="run-start")
-        steps = gr.Number(10, label=STEPS_LABEL, precision=0, minimum=1, step=1, scale=1, min_width=90,
+        steps = gr.Number(DEFAULT_STEPS, label=STEPS_LABEL, precision=0, minimum=1, step=1, scale=1, min_width=90,
                           elem_id="run-steps")
         train = gr.Button("Train N steps", scale=2, elem_id="run-train")
         validate = gr.Button("Validate now", scale=2, elem_id="run-validate")
@@ -256,12 +257,12 @@ def _connect_actions(studio: Studio, buttons: dict[str, gr.Button], start_new: g
 
 
 def _connect_steps(steps: gr.Number, app: gr.Blocks | None) -> None:
-    """The Run tab's N, kept in the browser's storage across reloads."""
+    """The Run tab's N, kept in the browser's localStorage across reloads (in the browser alone: no request)."""
     if app is None:
         return
-    kept = gr.BrowserState(None, storage_key=STEPS_KEY)
-    steps.change(lambda value: value, steps, kept, api_visibility="private", show_progress="hidden")
-    app.load(lambda value: value if isinstance(value, (int, float)) and value >= 1 else gr.skip(), kept, steps,
+    steps.change(None, steps, None, js=f"(n) => {{ if (n >= 1) localStorage.setItem('{STEPS_KEY}', n); }}",
+                 api_visibility="private", show_progress="hidden")
+    app.load(None, None, steps, js=f"() => Number(localStorage.getItem('{STEPS_KEY}')) || {DEFAULT_STEPS}",
              api_visibility="private", show_progress="hidden")
 
 
