@@ -89,6 +89,17 @@ def test_listen_binds_every_interface_and_the_folders_follow_who_can_reach_the_a
     assert str(tmp_path / ".venv") in options["blocked_paths"]
 
 
+def test_listen_names_the_addresses_a_browser_can_open_and_a_missing_share_link_says_so():
+    lines = app.address_lines(app.ALL_INTERFACES, 7860, ["192.168.1.5", "10.0.0.2"])
+    assert lines == ["Flux LoRA Studio: http://localhost:7860",
+                     "On your network: http://192.168.1.5:7860  http://10.0.0.2:7860"]
+    assert app.address_lines(app.LOCALHOST, 7860, ["192.168.1.5"]) == ["Flux LoRA Studio: http://localhost:7860"]
+    assert all(not address.startswith("127.") for address in app.network_addresses())
+    assert app.share_line(False, None, 7860) is None
+    assert app.share_line(True, "https://x.gradio.live", 7860) == "Public link: https://x.gradio.live"
+    assert "could not be made" in app.share_line(True, None, 7860)
+
+
 def test_the_browser_opens_where_there_is_a_desktop():
     parse = app.build_parser().parse_args
     assert app.should_open_browser(parse([]), "win32", {})  # a double-clicked launch.bat
@@ -389,6 +400,11 @@ def test_share_asks_for_the_printed_password_and_listen_serves_the_network(tmp_p
             assert time.monotonic() < deadline, (tmp_path / "app.log").read_text()
             time.sleep(0.5)
         assert process.poll() is None  # no link (no network in tests): the app says so and keeps serving
+        while "No public link" not in (printed := (tmp_path / "app.log").read_text()):
+            assert time.monotonic() < deadline, printed
+            time.sleep(0.5)
+        assert "the app serves locally at http://localhost:" in printed
+        assert "share=True" not in printed and "0.0.0.0" not in printed and "On your network: " in printed
     finally:
         _shut_down(process, log)
 
