@@ -26,3 +26,34 @@ def test_load_job_takes_relative_paths_from_the_job_files_folder_as_the_cli_does
     assert values["model.source"] == str(tmp_path.resolve() / "flux2")
     assert any("model.source" in note and "data.datasets[0].path" in note and "workdir" in note
                for note in outcome.notes), outcome.notes
+
+
+def test_leaving_the_demo_replaces_its_own_values_and_says_which(tmp_path: Path):
+    from test_ui_presets import demo_values
+
+    from trainer.profiles import list_presets
+    from ui import presets
+    from ui.form import demo_dir
+
+    demo = demo_dir(tmp_path)
+    values = demo_values(tmp_path)
+    changes, notice = presets.leave_demo(values, "flux2", "klein-base-9b", demo)
+    assert set(changes) == set(presets.DEMO_ONLY)
+    assert changes["model.base_precision"] == "bf16" and changes["data.resolution"] != "64"
+    assert changes["dataset.path"] == changes["dataset.trigger"] == changes["sample.prompts"] == ""
+    assert notice.startswith("left the demo") and "model.base_precision 'fp32' → 'bf16'" in notice
+    assert presets.leave_demo(values, "flux2", "demo", demo) == ({}, "")  # still the demo
+    edited = dict(values, **{"data.resolution": "768", "dataset.path": str(tmp_path / "mine")})
+    assert "data.resolution" not in presets.leave_demo(edited, "flux2", "klein-base-9b", demo)[0]
+    assert "dataset.path" not in presets.leave_demo(edited, "flux2", "klein-base-9b", demo)[0]
+
+    # A real preset applied over the demo's leftovers (flavour switched by hand): none of them survive.
+    preset = next(p.name for p in list_presets("flux2", "klein-base-9b"))
+    switched = dict(values, **{"model.flavour": "klein-base-9b", "model.source": ""})
+    filled = presets.fill(switched, None, values, None, preset, demo)
+    assert filled.ok, filled.problems
+    assert "left the demo" in filled.message
+    shown = filled.values
+    assert shown["dataset.path"] == "" and shown["dataset.trigger"] == "" and shown["sample.prompts"] == ""
+    assert shown["model.base_precision"] != "fp32" and shown["data.resolution"] != "64"
+    assert shown["train.learning_rate"] != 0.005

@@ -152,23 +152,27 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
             choices=field_choices("model.text_encoder_precision"), value=defaults["model.text_encoder_precision"],
             label="Text encoder precision")
 
-    def family_input(new_family: str, current_flavour: str, source: str) -> tuple[Any, str]:
+    def family_input(new_family: str, current_flavour: str, source: str, *demo_only: Any) -> list[Any]:  # noqa: ANN401
         names = registry.flavour_names(new_family)
         new_flavour = current_flavour if current_flavour in names else names[0]
-        return (gr.update(choices=flavour_choices(new_family), value=new_flavour),
-                suggested_source(studio, new_family, new_flavour, source))
+        return [gr.update(choices=flavour_choices(new_family), value=new_flavour),
+                *flavour_input(new_family, new_flavour, source, *demo_only)[1:]]
 
-    def flavour_input(current_family: str, new_flavour: str, source: str) -> str:
-        return suggested_source(studio, current_family, new_flavour, source)
+    def flavour_input(current_family: str, new_flavour: str, source: str, *demo_only: Any) -> list[Any]:  # noqa: ANN401
+        """A flavour the user chose: the source suggested for it, and leaving the demo replaces its own values
+        (fp32, 64 px, its learning rate, dataset, trigger and prompts) and says which."""
+        values = dict(zip(presets.DEMO_ONLY, demo_only, strict=True))
+        changes, notice = presets.leave_demo(values, current_family, new_flavour, studio.demo_dir)
+        if notice:
+            gr.Info(notice)
+        return [gr.skip(), suggested_source(studio, current_family, new_flavour, source),
+                *[changes[key] if key in changes else gr.skip() for key in presets.DEMO_ONLY],
+                notice if notice else gr.skip()]
 
     def describe(current_family: str, current_flavour: str) -> tuple[str, str]:
         return flavour_summary(current_family, current_flavour), source_note(studio, current_family, current_flavour)
 
     model = [fields["model.family"], fields["model.flavour"], fields["model.source"]]
-    # .input (the user's choice), not .change: a loaded job sets family, flavour and source together.
-    fields["model.family"].input(family_input, model, [fields["model.flavour"], fields["model.source"]],
-                                 api_visibility="private")
-    fields["model.flavour"].input(flavour_input, model, fields["model.source"], api_visibility="private")
     gr.on([fields["model.family"].change, fields["model.flavour"].change], describe, model[:2], [summary, note],
           api_visibility="private", show_progress="hidden")
 
@@ -183,6 +187,13 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
           show_progress="hidden")
 
     def connect(base: gr.State, baseline: gr.State) -> None:
+        # .input (the user's choice), not .change: a loaded job sets family, flavour and source together. Here, as
+        # leaving the demo changes fields of later tabs.
+        demo_only = [fields[key] for key in presets.DEMO_ONLY]
+        chosen = [fields["model.flavour"], fields["model.source"], *demo_only, applied]
+        fields["model.family"].input(family_input, [*model, *demo_only], chosen, api_visibility="private")
+        fields["model.flavour"].input(flavour_input, [*model, *demo_only], chosen, api_visibility="private")
+
         def apply_profile_and_preset(by_component: dict[Any, Any]) -> dict[Any, Any]:
             values = form.values_by_key(fields, by_component)
             filled = presets.fill(values, by_component[base], by_component[baseline], by_component[profile],
