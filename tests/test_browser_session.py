@@ -24,6 +24,7 @@ pytestmark = [
                                                      "(apt-get install chromium)"),
 ]
 WAIT_MS = 90_000
+RUN_MS = 300_000  # a step of the demo's run: the trainer process loads torch first (minutes on a busy machine)
 
 KLEIN_JOB = """[model]
 family = "flux2"
@@ -141,11 +142,11 @@ def test_the_run_workflow_and_the_job_bar_in_chromium(tmp_path: Path, demo_dir: 
                 steps.fill("3")
                 steps.press("Tab")
                 page.locator("#run-train").click()
-                expect(status).to_have_value(re.compile(r"^paused at step 3 "))
+                expect(status).to_have_value(re.compile(r"^paused at step 3 "), timeout=RUN_MS)
                 expect(page.locator("#run-start")).to_be_disabled()
                 assert page.evaluate(BUTTONS)["run-start"][1].startswith("a session is paused at step 3")
                 page.locator("#run-end").click()
-                expect(status).to_have_value(re.compile(r"^ended: LoRA saved to "))
+                expect(status).to_have_value(re.compile(r"^ended: LoRA saved to "), timeout=RUN_MS)
                 offer = page.locator("#resume-offer")
                 expect(offer).to_be_visible()
                 expect(page.locator("#run-resume")).to_have_text("Continue at step 3")
@@ -166,7 +167,7 @@ def test_the_run_workflow_and_the_job_bar_in_chromium(tmp_path: Path, demo_dir: 
                 expect(status).to_have_value(re.compile(r"^not started: a run stopped at step 3 .*Start a new run"))
                 assert not (out / "earlier_runs").exists()
                 page.locator("#run-resume").click()
-                expect(status).to_have_value(re.compile(r"^completed: LoRA saved to "))
+                expect(status).to_have_value(re.compile(r"^completed: LoRA saved to "), timeout=RUN_MS)
                 assert not (out / "earlier_runs").exists()
                 expect(offer).to_be_hidden()
                 assert page.locator("#run-samples img").count() >= 3  # steps 0 and 2 from before, then 4 and 6
@@ -178,11 +179,14 @@ def test_the_run_workflow_and_the_job_bar_in_chromium(tmp_path: Path, demo_dir: 
                 rank = page.get_by_label("Rank", exact=True)
                 rank.fill("0")
                 rank.press("Tab")
+                # checked as typed, in the page's words
+                expect(page.locator(".toast-body").filter(has_text="Rank (LoRA): must be at least 1 (lora.rank = 0)")
+                       .first).to_be_visible()
                 page.get_by_role("tab", name="Run").click()
                 page.locator("#run-start").click()
                 expect(status).to_have_value(re.compile(r"^not started: the job has problems"))
                 problems = page.get_by_label("Problems", exact=True)
-                expect(problems).to_be_visible()
+                expect(problems).to_have_value(re.compile(r"Rank \(LoRA\): must be at least 1 \(lora.rank = 0\)"))
                 time.sleep(1.5)  # the poll must not bring back the last run's status
                 expect(status).to_have_value(re.compile(r"^not started: the job has problems"))
                 page.get_by_role("tab", name="Training").click()

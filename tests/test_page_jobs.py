@@ -57,3 +57,22 @@ def test_leaving_the_demo_replaces_its_own_values_and_says_which(tmp_path: Path)
     assert shown["dataset.path"] == "" and shown["dataset.trigger"] == "" and shown["sample.prompts"] == ""
     assert shown["model.base_precision"] != "fp32" and shown["data.resolution"] != "64"
     assert shown["train.learning_rate"] != 0.005
+
+
+def test_messages_name_the_field_as_the_page_shows_it(tmp_path: Path):
+    from ui import words
+
+    labels = {"lora.rank": "Rank", "dataset.path": "Image folder"}
+    assert words.in_page_words("lora.rank: Input should be greater than or equal to 1 (got 0)", labels) == \
+        "Rank (LoRA): must be at least 1 (lora.rank = 0)"
+    assert words.in_page_words("data.datasets[0].path: required but missing", labels) == \
+        "Image folder (Dataset): required but missing (data.datasets[0].path)"
+    assert words.in_page_words("lora.alpha: whatever", labels) == "lora.alpha: whatever"  # no control: as it is
+    studio = Studio(FakeRunner(), tmp_path)
+    studio.labels.update(labels)
+    outcome = studio.start(dict(studio.default_values(), **{"lora.rank": 0}))
+    assert "Rank (LoRA): must be at least 1 (lora.rank = 0)" in outcome.problems
+    # As typed: one field's value on its own.
+    assert words.problems_for("lora.rank", 0, studio.default_values(), labels) == [
+        "Rank (LoRA): must be at least 1 (lora.rank = 0)"]
+    assert words.problems_for("lora.rank", 8, studio.default_values(), labels) == []

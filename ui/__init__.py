@@ -46,7 +46,17 @@ def build_app(runner: TrainingRunner, workdir: Path, allowed: Iterable[str | Pat
     users type are used only inside the workdir and the `allowed` folders."""
     import gradio as gr
 
-    from ui import advanced_tab, dataset_tab, estimator_tab, job_bar, lowvram_tab, model_tab, run_tab, training_tab
+    from ui import (
+        advanced_tab,
+        dataset_tab,
+        estimator_tab,
+        job_bar,
+        lowvram_tab,
+        model_tab,
+        run_tab,
+        training_tab,
+        words,
+    )
     from ui.form import FORM_KEYS
     from ui.memory import detected_vram_gib
     from ui.multi_gpu import AppRunner
@@ -79,6 +89,8 @@ def build_app(runner: TrainingRunner, workdir: Path, allowed: Iterable[str | Pat
         missing = set(FORM_KEYS) - set(fields)
         if missing:
             raise RuntimeError(f"form keys without a control: {sorted(missing)}")
+        studio.labels.update(words.labels_of(fields))  # its messages name the fields as the page shows them
+        words.check_as_typed(fields, defaults)
         connect_dataset()  # the dataset check reads the Training tab's batch size
         connect_lowvram(base, app)  # the live verdict reads the whole job
         connect_model(base, baseline)  # a preset fills the whole form

@@ -23,6 +23,7 @@ from ui.model_info import flavour_summary, target_counts  # noqa: F401 - the tab
 from ui.paths import Folders, PathRefused, spec_paths, written_folders
 from ui.resume import InterruptedRun, find_interrupted_run, latest_state_step, read_history
 from ui.run_state import RunView
+from ui.words import all_in_page_words
 
 ALREADY_RUNNING = "a run is already in progress; stop it or wait for it to finish"
 SESSION_PAUSED = ("a session is paused at step {step}; End training before starting a new run (or Train N steps "
@@ -48,6 +49,7 @@ class Studio:
         self.last_form = LastForm(self.workdir / ".studio" / LAST_FORM)
         self.view = RunView()
         self.captioning = CaptionJob()
+        self.labels: dict[str, str] = {}  # key → the label the page shows (ui.build_app fills it)
 
     # ------------------------------------------------------------------ form → spec
 
@@ -85,7 +87,7 @@ class Studio:
         try:
             spec = self.resolve(values, base)
         except SpecError as exc:
-            return None, None, Outcome(f"{refused}: the job has problems", exc.problems)
+            return None, None, Outcome(f"{refused}: the job has problems", all_in_page_words(exc.problems, self.labels))
         self.last_form.save(spec)  # what the user tried to run is what the next page load shows
         problems = list(dict.fromkeys(self.folders.problems(spec_paths(spec))
                                       + self.folders.problems(written_folders(spec), writing=True)))
@@ -335,7 +337,7 @@ class Studio:
         try:
             spec = self.resolve(values, base)
         except SpecError as exc:
-            return exc.problems
+            return all_in_page_words(exc.problems, self.labels)
         problems = self.folders.problems(spec_paths(spec)) or self.preflight(spec)
         if not problems:
             self.view.clear_refusal()
@@ -357,7 +359,7 @@ class Studio:
         try:
             spec = self.resolve(values, base)
         except SpecError as exc:
-            return None, Outcome("not saved: the job has problems", exc.problems)
+            return None, Outcome("not saved: the job has problems", all_in_page_words(exc.problems, self.labels))
         self.last_form.save(spec)
         typed = str(path or "").strip()
         try:
