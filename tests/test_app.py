@@ -537,8 +537,8 @@ def test_train_steps_validate_save_and_end_through_the_api(studio_app):
     assert (out / "demo_lora-step000005.safetensors").is_file()
 
     assert client.predict(api_name="/end_training")[0].startswith("ending")
-    status = _wait_for(client, workdir, "completed", "stopped")
-    assert status == f"stopped: LoRA saved to {out / 'demo_lora.safetensors'}"  # 5 of 20 steps
+    status = _wait_for(client, workdir, "completed", "stopped", "ended")
+    assert status == f"ended: LoRA saved to {out / 'demo_lora.safetensors'}"  # 5 of 20 steps, ended by the user
     assert (out / "demo_lora.safetensors").is_file()
     assert client.predict(api_name="/end_training")[0] == "no session to end: start or train first"
 

@@ -170,7 +170,8 @@ def test_the_run_workflow_and_the_job_bar_in_chromium(tmp_path: Path, demo_dir: 
                 expect(status).to_have_value(re.compile(r"^completed: LoRA saved to "), timeout=RUN_MS)
                 assert not (out / "earlier_runs").exists()
                 expect(offer).to_be_hidden()
-                assert page.locator("#run-samples img").count() >= 3  # steps 0 and 2 from before, then 4 and 6
+                # the samples of steps 0 and 2 from before the resume, then 4 and 6
+                page.wait_for_function("() => document.querySelectorAll('#run-samples img').length >= 4")
                 assert page.evaluate(TRUNCATED_CAPTIONS) == 0, "a sample's label is cut off"
                 page.screenshot(path=shots / "03-resumed.png", full_page=True)
 

@@ -178,8 +178,7 @@ def _connect_offer(fields: dict[str, gr.components.Component], studio: Studio, a
     if app is not None:
         def offer_on_load() -> tuple[Any, ...]:
             # The page's own values are the defaults until the remembered form fills it: ask about that form's.
-            values = studio.restore()[0] or studio.default_values()
-            return offer_updates(studio.offered_run(values["output.dir"], values["train.max_steps"]))
+            return offer_updates(studio.offered_run(*studio.remembered_output()))
 
         app.load(offer_on_load, None, targets, api_visibility="private", show_progress="hidden")
 

@@ -293,6 +293,13 @@ class Studio:
         found = self.offered_run(output_dir, max_steps)
         return found.text() if found else ""
 
+    def remembered_output(self) -> tuple[str, int]:
+        """(output.dir, train.max_steps) of the form the page shows on load: the remembered one, else the
+        defaults. Reads only: restoring (which sets a broken file aside with a notice) is the job bar's."""
+        spec = read_job(self.last_form.path, self.workdir)[0] if self.last_form.path.is_file() else None
+        spec = spec or parse_spec(form.default_job(self.workdir))
+        return spec.output.dir, spec.train.max_steps
+
     def offered_run(self, output_dir: str | None, max_steps: Any = None) -> InterruptedRun | None:  # noqa: ANN401
         """The run the resume offer is about (see resume_offer), or None."""
         if not output_dir or not str(output_dir).strip():
