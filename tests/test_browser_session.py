@@ -90,7 +90,7 @@ def test_the_run_workflow_and_the_job_bar_in_chromium(tmp_path: Path, demo_dir: 
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / "klein.toml").write_text(KLEIN_JOB.format(dataset=demo_dir / "dataset"), encoding="utf-8")
     (tmp_path / "jobs" / "demo.toml").write_text(DEMO_JOB.format(demo=demo_dir), encoding="utf-8")
-    out = tmp_path / "output" / "run"
+    out = tmp_path / "jobs" / "output" / "run"  # the job's relative output.dir, from the job file's folder
     process, url, log = _launch(tmp_path, "--allow", str(demo_dir))
     try:
         with sync_playwright() as playwright:
@@ -165,7 +165,7 @@ def test_the_run_workflow_and_the_job_bar_in_chromium(tmp_path: Path, demo_dir: 
 
                 page.locator("#run-start").click()  # over a resumable run: asks
                 expect(status).to_have_value(re.compile(r"^not started: a run stopped at step 3 .*Start a new run"))
-                assert not (out / "earlier_runs").exists()
+                assert not (out / "earlier_runs").exists() and (out / "state").is_dir()
                 page.locator("#run-resume").click()
                 expect(status).to_have_value(re.compile(r"^completed: LoRA saved to "), timeout=RUN_MS)
                 assert not (out / "earlier_runs").exists()
