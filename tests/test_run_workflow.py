@@ -29,9 +29,10 @@ def _settle(studio: Studio) -> None:
 
 @pytest.fixture()
 def studio(tmp_path: Path, demo_dir: Path) -> Studio:
-    from trainer.runner import TrainingRunner
+    from trainer.runners.app import AppRunner
+    from trainer.runners.thread import TrainingRunner
 
-    return Studio(TrainingRunner(), tmp_path, allowed=[demo_dir])
+    return Studio(AppRunner(TrainingRunner()), tmp_path, allowed=[demo_dir])
 
 
 def test_a_stopped_run_is_continued_and_a_new_start_asks_first(studio: Studio, demo_dir: Path, tmp_path: Path):

@@ -114,6 +114,55 @@ def single_files(fields: dict[str, gr.components.Component], defaults: dict[str,
     return handlers
 
 
+def _connect_model(fields: dict[str, gr.components.Component], studio: Studio, summary: gr.Markdown,
+                   note: gr.Markdown, slots: SingleFiles, profile: gr.Dropdown, preset: gr.Dropdown) -> None:
+    """What follows the family and flavour: the flavour menu, the source, the summary, the presets, the single-file
+    menus."""
+    def describe(current_family: str, current_flavour: str) -> tuple[str, str]:
+        return flavour_summary(current_family, current_flavour), source_note(studio, current_family, current_flavour)
+
+    model = [fields["model.family"], fields["model.flavour"], fields["model.source"]]
+    gr.on([fields["model.family"].change, fields["model.flavour"].change], describe, model[:2], [summary, note],
+          api_visibility="private", show_progress="hidden")
+
+    gr.on([fields["model.family"].change, fields["model.flavour"].change, profile.change], preset_menu,
+          [profile, fields["model.family"], fields["model.flavour"]], preset, api_visibility="private",
+          show_progress="hidden")
+
+    # Fits depend on the flavour: the menus follow it (a cheap header scan, cached), and text_encoder_2 shows for
+    # FLUX.1 only. .change, so a loaded job's family hides or shows it too.
+    gr.on([fields["model.family"].change, fields["model.flavour"].change], slots.rescan,
+          [fields[model_files.FOLDER_KEY], *model[:2]], slots.outputs, api_visibility="private",
+          show_progress="hidden")
+
+
+def _connect_flavour_choice(fields: dict[str, gr.components.Component], studio: Studio,
+                            applied: gr.Markdown) -> None:
+    """The user's choice of family or flavour (.input, not .change: a loaded job sets family, flavour and source
+    together): the source suggested for it, and leaving the demo replaces the demo's own values in later tabs
+    (fp32, 64 px, its learning rate, dataset, trigger and prompts) and says which."""
+    def flavour_input(current_family: str, new_flavour: str, source: str, *demo_only: Any) -> list[Any]:  # noqa: ANN401
+        values = dict(zip(presets.DEMO_ONLY, demo_only, strict=True))
+        changes, notice = presets.leave_demo(values, current_family, new_flavour, studio.demo_dir)
+        if notice:
+            gr.Info(notice)
+        return [gr.skip(), suggested_source(studio, current_family, new_flavour, source),
+                *[changes[key] if key in changes else gr.skip() for key in presets.DEMO_ONLY],
+                notice if notice else gr.skip()]
+
+    def family_input(new_family: str, current_flavour: str, source: str, *demo_only: Any) -> list[Any]:  # noqa: ANN401
+        names = registry.flavour_names(new_family)
+        new_flavour = current_flavour if current_flavour in names else names[0]
+        return [gr.update(choices=flavour_choices(new_family), value=new_flavour),
+                *flavour_input(new_family, new_flavour, source, *demo_only)[1:]]
+
+    model = [fields["model.family"], fields["model.flavour"], fields["model.source"]]
+    demo_only = [fields[key] for key in presets.DEMO_ONLY]
+    chosen = [fields["model.flavour"], fields["model.source"], *demo_only, applied]
+    fields["model.family"].input(family_input, [*model, *demo_only], chosen, api_visibility="private")
+    fields["model.flavour"].input(flavour_input, [*model, *demo_only], chosen, api_visibility="private")
+
+
 def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
           studio: Studio) -> Callable[[gr.State, gr.State], None]:
     """The tab's controls; returns `connect(base, baseline)`, to call once every tab's fields exist (applying a
@@ -152,48 +201,10 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
             choices=field_choices("model.text_encoder_precision"), value=defaults["model.text_encoder_precision"],
             label="Text encoder precision")
 
-    def family_input(new_family: str, current_flavour: str, source: str, *demo_only: Any) -> list[Any]:  # noqa: ANN401
-        names = registry.flavour_names(new_family)
-        new_flavour = current_flavour if current_flavour in names else names[0]
-        return [gr.update(choices=flavour_choices(new_family), value=new_flavour),
-                *flavour_input(new_family, new_flavour, source, *demo_only)[1:]]
-
-    def flavour_input(current_family: str, new_flavour: str, source: str, *demo_only: Any) -> list[Any]:  # noqa: ANN401
-        """A flavour the user chose: the source suggested for it, and leaving the demo replaces its own values
-        (fp32, 64 px, its learning rate, dataset, trigger and prompts) and says which."""
-        values = dict(zip(presets.DEMO_ONLY, demo_only, strict=True))
-        changes, notice = presets.leave_demo(values, current_family, new_flavour, studio.demo_dir)
-        if notice:
-            gr.Info(notice)
-        return [gr.skip(), suggested_source(studio, current_family, new_flavour, source),
-                *[changes[key] if key in changes else gr.skip() for key in presets.DEMO_ONLY],
-                notice if notice else gr.skip()]
-
-    def describe(current_family: str, current_flavour: str) -> tuple[str, str]:
-        return flavour_summary(current_family, current_flavour), source_note(studio, current_family, current_flavour)
-
-    model = [fields["model.family"], fields["model.flavour"], fields["model.source"]]
-    gr.on([fields["model.family"].change, fields["model.flavour"].change], describe, model[:2], [summary, note],
-          api_visibility="private", show_progress="hidden")
-
-    gr.on([fields["model.family"].change, fields["model.flavour"].change, profile.change], preset_menu,
-          [profile, fields["model.family"], fields["model.flavour"]], preset, api_visibility="private",
-          show_progress="hidden")
-
-    # Fits depend on the flavour: the menus follow it (a cheap header scan, cached), and text_encoder_2 shows for
-    # FLUX.1 only. .change, so a loaded job's family hides or shows it too.
-    gr.on([fields["model.family"].change, fields["model.flavour"].change], slots.rescan,
-          [fields[model_files.FOLDER_KEY], *model[:2]], slots.outputs, api_visibility="private",
-          show_progress="hidden")
+    _connect_model(fields, studio, summary, note, slots, profile, preset)
 
     def connect(base: gr.State, baseline: gr.State) -> None:
-        # .input (the user's choice), not .change: a loaded job sets family, flavour and source together. Here, as
-        # leaving the demo changes fields of later tabs.
-        demo_only = [fields[key] for key in presets.DEMO_ONLY]
-        chosen = [fields["model.flavour"], fields["model.source"], *demo_only, applied]
-        fields["model.family"].input(family_input, [*model, *demo_only], chosen, api_visibility="private")
-        fields["model.flavour"].input(flavour_input, [*model, *demo_only], chosen, api_visibility="private")
-
+        _connect_flavour_choice(fields, studio, applied)  # here: leaving the demo changes fields of later tabs
         def apply_profile_and_preset(by_component: dict[Any, Any]) -> dict[Any, Any]:
             values = form.values_by_key(fields, by_component)
             filled = presets.fill(values, by_component[base], by_component[baseline], by_component[profile],

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from ui import allowed_paths, form, multi_gpu
+from ui import form, multi_gpu
+from ui.feedback import problems_update
 from ui.gauges import gauges_html, read_gauges
+from ui.jobs import Outcome
 from ui.paths import Folders
 from ui.resume import InterruptedRun
 from ui.run_state import REFUSED, RunView
-from ui.studio import STEPS_LABEL, Outcome, Studio
+from ui.served import allowed_paths
+from ui.studio import STEPS_LABEL, Studio
 
 LOSS_COLUMNS = ["step", "loss", "series"]
 LOSS_COLOURS = {"loss": "#93c5fd", "smoothed": "#1d4ed8", "eval": "#16a34a"}  # the series of RunView.loss_rows
@@ -29,6 +33,13 @@ FOLLOW_LOG_JS = """() => {
   if (box.scrollTop + box.clientHeight >= seen - 8) box.scrollTop = box.scrollHeight;
   box.dataset.seenHeight = box.scrollHeight;
 }"""
+BUTTONS = ("start", "train", "validate", "save", "stop", "end", "resume")  # the names of Studio.actions()
+# Each disabled button says why on hover (gradio buttons have no tooltip of their own).
+BUTTON_TITLES_JS = """(reasons) => { for (const [name, why] of Object.entries(reasons || {})) {
+  const button = document.getElementById('run-' + name); if (button) button.title = why; } }"""
+# The Run tab's N is kept in the browser, so a reload shows the one the user chose.
+STEPS_KEY = "flux-studio-run-steps"
+DEFAULT_STEPS = 10
 
 
 def progress_html(view: RunView) -> str:
@@ -73,23 +84,6 @@ def gallery_items(view: RunView, roots: list[str], folders: Folders | None = Non
     return items
 
 
-def problems_update(outcome: Outcome) -> Any:  # noqa: ANN401 - a gradio update
-    if outcome.ok:
-        return gr.update(visible=False, value="")
-    for problem in outcome.problems[:3]:
-        gr.Warning(problem)
-    return gr.update(visible=True, value="\n".join(outcome.problems))
-
-
-BUTTONS = ("start", "train", "validate", "save", "stop", "end", "resume")  # the names of Studio.actions()
-# Each disabled button says why on hover (gradio buttons have no tooltip of their own).
-BUTTON_TITLES_JS = """(reasons) => { for (const [name, why] of Object.entries(reasons || {})) {
-  const button = document.getElementById('run-' + name); if (button) button.title = why; } }"""
-# The Run tab's N is kept in the browser, so a reload shows the one the user chose.
-STEPS_KEY = "flux-studio-run-steps"
-DEFAULT_STEPS = 10
-
-
 def offer_updates(found: InterruptedRun | None) -> tuple[str, Any, Any]:
     """The resume offer's text (plain, for the API), its row (shown only when there is something to resume) and
     its Continue button, which names the step."""
@@ -110,28 +104,59 @@ def refused_problems(studio: Studio, values: dict[str, Any], shown: str) -> Any:
     return gr.update(visible=bool(problems), value="\n".join(problems))
 
 
+@dataclass
+class _View:
+    """The Run tab's components, built by `build` and wired by the `_connect_*` functions."""
+
+    buttons: dict[str, gr.Button]
+    steps: gr.Number
+    offer: gr.Markdown
+    offer_row: gr.Row
+    status: gr.Textbox
+    problems: gr.Textbox
+    progress: gr.HTML
+    memory: gr.HTML
+    plot: gr.LinePlot
+    gallery: gr.Gallery
+    log: gr.Textbox
+
+
 def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.State,
           app: gr.Blocks | None = None) -> None:
     """The Run tab; `base` holds the fields of a loaded job that the form has no control for. With `app`, the
     resume offer is also checked, and the Run tab's N restored, when the page loads."""
-    reasons = studio.actions()
+    view = _build_view(fields, studio, base)
+    form_kwargs = {**{form.api_name(k): fields[k] for k in form.FORM_KEYS}, "base": base}
+    refresh_offer = _connect_resume_offer(view, fields, studio, form_kwargs, app)
+    _connect_actions(view, studio, form_kwargs, refresh_offer)
+    _connect_steps(view.steps, app)
+    # A refused Start's problems go once the form no longer has them.
+    gr.on([fields[key].change for key in form.FORM_KEYS],
+          form.keyword_handler(lambda values: refused_problems(studio, values, values.pop("problems", "")),
+                               extra=("base", "problems")),
+          inputs_kwargs={**form_kwargs, "problems": view.problems}, outputs=view.problems, api_visibility="private",
+          show_progress="hidden", trigger_mode="always_last")
+    _connect_poll(view, studio, refresh_offer)
+
+
+def _build_view(fields: dict[str, gr.components.Component], studio: Studio, base: gr.State) -> _View:
     with gr.Row():
-        start = gr.Button("Start", variant="primary", scale=2, elem_id="run-start")
+        buttons = {"start": gr.Button("Start", variant="primary", scale=2, elem_id="run-start")}
         steps = gr.Number(DEFAULT_STEPS, label=STEPS_LABEL, precision=0, minimum=1, step=1, scale=1, min_width=90,
                           elem_id="run-steps")
-        train = gr.Button("Train N steps", scale=2, elem_id="run-train")
-        validate = gr.Button("Validate now", scale=2, elem_id="run-validate")
-        save_lora = gr.Button("Save LoRA", scale=2, elem_id="run-save")
-        stop = gr.Button("Stop", variant="stop", scale=2, elem_id="run-stop")
-        end = gr.Button("End training", scale=2, elem_id="run-end")
+        buttons["train"] = gr.Button("Train N steps", scale=2, elem_id="run-train")
+        buttons["validate"] = gr.Button("Validate now", scale=2, elem_id="run-validate")
+        buttons["save"] = gr.Button("Save LoRA", scale=2, elem_id="run-save")
+        buttons["stop"] = gr.Button("Stop", variant="stop", scale=2, elem_id="run-stop")
+        buttons["end"] = gr.Button("End training", scale=2, elem_id="run-end")
     connect_multi_gpu = multi_gpu.build(fields, studio, base)  # the "Several GPUs" accordion
     with gr.Row(visible=False, equal_height=True, elem_id="resume-offer") as offer_row:
         offer = gr.Markdown("", label="Resume offer")
-        resume = gr.Button("Continue", variant="primary", scale=0, min_width=160, elem_id="run-resume")
-        start_new = gr.Button("Start a new run", scale=0, min_width=160, elem_id="run-start-new")
-    buttons = dict(zip(BUTTONS, (start, train, validate, save_lora, stop, end, resume), strict=True))
-    for name, button in buttons.items():
-        button.interactive = not reasons[name]
+        buttons["resume"] = gr.Button("Continue", variant="primary", scale=0, min_width=160, elem_id="run-resume")
+        buttons["start_new"] = gr.Button("Start a new run", scale=0, min_width=160, elem_id="run-start-new")
+    reasons = studio.actions()
+    for name in BUTTONS:
+        buttons[name].interactive = not reasons[name]
     status = gr.Textbox(value=studio.view.status_text(), label="Status", interactive=False)
     problems = gr.Textbox(label="Problems", visible=False, interactive=False, lines=3)
     connect_multi_gpu(status, problems)
@@ -145,105 +170,94 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
                              elem_id="run-samples")
     log = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, elem_id="studio-log")
     log.change(None, js=FOLLOW_LOG_JS, api_visibility="private", show_progress="hidden")
-    form_kwargs = {**{form.api_name(k): fields[k] for k in form.FORM_KEYS}, "base": base}
-    outputs = [status, problems]
-
-    refresh_offer = _connect_offer(fields, studio, app, offer, offer_row, resume)
-    _connect_actions(studio, buttons, start_new, steps, form_kwargs, outputs, refresh_offer)
-    _connect_steps(steps, app)
-    # A refused Start's problems go once the form no longer has them.
-    gr.on([fields[key].change for key in form.FORM_KEYS],
-          form.keyword_handler(lambda values: refused_problems(studio, values, values.pop("problems", "")),
-                               extra=("base", "problems")),
-          inputs_kwargs={**form_kwargs, "problems": problems}, outputs=problems, api_visibility="private",
-          show_progress="hidden", trigger_mode="always_last")
-    _connect_poll(studio, buttons, status, progress, plot, log, problems, gallery, memory, refresh_offer)
+    return _View(buttons, steps, offer, offer_row, status, problems, progress, memory, plot, gallery, log)
 
 
-def _connect_offer(fields: dict[str, gr.components.Component], studio: Studio, app: gr.Blocks | None,
-                   offer: gr.Markdown, offer_row: gr.Row, resume: gr.Button) -> Callable[[Any], None]:
-    """The resume offer follows the form's output folder and run length, the page's load (the remembered form's
-    folder: the form may not be filled yet) and every end of a run; returns `refresh(trigger)`, which checks
-    it again after another event."""
+def _connect_resume_offer(view: _View, fields: dict[str, gr.components.Component], studio: Studio,
+                          form_kwargs: dict[str, Any], app: gr.Blocks | None) -> Callable[[Any], None]:
+    """The resume offer and its Resume button; returns `refresh_offer(event)`, which checks the offer again after
+    an action that starts or ends a session."""
     offer_inputs = {"output_dir": fields["output.dir"], "train_max_steps": fields["train.max_steps"]}
-    targets = [offer, offer_row, resume]
+    outputs = [view.offer, view.offer_row, view.buttons["resume"]]
 
     def resume_offer(output_dir: str, train_max_steps: Any) -> tuple[Any, ...]:  # noqa: ANN401
         """'An interrupted run was found at step N in DIR …' when output_dir holds an unfinished run, else ''."""
         return offer_updates(studio.offered_run(output_dir, train_max_steps))
 
     gr.on([fields["output.dir"].change, fields["train.max_steps"].change], resume_offer, inputs_kwargs=offer_inputs,
-          outputs=targets, api_name="resume_offer", show_progress="hidden")
-
+          outputs=outputs, api_name="resume_offer", show_progress="hidden")
     if app is not None:
         def offer_on_load() -> tuple[Any, ...]:
-            # The page's own values are the defaults until the remembered form fills it: ask about that form's.
+            # The page's own values are the defaults until the remembered form fills it (a second handler of the
+            # load, which raced this one): ask about that form's folder.
             return offer_updates(studio.offered_run(*studio.remembered_output()))
 
-        app.load(offer_on_load, None, targets, api_visibility="private", show_progress="hidden")
+        app.load(offer_on_load, None, outputs, api_visibility="private", show_progress="hidden")
 
-    def refresh(event: Any) -> None:  # noqa: ANN401 - a gradio Dependency or event
-        if hasattr(event, "then"):
-            event.then(resume_offer, inputs_kwargs=offer_inputs, outputs=targets, api_visibility="private",
-                       show_progress="hidden")
-        else:
-            event(resume_offer, inputs_kwargs=offer_inputs, outputs=targets, api_visibility="private",
-                  show_progress="hidden")
+    def refresh_offer(event: Any) -> None:  # noqa: ANN401 - a gradio Dependency, or an event listener
+        listen = event.then if hasattr(event, "then") else event
+        listen(resume_offer, inputs_kwargs=offer_inputs, outputs=outputs, api_visibility="private",
+               show_progress="hidden")
 
-    return refresh
-
-
-def _connect_actions(studio: Studio, buttons: dict[str, gr.Button], start_new: gr.Button, steps: gr.Number,
-                     form_kwargs: dict[str, Any], outputs: list[Any], refresh_offer: Callable[[Any], None]) -> None:
-    """What the session buttons do; each answers in the status line and the problems box."""
     def answer(outcome: Outcome) -> tuple[str, Any]:
-        for note in outcome.notes:
-            gr.Warning(note)
         return outcome.message, problems_update(outcome)
 
     def resume_run(values: dict[str, Any]) -> tuple[str, Any]:
         """Continue the form's job from the latest training state in its output.dir (exact resume)."""
         return answer(studio.start(values, values.pop("base", None), resume=True))
 
-    def start_run(values: dict[str, Any]) -> tuple[str, Any]:
-        """Validate the form and start training it; with every value left at its default this trains the demo.
-        Over a run that can be resumed it asks first: Resume continues it, start_new starts a new one."""
-        return answer(studio.start(values, values.pop("base", None)))
-
     def start_new_run(values: dict[str, Any]) -> tuple[str, Any]:
         """Start the form's job as a new run; the earlier run in its output.dir is moved to earlier_runs/<stamp>
         once the new run's first step is about to train."""
         return answer(studio.start(values, values.pop("base", None), new_run=True))
 
+    for name, handler in (("resume", resume_run), ("start_new", start_new_run)):
+        refresh_offer(view.buttons[name].click(
+            form.keyword_handler(handler, extra=("base",)), inputs_kwargs=form_kwargs,
+            outputs=[view.status, view.problems], api_name=name, concurrency_limit=1))
+    return refresh_offer
+
+
+def _connect_actions(view: _View, studio: Studio, form_kwargs: dict[str, Any],
+                     refresh_offer: Callable[[Any], None]) -> None:
+    """Start, Train N steps, Validate now, Save LoRA, Stop, End training."""
+    buttons, answer = view.buttons, [view.status, view.problems]
+
+    def start_run(values: dict[str, Any]) -> tuple[str, Any]:
+        """Validate the form and start training it; with every value left at its default this trains the demo.
+        Over a run that can be resumed it asks first: Resume continues it, start_new starts a new one."""
+        outcome = studio.start(values, values.pop("base", None))
+        return outcome.message, problems_update(outcome)
+
+    refresh_offer(buttons["start"].click(form.keyword_handler(start_run, extra=("base",)), inputs_kwargs=form_kwargs,
+                                         outputs=answer, api_name="start", concurrency_limit=1))
+
     def train_run(values: dict[str, Any]) -> tuple[str, Any]:
         """Train `steps` more steps, then pause: on the live session, on a stopped run in output.dir (continued
         from its state), or on one set up from the form first (the form is ignored while a session is live)."""
-        return answer(studio.train_steps(values, values.pop("steps", None), values.pop("base", None)))
+        outcome = studio.train_steps(values, values.pop("steps", None), values.pop("base", None))
+        for note in outcome.notes:
+            gr.Warning(note)
+        return outcome.message, problems_update(outcome)
 
-    for button, handler, api in ((buttons["resume"], resume_run, "resume"), (buttons["start"], start_run, "start"),
-                                 (start_new, start_new_run, "start_new")):
-        refresh_offer(button.click(form.keyword_handler(handler, extra=("base",)), inputs_kwargs=form_kwargs,
-                                   outputs=outputs, api_name=api, concurrency_limit=1))
     refresh_offer(buttons["train"].click(form.keyword_handler(train_run, extra=("base", "steps")),
-                                         inputs_kwargs={"steps": steps, **form_kwargs}, outputs=outputs,
+                                         inputs_kwargs={"steps": view.steps, **form_kwargs}, outputs=answer,
                                          api_name="train_steps", concurrency_limit=1))
 
     def validate_now() -> tuple[str, Any]:
         """Render the sample prompts with the current LoRA: now while paused, after the current step while
         training."""
-        return answer(studio.validate_now())
+        outcome = studio.validate_now()
+        return outcome.message, problems_update(outcome)
+
+    buttons["validate"].click(validate_now, None, answer, api_name="validate_now", concurrency_limit=1)
 
     def save_now() -> tuple[str, Any]:
         """Save an intermediate LoRA (name-stepNNNNNN) now while paused, after the current step while training."""
-        return answer(studio.save_now())
+        outcome = studio.save_now()
+        return outcome.message, problems_update(outcome)
 
-    def end_training() -> tuple[str, Any]:
-        """Save the final LoRA (if anything is unsaved) and free the session."""
-        return answer(studio.end_training())
-
-    buttons["validate"].click(validate_now, None, outputs, api_name="validate_now", concurrency_limit=1)
-    buttons["save"].click(save_now, None, outputs, api_name="save_now", concurrency_limit=1)
-    buttons["end"].click(end_training, None, outputs, api_name="end_training", concurrency_limit=1)
+    buttons["save"].click(save_now, None, answer, api_name="save_now", concurrency_limit=1)
 
     def stop_run() -> str:
         """Stop training after the current step; the LoRA is saved. Train N steps continues a paused session."""
@@ -252,7 +266,14 @@ def _connect_actions(studio: Studio, buttons: dict[str, gr.Button], start_new: g
             gr.Warning(text)  # the next poll rewrites the status line within a second; the toast stays to be read
         return text
 
-    buttons["stop"].click(stop_run, None, outputs[0], api_name="stop")
+    buttons["stop"].click(stop_run, None, view.status, api_name="stop")
+
+    def end_training() -> tuple[str, Any]:
+        """Save the final LoRA (if anything is unsaved), render the final samples and free the session."""
+        outcome = studio.end_training()
+        return outcome.message, problems_update(outcome)
+
+    buttons["end"].click(end_training, None, answer, api_name="end_training", concurrency_limit=1)
 
 
 def _connect_steps(steps: gr.Number, app: gr.Blocks | None) -> None:
@@ -265,10 +286,9 @@ def _connect_steps(steps: gr.Number, app: gr.Blocks | None) -> None:
              api_visibility="private", show_progress="hidden")
 
 
-def _connect_poll(studio: Studio, buttons: dict[str, gr.Button], status: gr.Textbox, progress: gr.HTML,
-                  plot: gr.LinePlot, log: gr.Textbox, problems: gr.Textbox, gallery: gr.Gallery, memory: gr.HTML,
-                  refresh_offer: Callable[[Any], None]) -> None:
-    """The one-second poll of the Run view, the buttons' states, the gallery and the memory gauges."""
+def _connect_poll(view: _View, studio: Studio, refresh_offer: Callable[[Any], None]) -> None:
+    """The timers: the run's status, progress, loss plot, log, samples and the buttons' states every second; the
+    gauges every two. A run that ends checks the resume offer again."""
     seen = gr.State({})  # per browser session: what it was last sent, so unchanged plots are not re-sent
     roots = allowed_paths(studio.workdir)
     titles = gr.JSON({}, visible=False)  # why each button is disabled, set as its tooltip in the browser
@@ -277,24 +297,24 @@ def _connect_poll(studio: Studio, buttons: dict[str, gr.Button], status: gr.Text
     def poll(last: dict[str, Any]) -> tuple[Any, ...]:
         """Status line first ('idle', 'running: step 12/40', 'paused at step 12 — …', 'completed: LoRA saved to
         …', 'failed: …'); the last value says which samples there are (/samples returns them)."""
-        view = studio.poll()
+        run = studio.poll()
         reasons = studio.actions()
-        with view.lock:
-            key = {"run": view.run_id, "losses": len(view.losses), "evals": len(view.eval_losses),
-                   "log": view.version, "status": view.status, "reasons": reasons}
+        with run.lock:
+            key = {"run": run.run_id, "losses": len(run.losses), "evals": len(run.eval_losses),
+                   "log": run.version, "status": run.status, "reasons": reasons}
             fresh = last.get("run") != key["run"]
             plot_changed = last.get("losses") != key["losses"] or last.get("evals") != key["evals"]
-            plot_value = loss_frame(view) if fresh or plot_changed else gr.skip()
-            log_value = view.log_text() if fresh or last.get("log") != key["log"] else gr.skip()
+            plot_value = loss_frame(run) if fresh or plot_changed else gr.skip()
+            log_value = run.log_text() if fresh or last.get("log") != key["log"] else gr.skip()
             # A start's problems stay up until the run they were about moves on (e.g. "already in progress"); a
             # refusal is the problem itself.
-            moved_on = bool(last) and last.get("status") != view.status and view.status != REFUSED
+            moved_on = bool(last) and last.get("status") != run.status and run.status != REFUSED
             problems_value = gr.update(visible=False, value="") if moved_on else gr.skip()
             changed = last.get("reasons") != reasons
             button_values = button_updates(reasons) if changed else [gr.skip()] * len(BUTTONS)
-            return (view.status_text(), progress_html(view), plot_value, log_value, problems_value, key,
-                    [view.run_id, len(view.samples)], *button_values, reasons if changed else gr.skip(),
-                    f"{view.run_id}:{view.status}")
+            return (run.status_text(), progress_html(run), plot_value, log_value, problems_value, key,
+                    [run.run_id, len(run.samples)], *button_values, reasons if changed else gr.skip(),
+                    f"{run.run_id}:{run.status}")
 
     def samples() -> list[tuple[Any, str]]:
         """The sample images so far, each labelled with its step and prompt."""
@@ -304,14 +324,15 @@ def _connect_poll(studio: Studio, buttons: dict[str, gr.Button], status: gr.Text
     # The gallery has a state of its own, changed by the poll only when a sample arrives: gradio rebuilds an output
     # that is skipped (20 ms for a gallery, a tenth of that for the others), so the poll never names the gallery.
     shown = gr.State([0, 0])
-    shown.change(samples, None, gallery, api_name="samples", show_progress="hidden", concurrency_limit=None)
+    shown.change(samples, None, view.gallery, api_name="samples", show_progress="hidden", concurrency_limit=None)
     refresh_offer(ended.change)
 
     gauge_timer = gr.Timer(2.0)  # NVML and psutil reads are cheap, but need not follow every progress poll
-    gauge_timer.tick(lambda: gauges_html(read_gauges()), None, memory, api_name="memory_gauges",
+    gauge_timer.tick(lambda: gauges_html(read_gauges()), None, view.memory, api_name="memory_gauges",
                      show_progress="hidden", concurrency_limit=None)
     timer = gr.Timer(1.0)
     # The tooltips are set in the browser after every poll: the Run tab's buttons exist only once it was opened.
-    timer.tick(poll, seen, [status, progress, plot, log, problems, seen, shown, *buttons.values(), titles, ended],
+    timer.tick(poll, seen, [view.status, view.progress, view.plot, view.log, view.problems, seen, shown,
+                            *(view.buttons[name] for name in BUTTONS), titles, ended],
                api_name="poll", show_progress="hidden", concurrency_limit=None).then(
         None, titles, None, js=BUTTON_TITLES_JS, api_visibility="private", show_progress="hidden")
