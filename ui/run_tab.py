@@ -34,9 +34,11 @@ FOLLOW_LOG_JS = """() => {
   box.dataset.seenHeight = box.scrollHeight;
 }"""
 BUTTONS = ("start", "train", "validate", "save", "stop", "end", "resume")  # the names of Studio.actions()
-# Each disabled button says why on hover (gradio buttons have no tooltip of their own).
-BUTTON_TITLES_JS = """(reasons) => { for (const [name, why] of Object.entries(reasons || {})) {
-  const button = document.getElementById('run-' + name); if (button) button.title = why; } }"""
+# A button that cannot act now is disabled and says why on hover (gradio buttons have no tooltip). Done in the
+# browser from one small value: seven button outputs more cost every poll of every page a few milliseconds.
+BUTTON_STATES_JS = """(reasons) => { for (const [name, why] of Object.entries(reasons || {})) {
+  const button = document.getElementById('run-' + name);
+  if (button) { button.title = why; button.disabled = Boolean(why); } } }"""
 # The Run tab's N is kept in the browser, so a reload shows the one the user chose.
 STEPS_KEY = "flux-studio-run-steps"
 DEFAULT_STEPS = 10
@@ -90,10 +92,6 @@ def offer_updates(found: InterruptedRun | None) -> tuple[str, Any, Any]:
     if found is None:
         return "", gr.update(visible=False), gr.update()
     return found.text(), gr.update(visible=True), gr.update(value=f"Continue at step {found.step}")
-
-
-def button_updates(reasons: dict[str, str]) -> list[Any]:
-    return [gr.update(interactive=not reasons[name]) for name in BUTTONS]
 
 
 def refused_problems(studio: Studio, values: dict[str, Any], shown: str) -> Any:  # noqa: ANN401
@@ -291,7 +289,7 @@ def _connect_poll(view: _View, studio: Studio, refresh_offer: Callable[[Any], No
     gauges every two. A run that ends checks the resume offer again."""
     seen = gr.State({})  # per browser session: what it was last sent, so unchanged plots are not re-sent
     roots = allowed_paths(studio.workdir)
-    titles = gr.JSON({}, visible=False)  # why each button is disabled, set as its tooltip in the browser
+    titles = gr.JSON({}, visible=False)  # why each button cannot act now ('' when it can), see BUTTON_STATES_JS
     ended = gr.State("")  # the run and its state: a run that ends may leave something to resume
 
     def poll(last: dict[str, Any]) -> tuple[Any, ...]:
@@ -310,10 +308,8 @@ def _connect_poll(view: _View, studio: Studio, refresh_offer: Callable[[Any], No
             # refusal is the problem itself.
             moved_on = bool(last) and last.get("status") != run.status and run.status != REFUSED
             problems_value = gr.update(visible=False, value="") if moved_on else gr.skip()
-            changed = last.get("reasons") != reasons
-            button_values = button_updates(reasons) if changed else [gr.skip()] * len(BUTTONS)
             return (run.status_text(), progress_html(run), plot_value, log_value, problems_value, key,
-                    [run.run_id, len(run.samples)], *button_values, reasons if changed else gr.skip(),
+                    [run.run_id, len(run.samples)], reasons if last.get("reasons") != reasons else gr.skip(),
                     f"{run.run_id}:{run.status}")
 
     def samples() -> list[tuple[Any, str]]:
@@ -331,8 +327,7 @@ def _connect_poll(view: _View, studio: Studio, refresh_offer: Callable[[Any], No
     gauge_timer.tick(lambda: gauges_html(read_gauges()), None, view.memory, api_name="memory_gauges",
                      show_progress="hidden", concurrency_limit=None)
     timer = gr.Timer(1.0)
-    # The tooltips are set in the browser after every poll: the Run tab's buttons exist only once it was opened.
-    timer.tick(poll, seen, [view.status, view.progress, view.plot, view.log, view.problems, seen, shown,
-                            *(view.buttons[name] for name in BUTTONS), titles, ended],
-               api_name="poll", show_progress="hidden", concurrency_limit=None).then(
-        None, titles, None, js=BUTTON_TITLES_JS, api_visibility="private", show_progress="hidden")
+    # Set in the browser after every poll: the Run tab's buttons exist only once it was opened.
+    timer.tick(poll, seen, [view.status, view.progress, view.plot, view.log, view.problems, seen, shown, titles,
+                            ended], api_name="poll", show_progress="hidden", concurrency_limit=None).then(
+        None, titles, None, js=BUTTON_STATES_JS, api_visibility="private", show_progress="hidden")
