@@ -480,7 +480,8 @@ def test_memory_endpoints(tmp_path):
         assert breakdown["data"][0][0].startswith("base weights")
 
         line, *_ = client.predict(**job, lowvram_swap_prefetch="many", api_name="/estimate")
-        assert line.startswith("problems — lowvram.swap_prefetch:")  # one message naming the field; the app goes on
+        # one message naming the field as the page shows it (and its key); the app goes on
+        assert line.startswith("problems — Prefetch (blocks) (Low VRAM): ") and "(lowvram.swap_prefetch" in line
         assert client.predict(**job, api_name="/lowvram_check")[0].startswith("will not fit")
 
 

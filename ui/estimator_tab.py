@@ -20,6 +20,7 @@ from ui.memory import (
     estimate_form,
 )
 from ui.model_tab import form_updates
+from ui.words import labels_of
 
 
 def phase_frame(report: EstimatorReport) -> Any:  # noqa: ANN401 - a pandas DataFrame (pandas comes with gradio)
@@ -83,7 +84,8 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
         """Estimate the form's job on `gpu_vram_gib` GiB (0: the planned or detected GPU): the verdict line
         ('fits', 'tight', 'will not fit', 'no verdict', or 'problems — …' naming each bad field), details
         (plan, suggestion, VRAM and RAM per phase), VRAM per phase and part, the strategies, the breakdown."""
-        report = estimate_form(values, values.pop("base", None), values.pop("gpu_vram_gib", None), detected)
+        report = estimate_form(values, values.pop("base", None), values.pop("gpu_vram_gib", None), detected,
+                               labels_of(fields))
         return report_outputs(report)
 
     form_kwargs = {**{form.api_name(key): fields[key] for key in form.FORM_KEYS}, "base": base,

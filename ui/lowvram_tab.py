@@ -16,6 +16,7 @@ import gradio as gr
 
 from ui import form
 from ui.memory import STRATEGY_HELP, check_lowvram, largest_swap_bound, swap_bound
+from ui.words import labels_of
 
 # The verdict line, coloured by its first word; the text stays plain for the API.
 VERDICT_HTML = """<div class="memory-verdict ${(value || '').startsWith('fits') ? 'fits' :
@@ -164,7 +165,7 @@ def _connector(fields: dict[str, gr.components.Component], detected: float | Non
         def lowvram_check(values: dict[str, Any]) -> tuple[str, str]:
             """The plan the form's job would run with (in words) and the estimator's verdict on it: 'fits',
             'tight', 'will not fit' or 'no verdict', then the figures; 'problems — …' naming each bad field."""
-            result = check_lowvram(values, values.pop("base", None), detected)
+            result = check_lowvram(values, values.pop("base", None), detected, labels_of(fields))
             return result.line, result.plan
 
         form_kwargs = {**{form.api_name(key): fields[key] for key in form.FORM_KEYS}, "base": base}

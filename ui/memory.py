@@ -11,6 +11,7 @@ import functools
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,6 +24,7 @@ from trainer.memory.strategies import CONCRETE
 from trainer.profiles import UNKNOWN_USABLE_SHARE
 from trainer.spec import JobSpec, SpecError
 from ui import form
+from ui.words import all_in_page_words
 
 # One line per strategy, for the menu's help and the comparison table (trainer/memory/strategies.py has the bundles).
 STRATEGY_HELP: dict[str, str] = {
@@ -123,9 +125,10 @@ def _plan_lines(plan: LowVramPlan, result: Estimate, on_cpu: bool = False) -> li
     return lines
 
 
-def problems_line(problems: list[str]) -> str:
-    """One message for a form the estimator cannot read, naming each bad field."""
-    return "problems — " + "; ".join(problems)
+def problems_line(problems: list[str], labels: Mapping[str, str] | None = None) -> str:
+    """One message for a form the estimator cannot read, naming each bad field (as the page shows it, given the
+    controls' `labels`)."""
+    return "problems — " + "; ".join(all_in_page_words(problems, labels or {}))
 
 
 # ---------------------------------------------------------------------- Low VRAM tab
@@ -160,13 +163,14 @@ def largest_swap_bound() -> int:
                for flavour in family.flavours.values())
 
 
-def check_lowvram(values: dict[str, Any], base: dict[str, Any] | None, detected: float | None) -> LowVramCheck:
+def check_lowvram(values: dict[str, Any], base: dict[str, Any] | None, detected: float | None,
+                  labels: Mapping[str, str] | None = None) -> LowVramCheck:
     """The plan the form's job would run with and the estimator's verdict on it, against the GPU memory to plan
     for (else the detected GPU)."""
     try:
         spec = form.form_to_spec(values, base)
     except SpecError as exc:
-        return LowVramCheck(problems_line(exc.problems), "", ok=False)
+        return LowVramCheck(problems_line(exc.problems, labels), "", ok=False)
     gpu_gib, source = gpu_target(spec, detected)
     plan = resolve_lowvram(spec, gpu_gib)
     result = estimate_job(spec, gpu_gib, plan=plan)
@@ -281,7 +285,7 @@ def _details(result: Estimate, plan: LowVramPlan, on_cpu: bool = False) -> str:
 
 
 def estimate_form(values: dict[str, Any], base: dict[str, Any] | None, gpu_gib: Any,  # noqa: ANN401
-                  detected: float | None) -> EstimatorReport:
+                  detected: float | None, labels: Mapping[str, str] | None = None) -> EstimatorReport:
     """The estimator tab's report for the form's job against `gpu_gib` (0 or empty: the job's GPU memory to plan
     for, else the detected GPU). A form the estimator cannot read gives one problems line naming the fields."""
     problems: list[str] = []
@@ -298,7 +302,7 @@ def estimate_form(values: dict[str, Any], base: dict[str, Any] | None, gpu_gib: 
     except SpecError as exc:
         problems += exc.problems
     if problems:
-        return EstimatorReport(problems_line(problems), problems=problems)
+        return EstimatorReport(problems_line(problems, labels), problems=problems)
     target, source = gpu_target(spec, detected, given)
     on_cpu = source == NO_GPU
     plan = resolve_lowvram(spec, target)
