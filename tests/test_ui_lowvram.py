@@ -364,7 +364,8 @@ def test_the_estimate_handler_returns_bars_and_tables(blocks):
     assert strategies.values.tolist() == expected.strategy_rows
     assert list(breakdown.columns) == memory.BREAKDOWN_COLUMNS
     line, *_ = fn.fn(**dict(kwargs, lowvram_swap_prefetch="x"), base={}, gpu_vram_gib=0)
-    assert line.startswith("problems — lowvram.swap_prefetch:")
+    assert line.startswith("problems — Prefetch (blocks) (Low VRAM): ")  # as the page shows the field
+    assert line.endswith("(lowvram.swap_prefetch = 'x')")
 
 
 def test_the_to_fit_changes_are_applied_to_the_form():
