@@ -76,3 +76,15 @@ def test_messages_name_the_field_as_the_page_shows_it(tmp_path: Path):
     assert words.problems_for("lora.rank", 0, studio.default_values(), labels) == [
         "Rank (LoRA): must be at least 1 (lora.rank = 0)"]
     assert words.problems_for("lora.rank", 8, studio.default_values(), labels) == []
+
+
+def test_the_swap_slider_clamps_a_stale_value_instead_of_raising():
+    # Loading a demo job over a klein-9B one: other controls' change events still sent 25 against a bound of 2,
+    # and gradio's Slider raised "Value 25 is greater than maximum value 2." for each.
+    import ui
+    from ui.lowvram_tab import BoundSlider
+
+    slider = BoundSlider(minimum=0, maximum=2, step=1)
+    assert slider.preprocess(25) == 2 and slider.preprocess(-1) == 0 and slider.preprocess(1) == 1
+    assert slider.get_block_name() == "slider"  # the browser draws it as gradio's own slider
+    assert not list(Path(ui.__file__).parent.glob("*.pyi"))  # gradio writes no stub into the project
