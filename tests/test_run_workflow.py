@@ -56,6 +56,7 @@ def test_a_stopped_run_is_continued_and_a_new_start_asks_first(studio: Studio, d
     refused = studio.start(values)
     assert not refused.ok and "a run stopped at step 3" in refused.message and "Start a new run" in refused.message
     assert studio.view.status_text() == refused.message  # the status line shows the question, not the last end
+    assert studio.recheck(values) is None and studio.view.status_text() == refused.message  # a form edit keeps it
     assert not (out / "earlier_runs").exists()
 
     # Train N steps continues it from its state, with the loss plot and samples of before.

@@ -31,6 +31,7 @@ class Outcome:
     message: str
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # worth a warning, but nothing failed
+    about_form: bool = False  # the problems are the form's own: fixing the form removes them
 
     @property
     def ok(self) -> bool:

@@ -123,6 +123,7 @@ class RunView:
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
         self.download: DownloadProgress | None = None  # the latest, while the phase is downloading
         self.ending = False  # End training was pressed: the run's "stopped" is shown as "ended"
+        self.refused_about_form = False  # the refusal shown was the form's problems
 
     # ------------------------------------------------------------------ changes
 
@@ -157,19 +158,21 @@ class RunView:
             self.resume_action(description)
             self.ending = True
 
-    def refuse(self, message: str) -> None:
-        """A Start was refused while nothing else went on: the status line says so, not the last run's end."""
+    def refuse(self, message: str, about_form: bool = False) -> None:
+        """A Start was refused while nothing else went on: the status line says so, not the last run's end.
+        `about_form`: fixing the form removes the reason (see clear_refusal)."""
         with self._lock:
             self._reset()
             self.run_id += 1
             self.version += 1
             self.status, self.finished_message = REFUSED, message
+            self.refused_about_form = about_form
             self._log("error", message)
 
     def clear_refusal(self) -> None:
         """The refused form's problems are gone: back to idle."""
         with self._lock:
-            if self.status == REFUSED:
+            if self.status == REFUSED and self.refused_about_form:
                 self.status, self.finished_message = "idle", ""
                 self.version += 1
 

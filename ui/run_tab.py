@@ -99,6 +99,8 @@ def refused_problems(studio: Studio, values: dict[str, Any], shown: str) -> Any:
     if not str(shown or "").strip():
         return gr.skip()
     problems = studio.recheck(values, values.pop("base", None))
+    if problems is None:
+        return gr.skip()
     return gr.update(visible=bool(problems), value="\n".join(problems))
 
 

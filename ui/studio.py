@@ -32,7 +32,7 @@ from ui.jobs import LAST_FORM, LastForm, Outcome, default_job_path, read_job, re
 from ui.model_info import flavour_summary, target_counts  # noqa: F401 - the tabs' and tests' old import path
 from ui.paths import Folders, PathRefused, spec_paths, written_folders
 from ui.resume import InterruptedRun, find_interrupted_run, latest_state_step, read_history
-from ui.run_state import RunView
+from ui.run_state import REFUSED, RunView
 from ui.words import all_in_page_words
 
 ALREADY_RUNNING = "a run is already in progress; stop it or wait for it to finish"
@@ -97,15 +97,18 @@ class Studio:
         try:
             spec = self.resolve(values, base)
         except SpecError as exc:
-            return None, None, Outcome(f"{refused}: the job has problems", all_in_page_words(exc.problems, self.labels))
+            return None, None, Outcome(f"{refused}: the job has problems", all_in_page_words(exc.problems, self.labels),
+                                       about_form=True)
         self.last_form.save(spec)  # what the user tried to run is what the next page load shows
         problems = list(dict.fromkeys(self.folders.problems(spec_paths(spec))
                                       + self.folders.problems(written_folders(spec), writing=True)))
         if problems:
-            return None, None, Outcome(f"{refused}: a path is outside the folders this app may use", problems)
+            return None, None, Outcome(f"{refused}: a path is outside the folders this app may use", problems,
+                                       about_form=True)
         problems = self.preflight(spec)
         if problems:
-            return None, None, Outcome(f"{refused}: the files and folders the job names have problems", problems)
+            return None, None, Outcome(f"{refused}: the files and folders the job names have problems", problems,
+                                       about_form=True)
         demo = self.demo_dir if self.uses_demo(spec) and not self.demo_built() else None
         return spec, demo, None
 
@@ -175,7 +178,7 @@ class Studio:
         """A refused start with nothing else going on is what the Run tab's status line shows (not the last run's
         end); with a run going on, that run stays shown and the refusal goes to the problems box only."""
         if not outcome.ok and not (self.runner.running or self.runner.live):
-            self.view.refuse(outcome.message)
+            self.view.refuse(outcome.message, outcome.about_form)
         return outcome
 
     def resumable(self, output_dir: str | Path, max_steps: int | None = None) -> InterruptedRun | None:
@@ -345,9 +348,12 @@ class Studio:
                                       "no session to end: start or train first"),
         }
 
-    def recheck(self, values: dict[str, Any], base: dict[str, Any] | None = None) -> list[str]:
+    def recheck(self, values: dict[str, Any], base: dict[str, Any] | None = None) -> list[str] | None:
         """The problems a Start of the form would be refused for now (the form, its paths, its files); a refused
-        Start shown in the status line goes back to idle once there are none."""
+        Start shown in the status line goes back to idle once there are none. None when the refusal shown is not
+        the form's (a run to continue or start anew): the form cannot clear it."""
+        if self.view.status == REFUSED and not self.view.refused_about_form:
+            return None
         try:
             spec = self.resolve(values, base)
         except SpecError as exc:
