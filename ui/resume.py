@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.checkpoint import EARLIER_RUNS, saved_states
-from trainer.events import EvalLoss, Event, Progress, SampleSaved, read_events
+from trainer.events import EvalLoss, Event, Progress, SampleSaved
+from trainer.runners.launch import EventsFollower
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def read_history(output_dir: str | Path) -> list[Event]:
     folder = Path(output_dir)
     step = latest_state_step(folder)
     try:
-        events = read_events(folder / "events.jsonl") if step is not None else []
+        events = EventsFollower(folder / "events.jsonl").read() if step is not None else []  # whole lines
     except (OSError, UnicodeDecodeError):
         return []
     losses: dict[int, Event] = {}

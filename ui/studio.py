@@ -32,7 +32,10 @@ from ui.jobs import LAST_FORM, LastForm, Outcome, default_job_path, read_job, re
 from ui.model_info import flavour_summary, target_counts  # noqa: F401 - the tabs' and tests' old import path
 from ui.paths import Folders, PathRefused, spec_paths, written_folders
 from ui.resume import InterruptedRun, find_interrupted_run, latest_state_step, read_history
+from ui.run_history import RESOLVED_JOB, History
 from ui.run_state import REFUSED, RunView
+from ui.upload_limits import UploadLimits
+from ui.uploads import KEEP, UploadResult, dataset_folder, save_upload
 from ui.words import all_in_page_words
 
 ALREADY_RUNNING = "a run is already in progress; stop it or wait for it to finish"
@@ -49,7 +52,8 @@ class Studio:
     Every path a user types is used only inside `folders`: the workdir and the `allowed` folders (see ui/paths.py).
     """
 
-    def __init__(self, runner: AppRunner, workdir: Path, allowed: Iterable[str | Path] = ()) -> None:
+    def __init__(self, runner: AppRunner, workdir: Path, allowed: Iterable[str | Path] = (),
+                 upload_limits: UploadLimits | None = None) -> None:
         self.runner = runner
         self.workdir = Path(workdir).resolve()
         self.folders = Folders.of(self.workdir, allowed)
@@ -59,6 +63,8 @@ class Studio:
         self.last_form = LastForm(self.workdir / ".studio" / LAST_FORM)
         self.view = RunView()
         self.captioning = CaptionRunner()
+        self.upload_limits = upload_limits or UploadLimits()
+        self.history = History(self.folders, self.output_root)
         self.labels: dict[str, str] = {}  # key → the label the page shows (ui.page.build_app fills it)
 
     # ------------------------------------------------------------------ form → spec
@@ -97,7 +103,7 @@ class Studio:
         try:
             spec = self.resolve(values, base)
         except SpecError as exc:
-            return None, None, Outcome(f"{refused}: the job has problems", all_in_page_words(exc.problems, self.labels),
+            return None, None, Outcome(f"{refused}: the job has problems", all_in_page_words(exc.errors, self.labels),
                                        about_form=True)
         self.last_form.save(spec)  # what the user tried to run is what the next page load shows
         problems = list(dict.fromkeys(self.folders.problems(spec_paths(spec))
@@ -357,7 +363,7 @@ class Studio:
         try:
             spec = self.resolve(values, base)
         except SpecError as exc:
-            return all_in_page_words(exc.problems, self.labels)
+            return all_in_page_words(exc.errors, self.labels)
         problems = self.folders.problems(spec_paths(spec)) or self.preflight(spec)
         if not problems:
             self.view.clear_refusal()
@@ -379,7 +385,7 @@ class Studio:
         try:
             spec = self.resolve(values, base)
         except SpecError as exc:
-            return None, Outcome("not saved: the job has problems", all_in_page_words(exc.problems, self.labels))
+            return None, Outcome("not saved: the job has problems", all_in_page_words(exc.errors, self.labels))
         self.last_form.save(spec)
         typed = str(path or "").strip()
         try:
@@ -526,3 +532,29 @@ class Studio:
         state, result = caption_editor.save_captions(state)
         return state, Outcome(result.message(), result.problems)
 
+    # ------------------------------------------------------------------ uploads, run history
+
+    def upload_dataset(self, files: list[tuple[str | Path, str]], name: str | None,
+                       existing: str = KEEP) -> UploadResult:
+        """Uploaded images, captions or zips into WORKDIR/datasets/<name> (see ui/uploads.py); refused while the
+        captioner writes in that folder."""
+        try:
+            folder = dataset_folder(self.folders, name or "")
+        except UserError as exc:
+            return UploadResult(None, refused=[str(exc)])
+        if self.captioning.running and self.captioning.folder == folder:
+            return UploadResult(None, refused=[f"{folder}: the captioner is writing captions there; upload when it "
+                                               "has finished"])
+        return save_upload(files, folder, self.upload_limits, existing)
+
+    def live_output_dir(self) -> Path | None:
+        """The output folder of the session this app runs now (training, or paused), else None."""
+        return self.runner.output_dir() if self.runner.running or self.runner.live else None
+
+    def run_job(self, name: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, Outcome]:
+        """(form values, hidden fields, outcome) of a listed run's job as it ran (its job.resolved.toml)."""
+        try:
+            run = self.history.find(name, self.live_output_dir())
+        except UserError as exc:
+            return None, None, Outcome(f"not loaded: {name}", [str(exc)])
+        return self._load(run.folder / RESOLVED_JOB, f"{name}/{RESOLVED_JOB}")

@@ -1,11 +1,14 @@
 """Messages in the page's own words: a problem the spec names by key ("lora.rank: Input should be greater than or
 equal to 1 (got 0)") is shown by the label the page gives that field and the section it belongs to, with the key
-and value after it ("Rank (LoRA): must be at least 1 (lora.rank = 0)"). Pure python, no gradio."""
+and value after it ("Rank (LoRA): must be at least 1 (lora.rank = 0)"). Pure python, no gradio (but in
+check_as_typed)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+
+from trainer.spec import Problem
 
 SECTIONS = {"model": "Model", "lora": "LoRA", "data": "Dataset", "train": "Training", "sample": "Samples",
             "output": "Output", "lowvram": "Low VRAM", "advanced": "Advanced"}
@@ -29,16 +32,20 @@ def form_key(key: str) -> str:
     return re.sub(r"^data\.datasets\[0\]\.", "dataset.", key)
 
 
-def in_page_words(problem: str, labels: Mapping[str, str]) -> str:
+def in_page_words(problem: Problem | str, labels: Mapping[str, str]) -> str:
     """'Label (Section): what is wrong (key = value)' for a problem about a field the page shows (`labels`: key →
-    label); else as it is."""
-    found = PROBLEM.match(problem)
-    if not found:
-        return problem
-    key, message = found.group("key"), found.group("message")
+    label); else as it is. A spec's structured Problem gives its field and message; a line is read as
+    `key: message`."""
+    if isinstance(problem, Problem):
+        key, message = problem.loc, problem.msg
+    else:
+        found = PROBLEM.match(problem)
+        if not found:
+            return problem
+        key, message = found.group("key"), found.group("message")
     label = labels.get(form_key(key))
     if label is None:
-        return problem
+        return str(problem)
     got = GOT.search(message)
     if got:
         message = message[:got.start()]
@@ -51,7 +58,7 @@ def in_page_words(problem: str, labels: Mapping[str, str]) -> str:
     return f"{where}: {message} ({key}{' = ' + got.group('value') if got else ''})"
 
 
-def all_in_page_words(problems: Iterable[str], labels: Mapping[str, str]) -> list[str]:
+def all_in_page_words(problems: Iterable[Problem | str], labels: Mapping[str, str]) -> list[str]:
     return [in_page_words(problem, labels) for problem in problems]
 
 
@@ -63,8 +70,7 @@ def problems_for(key: str, value: object, defaults: Mapping[str, object], labels
     try:
         form.form_to_spec({**defaults, key: value})
     except SpecError as exc:
-        return [in_page_words(problem, labels) for problem in exc.problems
-                if form_key(problem.split(":", 1)[0]) == key]
+        return [in_page_words(problem, labels) for problem in exc.errors if form_key(problem.loc) == key]
     return []
 
 
