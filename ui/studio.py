@@ -557,4 +557,4 @@ class Studio:
             run = self.history.find(name, self.live_output_dir())
         except UserError as exc:
             return None, None, Outcome(f"not loaded: {name}", [str(exc)])
-        return self._load(run.folder / RESOLVED_JOB, f"{name}/{RESOLVED_JOB}")
+        return self._load(run.folder / RESOLVED_JOB, f"{name}/{RESOLVED_JOB}", run.folder)  # as the CLI reads it
