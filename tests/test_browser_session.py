@@ -100,7 +100,7 @@ def test_the_run_workflow_and_the_job_bar_in_chromium(tmp_path: Path, demo_dir: 
                 page.set_default_timeout(WAIT_MS)
                 _wait_until_up(url, process, timeout=120)
                 page.goto(url)
-                expect(page.get_by_role("tab", name="Model")).to_be_visible()
+                page.get_by_role("tab", name="Model").click()
                 # A CPU-only machine (this one): the CPU profile, its label saying "no GPU" once.
                 expect(page.get_by_role("combobox", name="Hardware profile")).to_have_value(
                     "CPU only (no NVIDIA GPU)")
