@@ -130,7 +130,7 @@ def test_the_run_workflow_and_the_job_bar_in_chromium(tmp_path: Path, demo_dir: 
 
                 page.get_by_role("tab", name="Training").click()
                 expect(page.get_by_label("Run length (steps)", exact=True)).to_have_value("6")
-                page.get_by_role("tab", name="Run").click()
+                page.get_by_role("tab", name="Run", exact=True).click()
                 page.wait_for_function("() => document.getElementById('run-stop')?.title")  # after the next poll
                 buttons = page.evaluate(BUTTONS)
                 assert buttons["run-stop"] == [True, "no run in progress"], buttons
@@ -154,12 +154,12 @@ def test_the_run_workflow_and_the_job_bar_in_chromium(tmp_path: Path, demo_dir: 
 
                 for _ in range(3):  # the offer on every load (it showed on about half of them)
                     page.reload()
-                    page.get_by_role("tab", name="Run").click()
+                    page.get_by_role("tab", name="Run", exact=True).click()
                     expect(offer).to_be_visible()
                 expect(steps).to_have_value("3")  # N survives a reload
                 other = browser.new_page(viewport={"width": 1400, "height": 1000})
                 other.goto(url)
-                other.get_by_role("tab", name="Run").click()
+                other.get_by_role("tab", name="Run", exact=True).click()
                 expect(other.locator("#resume-offer")).to_be_visible()
                 other.close()
 
@@ -183,7 +183,7 @@ def test_the_run_workflow_and_the_job_bar_in_chromium(tmp_path: Path, demo_dir: 
                 # checked as typed, in the page's words
                 expect(page.locator(".toast-body").filter(has_text="Rank (LoRA): must be at least 1 (lora.rank = 0)")
                        .first).to_be_visible()
-                page.get_by_role("tab", name="Run").click()
+                page.get_by_role("tab", name="Run", exact=True).click()
                 page.locator("#run-start").click()
                 expect(status).to_have_value(re.compile(r"^not started: the job has problems"))
                 problems = page.get_by_label("Problems", exact=True)
@@ -193,7 +193,7 @@ def test_the_run_workflow_and_the_job_bar_in_chromium(tmp_path: Path, demo_dir: 
                 page.get_by_role("tab", name="Training").click()
                 rank.fill("4")
                 rank.press("Tab")
-                page.get_by_role("tab", name="Run").click()
+                page.get_by_role("tab", name="Run", exact=True).click()
                 expect(problems).to_be_hidden()
                 expect(status).to_have_value("idle")
                 page.screenshot(path=shots / "04-refused-then-fixed.png", full_page=True)
