@@ -154,6 +154,8 @@ class Session:
         self._listeners: list[Callable[[Event], None]] = [emit] if emit else []
         self._jsonl: JsonlWriter | None = None
         self._trackers: TrackerLogger | None = None
+        # What the run said before its records opened (see _open_records); None once they are open.
+        self._held: list[Event] | None = []
         self.eval_indices: list[int] = []
         self.step = 0
         self.device = self.dist.device or pick_device()
@@ -191,6 +193,8 @@ class Session:
             return
         for listener in self._listeners:
             listener(event)
+        if self._held is not None:
+            self._held.append(event)
 
     # ------------------------------------------------------------------ the whole run
 
@@ -267,21 +271,12 @@ class Session:
                             "write to, or fix its permissions")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.commands.clear_stale_stop()
-        earlier = None
         if self.dist.is_main:
             remove_interrupted_writes(self.output_dir)  # what a run killed mid-save left behind
-            earlier = None if self.resume else set_aside_earlier_run(self.output_dir, spec.output.name)
-            self._jsonl = JsonlWriter(self.output_dir / "events.jsonl")
-            self._listeners.append(self._jsonl)
-            if spec.output.log_with:
-                self._trackers = TrackerLogger(spec.output.log_with, self.output_dir, spec.output.name, _flat(spec))
-                self._listeners.append(self._trackers)
-            save_spec(self.spec_as_run(), self.output_dir / "job.resolved.toml")
+        if self.resume:
+            self._open_records()  # the run goes on in its own records: nothing to set aside
         self.emit(RunStarted(max_steps=spec.train.max_steps, output_dir=str(self.output_dir),
                              family=spec.model.family, flavour=spec.model.flavour))
-        if earlier is not None:
-            self.emit(LogMessage(level="info", message=f"the earlier run's LoRA, states, samples and log in this "
-                                                       f"output folder were moved to {earlier}"))
         torch.manual_seed(spec.train.seed)
         if self.dist.world_size > 1:
             self.emit(LogMessage(level="info", message=f"distributed: {self.dist.describe()}"))
@@ -311,6 +306,29 @@ class Session:
         self._make_optimizer()
         if self.resume:
             self._resume_latest()
+        self._open_records()  # a new run: only now, with everything loaded, is an earlier one set aside
+
+    def _open_records(self) -> None:
+        """Start this run's records in output_dir: an earlier run's files set aside (a new run), events.jsonl with
+        everything said so far, the trackers, job.resolved.toml. A new run does this once its first step is about
+        to train, so a start that fails before (a download, a model that will not load) moves and writes nothing."""
+        if not self.dist.is_main or self._held is None:
+            return
+        spec = self.spec
+        earlier = None if self.resume else set_aside_earlier_run(self.output_dir, spec.output.name)
+        self._jsonl = JsonlWriter(self.output_dir / "events.jsonl")
+        if spec.output.log_with:
+            self._trackers = TrackerLogger(spec.output.log_with, self.output_dir, spec.output.name, _flat(spec))
+        held, self._held = self._held, None
+        for listener in (self._jsonl, self._trackers):
+            if listener is not None:
+                for event in held:
+                    listener(event)
+                self._listeners.append(listener)
+        save_spec(self.spec_as_run(), self.output_dir / "job.resolved.toml")
+        if earlier is not None:
+            self.emit(LogMessage(level="info", message=f"the earlier run's LoRA, states, samples and log in this "
+                                                       f"output folder were moved to {earlier}"))
 
     def _plan_items(self, health: HealthReport) -> list[TrainItem]:
         """One item per image, resolution and bucket; the health check's findings and the plan go to the log."""
