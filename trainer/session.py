@@ -57,6 +57,7 @@ from trainer.events import (
 from trainer.families import family_ops
 from trainer.files import describe_write_error, unwritable_reason, write_atomic
 from trainer.lora_formats import lora_filename
+from trainer.memory.cache_release import CacheRelease
 from trainer.memory.checkpointing import ActivationOffloader, enable_block_checkpointing
 from trainer.memory.optimizer_memory import FusedBackward, build_training_optimizer
 from trainer.memory.placement import TextEncoderPlacement, place_transformer
@@ -175,6 +176,7 @@ class Session:
         self.swapper: Any = None
         self.offloader: ActivationOffloader | None = None
         self._text_placement: TextEncoderPlacement | None = None
+        self.cache_release = CacheRelease(spec.lowvram.empty_cache_every or 0, self.device.type)
 
     def emit(self, event: Event) -> None:
         if not self.dist.is_main:  # rank 0 speaks for the run
@@ -559,6 +561,8 @@ class Session:
         self.transformer.train()
         with self._token_routing():
             self._train_until(end)
+        if self.cache_release.every:
+            self.emit(LogMessage(level="info", message=self.cache_release.summary()))
 
     def _token_routing(self) -> Any:
         """TREAD around the training steps (validation switches to eval mode, which is never routed)."""
@@ -578,6 +582,8 @@ class Session:
             total = self._optimizer_step_or_explain()
             self.step += 1
             self.losses.append(total)
+            if self.cache_release.due(self.step):  # inside the step's timing: its cost shows in step_seconds
+                self.cache_release.release()
             now = time.perf_counter()
             rate = (self.step - start_step) / max(now - started, 1e-9)
             self.emit(Progress(step=self.step, max_steps=spec.train.max_steps, loss=total,

@@ -228,6 +228,9 @@ class LowVramSection(_Section):
     fused_backward: bool | None = None
     # Where text encoders run while embeddings are cached: gpu, cpu, or offload (layers streamed to the GPU).
     text_encoder_device: Literal["gpu", "cpu", "offload"] | None = None
+    # Hand the GPU allocator's cached, unused memory back every N steps (0: never): for a card shared with a
+    # desktop. Costs a little speed (the next step allocates afresh); not part of any bundle. Unset or 0: never.
+    empty_cache_every: int | None = Field(None, ge=0, le=1_000_000)
 
 
 class SampleSection(_Section):
