@@ -39,6 +39,7 @@ from trainer.data.health import check_datasets
 from trainer.data.health_report import HealthReport
 from trainer.data.pairs import reference_for_sampling, sample_references
 from trainer.data.planning import plan_training_items
+from trainer.ema import LoraEma, ema_name
 from trainer.errors import UserError
 from trainer.estimator.auto import resolve_lowvram
 from trainer.estimator.plans import LowVramPlan
@@ -176,6 +177,7 @@ class Session:
         self.swapper: Any = None
         self.offloader: ActivationOffloader | None = None
         self._text_placement: TextEncoderPlacement | None = None
+        self.ema: LoraEma | None = None  # train.ema_decay
         self.cache_release = CacheRelease(spec.lowvram.empty_cache_every or 0, self.device.type)
 
     def emit(self, event: Event) -> None:
@@ -289,6 +291,9 @@ class Session:
         self._add_lora()
         self.dist.seed_rank(spec.train.seed)  # every rank built the same adapter; dropout now draws per rank
         self._make_optimizer()
+        if spec.train.ema_decay:
+            where = torch.device("cpu") if spec.train.ema_device == "cpu" else self.device
+            self.ema = LoraEma(self.lora_parameters(), spec.train.ema_decay, where)
         if self.resume:
             self._resume_latest()
 
@@ -379,6 +384,10 @@ class Session:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
+    def lora_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable tensors by name: what the state, the EMA and the LoRA files hold."""
+        return {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
+
     def _make_optimizer(self) -> None:
         train = self.spec.train
 
@@ -407,8 +416,8 @@ class Session:
             "format": STATE_FORMAT,
             "step": self.step,
             "identity": {k: self._section_identity(k) for k in _RESUME_SECTIONS},
-            "lora": {n: p.detach().to("cpu").clone() for n, p in self.transformer.named_parameters()
-                     if p.requires_grad},
+            "lora": {n: p.detach().to("cpu").clone() for n, p in self.lora_parameters().items()},
+            "ema": self.ema.state_dict() if self.ema is not None else {},
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "grad_scaler": self.grad_scaler.state_dict(),
@@ -431,12 +440,13 @@ class Session:
         if changed:
             raise UserError(f"{source}: the job's [{'], ['.join(changed)}] settings differ from the run being "
                             "resumed; restore them, or start a new run in another output.dir")
-        params = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
+        params = self.lora_parameters()
         if set(params) != set(state["lora"]):
             raise UserError(f"{source}: its adapter does not match this job's (lora.targets or lora.type differ)")
         with torch.no_grad():
             for name, value in state["lora"].items():
                 params[name].copy_(value)
+        self._load_ema(state.get("ema") or {}, source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.grad_scaler.load_state_dict(state["grad_scaler"])
@@ -450,6 +460,17 @@ class Session:
         self._order = [list(batch) for batch in state["order"]]
         self.losses = list(state["losses"])
         self.step = int(state["step"])
+
+    def _load_ema(self, saved: dict[str, torch.Tensor], source: str) -> None:
+        """The EMA as saved; a state saved without one (the EMA turned on since) starts it from the weights."""
+        if self.ema is None:
+            return
+        if not saved:
+            self.ema = LoraEma(self.lora_parameters(), self.ema.decay, self.ema.device)
+            self.emit(LogMessage(level="warning", message=f"{source}: saved without an EMA (train.ema_decay was "
+                                                          "off); the EMA starts from the resumed weights"))
+            return
+        self.ema.load_state_dict(saved)
 
     def _resume_latest(self) -> None:
         """The newest state that reads; a damaged newer one (a disk that lied about a flush) is named and passed."""
@@ -580,6 +601,8 @@ class Session:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             total = self._optimizer_step_or_explain()
+            if self.ema is not None:
+                self.ema.update(self.lora_parameters())
             self.step += 1
             self.losses.append(total)
             if self.cache_release.due(self.step):  # inside the step's timing: its cost shows in step_seconds
@@ -699,7 +722,7 @@ class Session:
         self.transformer.eval()
         self.pipe.vae.to(self.device)
         paths: list[Path] = []
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._autocast(), self._sampling_weights():
             for prompt, reference in zip(self.prompts, self.sample_references, strict=True):
                 image = self.ops.sample(self.pipe, self.text_cache[prompt.text], negative, steps, guidance,
                                         sample.seed, resolution,
@@ -713,6 +736,12 @@ class Session:
         self._park_vae()
         self.transformer.train()
         return paths
+
+    def _sampling_weights(self) -> Any:
+        """The EMA in place of the trained weights while sampling, when sample.use_ema asks for it."""
+        if self.ema is None or not self.spec.sample.use_ema:
+            return contextlib.nullcontext()
+        return self.ema.applied(self.lora_parameters())
 
     def save(self, intermediate: bool = False, copy_to_comfy: bool | None = None) -> Path:
         """Write the LoRA in every format of output.formats; intermediate saves carry the step in the file name.
@@ -743,10 +772,21 @@ class Session:
                 metadata, spec.output.comfy_lora_dir if (not intermediate if copy_to_comfy is None else copy_to_comfy)
                 else ""))
             path = written[spec.output.formats[0]]
+            if self.ema is not None:
+                self._save_ema(step, metadata)
             prune_checkpoints(self.output_dir, name, spec.output.keep_last)
         self.last_lora_path = path
         self.emit(LoraSaved(step=self.step, path=str(path)))
         return path
+
+    def _save_ema(self, step: int | None, metadata: dict[str, Any]) -> None:
+        """The EMA as its own LoRA files, `<name>_ema…`, in every format of output.formats."""
+        name = ema_name(self.spec.output.name)
+        with self.ema.applied(self.lora_parameters()):
+            self._write_or_explain(self.output_dir, lambda: save_lora_files(
+                self.transformer, type(self.pipe), self.output_dir, name, step, list(self.spec.output.formats),
+                {**metadata, "title": name}))
+        prune_checkpoints(self.output_dir, name, self.spec.output.keep_last)
 
     def _refuse_non_finite_weights(self) -> None:
         """A step with a finite loss can still leave nan weights (inf gradients, no clipping): never save those over

@@ -202,11 +202,17 @@ class TrainSection(_Section):
     # auto takes fsdp when the memory estimator says one GPU cannot hold the base even with everything but block
     # swap turned on. One process ignores it. See trainer/distributed.py.
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    # An exponential moving average of the LoRA weights (e.g. 0.999), saved beside the LoRA as <name>_ema; unset:
+    # off. ema_device: where it is kept (gpu: fast, costs VRAM; cpu: system RAM, a copy each step). Default gpu.
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    ema_device: Literal["gpu", "cpu"] | None = None
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainSection:
         if self.scheduler != "constant" and self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps: {self.warmup_steps} must be below max_steps ({self.max_steps})")
+        if self.ema_device is not None and self.ema_decay is None:
+            raise ValueError("ema_device: applies to the EMA only; set ema_decay (e.g. 0.999) or remove ema_device")
         return self
 
 
@@ -246,6 +252,7 @@ class SampleSection(_Section):
     # Reference images for edit flavours (the pipeline's `image=`): one for every prompt, or one per prompt in
     # order. Empty: the first edit pair's reference when the data has pairs, else none.
     reference_images: list[str] = Field(default_factory=list)
+    use_ema: bool | None = None  # render the samples with the EMA weights (needs train.ema_decay)
 
     @model_validator(mode="after")
     def _one_reference_per_prompt(self) -> SampleSection:
@@ -371,6 +378,9 @@ class JobSpec(_Section):
         if self.lora.type == "lokr" and set(self.output.formats) - {"diffusers"}:
             problems.append("output.formats: LoKr is written in the diffusers format only; remove comfyui/kohya")
         problems += _lowvram_agrees(self)
+        if self.sample.use_ema and self.train.ema_decay is None:
+            problems.append("sample.use_ema: there is no EMA to sample with; set train.ema_decay (e.g. 0.999) or "
+                            "turn use_ema off")
         problems += _references_agree(self)
         if self.advanced.tread:
             a = self.advanced

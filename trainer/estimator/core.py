@@ -289,9 +289,13 @@ def _training_step(job: _Job, fused_attention: bool) -> _Step:
     dequant = 2.0 * job.layout.largest_linear_params if job.precision in QUANTISED else 0.0
     optimizer_label = f"optimizer state ({spec.train.optimizer}" + (
         ", offloaded to RAM)" if plan.optimizer_offload else ")")
-    kept = {"lora weights (fp32)": lora_bytes, optimizer_label: optimizer_gpu, "dequantisation workspace": dequant}
+    ema_gpu = _ema_bytes(spec, lora_params, "gpu")
+    ema = {"lora EMA (fp32)": ema_gpu} if ema_gpu else {}
+    kept = {"lora weights (fp32)": lora_bytes, optimizer_label: optimizer_gpu, "dequantisation workspace": dequant,
+            **ema}
     dynamic = {
         "lora weights (fp32)": lora_bytes,
+        **ema,
         "lora grads (fp32" + (", fused backward: one tensor at a time)" if plan.fused_backward else ")"): grad_bytes,
         optimizer_label: optimizer_gpu,
         "activations" + _checkpointing_label(job, act): act.gpu,
@@ -300,6 +304,13 @@ def _training_step(job: _Job, fused_attention: bool) -> _Step:
     }
     optimizer_ram = optimizer_bytes + 2 * lora_bytes if plan.optimizer_offload else 0.0  # + masters, grad copies
     return _Step(dynamic, kept, optimizer_ram, act, modules, lora_params)
+
+
+def _ema_bytes(spec: JobSpec, lora_params: int, where: str) -> float:
+    """train.ema_decay: one fp32 copy of the LoRA, on the GPU or (ema_device = cpu) in system RAM."""
+    if spec.train.ema_decay is None or (spec.train.ema_device or "gpu") != where:
+        return 0.0
+    return lora_params * 4.0
 
 
 def _training_ram(job: _Job, swapped_ram: float, step: _Step) -> dict[str, float]:
@@ -313,6 +324,7 @@ def _training_ram(job: _Job, swapped_ram: float, step: _Step) -> dict[str, float
         "optimizer state + fp32 lora masters and grads (offloaded)": step.optimizer_ram,
         "checkpoint inputs (offloaded)": step.activations.offloaded,
         "cached latents and embeddings (in memory)": CACHES_RAM_GIB * GIB,
+        "lora EMA (fp32, ema_device = cpu)": _ema_bytes(job.spec, step.lora_params, "cpu"),
     }
 
 
