@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from trainer import registry
+from trainer.attention import check_attention
 from trainer.data.datasets import IMAGE_EXTENSIONS, find_mask, list_images
 from trainer.errors import UserError
 from trainer.prompts import sample_prompts
@@ -178,4 +179,4 @@ def check_files(spec: JobSpec) -> list[str]:
     problems += _check_output(spec)
     init_from = spec.lora.init_from and check_init_from(spec.lora.init_from, spec.model.family)
     problems += [init_from] if init_from else []
-    return problems + missing_trackers(spec.output.log_with)
+    return problems + missing_trackers(spec.output.log_with) + check_attention(spec)

@@ -21,6 +21,7 @@ import torch
 
 from trainer import distributed, flow, registry
 from trainer.adapters import add_adapter
+from trainer.attention import TRAINS_WITH, sampling_attention, set_backend
 from trainer.checkpoint import (
     latest_state,
     load_training_state,
@@ -362,9 +363,23 @@ class Session:
             dropout=lora.dropout, targets=lora.targets, init=lora.init, init_from=lora.init_from,
             base_precision=self.spec.model.base_precision,
         )
+        self._choose_attention()
         self._place_transformer()
         count = sum(p.numel() for p in self.trainable_parameters())
         self.emit(LogMessage(level="info", message=f"{lora.type} on {len(names)} modules, {count:,} parameters"))
+
+    def _choose_attention(self) -> None:
+        """advanced.attention for the training steps (sage renders the samples only: it has no backward)."""
+        chosen = self.spec.advanced.attention
+        if chosen == "sdpa":
+            return
+        try:
+            set_backend(self.transformer, TRAINS_WITH[chosen])
+        except (RuntimeError, ValueError) as exc:  # the dispatcher's own checks (e.g. a package version)
+            raise UserError(f"advanced.attention: '{chosen}' cannot run here ({exc}); use the default \"sdpa\"") \
+                from None
+        note = " for sampling; training steps use sdpa (SageAttention has no backward pass)" if chosen == "sage" else ""
+        self.emit(LogMessage(level="info", message=f"attention: {chosen}{note}"))
 
     def _place_transformer(self) -> None:
         """Checkpointing by the plan (swapped blocks always), then the transformer onto the GPU but for the frozen
@@ -722,7 +737,8 @@ class Session:
         self.transformer.eval()
         self.pipe.vae.to(self.device)
         paths: list[Path] = []
-        with torch.no_grad(), self._autocast(), self._sampling_weights():
+        with (torch.no_grad(), self._autocast(), self._sampling_weights(),
+              sampling_attention(self.transformer, self.spec)):
             for prompt, reference in zip(self.prompts, self.sample_references, strict=True):
                 image = self.ops.sample(self.pipe, self.text_cache[prompt.text], negative, steps, guidance,
                                         sample.seed, resolution,

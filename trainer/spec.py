@@ -333,6 +333,9 @@ class AdvancedSection(_Section):
     tread_selection_ratio: float = Field(0.5, ge=0.0, lt=1.0)
     tread_start_block: int = 2
     tread_end_block: int = -2
+    # The attention kernel (trainer/attention.py): sdpa (torch's), flash (flash-attn), sage (SageAttention: samples
+    # only, training keeps sdpa) or xformers; each needs its package and a CUDA GPU that supports it.
+    attention: Literal["sdpa", "flash", "sage", "xformers"] = "sdpa"
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> AdvancedSection:

@@ -58,8 +58,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer import registry
+from trainer.attention import TRAINS_WITH
 from trainer.estimator.activations import (
     INFERENCE_FACTOR,
+    SAGE_SAMPLING_BYTES,
     Activations,
     text_encoder_memory,
     training_activations,
@@ -285,7 +287,8 @@ def _training_step(job: _Job, fused_attention: bool) -> _Step:
     else:
         optimizer_bytes = lora_params * OPTIMIZER_BYTES[spec.train.optimizer]
     optimizer_gpu = 0.0 if plan.optimizer_offload else optimizer_bytes
-    act = training_activations(f, plan, job.tokens, spec.train.batch_size, job.compute_elem, fused_attention)
+    act = training_activations(f, plan, job.tokens, spec.train.batch_size, job.compute_elem, fused_attention,
+                               TRAINS_WITH[spec.advanced.attention])
     dequant = 2.0 * job.layout.largest_linear_params if job.precision in QUANTISED else 0.0
     optimizer_label = f"optimizer state ({spec.train.optimizer}" + (
         ", offloaded to RAM)" if plan.optimizer_offload else ")")
@@ -339,6 +342,8 @@ def _sampling_work(job: _Job) -> float:
     sample_tokens = (sample_res // 16) ** 2 * (2 if sample_references else 1) + text_tokens(f)
     cfg = 2 if (f.guidance == "cfg" and (spec.sample.guidance or f.sample_guidance) > 1.0) else 1
     denoise = INFERENCE_FACTOR[job.compute_elem] * f.hidden_size * sample_tokens * cfg
+    if spec.advanced.attention == "sage":
+        denoise += SAGE_SAMPLING_BYTES * f.hidden_size * sample_tokens * cfg
     decode = 0.0 if f.is_demo else VAE_PEAK_BYTES_PER_PIXEL * sample_res**2 * job.vae_elem / 2
     return max(denoise, decode)
 
