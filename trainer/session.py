@@ -33,6 +33,7 @@ from trainer.checkpoint import (
     set_aside_earlier_run,
     state_path,
 )
+from trainer.compiled_blocks import CompiledBlocks, compile_failure, compiler_problem, root_cause
 from trainer.data.cache import TextEmbeddingCache
 from trainer.data.caching import InputCaches, stack_references
 from trainer.data.datasets import TrainItem
@@ -179,6 +180,7 @@ class Session:
         self.offloader: ActivationOffloader | None = None
         self._text_placement: TextEncoderPlacement | None = None
         self.ema: LoraEma | None = None  # train.ema_decay
+        self.compiled: CompiledBlocks | None = None  # train.compile
         self.cache_release = CacheRelease(spec.lowvram.empty_cache_every or 0, self.device.type)
 
     def emit(self, event: Event) -> None:
@@ -365,6 +367,7 @@ class Session:
         )
         self._choose_attention()
         self._place_transformer()
+        self._compile_blocks()
         count = sum(p.numel() for p in self.trainable_parameters())
         self.emit(LogMessage(level="info", message=f"{lora.type} on {len(names)} modules, {count:,} parameters"))
 
@@ -380,6 +383,28 @@ class Session:
                 from None
         note = " for sampling; training steps use sdpa (SageAttention has no backward pass)" if chosen == "sage" else ""
         self.emit(LogMessage(level="info", message=f"attention: {chosen}{note}"))
+
+    def _compile_blocks(self) -> None:
+        """train.compile: every block's forward compiled, once a tiny probe shows this platform can compile."""
+        if not self.spec.train.compile:
+            return
+        problem = compiler_problem(self.device)
+        if problem:
+            self.emit(LogMessage(level="warning", message=f"train.compile: {problem}; training runs eager"))
+            return
+        self.compiled = CompiledBlocks(transformer_blocks(self.transformer))
+        self.emit(LogMessage(level="info", message=f"train.compile: {len(self.compiled.blocks)} blocks compiled "
+                                                   "with torch.compile (the first steps are slow while it builds)"))
+
+    def _compile_fell_back(self, exc: BaseException) -> bool:
+        """A compilation that failed mid-run: back to the eager blocks (True), or not ours to handle (False)."""
+        if self.compiled is None or not self.compiled.active or not compile_failure(exc):
+            return False
+        self.compiled.revert()
+        self.emit(LogMessage(level="warning", message=f"train.compile: compiling the blocks failed "
+                                                      f"({root_cause(exc)}); training goes on "
+                                                      "eager. Set train.compile = false to skip the attempt"))
+        return True
 
     def _place_transformer(self) -> None:
         """Checkpointing by the plan (swapped blocks always), then the transformer onto the GPU but for the frozen
@@ -674,15 +699,18 @@ class Session:
         """One step; out of memory saves the last completed step's state and says which setting to change."""
         before = (self.generator.get_state(), torch.get_rng_state(), [list(b) for b in self._order],
                   self.tread_generator.get_state())
+
+        def rewind() -> None:  # back to the end of the last completed step, so the saved state resumes exactly
+            self.generator.set_state(before[0])
+            torch.set_rng_state(before[1])
+            self._order = [list(b) for b in before[2]]
+            self.tread_generator.set_state(before[3])
+            self.optimizer.zero_grad(set_to_none=True)
+
         try:
             return self._optimizer_step()
         except torch.OutOfMemoryError:
-            # Back to the end of the last completed step, so the saved state resumes exactly.
-            self.generator.set_state(before[0])
-            torch.set_rng_state(before[1])
-            self._order = before[2]
-            self.tread_generator.set_state(before[3])
-            self.optimizer.zero_grad(set_to_none=True)
+            rewind()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             saved = ""
@@ -694,6 +722,11 @@ class Session:
                 f"lowvram.strategy (aggressive or extreme) or raise lowvram.blocks_to_swap, lower "
                 f"train.batch_size ({self.spec.train.batch_size}) or data.resolution ({self.spec.data.resolution}), "
                 f"or choose a smaller model.base_precision.{saved}") from None
+        except Exception as exc:
+            if not self._compile_fell_back(exc):
+                raise
+            rewind()
+            return self._optimizer_step()  # the same step again, eager
 
     def evaluate(self) -> float:
         """Mean loss over the held-out images at fixed noise levels with fixed noise, so values compare over time."""
@@ -725,6 +758,14 @@ class Session:
 
     def validate(self) -> list[Path]:
         """Render every sample prompt with the current LoRA; images go to output.dir/samples."""
+        try:
+            return self._render_samples()
+        except Exception as exc:
+            if not self._compile_fell_back(exc):
+                raise
+            return self._render_samples()  # again with the eager blocks
+
+    def _render_samples(self) -> list[Path]:
         sample = self.spec.sample
         steps = sample.steps or self.flavour.sample_steps
         guidance = self.flavour.sample_guidance if sample.guidance is None else sample.guidance

@@ -206,6 +206,9 @@ class TrainSection(_Section):
     # off. ema_device: where it is kept (gpu: fast, costs VRAM; cpu: system RAM, a copy each step). Default gpu.
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
     ema_device: Literal["gpu", "cpu"] | None = None
+    # Compile each transformer block with torch.compile (faster steps after a slow first one); a platform that
+    # cannot compile falls back to eager with a message.
+    compile: bool = False
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainSection:
