@@ -159,6 +159,11 @@ def _check_prompts(spec: JobSpec) -> list[str]:
         sample_prompts(spec)
     except UserError as exc:
         return [str(exc)]
+    clip = spec.sample.clip_score_model
+    if clip and is_local_path(clip) and not (Path(clip) / "config.json").is_file():
+        return [f"sample.clip_score_model: '{clip}' is not a folder holding a transformers CLIP model (no "
+                "config.json in it); give such a folder, a hub id (e.g. openai/clip-vit-base-patch32) or leave it "
+                "empty"]
     return []
 
 

@@ -35,6 +35,7 @@ from trainer.checkpoint import (
     state_path,
     tensor_bytes,
 )
+from trainer.clip_score import clip_scores
 from trainer.compiled_blocks import CompiledBlocks, compile_failure, compiler_problem, root_cause
 from trainer.data.cache import TextEmbeddingCache
 from trainer.data.caching import InputCaches, stack_references
@@ -48,6 +49,7 @@ from trainer.errors import UserError
 from trainer.estimator.auto import resolve_lowvram
 from trainer.estimator.plans import LowVramPlan
 from trainer.events import (
+    ClipScore,
     EvalLoss,
     Event,
     JsonlWriter,
@@ -808,6 +810,7 @@ class Session:
         self.transformer.eval()
         self.pipe.vae.to(self.device)
         paths: list[Path] = []
+        images: list[Any] = []
         with (torch.no_grad(), self._autocast(), self._sampling_weights(),
               sampling_attention(self.transformer, self.spec)):
             for prompt, reference in zip(self.prompts, self.sample_references, strict=True):
@@ -819,10 +822,22 @@ class Session:
                     self._write_or_explain(path.parent, lambda: write_atomic(
                         path, lambda tmp: image.save(tmp, format="PNG")))  # noqa: B023 - called at once
                 paths.append(path)
+                images.append(image)
                 self.emit(SampleSaved(step=self.step, path=str(path), prompt=prompt.text))
         self._park_vae()
+        if sample.clip_score_model and self.dist.is_main:
+            self._score_samples(images)
         self.transformer.train()
         return paths
+
+    def _score_samples(self, images: list[Any]) -> None:
+        """sample.clip_score_model: the samples' CLIPScore against their prompts, beside the evaluation loss."""
+        self.emit(PhaseChanged(phase="sampling", detail=f"CLIP score of {len(images)} samples at step {self.step}"))
+        scores = clip_scores(self.spec.sample.clip_score_model, images, [p.text for p in self.prompts], self.device)
+        mean = sum(scores) / len(scores)
+        self.emit(ClipScore(step=self.step, score=mean))
+        self.emit(LogMessage(level="info", message=f"CLIP score at step {self.step}: {mean:.2f} (per prompt: "
+                                                   f"{', '.join(f'{s:.1f}' for s in scores)})"))
 
     def _sampling_weights(self) -> Any:
         """The EMA in place of the trained weights while sampling, when sample.use_ema asks for it."""

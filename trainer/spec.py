@@ -299,6 +299,9 @@ class SampleSection(_Section):
     # order. Empty: the first edit pair's reference when the data has pairs, else none.
     reference_images: list[str] = Field(default_factory=list)
     use_ema: bool | None = None  # render the samples with the EMA weights (needs train.ema_decay)
+    # A transformers CLIP model (hub id or local folder) scoring each validation's samples against their prompts;
+    # empty: off.
+    clip_score_model: str = ""
 
     @model_validator(mode="after")
     def _one_reference_per_prompt(self) -> SampleSection:
@@ -707,6 +710,8 @@ def resolve_paths(spec: JobSpec, base_dir: str | Path) -> JobSpec:
     data["sample"]["reference_images"] = [_resolve(p, base) for p in spec.sample.reference_images]
     if spec.data.cache_dir:
         data["data"]["cache_dir"] = _resolve(spec.data.cache_dir, base)
+    if is_local_path(spec.sample.clip_score_model):
+        data["sample"]["clip_score_model"] = _resolve(spec.sample.clip_score_model, base)
     if spec.sample.prompt_library:
         data["sample"]["prompt_library"] = _resolve(spec.sample.prompt_library, base)
     data["output"]["dir"] = _resolve(spec.output.dir, base)

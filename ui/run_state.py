@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from trainer.events import (
+    ClipScore,
     DownloadProgress,
     EvalLoss,
     Event,
@@ -113,6 +114,7 @@ class RunView:
         self.finished_message = ""
         self.losses: list[LossPoint] = []
         self.eval_losses: list[EvalPoint] = []
+        self.clip_scores: list[EvalPoint] = []  # sample.clip_score_model: (step, mean CLIPScore)
         self.samples: list[Sample] = []
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
         self.download: DownloadProgress | None = None  # the latest, while the phase is downloading
@@ -205,6 +207,8 @@ class RunView:
         elif isinstance(event, EvalLoss):
             self.eval_losses.append(EvalPoint(event.step, event.loss))
             self._log("info", f"evaluation loss at step {event.step}: {event.loss:.4f}", event.time)
+        elif isinstance(event, ClipScore):
+            self.clip_scores.append(EvalPoint(event.step, event.score))
         elif isinstance(event, SampleSaved):
             self.samples.append(Sample(event.step, event.path, event.prompt))
             self._log("info", f"sample at step {event.step}: {event.path}", event.time)
@@ -288,6 +292,9 @@ class RunView:
             if self.eval_losses:
                 last = self.eval_losses[-1]
                 parts.append(f"eval loss {last.loss:.4f} (step {last.step})")
+            if self.clip_scores:
+                last = self.clip_scores[-1]
+                parts.append(f"CLIP score {last.loss:.1f} (step {last.step})")
             if self.ram_gib > 0 or self.vram_gib > 0:
                 parts.append(f"RAM {self.ram_gib:.1f} GiB · VRAM {self.vram_gib:.1f} GiB")
             if self.step_seconds > 0:
@@ -304,6 +311,11 @@ class RunView:
                 rows.append({"step": point.step, "loss": point.smoothed, "series": "smoothed"})
             rows += [{"step": point.step, "loss": point.loss, "series": "eval"} for point in self.eval_losses]
             return rows
+
+    def clip_rows(self) -> list[dict[str, float | int]]:
+        """The CLIP score of each validation (sample.clip_score_model), for its line plot."""
+        with self._lock:
+            return [{"step": point.step, "clip_score": point.loss} for point in self.clip_scores]
 
     def gallery(self) -> list[tuple[str, str]]:
         """(path, 'step N: prompt'), newest first."""
