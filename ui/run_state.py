@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from trainer.events import (
+    ClipScore,
     DownloadProgress,
     EvalLoss,
     Event,
@@ -114,6 +115,7 @@ class RunView:
         self.finished_message = ""
         self.losses: list[LossPoint] = []
         self.eval_losses: list[EvalPoint] = []
+        self.clip_scores: list[EvalPoint] = []  # sample.clip_score_model: (step, mean CLIPScore)
         self.samples: list[Sample] = []
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
         self.download: DownloadProgress | None = None  # the latest, while the phase is downloading
@@ -248,6 +250,8 @@ class RunView:
         elif isinstance(event, EvalLoss):
             self.eval_losses.append(EvalPoint(event.step, event.loss))
             self._log("info", f"evaluation loss at step {event.step}: {event.loss:.4f}", event.time)
+        elif isinstance(event, ClipScore):
+            self.clip_scores.append(EvalPoint(event.step, event.score))
         elif isinstance(event, SampleSaved):
             self.samples.append(Sample(event.step, event.path, event.prompt))
             self._log("info", f"sample at step {event.step}: {event.path}", event.time)
@@ -334,6 +338,9 @@ class RunView:
             if self.eval_losses:
                 last = self.eval_losses[-1]
                 parts.append(f"eval loss {last.loss:.4f} (step {last.step})")
+            if self.clip_scores:
+                last = self.clip_scores[-1]
+                parts.append(f"CLIP score {last.loss:.1f} (step {last.step})")
             if self.ram_gib > 0 or self.vram_gib > 0:  # the trainer's own; the gauges below show the machine's
                 parts.append(f"trainer RAM {self.ram_gib:.1f} GiB"
                              + (f" · trainer peak VRAM {self.vram_gib:.1f} GiB" if self.vram_gib > 0 else ""))
@@ -351,6 +358,11 @@ class RunView:
                 rows.append({"step": point.step, "loss": point.smoothed, "series": "smoothed"})
             rows += [{"step": point.step, "loss": point.loss, "series": "eval"} for point in self.eval_losses]
             return rows
+
+    def clip_rows(self) -> list[dict[str, float | int]]:
+        """The CLIP score of each validation (sample.clip_score_model), for its line plot."""
+        with self._lock:
+            return [{"step": point.step, "clip_score": point.loss} for point in self.clip_scores]
 
     def gallery(self) -> list[tuple[str, str]]:
         """(path, 'step N: prompt'), newest first."""

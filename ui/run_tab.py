@@ -70,6 +70,16 @@ def loss_frame(view: RunView) -> Any:  # noqa: ANN401 - a pandas DataFrame (pand
     return frame.astype({"step": "int64", "loss": "float64", "series": "str"})
 
 
+def clip_frame(view: RunView) -> Any:  # noqa: ANN401 - a pandas DataFrame, or None
+    """The CLIP score plot's rows; None before the first score (see loss_frame)."""
+    import pandas as pd
+
+    rows = view.clip_rows()
+    if not rows:
+        return None
+    return pd.DataFrame(rows, columns=["step", "clip_score"]).astype({"step": "int64", "clip_score": "float64"})
+
+
 def gallery_items(view: RunView, roots: list[str], folders: Folders | None = None) -> list[tuple[Any, str]]:
     """Sample files gradio serves (`roots`) go by path; one in another folder the app may use is loaded and sent
     as an image; one anywhere else is left out (a run can only have put it there through a link)."""
@@ -117,6 +127,7 @@ class _View:
     progress: gr.HTML
     memory: gr.HTML
     plot: gr.LinePlot
+    clip_plot: gr.LinePlot
     gallery: gr.Gallery
     log: gr.Textbox
 
@@ -168,9 +179,12 @@ def _build_view(fields: dict[str, gr.components.Component], studio: Studio, base
                            color_title="", color_map=LOSS_COLOURS, scale=1, elem_id="run-loss")
         gallery = gr.Gallery(label="Samples", columns=3, height=300, scale=1, object_fit="contain",
                              elem_id="run-samples")
+    # sample.clip_score_model: how well the samples match their prompts, per validation (hidden until scored)
+    clip_plot = gr.LinePlot(clip_frame(studio.view), x="step", y="clip_score", title="CLIP score of the samples",
+                            label="CLIP score", visible=bool(studio.view.clip_scores), elem_id="run-clip-score")
     log = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, elem_id="studio-log")
     log.change(None, js=FOLLOW_LOG_JS, api_visibility="private", show_progress="hidden")
-    return _View(buttons, steps, offer, offer_row, status, problems, progress, memory, plot, gallery, log)
+    return _View(buttons, steps, offer, offer_row, status, problems, progress, memory, plot, clip_plot, gallery, log)
 
 
 def _connect_resume_offer(view: _View, fields: dict[str, gr.components.Component], studio: Studio,
@@ -286,6 +300,22 @@ def _connect_steps(steps: gr.Number, app: gr.Blocks | None) -> None:
              api_visibility="private", show_progress="hidden")
 
 
+def _connect_clip_plot(view: _View, studio: Studio) -> None:
+    """The CLIP score plot, shown once a run reports a score; re-sent only when a new score arrives."""
+    sent = gr.State(["", 0])  # per browser session: (run, scores) last sent
+
+    def refresh(last: list[Any]) -> tuple[Any, list[Any]]:
+        run = studio.view
+        with run.lock:
+            now = [run.run_id, len(run.clip_scores)]
+            if now == last:
+                return gr.skip(), last
+            return gr.update(value=clip_frame(run), visible=bool(run.clip_scores)), now
+
+    gr.Timer(2.0).tick(refresh, sent, [view.clip_plot, sent], api_name="clip_plot", show_progress="hidden",
+                       concurrency_limit=None)
+
+
 def _connect_poll(view: _View, studio: Studio, refresh_offer: Callable[[Any], None]) -> None:
     """The timers: the run's status, progress, loss plot, log, samples and the buttons' states every second; the
     gauges every two. A run that ends checks the resume offer again."""
@@ -325,6 +355,7 @@ def _connect_poll(view: _View, studio: Studio, refresh_offer: Callable[[Any], No
     shown.change(samples, None, view.gallery, api_name="samples", show_progress="hidden", concurrency_limit=None)
     refresh_offer(ended.change)
 
+    _connect_clip_plot(view, studio)
     gauge_timer = gr.Timer(2.0)  # NVML and psutil reads are cheap, but need not follow every progress poll
     gauge_timer.tick(lambda: gauges_html(read_gauges()), None, view.memory, api_name="memory_gauges",
                      show_progress="hidden", concurrency_limit=None)
