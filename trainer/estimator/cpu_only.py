@@ -52,3 +52,13 @@ def cpu_only_phases(spec: JobSpec, first_run: bool = True) -> dict[str, float]:
         whole_and_work = text_encoder_memory(f, spec, "cpu")[3]
         phases[text] = result.phases[text].ram_gib + (whole_and_work - host_share) / GIB - lighter
     return phases
+
+
+def text_only_gib(spec: JobSpec) -> float:
+    """RAM of a process that loads the pipeline without its transformer and caches the text embeddings on the CPU:
+    the process, the VAE (it loads with the pipeline) and the text encoders whole with their working memory."""
+    from trainer.estimator.core import VAE_PARAMS
+
+    f = registry.get_flavour(spec.model.family, spec.model.flavour)
+    vae = 0.0 if f.is_demo else VAE_PARAMS * 2
+    return PROCESS_RAM_GIB_CPU + (text_encoder_memory(f, spec, "cpu")[3] + vae) / GIB
