@@ -132,7 +132,7 @@ def prepare(work: Path, dry_run: bool) -> tuple[Path, int]:
     """The fabricated model (reused when complete) and the images; (model folder, resolution)."""
     from trainer import registry
     from trainer.demo import build_demo_dataset
-    from trainer.fabric import existing, fabricate
+    from trainer.fabric.make import existing, fabricate
 
     flavour = tiny_flavour() if dry_run else registry.get_flavour("flux2", "klein-base-9b")
     resolution = 64 if dry_run else 1024

@@ -10,7 +10,7 @@ import pytest
 
 from trainer import registry
 from trainer.errors import UserError
-from trainer.fabric import MARKER, existing, fabricate, needed_bytes
+from trainer.fabric.make import MARKER, existing, fabricate, needed_bytes
 
 DEMO = registry.get_flavour("flux2", "demo")
 Usage = namedtuple("Usage", "total used free")

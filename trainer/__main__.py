@@ -172,7 +172,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_fabricate(args: argparse.Namespace) -> int:
-    from trainer.fabric import fabricate, flavour_of, needed_bytes
+    from trainer.fabric.make import fabricate, flavour_of, needed_bytes
 
     flavour = flavour_of(args.flavour)
     need = needed_bytes(flavour, args.layout)
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--json", action="store_true", help="one JSON object")
     estimate.add_argument("--debug", action="store_true", help="show tracebacks")
     estimate.set_defaults(func=cmd_estimate)
-    from trainer.fabric import FLAVOURS, LAYOUTS
+    from trainer.fabric.make import FLAVOURS, LAYOUTS
 
     fab = sub.add_parser("fabricate", help="write seeded random weights of a flavour's real shapes (for rehearsals)")
     fab.add_argument("flavour", choices=list(FLAVOURS))
