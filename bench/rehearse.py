@@ -72,6 +72,11 @@ class Watcher(threading.Thread):
     def _enter(self, phase: str) -> None:
         now = time.time()
         self.ended[self.phase] = now
+        peak = self.peaks.get(self.phase)
+        if peak and "VmRSS" in peak:  # as it happens: a rehearsal stopped halfway still told what it saw
+            print(f"  [{self.phase}] peak RSS {peak['VmRSS'] / GIB:.2f} GiB (anon {peak.get('RssAnon', 0) / GIB:.2f}, "
+                  f"file {peak.get('RssFile', 0) / GIB:.2f}), {now - self.started.get(self.phase, now):.0f} s",
+                  flush=True)
         self.phase = phase
         self.started.setdefault(phase, now)
 
