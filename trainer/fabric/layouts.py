@@ -11,9 +11,7 @@ from trainer.fabric.models import Component, scheduler_config
 from trainer.fabric.stream import TensorSpec, shard, values, write_file
 from trainer.registry import Flavour
 
-_WEIGHT_STEMS = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
 SHARD_BYTES = 5 * 1000**3  # the hub's shard size
-
 # ComfyUI's file names (its model folders' usual names for these releases)
 COMFY_NAMES = {
     ("flux2", "klein-base-4b"): {"transformer": "flux-2-klein-base-4b.safetensors",
@@ -27,6 +25,8 @@ COMFY_NAMES = {
 }
 COMFY_FOLDERS = {"transformer": "diffusion_models", "vae": "vae", "text_encoder": "text_encoders",
                  "text_encoder_2": "text_encoders"}
+
+_WEIGHT_STEMS = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
 
 
 def _comfy_text_name(component: Component, name: str) -> str | None:

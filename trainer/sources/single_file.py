@@ -83,9 +83,7 @@ def load_transformer_file(path: str | Path, found: Recognised, config_folder: st
             layer.scale = (torch.ones(rows) if scale is None else scale.reshape(-1).expand(rows)).float().contiguous()
             continue
         layer.load_weight(lambda start, stop, p=pieces: reader.gather(p, start, stop, torch.float32),
-                          source=(str(path), first.key), work_device=work_device)
-        # LoftQ reads the full-precision W back; a BFL piece is a slice of a fused tensor, so read exactly that.
-        layer.read_source = lambda p=pieces, n=rows: reader.gather(p, 0, n, torch.float32)
+                          work_device=work_device)
     empty = _still_empty(model)
     if empty:
         raise UserError(f"model.transformer: '{reader.path.name}' left {len(empty)} tensors unset ({_few(empty)})")
