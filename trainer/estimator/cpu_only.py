@@ -19,9 +19,14 @@ from trainer.estimator.auto import estimate_as_run, resolve_lowvram
 from trainer.estimator.core import CONTEXT, GIB, OVERHEAD, PROCESS_RAM_GIB
 from trainer.spec import JobSpec
 
-# Python, torch, diffusers and transformers imported, before any model; measured by bench/rehearse.py as the
-# trainer's resident memory when loading begins (CPU-only torch: no CUDA libraries).
-PROCESS_RAM_GIB_CPU = 1.0  # measured: 1.0 GiB anonymous after loading a 1 GB real-width model (rehearse.py)
+# Python, torch, diffusers and transformers imported, before any model (CPU-only torch: no CUDA libraries);
+# measured by bench/rehearse.py: 1.0 GiB anonymous with a 1 GB real-width model loaded.
+PROCESS_RAM_GIB_CPU = 1.0
+# Loading peaks while the last safetensors files are read: their pages are mapped (file-backed) as the weights are
+# copied or quantised out of them, until the file is closed. Measured on klein base 4B (fp8 base, Qwen3-4B bf16 in
+# two hub shards): 15.54 GiB resident at the peak, 11.09 anonymous + 4.45 file-backed, against 12.9 predicted for
+# the copies alone: +2.6 GiB (about half of one 5 GB hub shard). Reclaimable pages, but resident.
+LOADING_MAPPED_GIB = 2.6
 
 
 def cpu_only_phases(spec: JobSpec, first_run: bool = True) -> dict[str, float]:
@@ -38,6 +43,8 @@ def cpu_only_phases(spec: JobSpec, first_run: bool = True) -> dict[str, float]:
             continue
         device = sum(value for part, value in phase.parts.items() if part not in (CONTEXT, OVERHEAD))
         phases[name] = phase.ram_gib + device - lighter
+    if "loading" in phases:
+        phases["loading"] += LOADING_MAPPED_GIB
     return phases
 
 
