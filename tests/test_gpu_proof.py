@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, python_env
 
 
+@pytest.mark.slow  # ten tiny Session runs (klein 9B's 32 blocks at width 128)
 def test_gpu_proof_dry_run_runs_every_case(tmp_path: Path) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     try:
