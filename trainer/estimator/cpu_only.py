@@ -22,11 +22,12 @@ from trainer.spec import JobSpec
 # Python, torch, diffusers and transformers imported, before any model (CPU-only torch: no CUDA libraries);
 # measured by bench/rehearse.py: 1.0 GiB anonymous with a 1 GB real-width model loaded.
 PROCESS_RAM_GIB_CPU = 1.0
-# Loading peaks while the last safetensors files are read: their pages are mapped (file-backed) as the weights are
-# copied or quantised out of them, until the file is closed. Measured on klein base 4B (fp8 base, Qwen3-4B bf16 in
-# two hub shards): 15.54 GiB resident at the peak, 11.09 anonymous + 4.45 file-backed, against 12.9 predicted for
-# the copies alone: +2.6 GiB (about half of one 5 GB hub shard). Reclaimable pages, but resident.
-LOADING_MAPPED_GIB = 2.6
+# The safetensors pages mapped while the weights are read stay resident (file-backed) until their file is closed,
+# and the text encoder keeps its files mapped until it is freed. Measured on klein base 4B (fp8 base, Qwen3-4B bf16
+# in two hub shards): loading 15.54 GiB resident (11.09 anonymous + 4.45 file-backed) and caching text 15.73
+# (11.55 + 4.18), against 12.9 and 13.1 predicted for the copies alone: +2.6 GiB in both, about half of one 5 GB
+# hub shard. Reclaimable pages, but resident.
+MAPPED_GIB = 2.6
 
 
 def cpu_only_phases(spec: JobSpec, first_run: bool = True) -> dict[str, float]:
@@ -43,8 +44,10 @@ def cpu_only_phases(spec: JobSpec, first_run: bool = True) -> dict[str, float]:
             continue
         device = sum(value for part, value in phase.parts.items() if part not in (CONTEXT, OVERHEAD))
         phases[name] = phase.ram_gib + device - lighter
-    if "loading" in phases:
-        phases["loading"] += LOADING_MAPPED_GIB
+    text_loaded = spec.data.cache_text_embeddings != "disk"
+    for name in ("loading", "caching text embeddings") if text_loaded else ("loading",):
+        if name in phases:
+            phases[name] += MAPPED_GIB
     return phases
 
 
