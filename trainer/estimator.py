@@ -73,7 +73,7 @@ from trainer.estimator_shapes import (
 )
 from trainer.estimator_sharding import choose_mode, gathered_bytes, plan_under, shard_bytes
 from trainer.memory.strategies import LowVramPlan, resolve_lowvram
-from trainer.spec import JobSpec
+from trainer.spec import JobSpec, modulation_format
 
 __all__ = ["BYTES", "Estimate", "Linear", "PhaseMemory", "choose_mode", "estimate", "lora_param_counts",
            "transformer_linears", "transformer_params", "verdict", "weight_layout"]
@@ -118,6 +118,8 @@ class Estimate:
     mode: str = "single"  # "single", "ddp" or "fsdp": how the GPUs share the job
     gpus: int = 1
     mode_reason: str = ""
+    first_run_ram_gib: float = 0.0  # the peak RAM when the text embeddings are computed (ram_gib: this job as set)
+    block_cache_gib: float = 0.0  # the block cache file on disk (lowvram.swap_from = "disk")
 
     def to_json(self) -> dict[str, Any]:
         def rounded(values: dict[str, float]) -> dict[str, float]:
@@ -126,6 +128,8 @@ class Estimate:
         return {
             "vram_gib": round(self.vram_gib, 3),
             "ram_gib": round(self.ram_gib, 3),
+            "first_run_ram_gib": round(self.first_run_ram_gib, 3),
+            "block_cache_gib": round(self.block_cache_gib, 3),
             # parts of zero are left out: a bar shows what is there
             "phases": {name: {"vram_gib": round(p.vram_gib, 3), "ram_gib": round(p.ram_gib, 3),
                               "parts": rounded({k: v for k, v in p.parts.items() if v > 0})}
@@ -182,7 +186,8 @@ def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
 
     # the frozen transformer on the GPU. One GPU or ddp: resident blocks and the rest, swapped blocks in RAM behind
     # a ring; fsdp: a 1/N share of everything, plus what is gathered while computing
-    layout = weight_layout(f, precision)
+    modulation = modulation_format(spec.model.family, precision, spec.model.modulation_precision)
+    layout = weight_layout(f, precision, modulation)
     swapped_count = min(plan.blocks_to_swap, f.total_blocks)
     swapped = layout.blocks[:swapped_count]
     base_ram = sum(swapped)
@@ -250,35 +255,45 @@ def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
     sample_work = INFERENCE_FACTOR[compute_elem] * f.hidden_size * sample_tokens * cfg
     sample_decode = 0.0 if f.is_demo else VAE_PEAK_BYTES_PER_PIXEL * sample_res**2 * vae_elem / 2
 
-    # System RAM per process: the loaded pipeline (the transformer quantised while it streams in: one block in
-    # bf16 at a time), then what each phase leaves there; one copy per process (each loads the whole pipeline
+    # System RAM per process, phase by phase (`_ram_phases`); one copy per process (each loads the whole pipeline
     # before it moves or shards it)
     process = PROCESS_RAM_GIB * GIB
-    transformer_ram = layout.total
-    staging = max(weight_layout(f, "bf16").blocks) if precision in QUANTISED else 0.0
     caches = CACHES_RAM_GIB * GIB
+    on_disk = plan.swap_from == "disk" and swapped_count > 0 and mode != "fsdp"
+    largest_swapped = max(swapped, default=0.0)
+    if on_disk:
+        staging_slots = min(swapped_count, plan.swap_prefetch + 1)
+        swapped_label = (f"block staging ring ({staging_slots} x largest swapped block, pinned; {swapped_count} "
+                         f"blocks wait on disk)")
+        swapped_ram = staging_slots * largest_swapped
+    else:
+        swapped_label = f"swapped base weights ({swapped_count} blocks, {precision}" + (
+            ", pinned)" if plan.pin_memory else ")")
+        swapped_ram = base_ram
     train_ram = {
         "process (python, torch, CUDA libraries)": process,
-        f"swapped base weights ({swapped_count} blocks, {precision}"
-        + (", pinned)" if plan.pin_memory else ")"): base_ram,
+        swapped_label: swapped_ram,
         "vae (parked for sampling)": vae_bytes if sampled else 0.0,
         "optimizer state + fp32 lora masters and grads (offloaded)": optimizer_ram,
         "checkpoint inputs (offloaded)": act.offloaded,
         "cached latents and embeddings (in memory)": caches,
     }
     ram_step = sum(train_ram.values())
-    text_ram = te_ram if te_loaded else 0.0
+    # the transformer streams in quantised (one block in bf16 at a time); with blocks on disk each swapped block
+    # goes to the block cache as soon as it is complete, so at most one of them is in RAM
+    transformer_load = layout.total + (max(weight_layout(f, "bf16").blocks) if precision in QUANTISED else 0.0)
+    if on_disk:
+        transformer_load += largest_swapped - base_ram
+    loads = _Loads(process, vae_bytes, vae_bytes if sampled else 0.0, caches, te_whole, te_ram, transformer_load)
 
     no_gpu: dict[str, float] = {}
     text_weights = {f"text encoder weights ({te_label})": te_gpu_weights} if te_loaded else no_gpu
     text_work = {"text encoder working memory": te_gpu - te_gpu_weights} if te_loaded else no_gpu
     phases = {
-        "loading": _gpu_phase(no_gpu, no_gpu, process + transformer_ram + staging + vae_bytes
-                              + (te_whole if te_loaded else 0.0)),
-        "caching text embeddings": _gpu_phase(text_weights, text_work,
-                                              process + transformer_ram + vae_bytes + text_ram),
+        "loading": _gpu_phase(no_gpu, no_gpu, loads.loading(te_loaded)),
+        "caching text embeddings": _gpu_phase(text_weights, text_work, loads.caching_text(te_loaded)),
         "caching latents": _gpu_phase({"vae": vae_bytes}, {"vae working memory (one image)": vae_work},
-                                      process + transformer_ram + caches),
+                                      loads.caching_latents()),
         "training step": _gpu_phase(weights, step_dynamic, ram_step),
         "validation sampling": _gpu_phase(
             weights | {"vae": vae_bytes},
@@ -307,17 +322,21 @@ def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
         per_caption = text_tokens(f) * f.joint_attention_dim * 2 / 1024**2
         notes.append(f"each caption's cached text embedding takes {per_caption:.1f} MiB "
                      f"({'on disk' if not te_loaded else 'in RAM'})")
+    first_run = max(ram_step, loads.loading(True), loads.caching_text(True)) * gpus / GIB
     if not te_loaded and te_whole:
         cold = _gpu_phase({"weights": te_gpu_weights}, {"work": te_gpu - te_gpu_weights}, 0.0)
         notes.append(f"assumes the text embeddings are already on disk; a first run caches them with the text encoder "
-                     f"({plan.text_encoder_device}): {cold.vram_gib:.1f} GiB VRAM, "
-                     f"{(process + transformer_ram + vae_bytes + te_ram) * gpus / GIB:.1f} GiB RAM")
+                     f"({plan.text_encoder_device}): {cold.vram_gib:.1f} GiB VRAM, {first_run:.1f} GiB RAM")
+    if on_disk:
+        notes.append(_disk_note(spec, swapped_count, base_ram - swapped_ram, base_ram))
     result = Estimate(
         vram_gib=max(p.vram_gib for p in phases.values()),
         ram_gib=max(p.ram_gib for p in phases.values()),
         phases=phases, breakdown=dict(phases["training step"].parts), notes=notes,
         ram_breakdown={name: value * gpus / GIB for name, value in train_ram.items()},
         components=components, plan=plan.describe(), mode=mode, gpus=gpus, mode_reason=mode_reason,
+        first_run_ram_gib=max(first_run, max(p.ram_gib for p in phases.values())),
+        block_cache_gib=base_ram / GIB if on_disk else 0.0,
     )
     if gpu_vram_gib is not None:
         result.verdict = verdict(result.vram_gib, gpu_vram_gib)
@@ -326,6 +345,43 @@ def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
 
             result.suggestion = suggest(spec, gpu_vram_gib, gpus, fused_attention, mode)
     return result
+
+
+@dataclass(frozen=True)
+class _Loads:
+    """RAM (bytes, one process) of the phases before training, which run in sequence (trainer/session.py): the
+    text encoders load with the VAE and cache the embeddings, then are freed; the VAE caches the latents and is
+    parked (or freed); the transformer loads last. Never a text encoder and the transformer at once."""
+
+    process: float
+    vae: float
+    parked_vae: float  # the VAE in RAM while the transformer loads: 0 when nothing is sampled
+    caches: float
+    te_whole: float
+    te_caching: float  # the text encoders' RAM while they run (0 on the GPU)
+    transformer: float  # the transformer's peak while it streams in
+
+    def loading(self, text_encoders: bool) -> float:
+        encoders = self.process + self.vae + self.te_whole if text_encoders else 0.0
+        return max(encoders, self.process + self.parked_vae + self.caches + self.transformer)
+
+    def caching_text(self, text_encoders: bool) -> float:
+        return self.process + self.vae + (self.te_caching if text_encoders else 0.0)
+
+    def caching_latents(self) -> float:
+        return self.process + self.vae + self.caches
+
+
+def _disk_note(spec: JobSpec, swapped: int, saved: float, cached: float) -> str:
+    """What blocks on disk save and may cost: each swapped block is read in forward and again when it is
+    recomputed in backward; the read-ahead hides this where the GPU computes a block for longer than the disk
+    takes to read the next one."""
+    speed = spec.lowvram.disk_read_gbps
+    seconds = 2 * cached / (speed * 1e9)
+    return (f"blocks on disk: {swapped} swapped blocks ({cached / GIB:.1f} GiB) in a block cache file beside the "
+            f"latents save {saved / GIB:.1f} GiB of RAM; at {speed:g} GB/s (lowvram.disk_read_gbps) reading them "
+            f"twice per micro-batch takes {seconds:.1f} s, the most a step can slow down where computing cannot "
+            "hide it (the OS page cache serves them faster while RAM is free)")
 
 
 def _reference_tokens(spec: JobSpec, image_tokens: int) -> int:

@@ -35,13 +35,15 @@ class LowVramPlan:
     optimizer_offload: bool
     fused_backward: bool
     text_encoder_device: str
+    swap_from: str = "ram"  # where swapped blocks wait: "ram" (pinned) or "disk" (a block cache file)
     reason: str = ""  # how it was chosen, for the log
 
     def describe(self) -> str:
         parts = [f"strategy {self.strategy}"]
         if self.blocks_to_swap:
             parts.append(f"{self.blocks_to_swap} blocks swapped (prefetch {self.swap_prefetch}"
-                         f"{', pinned' if self.pin_memory else ', not pinned'})")
+                         f"{', pinned' if self.pin_memory else ', not pinned'}"
+                         f"{', read from disk' if self.swap_from == 'disk' else ''})")
         if self.gradient_checkpointing:
             every = "every block" if self.checkpointing_interval == 1 else f"every {self.checkpointing_interval} blocks"
             parts.append(f"checkpointing {every}" + (" with CPU offload" if self.cpu_offload_checkpointing else ""))
@@ -57,16 +59,16 @@ class LowVramPlan:
 BUNDLES: dict[str, dict[str, Any]] = {
     "none": dict(blocks_to_swap=0.0, swap_prefetch=1, pin_memory=True, gradient_checkpointing=False,
                  checkpointing_interval=1, cpu_offload_checkpointing=False, optimizer_offload=False,
-                 fused_backward=False, text_encoder_device="gpu"),
+                 fused_backward=False, text_encoder_device="gpu", swap_from="ram"),
     "conservative": dict(blocks_to_swap=0.0, swap_prefetch=1, pin_memory=True, gradient_checkpointing=True,
                          checkpointing_interval=1, cpu_offload_checkpointing=False, optimizer_offload=False,
-                         fused_backward=False, text_encoder_device="offload"),
+                         fused_backward=False, text_encoder_device="offload", swap_from="ram"),
     "aggressive": dict(blocks_to_swap=0.5, swap_prefetch=1, pin_memory=True, gradient_checkpointing=True,
                        checkpointing_interval=1, cpu_offload_checkpointing=True, optimizer_offload=False,
-                       fused_backward=True, text_encoder_device="offload"),
+                       fused_backward=True, text_encoder_device="offload", swap_from="ram"),
     "extreme": dict(blocks_to_swap=1.0, swap_prefetch=2, pin_memory=True, gradient_checkpointing=True,
                     checkpointing_interval=1, cpu_offload_checkpointing=True, optimizer_offload=True,
-                    fused_backward=True, text_encoder_device="cpu"),
+                    fused_backward=True, text_encoder_device="cpu", swap_from="ram"),
 }
 _PLAN_KEYS = tuple(f.name for f in fields(LowVramPlan) if f.name not in ("strategy", "reason"))
 
