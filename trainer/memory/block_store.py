@@ -228,11 +228,12 @@ def check_room(folder: Path, needed_bytes: float, field: str = "lowvram.swap_fro
 
 
 def _placeholders(block: nn.Module) -> None:
-    """Free a stored block's frozen tensors: zero-element tensors of the same dtypes (on the CPU) stand in for
-    them; block swap binds the real bytes from its ring before the block computes."""
+    """Free a stored block's tensors (all frozen: the adapter comes later; a block the cache already held was never
+    read and is still on the meta device): zero-element tensors of the same dtypes (on the CPU) stand in for them;
+    block swap binds the real bytes from its ring before the block computes."""
     for module in block.modules():
         for name, param in module._parameters.items():
-            if param is not None and not param.requires_grad:
+            if param is not None:
                 module._parameters[name] = nn.Parameter(torch.empty(0, dtype=param.dtype), requires_grad=False)
         for name, buffer in module._buffers.items():
             if buffer is not None:
