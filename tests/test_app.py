@@ -442,7 +442,7 @@ def test_dataset_tab_endpoints(tmp_path):
 @pytest.mark.slow
 def test_memory_endpoints(tmp_path):
     """The live low-VRAM verdict and the estimator tab through the API of an app built in-process."""
-    from trainer.estimator import PHASES
+    from trainer.estimator.core import PHASES
 
     with _in_process_app(tmp_path) as client:
         job = {"model_flavour": "klein-base-9b", "model_source": "", "model_base_precision": "bf16",

@@ -21,7 +21,8 @@ from trainer.session import Session
 from trainer.spec import load_spec, resolve_paths
 
 BASE = ["train.max_steps=2", "sample.prompts=[]", "train.mixed_precision='no'", "train.learning_rate=0.01",
-        "lowvram.strategy='none'", "lowvram.blocks_to_swap=2", "output.save_state=false", "output.formats=['diffusers']"]
+        "lowvram.strategy='none'", "lowvram.blocks_to_swap=2", "output.save_state=false",
+        "output.formats=['diffusers']"]
 
 
 def _run(demo_dir: Path, out: Path, *settings: str) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -14,8 +14,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import python_env
-from trainer import estimator, estimator_suggest, registry
-from trainer.memory.strategies import CONCRETE, LowVramPlan, bundle_plan, resolve_lowvram
+from trainer import registry
+from trainer.estimator import auto, core, shapes
+from trainer.estimator import suggest as estimator_suggest
+from trainer.estimator.auto import resolve_lowvram
+from trainer.estimator.job import estimate_job
+from trainer.estimator.plans import LowVramPlan
+from trainer.memory.strategies import CONCRETE, bundle_plan
 from trainer.spec import load_spec, parse_spec, resolve_paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,11 +41,11 @@ def _plan(spec: object, strategy: str, **changes: object) -> LowVramPlan:
     return replace(bundle_plan(spec, strategy), **changes)
 
 
-def _step(result: estimator.Estimate) -> float:
+def _step(result: core.Estimate) -> float:
     return result.phases["training step"].vram_gib
 
 
-def _item(result: estimator.Estimate, prefix: str, ram: bool = False) -> float:
+def _item(result: core.Estimate, prefix: str, ram: bool = False) -> float:
     items = result.ram_breakdown if ram else result.breakdown
     return sum(v for k, v in items.items() if k.startswith(prefix))
 
@@ -48,17 +53,17 @@ def _item(result: estimator.Estimate, prefix: str, ram: bool = False) -> float:
 @pytest.mark.parametrize(("family", "flavour"), ALL_FLAVOURS)
 def test_every_flavour_estimates_fast_and_complete(family: str, flavour: str) -> None:
     spec = _spec(family, flavour, lowvram={"strategy": "auto"})
-    estimator.estimate(spec, 8.0)  # warm the shape caches once
+    estimate_job(spec, 8.0)  # warm the shape caches once
     # auto runs a binary search of estimates, and a job that does not fit gets a suggestion: still fast
     elapsed = []
     for _ in range(3):  # the best of three: other work shares this machine
         started = time.perf_counter()
-        result = estimator.estimate(spec, 8.0)
+        result = estimate_job(spec, 8.0)
         elapsed.append(time.perf_counter() - started)
     assert min(elapsed) < 0.05
     data = result.to_json()
     assert set(data) >= {"vram_gib", "ram_gib", "phases", "breakdown", "verdict", "suggestion", "ram_breakdown"}
-    assert set(data["phases"]) == set(estimator.PHASES)
+    assert set(data["phases"]) == set(core.PHASES)
     assert data["vram_gib"] == max(p["vram_gib"] for p in data["phases"].values())
     assert data["ram_gib"] == max(p["ram_gib"] for p in data["phases"].values())
     assert data["verdict"] in ("fits", "tight", "will not fit")
@@ -78,7 +83,7 @@ def test_every_flavour_estimates_fast_and_complete(family: str, flavour: str) ->
 
 def test_phase_parts_name_what_each_phase_holds() -> None:
     spec = _spec("flux2", "klein-base-9b", lowvram={"strategy": "conservative"}, sample={"prompts": ["a cat"]})
-    phases = estimator.estimate(spec, 24.0).to_json()["phases"]
+    phases = estimate_job(spec, 24.0).to_json()["phases"]
     assert list(phases["loading"]["parts"]) == ["cuda context"]  # the pipeline waits in RAM
     text = phases["caching text embeddings"]["parts"]
     assert list(text) == ["text encoder weights (Qwen3-8B, bf16, offload)", "text encoder working memory",
@@ -89,43 +94,43 @@ def test_phase_parts_name_what_each_phase_holds() -> None:
     assert sampling["base weights on GPU (bf16)"] == phases["training step"]["parts"]["base weights on GPU (bf16)"]
     assert {"vae", "lora weights (fp32)", "optimizer state (adamw)",
             "sampling working memory (denoiser, then VAE decode)"} <= sampling.keys()
-    quiet = estimator.estimate(_spec("flux2", "klein-base-9b", sample={"prompts": []}), 24.0).to_json()["phases"]
+    quiet = estimate_job(_spec("flux2", "klein-base-9b", sample={"prompts": []}), 24.0).to_json()["phases"]
     assert quiet["validation sampling"] == {"vram_gib": 0.0, "ram_gib": 0.0, "parts": {}}
 
 
 def test_transformer_sizes_match_the_known_models() -> None:
-    sizes = {fl: estimator.transformer_params(registry.get_flavour("flux2", fl)) / 1e9
+    sizes = {fl: shapes.transformer_params(registry.get_flavour("flux2", fl)) / 1e9
              for fl in ("dev", "klein-base-9b", "klein-base-4b")}
     assert sizes["dev"] == pytest.approx(32.2, abs=0.3)
     assert sizes["klein-base-9b"] == pytest.approx(9.1, abs=0.2)
     assert sizes["klein-base-4b"] == pytest.approx(3.9, abs=0.2)
-    assert estimator.transformer_params(registry.get_flavour("flux1", "dev")) / 1e9 == pytest.approx(11.9, abs=0.1)
+    assert shapes.transformer_params(registry.get_flavour("flux1", "dev")) / 1e9 == pytest.approx(11.9, abs=0.1)
 
 
 def test_klein_9b_is_plausible_phase_by_phase() -> None:
     spec = _spec("flux2", "klein-base-9b", lora={"rank": 16}, lowvram={"strategy": "conservative"})
-    result = estimator.estimate(spec, 24.0)
+    result = estimate_job(spec, 24.0)
     # the training step: 16.9 GiB of bf16 weights, ≈0.6 GiB LoRA + AdamW, ≈1.5 GiB checkpointed activations
     assert 18 < _step(result) < 24
     # the pipeline loads to RAM: the transformer (≈17 GiB) and Qwen3-8B (≈15 GiB) wait there, nothing on the GPU
-    assert result.phases["loading"].vram_gib == estimator.CUDA_CONTEXT_GIB
+    assert result.phases["loading"].vram_gib == core.CUDA_CONTEXT_GIB
     assert 33 < result.phases["loading"].ram_gib < 40
     # the text encoder streams its layers (offload): its token table and lm_head (≈2.3 GiB) and two layers on the GPU
     assert 3 < result.phases["caching text embeddings"].vram_gib < 4.5
-    on_gpu = estimator.estimate(spec, 24.0, plan=_plan(spec, "conservative", text_encoder_device="gpu"))
+    on_gpu = estimate_job(spec, 24.0, plan=_plan(spec, "conservative", text_encoder_device="gpu"))
     assert 15 < on_gpu.phases["caching text embeddings"].vram_gib < 18
-    warm = estimator.estimate(_spec("flux2", "klein-base-9b", lowvram={"strategy": "conservative"},
+    warm = estimate_job(_spec("flux2", "klein-base-9b", lowvram={"strategy": "conservative"},
                                     data={"cache_text_embeddings": "disk"}), 24.0)
     assert warm.phases["loading"].ram_gib < result.phases["loading"].ram_gib - 14
     assert any("first run" in note for note in warm.notes)
-    dev = estimator.estimate(_spec("flux2", "dev", lowvram={"strategy": "conservative"}), 24.0)
+    dev = estimate_job(_spec("flux2", "dev", lowvram={"strategy": "conservative"}), 24.0)
     assert _step(dev) > 24 and dev.verdict == "will not fit"
 
 
 def test_checkpointing_lowers_activations() -> None:
     def activations(on: bool, every: int = 1) -> float:
         spec = _spec("flux1", "dev", lowvram={"gradient_checkpointing": on, "checkpointing_interval": every})
-        return _item(estimator.estimate(spec), "activations")
+        return _item(estimate_job(spec), "activations")
 
     off, on, half = activations(False), activations(True), activations(True, 2)
     assert on < off / 5
@@ -139,7 +144,7 @@ def test_swapping_more_blocks_lowers_vram_and_raises_ram() -> None:
     for family, flavour in (("flux2", "klein-base-9b"), ("flux1", "dev")):
         spec = _spec(family, flavour, lowvram={"strategy": "aggressive"})
         most = registry.get_flavour(family, flavour).max_blocks_to_swap
-        results = [estimator.estimate(spec, plan=_plan(spec, "aggressive", blocks_to_swap=n)) for n in range(most + 1)]
+        results = [estimate_job(spec, plan=_plan(spec, "aggressive", blocks_to_swap=n)) for n in range(most + 1)]
         vram = [_step(r) for r in results]
         ram = [r.phases["training step"].ram_gib for r in results]
         assert all(a >= b for a, b in zip(vram, vram[1:], strict=False)), vram
@@ -154,7 +159,7 @@ def test_swapping_more_blocks_lowers_vram_and_raises_ram() -> None:
 
 def test_quantised_bases_shrink_the_block_weights() -> None:
     def transformer(precision: str) -> float:
-        result = estimator.estimate(_spec("flux2", "klein-base-9b", model={"base_precision": precision}))
+        result = estimate_job(_spec("flux2", "klein-base-9b", model={"base_precision": precision}))
         return next(v for k, v in result.components.items() if k.startswith("transformer"))
 
     bf16 = transformer("bf16")
@@ -164,41 +169,41 @@ def test_quantised_bases_shrink_the_block_weights() -> None:
     assert 0.25 * bf16 < transformer("nf4") == transformer("int4") < 0.32 * bf16
     assert transformer("fp32") == pytest.approx(2 * bf16)
     flavour = registry.get_flavour("flux2", "klein-base-9b")
-    fp8, plain = estimator.weight_layout(flavour, "fp8"), estimator.weight_layout(flavour, "bf16")
+    fp8, plain = shapes.weight_layout(flavour, "fp8"), shapes.weight_layout(flavour, "bf16")
     assert fp8.other == plain.other
     # a quantised Linear computes through a bf16 copy of itself: the largest one is the workspace
-    quantised = estimator.estimate(_spec("flux2", "klein-base-9b", model={"base_precision": "nf4"}))
-    assert _item(quantised, "dequantisation") == pytest.approx(2 * 4096 * 9 * 4096 / estimator.GIB)
+    quantised = estimate_job(_spec("flux2", "klein-base-9b", model={"base_precision": "nf4"}))
+    assert _item(quantised, "dequantisation") == pytest.approx(2 * 4096 * 9 * 4096 / core.GIB)
 
 
 def test_each_strategy_lowers_the_klein_9b_training_step() -> None:
     spec = _spec("flux2", "klein-base-9b", lowvram={"strategy": "auto"})
-    steps = [_step(estimator.estimate(spec, plan=bundle_plan(spec, name))) for name in CONCRETE]
+    steps = [_step(estimate_job(spec, plan=bundle_plan(spec, name))) for name in CONCRETE]
     assert all(a > b for a, b in zip(steps, steps[1:], strict=False)), dict(zip(CONCRETE, steps, strict=True))
 
 
 def test_offloads_move_memory_from_the_gpu_to_ram() -> None:
     spec = _spec("flux2", "klein-base-9b", lora={"rank": 64}, lowvram={"strategy": "conservative"})
-    base = estimator.estimate(spec)
+    base = estimate_job(spec)
     ram = base.phases["training step"].ram_gib
     # checkpoint inputs: every block's passes through RAM, about two blocks' worth stay on the GPU
-    offload = estimator.estimate(spec, plan=_plan(spec, "conservative", cpu_offload_checkpointing=True))
+    offload = estimate_job(spec, plan=_plan(spec, "conservative", cpu_offload_checkpointing=True))
     moved = _item(offload, "checkpoint inputs", ram=True)
     saved = _item(base, "activations") - _item(offload, "activations")
     assert 0.85 * moved < saved < moved  # 32 blocks' inputs moved, 3 of them in flight on the GPU
     # the optimiser: its state, fp32 masters and a gradient copy of the LoRA in RAM; the gradients stay on the GPU
-    opt = estimator.estimate(spec, plan=_plan(spec, "conservative", optimizer_offload=True))
+    opt = estimate_job(spec, plan=_plan(spec, "conservative", optimizer_offload=True))
     state, lora = _item(base, "optimizer state"), _item(base, "lora weights")
     assert _item(opt, "optimizer state") == 0 and _item(opt, "lora grads") == _item(base, "lora grads")
     assert opt.phases["training step"].ram_gib - ram == pytest.approx(state + 2 * lora)
     # fused backward: one tensor's gradient at a time (rank 64 x the widest Linear, fp32)
-    fused = estimator.estimate(spec, plan=_plan(spec, "conservative", fused_backward=True))
-    assert _item(fused, "lora grads") == pytest.approx(64 * 9 * 4096 * 4 / estimator.GIB)
+    fused = estimate_job(spec, plan=_plan(spec, "conservative", fused_backward=True))
+    assert _item(fused, "lora grads") == pytest.approx(64 * 9 * 4096 * 4 / core.GIB)
     # the text encoder: whole on the GPU, streamed (2 layers + its token tables on the GPU), or on the CPU
-    caching = {device: estimator.estimate(spec, plan=_plan(spec, "conservative", text_encoder_device=device))
+    caching = {device: estimate_job(spec, plan=_plan(spec, "conservative", text_encoder_device=device))
                .phases["caching text embeddings"] for device in ("gpu", "offload", "cpu")}
     assert caching["gpu"].vram_gib > caching["offload"].vram_gib > caching["cpu"].vram_gib
-    assert caching["cpu"].vram_gib == estimator.CUDA_CONTEXT_GIB
+    assert caching["cpu"].vram_gib == core.CUDA_CONTEXT_GIB
     assert caching["cpu"].ram_gib > caching["offload"].ram_gib > caching["gpu"].ram_gib + 12  # the layers, 13 GiB
 
 
@@ -207,9 +212,9 @@ def test_auto_on_an_8_gb_card_swaps_the_fewest_blocks_that_fit() -> None:
                  data={"cache_text_embeddings": "disk"})
     plan = resolve_lowvram(spec, 7.6)
     assert plan.blocks_to_swap > 0 and plan.gradient_checkpointing
-    assert estimator.estimate(spec, 7.6, plan=plan).verdict == "fits"
-    assert estimator.estimate(spec, 7.6, plan=replace(plan, blocks_to_swap=plan.blocks_to_swap - 1)).verdict != "fits"
-    assert estimator.estimate(spec, 7.6).verdict == "fits"  # the estimate resolves the same plan itself
+    assert estimate_job(spec, 7.6, plan=plan).verdict == "fits"
+    assert estimate_job(spec, 7.6, plan=replace(plan, blocks_to_swap=plan.blocks_to_swap - 1)).verdict != "fits"
+    assert estimate_job(spec, 7.6).verdict == "fits"  # the estimate resolves the same plan itself
 
 
 def _apply_suggestion(spec: object, suggestion: str) -> object:
@@ -225,36 +230,36 @@ def _apply_suggestion(spec: object, suggestion: str) -> object:
 def test_suggestions_are_exact_settings_that_fit() -> None:
     # an explicit "none" on klein-4B at 1024 px on 24 GiB: checkpointing alone is enough, and the cheapest
     spec = _spec("flux2", "klein-base-4b")
-    assert estimator.estimate(spec, 24.0).suggestion == "lowvram.gradient_checkpointing = true"
+    assert estimate_job(spec, 24.0).suggestion == "lowvram.gradient_checkpointing = true"
     # conservative on 8 GiB: the fewest swapped blocks, as a bound
     spec = _spec("flux2", "klein-base-4b", lowvram={"strategy": "conservative"})
-    suggestion = estimator.estimate(spec, 8.0).suggestion
+    suggestion = estimate_job(spec, 8.0).suggestion
     assert suggestion.startswith("lowvram.blocks_to_swap ≥ "), suggestion
     fewest = int(suggestion.split("≥ ")[1])
-    assert estimator.estimate(_apply_suggestion(spec, suggestion), 8.0).verdict == "fits"
+    assert estimate_job(_apply_suggestion(spec, suggestion), 8.0).verdict == "fits"
     fewer = _apply_suggestion(spec, f"lowvram.blocks_to_swap = {fewest - 1}")
-    assert estimator.estimate(fewer, 8.0).verdict != "fits"
+    assert estimate_job(fewer, 8.0).verdict != "fits"
     # auto has done all it can: a GPU between the fp8 and the bf16 needs of its heaviest plan asks for fp8
     spec = _spec("flux1", "dev", lowvram={"strategy": "auto"})
     fp8 = _spec("flux1", "dev", lowvram={"strategy": "auto"}, model={"base_precision": "fp8"})
-    need = {name: estimator.estimate(s, plan=bundle_plan(s, "extreme")).vram_gib
+    need = {name: estimate_job(s, plan=bundle_plan(s, "extreme")).vram_gib
             for name, s in (("bf16", spec), ("fp8", fp8))}
-    gpu = need["fp8"] / estimator.TIGHT_SHARE + 0.05
-    assert need["bf16"] > estimator.TIGHT_SHARE * gpu
-    assert estimator.estimate(spec, gpu).suggestion == 'model.base_precision = "fp8"'
+    gpu = need["fp8"] / core.TIGHT_SHARE + 0.05
+    assert need["bf16"] > core.TIGHT_SHARE * gpu
+    assert estimate_job(spec, gpu).suggestion == 'model.base_precision = "fp8"'
     # combined changes name each setting once, and applied they fit
     for family, flavour, gpu in (("flux2", "dev", 16.0), ("flux2", "klein-base-9b", 6.0), ("flux1", "dev", 6.0)):
         spec = _spec(family, flavour)
-        suggestion = estimator.estimate(spec, gpu).suggestion
+        suggestion = estimate_job(spec, gpu).suggestion
         keys = [part.split(" ")[0] for part in suggestion.split("; ")]
         assert len(keys) == len(set(keys)), suggestion
-        assert estimator.estimate(_apply_suggestion(spec, suggestion), gpu).verdict == "fits", suggestion
-    assert estimator.estimate(_spec("flux2", "dev"), 4.0).suggestion == estimator_suggest.NOTHING_FITS
-    assert estimator.verdict(9.5, 10.0) == "tight"
+        assert estimate_job(_apply_suggestion(spec, suggestion), gpu).verdict == "fits", suggestion
+    assert estimate_job(_spec("flux2", "dev"), 4.0).suggestion == estimator_suggest.NOTHING_FITS
+    assert core.verdict(9.5, 10.0) == "tight"
 
 
 def test_import_loads_no_torch() -> None:
-    code = "import sys, trainer.estimator; print('torch' in sys.modules)"
+    code = "import sys, trainer.estimator.job; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=python_env(),
                          cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
@@ -279,12 +284,12 @@ def test_lora_counts_match_diffusers_on_meta(family: str, flavour: str) -> None:
         kwargs["timestep_guidance_channels"] = 32
     with torch.device("meta"):
         transformer = getattr(diffusers, info.transformer_class)(**kwargs)
-    assert estimator.transformer_params(info) == sum(p.numel() for p in transformer.parameters())
+    assert shapes.transformer_params(info) == sum(p.numel() for p in transformer.parameters())
     modules = dict(transformer.named_modules())
     for preset in [*TARGET_PRESETS[family], r"transformer_blocks\.0\.attn\.to_(q|k)"]:
         names = target_modules(transformer, family, preset)
         expected = sum(8 * (modules[n].in_features + modules[n].out_features) for n in names)
-        assert estimator.lora_param_counts(info, preset, 8) == (len(names), expected), preset
+        assert shapes.lora_param_counts(info, preset, 8) == (len(names), expected), preset
 
 
 def test_lokr_counts_match_peft_on_the_demo() -> None:
@@ -306,23 +311,23 @@ def test_lokr_counts_match_peft_on_the_demo() -> None:
             model = get_peft_model(transformer, LoKrConfig(r=rank, alpha=rank, target_modules=names))
         count = sum(p.numel() for n, p in model.named_parameters() if "lokr_" in n)
         model.unload()
-        assert estimator.lora_param_counts(info, "all", rank, "lokr") == (len(names), count)
+        assert shapes.lora_param_counts(info, "all", rank, "lokr") == (len(names), count)
 
 
 # ------------------------------------------------------------------------------ several GPUs
 
 
 def _layout_gib(family: str, flavour: str) -> float:
-    return estimator.weight_layout(registry.get_flavour(family, flavour), "bf16").total / estimator.GIB
+    return shapes.weight_layout(registry.get_flavour(family, flavour), "bf16").total / core.GIB
 
 
 @pytest.mark.parametrize("flavour", ["dev", "klein-base-9b"])
 def test_fsdp_splits_the_base_over_the_gpus_and_ddp_copies_it(flavour: str) -> None:
     base = _layout_gib("flux2", flavour)
     spec = _spec("flux2", flavour, lowvram={"strategy": "extreme"})
-    single = estimator.estimate(spec, 24.0)
-    fsdp = {n: estimator.estimate(spec, 24.0, n, mode="fsdp") for n in (1, 2, 4, 8)}
-    ddp = {n: estimator.estimate(spec, 24.0, n, mode="ddp") for n in (2, 4, 8)}
+    single = estimate_job(spec, 24.0)
+    fsdp = {n: estimate_job(spec, 24.0, n, mode="fsdp") for n in (1, 2, 4, 8)}
+    ddp = {n: estimate_job(spec, 24.0, n, mode="ddp") for n in (2, 4, 8)}
     # fsdp: only the 1/N share of the base changes with N; the gathered blocks, the LoRA, the optimiser and the
     # activations of each GPU's own micro-batch stay
     for n in (1, 2, 4):
@@ -343,14 +348,14 @@ def test_fsdp_splits_the_base_over_the_gpus_and_ddp_copies_it(flavour: str) -> N
 
 def test_flux2_dev_fits_four_24_gb_gpus_under_fsdp_and_not_one_without_swap() -> None:
     spec = _spec("flux2", "dev", lowvram={"strategy": "extreme"}, train={"distributed": "fsdp"})
-    four = estimator.estimate(spec, 24.0, 4)
+    four = estimate_job(spec, 24.0, 4)
     assert four.mode == "fsdp" and four.verdict in ("fits", "tight"), (four.vram_gib, four.breakdown)
-    one = estimator.estimate(spec, 24.0, plan=bundle_plan(spec, "extreme", blocks_to_swap=0))
+    one = estimate_job(spec, 24.0, plan=bundle_plan(spec, "extreme", blocks_to_swap=0))
     assert one.mode == "single" and one.verdict == "will not fit" and one.vram_gib > 60
     # on auto the trainer splits it too; two GPUs are not enough (30 GiB each): ddp streams blocks from RAM instead
     auto = _spec("flux2", "dev", lowvram={"strategy": "extreme"})
-    assert estimator.estimate(auto, 24.0, 4).mode == "fsdp"
-    two = estimator.estimate(auto, 24.0, 2)
+    assert estimate_job(auto, 24.0, 4).mode == "fsdp"
+    two = estimate_job(auto, 24.0, 2)
     assert two.mode == "ddp" and "even split 2 ways" in two.to_json()["distributed"]["reason"]
     assert two.verdict in ("fits", "tight") and _item(two, "swap ring") > 0
 
@@ -358,7 +363,7 @@ def test_flux2_dev_fits_four_24_gb_gpus_under_fsdp_and_not_one_without_swap() ->
 def test_the_mode_is_the_one_the_trainer_picks() -> None:
     from trainer import distributed
 
-    assert distributed.choose_mode is estimator.choose_mode  # one decision, shared
+    assert distributed.choose_mode is auto.choose_mode  # one decision, shared
     for flavour in ("dev", "klein-base-9b", "klein-base-4b"):
         for setting in ("auto", "ddp", "fsdp"):
             for precision in ("bf16", "fp8"):
@@ -366,35 +371,35 @@ def test_the_mode_is_the_one_the_trainer_picks() -> None:
                              model={"base_precision": precision})
                 for gpus in (1, 2, 4, 8):
                     for vram in (12.0, 16.0, 24.0, 80.0):
-                        result = estimator.estimate(spec, vram, gpus, _suggest=False)
+                        result = estimate_job(spec, vram, gpus, suggest=False)
                         mode, why = distributed.choose_mode(spec, gpus, vram)
                         assert result.to_json()["distributed"] == {"mode": mode, "gpus": gpus, "reason": why}
     # and the plan the run adjusts for the mode is the estimator's
     spec = _spec("flux2", "dev", lowvram={"strategy": "extreme"})
     plan = resolve_lowvram(spec, 24.0)
     run = distributed.Distributed(world_size=4, mode="fsdp").adjust_plan(plan)
-    assert run.blocks_to_swap == 0 and run.describe() in estimator.estimate(spec, 24.0, 4, mode="fsdp").notes[1]
+    assert run.blocks_to_swap == 0 and run.describe() in estimate_job(spec, 24.0, 4, mode="fsdp").notes[1]
 
 
 def test_what_fsdp_refuses_is_noted_and_suggestions_keep_to_what_runs() -> None:
     quantised = _spec("flux2", "dev", model={"base_precision": "nf4"}, train={"distributed": "fsdp"})
     assert any(n.startswith("the run refuses this: train.distributed: fsdp shards")
-               for n in estimator.estimate(quantised, 24.0, 4).notes)
+               for n in estimate_job(quantised, 24.0, 4).notes)
     # a job that asks for ddp and cannot fit one GPU's share: splitting the base is the cheapest change
     spec = _spec("flux2", "klein-base-9b", lowvram={"strategy": "conservative"}, train={"distributed": "ddp"})
-    result = estimator.estimate(spec, 16.0, 4)
+    result = estimate_job(spec, 16.0, 4)
     assert result.verdict == "will not fit" and result.suggestion == 'train.distributed = "fsdp"'
-    assert estimator.estimate(_apply_suggestion(spec, result.suggestion), 16.0, 4).verdict == "fits"
+    assert estimate_job(_apply_suggestion(spec, result.suggestion), 16.0, 4).verdict == "fits"
     # a job that asks for fsdp and cannot fit: block swap (or a quantised base) only with ddp, said so
     spec = _spec("flux2", "dev", lowvram={"strategy": "conservative"}, train={"distributed": "fsdp"})
-    suggestion = estimator.estimate(spec, 24.0, 4).suggestion
+    suggestion = estimate_job(spec, 24.0, 4).suggestion
     assert suggestion.startswith('train.distributed = "ddp"; lowvram.blocks_to_swap ≥ '), suggestion
-    assert estimator.estimate(_apply_suggestion(spec, suggestion), 24.0, 4).verdict == "fits"
+    assert estimate_job(_apply_suggestion(spec, suggestion), 24.0, 4).verdict == "fits"
     for gpu in (8.0, 16.0):
-        suggestion = estimator.estimate(spec, gpu, 4).suggestion
+        suggestion = estimate_job(spec, gpu, 4).suggestion
         keys = [part.split(" ")[0] for part in suggestion.split("; ")]
         assert len(keys) == len(set(keys)) and "train.distributed" in keys, suggestion
-        assert estimator.estimate(_apply_suggestion(spec, suggestion), gpu, 4).verdict == "fits", suggestion
+        assert estimate_job(_apply_suggestion(spec, suggestion), gpu, 4).verdict == "fits", suggestion
 
 
 def test_estimate_command_reports_the_mode_per_gpu(tmp_path: Path) -> None:
@@ -419,7 +424,7 @@ def test_edit_pairs_add_the_reference_tokens(family: str, flavour: str) -> None:
     plain = _spec(family, flavour, data={"datasets": [{"path": "/after"}]}, sample={"prompts": ["make it red"]})
     pairs = {"datasets": [{"path": "/after", "conditioning": "/before", "conditioning_match": "loose"}]}
     edit = _spec(family, flavour, data=pairs, sample={"prompts": ["make it red"]})
-    without, with_pairs = estimator.estimate(plain), estimator.estimate(edit)
+    without, with_pairs = estimate_job(plain), estimate_job(edit)
     text, image = 512, (1024 // 16) ** 2  # the reference is cut to its target's pixel area: as many tokens again
     assert f"{2 * image + text} tokens per sample ({image} image + {image} reference + {text} text)" in (
         with_pairs.notes[0])
@@ -428,12 +433,12 @@ def test_edit_pairs_add_the_reference_tokens(family: str, flavour: str) -> None:
     assert _item(with_pairs, "activations") == pytest.approx(ratio * _item(without, "activations"), rel=1e-9)
     grown = _step(with_pairs) - _step(without)
     expected = (ratio - 1) * (_item(without, "activations") + _item(without, "attention workspace"))
-    assert grown == pytest.approx(expected * (1 + estimator.ALLOCATOR_OVERHEAD), rel=1e-6)
+    assert grown == pytest.approx(expected * (1 + core.ALLOCATOR_OVERHEAD), rel=1e-6)
     assert 1.5 < grown < 40  # GiB: a real share of the step at 1024 px, not a rounding
     sampling = with_pairs.phases["validation sampling"].vram_gib - without.phases["validation sampling"].vram_gib
     assert sampling > 0  # samples are rendered from the first pair's reference
     strict = {"datasets": [{"path": "/after", "conditioning": "/before"}]}
-    assert estimator.estimate(_spec(family, flavour, data=strict)).breakdown == with_pairs.breakdown
+    assert estimate_job(_spec(family, flavour, data=strict)).breakdown == with_pairs.breakdown
 
 
 # ------------------------------------------------------------------------------ the demo, measured on the CPU
@@ -473,17 +478,17 @@ def _check_measured_peak(folder: Path, job: str, out: Path, overrides: list[str]
         measured = measure_training_step(session)
     finally:
         session.end()
-    result = estimator.estimate(spec)
+    result = estimate_job(spec)
     predicted = sum(v for k, v in result.breakdown.items() if k not in ("cuda context", "allocator overhead"))
     predicted += sum(v for k, v in result.ram_breakdown.items() if k.startswith(RAM_TENSORS))
     assert measured.step_peak_bytes > 0
-    assert predicted * estimator.GIB == pytest.approx(measured.peak_bytes, rel=0.10)
+    assert predicted * core.GIB == pytest.approx(measured.peak_bytes, rel=0.10)
     # an offloaded optimiser's masters and gradient buffers exist before the step, its state only after the first:
     # the estimate itemises them together, so the resident part is not comparable there
     if not resolve_lowvram(spec, None).optimizer_offload:
         resident = _item(result, "base weights") + _item(result, "swap ring") + _item(result, "lora weights")
         resident += _item(result, "swapped base weights", ram=True)
-        assert resident * estimator.GIB == pytest.approx(measured.resident_bytes, rel=0.01)
+        assert resident * core.GIB == pytest.approx(measured.resident_bytes, rel=0.01)
 
 
 @pytest.mark.parametrize("family", ["flux2", "flux1"])

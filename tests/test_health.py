@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from trainer.data.health import check_datasets, usable_images
+from trainer.data.health import check_datasets
+from trainer.data.health_report import usable_images
 from trainer.spec import DatasetEntry, JobSpec
 
 

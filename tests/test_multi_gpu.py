@@ -29,7 +29,9 @@ from safetensors.torch import load_file
 
 from trainer import distributed
 from trainer.checkpoint import load_training_state, saved_states
-from trainer.distributed import Distributed, choose_mode, launch_command, mode_problems, request_stop
+from trainer.distributed import Distributed, launch_command, request_stop
+from trainer.estimator.auto import choose_mode
+from trainer.estimator.plans import mode_problems
 from trainer.events import EvalLoss, Progress, RunFinished, SampleSaved, read_events
 from trainer.session import Session
 from trainer.spec import load_spec, parse_spec, resolve_paths

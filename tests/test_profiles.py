@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from tests.conftest import python_env
-from trainer import estimator, profiles, registry
+from trainer import profiles, registry
+from trainer.estimator.job import estimate_job
 from trainer.profiles import (
     Preset,
     Profile,
@@ -84,7 +85,7 @@ def test_every_preset_validates_as_a_job_and_fits_its_profile(preset: Preset) ->
     assert (spec.model.family, spec.model.flavour) == (preset.family, preset.flavour)
     swap = spec.lowvram.blocks_to_swap
     assert swap is None or swap <= registry.get_flavour(preset.family, preset.flavour).max_blocks_to_swap
-    result = estimator.estimate(spec)  # judged against the job's planned memory, the profile's
+    result = estimate_job(spec)  # judged against the job's planned memory, the profile's
     assert result.verdict in ("fits", "tight"), (result.vram_gib, profile.vram_gib, result.suggestion)
 
 
@@ -109,10 +110,10 @@ def test_each_profile_suggests_presets_that_fit_it_in_vram_and_ram(profile: Prof
             preset = get_preset(name)
             assert preset.tier_gib <= profile.total_vram_gib + 0.5
             spec = _job(profile, preset)
-            assert estimator.estimate(spec).verdict in ("fits", "tight"), (profile.name, name)
+            assert estimate_job(spec).verdict in ("fits", "tight"), (profile.name, name)
             # the first run loads the text encoder to RAM; the hint leaves 2 GiB for the system
             cold = _job(profile, preset, data={"cache_text_embeddings": "memory"})
-            assert estimator.estimate(cold).ram_gib + 2 <= profile.ram_gib_hint, (profile.name, name)
+            assert estimate_job(cold).ram_gib + 2 <= profile.ram_gib_hint, (profile.name, name)
 
 
 def test_layers_merge_defaults_then_profile_then_preset_then_edits() -> None:

@@ -225,7 +225,7 @@ def test_lora_trains_on_a_quantised_base_and_loads_on_bf16(family: str, fmt: str
     path = session.run()
     transformer = session.transformer
     assert len(session.losses) == 6 and all(torch.isfinite(torch.tensor(session.losses)))
-    # FLUX.1's modulation is quantised too under an 8-bit base, and in int8 under a 4-bit one (model.modulation_precision)
+    # FLUX.1's modulation is quantised too: alike under an 8-bit base, in int8 under a 4-bit one
     stored = linear_formats(transformer, fmt, modulation_format(family, fmt, "auto"))
     assert sum(isinstance(m, QuantizedLinear) for m in transformer.modules()) == len(stored)
     assert len(stored) > len(quantizable_names(transformer)) or family == "flux2"

@@ -6,8 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-from trainer import estimator, registry
-from trainer.memory.strategies import BUNDLES, CONCRETE, bundle_plan, choose_auto, resolve_lowvram
+from trainer import registry
+from trainer.estimator.auto import choose_auto, resolve_lowvram
+from trainer.estimator.job import estimate_job
+from trainer.memory.strategies import BUNDLES, CONCRETE, bundle_plan
 from trainer.spec import JobSpec, SpecError, parse_spec
 
 KLEIN_9B_MOST = registry.get_flavour("flux2", "klein-base-9b").max_blocks_to_swap  # 30
@@ -92,11 +94,11 @@ def test_auto_on_a_small_gpu_swaps_the_fewest_blocks_that_fit() -> None:
     plan = resolve_lowvram(spec, 8.0)
     # the lighter bundles do not fit, the first swapping bundle does with the fewest blocks
     for lighter in ("none", "conservative"):
-        assert estimator.estimate(spec, 8.0, plan=bundle_plan(spec, lighter), _suggest=False).verdict != "fits"
+        assert estimate_job(spec, 8.0, plan=bundle_plan(spec, lighter), suggest=False).verdict != "fits"
     assert plan.strategy == "aggressive" and 0 < plan.blocks_to_swap < KLEIN_9B_MOST
-    assert estimator.estimate(spec, 8.0, plan=plan, _suggest=False).verdict == "fits"
+    assert estimate_job(spec, 8.0, plan=plan, suggest=False).verdict == "fits"
     fewer = replace(plan, blocks_to_swap=plan.blocks_to_swap - 1)
-    assert estimator.estimate(spec, 8.0, plan=fewer, _suggest=False).verdict != "fits"
+    assert estimate_job(spec, 8.0, plan=fewer, suggest=False).verdict != "fits"
     assert plan.reason.startswith("auto: fits 8 GiB")
     # the GPU memory the job plans for wins over the detected GPU's
     planned = _spec(model={"base_precision": "fp8"}, lowvram={"strategy": "auto", "vram_gib": 8.0})

@@ -11,8 +11,10 @@ import pytest
 import tomli_w
 
 from trainer import registry
-from trainer.estimator import PHASES, estimate
-from trainer.memory.strategies import CONCRETE, resolve_lowvram
+from trainer.estimator.auto import resolve_lowvram
+from trainer.estimator.core import PHASES
+from trainer.estimator.job import estimate_job
+from trainer.memory.strategies import CONCRETE
 from trainer.spec import SpecError, deep_merge, parse_spec, resolve_paths
 from ui import form, memory
 from ui.studio import Studio
@@ -154,7 +156,7 @@ def test_live_verdict_follows_base_precision_on_an_8_gb_card():
     assert nf4.line.startswith(("fits — ", "tight — "))  # ~7 of 8 GiB: the estimator's margin decides which
     assert "**To fit:**" in bf16.plan
     spec = form.form_to_spec(no_swap(**{"model.base_precision": "nf4"}))
-    expected = estimate(spec, 8)
+    expected = estimate_job(spec, 8)
     assert f"{expected.vram_gib:.1f} GiB VRAM" in nf4.line and f"{expected.ram_gib:.1f} GiB RAM" in nf4.line
     assert nf4.plan.startswith(f"**Plan:** {resolve_lowvram(spec, 8).describe()}")
 
@@ -164,10 +166,10 @@ def test_live_verdict_follows_blocks_to_swap_on_an_8_gb_card():
                   for b in (0, 30))
     assert "30 blocks swapped" in most.plan and "blocks swapped" not in none.plan
     specs = [form.form_to_spec(no_swap(**{"lowvram.blocks_to_swap": b})) for b in (0, 30)]
-    if estimate(specs[0], 8).vram_gib == estimate(specs[1], 8).vram_gib:
+    if estimate_job(specs[0], 8).vram_gib == estimate_job(specs[1], 8).vram_gib:
         pytest.xfail("trainer.estimator does not model block swap yet: both plans estimate the same VRAM")
     assert none.line.startswith("will not fit") and not most.line.startswith("will not fit")
-    assert f"{estimate(specs[1], 8).vram_gib:.1f} GiB VRAM" in most.line
+    assert f"{estimate_job(specs[1], 8).vram_gib:.1f} GiB VRAM" in most.line
 
 
 def test_live_verdict_without_a_gpu_size_and_with_problems():
@@ -201,7 +203,7 @@ def test_estimator_report_agrees_with_the_estimator():
     values = klein_values(**{"model.base_precision": "nf4"})
     report = memory.estimate_form(values, None, 12, detected=None)
     spec = form.form_to_spec(values)
-    expected = estimate(spec, 12).to_json()
+    expected = estimate_job(spec, 12).to_json()
     assert report.ok and report.result == expected
     assert report.line.startswith(f"{expected['verdict']} — ") and "12 GiB GPU (given here)" in report.line
     # one bar per phase, in order, whose parts add up to the phase's VRAM
@@ -230,11 +232,11 @@ def test_strategies_table_estimates_a_copy_per_strategy():
     auto = resolve_lowvram(spec, 8)
     assert len(report.strategy_rows) == 1 + len(CONCRETE)
     first = report.strategy_rows[0]  # what auto resolves to, as the job would run
-    assert first[0] == f"auto → {auto.strategy}" and first[1] == round(estimate(spec, 8, plan=auto).vram_gib, 2)
+    assert first[0] == f"auto → {auto.strategy}" and first[1] == round(estimate_job(spec, 8, plan=auto).vram_gib, 2)
     for row, strategy in zip(report.strategy_rows[1:], CONCRETE, strict=True):
         copy = parse_spec(deep_merge(klein_job(), {"model": {"base_precision": "nf4"},
                                                    "lowvram": {"strategy": strategy}}))
-        result = estimate(copy, 8)
+        result = estimate_job(copy, 8)
         assert row[:4] == [strategy, round(result.vram_gib, 2), round(result.ram_gib, 2), result.verdict]
         plan = resolve_lowvram(copy, 8).describe()
         assert plan.startswith(f"strategy {strategy}") and plan.rsplit(" (", 1)[0].endswith(row[4])
@@ -246,7 +248,7 @@ def test_strategies_table_estimates_a_copy_per_strategy():
 
 def test_a_phase_that_does_not_run_keeps_its_place_and_own_parts_must_add_up():
     spec = form.form_to_spec(klein_values(**{"sample.prompts": ""}))
-    data = estimate(spec, 8).to_json()
+    data = estimate_job(spec, 8).to_json()
     assert ("validation sampling", "not run", 0.0) in memory.phase_rows(data)
     total = data["phases"]["caching latents"]["vram_gib"]
     data["phases"]["caching latents"]["parts"] = {"vae (bf16)": 0.1, "cuda context": 0.5}

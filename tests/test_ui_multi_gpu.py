@@ -25,7 +25,8 @@ import pytest
 from conftest import ROOT, python_env
 
 from trainer.checkpoint import saved_states
-from trainer.distributed import choose_mode, stop_file
+from trainer.distributed import stop_file
+from trainer.estimator.auto import choose_mode
 from trainer.events import JsonlWriter, Progress, RunFinished, RunStarted, read_events
 from trainer.runner import TrainingRunner
 from trainer.spec import load_spec, parse_spec

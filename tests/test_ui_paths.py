@@ -151,3 +151,63 @@ def test_a_preset_is_named_never_a_path(tmp_path):
     values = form.spec_to_values(parse_spec(form.default_job(tmp_path)))
     filled = presets.fill(values, None, values, None, "../hardware_profiles/cpu-only", tmp_path)
     assert not filled.ok and filled.message == "not applied: unknown preset '../hardware_profiles/cpu-only'"
+
+
+# ---------------------------------------------------------------------- every endpoint that writes (issue 22, point 1)
+
+HOSTILE_NAMES = ["/tmp/victim/x", "../../../../../../tmp/victim/lora", "..", "C:victim", "a\\..\\b", "x\ny"]
+
+
+def _starts(studio: Studio) -> dict[str, object]:
+    """Every button that hands a form's job to a trainer, as its handler calls Studio (multi-GPU included)."""
+    from ui.multi_gpu import AppRunner, Choice
+    from ui.multi_gpu import start as start_processes
+
+    studio.runner = AppRunner(studio.runner)
+    return {"start": studio.start, "resume": lambda values: studio.start(values, resume=True),
+            "train_steps": lambda values: studio.train_steps(values, 2),
+            "multi_gpu_start": lambda values: start_processes(studio, values, None, Choice(("cpu",), 2))}
+
+
+def _untouched(layout: dict[str, Path]) -> list[str]:
+    return sorted(str(p.relative_to(layout["secret"])) for p in layout["secret"].rglob("*"))
+
+
+def test_every_writing_endpoint_refuses_absolute_dotdot_and_linked_targets(studio, layout, tmp_path):
+    secret_before = _untouched(layout)
+    values = dict(studio.default_values(), **{"output.dir": str(layout["allowed"] / "out")})
+    inside = layout["allowed"] / "out"
+    inside.mkdir()
+    os.symlink(layout["secret"], inside / "samples")  # a run's subfolder that leads out
+    os.symlink(layout["secret"] / "job.toml", layout["allowed"] / "events.jsonl")  # appended to by every run
+    os.symlink(layout["secret"], layout["workdir"] / "cache_link")
+    hostile = [("output.name", name) for name in HOSTILE_NAMES]
+    hostile += [("output.dir", "../secret"), ("output.dir", str(layout["secret"] / "out")),
+                ("output.dir", str(layout["allowed"] / "link_out" / "out")), ("output.dir", str(inside)),
+                ("output.dir", str(layout["allowed"])),  # its events.jsonl leads out
+                ("data.cache_dir", "../secret/cache"), ("data.cache_dir", "cache_link"),
+                ("output.comfy_lora_dir", str(layout["allowed"] / "link_out"))]
+    for endpoint, call in _starts(studio).items():
+        for key, path in hostile:
+            outcome = call(dict(values, **{key: path}))
+            assert not outcome.ok and outcome.message.startswith("not "), (endpoint, key, path, outcome)
+            said = "\n".join(outcome.problems)
+            assert (f"{key}: " in said and "a name is not a path" in said or "holds" in said) if key == "output.name" \
+                else ("refused:" in said and ADD_A_FOLDER in said), (endpoint, key, path, said)
+    assert studio.runner.started == []
+
+    for name in HOSTILE_NAMES:  # Save job with no path typed names the file after output.name
+        saved, outcome = studio.save_job(dict(values, **{"output.name": name}))
+        assert saved is None and any(p.startswith("output.name: ") for p in outcome.problems), (name, outcome)
+    (layout["workdir"] / ".studio").mkdir(exist_ok=True)
+    os.symlink(layout["secret"], layout["workdir"] / ".studio" / "jobs")  # the default jobs folder leads out
+    saved, outcome = studio.save_job(values)
+    assert saved is None and outcome.problems[0].startswith("refused: the job file"), outcome
+    assert _untouched(layout) == secret_before
+    assert not Path("/tmp/victim").exists() or not any(Path("/tmp/victim").iterdir())
+
+    (layout["workdir"] / ".studio" / "jobs").unlink()
+    saved, outcome = studio.save_job(values)  # and a plain name inside still works
+    assert outcome.ok and saved == layout["workdir"] / ".studio" / "jobs" / "demo_lora.toml"
+    safe = dict(values, **{"output.dir": str(layout["allowed"] / "fresh"), "output.name": "my lora v2"})
+    assert studio.start(safe).ok

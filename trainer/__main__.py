@@ -132,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_estimate(args: argparse.Namespace) -> int:
     import json
 
-    from trainer.estimator import estimate
+    from trainer.estimator.job import estimate_job
 
     gpu_vram, gpu = args.gpu_vram, None
     if args.gpus < 1:
@@ -143,7 +143,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         from trainer.profiles import gpu_vram_gib
 
         gpu_vram, gpu = gpu_vram_gib(args.gpu)
-    result = estimate(_load_job(args.job, args.set), gpu_vram_gib=gpu_vram, gpus=args.gpus).to_json()
+    result = estimate_job(_load_job(args.job, args.set), gpu_vram_gib=gpu_vram, gpus=args.gpus).to_json()
     if gpu is not None:
         result["gpu"] = gpu
     if args.json:
@@ -153,7 +153,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         print(f"GPU: {gpu}" + (f", {gpu_vram:g} GiB usable" if gpu_vram else ""))
     shared = result["distributed"]
     if shared["gpus"] > 1:
-        # the mode the trainer would pick (train.distributed; auto as trainer/estimator_sharding.py decides)
+        # the mode the trainer would pick (train.distributed; auto as trainer/estimator/auto.py decides)
         print(f"{shared['gpus']} GPUs, {shared['mode']} ({shared['reason']}): VRAM per GPU, RAM for all "
               f"{shared['gpus']} processes")
     print(f"{'phase':28}{'VRAM GiB':>10}{'RAM GiB':>10}")

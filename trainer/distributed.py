@@ -36,7 +36,7 @@ The session asks this module a few things and otherwise runs as it does alone:
   under `ranks`, every rank's own global and TREAD RNG (dropout and TREAD draw per rank); the shared generator
   and the batch order are the same on every rank and saved once.
 
-The mode itself is decided by `choose_mode` in trainer/estimator_sharding.py, which the memory estimator uses too
+The mode itself is decided by `choose_mode` in trainer/estimator/auto.py, which the memory estimator uses too
 (so an estimate for N GPUs assumes the mode the run picks). Torch is imported inside the functions: `choose_mode`
 and the launch helpers serve the torch-free app.
 """
@@ -51,13 +51,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from trainer.estimator_sharding import choose_mode, plan_under  # torch-free: shared with the memory estimator
-from trainer.spec import QUANTISED_PRECISIONS, JobSpec
+from trainer.estimator.auto import choose_mode  # torch-free: shared with the memory estimator
+from trainer.estimator.plans import LowVramPlan, mode_problems, plan_under
+from trainer.spec import JobSpec
 
 if TYPE_CHECKING:
     import torch
-
-    from trainer.memory.strategies import LowVramPlan
 
 STOP_FILE = "STOP"
 # Rank 0 may fill a disk cache of a large dataset while the others wait at a barrier: the default (10-30 min)
@@ -76,20 +75,6 @@ T = TypeVar("T")
 def launched_world_size() -> int:
     """The number of processes the launcher started (1 when run directly)."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def mode_problems(spec: JobSpec, mode: str) -> list[str]:
-    """What the job sets that the mode cannot do, one line each (empty when it can run)."""
-    if mode != "fsdp":
-        return []
-    problems = []
-    if spec.model.base_precision in QUANTISED_PRECISIONS:
-        problems.append(f"train.distributed: fsdp shards 16/32-bit bases, not a {spec.model.base_precision} one "
-                        "(its weights are buffers FSDP does not split); use ddp: a quantised base fits one GPU")
-    if spec.lowvram.blocks_to_swap:
-        problems.append("lowvram.blocks_to_swap: block swap does not combine with train.distributed = fsdp (each "
-                        "GPU holds only its share of every block); set it to 0 or use ddp")
-    return problems
 
 
 def launch_command(job: str | Path, processes: int, *, resume: bool = False, overrides: Sequence[str] = (),
@@ -146,7 +131,7 @@ class Distributed:
 
     def adjust_plan(self, plan: LowVramPlan) -> LowVramPlan:
         """The low-VRAM plan under this mode: FSDP turns block swap off (mode_problems refuses an explicit one).
-        The estimator assumes the same plan (trainer/estimator_sharding.py)."""
+        The estimator assumes the same plan (trainer/estimator/plans.py)."""
         return plan_under(self.mode, plan)
 
     def rank_seed(self, seed: int) -> int:

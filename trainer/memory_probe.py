@@ -1,4 +1,4 @@
-"""Measure the memory of one training step on the CPU, to check trainer/estimator.py against reality.
+"""Measure the memory of one training step on the CPU, to check trainer/estimator/core.py against reality.
 
 What is counted (`measure_training_step`):
 - `resident`: bytes of the distinct storages of the transformer's parameters and buffers (frozen base, LoRA),

@@ -35,10 +35,13 @@ from trainer.checkpoint import (
 from trainer.data.cache import TextEmbeddingCache
 from trainer.data.caching import InputCaches, stack_references
 from trainer.data.datasets import TrainItem
-from trainer.data.health import HealthReport, check_datasets
+from trainer.data.health import check_datasets
+from trainer.data.health_report import HealthReport
 from trainer.data.pairs import reference_for_sampling, sample_references
 from trainer.data.planning import plan_training_items
 from trainer.errors import UserError
+from trainer.estimator.auto import resolve_lowvram
+from trainer.estimator.plans import LowVramPlan
 from trainer.events import (
     EvalLoss,
     Event,
@@ -57,7 +60,6 @@ from trainer.lora_formats import lora_filename
 from trainer.memory.checkpointing import ActivationOffloader, enable_block_checkpointing
 from trainer.memory.optimizer_memory import FusedBackward, build_training_optimizer
 from trainer.memory.placement import TextEncoderPlacement, place_transformer
-from trainer.memory.strategies import LowVramPlan, resolve_lowvram
 from trainer.memory.system_ram import ram_verdict
 from trainer.optimizers import build_optimizer, build_scheduler, effective_learning_rate
 from trainer.preflight import check_files, model_source
@@ -295,12 +297,12 @@ class Session:
             raise UserError(f"{verdict.line()}. Change that setting, or start anyway with --force")
         self.emit(LogMessage(level="info" if verdict.verdict == "fits" else "warning", message=verdict.line()))
         if self._on_disk():
-            from trainer import estimator
+            from trainer.estimator.auto import estimate_as_run
             from trainer.memory.block_store import check_room
 
             path = self._block_cache_path(cache_folder)
             if not path.is_file():
-                need = estimator.estimate(spec, vram, plan=self.plan, _suggest=False).block_cache_gib * 1024**3
+                need = estimate_as_run(spec, vram, plan=self.plan).block_cache_gib * 1024**3
                 check_room(path.parent, need * 1.01 + 64 * 1024**2)
 
     def _block_cache_path(self, cache_folder: Path) -> Path:

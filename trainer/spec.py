@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer import registry
 
@@ -279,8 +279,34 @@ class SampleSection(_Section):
         return self
 
 
+# The longest file a name becomes is a temporary of an intermediate ComfyUI save:
+# `.<name>-step10000000_comfyui.safetensors.<8 random>.tmp`, 47 bytes around the name; file systems allow 255.
+MAX_NAME_BYTES = 200
+_DRIVE_OR_STREAM = ":"  # `C:x` is a drive-relative path on Windows, `x:y` an NTFS alternate stream
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be used as a file name stem inside an output folder (None when it can)."""
+    shown = repr(name if len(name) <= 60 else name[:57] + "...")
+    fix = "give a plain name such as 'my_lora' (the folder goes in output.dir)"
+    if any(separator in name for separator in ("/", "\\")):
+        return f"{shown} holds a path separator; a name is not a path: {fix}"
+    if ".." in name or name.strip(". ") == "":
+        return f"{shown} holds '..' (or only dots); {fix}"
+    if _DRIVE_OR_STREAM in name:
+        return f"{shown} holds ':' (a drive letter on Windows); {fix}"
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        return f"{shown} holds a control character (a line break, tab or NUL); {fix}"
+    size = len(name.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        return (f"{shown} is {size} bytes long; file names derived from it must fit the file system, so keep it "
+                f"to {MAX_NAME_BYTES} bytes")
+    return None
+
+
 class OutputSection(_Section):
     dir: str = "output"
+    # The stem of every file the run writes (LoRAs, copies, the saved job): a name, never a path.
     name: str = Field("lora", min_length=1)
     save_every_steps: int = Field(0, ge=0)  # 0: only at the end of the run
     keep_last: int = Field(3, ge=1)  # intermediate LoRAs and training states kept on disk
@@ -291,6 +317,14 @@ class OutputSection(_Section):
                                                                      min_length=1)
     comfy_lora_dir: str = ""  # ComfyUI's models/loras: the final (and Save LoRA's) comfyui/kohya files are copied there
     log_with: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)  # logs go to output.dir/logs
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_name(cls, name: str) -> str:
+        problem = name_problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name
 
 
 class AdvancedSection(_Section):

@@ -64,7 +64,8 @@ def _model(model: dict[str, Any]) -> dict[str, str]:
 
 def check_spec(spec: Any) -> DatasetCheck:  # noqa: ANN401 - a resolved JobSpec
     """What a run does before training (health check, then `plan_training_items`), reported instead of raised."""
-    from trainer.data.health import check_datasets, usable_images
+    from trainer.data.health import check_datasets
+    from trainer.data.health_report import usable_images
     from trainer.data.planning import plan_training_items
 
     health = check_datasets(spec)

@@ -1,6 +1,6 @@
 """Memory Estimator tab: what the form's job needs on one GPU size — the totals with the verdict and the
 suggestion, a stacked bar of VRAM per phase, the four strategies side by side, and the breakdown. Estimates
-take milliseconds (trainer/estimator.py, torch-free): the tab refreshes on its button and when it is opened."""
+take milliseconds (trainer/estimator/, torch-free): the tab refreshes on its button and when it is opened."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import gradio as gr
 
-from trainer.estimator import PHASES
+from trainer.estimator.core import PHASES
 from ui import form
 from ui.lowvram_tab import VERDICT_CSS, VERDICT_HTML
 from ui.memory import BREAKDOWN_COLUMNS, PHASE_COLUMNS, STRATEGY_COLUMNS, EstimatorReport, estimate_form

@@ -1,7 +1,7 @@
 """The memory side of the form in plain python (no gradio, no torch): the Low VRAM tab's resolved plan and live
 verdict, and the Memory Estimator tab's totals, phase bars, strategy comparison and breakdown.
 
-Everything here calls `trainer.estimator.estimate`, which is torch-free and takes a few milliseconds, so the
+Everything here calls the estimator (trainer/estimator/), which is torch-free and takes a few milliseconds, so the
 tabs can call it from `.change` handlers without ever blocking the page.
 """
 
@@ -15,8 +15,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from trainer import registry
-from trainer.estimator import PHASES, Estimate, estimate, verdict
-from trainer.memory.strategies import CONCRETE, LowVramPlan, resolve_lowvram
+from trainer.estimator.auto import resolve_lowvram
+from trainer.estimator.core import PHASES, Estimate, verdict
+from trainer.estimator.job import estimate_job
+from trainer.estimator.plans import LowVramPlan
+from trainer.memory.strategies import CONCRETE
 from trainer.profiles import UNKNOWN_USABLE_SHARE
 from trainer.spec import JobSpec, SpecError
 from ui import form
@@ -152,7 +155,7 @@ def check_lowvram(values: dict[str, Any], base: dict[str, Any] | None, detected:
         return LowVramCheck(problems_line(exc.problems), "", ok=False)
     gpu_gib, source = gpu_target(spec, detected)
     plan = resolve_lowvram(spec, gpu_gib)
-    result = estimate(spec, gpu_gib, plan=plan)
+    result = estimate_job(spec, gpu_gib, plan=plan)
     return LowVramCheck(verdict_line(result, gpu_gib, source), "\n\n".join(_plan_lines(plan, result)))
 
 
@@ -226,14 +229,14 @@ def strategy_rows(spec: JobSpec, gpu_gib: float | None, job: tuple[LowVramPlan, 
     rows = []
     if spec.lowvram.strategy == "auto":
         plan, result = job or (resolve_lowvram(spec, gpu_gib), None)
-        rows.append(_strategy_row(f"auto → {plan.strategy}", plan, result or estimate(spec, gpu_gib, plan=plan)))
+        rows.append(_strategy_row(f"auto → {plan.strategy}", plan, result or estimate_job(spec, gpu_gib, plan=plan)))
     for strategy in CONCRETE:
         copy = spec.model_copy(update={"lowvram": spec.lowvram.model_copy(update={"strategy": strategy})})
         plan = resolve_lowvram(copy, gpu_gib)
         # Estimated without a GPU size, so without the search for a suggestion (the table shows none): a few ms
         # for the four. The verdict is the estimator's own rule.
         bare = copy.model_copy(update={"lowvram": copy.lowvram.model_copy(update={"vram_gib": None})})
-        result = estimate(bare, None, plan=plan)
+        result = estimate_job(bare, None, plan=plan)
         if gpu_gib is not None:
             result.verdict = verdict(result.vram_gib, gpu_gib)
         name = f"{strategy} (this job)" if strategy == spec.lowvram.strategy else strategy
@@ -271,7 +274,7 @@ def estimate_form(values: dict[str, Any], base: dict[str, Any] | None, gpu_gib: 
         return EstimatorReport(problems_line(problems), problems=problems)
     target, source = gpu_target(spec, detected, given)
     plan = resolve_lowvram(spec, target)
-    result = estimate(spec, target, plan=plan)
+    result = estimate_job(spec, target, plan=plan)
     data = result.to_json()
     return EstimatorReport(
         line=verdict_line(result, target, source),

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from trainer import distributed
+from trainer.estimator.auto import choose_mode
+from trainer.estimator.plans import mode_problems
 from trainer.events import Event
 from trainer.runner import AlreadyRunning, NothingToDo, TrainingRunner
 from trainer.spec import JobSpec, SpecError
@@ -229,8 +231,8 @@ def plan(spec: JobSpec, choice: Choice, gpus: Sequence[Gpu], cpu_allowed: bool |
     # Each process sees one GPU; the smallest one decides whether the base must be split (as every rank must fit).
     vram = min((gpu.total_gib for gpu in chosen), default=None)
     processes = max(choice.processes, 1)
-    mode, reason = distributed.choose_mode(spec, processes, vram)
-    problems = choice_problems(choice, gpus, allowed) + distributed.mode_problems(spec, mode)
+    mode, reason = choose_mode(spec, processes, vram)
+    problems = choice_problems(choice, gpus, allowed) + mode_problems(spec, mode)
     return Plan(processes, chosen, choice.cpu, mode, reason, tuple(problems))
 
 

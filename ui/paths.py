@@ -64,15 +64,28 @@ class Folders:
         raise PathRefused(f"refused: the {what} {typed!r}{leads} is outside the folders this app may use "
                           f"({self.describe()}); {ADD_A_FOLDER}")
 
-    def problems(self, paths: Sequence[tuple[str, str]]) -> list[str]:
-        """One message per (what, path) that lies outside the allowed folders."""
+    def check_folder_to_write(self, text: str | Path, what: str) -> Path:
+        """Like `check`, for a folder the app writes into: each link directly inside it must stay inside too, as
+        the run appends to or creates files through them (events.jsonl, launch.log, STOP, state/, samples/,
+        logs/, cache/); what lies deeper is only ever replaced atomically, which never writes through a link."""
+        folder = self.check(text, what)
+        if folder.is_dir():
+            for entry in sorted(folder.iterdir()):
+                if entry.is_symlink():
+                    self.check(entry, f"{what} entry")
+        return folder
+
+    def problems(self, paths: Sequence[tuple[str, str]], writing: bool = False) -> list[str]:
+        """One message per (what, path) that lies outside the allowed folders; `writing`: the paths are folders
+        written into, checked with `check_folder_to_write`."""
+        check = self.check_folder_to_write if writing else self.check
         found = []
         for what, path in paths:
             try:
-                self.check(path, what)
+                check(path, what)
             except PathRefused as exc:
                 found.append(str(exc))
-        return found
+        return list(dict.fromkeys(found))
 
 
 def spec_paths(spec: JobSpec) -> list[tuple[str, str]]:
@@ -102,3 +115,13 @@ def spec_paths(spec: JobSpec) -> list[tuple[str, str]]:
     paths += [(f"sample.reference_images[{index}]", path) for index, path in enumerate(spec.sample.reference_images)]
     paths.append(("output.dir", spec.output.dir))
     return paths
+
+
+def written_folders(spec: JobSpec) -> list[tuple[str, str]]:
+    """(key, folder) of every folder a run of the job writes into; the files it writes there are named from
+    output.name, which the spec keeps a plain name."""
+    found = [("output.dir", spec.output.dir),
+             ("data.cache_dir", spec.data.cache_dir or str(Path(spec.output.dir) / "cache"))]
+    if spec.output.comfy_lora_dir:
+        found.append(("output.comfy_lora_dir", spec.output.comfy_lora_dir))
+    return found

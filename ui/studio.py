@@ -20,7 +20,7 @@ from ui.captioning import CaptionJob, make_request
 from ui.dataset_check import DatasetCheck, check_form
 from ui.jobs import LAST_FORM, LastForm, Outcome, default_job_path, read_job, write_job
 from ui.model_info import flavour_summary, target_counts  # noqa: F401 - the tabs' and tests' old import path
-from ui.paths import Folders, PathRefused, spec_paths
+from ui.paths import Folders, PathRefused, spec_paths, written_folders
 from ui.resume import find_interrupted_run, latest_state_step
 from ui.run_state import RunView
 
@@ -86,7 +86,8 @@ class Studio:
         except SpecError as exc:
             return None, None, Outcome(f"{refused}: the job has problems", exc.problems)
         self.last_form.save(spec)  # what the user tried to run is what the next page load shows
-        problems = self.folders.problems(spec_paths(spec))
+        problems = list(dict.fromkeys(self.folders.problems(spec_paths(spec))
+                                      + self.folders.problems(written_folders(spec), writing=True)))
         if problems:
             return None, None, Outcome(f"{refused}: a path is outside the folders this app may use", problems)
         problems = self.preflight(spec)
@@ -281,7 +282,7 @@ class Studio:
         self.last_form.save(spec)
         typed = str(path or "").strip()
         try:
-            target = self.folders.check(typed, "job file") if typed else default_job_path(self.jobs_dir, spec)
+            target = self.folders.check(typed or default_job_path(self.jobs_dir, spec), "job file")
         except PathRefused as exc:
             return None, Outcome(f"not saved: {typed}", [str(exc)])
         if target.suffix.lower() != ".toml":  # a typo must never overwrite a file of another kind

@@ -8,9 +8,10 @@ What it finds, one row per file and problem:
   images (ignored), a missing or empty caption file, exact duplicates, fewer samples than one optimiser step;
   edit pairs (see pairs.py): a target without its reference (skipped), a reference without its target.
 
-A file that fails here is left out of training (`usable_images`), so a bad file never stops a run midway.
-Each file is read once, hashed and fully decoded from the same bytes by the decoder training uses (JPEGs at
-reduced scale: the whole stream is still decoded), on a few threads (Pillow and hashlib release the GIL).
+The report and its rows are in health_report.py. A file that fails here is left out of training
+(`usable_images`), so a bad file never stops a run midway. Each file is read once, hashed and fully decoded from
+the same bytes by the decoder training uses (JPEGs at reduced scale: the whole stream is still decoded), on a few
+threads (Pillow and hashlib release the GIL).
 """
 
 from __future__ import annotations
@@ -19,131 +20,21 @@ import hashlib
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
 
 from trainer.data.datasets import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, find_mask, list_images
+from trainer.data.health_report import HealthReport, HealthRow, ImageInfo, Kind, display_path, usable_images
 from trainer.data.images import verify_image, verify_mask
+from trainer.data.pairs import check_pairs
 from trainer.errors import UserError
 from trainer.spec import DatasetEntry, JobSpec
-
-Severity = Literal["error", "warning"]
-Verdict = Literal["ok", "warnings", "will not train"]
-# What a row is about, for grouping long reports: a folder of 300 uncaptioned images says so in a few lines.
-Kind = Literal["dataset", "count", "unreadable", "too small", "mask", "pair", "duplicate", "caption", "ignored"]
-_KIND_ORDER = get_args(Kind)  # the order reports list them in
 
 # Left alone without a word: what file managers and editors drop into folders.
 _SILENT_NAMES = {"thumbs.db", "desktop.ini", ".ds_store"}
 # Image formats users have that the trainer does not read: worth a hint to convert them.
 _OTHER_IMAGE_EXTENSIONS = {".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".psd", ".svg", ".raw",
                            ".cr2", ".nef", ".arw", ".dng", ".jp2", ".ico"}
-
-
-@dataclass(frozen=True)
-class HealthRow:
-    file: Path  # a file, a dataset folder, or a job setting (Path("train.batch_size")) for job-wide rows
-    problem: str
-    severity: Severity
-    kind: Kind
-    skipped: bool = False  # the image is left out of training
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """An image that decoded: its upright size and content hash."""
-
-    path: Path
-    size: tuple[int, int]  # (width, height), EXIF orientation applied
-    sha256: str
-    dataset: int  # index in the datasets checked
-
-
-@dataclass
-class HealthReport:
-    datasets: list[Path]
-    rows: list[HealthRow] = field(default_factory=list)
-    images: list[ImageInfo] = field(default_factory=list)  # every image that decoded, skipped or not
-    skipped: set[Path] = field(default_factory=set)
-    image_count: int = 0  # image files found (by extension), readable or not
-    samples: int = 0  # usable images × repeats, held-out images not counted
-    reference_folders: list[Path] = field(default_factory=list)  # edit pairs' conditioning folders
-    reference_sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)  # every reference that decoded
-
-    @property
-    def verdict(self) -> Verdict:
-        if any(row.severity == "error" for row in self.rows):
-            return "will not train"
-        return "warnings" if self.rows else "ok"
-
-    @property
-    def sizes(self) -> dict[Path, tuple[int, int]]:
-        """Upright (width, height) of every usable image: what `plan_buckets(sizes=...)` takes."""
-        return {info.path: info.size for info in self.images if info.path not in self.skipped}
-
-    def counts(self) -> str:
-        plural = "s" if len(self.datasets) != 1 else ""
-        return (f"{self.image_count} images in {len(self.datasets)} dataset{plural}: "
-                f"{len(usable_images(self))} usable, {len(self.skipped)} skipped, "
-                f"{self.samples} samples with repeats")
-
-    def _lines(self, per_kind: int | None) -> list[tuple[str, str, str]]:
-        """(severity, file, problem): errors first; of each kind at most `per_kind` rows and a count of the rest."""
-        groups: dict[tuple[bool, str], list[HealthRow]] = {}
-        for row in sorted(self.rows, key=lambda row: (row.severity != "error", _KIND_ORDER.index(row.kind),
-                                                      str(row.file))):
-            groups.setdefault((row.severity != "error", row.kind), []).append(row)
-        out: list[tuple[str, str, str]] = []
-        for (_, kind), rows in groups.items():
-            shown = rows if per_kind is None else rows[:per_kind]
-            out += [(row.severity, _display(self.datasets + self.reference_folders, row.file),
-                     row.problem + ("; skipped" * row.skipped))
-                    for row in shown]
-            if len(rows) > len(shown):
-                out.append((rows[0].severity, "…", f"and {len(rows) - len(shown)} more like these ({kind})"))
-        return out
-
-    def table(self, per_kind: int | None = 10) -> str:
-        """Plain text for the CLI: the verdict and counts, then the problems (errors first); at most `per_kind`
-        rows of each kind of problem, with a count of the rest (None: all)."""
-        lines = [f"dataset health: {self.verdict} — {self.counts()}"]
-        cells = self._lines(per_kind)
-        if cells:
-            cells.insert(0, ("severity", "file", "problem"))
-            widths = [max(len(cell[i]) for cell in cells) for i in range(2)]
-            lines += [f"  {a.ljust(widths[0])}  {b.ljust(widths[1])}  {c}" for a, b, c in cells]
-        return "\n".join(lines)
-
-    def markdown(self, per_kind: int | None = 25) -> str:
-        """Markdown for the UI: the verdict in bold, the counts, a table of the problems."""
-        lines = [f"**Dataset health: {self.verdict}** — {_escape(self.counts())}"]
-        cells = self._lines(per_kind)
-        if cells:
-            lines += ["", "| severity | file | problem |", "| --- | --- | --- |"]
-            lines += [f"| {a} | {_escape(b)} | {_escape(c)} |" for a, b, c in cells]
-        return "\n".join(lines)
-
-
-def _display(datasets: list[Path], path: Path) -> str:
-    """A file as `dataset-folder/name`; a folder as `name/`; a job setting (train.batch_size) as it is."""
-    for folder in datasets:
-        if path == folder:
-            return f"{folder.name}/"
-        if path.parent == folder:
-            return f"{folder.name}/{path.name}"
-    return str(path)
-
-
-def _escape(text: str) -> str:
-    for char in "\\|*_`[]<>":
-        text = text.replace(char, "\\" + char)
-    return text.replace("\n", " ")
-
-
-def usable_images(report: HealthReport) -> list[Path]:
-    """Every image that decoded and is not skipped, in dataset order."""
-    return [info.path for info in report.images if info.path not in report.skipped]
 
 
 # ---------------------------------------------------------------------- reading the files
@@ -300,15 +191,13 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
             if problem:
                 report.rows.append(HealthRow(path, problem, "warning", "caption"))
         if scan.sha256 in first_seen:
-            original = _display(report.datasets, first_seen[scan.sha256])
+            original = display_path(report.datasets, first_seen[scan.sha256])
             report.rows.append(HealthRow(path, f"the same file as {original}: it trains twice as often; delete one "
                                                "unless you mean it", "warning", "duplicate"))
         else:
             first_seen[scan.sha256] = path
 
     if any(entry.conditioning for entry in entries):
-        from trainer.data.pairs import check_pairs  # pairs.py builds rows of this module: imported here, no cycle
-
         check_pairs(report, entries, workers)
     elif isinstance(datasets, JobSpec):
         report.rows += _edit_model_without_pairs(datasets)

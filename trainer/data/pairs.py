@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from trainer.data.buckets import LATENT_MULTIPLE, Size, bucket_sizes, closest_bucket
 from trainer.data.datasets import TrainItem, find_reference, list_images
+from trainer.data.health_report import HealthReport, HealthRow
 from trainer.data.images import verify_image
 from trainer.errors import UserError
 from trainer.spec import DatasetEntry, JobSpec
@@ -29,7 +30,6 @@ from trainer.spec import DatasetEntry, JobSpec
 if TYPE_CHECKING:
     from PIL import Image
 
-    from trainer.data.health import HealthReport
 
 # A strict pair whose aspect ratios differ by more than this is stretched into the target's bucket: worth a word.
 _ASPECT_TOLERANCE = 0.02
@@ -50,8 +50,6 @@ def check_pairs(report: HealthReport, entries: Sequence[DatasetEntry], workers: 
     different shapes) are one row per dataset naming its folder and the first few files; an unreadable reference
     is a row of its own, with why.
     """
-    from trainer.data.health import HealthRow  # health calls this module: imported here to avoid a cycle
-
     for index, entry in enumerate(entries):
         if not entry.conditioning:
             continue

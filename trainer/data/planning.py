@@ -6,7 +6,7 @@ import dataclasses
 
 from trainer.data.buckets import BucketPlan, plan_buckets
 from trainer.data.datasets import TrainItem, collect_items
-from trainer.data.health import HealthReport, usable_images
+from trainer.data.health_report import HealthReport, usable_images
 from trainer.data.pairs import pairs_report, place_references
 from trainer.spec import JobSpec
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from trainer.memory.strategies import LowVramPlan
+from trainer.estimator.plans import LowVramPlan
 from trainer.spec import JobSpec, deep_merge, parse_spec
 
 GIB = 1024**3
@@ -86,9 +86,9 @@ def _applies(spec: JobSpec, plan: LowVramPlan, overrides: dict, plan_changes: di
 
 
 def _needs(spec: JobSpec, plan: LowVramPlan, vram_gib: float | None) -> tuple[float, float]:
-    from trainer import estimator
+    from trainer.estimator.auto import estimate_as_run
 
-    result = estimator.estimate(spec, vram_gib, plan=plan, _suggest=False)
+    result = estimate_as_run(spec, vram_gib, plan=plan)
     return result.first_run_ram_gib, result.ram_gib
 
 

@@ -1,22 +1,23 @@
-"""Torch-free prediction of the VRAM and system RAM a job needs, phase by phase, with a verdict per GPU.
+"""The memory of one job under one given low-VRAM plan and multi-GPU mode, phase by phase, with a verdict per GPU.
 
-Imports only the standard library, `trainer.registry`, `trainer.spec`, `trainer.memory.strategies` and its own
-modules: the shapes (trainer/estimator_shapes.py), the working memory (trainer/estimator_activations.py) and
-several GPUs (trainer/estimator_sharding.py: ddp and fsdp, and the mode the trainer picks). One estimate takes
-well under a millisecond; `auto` runs a binary search of them, the suggestions (trainer/estimator_suggest.py) a
-few dozen.
+Torch-free. Imports only the standard library, `trainer.registry`, `trainer.spec` and the layers of the estimator
+below it: the plan (trainer/estimator/plans.py), the shapes (shapes.py), the working memory (activations.py) and
+what each GPU holds under FSDP (sharding.py). One estimate takes well under a millisecond; the `auto` strategy
+runs a binary search of them (auto.py), the suggestions (suggest.py) a few dozen. `estimate_job` (job.py) picks
+the plan and the mode as the run does.
 
-Phases follow the session: the pipeline is loaded to system RAM; text embeddings are cached with the text
-encoders where `plan.text_encoder_device` says ("gpu": the whole encoder on the GPU; "cpu": in RAM, run on the
-CPU; "offload": its layers in RAM, streamed to the GPU through a ring of 2 layer buffers, the rest of it on
-the GPU); the text encoders
-are freed; latents are cached with the VAE on the GPU; the VAE is parked in RAM (freed when nothing is
-sampled); the transformer goes to the GPU except its swapped blocks, whose frozen weights stay in (pinned) RAM
-and stream through a ring of `swap_prefetch + 1` GPU slots; the LoRA and optimiser are added; training;
-validation sampling brings the VAE back. With `data.cache_text_embeddings = "disk"` the estimate assumes a
-warm cache (a repeated run); what a first run needs is in `Estimate.notes`. With `gpus` N > 1 every process
-runs these phases at once: the VRAM is per GPU, the RAM for all N; under fsdp each GPU holds a share of the
-base and gathers blocks as they compute (trainer/estimator_sharding.py has the model).
+Phases follow the session, one model at a time: the text encoders load (with the VAE) and cache the text
+embeddings where `plan.text_encoder_device` says ("gpu": the whole encoder on the GPU; "cpu": in RAM, run on the
+CPU; "offload": its layers in RAM, streamed to the GPU through a ring of 2 layer buffers, the rest of it on the
+GPU), then are freed; latents are cached with the VAE on the GPU; the VAE is parked in RAM (freed when nothing
+is sampled); only then does the transformer load (never beside a text encoder: the loading peak is the larger
+of the two, not their sum) and go to the GPU except its swapped blocks, whose frozen weights stay in (pinned)
+RAM, or with `swap_from = "disk"` in the block cache file behind a staging ring of `swap_prefetch + 1` host
+buffers, and stream through a ring of `swap_prefetch + 1` GPU slots; the LoRA and optimiser are added;
+training; validation sampling brings the VAE back. With `data.cache_text_embeddings = "disk"` `ram_gib` assumes
+a warm cache (a repeated run); `first_run_ram_gib` is the peak when the embeddings are computed. With `gpus` N >
+1 every process runs these phases at once: the VRAM is per GPU, the RAM for all N; under fsdp each GPU holds a
+share of the base and gathers blocks as they compute (trainer/estimator/sharding.py has the model).
 
 Every field of the LowVramPlan counts:
 - blocks_to_swap: the first n blocks in execution order (double blocks first, as trainer/memory/block_swap.py
@@ -30,15 +31,17 @@ Every field of the LowVramPlan counts:
 - optimizer_offload: the optimiser state, fp32 masters of the LoRA weights and a gradient staging copy in RAM
   (trainer/memory/optimizer_memory.py); the weights and their gradients stay on the GPU;
 - fused_backward: only about one trainable tensor's gradient alive at a time instead of all of them;
-- text_encoder_device: see above.
+- text_encoder_device, swap_from: see above.
 
-Weights by storage precision (model.base_precision): fp32 4 B, bf16/fp16 2 B; fp8 and int8 1 B plus one fp32
-scale per output row; int4 and nf4 0.5 B plus one fp32 scale per 64 weights. Only the Linears inside blocks are
-quantised; modulation Linears, embedders, norm_out and proj_out stay in bf16. A quantised Linear is dequantised
+Weights by storage precision (model.base_precision, model.text_encoder_precision): fp32 4 B, bf16/fp16 2 B; fp8
+and int8 1 B plus one fp32 scale per output row; int4 and nf4 0.5 B plus one fp32 scale per 64 weights. Only the
+Linears inside blocks are quantised, FLUX.1's modulation Linears in model.modulation_precision's format
+(trainer.spec.modulation_format); embedders, norm_out and proj_out stay in bf16. A quantised text encoder keeps
+its token table in bf16. A quantised Linear is dequantised
 to bf16 while it computes: one copy of the largest such Linear is the "dequantisation workspace".
 
 Assumed (figures from shared/TECHNIQUES.md, "Activations" and "Optimiser", and measured on the CPU; see the
-constants here and in trainer/estimator_activations.py): activations ≈60·h bytes per token per block for FLUX.2 in
+constants here and in trainer/estimator/activations.py): activations ≈60·h bytes per token per block for FLUX.2 in
 16-bit compute (50 for FLUX.1; 90 and 72 in fp32), checkpoint inputs ≈4·h per double block and 2·h per single
 block, ≈18·h outside the blocks, the block being recomputed ≈1.05 blocks' activations; tokens = image tokens
 (res/16)² + text tokens (512, schnell 256, demo 64), and for edit pairs as many reference tokens again (a sample
@@ -58,25 +61,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer import registry
-from trainer.estimator_activations import INFERENCE_FACTOR, text_encoder_memory, training_activations
-from trainer.estimator_shapes import (
-    BYTES,
+from trainer.estimator.activations import INFERENCE_FACTOR, text_encoder_memory, training_activations
+from trainer.estimator.plans import LowVramPlan, mode_problems, plan_under
+from trainer.estimator.shapes import (
     QUANTISED,
-    Linear,
     adafactor_bytes,
     largest_lora_tensor,
     lora_param_counts,
     text_tokens,
-    transformer_linears,
-    transformer_params,
     weight_layout,
 )
-from trainer.estimator_sharding import choose_mode, gathered_bytes, plan_under, shard_bytes
-from trainer.memory.strategies import LowVramPlan, resolve_lowvram
+from trainer.estimator.sharding import gathered_bytes, shard_bytes
 from trainer.spec import JobSpec, modulation_format
-
-__all__ = ["BYTES", "Estimate", "Linear", "PhaseMemory", "choose_mode", "estimate", "lora_param_counts",
-           "transformer_linears", "transformer_params", "verdict", "weight_layout"]
 
 GIB = 1024**3
 CUDA_CONTEXT_GIB = 0.5
@@ -154,27 +150,19 @@ def _gpu_phase(weights: dict[str, float], dynamic: dict[str, float], ram: float)
     return PhaseMemory(sum(parts.values()), ram, parts)
 
 
-def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *, fused_attention: bool | None = None,
-             plan: LowVramPlan | None = None, mode: str | None = None, _suggest: bool = True) -> Estimate:
-    """VRAM per GPU and RAM per phase of `spec` on `gpus` GPUs under `plan` (default: the plan the session would
-    resolve), with a verdict against `gpu_vram_gib` (per GPU; default: the job's lowvram.vram_gib). The RAM is
-    for all the processes together.
+def estimate(spec: JobSpec, plan: LowVramPlan, *, mode: str = "single", gpus: int = 1,
+             gpu_vram_gib: float | None = None, fused_attention: bool = True, mode_reason: str = "given") -> Estimate:
+    """VRAM per GPU and RAM per phase of `spec` on `gpus` GPUs in `mode` ("single", "ddp" or "fsdp") under `plan`,
+    with a verdict against `gpu_vram_gib` (per GPU; default: the job's lowvram.vram_gib). The RAM is for all the
+    processes together. Under fsdp block swap is off, as in the run (plans.plan_under).
 
-    `mode`: "single", "ddp" or "fsdp"; default: what the trainer runs, train.distributed with auto decided by
-    `choose_mode` (trainer/estimator_sharding.py). Under fsdp block swap is off, as in the run.
-    `fused_attention`: whether attention runs in a fused kernel (no s² workspace); default yes: torch's SDPA
-    picks a flash kernel on CUDA and on the CPU (the probe measured no s² tensor on the demo).
+    `fused_attention`: whether attention runs in a fused kernel (no s² workspace); torch's SDPA picks a flash
+    kernel on CUDA and on the CPU (the probe measured no s² tensor on the demo).
     """
     f = registry.get_flavour(spec.model.family, spec.model.flavour)
     if gpu_vram_gib is None:
         gpu_vram_gib = spec.lowvram.vram_gib
-    mode_reason = "given"
-    if mode is None:
-        mode, mode_reason = choose_mode(spec, gpus, gpu_vram_gib)
-    # the session resolves the plan for one GPU, then the mode adjusts it (Distributed.adjust_plan)
-    plan = plan_under(mode, plan if plan is not None else resolve_lowvram(spec, gpu_vram_gib))
-    if fused_attention is None:
-        fused_attention = True
+    plan = plan_under(mode, plan)
     precision = spec.model.base_precision
     compute_elem = 4 if (spec.train.mixed_precision == "no" and precision == "fp32") else 2
     vae_elem = 4 if precision == "fp32" else 2  # the VAE loads in the compute dtype, never quantised
@@ -340,10 +328,6 @@ def estimate(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
     )
     if gpu_vram_gib is not None:
         result.verdict = verdict(result.vram_gib, gpu_vram_gib)
-        if result.verdict != "fits" and _suggest:
-            from trainer.estimator_suggest import suggest  # it calls back into estimate()
-
-            result.suggestion = suggest(spec, gpu_vram_gib, gpus, fused_attention, mode)
     return result
 
 
@@ -398,8 +382,6 @@ def _reference_tokens(spec: JobSpec, image_tokens: int) -> int:
 
 def _distributed_notes(spec: JobSpec, mode: str, reason: str, gpus: int, weights: dict[str, float]) -> list[str]:
     """What the mode means for this job, in words, and what the run would refuse."""
-    from trainer.distributed import mode_problems  # torch-free at import; it imports estimator_sharding
-
     each = f"the activations of its own micro-batch of {spec.train.batch_size}; RAM is for all {gpus} processes"
     if mode == "fsdp":
         shard, gathered = (value / GIB for value in weights.values())

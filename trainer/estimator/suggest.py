@@ -21,8 +21,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from trainer import registry
-from trainer.estimator_sharding import plan_under
-from trainer.memory.strategies import CONCRETE, resolve_lowvram
+from trainer.estimator.auto import estimate_as_run, resolve_lowvram
+from trainer.estimator.plans import plan_under
+from trainer.memory.strategies import CONCRETE
 from trainer.spec import QUANTISED_PRECISIONS, JobSpec
 
 NOTHING_FITS = "none of the supported changes is enough; use a GPU with more memory or a smaller flavour"
@@ -41,7 +42,7 @@ class Change:
 
 def candidates(spec: JobSpec, gpu_vram_gib: float, mode: str = "single") -> list[Change]:
     """Every single change that could lower the job's memory per GPU, cheapest first; built on the plan the job
-    runs in `mode` ("single", or "ddp" or "fsdp" on several GPUs: trainer/estimator_sharding.py)."""
+    runs in `mode` ("single", or "ddp" or "fsdp" on several GPUs: trainer/estimator/auto.py)."""
     plan = plan_under(mode, resolve_lowvram(spec, gpu_vram_gib))
     low = spec.lowvram
     most = registry.get_flavour(spec.model.family, spec.model.flavour).max_blocks_to_swap
@@ -128,8 +129,6 @@ class _Judge:
         self.seen: dict[str, bool] = {}
 
     def fits(self, changes: list[Change]) -> bool:
-        from trainer.estimator import estimate
-
         combined: dict[str, dict[str, Any]] = {}
         for change in changes:
             for section, values in change.overrides.items():
@@ -137,7 +136,7 @@ class _Judge:
         key = repr(sorted((s, sorted(v.items())) for s, v in combined.items()))
         if key not in self.seen:
             changed = _apply(self.spec, combined)
-            result = estimate(changed, self.gpu, self.gpus, fused_attention=self.fused_attention, _suggest=False)
+            result = estimate_as_run(changed, self.gpu, self.gpus, fused_attention=self.fused_attention)
             self.seen[key] = result.verdict == "fits"
         return self.seen[key]
 

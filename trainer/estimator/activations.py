@@ -1,4 +1,4 @@
-"""Working memory for the memory estimator (trainer/estimator.py): the activations one forward+backward keeps
+"""Working memory for the memory estimator (trainer/estimator/core.py): the activations one forward+backward keeps
 under the plan's checkpointing and swap, and what caching text embeddings needs where the text encoder runs.
 Torch-free; the factors were measured with trainer/memory_probe.py on the CPU (see each constant).
 """
@@ -9,8 +9,8 @@ import functools
 from dataclasses import dataclass
 
 from trainer import registry
-from trainer.estimator_shapes import BYTES, TEXT_ENCODERS, WEIGHT_BYTES, TextEncoderShape, text_tokens
-from trainer.memory.strategies import LowVramPlan
+from trainer.estimator.plans import LowVramPlan
+from trainer.estimator.shapes import BYTES, TEXT_ENCODERS, WEIGHT_BYTES, TextEncoderShape, text_tokens
 from trainer.spec import JobSpec
 
 # Activation bytes per token per block per unit of hidden size h, saved for backward. Measured with

@@ -1,0 +1,115 @@
+"""The choices the trainer makes with the memory estimator, on top of `estimate`: the multi-GPU mode
+(`choose_mode`, train.distributed = auto) and the low-VRAM plan (`resolve_lowvram`; lowvram.strategy = auto is the
+lightest bundle of trainer/memory/strategies.py that fits). Torch-free: the session, trainer/distributed.py and
+the app all choose here, so the estimate and the run always agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from trainer import registry
+from trainer.estimator.core import Estimate, estimate
+from trainer.estimator.plans import LowVramPlan
+from trainer.memory.strategies import CONCRETE, bundle_plan
+from trainer.spec import QUANTISED_PRECISIONS, JobSpec
+
+
+def choose_mode(spec: JobSpec, world_size: int, gpu_vram_gib: float | None) -> tuple[str, str]:
+    """(mode, why) for `world_size` processes: "single", "ddp" or "fsdp".
+
+    auto: fsdp when the memory estimator says one GPU of `gpu_vram_gib` (the job's lowvram.vram_gib wins) cannot
+    hold the job even with every low-VRAM technique but block swap on, yet can with the base split over the
+    GPUs. Streaming a full base from system RAM in every process costs N copies in RAM and N streams through the
+    host; splitting it costs only the gathers. Otherwise ddp: the fastest, as nothing is gathered per block (with
+    block swap if the plan says so). A quantised base or blocks swapped by the job itself keep ddp: fsdp refuses
+    both (plans.mode_problems).
+    """
+    if world_size <= 1:
+        return "single", "one process"
+    setting = spec.train.distributed
+    if setting != "auto":
+        return setting, "chosen in the job"
+    vram = spec.lowvram.vram_gib or gpu_vram_gib
+    if vram is None:
+        return "ddp", "auto: no GPU memory size to judge against"
+    if spec.model.base_precision in QUANTISED_PRECISIONS:
+        return "ddp", f"auto: a {spec.model.base_precision} base is replicated (FSDP shards 16/32-bit bases only)"
+    if spec.lowvram.blocks_to_swap:
+        return "ddp", "auto: the job swaps blocks, which FSDP does not combine with"
+    plan = bundle_plan(spec, "extreme", blocks_to_swap=0)
+    whole = estimate(spec, plan, mode="single", gpu_vram_gib=vram)
+    if whole.verdict != "will not fit":
+        return "ddp", f"auto: the base fits one GPU ({whole.vram_gib:.1f} of {vram:g} GiB without block swap)"
+    split = estimate(spec, plan, mode="fsdp", gpus=world_size, gpu_vram_gib=vram)
+    if split.verdict == "will not fit":
+        return "ddp", (f"auto: the base does not fit one GPU ({vram:g} GiB) even split {world_size} ways "
+                       f"({split.vram_gib:.1f} GiB): every process streams blocks from RAM (block swap)")
+    return "fsdp", (f"auto: one GPU ({vram:g} GiB) cannot hold the base ({whole.vram_gib:.1f} GiB without block "
+                    f"swap); split {world_size} ways it needs about {split.vram_gib:.1f} GiB")
+
+
+def plan_under(mode: str, plan: LowVramPlan) -> LowVramPlan:
+    """The low-VRAM plan the run uses in `mode`: FSDP turns block swap off, as Distributed.adjust_plan does."""
+    if mode != "fsdp" or not plan.blocks_to_swap:
+        return plan
+    return replace(plan, blocks_to_swap=0, reason=f"{plan.reason}; no block swap under FSDP".lstrip("; "))
+
+
+def resolve_lowvram(spec: JobSpec, vram_gib: float | None, gpus: int = 1) -> LowVramPlan:
+    """The plan the session runs. `vram_gib`: the GPU's memory (the job's lowvram.vram_gib wins); None: no GPU.
+    `gpus`: processes of a multi-GPU run, whose sharding (train.distributed) auto judges the bundles under."""
+    strategy = spec.lowvram.strategy
+    if strategy != "auto":
+        return bundle_plan(spec, strategy, reason="chosen in the job")
+    target = spec.lowvram.vram_gib or vram_gib
+    if target is None:
+        return bundle_plan(spec, "none", reason="auto: no GPU, nothing to save")
+    return choose_auto(spec, target, gpus)
+
+
+def choose_auto(spec: JobSpec, vram_gib: float, gpus: int = 1) -> LowVramPlan:
+    """The lightest bundle the estimator says fits in `vram_gib`; inside the swapping bundles the fewest swapped
+    blocks that fit. When nothing fits: extreme, and the estimator's verdict says what else to change."""
+    most = registry.get_flavour(spec.model.family, spec.model.flavour).max_blocks_to_swap
+    mode, reason = choose_mode(spec, gpus, vram_gib)
+
+    def fits(plan: LowVramPlan) -> float | None:
+        result = estimate(spec, plan, mode=mode, gpus=gpus, gpu_vram_gib=vram_gib, mode_reason=reason)
+        return result.vram_gib if result.verdict == "fits" else None
+
+    for strategy in CONCRETE:
+        plan = bundle_plan(spec, strategy)
+        if plan.blocks_to_swap and spec.lowvram.blocks_to_swap is None:
+            # memory falls as blocks are swapped: search the fewest that fit between none and the flavour's most
+            if fits(replace(plan, blocks_to_swap=most)) is None:
+                continue
+            low, high = 0, most
+            while low < high:
+                middle = (low + high) // 2
+                if fits(replace(plan, blocks_to_swap=middle)) is None:
+                    low = middle + 1
+                else:
+                    high = middle
+            plan = replace(plan, blocks_to_swap=low)
+        need = fits(plan)
+        if need is not None:
+            return replace(plan, reason=f"auto: fits {vram_gib:g} GiB ({need:.1f} GiB estimated)")
+    plan = bundle_plan(spec, "extreme")
+    return replace(plan, reason=f"auto: nothing fits {vram_gib:g} GiB; extreme is the closest")
+
+
+def estimate_as_run(spec: JobSpec, gpu_vram_gib: float | None = None, gpus: int = 1, *,
+                    plan: LowVramPlan | None = None, mode: str | None = None,
+                    fused_attention: bool | None = None) -> Estimate:
+    """The estimate of what the trainer would run: `mode` (default: train.distributed, auto decided by
+    `choose_mode`) and `plan` (default: the plan the session resolves for one GPU, which the mode then adjusts)."""
+    if gpu_vram_gib is None:
+        gpu_vram_gib = spec.lowvram.vram_gib
+    reason = "given"
+    if mode is None:
+        mode, reason = choose_mode(spec, gpus, gpu_vram_gib)
+    if plan is None:
+        plan = resolve_lowvram(spec, gpu_vram_gib)
+    return estimate(spec, plan, mode=mode, gpus=gpus, gpu_vram_gib=gpu_vram_gib,
+                    fused_attention=True if fused_attention is None else fused_attention, mode_reason=reason)
