@@ -252,8 +252,8 @@ class LowVramSection(_Section):
     # Where swapped blocks wait: ram (pinned host memory), or disk (a block cache file beside the latents, read
     # ahead through a small pinned staging ring: RAM holds a few blocks, not all of them).
     swap_from: Literal["ram", "disk"] | None = None
-    # The disk's read speed the estimator assumes for swap_from = "disk" (GB/s; a typical NVMe reads 3).
-    disk_read_gbps: float = Field(3.0, gt=0, le=100)
+    # The disk's read speed the estimator assumes for swap_from = "disk" (GB/s); unset: 3, a typical NVMe.
+    disk_read_gbps: float | None = Field(None, gt=0, le=100)
 
 
 class SampleSection(_Section):

@@ -79,6 +79,7 @@ CUDA_CONTEXT_GIB = 0.5
 ALLOCATOR_OVERHEAD = 0.10
 TIGHT_SHARE = 0.90
 PROCESS_RAM_GIB = 2.0  # python, torch and the CUDA libraries, before any model
+DISK_READ_GBPS = 3.0  # a typical NVMe (PCIe 3 x4 reads ≈3.5 GB/s sequentially), lowvram.disk_read_gbps unset
 CACHES_RAM_GIB = 0.1  # latents and embeddings cached in memory for a small dataset (see the note per caption)
 CONTEXT = "cuda context"
 OVERHEAD = "allocator overhead"
@@ -360,7 +361,7 @@ def _disk_note(spec: JobSpec, swapped: int, saved: float, cached: float) -> str:
     """What blocks on disk save and may cost: each swapped block is read in forward and again when it is
     recomputed in backward; the read-ahead hides this where the GPU computes a block for longer than the disk
     takes to read the next one."""
-    speed = spec.lowvram.disk_read_gbps
+    speed = spec.lowvram.disk_read_gbps or DISK_READ_GBPS
     seconds = 2 * cached / (speed * 1e9)
     return (f"blocks on disk: {swapped} swapped blocks ({cached / GIB:.1f} GiB) in a block cache file beside the "
             f"latents save {saved / GIB:.1f} GiB of RAM; at {speed:g} GB/s (lowvram.disk_read_gbps) reading them "

@@ -295,8 +295,8 @@ class QuantizedTextLinear(QuantizedLinear):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.register_buffer("dtype_marker", torch.empty(0, dtype=self.compute_dtype, device=kwargs.get("device")),
-                             persistent=False)
+        # zero elements: on the CPU even for a layer built on the meta device (it has nothing to load)
+        self.register_buffer("dtype_marker", torch.empty(0, dtype=self.compute_dtype), persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]

@@ -65,6 +65,7 @@ _REMEDIES: tuple[tuple[str, dict, dict], ...] = (
     ('data.cache_latents = "disk" (fewer cached images in memory)', {"data": {"cache_latents": "disk"}}, {}),
     ('model.text_encoder_precision = "fp8"', {"model": {"text_encoder_precision": "fp8"}}, {}),
     ('lowvram.swap_from = "disk"', {"lowvram": {"swap_from": "disk"}}, {"swap_from": "disk"}),
+    ('model.text_encoder_precision = "nf4"', {"model": {"text_encoder_precision": "nf4"}}, {}),
     ('model.text_encoder_precision = "fp8" and lowvram.swap_from = "disk"',
      {"model": {"text_encoder_precision": "fp8"}, "lowvram": {"swap_from": "disk"}}, {"swap_from": "disk"}),
     ('model.text_encoder_precision = "nf4" and lowvram.swap_from = "disk"',
@@ -76,7 +77,9 @@ _REMEDIES: tuple[tuple[str, dict, dict], ...] = (
 def _applies(spec: JobSpec, plan: LowVramPlan, overrides: dict, plan_changes: dict) -> bool:
     model, data = spec.model, spec.data
     wanted = overrides.get("model", {})
-    if "text_encoder_precision" in wanted and model.text_encoder_precision not in ("fp32", "bf16", "fp16"):
+    smaller = {"fp8": ("fp32", "bf16", "fp16"), "nf4": ("fp32", "bf16", "fp16", "fp8", "int8")}
+    if "text_encoder_precision" in wanted and model.text_encoder_precision not in smaller[
+            wanted["text_encoder_precision"]]:
         return False
     if "base_precision" in wanted and model.base_precision not in ("fp32", "bf16", "fp16"):
         return False
