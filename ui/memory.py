@@ -89,14 +89,24 @@ def _peak_phase(result: Estimate) -> str:
     return max(result.phases, key=lambda name: result.phases[name].vram_gib)
 
 
-def verdict_line(result: Estimate, gpu_gib: float | None, source: str) -> str:
-    """The verdict first ("fits", "tight", "will not fit", "no verdict"), then the figures: plain text, coloured by
-    its first word in the tabs and read as it is through the API."""
+def verdict_line(result: Estimate, gpu_gib: float | None, source: str, ram: str = "") -> str:
+    """The verdict first ("fits", "tight", "will not fit", "no verdict"), then the figures and, `ram`, the RAM
+    verdict of this machine (trainer/memory/system_ram.py): plain text, coloured by its first word in the tabs
+    and read as it is through the API."""
     figures = (f"{result.vram_gib:.1f} GiB VRAM at the peak ({_peak_phase(result)}), "
                f"{result.ram_gib:.1f} GiB RAM")
+    ram = f". {ram}" if ram else ""
     if gpu_gib is None or result.verdict is None:
-        return f"no verdict — {figures}; {source}: set the GPU memory to plan for (Low VRAM tab)"
-    return f"{result.verdict} — {figures}; {gpu_gib:g} GiB GPU ({source})"
+        return f"no verdict — {figures}; {source}: set the GPU memory to plan for (Low VRAM tab){ram}"
+    return f"{result.verdict} — {figures}; {gpu_gib:g} GiB GPU ({source}){ram}"
+
+
+def ram_line(spec: JobSpec, plan: LowVramPlan, gpu_gib: float | None) -> str:
+    """The RAM verdict against this machine's available RAM: first run and repeated runs, and when it will not
+    fit the cheapest setting that does (the CLI refuses such a run unless --force)."""
+    from trainer.memory.system_ram import ram_verdict
+
+    return ram_verdict(spec, plan, gpu_gib).line()
 
 
 def _plan_lines(plan: LowVramPlan, result: Estimate) -> list[str]:
@@ -156,7 +166,8 @@ def check_lowvram(values: dict[str, Any], base: dict[str, Any] | None, detected:
     gpu_gib, source = gpu_target(spec, detected)
     plan = resolve_lowvram(spec, gpu_gib)
     result = estimate_job(spec, gpu_gib, plan=plan)
-    return LowVramCheck(verdict_line(result, gpu_gib, source), "\n\n".join(_plan_lines(plan, result)))
+    return LowVramCheck(verdict_line(result, gpu_gib, source, ram_line(spec, plan, gpu_gib)),
+                        "\n\n".join(_plan_lines(plan, result)))
 
 
 # ---------------------------------------------------------------------- Memory Estimator tab
@@ -277,7 +288,7 @@ def estimate_form(values: dict[str, Any], base: dict[str, Any] | None, gpu_gib: 
     result = estimate_job(spec, target, plan=plan)
     data = result.to_json()
     return EstimatorReport(
-        line=verdict_line(result, target, source),
+        line=verdict_line(result, target, source, ram_line(spec, plan, target)),
         details=_details(result, plan),
         phase_rows=phase_rows(data),
         strategy_rows=strategy_rows(spec, target, (plan, result)),
