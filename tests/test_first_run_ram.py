@@ -107,3 +107,19 @@ def test_the_cli_estimates_a_preset_with_its_first_run(capsys: pytest.CaptureFix
     assert result["first_run_ram_gib"] <= 16 and result["ram_verdict"].startswith("RAM ")
     assert main(["estimate", "--preset", "no-such-preset"]) == 2
     assert "--preset: " in capsys.readouterr().err
+
+
+def test_auto_puts_the_swapped_blocks_on_disk_only_when_ram_needs_it() -> None:
+    from trainer.estimator.auto import resolve_lowvram
+
+    preset = get_preset("flux2-dev-24gb")
+    layers = apply_layers({}, get_profile(preset.profile), preset, EDITS)
+    del layers["lowvram"]["swap_from"]  # unset: the machine's RAM decides
+    spec = parse_spec(layers)
+    assert resolve_lowvram(spec, 23.5).swap_from == "ram"  # no RAM figure: as the job says
+    assert resolve_lowvram(spec, 23.5, ram_gib=64.0).swap_from == "ram"  # the blocks fit in RAM
+    tight = resolve_lowvram(spec, 23.5, ram_gib=30.0)
+    assert tight.swap_from == "disk" and "blocks on disk" in tight.reason
+    assert resolve_lowvram(spec, 23.5, ram_gib=8.0).swap_from == "ram"  # disk would not fit either: unchanged
+    explicit = _preset_job("flux2-dev-24gb", lowvram={"swap_from": "ram"})
+    assert resolve_lowvram(explicit, 23.5, ram_gib=30.0).swap_from == "ram"  # the job's own choice stands

@@ -169,7 +169,11 @@ class Session:
         self._order: list[list[int]] = []
         self.losses: list[float] = []
         self.last_lora_path: Path | None = None
-        plan = resolve_lowvram(spec, device_vram_gib(self.device), self.dist.world_size)
+        from trainer.memory.system_ram import available_ram_gib
+
+        # auto puts swapped blocks on disk when this machine's RAM needs it (lowvram.swap_from unset)
+        plan = resolve_lowvram(spec, device_vram_gib(self.device), self.dist.world_size,
+                               ram_gib=available_ram_gib())
         self.plan: LowVramPlan = self.dist.adjust_plan(plan)
         self.grad_sync: distributed.GradientSync | None = None
         self.swapper: Any = None
@@ -292,7 +296,7 @@ class Session:
         """The RAM verdict before anything loads (trainer/memory/system_ram.py); a run that will not fit stops
         here when the CLI asked to refuse it. Blocks on disk: a disk without room for the block cache refuses."""
         spec, vram = self.spec, device_vram_gib(self.device)
-        verdict = ram_verdict(spec, self.plan, vram, warm=warm)
+        verdict = ram_verdict(spec, self.plan, vram, warm=warm, gpus=self.dist.world_size)
         if verdict.verdict == "will not fit" and self.ram_check == "refuse":
             raise UserError(f"{verdict.line()}. Change that setting, or start anyway with --force")
         self.emit(LogMessage(level="info" if verdict.verdict == "fits" else "warning", message=verdict.line()))

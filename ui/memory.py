@@ -101,6 +101,12 @@ def verdict_line(result: Estimate, gpu_gib: float | None, source: str, ram: str 
     return f"{result.verdict} — {figures}; {gpu_gib:g} GiB GPU ({source}){ram}"
 
 
+def _available_ram() -> float:
+    from trainer.memory.system_ram import available_ram_gib
+
+    return available_ram_gib()
+
+
 def ram_line(spec: JobSpec, plan: LowVramPlan, gpu_gib: float | None) -> str:
     """The RAM verdict against this machine's available RAM: first run and repeated runs, and when it will not
     fit the cheapest setting that does (the CLI refuses such a run unless --force)."""
@@ -164,7 +170,7 @@ def check_lowvram(values: dict[str, Any], base: dict[str, Any] | None, detected:
     except SpecError as exc:
         return LowVramCheck(problems_line(exc.problems), "", ok=False)
     gpu_gib, source = gpu_target(spec, detected)
-    plan = resolve_lowvram(spec, gpu_gib)
+    plan = resolve_lowvram(spec, gpu_gib, ram_gib=_available_ram())
     result = estimate_job(spec, gpu_gib, plan=plan)
     return LowVramCheck(verdict_line(result, gpu_gib, source, ram_line(spec, plan, gpu_gib)),
                         "\n\n".join(_plan_lines(plan, result)))
@@ -284,7 +290,7 @@ def estimate_form(values: dict[str, Any], base: dict[str, Any] | None, gpu_gib: 
     if problems:
         return EstimatorReport(problems_line(problems), problems=problems)
     target, source = gpu_target(spec, detected, given)
-    plan = resolve_lowvram(spec, target)
+    plan = resolve_lowvram(spec, target, ram_gib=_available_ram())
     result = estimate_job(spec, target, plan=plan)
     data = result.to_json()
     return EstimatorReport(

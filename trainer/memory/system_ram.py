@@ -88,21 +88,21 @@ def _applies(spec: JobSpec, plan: LowVramPlan, overrides: dict, plan_changes: di
     return not plan_changes or (plan.blocks_to_swap > 0 and plan.swap_from != "disk")
 
 
-def _needs(spec: JobSpec, plan: LowVramPlan, vram_gib: float | None) -> tuple[float, float]:
+def _needs(spec: JobSpec, plan: LowVramPlan, vram_gib: float | None, gpus: int = 1) -> tuple[float, float]:
     from trainer.estimator.auto import estimate_as_run
 
-    result = estimate_as_run(spec, vram_gib, plan=plan)
+    result = estimate_as_run(spec, vram_gib, gpus, plan=plan)
     return result.first_run_ram_gib, result.ram_gib
 
 
 def cheapest_remedy(spec: JobSpec, plan: LowVramPlan, vram_gib: float | None, available_gib: float,
-                    warm: bool) -> str:
+                    warm: bool, gpus: int = 1) -> str:
     """The first setting in `_REMEDIES` under which this run fits `available_gib`, with its figure; ''."""
     for label, overrides, plan_changes in _REMEDIES:
         if not _applies(spec, plan, overrides, plan_changes):
             continue
         changed = parse_spec(deep_merge(spec.to_dict(), overrides))
-        first, repeated = _needs(changed, replace(plan, **plan_changes), vram_gib)
+        first, repeated = _needs(changed, replace(plan, **plan_changes), vram_gib, gpus)
         need = repeated if warm else first
         if need <= available_gib:
             return f"{label} ({need:.1f} GiB)"
@@ -110,12 +110,13 @@ def cheapest_remedy(spec: JobSpec, plan: LowVramPlan, vram_gib: float | None, av
 
 
 def ram_verdict(spec: JobSpec, plan: LowVramPlan, vram_gib: float | None, available_gib: float | None = None,
-                warm: bool = False) -> RamVerdict:
+                warm: bool = False, gpus: int = 1) -> RamVerdict:
     """The verdict for this job under `plan` against `available_gib` (default: this machine's, now). `warm`:
-    the text embeddings are already cached on disk, so this run is judged as a repeated run."""
+    the text embeddings are already cached on disk, so this run is judged as a repeated run. `gpus`: processes
+    on this machine (each loads its own copy)."""
     available = available_ram_gib() if available_gib is None else available_gib
-    first, repeated = _needs(spec, plan, vram_gib)
+    first, repeated = _needs(spec, plan, vram_gib, gpus)
     verdict = RamVerdict(first, repeated, available, warm)
     if verdict.verdict == "will not fit":
-        verdict = replace(verdict, remedy=cheapest_remedy(spec, plan, vram_gib, available, warm))
+        verdict = replace(verdict, remedy=cheapest_remedy(spec, plan, vram_gib, available, warm, gpus))
     return verdict
