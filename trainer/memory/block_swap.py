@@ -316,7 +316,8 @@ class BlockSwapper:
     def _remove_disk(self) -> None:
         """Blocks on disk stay there: their frozen tensors become zero-element CPU placeholders (the model is being
         freed; reading them back would need the RAM the disk saved)."""
-        self.ring.close()
+        for buffer in self.ring.close():
+            self.transfer.release_host(buffer)
         for packed in self._packed:
             for param, span in packed.params:
                 param.data = torch.empty(0, dtype=span.dtype)

@@ -97,10 +97,12 @@ class StagingRing:
                 self._slots[slot].done = done
                 self._lock.notify_all()
 
-    def close(self) -> None:
+    def close(self) -> list[torch.Tensor]:
+        """Stop the reader; returns the staging buffers, for the caller to release (unpin) them."""
         self._queue.put(None)
         self._thread.join()
         os.close(self._fd)
+        return [slot.buffer for slot in self._slots]
 
     # ------------------------------------------------------------------ inside
 
