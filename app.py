@@ -100,12 +100,12 @@ def launch_options(args: argparse.Namespace, workdir: Path, auth: tuple[str, str
                    open_browser: bool) -> dict[str, Any]:
     """The keyword arguments of gradio's launch(): where to listen, the login, what gradio may serve, the page
     built once per visitor (ui/page_cache.py)."""
-    import ui
     from ui.page_cache import page_cache_middleware
+    from ui.served import allowed_paths, blocked_paths
 
     host = ALL_INTERFACES if args.listen else LOCALHOST
     return {"server_name": host, "server_port": args.port or free_port(host), "share": args.share, "auth": auth,
-            "allowed_paths": ui.allowed_paths(workdir), "blocked_paths": ui.blocked_paths(workdir),
+            "allowed_paths": allowed_paths(workdir), "blocked_paths": blocked_paths(workdir),
             "inbrowser": open_browser, "app_kwargs": {"middleware": [page_cache_middleware()]}}
 
 
@@ -130,11 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     workdir = args.workdir.expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
 
-    import ui
     from trainer.process_runner import ProcessRunner
+    from ui.page import build_app
 
     folders = allowed_folders(args)
-    app = ui.build_app(ProcessRunner(), workdir, folders)  # training in a process of its own: see its module
+    app = build_app(ProcessRunner(), workdir, folders)  # training in a process of its own: see its module
     options = launch_options(args, workdir, auth, open_browser=should_open_browser(args))
     host = options["server_name"]
     print(f"Flux LoRA Studio: http://{'localhost' if host == LOCALHOST else host}:{options['server_port']}  "

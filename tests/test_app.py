@@ -174,7 +174,8 @@ def _in_process_app(workdir: Path) -> Iterator[object]:
     from gradio_client import Client
 
     from trainer.runner import TrainingRunner
-    from ui import allowed_paths, build_app
+    from ui.page import build_app
+    from ui.served import allowed_paths
 
     blocks = build_app(TrainingRunner(), workdir)
     blocks.launch(prevent_thread_lock=True, server_port=_free_port(), allowed_paths=allowed_paths(workdir),

@@ -31,7 +31,7 @@ from trainer.events import JsonlWriter, Progress, RunFinished, RunStarted, read_
 from trainer.runner import TrainingRunner
 from trainer.spec import load_spec, parse_spec
 from trainer.subprocess_runner import EventsFollower, SubprocessRun, failure_cause
-from ui import multi_gpu
+from ui import gpus, multi_gpu
 from ui.multi_gpu import CPU, CPU_PROCESSES_ENV, AppRunner, Choice
 from ui.studio import ALREADY_RUNNING
 
@@ -87,7 +87,7 @@ def _component(blocks: object, elem_id: str) -> object:
 
 
 def test_the_section_lists_the_gpus_nvml_reports(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from ui import build_app
+    from ui.page import build_app
 
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(GPUS))
     monkeypatch.delenv(CPU_PROCESSES_ENV, raising=False)
@@ -104,20 +104,20 @@ def test_the_section_lists_the_gpus_nvml_reports(monkeypatch: pytest.MonkeyPatch
     assert _component(blocks, "multi-gpu-hardware").value.startswith("3 NVIDIA GPUs on this machine:")
     assert _component(blocks, "multi-gpu-start").visible
 
-    gpus = multi_gpu.list_gpus()
+    found_gpus = gpus.list_gpus()
     spec = _job()
-    found = multi_gpu.plan(spec, Choice(("1", "2"), 2), gpus, cpu_allowed=False)
+    found = multi_gpu.plan(spec, Choice(("1", "2"), 2), found_gpus, cpu_allowed=False)
     assert (found.mode, found.reason) == choose_mode(spec, 2, 48.0)  # the smallest ticked GPU decides
     assert not found.problems and found.describe().startswith(
         "2 processes on GPU 1, 2 (NVIDIA H100 80GB HBM3, NVIDIA RTX A6000) — ")
     env = multi_gpu.launch_env(found, {"ACCELERATE_USE_CPU": "true", "PATH": "/bin"})
     assert env["CUDA_VISIBLE_DEVICES"] == "1,2" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert "ACCELERATE_USE_CPU" not in env and env["PATH"] == "/bin" and env["PYTHONPATH"] == str(ROOT)
-    forced = multi_gpu.plan(multi_gpu.with_distributed(spec, "fsdp"), Choice(("0", "1"), 2), gpus, False)
+    forced = multi_gpu.plan(multi_gpu.with_distributed(spec, "fsdp"), Choice(("0", "1"), 2), found_gpus, False)
     assert (forced.mode, forced.reason) == ("fsdp", "chosen in the job")
 
     def problems(*devices: str, processes: int = 2) -> tuple[str, ...]:
-        return multi_gpu.plan(spec, Choice(devices, processes), gpus, cpu_allowed=False).problems
+        return multi_gpu.plan(spec, Choice(devices, processes), found_gpus, cpu_allowed=False).problems
 
     assert problems("0", processes=1) == ("tick two or more GPUs (one GPU trains in this app: use Start above)",)
     assert problems("0", "7") == ("no GPU 7 on this machine (it has 0, 1, 2)",)
@@ -128,7 +128,7 @@ def test_the_section_lists_the_gpus_nvml_reports(monkeypatch: pytest.MonkeyPatch
 
 
 def test_without_a_gpu_the_section_says_so_and_offers_cpu_processes_only_for_tests() -> None:
-    assert multi_gpu.list_gpus(FakeNvml(None)) == [] and multi_gpu.list_gpus(FakeNvml([])) == []
+    assert gpus.list_gpus(FakeNvml(None)) == [] and gpus.list_gpus(FakeNvml([])) == []
     assert multi_gpu.hardware_text([], cpu_allowed=False).startswith("No NVIDIA GPU found on this machine")
     assert multi_gpu.device_choices([], cpu_allowed=False) == []
     assert multi_gpu.device_choices([], cpu_allowed=True) == [("CPU processes (testing)", "cpu")]
@@ -269,7 +269,8 @@ def app(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path):
     """(client, runner, workdir, form values that train the prebuilt demo) of an app with CPU processes offered."""
     from gradio_client import Client
 
-    from ui import allowed_paths, build_app
+    from ui.page import build_app
+    from ui.served import allowed_paths
 
     workdir = tmp_path_factory.mktemp("studio")
     with pytest.MonkeyPatch.context() as patch:

@@ -10,7 +10,7 @@ import html
 from dataclasses import dataclass
 from typing import Any
 
-from ui.multi_gpu import list_gpus
+from ui.gpus import list_gpus
 
 WARN_SHARE = 0.90  # a bar turns red above this share
 

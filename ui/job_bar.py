@@ -53,7 +53,7 @@ def build(studio: Studio) -> Callable[..., None]:
 
     def connect(fields: dict[str, gr.components.Component], base: gr.State, baseline: gr.State,
                 defaults: dict[str, Any], form_updates: FormUpdates, app: gr.Blocks) -> None:
-        from ui import allowed_paths
+        from ui.served import allowed_paths
 
         served = [str(Path(root).resolve()) for root in allowed_paths(studio.workdir)]
         form_kwargs = {**{form.api_name(key): fields[key] for key in form.FORM_KEYS}, "base": base}

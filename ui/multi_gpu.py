@@ -35,6 +35,8 @@ from trainer.runner import AlreadyRunning, NothingToDo, TrainingRunner
 from trainer.spec import JobSpec, SpecError
 from trainer.subprocess_runner import SubprocessRun
 from ui import form
+from ui.feedback import problems_update
+from ui.gpus import Gpu, list_gpus
 from ui.jobs import Outcome, write_job
 
 if TYPE_CHECKING:
@@ -51,54 +53,6 @@ ROOT = Path(__file__).resolve().parents[1]  # `-m trainer` runs from the project
 MULTI_ONLY = ("sample now and save now reach runs in this process only; a run on several GPUs samples every "
               "sample.every_steps and saves every output.save_every_steps")
 API_EXTRA = ("base", "multi_gpu_devices", "multi_gpu_processes", "multi_gpu_mode", "multi_gpu_resume")
-
-
-# ---------------------------------------------------------------------- the machine's GPUs
-
-
-@dataclass(frozen=True)
-class Gpu:
-    index: int  # NVML's index, which is the PCI bus order (the launch sets CUDA_DEVICE_ORDER to match)
-    name: str
-    total_gib: float
-    used_gib: float = 0.0
-
-    def label(self) -> str:
-        return f"GPU {self.index}: {self.name}, {self.total_gib:.0f} GiB ({self.used_gib:.1f} GiB in use)"
-
-
-def _gib(value: Any) -> float:  # noqa: ANN401 - NVML's integers
-    return float(value or 0) / 2**30
-
-
-def list_gpus(nvml: Any = None) -> list[Gpu]:  # noqa: ANN401 - the pynvml module or a stand-in
-    """This machine's NVIDIA GPUs as NVML sees them; [] without a driver (or nvidia-ml-py). `nvml`: the pynvml
-    module (tests pass a stand-in)."""
-    if nvml is None:
-        try:
-            import pynvml as nvml  # nvidia-ml-py
-        except ImportError:
-            return []
-    try:
-        nvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - NVMLError or a missing library: no NVIDIA GPU here
-        return []
-    gpus = []
-    try:
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            name = nvml.nvmlDeviceGetName(handle)
-            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            gpus.append(Gpu(index, name.decode() if isinstance(name, bytes) else str(name), _gib(memory.total),
-                            _gib(getattr(memory, "used", 0))))
-    except Exception:  # noqa: BLE001 - a driver that answers init but not every query: the GPUs read so far
-        pass
-    finally:
-        try:
-            nvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001, S110 - shutting down is best effort
-            pass
-    return gpus
 
 
 def cpu_processes_allowed(environ: Mapping[str, str] = os.environ) -> bool:
@@ -355,7 +309,7 @@ def start(studio: Studio, values: dict[str, Any], base: dict[str, Any] | None, c
     `cpu_allowed`: whether CPU processes may be chosen (None: FLUX_STUDIO_CPU_PROCESSES says)."""
     runner = studio.runner
     if not isinstance(runner, AppRunner):
-        raise TypeError("the studio's runner must be an AppRunner (ui.build_app makes one)")
+        raise TypeError("the studio's runner must be an AppRunner (ui.page.build_app makes one)")
     verb = "not resumed" if choice.resume else "not started"
     # Studio's own checks of a form about to run (spec, allowed folders, missing files, the demo to build), so both
     # Start buttons refuse the same jobs the same way.
@@ -444,8 +398,6 @@ def build(fields: dict[str, gr.components.Component], studio: Studio,
         show_progress="hidden")
 
     def connect(status: gr.components.Component, problems: gr.components.Component) -> None:
-        from ui.run_tab import problems_update
-
         def multi_gpu_start(values: dict[str, Any]) -> tuple[str, Any]:
             """Save the form's job as output.dir/job.toml and train it with accelerate launch on the ticked
             devices; the Run view follows it."""

@@ -10,11 +10,13 @@ from typing import Any
 
 import gradio as gr
 
-from ui import allowed_paths, form, multi_gpu
+from ui import form, multi_gpu
+from ui.feedback import problems_update
 from ui.gauges import gauges_html, read_gauges
 from ui.paths import Folders
 from ui.run_state import RunView
-from ui.studio import Outcome, Studio
+from ui.served import allowed_paths
+from ui.studio import Studio
 
 LOSS_COLUMNS = ["step", "loss", "series"]
 LOSS_COLOURS = {"loss": "#93c5fd", "smoothed": "#1d4ed8", "eval": "#16a34a"}  # the series of RunView.loss_rows
@@ -68,14 +70,6 @@ def gallery_items(view: RunView, roots: list[str], folders: Folders | None = Non
             with Image.open(resolved) as image:
                 items.append((image.copy(), label))
     return items
-
-
-def problems_update(outcome: Outcome) -> Any:  # noqa: ANN401 - a gradio update
-    if outcome.ok:
-        return gr.update(visible=False, value="")
-    for problem in outcome.problems[:3]:
-        gr.Warning(problem)
-    return gr.update(visible=True, value="\n".join(outcome.problems))
 
 
 def offer_updates(text: str) -> tuple[str, Any]:

@@ -1,0 +1,69 @@
+"""The whole page: every tab built around one runner, and the wiring between the tabs. Gradio is imported by
+`build_app`, so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from trainer.runner import TrainingRunner
+
+TITLE = "Flux LoRA Studio"
+
+
+def build_app(runner: TrainingRunner, workdir: Path, allowed: Iterable[str | Path] = ()) -> gr.Blocks:
+    """The whole UI around one runner; every default comes from the demo job, so Start trains the demo. Paths the
+    users type are used only inside the workdir and the `allowed` folders."""
+    import gradio as gr
+
+    from ui import advanced_tab, dataset_tab, estimator_tab, job_bar, lowvram_tab, model_tab, run_tab, training_tab
+    from ui.form import FORM_KEYS
+    from ui.memory import detected_vram_gib
+    from ui.multi_gpu import AppRunner
+    from ui.studio import Studio
+
+    studio = Studio(AppRunner.of(runner), Path(workdir), allowed)  # one training at a time, here or in processes
+    defaults = studio.default_values()
+    detected = detected_vram_gib()
+    fields: dict[str, gr.components.Component] = {}
+    with gr.Blocks(title=TITLE) as app:
+        gr.Markdown(f"## {TITLE}")
+        base = gr.State({})  # fields of a loaded job that the form has no control for
+        baseline = gr.State(defaults)  # the form's last fill: what differs from it are the user's edits
+        connect_job_bar = job_bar.build(studio)
+        with gr.Tabs():
+            with gr.Tab("Model"):
+                connect_model = model_tab.build(fields, defaults, studio)
+            with gr.Tab("Dataset & Captioning"):
+                connect_dataset = dataset_tab.build(fields, defaults, studio, base)
+            with gr.Tab("Low VRAM"):
+                connect_lowvram = lowvram_tab.build(fields, defaults, detected)
+            with gr.Tab("Training"):
+                training_tab.build(fields, defaults)
+            with gr.Tab("Advanced"):
+                advanced_tab.build(fields, defaults)
+            with gr.Tab("Memory Estimator") as estimator:
+                estimator_tab.build(fields, defaults, base, detected, estimator)
+            with gr.Tab("Run"):
+                run_tab.build(fields, studio, base, app)
+        missing = set(FORM_KEYS) - set(fields)
+        if missing:
+            raise RuntimeError(f"form keys without a control: {sorted(missing)}")
+        connect_dataset()  # the dataset check reads the Training tab's batch size
+        connect_lowvram(base, app)  # the live verdict reads the whole job
+        connect_model(base, baseline)  # a preset fills the whole form
+        connect_job_bar(fields, base, baseline, defaults, model_tab.form_updates, app)  # a job fills every tab
+
+        def placeholders(family: str, flavour: str) -> tuple[object, object]:
+            steps, guidance = advanced_tab.sample_placeholders(family, flavour)
+            return gr.update(placeholder=steps), gr.update(placeholder=guidance)
+
+        gr.on([fields["model.family"].change, fields["model.flavour"].change], placeholders,
+              [fields["model.family"], fields["model.flavour"]], [fields["sample.steps"], fields["sample.guidance"]],
+              api_visibility="private", show_progress="hidden")
+    return app
