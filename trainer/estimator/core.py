@@ -65,6 +65,7 @@ from trainer.estimator.activations import INFERENCE_FACTOR, text_encoder_memory,
 from trainer.estimator.plans import LowVramPlan, mode_problems, plan_under
 from trainer.estimator.shapes import (
     QUANTISED,
+    WeightLayout,
     adafactor_bytes,
     largest_lora_tensor,
     lora_param_counts,
@@ -244,21 +245,11 @@ def estimate(spec: JobSpec, plan: LowVramPlan, *, mode: str = "single", gpus: in
     sample_work = INFERENCE_FACTOR[compute_elem] * f.hidden_size * sample_tokens * cfg
     sample_decode = 0.0 if f.is_demo else VAE_PEAK_BYTES_PER_PIXEL * sample_res**2 * vae_elem / 2
 
-    # System RAM per process, phase by phase (`_ram_phases`); one copy per process (each loads the whole pipeline
+    # System RAM per process, phase by phase (`_Loads`); one copy per process (each loads the whole pipeline
     # before it moves or shards it)
-    process = PROCESS_RAM_GIB * GIB
-    caches = CACHES_RAM_GIB * GIB
+    process, caches = PROCESS_RAM_GIB * GIB, CACHES_RAM_GIB * GIB
     on_disk = plan.swap_from == "disk" and swapped_count > 0 and mode != "fsdp"
-    largest_swapped = max(swapped, default=0.0)
-    if on_disk:
-        staging_slots = min(swapped_count, plan.swap_prefetch + 1)
-        swapped_label = (f"block staging ring ({staging_slots} x largest swapped block, pinned; {swapped_count} "
-                         f"blocks wait on disk)")
-        swapped_ram = staging_slots * largest_swapped
-    else:
-        swapped_label = f"swapped base weights ({swapped_count} blocks, {precision}" + (
-            ", pinned)" if plan.pin_memory else ")")
-        swapped_ram = base_ram
+    swapped_label, swapped_ram = _swapped_ram(plan, swapped, precision, on_disk)
     train_ram = {
         "process (python, torch, CUDA libraries)": process,
         swapped_label: swapped_ram,
@@ -268,12 +259,8 @@ def estimate(spec: JobSpec, plan: LowVramPlan, *, mode: str = "single", gpus: in
         "cached latents and embeddings (in memory)": caches,
     }
     ram_step = sum(train_ram.values())
-    # the transformer streams in quantised (one block in bf16 at a time); with blocks on disk each swapped block
-    # goes to the block cache as soon as it is complete, so at most one of them is in RAM
-    transformer_load = layout.total + (max(weight_layout(f, "bf16").blocks) if precision in QUANTISED else 0.0)
-    if on_disk:
-        transformer_load += largest_swapped - base_ram
-    loads = _Loads(process, vae_bytes, vae_bytes if sampled else 0.0, caches, te_whole, te_ram, transformer_load)
+    loads = _Loads(process, vae_bytes, vae_bytes if sampled else 0.0, caches, te_whole, te_ram,
+                   _transformer_load(f, layout, precision, swapped if on_disk else ()))
 
     no_gpu: dict[str, float] = {}
     text_weights = {f"text encoder weights ({te_label})": te_gpu_weights} if te_loaded else no_gpu
@@ -330,6 +317,24 @@ def estimate(spec: JobSpec, plan: LowVramPlan, *, mode: str = "single", gpus: in
     if gpu_vram_gib is not None:
         result.verdict = verdict(result.vram_gib, gpu_vram_gib)
     return result
+
+
+def _swapped_ram(plan: LowVramPlan, swapped: tuple[float, ...], precision: str, on_disk: bool) -> tuple[str, float]:
+    """What the swapped blocks hold in RAM during training: all of them (pinned), or with blocks on disk the
+    staging ring of `swap_prefetch + 1` host buffers the size of the largest."""
+    if on_disk:
+        slots = min(len(swapped), plan.swap_prefetch + 1)
+        return (f"block staging ring ({slots} x largest swapped block, pinned; {len(swapped)} blocks wait on disk)",
+                slots * max(swapped))
+    return (f"swapped base weights ({len(swapped)} blocks, {precision}" + (", pinned)" if plan.pin_memory else ")"),
+            sum(swapped))
+
+
+def _transformer_load(f: registry.Flavour, layout: WeightLayout, precision: str, on_disk: tuple[float, ...]) -> float:
+    """The transformer's RAM peak while it streams in: quantised one block in bf16 at a time; the swapped blocks
+    `on_disk` go to the block cache as soon as each is complete, so at most one of them is in RAM."""
+    peak = layout.total + (max(weight_layout(f, "bf16").blocks) if precision in QUANTISED else 0.0)
+    return peak - sum(on_disk) + max(on_disk, default=0.0)
 
 
 @dataclass(frozen=True)
