@@ -60,7 +60,7 @@ from trainer.lora_formats import lora_filename
 from trainer.memory.checkpointing import ActivationOffloader, enable_block_checkpointing
 from trainer.memory.optimizer_memory import FusedBackward, build_training_optimizer
 from trainer.memory.placement import TextEncoderPlacement, place_transformer
-from trainer.memory.system_ram import ram_verdict
+from trainer.memory.system_ram import RamVerdict, ram_verdict
 from trainer.optimizers import build_optimizer, build_scheduler, effective_learning_rate
 from trainer.preflight import check_files, model_source
 from trainer.prompts import SamplePrompt, sample_prompts
@@ -226,6 +226,8 @@ class Session:
         health = check_datasets(spec)
         if health.verdict == "will not train":
             raise UserError("the dataset cannot train:\n" + health.table())
+        # before the output folder is touched: a run refused for its RAM moves no earlier run aside
+        ram = self._judge_ram(health)
         if self.dist.is_main and (reason := unwritable_reason(self.output_dir)):
             raise UserError(f"output.dir: cannot write in '{self.output_dir}' ({reason}); choose a folder you can "
                             "write to, or fix its permissions")
@@ -250,19 +252,17 @@ class Session:
         if self.dist.world_size > 1:
             self.emit(LogMessage(level="info", message=f"distributed: {self.dist.describe()}"))
         self.emit(LogMessage(level="info", message=f"low-VRAM plan: {self.plan.describe()}"))
+        self.emit(LogMessage(level="info" if ram.verdict == "fits" else "warning", message=ram.line()))
         self.items = self._plan_items(health)
         self.sample_references = sample_references(spec, self.items, len(self.prompts))  # edit flavours' `image=`
         self.eval_indices = self._held_out_indices()
         caches = InputCaches(spec, self.ops, self.flavour, self.emit, lambda: self.commands.stop_requested,
                              self.output_dir)
         captions = [item.caption for item in self.items] + [""] + [prompt.text for prompt in self.prompts]
-        # several processes with a disk cache: rank 0 fills it, then the others read it warm
         # several processes with a disk cache: rank 0 fills it, then the others read it warm. One model at a time:
         # the text encoders cache the embeddings and are freed before the transformer loads.
         with self.dist.main_first(caches.text_disk is not None or caches.latent_disk is not None or self._on_disk()):
-            warm = caches.text_is_warm(captions)
-            self._judge_ram(warm, caches.folder)
-            self._load_pipeline(skip_text_encoders=warm)
+            self._load_pipeline(skip_text_encoders=caches.text_is_warm(captions))
             caches.fill_text(self.pipe, captions)
             self._release_text_encoders()
             caches.fill_latents(self.pipe, self.items)
@@ -292,22 +292,26 @@ class Session:
     def _on_disk(self) -> bool:
         return self.plan.swap_from == "disk" and self.plan.blocks_to_swap > 0 and not self.dist.sharded
 
-    def _judge_ram(self, warm: bool, cache_folder: Path) -> None:
-        """The RAM verdict before anything loads (trainer/memory/system_ram.py); a run that will not fit stops
-        here when the CLI asked to refuse it. Blocks on disk: a disk without room for the block cache refuses."""
+    def _judge_ram(self, health: HealthReport) -> RamVerdict:
+        """The RAM verdict before anything loads (trainer/memory/system_ram.py), for a first run or, when every
+        caption's embedding is cached, a repeated one; a run that will not fit stops here when the CLI asked to
+        refuse it. Blocks on disk: a disk without room for the block cache refuses, with the size needed."""
         spec, vram = self.spec, device_vram_gib(self.device)
-        verdict = ram_verdict(spec, self.plan, vram, warm=warm, gpus=self.dist.world_size)
+        items, _ = plan_training_items(spec, health)
+        captions = [item.caption for item in items] + [""] + [prompt.text for prompt in self.prompts]
+        caches = InputCaches(spec, self.ops, self.flavour, lambda event: None, lambda: False, self.output_dir)
+        verdict = ram_verdict(spec, self.plan, vram, warm=caches.text_is_warm(captions), gpus=self.dist.world_size)
         if verdict.verdict == "will not fit" and self.ram_check == "refuse":
             raise UserError(f"{verdict.line()}. Change that setting, or start anyway with --force")
-        self.emit(LogMessage(level="info" if verdict.verdict == "fits" else "warning", message=verdict.line()))
         if self._on_disk():
             from trainer.estimator.auto import estimate_as_run
             from trainer.memory.block_store import check_room
 
-            path = self._block_cache_path(cache_folder)
+            path = self._block_cache_path(caches.folder)
             if not path.is_file():
                 need = estimate_as_run(spec, vram, plan=self.plan).block_cache_gib * 1024**3
                 check_room(path.parent, need * 1.01 + 64 * 1024**2)
+        return verdict
 
     def _block_cache_path(self, cache_folder: Path) -> Path:
         from trainer.memory.block_store import cache_key
