@@ -18,6 +18,15 @@ Block swap moves a block's tensors between devices as flat bytes, which tensor s
 bitsandbytes) would not survive. Forward dequantises to the input's dtype and calls F.linear; the gradient
 to the input dequantises again in backward, so no full-precision copy of a weight is kept for backward.
 
+Why this Linear and not optimum-quanto's or bitsandbytes' (both are dependencies: bitsandbytes gives the 8-bit
+optimisers and the NF4 reference LoftQ checks against): the base transformer and the text encoders are quantised
+while they stream from the file a slice of rows at a time, on the CPU when there is no GPU. quanto's
+`quantize`/`freeze` and bitsandbytes' `Linear4bit`/`Linear8bitLt` quantise a whole float weight that is already
+in memory (bitsandbytes when the layer moves to the GPU), so the load would peak at the bf16 model; and their
+weights are tensor subclasses (QTensor, Params4bit) that block swap, the streamed ("offload") text encoder and
+the block cache cannot pack as flat bytes. Here every format is plain buffers, NF4 uses bitsandbytes' levels and
+block size (so the stored values are its NF4 of the weight), and an fp8 file is kept as it is stored.
+
 `load_quantized_transformer` builds the model on the meta device and reads the safetensors files a slice of
 rows at a time, quantising each block Linear as it arrives; each read reopens the file, so the mapped pages
 of what was read are released at once and peak RAM stays near the final size plus one slice.
