@@ -43,7 +43,8 @@ def _model(double: int, single: int) -> torch.nn.Module:
 def _inputs(image_tokens: int, text_tokens: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     side = int(image_tokens ** 0.5)
-    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side), torch.arange(side), indexing="ij"), -1)
+    grid = (torch.zeros(1), torch.arange(side).float(), torch.arange(side).float())
+    ids = torch.stack(torch.meshgrid(*grid, indexing="ij"), -1)
     return {
         "hidden_states": torch.randn(1, image_tokens, 64, generator=generator).bfloat16(),
         "encoder_hidden_states": torch.randn(1, text_tokens, 4096, generator=generator).bfloat16(),
