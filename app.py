@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     workdir = args.workdir.expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
 
-    from trainer.process_runner import ProcessRunner
+    from trainer.runners.process import ProcessRunner
     from ui.page import build_app
 
     folders = allowed_folders(args)

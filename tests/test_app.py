@@ -173,7 +173,7 @@ def _in_process_app(workdir: Path) -> Iterator[object]:
     """A gradio_client Client of an app built and served in this process, closed afterwards."""
     from gradio_client import Client
 
-    from trainer.runner import TrainingRunner
+    from trainer.runners.thread import TrainingRunner
     from ui.page import build_app
     from ui.served import allowed_paths
 
@@ -530,7 +530,7 @@ def test_train_steps_validate_save_and_end_through_the_api(studio_app):
 @pytest.mark.slow
 def test_the_app_offers_to_resume_an_interrupted_run(studio_app, demo_dir: Path):
     from trainer.events import Progress
-    from trainer.runner import Commands
+    from trainer.runners.base import Commands
     from trainer.session import Session
     from trainer.spec import load_spec, resolve_paths
 

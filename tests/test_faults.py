@@ -19,7 +19,8 @@ from test_resume import _run as run_session
 
 from trainer.checkpoint import load_training_state, saved_states
 from trainer.events import JsonlWriter, LogMessage, Progress, RunFinished, read_events
-from trainer.runner import TrainingRunner
+from trainer.runners.base import RunRequest
+from trainer.runners.thread import TrainingRunner
 
 EVERY_2 = "output.save_every_steps=2"
 
@@ -144,7 +145,7 @@ def test_disk_full_during_a_save_names_the_folder_keeps_files_and_resumes(demo_d
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     _fill_disk_during(monkeypatch, "demo_lora.safetensors")  # the final LoRA, after step 4's state
     runner = TrainingRunner()
-    runner.start(_runner_spec(demo_dir, tmp_path))
+    runner.start(RunRequest(_runner_spec(demo_dir, tmp_path)))
     finished = [e for e in _finish(runner) if isinstance(e, RunFinished)]
     assert [f.status for f in finished] == ["failed"]
     message = finished[0].message
@@ -157,7 +158,7 @@ def test_disk_full_during_a_save_names_the_folder_keeps_files_and_resumes(demo_d
     assert _every_state_loads(tmp_path) == [2, 4]
 
     monkeypatch.undo()  # space freed: the same runner resumes and writes the LoRA
-    runner.start(_runner_spec(demo_dir, tmp_path), resume=True)
+    runner.start(RunRequest(_runner_spec(demo_dir, tmp_path), resume=True))
     assert [(f.status, f.step) for f in _finish(runner) if isinstance(f, RunFinished)] == [("completed", 4)]
     assert load_file(tmp_path / "demo_lora.safetensors")
 
@@ -178,7 +179,7 @@ def test_an_output_folder_that_cannot_be_written_is_named(demo_dir: Path, tmp_pa
         monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     runner = TrainingRunner()
     try:
-        runner.start(_runner_spec(demo_dir, locked))
+        runner.start(RunRequest(_runner_spec(demo_dir, locked)))
         finished = [e for e in _finish(runner) if isinstance(e, RunFinished)]
     finally:
         locked.chmod(0o755)
@@ -217,7 +218,7 @@ def test_the_runner_lives_through_nan_weights_and_out_of_memory(demo_dir: Path, 
     spec = _runner_spec(demo_dir, tmp_path)
 
     fault.update(at_call=4, kind="nan")  # step 4's update makes the weights nan; its save must not keep them
-    runner.start(spec)
+    runner.start(RunRequest(spec))
     finished = [e for e in _finish(runner) if isinstance(e, RunFinished)]
     assert [(f.status, f.step) for f in finished] == [("failed", 4)]
     assert "the LoRA weights became nan or inf by step 4" in finished[0].message
@@ -226,13 +227,13 @@ def test_the_runner_lives_through_nan_weights_and_out_of_memory(demo_dir: Path, 
     assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "demo_lora-step000002.safetensors").values())
 
     fault.update(at_call=1, kind="oom")  # the first step after resuming, step 3
-    runner.start(spec, resume=True)
+    runner.start(RunRequest(spec, resume=True))
     finished = [e for e in _finish(runner) if isinstance(e, RunFinished)]
     assert [(f.status, f.step) for f in finished] == [("failed", 2)]
     assert "out of memory at step 3" in finished[0].message and "lowvram.strategy" in finished[0].message
     assert "state of step 2 is saved" in finished[0].message and not runner.live
 
     fault.update(kind="")  # the setting changed: the same runner resumes and completes
-    runner.start(spec, resume=True)
+    runner.start(RunRequest(spec, resume=True))
     assert [(f.status, f.step) for f in _finish(runner) if isinstance(f, RunFinished)] == [("completed", 4)]
     assert load_file(tmp_path / "demo_lora.safetensors")

@@ -13,8 +13,9 @@ import pytest
 from conftest import python_env
 
 from trainer.events import Event, Progress, RunFinished
-from trainer.process_runner import ProcessRunner, describe_exit
-from trainer.runner import AlreadyRunning, NothingToDo
+from trainer.runners.base import AlreadyRunning, EndTraining, NothingToDo, RunRequest, SaveNow, TrainSteps, ValidateNow
+from trainer.runners.child import describe_exit
+from trainer.runners.process import ProcessRunner
 from trainer.spec import load_spec, resolve_paths
 
 TIMEOUT = 120
@@ -40,18 +41,18 @@ def runner():  # noqa: ANN201
 def test_actions_cross_the_pipe_and_a_killed_trainer_fails_its_run_but_not_the_app(runner: ProcessRunner,
                                                                                   demo_dir: Path, tmp_path: Path):
     with pytest.raises(NothingToDo, match="nothing to save: start or train first"):
-        runner.save_now()
+        runner.send(SaveNow())
     assert runner.pid is not None and not runner.running and not runner.live
 
-    runner.train_steps(_spec(demo_dir, tmp_path / "paused"), 2)
+    runner.send(TrainSteps(2, RunRequest(_spec(demo_dir, tmp_path / "paused"))))
     assert runner.running and runner.action == "train_steps"  # known when the call returns, not a poll later
     assert runner.join(TIMEOUT)
     assert runner.live and runner.paused and runner.step == 2
     with pytest.raises(AlreadyRunning, match="paused at step 2"):
-        runner.start(_spec(demo_dir, tmp_path))
+        runner.start(RunRequest(_spec(demo_dir, tmp_path)))
     with pytest.raises(NothingToDo, match="no sample prompts"):
-        runner.validate_now()
-    runner.end_training()
+        runner.send(ValidateNow())
+    runner.send(EndTraining())
     assert runner.join(TIMEOUT)
     events = runner.drain()
     assert [event.step for event in _of(events, Progress)] == [1, 2]
@@ -60,7 +61,7 @@ def test_actions_cross_the_pipe_and_a_killed_trainer_fails_its_run_but_not_the_a
 
     # The same process trains the next run; killed in the middle of it, the run fails and says how.
     first = runner.pid
-    runner.start(_spec(demo_dir, tmp_path / "killed", "train.max_steps=1000"))
+    runner.start(RunRequest(_spec(demo_dir, tmp_path / "killed", "train.max_steps=1000")))
     assert runner.output_dir() == tmp_path / "killed" and runner.pid == first
     events = []
     deadline = time.monotonic() + TIMEOUT
@@ -76,7 +77,7 @@ def test_actions_cross_the_pipe_and_a_killed_trainer_fails_its_run_but_not_the_a
 
     # The next action gets a fresh trainer process, which answers (the app's Start path is test_app's).
     with pytest.raises(NothingToDo, match="nothing to save: start or train first"):
-        runner.save_now()
+        runner.send(SaveNow())
     assert runner.pid not in (None, first) and not runner.running and not runner.live
 
 
@@ -89,5 +90,5 @@ def test_how_a_process_ended_in_words():
 def test_a_trainer_process_that_cannot_start_says_why(demo_dir: Path, tmp_path: Path):
     runner = ProcessRunner(command=[sys.executable, "-c", "import sys; sys.exit('no torch here')"])
     with pytest.raises(NothingToDo, match=r"did not take 'start' \(it exited with code 1; its last words: no torch"):
-        runner.start(_spec(demo_dir, tmp_path))
+        runner.start(RunRequest(_spec(demo_dir, tmp_path)))
     assert not runner.running and runner.spec is None

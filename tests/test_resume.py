@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from trainer.checkpoint import saved_states
 from trainer.errors import UserError
 from trainer.events import Progress
-from trainer.runner import Commands
+from trainer.runners.base import Commands
 from trainer.session import Session
 from trainer.spec import load_spec, resolve_paths
 

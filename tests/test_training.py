@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trainer.events import Progress, RunFinished, SampleSaved
-from trainer.runner import Commands
+from trainer.runners.base import Commands
 from trainer.session import Session
 from trainer.spec import load_spec, resolve_paths
 

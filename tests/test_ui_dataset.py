@@ -16,9 +16,9 @@ from test_ui_state import FakeRunner
 
 from trainer.data.captioners import caption_dataset
 from trainer.demo import edit_job_toml
+from trainer.runners.caption import CaptionRunner
 from trainer.spec import parse_spec, resolve_paths
 from ui import caption_editor, edit_pairs, form
-from ui.captioning import CaptionJob
 from ui.studio import CAPTIONING_IN_PROGRESS, Studio
 
 # ---------------------------------------------------------------------- the form's new data keys
@@ -242,8 +242,8 @@ def blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_blip(tmp_path_factory.mktemp("captioner") / "blip")
 
 
-def wait_until_done(job: CaptionJob, timeout: float = 60) -> None:
-    assert job.wait(timeout), "captioning did not finish"
+def wait_until_done(job: CaptionRunner, timeout: float = 60) -> None:
+    assert job.join(timeout), "captioning did not finish"
 
 
 def test_captioning_writes_sidecars_and_reports_progress(studio, blip_dir, tmp_path):
@@ -257,7 +257,7 @@ def test_captioning_writes_sidecars_and_reports_progress(studio, blip_dir, tmp_p
 
         return caption_dataset(*args, progress=spy, **kwargs)
 
-    studio.captioning = CaptionJob(watched)
+    studio.captioning = CaptionRunner(watched)
     # A relative folder is taken from the workdir.
     outcome = studio.caption_start("data", "blip", str(blip_dir), trigger="ohwx", prefix="photo", max_length=16,
                                    batch_size=2, overwrite=False)
@@ -287,7 +287,7 @@ def test_stop_ends_captioning_before_the_next_batch(studio, blip_dir, tmp_path):
 
         return caption_dataset(*args, progress=held, should_stop=should_stop, **kwargs)
 
-    studio.captioning = CaptionJob(stops_after_one)
+    studio.captioning = CaptionRunner(stops_after_one)
     assert studio.caption_stop() == "no captioning in progress"
     assert studio.caption_start(str(tmp_path), "blip", str(blip_dir), max_length=16, batch_size=1).ok
     assert first_done.wait(60)
@@ -317,7 +317,7 @@ def test_captioning_is_refused_while_training_and_while_captioning(tmp_path):
         return CaptionSummary(folder)
 
     runner.running = False
-    studio.captioning = CaptionJob(waits)
+    studio.captioning = CaptionRunner(waits)
     assert studio.caption_start(str(tmp_path), "blip").ok
     try:
         again = studio.caption_start(str(tmp_path), "blip")

@@ -283,7 +283,7 @@ def test_gpu_size_comes_from_the_tab_then_the_plan_then_the_detected_gpu():
 
 @pytest.fixture(scope="module")
 def blocks(tmp_path_factory: pytest.TempPathFactory):
-    from trainer.runner import TrainingRunner
+    from trainer.runners.thread import TrainingRunner
     from ui.page import build_app
 
     return build_app(TrainingRunner(), tmp_path_factory.mktemp("app"))

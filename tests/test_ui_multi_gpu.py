@@ -2,7 +2,7 @@
 
 - The section lists the GPUs a (fake) NVML reports, plans the run on the ticked ones (the mode from choose_mode
   with the smallest ticked GPU, CUDA_VISIBLE_DEVICES in bus order) and says when there is no GPU.
-- SubprocessRun on its own, with small scripts standing in for the trainer: events read as they are appended
+- LaunchRunner on its own, with small scripts standing in for the trainer: events read as they are appended
   (never an older run's, never half a line), a Stop pressed before the session started still reaches it, and
   processes that die without a RunFinished end as failed with the tail of their output.
 - Through the app's API (an app built in this process, FLUX_STUDIO_CPU_PROCESSES=1): the demo trained by two gloo
@@ -28,11 +28,12 @@ from trainer.checkpoint import saved_states
 from trainer.distributed import stop_file
 from trainer.estimator.auto import choose_mode
 from trainer.events import JsonlWriter, Progress, RunFinished, RunStarted, read_events
-from trainer.runner import TrainingRunner
+from trainer.runners.app import AppRunner
+from trainer.runners.launch import EventsFollower, LaunchRequest, LaunchRunner, failure_cause
+from trainer.runners.thread import TrainingRunner
 from trainer.spec import load_spec, parse_spec
-from trainer.subprocess_runner import EventsFollower, SubprocessRun, failure_cause
 from ui import gpus, multi_gpu
-from ui.multi_gpu import CPU, CPU_PROCESSES_ENV, AppRunner, Choice
+from ui.multi_gpu import CPU, CPU_PROCESSES_ENV, Choice
 from ui.studio import ALREADY_RUNNING
 
 
@@ -141,7 +142,7 @@ def test_without_a_gpu_the_section_says_so_and_offers_cpu_processes_only_for_tes
     assert env["ACCELERATE_USE_CPU"] == "true" and env["CUDA_VISIBLE_DEVICES"] == ""
 
 
-# ---------------------------------------------------------------------- SubprocessRun with stand-in scripts
+# ---------------------------------------------------------------------- LaunchRunner with stand-in scripts
 
 # Behaves as the session does towards the app: clears a stale stop file, reports RunStarted, then a step every
 # 20 ms until output.dir/STOP appears (or 200 steps), then RunFinished.
@@ -184,7 +185,7 @@ def _script(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
-def _follow(run: SubprocessRun, timeout: float = 30) -> list:
+def _follow(run: LaunchRunner, timeout: float = 30) -> list:
     """Drain `run` as the app's poll does until it has ended and said how."""
     events, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -210,9 +211,9 @@ def test_the_follower_reads_whole_new_lines_only(tmp_path: Path) -> None:
 
 
 def test_a_stop_pressed_while_the_processes_start_still_reaches_them(tmp_path: Path) -> None:
-    run = SubprocessRun()
-    run.start([sys.executable, str(_script(tmp_path, "stand_in.py", STAND_IN)), str(tmp_path)], tmp_path,
-              env=python_env(), cwd=ROOT)
+    run = LaunchRunner()
+    run.start(LaunchRequest([sys.executable, str(_script(tmp_path, "stand_in.py", STAND_IN)), str(tmp_path)],
+                            tmp_path, env=python_env(), cwd=ROOT))
     while run.pid is None:
         time.sleep(0.01)
     assert run.running and run.stop() and stop_file(tmp_path).exists()  # the stand-in deletes it as it starts
@@ -225,9 +226,9 @@ def test_a_stop_pressed_while_the_processes_start_still_reaches_them(tmp_path: P
 
 
 def test_processes_that_die_without_finishing_end_as_failed_with_their_output(tmp_path: Path) -> None:
-    run = SubprocessRun()
-    run.start([sys.executable, str(_script(tmp_path, "crash.py", CRASH)), str(tmp_path)], tmp_path,
-              env=python_env(), cwd=ROOT)
+    run = LaunchRunner()
+    run.start(LaunchRequest([sys.executable, str(_script(tmp_path, "crash.py", CRASH)), str(tmp_path)], tmp_path,
+                            env=python_env(), cwd=ROOT))
     events = _follow(run)
     assert [event.step for event in events if isinstance(event, Progress)] == [1, 2]
     log, finished = events[-2], events[-1]
@@ -285,8 +286,8 @@ def app(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path):
     try:
         yield Client(blocks.local_url, verbose=False, download_files=False), runner, workdir, form
     finally:
-        runner.subprocess.stop()
-        runner.subprocess.join(60)
+        runner.launch.stop()
+        runner.launch.join(60)
         blocks.close()
 
 
@@ -348,7 +349,7 @@ def test_two_cpu_processes_train_the_demo_in_the_run_view_and_stop_together(app:
 
     status = view.until(lambda status: status.startswith(("stopped", "failed", "completed")))
     assert status == f"stopped: LoRA saved to {out / 'demo_lora.safetensors'}", view.log
-    assert runner.subprocess.join(120) and runner.subprocess.returncode == 0  # both ranks ended by themselves
+    assert runner.launch.join(120) and runner.launch.returncode == 0  # both ranks ended by themselves
     view.until(lambda status: "the training processes have ended (exit code 0)" in view.log, timeout=10)
     events = read_events(out / "events.jsonl")
     finished = [event for event in events if isinstance(event, RunFinished)]
@@ -366,7 +367,7 @@ def spec_distributed(path: Path) -> str:
 def test_a_crashed_launch_shows_as_failed_with_its_stderr_tail(app: tuple, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     client, runner, workdir, form = app
-    assert runner.subprocess.join(120)  # the previous test's run has ended
+    assert runner.launch.join(120)  # the previous test's run has ended
     out = workdir / "crash"
     JsonlWriter(out / "events.jsonl")(RunFinished(status="completed", step=60))  # an earlier run's, not this one's
     script = _script(tmp_path, "crash.py", CRASH)

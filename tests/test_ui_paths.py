@@ -160,7 +160,8 @@ HOSTILE_NAMES = ["/tmp/victim/x", "../../../../../../tmp/victim/lora", "..", "C:
 
 def _starts(studio: Studio) -> dict[str, object]:
     """Every button that hands a form's job to a trainer, as its handler calls Studio (multi-GPU included)."""
-    from ui.multi_gpu import AppRunner, Choice
+    from trainer.runners.app import AppRunner
+    from ui.multi_gpu import Choice
     from ui.multi_gpu import start as start_processes
 
     studio.runner = AppRunner(studio.runner)
@@ -194,7 +195,7 @@ def test_every_writing_endpoint_refuses_absolute_dotdot_and_linked_targets(studi
             said = "\n".join(outcome.problems)
             assert (f"{key}: " in said and "a name is not a path" in said or "holds" in said) if key == "output.name" \
                 else ("refused:" in said and ADD_A_FOLDER in said), (endpoint, key, path, said)
-    assert studio.runner.started == []
+    assert studio.runner.training.started == []
 
     for name in HOSTILE_NAMES:  # Save job with no path typed names the file after output.name
         saved, outcome = studio.save_job(dict(values, **{"output.name": name}))

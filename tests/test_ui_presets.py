@@ -158,7 +158,7 @@ def test_edits_are_what_differs_from_the_last_fill(tmp_path):
 
 
 def test_the_model_tab_has_the_menus_and_applies_them(tmp_path, detected):
-    from trainer.runner import TrainingRunner
+    from trainer.runners.thread import TrainingRunner
     from ui.page import build_app
 
     blocks = build_app(TrainingRunner(), tmp_path)

@@ -467,13 +467,22 @@ class FakeRunner:
         self.spec = None
         self.started = []
 
-    def start(self, spec, demo_dir=None, resume=False):
-        self.started.append((spec, demo_dir))
+    def start(self, request):
+        self.started.append((request.spec, request.demo_dir))
         self.running = True
-        self.spec = spec
+        self.spec = request.spec
+
+    @property
+    def state(self):
+        from trainer.runners.base import RunnerState
+
+        return RunnerState((self.action or "start") if self.running else None, self.live, self.step)
 
     def stop(self):
         return self.running
+
+    def join(self, timeout=None):
+        return True
 
     def output_dir(self):
         return Path(self.spec.output.dir) if self.spec else None
@@ -565,7 +574,7 @@ def test_check_dataset_lists_images_and_captions(tmp_path):
 
 
 def test_studio_answers_clearly_without_a_session(tmp_path):
-    from trainer.runner import TrainingRunner
+    from trainer.runners.thread import TrainingRunner
 
     studio = Studio(TrainingRunner(), tmp_path)
     outcome = studio.validate_now()

@@ -1,4 +1,4 @@
-"""Command line: `python -m trainer demo | train | validate | estimate | caption`.
+"""Command line: `python -m trainer demo | train | validate | estimate | caption | fabricate`.
 
 Problems the user can fix print as `error: ...` lines and exit 2; anything else exits 1 with one line, and
 `--debug` shows the traceback.
@@ -204,6 +204,19 @@ def _ram_line(spec: JobSpec, gpu_vram: float | None) -> str:
     return ram_verdict(spec, plan, gpu_vram).line()
 
 
+def cmd_fabricate(args: argparse.Namespace) -> int:
+    from trainer.fabric import fabricate, flavour_of, needed_bytes
+
+    flavour = flavour_of(args.flavour)
+    need = needed_bytes(flavour, args.layout)
+    print(f"fabricating {flavour.label} ({args.layout} layout, seed {args.seed}): {need / 1024**3:.1f} GiB of "
+          f"weights into {Path(args.out).resolve()} ...", flush=True)
+    made = fabricate(flavour, args.layout, args.out, seed=args.seed, progress=lambda line: print(line, flush=True))
+    print(f"done in {made.seconds:.0f} s: {made.bytes / 1024**3:.1f} GiB in {made.folder}; model.source = "
+          f"'{made.source}'" + "".join(f", model.{slot} = '{path}'" for slot, path in made.files.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Flux LoRA Studio, headless.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--json", action="store_true", help="one JSON object")
     estimate.add_argument("--debug", action="store_true", help="show tracebacks")
     estimate.set_defaults(func=cmd_estimate)
+    from trainer.fabric import FLAVOURS, LAYOUTS
+
+    fab = sub.add_parser("fabricate", help="write seeded random weights of a flavour's real shapes (for rehearsals)")
+    fab.add_argument("flavour", choices=list(FLAVOURS))
+    fab.add_argument("--layout", choices=list(LAYOUTS), default="hub",
+                     help="hub: the diffusers repo layout; comfy: ComfyUI's single files plus a source/ folder")
+    fab.add_argument("--out", required=True, help="folder to create (must not exist)")
+    fab.add_argument("--seed", type=int, default=0)
+    fab.add_argument("--debug", action="store_true", help="show tracebacks")
+    fab.set_defaults(func=cmd_fabricate)
     from trainer.captioning_cli import add_parser as add_caption_parser
 
     add_caption_parser(sub)

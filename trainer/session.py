@@ -169,6 +169,8 @@ class Session:
         self._order: list[list[int]] = []
         self.losses: list[float] = []
         self.last_lora_path: Path | None = None
+        self._final: tuple[int, Path | None] | None = None  # (step, final LoRA or None: nothing new to save)
+        self._sampled_step: int | None = None  # the step of the last samples
         from trainer.memory.system_ram import available_ram_gib
 
         # auto puts swapped blocks on disk when this machine's RAM needs it (lowvram.swap_from unset)
@@ -188,20 +190,16 @@ class Session:
 
     # ------------------------------------------------------------------ the whole run
 
-    def run(self) -> Path:
-        """Setup, train to max_steps (or until stopped), save; returns the final LoRA file.
+    def run(self) -> Path | None:
+        """Begin, train to max_steps (or until stopped), finish; returns the final LoRA file. The step-by-step control
+        (trainer/runners/thread.py) calls the same three: begin, train in chunks, finish.
 
         A failure is reported as a RunFinished event (and in events.jsonl) before it propagates.
         """
         try:
-            self.setup()
-            if self.spec.sample.prompts and self.spec.sample.every_steps and self.step == 0:
-                self.validate()  # the baseline every later sample is compared with
+            self.begin()
             self.train()
-            path = self.save()
-            every = self.spec.sample.every_steps
-            if self.spec.sample.prompts and (every == 0 or self.step % every):
-                self.validate()
+            return self.finish()
         except UserError as exc:
             self.emit(RunFinished(status="failed", step=self.step, message=str(exc)))
             raise
@@ -209,9 +207,31 @@ class Session:
             self.emit(LogMessage(level="error", message=traceback.format_exc()))
             self.emit(RunFinished(status="failed", step=self.step, message=f"{type(exc).__name__}: {exc}"))
             raise
-        stopped = self.commands.stop_requested
-        self.emit(RunFinished(status="stopped" if stopped else "completed", step=self.step, lora_path=str(path),
-                              message=f"LoRA saved to {path}"))
+
+    def begin(self) -> None:
+        """Set up, then render the baseline samples every later sample is compared with (a fresh run that samples
+        on an interval)."""
+        self.setup()
+        self._final = (self.step, None)  # nothing trained yet: nothing to save
+        if self.spec.sample.prompts and self.spec.sample.every_steps and self.step == 0:
+            self.validate()
+
+    def save_final(self) -> Path | None:
+        """The final LoRA (and state) at this step, written once however often it is asked for; None when nothing
+        was trained since setup or resume."""
+        if self._final is None or self._final[0] != self.step:
+            self._final = (self.step, self.save())
+        return self._final[1]
+
+    def finish(self) -> Path | None:
+        """Save the final LoRA, render the final samples (unless this step's were rendered already) and report
+        RunFinished: completed at max_steps, stopped before."""
+        path = self.save_final()
+        if self.spec.sample.prompts and self._sampled_step != self.step:
+            self.validate()
+        status = "completed" if self.step >= self.spec.train.max_steps else "stopped"
+        message = f"LoRA saved to {path}" if path else "nothing was trained; no LoRA saved"
+        self.emit(RunFinished(status=status, step=self.step, lora_path=str(path or ""), message=message))
         return path
 
     # ------------------------------------------------------------------ setup
@@ -741,6 +761,7 @@ class Session:
         resolution = sample.resolution or self.flavour.sample_resolution
         negative = self.text_cache[""] if self.flavour.guidance == "cfg" and guidance > 1.0 else None
         self.emit(PhaseChanged(phase="sampling", detail=f"{len(self.prompts)} prompts at step {self.step}"))
+        self._sampled_step = self.step  # on every rank: finish() asks it
         if not self.prompts or not (self.dist.is_main or self.dist.sharded):  # FSDP: every rank takes part
             return []
         self.transformer.eval()

@@ -51,6 +51,15 @@ def guidance_mode_info(family: str, flavour: str) -> str:
 
 def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
     """The tab's controls; needs `fields["model.family"]` and `fields["model.flavour"]` (the Model tab) first."""
+    _timesteps(fields, defaults)
+    _guidance(fields, defaults)
+    _tread(fields, defaults)
+    count, counts = _adapter(fields, defaults)
+    _evaluation_and_sampling(fields, defaults)
+    _connect(fields, count, counts)
+
+
+def _timesteps(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
     gr.Markdown("### Timesteps and loss")
     with gr.Row():
         fields["advanced.timestep_sampling"] = gr.Dropdown(
@@ -75,6 +84,8 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
             value=defaults["advanced.max_timestep"], precision=0, label="Max timestep",
             info="0-1000, above min; lower it to leave out the noisiest steps (composition)")
 
+
+def _guidance(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
     gr.Markdown("### Guidance while training")
     embedded = takes_guidance(defaults["model.family"], defaults["model.flavour"])
     fixed, ranged = guidance_interactivity(defaults["advanced.guidance_mode"], embedded)
@@ -93,6 +104,8 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
             value=defaults["advanced.guidance_max"], label="Guidance max", step=0.5, interactive=ranged,
             info="random mode: highest guidance drawn")
 
+
+def _tread(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
     gr.Markdown("### TREAD (faster steps)")
     with gr.Row():
         fields["advanced.tread"] = gr.Checkbox(
@@ -109,6 +122,9 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
             value=defaults["advanced.tread_end_block"], precision=0, label="End block",
             info="last skipped block; negative counts from the end (-1 is the last block)")
 
+
+def _adapter(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> tuple[gr.Button, gr.Markdown]:
+    """The adapter's type, init, start file and targets; returns the Count button and the Markdown it fills."""
     gr.Markdown("### LoRA adapter")
     with gr.Row():
         fields["lora.type"] = gr.Dropdown(
@@ -120,16 +136,18 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
     fields["lora.init_from"] = gr.Textbox(
         value=defaults["lora.init_from"], label="Continue from LoRA file",
         info="optional: a LoRA .safetensors to continue training from (same type, rank and targets)")
-    family_now = defaults["model.family"]
     with gr.Row(equal_height=True):
         fields["lora.targets"] = gr.Dropdown(
-            choices=target_choices(family_now), value=defaults["lora.targets"], allow_custom_value=True,
+            choices=target_choices(defaults["model.family"]), value=defaults["lora.targets"], allow_custom_value=True,
             label="Target modules", scale=3,
             info="a preset of the model family (all: every Linear in the transformer blocks), or type a regex "
                  "matching whole module names")
         count = gr.Button("Count target modules", scale=1)
     counts = gr.Markdown()
+    return count, counts
 
+
+def _evaluation_and_sampling(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
     gr.Markdown("### Evaluation loss")
     fields["train.eval_every_steps"] = gr.Number(
         value=defaults["train.eval_every_steps"], precision=0, label="Evaluate every N steps",
@@ -137,7 +155,7 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
              "tab; 0: off")
 
     gr.Markdown("### Sampling")
-    steps_hint, guidance_hint = sample_placeholders(family_now, defaults["model.flavour"])
+    steps_hint, guidance_hint = sample_placeholders(defaults["model.family"], defaults["model.flavour"])
     with gr.Row():
         fields["sample.steps"] = gr.Textbox(
             value=defaults["sample.steps"], label="Sample steps", placeholder=steps_hint,
@@ -147,6 +165,9 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
             info="empty: the flavour's default")
         fields["sample.seed"] = gr.Number(value=defaults["sample.seed"], precision=0, label="Sample seed")
 
+
+def _connect(fields: dict[str, gr.components.Component], count: gr.Button, counts: gr.Markdown) -> None:
+    """What follows the family, the flavour and the guidance mode, and the Count button."""
     def guidance_controls(mode: str, family: str, flavour: str) -> tuple[Any, Any, Any, Any]:
         """The mode menu and the controls its mode reads are editable; none of them for a flavour without a
         guidance embedding, which says why."""

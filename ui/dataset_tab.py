@@ -246,6 +246,31 @@ def _problems(outcome: Outcome) -> Any:  # noqa: ANN401 - a gradio update
 # ---------------------------------------------------------------------- the caption editor
 
 
+def _render_page(current: caption_editor.EditorState, thumbnails: bool = True) -> list[Any]:
+    """The page line, then per slot: thumbnail, caption box (labelled with the file name), visibility.
+    `thumbnails=False` leaves the pictures as they are (same page)."""
+    indices = list(caption_editor.page_indices(current))
+    count = len(current["names"])
+    line = ""
+    if current["folder"]:
+        unsaved = caption_editor.changed_count(current)
+        line = (f"page {min(current['page'], caption_editor.page_count(current) - 1) + 1} of "
+                f"{caption_editor.page_count(current)} · {count} images"
+                + (f" · {unsaved} unsaved changes" if unsaved else ""))
+    pictures, boxes, shown = [], [], []
+    for slot in range(caption_editor.PAGE_SIZE):
+        if slot < len(indices):
+            index = indices[slot]
+            pictures.append(caption_editor.thumbnail(current, index) if thumbnails else gr.skip())
+            boxes.append(gr.update(value=current["captions"][index], label=current["names"][index]))
+            shown.append(gr.update(visible=True))
+        else:
+            pictures.append(None)
+            boxes.append(gr.update(value="", label=f"caption {slot + 1}"))
+            shown.append(gr.update(visible=False))
+    return [line, *pictures, *boxes, *shown]
+
+
 def _caption_editor(fields: dict[str, gr.components.Component], studio: Studio) -> None:
     size = caption_editor.PAGE_SIZE
     with gr.Accordion("Caption editor", open=False):
@@ -270,36 +295,12 @@ def _caption_editor(fields: dict[str, gr.components.Component], studio: Studio) 
     state = gr.State(caption_editor.empty_state())
     page_outputs = [page_line, *images, *texts, *slots]
 
-    def render(current: caption_editor.EditorState, thumbnails: bool = True) -> list[Any]:
-        """The page line, then per slot: thumbnail, caption box (labelled with the file name), visibility.
-        `thumbnails=False` leaves the pictures as they are (same page)."""
-        indices = list(caption_editor.page_indices(current))
-        count = len(current["names"])
-        line = ""
-        if current["folder"]:
-            unsaved = caption_editor.changed_count(current)
-            line = (f"page {min(current['page'], caption_editor.page_count(current) - 1) + 1} of "
-                    f"{caption_editor.page_count(current)} · {count} images"
-                    + (f" · {unsaved} unsaved changes" if unsaved else ""))
-        pictures, boxes, shown = [], [], []
-        for slot in range(size):
-            if slot < len(indices):
-                index = indices[slot]
-                pictures.append(caption_editor.thumbnail(current, index) if thumbnails else gr.skip())
-                boxes.append(gr.update(value=current["captions"][index], label=current["names"][index]))
-                shown.append(gr.update(visible=True))
-            else:
-                pictures.append(None)
-                boxes.append(gr.update(value="", label=f"caption {slot + 1}"))
-                shown.append(gr.update(visible=False))
-        return [line, *pictures, *boxes, *shown]
-
     def captions_load(dataset_path: str) -> list[Any]:
         """Show the images of dataset_path with their captions, a page at a time: the editor's status line first."""
         current, outcome = studio.load_captions(dataset_path)
         for note in outcome.notes:
             gr.Warning(note)
-        return [outcome.message if outcome.ok else f"not loaded: {outcome.message}", current, *render(current)]
+        return [outcome.message if outcome.ok else f"not loaded: {outcome.message}", current, *_render_page(current)]
 
     load.click(captions_load, fields["dataset.path"], [status, state, *page_outputs], api_name="captions_load")
 
@@ -314,7 +315,7 @@ def _caption_editor(fields: dict[str, gr.components.Component], studio: Studio) 
         def captions_page(**kwargs: Any) -> list[Any]:
             current = edits(kwargs)
             current = caption_editor.go_to_page(current, current["page"] + step)
-            return [current, *render(current)]
+            return [current, *_render_page(current)]
 
         return captions_page
 
@@ -327,7 +328,7 @@ def _caption_editor(fields: dict[str, gr.components.Component], studio: Studio) 
         current, outcome = studio.save_captions(edits(kwargs))
         for problem in outcome.problems[:3]:
             gr.Warning(problem)
-        return [outcome.message, current, *render(current, thumbnails=False)]
+        return [outcome.message, current, *_render_page(current, thumbnails=False)]
 
     save.click(captions_save, inputs_kwargs=edit_inputs, outputs=[status, state, *page_outputs],
                api_name="captions_save")

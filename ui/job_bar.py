@@ -4,9 +4,11 @@ on every change)."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import gradio as gr
 
 from ui import form
 from ui.jobs import Outcome
+from ui.served import allowed_paths
 from ui.studio import Studio
 
 FormUpdates = Callable[[dict[str, gr.components.Component], dict[str, Any]], dict[Any, Any]]
@@ -36,6 +39,16 @@ def downloadable(path: Path, served: list[str]) -> str:
     return str(copy)
 
 
+@dataclass(frozen=True)
+class _Bar:
+    job_path: gr.Textbox
+    save: gr.Button
+    load: gr.Button
+    upload: gr.UploadButton
+    notice: gr.Markdown
+    download: gr.File
+
+
 def build(studio: Studio) -> Callable[..., None]:
     """The bar's controls; returns `connect(fields, base, baseline, defaults, form_updates, app)`, to call once
     every tab's fields exist."""
@@ -50,77 +63,86 @@ def build(studio: Studio) -> Callable[..., None]:
                                  size="md")
     notice = gr.Markdown("", elem_id="job-notice")
     download = gr.File(label="Saved job", visible=False, interactive=False)
+    return functools.partial(_connect, studio, _Bar(job_path, save, load, upload, notice, download))
 
-    def connect(fields: dict[str, gr.components.Component], base: gr.State, baseline: gr.State,
-                defaults: dict[str, Any], form_updates: FormUpdates, app: gr.Blocks) -> None:
-        from ui.served import allowed_paths
 
-        served = [str(Path(root).resolve()) for root in allowed_paths(studio.workdir)]
-        form_kwargs = {**{form.api_name(key): fields[key] for key in form.FORM_KEYS}, "base": base}
-        filled = [*fields.values(), base, baseline, notice]
+def _connect(studio: Studio, bar: _Bar, fields: dict[str, gr.components.Component], base: gr.State,
+             baseline: gr.State, defaults: dict[str, Any], form_updates: FormUpdates, app: gr.Blocks) -> None:
+    form_kwargs = {**{form.api_name(key): fields[key] for key in form.FORM_KEYS}, "base": base}
+    filled = [*fields.values(), base, baseline, bar.notice]
 
-        def fill(values: dict[str, Any] | None, hidden: dict[str, Any] | None, outcome: Outcome,
-                 filled: dict[str, Any] | None = None) -> dict[Any, Any]:
-            """Every tab shows the job; what differs from `filled` (default: the app's defaults, so all a loaded
-            job sets) counts as the user's own edits, which a preset keeps."""
-            updates: dict[Any, Any] = {notice: outcome_markdown(outcome)}
-            if values is None:
-                for problem in outcome.problems[:3]:
-                    gr.Warning(problem)
-                return updates
-            for note in outcome.notes:
-                gr.Warning(note)
-            return {**updates, **form_updates(fields, values), base: hidden, baseline: filled or defaults}
+    def fill(values: dict[str, Any] | None, hidden: dict[str, Any] | None, outcome: Outcome,
+             filled: dict[str, Any] | None = None) -> dict[Any, Any]:
+        """Every tab shows the job; what differs from `filled` (default: the app's defaults, so all a loaded
+        job sets) counts as the user's own edits, which a preset keeps."""
+        updates: dict[Any, Any] = {bar.notice: outcome_markdown(outcome)}
+        if values is None:
+            for problem in outcome.problems[:3]:
+                gr.Warning(problem)
+            return updates
+        for note in outcome.notes:
+            gr.Warning(note)
+        return {**updates, **form_updates(fields, values), base: hidden, baseline: filled or defaults}
 
-        def save_job(values: dict[str, Any]) -> tuple[Any, str, Any]:
-            """Write the form's job as TOML to job_path (empty: .studio/jobs/<LoRA name>.toml) and offer it for
-            download: the notice first ('saved PATH' or 'not saved: …' with the problems)."""
-            path, outcome = studio.save_job(values, values.pop("base", None), values.pop("job_path", None))
-            if path is None:
-                for problem in outcome.problems[:3]:
-                    gr.Warning(problem)
-                return outcome_markdown(outcome), gr.update(), gr.update(visible=False)
-            return outcome_markdown(outcome), str(path), gr.update(value=downloadable(path, served), visible=True)
+    _connect_save(studio, bar, form_kwargs)
+    _connect_load(studio, bar, fill, filled, app)
 
-        save.click(form.keyword_handler(save_job, extra=("base", "job_path")),
-                   inputs_kwargs={**form_kwargs, "job_path": job_path}, outputs=[notice, job_path, download],
-                   api_name="save_job")
+    def remember(values: dict[str, Any]) -> None:
+        studio.remember(values, values.pop("base", None), values.pop("baseline", None))
 
-        def load_job(path: str) -> dict[Any, Any]:
-            if not str(path or "").strip():
-                return fill(None, None, Outcome("not loaded: type the path of a job file first",
-                                                ["no job file given"]))
-            return fill(*studio.load_job(path))
+    # always_last: a loaded job or a preset changes every control at once; only the final form matters.
+    gr.on([component.change for component in fields.values()],
+          form.keyword_handler(remember, extra=("base", "baseline")),
+          inputs_kwargs={**form_kwargs, "baseline": baseline}, outputs=None, api_visibility="private",
+          show_progress="hidden", trigger_mode="always_last")
 
-        load.click(load_job, job_path, filled, api_name="load_job")
 
-        def upload_job(path: str | None) -> dict[Any, Any]:
-            if not path:
-                return {}
-            return fill(*studio.load_upload(path))
+def _connect_save(studio: Studio, bar: _Bar, form_kwargs: dict[str, Any]) -> None:
+    served = [str(Path(root).resolve()) for root in allowed_paths(studio.workdir)]
 
-        upload.upload(upload_job, upload, filled, api_visibility="private")
+    def save_job(values: dict[str, Any]) -> tuple[Any, str, Any]:
+        """Write the form's job as TOML to job_path (empty: .studio/jobs/<LoRA name>.toml) and offer it for
+        download: the notice first ('saved PATH' or 'not saved: …' with the problems)."""
+        path, outcome = studio.save_job(values, values.pop("base", None), values.pop("job_path", None))
+        if path is None:
+            for problem in outcome.problems[:3]:
+                gr.Warning(problem)
+            return outcome_markdown(outcome), gr.update(), gr.update(visible=False)
+        return outcome_markdown(outcome), str(path), gr.update(value=downloadable(path, served), visible=True)
 
-        def restore() -> dict[Any, Any]:
-            """The form as it was when the app last ran; a file that cannot be read leaves the demo job and says
-            why."""
-            values, hidden, text, filled = studio.restore()
-            if values is None:
-                if text:
-                    gr.Warning(text)
-                return {notice: f"**{text}**" if text else ""}
-            return fill(values, hidden, Outcome(f"The form is as it was left (kept in {studio.last_form.path})."),
-                        filled)
+    bar.save.click(form.keyword_handler(save_job, extra=("base", "job_path")),
+                   inputs_kwargs={**form_kwargs, "job_path": bar.job_path},
+                   outputs=[bar.notice, bar.job_path, bar.download], api_name="save_job")
 
-        app.load(restore, None, filled, api_visibility="private", show_progress="hidden")
 
-        def remember(values: dict[str, Any]) -> None:
-            studio.remember(values, values.pop("base", None), values.pop("baseline", None))
+def _connect_load(studio: Studio, bar: _Bar, fill: Callable[..., dict[Any, Any]], filled: list[Any],
+                  app: gr.Blocks) -> None:
+    """Load job, Upload job, and the remembered form restored when the page loads."""
 
-        # always_last: a loaded job or a preset changes every control at once; only the final form matters.
-        gr.on([component.change for component in fields.values()],
-              form.keyword_handler(remember, extra=("base", "baseline")),
-              inputs_kwargs={**form_kwargs, "baseline": baseline}, outputs=None, api_visibility="private",
-              show_progress="hidden", trigger_mode="always_last")
+    def load_job(path: str) -> dict[Any, Any]:
+        if not str(path or "").strip():
+            return fill(None, None, Outcome("not loaded: type the path of a job file first",
+                                            ["no job file given"]))
+        return fill(*studio.load_job(path))
 
-    return connect
+    bar.load.click(load_job, bar.job_path, filled, api_name="load_job")
+
+    def upload_job(path: str | None) -> dict[Any, Any]:
+        if not path:
+            return {}
+        return fill(*studio.load_upload(path))
+
+    bar.upload.upload(upload_job, bar.upload, filled, api_visibility="private")
+
+    def restore() -> dict[Any, Any]:
+        """The form as it was when the app last ran; a file that cannot be read leaves the demo job and says
+        why."""
+        values, hidden, text, remembered = studio.restore()
+        if values is None:
+            if text:
+                gr.Warning(text)
+            return {bar.notice: f"**{text}**" if text else ""}
+        return fill(values, hidden, Outcome(f"The form is as it was left (kept in {studio.last_form.path})."),
+                    remembered)
+
+    app.load(restore, None, filled, api_visibility="private", show_progress="hidden")

@@ -53,7 +53,6 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
           detected: float | None) -> Callable[[gr.State, gr.Blocks | None], None]:
     """The tab's controls; returns `connect(base, app)`, to call once every tab's fields exist (the live verdict
     reads the whole job). Needs the Model tab's family and flavour first (the slider's bound follows them)."""
-    family, flavour = defaults["model.family"], defaults["model.flavour"]
     fields["lowvram.strategy"] = gr.Dropdown(
         choices=form.field_choices("lowvram.strategy"), value=defaults["lowvram.strategy"], label="Strategy",
         info="a bundle of the memory savers below; any saver set here overrides the bundle")
@@ -62,8 +61,18 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
         value=defaults["lowvram.vram_gib"], label="GPU memory to plan for (GiB)",
         placeholder=f"empty: the detected GPU ({detected:g} GiB)" if detected else "empty: the detected GPU (none)",
         info="what auto plans for and the verdict judges against; e.g. 8 to plan a job for a smaller card")
+    _block_swap(fields, defaults)
+    _checkpointing_and_offload(fields, defaults)
+    gr.Markdown("### What this job would run with")
+    first = check_lowvram(defaults, None, detected)
+    verdict = gr.HTML(first.line, html_template=VERDICT_HTML, css_template=VERDICT_CSS, label="Memory verdict")
+    plan = gr.Markdown(first.plan, label="Plan")
+    return _connector(fields, detected, strategy_note, verdict, plan)
+
+
+def _block_swap(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
     gr.Markdown("### Block swap")
-    most, value = swap_bound(family, flavour, defaults["lowvram.blocks_to_swap"])
+    most, value = swap_bound(defaults["model.family"], defaults["model.flavour"], defaults["lowvram.blocks_to_swap"])
     with gr.Row(equal_height=True):
         fields["lowvram.override_blocks_to_swap"] = gr.Checkbox(
             value=defaults["lowvram.override_blocks_to_swap"], label="Override blocks to swap", scale=1,
@@ -80,6 +89,9 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
             info="blocks loaded ahead of the one computing (1-8); more hides the copies, costs VRAM")
         _tristate(fields, defaults, "lowvram.pin_memory", "Pin memory",
                   "page-locked CPU memory makes the copies asynchronous; on some Windows systems slower")
+
+
+def _checkpointing_and_offload(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
     gr.Markdown("### Checkpointing and offload")
     with gr.Row():
         _tristate(fields, defaults, "lowvram.gradient_checkpointing", "Gradient checkpointing",
@@ -103,11 +115,11 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
         value=defaults["data.vae_tiling"], label="VAE tiling",
         info="encode large images in overlapping tiles: caching fits a small card; latents differ slightly at the "
              "seams")
-    gr.Markdown("### What this job would run with")
-    first = check_lowvram(defaults, None, detected)
-    verdict = gr.HTML(first.line, html_template=VERDICT_HTML, css_template=VERDICT_CSS, label="Memory verdict")
-    plan = gr.Markdown(first.plan, label="Plan")
 
+
+def _connector(fields: dict[str, gr.components.Component], detected: float | None, strategy_note: gr.Markdown,
+               verdict: gr.HTML, plan: gr.Markdown) -> Callable[[gr.State, gr.Blocks | None], None]:
+    """Wires the slider's bound and its switch; returns `connect(base, app)` for the live verdict."""
     # Moving the slider is an override: tick its switch, so the value counts.
     fields["lowvram.blocks_to_swap"].input(lambda: True, None, fields["lowvram.override_blocks_to_swap"],
                                            api_visibility="private", show_progress="hidden")

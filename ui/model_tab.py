@@ -111,6 +111,41 @@ def single_files(fields: dict[str, gr.components.Component], defaults: dict[str,
     return handlers
 
 
+def _connect_model(fields: dict[str, gr.components.Component], studio: Studio, summary: gr.Markdown,
+                   note: gr.Markdown, slots: SingleFiles, profile: gr.Dropdown, preset: gr.Dropdown) -> None:
+    """What follows the family and flavour: the flavour menu, the source, the summary, the presets, the single-file
+    menus."""
+    def family_input(new_family: str, current_flavour: str, source: str) -> tuple[Any, str]:
+        names = registry.flavour_names(new_family)
+        new_flavour = current_flavour if current_flavour in names else names[0]
+        return (gr.update(choices=flavour_choices(new_family), value=new_flavour),
+                suggested_source(studio, new_family, new_flavour, source))
+
+    def flavour_input(current_family: str, new_flavour: str, source: str) -> str:
+        return suggested_source(studio, current_family, new_flavour, source)
+
+    def describe(current_family: str, current_flavour: str) -> tuple[str, str]:
+        return flavour_summary(current_family, current_flavour), source_note(studio, current_family, current_flavour)
+
+    model = [fields["model.family"], fields["model.flavour"], fields["model.source"]]
+    # .input (the user's choice), not .change: a loaded job sets family, flavour and source together.
+    fields["model.family"].input(family_input, model, [fields["model.flavour"], fields["model.source"]],
+                                 api_visibility="private")
+    fields["model.flavour"].input(flavour_input, model, fields["model.source"], api_visibility="private")
+    gr.on([fields["model.family"].change, fields["model.flavour"].change], describe, model[:2], [summary, note],
+          api_visibility="private", show_progress="hidden")
+
+    gr.on([fields["model.family"].change, fields["model.flavour"].change, profile.change], preset_menu,
+          [profile, fields["model.family"], fields["model.flavour"]], preset, api_visibility="private",
+          show_progress="hidden")
+
+    # Fits depend on the flavour: the menus follow it (a cheap header scan, cached), and text_encoder_2 shows for
+    # FLUX.1 only. .change, so a loaded job's family hides or shows it too.
+    gr.on([fields["model.family"].change, fields["model.flavour"].change], slots.rescan,
+          [fields[model_files.FOLDER_KEY], *model[:2]], slots.outputs, api_visibility="private",
+          show_progress="hidden")
+
+
 def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
           studio: Studio) -> Callable[[gr.State, gr.State], None]:
     """The tab's controls; returns `connect(base, baseline)`, to call once every tab's fields exist (applying a
@@ -149,35 +184,7 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
             choices=field_choices("model.text_encoder_precision"), value=defaults["model.text_encoder_precision"],
             label="Text encoder precision")
 
-    def family_input(new_family: str, current_flavour: str, source: str) -> tuple[Any, str]:
-        names = registry.flavour_names(new_family)
-        new_flavour = current_flavour if current_flavour in names else names[0]
-        return (gr.update(choices=flavour_choices(new_family), value=new_flavour),
-                suggested_source(studio, new_family, new_flavour, source))
-
-    def flavour_input(current_family: str, new_flavour: str, source: str) -> str:
-        return suggested_source(studio, current_family, new_flavour, source)
-
-    def describe(current_family: str, current_flavour: str) -> tuple[str, str]:
-        return flavour_summary(current_family, current_flavour), source_note(studio, current_family, current_flavour)
-
-    model = [fields["model.family"], fields["model.flavour"], fields["model.source"]]
-    # .input (the user's choice), not .change: a loaded job sets family, flavour and source together.
-    fields["model.family"].input(family_input, model, [fields["model.flavour"], fields["model.source"]],
-                                 api_visibility="private")
-    fields["model.flavour"].input(flavour_input, model, fields["model.source"], api_visibility="private")
-    gr.on([fields["model.family"].change, fields["model.flavour"].change], describe, model[:2], [summary, note],
-          api_visibility="private", show_progress="hidden")
-
-    gr.on([fields["model.family"].change, fields["model.flavour"].change, profile.change], preset_menu,
-          [profile, fields["model.family"], fields["model.flavour"]], preset, api_visibility="private",
-          show_progress="hidden")
-
-    # Fits depend on the flavour: the menus follow it (a cheap header scan, cached), and text_encoder_2 shows for
-    # FLUX.1 only. .change, so a loaded job's family hides or shows it too.
-    gr.on([fields["model.family"].change, fields["model.flavour"].change], slots.rescan,
-          [fields[model_files.FOLDER_KEY], *model[:2]], slots.outputs, api_visibility="private",
-          show_progress="hidden")
+    _connect_model(fields, studio, summary, note, slots, profile, preset)
 
     def connect(base: gr.State, baseline: gr.State) -> None:
         def apply_profile_and_preset(by_component: dict[Any, Any]) -> dict[Any, Any]:

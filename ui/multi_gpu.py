@@ -10,8 +10,8 @@ writes output.dir/STOP, which rank 0 reads and every rank obeys after the same s
 Without a GPU the section says so. `FLUX_STUDIO_CPU_PROCESSES=1` in the app's environment adds "CPU processes
 (testing)": gloo processes on the CPU, how the tests (and a developer without GPUs) run the real launch path.
 
-`AppRunner` wraps the in-process runner so that Studio, which asks its runner whether something is running, what
-happened and how to stop it, sees a run in other processes too: one training at a time, whichever kind.
+The run goes through the app's runner (trainer/runners/app.py) as a LaunchRequest, so Studio and the Run view
+treat it like a run in the trainer process: one training at a time, whichever kind.
 
 Pure python at import (gradio is imported in `build`); no torch.
 """
@@ -25,15 +25,14 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from trainer import distributed
 from trainer.estimator.auto import choose_mode
 from trainer.estimator.plans import mode_problems
-from trainer.events import Event
-from trainer.runner import AlreadyRunning, NothingToDo, TrainingRunner
+from trainer.runners.launch import LaunchRequest
+from trainer.runners.thread import build_demo
 from trainer.spec import JobSpec, SpecError
-from trainer.subprocess_runner import SubprocessRun
 from ui import form
 from ui.feedback import problems_update
 from ui.gpus import Gpu, list_gpus
@@ -50,8 +49,6 @@ CPU_LABEL = "CPU processes (testing)"
 MODES = ("auto", "ddp", "fsdp")
 JOB_FILE = "job.toml"  # the job the processes train, saved in its output.dir
 ROOT = Path(__file__).resolve().parents[1]  # `-m trainer` runs from the project's folder
-MULTI_ONLY = ("sample now and save now reach runs in this process only; a run on several GPUs samples every "
-              "sample.every_steps and saves every output.save_every_steps")
 API_EXTRA = ("base", "multi_gpu_devices", "multi_gpu_processes", "multi_gpu_mode", "multi_gpu_resume")
 
 
@@ -223,73 +220,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-# ---------------------------------------------------------------------- one training at a time
-
-
-class AppRunner:
-    """The app's runner: the in-process TrainingRunner, and a SubprocessRun for several GPUs, one training at a time.
-
-    Studio asks its runner whether something runs, what happened (`drain`) and how to stop it; answering for both
-    lets the Run view, Stop, the refusals of a second start and of captioning work for a run in other processes
-    without Studio knowing the difference. Everything else is the in-process runner's.
-    """
-
-    def __init__(self, inner: TrainingRunner, subprocess: SubprocessRun | None = None) -> None:
-        self.inner = inner
-        self.subprocess = subprocess or SubprocessRun()
-
-    @classmethod
-    def of(cls, runner: TrainingRunner | AppRunner) -> AppRunner:
-        return runner if isinstance(runner, AppRunner) else cls(runner)
-
-    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - whatever the in-process runner has
-        if name == "inner":  # not set yet (a copy being made): no endless lookup
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    @property
-    def running(self) -> bool:
-        return self.inner.running or self.subprocess.running
-
-    @property
-    def action(self) -> str | None:
-        return self.inner.action or self.subprocess.action
-
-    def output_dir(self) -> Path | None:
-        return self.subprocess.output_dir if self.subprocess.running else self.inner.output_dir()
-
-    def drain(self) -> list[Event]:
-        return self.inner.drain() + self.subprocess.drain()  # one of them runs at a time; the other says nothing
-
-    def join(self, timeout: float | None = None) -> bool:
-        return self.inner.join(timeout) and self.subprocess.join(timeout)
-
-    def stop(self) -> bool:
-        return self.subprocess.stop() if self.subprocess.running else self.inner.stop()
-
-    def _refuse_if_subprocess(self) -> None:
-        if self.subprocess.running:
-            raise AlreadyRunning("a run on several GPUs is in progress; stop it or wait for it to finish")
-
-    def start(self, spec: JobSpec, demo_dir: Path | None = None, resume: bool = False) -> None:
-        self._refuse_if_subprocess()
-        self.inner.start(spec, demo_dir=demo_dir, resume=resume)
-
-    def train_steps(self, spec: JobSpec, steps: int, demo_dir: Path | None = None, resume: bool = False) -> None:
-        self._refuse_if_subprocess()
-        self.inner.train_steps(spec, steps, demo_dir=demo_dir, resume=resume)
-
-    def validate_now(self) -> Literal["requested", "started"]:
-        if self.subprocess.running:
-            raise NothingToDo(MULTI_ONLY)
-        return self.inner.validate_now()
-
-    def save_now(self) -> Literal["requested", "started"]:
-        if self.subprocess.running:
-            raise NothingToDo(MULTI_ONLY)
-        return self.inner.save_now()
-
-
 # ---------------------------------------------------------------------- what the buttons do
 
 
@@ -307,9 +237,6 @@ def start(studio: Studio, values: dict[str, Any], base: dict[str, Any] | None, c
           cpu_allowed: bool | None = None) -> Outcome:
     """Save the form's job as output.dir/job.toml and train it in several processes on the chosen devices.
     `cpu_allowed`: whether CPU processes may be chosen (None: FLUX_STUDIO_CPU_PROCESSES says)."""
-    runner = studio.runner
-    if not isinstance(runner, AppRunner):
-        raise TypeError("the studio's runner must be an AppRunner (ui.page.build_app makes one)")
     verb = "not resumed" if choice.resume else "not started"
     # Studio's own checks of a form about to run (spec, allowed folders, missing files, the demo to build), so both
     # Start buttons refuse the same jobs the same way.
@@ -330,12 +257,11 @@ def start(studio: Studio, values: dict[str, Any], base: dict[str, Any] | None, c
         except OSError as exc:
             message = f"{verb}: cannot write {job}: {exc.strerror or exc}"
             return Outcome(message, [message])
-        from trainer.runner import _build_demo  # the in-process runner's: the same events, the same failure
-
         command = training_command(job, found, choice.resume, free_port())
-        runner.subprocess.start(command, spec.output.dir, env=launch_env(found), cwd=ROOT,
-                                prepare=functools.partial(_build_demo, demo) if demo else None,
-                                description=found.describe())
+        # the demo is built as the trainer process builds it: the same events, the same failure
+        studio.runner.start(LaunchRequest(command, Path(spec.output.dir), env=launch_env(found), cwd=ROOT,
+                                          prepare=functools.partial(build_demo, demo) if demo else None,
+                                          description=found.describe()))
         return None
 
     refused = studio.launch(spec, choice.resume, verb, start_processes,

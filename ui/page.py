@@ -11,20 +11,21 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import gradio as gr
 
-    from trainer.runner import TrainingRunner
+    from trainer.runners.process import ProcessRunner
+    from trainer.runners.thread import TrainingRunner
 
 TITLE = "Flux LoRA Studio"
 
 
-def build_app(runner: TrainingRunner, workdir: Path, allowed: Iterable[str | Path] = ()) -> gr.Blocks:
+def build_app(runner: ProcessRunner | TrainingRunner, workdir: Path, allowed: Iterable[str | Path] = ()) -> gr.Blocks:
     """The whole UI around one runner; every default comes from the demo job, so Start trains the demo. Paths the
     users type are used only inside the workdir and the `allowed` folders."""
     import gradio as gr
 
+    from trainer.runners.app import AppRunner
     from ui import advanced_tab, dataset_tab, estimator_tab, job_bar, lowvram_tab, model_tab, run_tab, training_tab
     from ui.form import FORM_KEYS
     from ui.memory import detected_vram_gib
-    from ui.multi_gpu import AppRunner
     from ui.studio import Studio
 
     studio = Studio(AppRunner.of(runner), Path(workdir), allowed)  # one training at a time, here or in processes

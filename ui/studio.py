@@ -13,10 +13,20 @@ from trainer.demo import FAMILIES as DEMO_FAMILIES
 from trainer.demo import is_demo_folder
 from trainer.errors import UserError
 from trainer.preflight import check_files
-from trainer.runner import AlreadyRunning, NothingToDo, TrainingRunner
+from trainer.runners.app import AppRunner
+from trainer.runners.base import (
+    AlreadyRunning,
+    EndTraining,
+    NothingToDo,
+    RunRequest,
+    SaveNow,
+    TrainSteps,
+    ValidateNow,
+)
+from trainer.runners.caption import CaptionRunner
 from trainer.spec import JobSpec, SpecError, is_local_path, parse_spec, resolve_paths
 from ui import caption_editor, form
-from ui.captioning import CaptionJob, make_request
+from ui.captioning import make_request
 from ui.dataset_check import DatasetCheck, check_form
 from ui.jobs import LAST_FORM, LastForm, Outcome, default_job_path, read_job, write_job
 from ui.model_info import flavour_summary, target_counts  # noqa: F401 - the tabs' and tests' old import path
@@ -37,7 +47,7 @@ class Studio:
     Every path a user types is used only inside `folders`: the workdir and the `allowed` folders (see ui/paths.py).
     """
 
-    def __init__(self, runner: TrainingRunner, workdir: Path, allowed: Iterable[str | Path] = ()) -> None:
+    def __init__(self, runner: AppRunner, workdir: Path, allowed: Iterable[str | Path] = ()) -> None:
         self.runner = runner
         self.workdir = Path(workdir).resolve()
         self.folders = Folders.of(self.workdir, allowed)
@@ -46,7 +56,7 @@ class Studio:
         self.jobs_dir = self.workdir / ".studio" / "jobs"
         self.last_form = LastForm(self.workdir / ".studio" / LAST_FORM)
         self.view = RunView()
-        self.captioning = CaptionJob()
+        self.captioning = CaptionRunner()
 
     # ------------------------------------------------------------------ form → spec
 
@@ -117,10 +127,7 @@ class Studio:
         what = "resuming" if resume else "starting"
 
         def start_in_process() -> None:
-            if resume:
-                self.runner.start(spec, demo_dir=demo, resume=True)
-            else:
-                self.runner.start(spec, demo_dir=demo)
+            self.runner.start(RunRequest(spec, demo, resume))
 
         refused = self.launch(spec, resume, verb, start_in_process,
                               f"{what} {spec.output.name}: {spec.train.max_steps} steps, output {spec.output.dir}"
@@ -169,7 +176,7 @@ class Studio:
             if refusal:
                 return refusal
             try:
-                self.runner.train_steps(spec, steps, demo_dir=demo)
+                self.runner.send(TrainSteps(steps, RunRequest(spec, demo)))
             except (AlreadyRunning, NothingToDo) as exc:
                 return Outcome(str(exc), [str(exc)])
             building = f"; building the demo in {demo} first" if demo else ""
@@ -181,7 +188,7 @@ class Studio:
         with self.view.lock:
             step = self.runner.step
             try:
-                self.runner.train_steps(self.runner.spec, steps)
+                self.runner.send(TrainSteps(steps))
             except (AlreadyRunning, NothingToDo) as exc:
                 return Outcome(str(exc), [str(exc)])
             self.view.resume_action(f"training {steps} more steps from step {step}")
@@ -198,7 +205,7 @@ class Studio:
         """Sample with the current LoRA: after the current step while training, at once while paused."""
         with self.view.lock:
             try:
-                how = self.runner.validate_now()
+                how = self.runner.send(ValidateNow())
             except (AlreadyRunning, NothingToDo) as exc:
                 return Outcome(str(exc), [str(exc)])
             if how == "requested":
@@ -210,7 +217,7 @@ class Studio:
         """Save an intermediate LoRA: after the current step while training, at once while paused."""
         with self.view.lock:
             try:
-                how = self.runner.save_now()
+                how = self.runner.send(SaveNow())
             except (AlreadyRunning, NothingToDo) as exc:
                 return Outcome(str(exc), [str(exc)])
             if how == "requested":
@@ -222,7 +229,7 @@ class Studio:
         """Save the final LoRA (if anything is unsaved) and free the live session."""
         with self.view.lock:
             try:
-                self.runner.end_training()
+                self.runner.send(EndTraining())
             except (AlreadyRunning, NothingToDo) as exc:
                 return Outcome(str(exc), [str(exc)])
             self.view.resume_action(f"ending the session at step {self.runner.step}: saving the final LoRA")
@@ -375,12 +382,15 @@ class Studio:
                 self.folders.check(source, "captioning model folder")
             request = make_request(folder or "", kind, source, workdir=self.workdir, **options)
             self.captioning.start(request)
-        except UserError as exc:
+        except (UserError, AlreadyRunning) as exc:
             return Outcome(f"not started: {exc}", [str(exc)])
         return Outcome(f"captioning {request.folder} with {request.kind}")
 
     def caption_stop(self) -> str:
-        return self.captioning.stop()
+        """Ask captioning to stop before its next batch; the captions written so far stay."""
+        if not self.captioning.stop():
+            return "no captioning in progress"
+        return "stopping: captioning ends before the next batch (after loading, if the model is still loading)"
 
     def load_captions(self, folder: str | None) -> tuple[caption_editor.EditorState, Outcome]:
         """The caption editor's state for the form's image folder."""

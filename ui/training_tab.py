@@ -21,6 +21,15 @@ def formats_for_comfy_folder(folder: str | None, formats: list[str] | None) -> l
 
 
 def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
+    """The tab's sections: the LoRA's size, the optimisation, the samples, the output."""
+    _lora(fields, defaults)
+    _optimisation(fields, defaults)
+    _samples(fields, defaults)
+    _output(fields, defaults)
+    _connect_comfy_folder(fields)
+
+
+def _lora(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
     gr.Markdown("### LoRA")
     with gr.Row():
         fields["lora.rank"] = gr.Number(
@@ -30,6 +39,9 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
             value=defaults["lora.alpha"], label="Alpha", info="scale = alpha / rank")
         fields["lora.dropout"] = gr.Slider(
             0.0, 0.99, value=defaults["lora.dropout"], step=0.01, label="Dropout")
+
+
+def _optimisation(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
     gr.Markdown("### Optimisation")
     with gr.Row():
         fields["train.optimizer"] = gr.Dropdown(
@@ -63,6 +75,9 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
             choices=field_choices("train.mixed_precision"), value=defaults["train.mixed_precision"],
             label="Mixed precision")
         fields["train.seed"] = gr.Number(value=defaults["train.seed"], precision=0, label="Seed")
+
+
+def _samples(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
     gr.Markdown("### Samples")
     fields["sample.prompts"] = gr.Textbox(
         value=defaults["sample.prompts"], label="Sample prompts", lines=2,
@@ -81,6 +96,9 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
         fields["sample.every_steps"] = gr.Number(
             value=defaults["sample.every_steps"], precision=0, label="Sample every N steps",
             info="0: only at the end of the run")
+
+
+def _output(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
     gr.Markdown("### Output")
     with gr.Row():
         fields["output.dir"] = gr.Textbox(value=defaults["output.dir"], label="Output folder", scale=3)
@@ -109,6 +127,9 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
             info="the comfyui (and kohya) file is copied there when the run ends and at each Save LoRA; typing a "
                  "folder ticks comfyui")
 
+
+def _connect_comfy_folder(fields: dict[str, gr.components.Component]) -> None:
+    """Typing a ComfyUI loras folder ticks the comfyui format."""
     def comfy_folder_input(folder: str, formats: list[str] | None) -> Any:  # noqa: ANN401 - a gradio update
         ticked = formats_for_comfy_folder(folder, formats)
         return gr.skip() if ticked is None else ticked

@@ -61,7 +61,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer import registry
-from trainer.estimator.activations import INFERENCE_FACTOR, text_encoder_memory, training_activations
+from trainer.estimator.activations import (
+    INFERENCE_FACTOR,
+    Activations,
+    text_encoder_memory,
+    training_activations,
+)
 from trainer.estimator.plans import LowVramPlan, mode_problems, plan_under
 from trainer.estimator.shapes import (
     QUANTISED,
@@ -152,171 +157,258 @@ def _gpu_phase(weights: dict[str, float], dynamic: dict[str, float], ram: float)
     return PhaseMemory(sum(parts.values()), ram, parts)
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What every part of an estimate reads: the job, its flavour, the plan under the mode, and the token counts."""
+
+    spec: JobSpec
+    f: registry.Flavour
+    plan: LowVramPlan
+    mode: str
+    gpus: int
+    layout: WeightLayout
+    compute_elem: int  # bytes of the compute dtype
+    vae_elem: int  # the VAE loads in the compute dtype, never quantised
+    resolution: int
+    image_tokens: int
+    reference_tokens: int
+
+    @property
+    def precision(self) -> str:
+        return self.spec.model.base_precision
+
+    @property
+    def tokens(self) -> int:
+        return self.image_tokens + self.reference_tokens + text_tokens(self.f)
+
+    @property
+    def text_loaded(self) -> bool:
+        """The text encoders load (not on a warm disk cache of the embeddings)."""
+        return self.spec.data.cache_text_embeddings != "disk"
+
+    @property
+    def vae_bytes(self) -> float:
+        return 0.0 if self.f.is_demo else VAE_PARAMS * self.vae_elem
+
+    @property
+    def swapped(self) -> tuple[float, ...]:
+        """Bytes of each swapped block, in execution order."""
+        return self.layout.blocks[:min(self.plan.blocks_to_swap, self.f.total_blocks)]
+
+    @property
+    def on_disk(self) -> bool:
+        """The swapped blocks wait in the block cache file (lowvram.swap_from = "disk"; never under fsdp)."""
+        return self.plan.swap_from == "disk" and bool(self.swapped) and self.mode != "fsdp"
+
+
+@dataclass(frozen=True)
+class _Step:
+    """The training step's GPU tensors in bytes by part, and what of them the sampling phase keeps."""
+
+    dynamic: dict[str, float]
+    kept_for_sampling: dict[str, float]
+    optimizer_ram: float  # offloaded optimiser state, fp32 masters and gradient copies
+    activations: Activations
+    modules: int
+    lora_params: int
+
+
 def estimate(spec: JobSpec, plan: LowVramPlan, *, mode: str = "single", gpus: int = 1,
              gpu_vram_gib: float | None = None, fused_attention: bool = True, mode_reason: str = "given") -> Estimate:
     """VRAM per GPU and RAM per phase of `spec` on `gpus` GPUs in `mode` ("single", "ddp" or "fsdp") under `plan`,
     with a verdict against `gpu_vram_gib` (per GPU; default: the job's lowvram.vram_gib). The RAM is for all the
-    processes together. Under fsdp block swap is off, as in the run (plans.plan_under).
+    processes together. Under fsdp block swap is off, as in the run (plans.plan_under). The sum of named parts:
+    the base's weights, the training step, the text encoders, the VAE and sampling, the RAM of each phase.
 
     `fused_attention`: whether attention runs in a fused kernel (no s² workspace); torch's SDPA picks a flash
     kernel on CUDA and on the CPU (the probe measured no s² tensor on the demo).
     """
+    job = _job(spec, plan_under(mode, plan), mode, gpus)
+    weights, swapped_ram = _base_weights(job)
+    step = _training_step(job, fused_attention)
+    train_ram = _training_ram(job, swapped_ram, step)
+    phases = _phases(job, weights, step, train_ram)
+    phases = {name: PhaseMemory(p.vram_gib, p.ram_gib * gpus / GIB, p.parts) for name, p in phases.items()}
+    loads = _loads(job)
+    first_run = max(sum(train_ram.values()), loads.loading(True), loads.caching_text(True)) * gpus / GIB
+    first_run = max(first_run, max(p.ram_gib for p in phases.values()))
+    te_whole = text_encoder_memory(job.f, spec, job.plan.text_encoder_device)[0]
+    components = {
+        f"transformer ({job.precision})": job.layout.total / GIB,
+        f"text encoder ({job.f.text_encoder_label}, {spec.model.text_encoder_precision})": te_whole / GIB,
+        "vae": job.vae_bytes / GIB,
+    }
+    result = Estimate(
+        vram_gib=max(p.vram_gib for p in phases.values()),
+        ram_gib=max(p.ram_gib for p in phases.values()),
+        phases=phases, breakdown=dict(phases["training step"].parts),
+        notes=_notes(job, step, weights, mode_reason, first_run),
+        ram_breakdown={name: value * gpus / GIB for name, value in train_ram.items()},
+        components=components, plan=job.plan.describe(), mode=mode, gpus=gpus, mode_reason=mode_reason,
+        first_run_ram_gib=first_run, block_cache_gib=sum(job.swapped) / GIB if job.on_disk else 0.0,
+    )
+    vram = spec.lowvram.vram_gib if gpu_vram_gib is None else gpu_vram_gib
+    if vram is not None:
+        result.verdict = verdict(result.vram_gib, vram)
+    return result
+
+
+def _job(spec: JobSpec, plan: LowVramPlan, mode: str, gpus: int) -> _Job:
     f = registry.get_flavour(spec.model.family, spec.model.flavour)
-    if gpu_vram_gib is None:
-        gpu_vram_gib = spec.lowvram.vram_gib
-    plan = plan_under(mode, plan)
     precision = spec.model.base_precision
-    compute_elem = 4 if (spec.train.mixed_precision == "no" and precision == "fp32") else 2
-    vae_elem = 4 if precision == "fp32" else 2  # the VAE loads in the compute dtype, never quantised
-    batch = spec.train.batch_size
     resolution = max(spec.data.every_resolution())
     image_tokens = (resolution // 16) ** 2
-    reference_tokens = _reference_tokens(spec, image_tokens)
-    tokens = image_tokens + reference_tokens + text_tokens(f)
-
-    # the frozen transformer on the GPU. One GPU or ddp: resident blocks and the rest, swapped blocks in RAM behind
-    # a ring; fsdp: a 1/N share of everything, plus what is gathered while computing
     modulation = modulation_format(spec.model.family, precision, spec.model.modulation_precision)
-    layout = weight_layout(f, precision, modulation)
-    swapped_count = min(plan.blocks_to_swap, f.total_blocks)
-    swapped = layout.blocks[:swapped_count]
-    base_ram = sum(swapped)
-    if mode == "fsdp":
-        weights = {f"base weights on GPU ({precision}, 1/{gpus} shard)": shard_bytes(layout, gpus),
-                   "gathered weights (FSDP: non-block weights + 2 neighbouring blocks)": gathered_bytes(layout)}
-    else:
-        ring_slots = min(swapped_count, plan.swap_prefetch + 1)
-        weights = {f"base weights on GPU ({precision})": layout.other + sum(layout.blocks[swapped_count:]),
-                   f"swap ring ({ring_slots} x largest swapped block)": ring_slots * max(swapped, default=0.0)}
-    dequant = 2.0 * layout.largest_linear_params if precision in QUANTISED else 0.0
+    return _Job(spec, f, plan, mode, gpus, weight_layout(f, precision, modulation),
+                compute_elem=4 if (spec.train.mixed_precision == "no" and precision == "fp32") else 2,
+                vae_elem=4 if precision == "fp32" else 2, resolution=resolution, image_tokens=image_tokens,
+                reference_tokens=_reference_tokens(spec, image_tokens))
 
-    modules, lora_params = lora_param_counts(f, spec.lora.targets, spec.lora.rank, spec.lora.type)
+
+def _base_weights(job: _Job) -> tuple[dict[str, float], float]:
+    """(the frozen transformer's bytes on the GPU by part, the swapped blocks' bytes in RAM). One GPU or ddp:
+    resident blocks and the rest, swapped blocks in RAM behind a ring; fsdp: a 1/N share of everything, plus what
+    is gathered while computing."""
+    layout, precision = job.layout, job.precision
+    swapped_count = min(job.plan.blocks_to_swap, job.f.total_blocks)
+    swapped = layout.blocks[:swapped_count]
+    if job.mode == "fsdp":
+        shares = {f"base weights on GPU ({precision}, 1/{job.gpus} shard)": shard_bytes(layout, job.gpus),
+                  "gathered weights (FSDP: non-block weights + 2 neighbouring blocks)": gathered_bytes(layout)}
+        return shares, sum(swapped)
+    ring_slots = min(swapped_count, job.plan.swap_prefetch + 1)
+    return {f"base weights on GPU ({precision})": layout.other + sum(layout.blocks[swapped_count:]),
+            f"swap ring ({ring_slots} x largest swapped block)": ring_slots * max(swapped, default=0.0)}, sum(swapped)
+
+
+def _checkpointing_label(job: _Job, act: Activations) -> str:
+    plan, total = job.plan, job.f.total_blocks
+    offloaded = ", inputs offloaded)" if plan.cpu_offload_checkpointing else ")"
+    if act.checkpointed == total:
+        return " (checkpointed" + offloaded
+    if act.checkpointed:
+        every = plan.checkpointing_interval
+        return (f" ({act.checkpointed} of {total} blocks checkpointed"
+                + (f", every {every}" if plan.gradient_checkpointing and every > 1 else "") + offloaded)
+    return ""
+
+
+def _training_step(job: _Job, fused_attention: bool) -> _Step:
+    """The LoRA, its gradients, the optimiser state, the activations and the dequantisation workspace."""
+    spec, f, plan = job.spec, job.f, job.plan
+    lora = spec.lora
+    modules, lora_params = lora_param_counts(f, lora.targets, lora.rank, lora.type)
     lora_bytes = lora_params * 4.0
     if plan.fused_backward:
-        grad_bytes = largest_lora_tensor(f, spec.lora.targets, spec.lora.rank, spec.lora.type) * 4.0
+        grad_bytes = largest_lora_tensor(f, lora.targets, lora.rank, lora.type) * 4.0
     else:
         grad_bytes = lora_params * 4.0
     if spec.train.optimizer == "adafactor":
-        optimizer_bytes = adafactor_bytes(f, spec.lora.targets, spec.lora.rank, spec.lora.type)
+        optimizer_bytes = adafactor_bytes(f, lora.targets, lora.rank, lora.type)
     else:
         optimizer_bytes = lora_params * OPTIMIZER_BYTES[spec.train.optimizer]
     optimizer_gpu = 0.0 if plan.optimizer_offload else optimizer_bytes
-    optimizer_ram = optimizer_bytes + 2 * lora_bytes if plan.optimizer_offload else 0.0  # + masters, grad copies
-    act = training_activations(f, plan, tokens, batch, compute_elem, fused_attention)
-
-    every = plan.checkpointing_interval
-    if act.checkpointed == f.total_blocks:
-        checkpointing = " (checkpointed" + (", inputs offloaded)" if plan.cpu_offload_checkpointing else ")")
-    elif act.checkpointed:
-        checkpointing = f" ({act.checkpointed} of {f.total_blocks} blocks checkpointed" + (
-            f", every {every}" if plan.gradient_checkpointing and every > 1 else "") + (
-            ", inputs offloaded)" if plan.cpu_offload_checkpointing else ")")
-    else:
-        checkpointing = ""
-    lora_label = "lora weights (fp32)"
+    act = training_activations(f, plan, job.tokens, spec.train.batch_size, job.compute_elem, fused_attention)
+    dequant = 2.0 * job.layout.largest_linear_params if job.precision in QUANTISED else 0.0
     optimizer_label = f"optimizer state ({spec.train.optimizer}" + (
         ", offloaded to RAM)" if plan.optimizer_offload else ")")
-    dequant_label = "dequantisation workspace"
-    step_dynamic = {
-        lora_label: lora_bytes,
+    kept = {"lora weights (fp32)": lora_bytes, optimizer_label: optimizer_gpu, "dequantisation workspace": dequant}
+    dynamic = {
+        "lora weights (fp32)": lora_bytes,
         "lora grads (fp32" + (", fused backward: one tensor at a time)" if plan.fused_backward else ")"): grad_bytes,
         optimizer_label: optimizer_gpu,
-        "activations" + checkpointing: act.gpu,
+        "activations" + _checkpointing_label(job, act): act.gpu,
         "attention workspace": act.attention,
-        dequant_label: dequant,
+        "dequantisation workspace": dequant,
+    }
+    optimizer_ram = optimizer_bytes + 2 * lora_bytes if plan.optimizer_offload else 0.0  # + masters, grad copies
+    return _Step(dynamic, kept, optimizer_ram, act, modules, lora_params)
+
+
+def _training_ram(job: _Job, swapped_ram: float, step: _Step) -> dict[str, float]:
+    """System RAM per process during the training step, by part."""
+    sampled = bool(job.spec.sample.prompts)
+    swapped_label, swapped_ram = _swapped_ram(job.plan, job.swapped, job.precision, job.on_disk)
+    return {
+        "process (python, torch, CUDA libraries)": PROCESS_RAM_GIB * GIB,
+        swapped_label: swapped_ram,
+        "vae (parked for sampling)": job.vae_bytes if sampled else 0.0,
+        "optimizer state + fp32 lora masters and grads (offloaded)": step.optimizer_ram,
+        "checkpoint inputs (offloaded)": step.activations.offloaded,
+        "cached latents and embeddings (in memory)": CACHES_RAM_GIB * GIB,
     }
 
-    # text encoders (skipped on a warm disk cache), then the VAE
-    te_loaded = spec.data.cache_text_embeddings != "disk"
-    te_whole, te_gpu, te_gpu_weights, te_ram = text_encoder_memory(f, spec, plan.text_encoder_device)
-    te_label = f"{f.text_encoder_label}, {spec.model.text_encoder_precision}, {plan.text_encoder_device}"
-    vae_bytes = 0.0 if f.is_demo else VAE_PARAMS * vae_elem
-    vae_work = 0.0 if f.is_demo else VAE_PEAK_BYTES_PER_PIXEL * resolution * resolution * vae_elem / 2
-    sampled = bool(spec.sample.prompts)
 
+def _sampling_work(job: _Job) -> float:
+    """Bytes of the sampling's working memory: the denoiser's no-grad forward (cond and uncond in one batch under
+    CFG), then the VAE decode; one after the other, so the larger of the two counts."""
+    spec, f = job.spec, job.f
     sample_res = spec.sample.resolution or f.sample_resolution
     # a sample rendered from a reference image carries it at the sample's own size (trainer/data/pairs.py)
     has_pairs = any(entry.conditioning for entry in spec.data.datasets)
     sample_references = f.reference_images and bool(spec.sample.reference_images or has_pairs)
     sample_tokens = (sample_res // 16) ** 2 * (2 if sample_references else 1) + text_tokens(f)
     cfg = 2 if (f.guidance == "cfg" and (spec.sample.guidance or f.sample_guidance) > 1.0) else 1
-    # the denoiser's no-grad forward (cond and uncond in one batch under CFG), then the VAE decodes: one after
-    # the other, so the larger of the two counts
-    sample_work = INFERENCE_FACTOR[compute_elem] * f.hidden_size * sample_tokens * cfg
-    sample_decode = 0.0 if f.is_demo else VAE_PEAK_BYTES_PER_PIXEL * sample_res**2 * vae_elem / 2
+    denoise = INFERENCE_FACTOR[job.compute_elem] * f.hidden_size * sample_tokens * cfg
+    decode = 0.0 if f.is_demo else VAE_PEAK_BYTES_PER_PIXEL * sample_res**2 * job.vae_elem / 2
+    return max(denoise, decode)
 
-    # System RAM per process, phase by phase (`_Loads`); one copy per process (each loads the whole pipeline
-    # before it moves or shards it)
-    process, caches = PROCESS_RAM_GIB * GIB, CACHES_RAM_GIB * GIB
-    on_disk = plan.swap_from == "disk" and swapped_count > 0 and mode != "fsdp"
-    swapped_label, swapped_ram = _swapped_ram(plan, swapped, precision, on_disk)
-    train_ram = {
-        "process (python, torch, CUDA libraries)": process,
-        swapped_label: swapped_ram,
-        "vae (parked for sampling)": vae_bytes if sampled else 0.0,
-        "optimizer state + fp32 lora masters and grads (offloaded)": optimizer_ram,
-        "checkpoint inputs (offloaded)": act.offloaded,
-        "cached latents and embeddings (in memory)": caches,
-    }
+
+def _phases(job: _Job, weights: dict[str, float], step: _Step, train_ram: dict[str, float]) -> dict[str, PhaseMemory]:
+    """Every phase in the session's order; RAM per process, one model at a time (`_Loads`; each process loads the
+    whole pipeline before it moves or shards it). The text encoders are skipped on a warm disk cache."""
+    spec, f, plan = job.spec, job.f, job.plan
+    te_whole, te_gpu, te_gpu_weights, te_ram = text_encoder_memory(f, spec, plan.text_encoder_device)
+    te_label = f"{f.text_encoder_label}, {spec.model.text_encoder_precision}, {plan.text_encoder_device}"
+    vae_bytes = job.vae_bytes
+    loads = _loads(job)
+    vae_work = 0.0 if f.is_demo else VAE_PEAK_BYTES_PER_PIXEL * job.resolution**2 * job.vae_elem / 2
     ram_step = sum(train_ram.values())
-    loads = _Loads(process, vae_bytes, vae_bytes if sampled else 0.0, caches, te_whole, te_ram,
-                   _transformer_load(f, layout, precision, swapped if on_disk else ()))
-
     no_gpu: dict[str, float] = {}
-    text_weights = {f"text encoder weights ({te_label})": te_gpu_weights} if te_loaded else no_gpu
-    text_work = {"text encoder working memory": te_gpu - te_gpu_weights} if te_loaded else no_gpu
-    phases = {
-        "loading": _gpu_phase(no_gpu, no_gpu, loads.loading(te_loaded)),
-        "caching text embeddings": _gpu_phase(text_weights, text_work, loads.caching_text(te_loaded)),
+    loaded = job.text_loaded
+    text_weights = {f"text encoder weights ({te_label})": te_gpu_weights} if loaded else no_gpu
+    text_work = {"text encoder working memory": te_gpu - te_gpu_weights} if loaded else no_gpu
+    sampling = (_gpu_phase(weights | {"vae": vae_bytes},
+                           step.kept_for_sampling | {"sampling working memory (denoiser, then VAE decode)":
+                                                     _sampling_work(job)},
+                           ram_step - train_ram["vae (parked for sampling)"] - step.activations.offloaded)
+                if spec.sample.prompts else PhaseMemory(0.0, 0.0))
+    return {
+        "loading": _gpu_phase(no_gpu, no_gpu, loads.loading(loaded)),
+        "caching text embeddings": _gpu_phase(text_weights, text_work, loads.caching_text(loaded)),
         "caching latents": _gpu_phase({"vae": vae_bytes}, {"vae working memory (one image)": vae_work},
                                       loads.caching_latents()),
-        "training step": _gpu_phase(weights, step_dynamic, ram_step),
-        "validation sampling": _gpu_phase(
-            weights | {"vae": vae_bytes},
-            {lora_label: lora_bytes, optimizer_label: optimizer_gpu, dequant_label: dequant,
-             "sampling working memory (denoiser, then VAE decode)": max(sample_work, sample_decode)},
-            ram_step - train_ram["vae (parked for sampling)"] - act.offloaded)
-        if sampled else PhaseMemory(0.0, 0.0),
+        "training step": _gpu_phase(weights, step.dynamic, ram_step),
+        "validation sampling": sampling,
     }
-    phases = {name: PhaseMemory(p.vram_gib, p.ram_gib * gpus / GIB, p.parts) for name, p in phases.items()}
 
-    components = {
-        f"transformer ({precision})": layout.total / GIB,
-        f"text encoder ({f.text_encoder_label}, {spec.model.text_encoder_precision})": te_whole / GIB,
-        "vae": vae_bytes / GIB,
-    }
-    references = f" + {reference_tokens} reference" if reference_tokens else ""
-    notes = [f"{modules} {spec.lora.type} modules, {lora_params:,} trainable parameters; {tokens} tokens per sample "
-             f"({image_tokens} image{references} + {text_tokens(f)} text) at {resolution} px",
-             f"plan: {plan.describe()}"]
-    if reference_tokens:
+
+def _notes(job: _Job, step: _Step, weights: dict[str, float], mode_reason: str, first_run: float) -> list[str]:
+    """What the figures assume, in words; `first_run`: the first run's RAM, GiB."""
+    spec, f, plan, gpus = job.spec, job.f, job.plan, job.gpus
+    references = f" + {job.reference_tokens} reference" if job.reference_tokens else ""
+    notes = [f"{step.modules} {spec.lora.type} modules, {step.lora_params:,} trainable parameters; {job.tokens} "
+             f"tokens per sample ({job.image_tokens} image{references} + {text_tokens(f)} text) at "
+             f"{job.resolution} px", f"plan: {plan.describe()}"]
+    if job.reference_tokens:
         notes.append("edit pairs: each target's reference image is encoded beside it and appended to its tokens, so "
                      "the transformer sees about twice the image tokens")
-    if gpus > 1 or mode != "single":
-        notes += _distributed_notes(spec, mode, mode_reason, gpus, weights)
+    if gpus > 1 or job.mode != "single":
+        notes += _distributed_notes(spec, job.mode, mode_reason, gpus, weights)
     if not f.is_demo:
         per_caption = text_tokens(f) * f.joint_attention_dim * 2 / 1024**2
         notes.append(f"each caption's cached text embedding takes {per_caption:.1f} MiB "
-                     f"({'on disk' if not te_loaded else 'in RAM'})")
-    first_run = max(ram_step, loads.loading(True), loads.caching_text(True)) * gpus / GIB
-    if not te_loaded and te_whole:
+                     f"({'on disk' if not job.text_loaded else 'in RAM'})")
+    te_whole, te_gpu, te_gpu_weights, _ = text_encoder_memory(f, spec, plan.text_encoder_device)
+    if not job.text_loaded and te_whole:
         cold = _gpu_phase({"weights": te_gpu_weights}, {"work": te_gpu - te_gpu_weights}, 0.0)
         notes.append(f"assumes the text embeddings are already on disk; a first run caches them with the text encoder "
                      f"({plan.text_encoder_device}): {cold.vram_gib:.1f} GiB VRAM, {first_run:.1f} GiB RAM")
-    if on_disk:
-        notes.append(_disk_note(spec, swapped_count, base_ram - swapped_ram, base_ram))
-    result = Estimate(
-        vram_gib=max(p.vram_gib for p in phases.values()),
-        ram_gib=max(p.ram_gib for p in phases.values()),
-        phases=phases, breakdown=dict(phases["training step"].parts), notes=notes,
-        ram_breakdown={name: value * gpus / GIB for name, value in train_ram.items()},
-        components=components, plan=plan.describe(), mode=mode, gpus=gpus, mode_reason=mode_reason,
-        first_run_ram_gib=max(first_run, max(p.ram_gib for p in phases.values())),
-        block_cache_gib=base_ram / GIB if on_disk else 0.0,
-    )
-    if gpu_vram_gib is not None:
-        result.verdict = verdict(result.vram_gib, gpu_vram_gib)
-    return result
+    if job.on_disk:
+        swapped = sum(job.swapped)
+        notes.append(_disk_note(spec, len(job.swapped), swapped - _swapped_ram(plan, job.swapped, job.precision,
+                                                                                True)[1], swapped))
+    return notes
 
 
 def _swapped_ram(plan: LowVramPlan, swapped: tuple[float, ...], precision: str, on_disk: bool) -> tuple[str, float]:
@@ -372,6 +464,15 @@ def _disk_note(spec: JobSpec, swapped: int, saved: float, cached: float) -> str:
             f"latents save {saved / GIB:.1f} GiB of RAM; at {speed:g} GB/s (lowvram.disk_read_gbps) reading them "
             f"twice per micro-batch takes {seconds:.1f} s, the most a step can slow down where computing cannot "
             "hide it (the OS page cache serves them faster while RAM is free)")
+
+
+def _loads(job: _Job) -> _Loads:
+    """The phases before training, in sequence, for `job` (bytes, one process)."""
+    te_whole, _, _, te_ram = text_encoder_memory(job.f, job.spec, job.plan.text_encoder_device)
+    sampled = bool(job.spec.sample.prompts)
+    transformer = _transformer_load(job.f, job.layout, job.precision, job.swapped if job.on_disk else ())
+    return _Loads(PROCESS_RAM_GIB * GIB, job.vae_bytes, job.vae_bytes if sampled else 0.0, CACHES_RAM_GIB * GIB,
+                  te_whole, te_ram, transformer)
 
 
 def _reference_tokens(spec: JobSpec, image_tokens: int) -> int:

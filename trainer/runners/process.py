@@ -1,15 +1,17 @@
-"""The app's trainer in a process of its own: `ProcessRunner` answers as `TrainingRunner` does, while a
-TrainingRunner does the work in a child Python (`python -m trainer.process_runner`).
+"""The app's trainer in a process of its own: `ProcessRunner` answers as `TrainingRunner` does (the interface of
+trainer/runners/base.py), while a TrainingRunner does the work in a child Python
+(`python -m trainer.runners.process`).
 
 Why a process and not a thread: the page must answer within 200 ms while the demo builds, models load and
 training runs, and a thread of the app competes with the web server for the GIL; and a trainer that dies (the
 kernel's OOM killer, a crash in a CUDA library, kill -9) must not take the app down with it.
 
-The protocol is JSON lines, no pickle: the app writes calls to the child's stdin, `{"id": n, "call": name,
-"args": {...}}`; the child answers on a private copy of its stdout (fd 1 itself goes to stderr, so a library's
-print cannot corrupt it) with messages `{"reply": n, ...}` or `{}`, each carrying the events since the last
-message and the runner's state after them (`action`, `live`, `step`). State is read before the events are drained,
-so a message that says nothing runs also holds every event of what ran. The child's stderr is copied to the app's
+The protocol is JSON lines, no pickle: the app writes calls to the child's stdin, `{"id": n, "call": "start" |
+"send" | "stop", "args": {...}}` (a RunRequest or a typed command as JSON, base.py); the child answers on a
+private copy of its stdout (fd 1 itself goes to stderr, so a library's print cannot corrupt it) with messages
+`{"reply": n, ...}` or `{}`, each carrying the events since the last message and the runner's state after them
+(`action`, `live`, `step`). State is read before the events are drained, so a message that says nothing runs
+also holds every event of what ran. The child's stderr is copied to the app's
 and its tail kept: a child that dies says why in the Run view (its exit code or signal, the last lines it wrote),
 the run ends as failed, and the next action starts a fresh child.
 
@@ -20,8 +22,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -29,21 +29,29 @@ import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 from trainer.events import Event, EventQueue, LogMessage, RunFinished, event_from_dict
-from trainer.runner import AlreadyRunning, NothingToDo, TrainingRunner
-from trainer.spec import JobSpec, parse_spec
+from trainer.runners.base import (
+    AlreadyRunning,
+    Command,
+    NothingToDo,
+    Reply,
+    RunnerState,
+    RunRequest,
+    StateViews,
+    TrainSteps,
+    command_from_dict,
+    command_to_dict,
+)
+from trainer.runners.child import become_child, copy_stderr, describe_exit, start_child
+from trainer.runners.thread import TrainingRunner
+from trainer.spec import JobSpec
 
-ROOT = Path(__file__).resolve().parents[1]
 FORWARD_EVERY_S = 0.05  # how often the child sends new events and state when nothing else is said
 CALL_TIMEOUT_S = 60.0  # a call only queues work in the child, so an answer this late means the child is stuck
 STDERR_TAIL = 40
-# Lower than the app's priority, so the web server is served first on a machine whose cores training keeps busy.
-# Training on a GPU barely notices: its CPU thread only waits on the GPU.
-NICENESS = 5
 REFUSALS: dict[str, type[Exception]] = {"AlreadyRunning": AlreadyRunning, "NothingToDo": NothingToDo}
 
 
@@ -51,23 +59,10 @@ class TrainerProcessError(NothingToDo):
     """The trainer process could not be started or stopped answering; the message says what to do."""
 
 
-@dataclass(frozen=True)
-class RunnerState:
-    """What the app asks of its runner between calls, as the child last reported it."""
-
-    action: str | None = None
-    live: bool = False
-    step: int | None = None
-
-    @classmethod
-    def of(cls, runner: TrainingRunner) -> RunnerState:
-        return cls(runner.action, runner.live, runner.step)
-
-
 # ---------------------------------------------------------------------- the app's side
 
 
-class ProcessRunner:
+class ProcessRunner(StateViews):
     """TrainingRunner's interface for the app, with the runner living in a child process started on first use.
 
     Every action is a call to the child that returns as soon as the child has queued the work (or refused it with
@@ -75,7 +70,7 @@ class ProcessRunner:
     """
 
     def __init__(self, command: list[str] | None = None, env: dict[str, str] | None = None) -> None:
-        self._command = command or [sys.executable, "-m", "trainer.process_runner"]
+        self._command = command or [sys.executable, "-m", "trainer.runners.process"]
         self._env = env
         self._lock = threading.Lock()  # one call at a time; guards the child's start
         self._changed = threading.Condition()  # notified whenever the state changes
@@ -92,24 +87,8 @@ class ProcessRunner:
     # ------------------------------------------------------------------ state
 
     @property
-    def running(self) -> bool:
-        return self._state.action is not None
-
-    @property
-    def action(self) -> str | None:
-        return self._state.action
-
-    @property
-    def live(self) -> bool:
-        return self._state.live
-
-    @property
-    def paused(self) -> bool:
-        return self.live and not self.running
-
-    @property
-    def step(self) -> int | None:
-        return self._state.step
+    def state(self) -> RunnerState:
+        return self._state
 
     @property
     def pid(self) -> int | None:
@@ -129,29 +108,21 @@ class ProcessRunner:
 
     # ------------------------------------------------------------------ actions
 
-    def start(self, spec: JobSpec, demo_dir: Path | None = None, resume: bool = False) -> None:
-        self._call("start", spec=spec.to_dict(), demo_dir=_str(demo_dir), resume=resume)
-        self.spec = spec
+    def start(self, request: RunRequest) -> None:
+        self._call("start", request=request.to_dict())
+        self.spec = request.spec
 
-    def train_steps(self, spec: JobSpec, steps: int, demo_dir: Path | None = None, resume: bool = False) -> None:
+    def send(self, command: Command) -> Reply:
         live = self.live
-        self._call("train_steps", spec=spec.to_dict(), steps=steps, demo_dir=_str(demo_dir), resume=resume)
-        if not live:  # a live session keeps the spec it was set up with
-            self.spec = spec
-
-    def validate_now(self) -> Literal["requested", "started"]:
-        return self._call("validate_now")
-
-    def save_now(self) -> Literal["requested", "started"]:
-        return self._call("save_now")
+        result = self._call("send", command=command_to_dict(command))
+        if isinstance(command, TrainSteps) and not live and command.request is not None:
+            self.spec = command.request.spec  # a live session keeps the spec it was set up with
+        return result
 
     def stop(self) -> bool:
         if self._child is None:
             return False
         return bool(self._call("stop"))
-
-    def end_training(self) -> None:
-        self._call("end_training")
 
     def close(self, timeout: float = 10.0) -> None:
         """End the child: its stdin closes, it stops training after the current step and exits; killed if it
@@ -172,7 +143,7 @@ class ProcessRunner:
 
     # ------------------------------------------------------------------ the pipe
 
-    def _call(self, name: str, **args: Any) -> Any:  # noqa: ANN401 - the runner method's own result
+    def _call(self, name: str, **args: dict[str, Any]) -> Any:  # noqa: ANN401 - the call's result: Reply or bool
         with self._lock:
             child = self._running_child()
             call_id = self._next_id = self._next_id + 1
@@ -257,44 +228,6 @@ class ProcessRunner:
             self._changed.notify_all()
 
 
-def start_child(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    """A child of the app, with pipes for stdin, stdout (its messages) and stderr, able to import this project."""
-    env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-
-
-def copy_stderr(stream: IO[bytes], tail: deque[str]) -> None:
-    """Copy a child's stderr to ours (the terminal window shows what it says) and keep its last lines in `tail`."""
-    for raw in stream:
-        line = raw.decode("utf-8", "replace")
-        if line.strip():
-            tail.append(line.rstrip("\n"))
-        try:
-            sys.stderr.write(line)
-        except (OSError, ValueError):
-            pass
-
-
-def describe_exit(code: int | None) -> str:
-    """How a process ended, in words: 'was killed (SIGKILL: out of memory?)', 'exited with code 3'."""
-    if code is None:
-        return "stopped answering"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = ": the system may have run out of memory" if name == "SIGKILL" else ""
-        return f"was killed by {name}{hint}"
-    return f"exited with code {code}"
-
-
-def _str(path: Path | None) -> str | None:
-    return None if path is None else str(path)
-
-
 _LIVE: weakref.WeakSet[ProcessRunner] = weakref.WeakSet()
 
 
@@ -319,7 +252,7 @@ class _Server:
     def send(self, message: dict[str, Any] | None = None) -> None:
         message = dict(message or {})
         with self._send_lock:
-            state = RunnerState.of(self.runner)  # before draining: see the module's docstring
+            state = self.runner.state  # before draining: see the module's docstring
             events = self.runner.drain()
             if not events and state == self._last and "reply" not in message:
                 return
@@ -343,55 +276,21 @@ class _Server:
             reply = {"reply": call["id"], "error": f"{type(exc).__name__}: {exc}"}
         self.send(reply)
 
-    def dispatch(self, name: str, args: dict[str, Any]) -> Any:  # noqa: ANN401 - the runner method's result
+    def dispatch(self, name: str, args: dict[str, Any]) -> Reply | bool:
         runner = self.runner
-        actions: dict[str, Callable[[], Any]] = {
-            "start": lambda: runner.start(parse_spec(args["spec"]), _path(args.get("demo_dir")),
-                                          resume=bool(args.get("resume"))),
-            "train_steps": lambda: runner.train_steps(parse_spec(args["spec"]), int(args["steps"]),
-                                                      _path(args.get("demo_dir")), resume=bool(args.get("resume"))),
-            "validate_now": runner.validate_now,
-            "save_now": runner.save_now,
+        calls: dict[str, Callable[[], Reply | bool]] = {
+            "start": lambda: runner.start(RunRequest.from_dict(args["request"])),
+            "send": lambda: runner.send(command_from_dict(args["command"])),
             "stop": runner.stop,
-            "end_training": runner.end_training,
         }
-        if name not in actions:
+        if name not in calls:
             raise NothingToDo(f"unknown call {name!r}")
-        return actions[name]()
+        return calls[name]()
 
     def wind_down(self, timeout: float = 60.0) -> None:
         """The app went away: stop training after the current step (which saves), then leave."""
         self.runner.stop()
         self.runner.join(timeout)
-
-
-def _path(text: str | None) -> Path | None:
-    return None if text is None else Path(text)
-
-
-def lower_priority() -> None:
-    """Let the app's web server go first when both want the CPU."""
-    try:
-        if hasattr(os, "nice"):
-            os.nice(NICENESS)
-        else:  # Windows
-            import psutil
-
-            psutil.Process().nice(psutil.BELOW_NORMAL_PRIORITY_CLASS)
-    except Exception:  # noqa: BLE001, S110 - a priority we cannot change is no reason not to train
-        pass
-
-
-def become_child() -> IO[bytes]:
-    """Set up a child process of the app; returns the private channel for its messages (a copy of stdout).
-
-    fd 1 then goes to stderr, so a library's print cannot corrupt the messages; Ctrl+C in the terminal is the
-    app's to handle (it closes our stdin); and the web server goes first when both want the CPU."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    messages = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    lower_priority()
-    return messages
 
 
 def serve() -> None:

@@ -9,7 +9,7 @@ whole run in one action (setup, train to max_steps, save, end), as the CLI does 
 stop, sample-now and save-now also reach an action in progress, through the `Commands` the session checks
 between steps. Every failure ends as a RunFinished event, never as an exception in the app.
 
-The app talks to this module only; torch is imported inside the worker thread so the UI starts fast.
+The trainer process (process.py) runs this; torch is imported inside the worker thread.
 """
 
 from __future__ import annotations
@@ -20,10 +20,24 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from trainer.errors import UserError
 from trainer.events import Event, EventQueue, LogMessage, PhaseChanged, RunFinished
+from trainer.runners.base import (
+    AlreadyRunning,
+    Command,
+    Commands,
+    EndTraining,
+    NothingToDo,
+    Reply,
+    RunnerState,
+    RunRequest,
+    SaveNow,
+    StateViews,
+    TrainSteps,
+    ValidateNow,
+)
 from trainer.spec import JobSpec
 
 # Actions during which the session is between training steps often enough to take stop/sample/save requests.
@@ -31,53 +45,7 @@ TRAINING_ACTIONS = ("start", "train_steps")
 PAUSED_PHASE = "paused"
 
 
-class Commands:
-    """Requests from the UI, checked by the session between steps.
-
-    Stop stays set until `clear_stop()`; sample-now and save-now are one-shot and consumed by `take_*`.
-    """
-
-    def __init__(self) -> None:
-        self._stop = threading.Event()
-        self._sample = threading.Event()
-        self._save = threading.Event()
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    def clear_stop(self) -> None:
-        self._stop.clear()
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()
-
-    def request_sample(self) -> None:
-        self._sample.set()
-
-    def request_save(self) -> None:
-        self._save.set()
-
-    def take_sample_request(self) -> bool:
-        requested = self._sample.is_set()
-        self._sample.clear()
-        return requested
-
-    def take_save_request(self) -> bool:
-        requested = self._save.is_set()
-        self._save.clear()
-        return requested
-
-
-class AlreadyRunning(RuntimeError):
-    """An action is in progress, or a live session stands where a new one was asked for."""
-
-
-class NothingToDo(RuntimeError):
-    """The action cannot act in the runner's present state; the message says why, in the user's words."""
-
-
-def _build_demo(demo_dir: Path | None, emit: Callable[[Event], None]) -> bool:
+def build_demo(demo_dir: Path | None, emit: Callable[[Event], None]) -> bool:
     """Build the demo in `demo_dir` when it is missing; False (and a failed RunFinished) when that fails."""
     if demo_dir is None:
         return True
@@ -92,21 +60,20 @@ def _build_demo(demo_dir: Path | None, emit: Callable[[Event], None]) -> bool:
     return True
 
 
-def run_session(spec: JobSpec, emit: Callable[[Event], None], commands: Commands,
-                demo_dir: Path | None = None, resume: bool = False,
+def run_session(request: RunRequest, emit: Callable[[Event], None], commands: Commands,
                 on_live: Callable[[Any], None] | None = None) -> None:
     """Set up, train, save and end one session; every failure ends as a RunFinished event, never an exception.
 
-    With `demo_dir`, the demo models and dataset are built there first if they are missing. `on_live` is told
-    the session once it exists and None once it has ended.
+    With `request.demo_dir`, the demo models and dataset are built there first if they are missing. `on_live` is
+    told the session once it exists and None once it has ended.
     """
     from trainer.quiet import silence_library_noise
 
     silence_library_noise()
     from trainer.session import Session
 
-    session = Session(spec, emit=emit, commands=commands, resume=resume)
-    if not _build_demo(demo_dir, emit):
+    session = Session(request.spec, emit=emit, commands=commands, resume=request.resume)
+    if not build_demo(request.demo_dir, emit):
         return
     if on_live is not None:
         on_live(session)
@@ -126,18 +93,19 @@ class _Action:
     work: Callable[[], None]
 
 
-class TrainingRunner:
-    """One live session at a time, driven by actions that a worker thread runs one by one.
+class TrainingRunner(StateViews):
+    """One live session at a time, driven by actions that a worker thread runs one by one (trainer/runners/base.py
+    has the interface).
 
     The app polls `drain()` for what happened. Actions (each returns at once; the work runs in the worker):
 
-    - `start(spec)`: the whole run — setup, train to max_steps, save, RunFinished, end.
-    - `train_steps(spec, n)`: set a session up if none is live, train n more steps, then pause (live).
-    - `validate_now()`, `save_now()`: while training, a request taken after the current step; while paused,
-      the work itself in the worker.
+    - `start(request)`: the whole run — setup, train to max_steps, save, RunFinished, end.
+    - `send(TrainSteps(n, request))`: set a session up if none is live, train n more steps, then pause (live).
+    - `send(ValidateNow())`, `send(SaveNow())`: while training, a request taken after the current step; while
+      paused, the work itself in the worker.
     - `stop()`: training stops after the current step. A `start` run then saves and ends as it always has; a
       `train_steps` action saves the LoRA (and state) and pauses, so training can continue.
-    - `end_training()`: save what was trained since the last save, RunFinished, free the session.
+    - `send(EndTraining())`: save what was trained since the last save, RunFinished, free the session.
 
     An action asked for while another is in progress raises AlreadyRunning (stop, validate_now and save_now
     reach a training action instead); one that cannot act now raises NothingToDo with the reason.
@@ -152,36 +120,14 @@ class TrainingRunner:
         self._commands = Commands()
         self._events = EventQueue()
         self._session: Any = None  # the live Session; only the worker changes it
-        self._saved_step: int | None = None  # the step of the last final save (or of setup/resume)
-        self._saved_path: Path | None = None  # the last final LoRA of the live session
         self.spec: JobSpec | None = None  # the spec of the live (or last) session
 
     # ------------------------------------------------------------------ state
 
     @property
-    def running(self) -> bool:
-        """An action is in progress."""
-        return self._action is not None
-
-    @property
-    def action(self) -> str | None:
-        """The name of the action in progress ('start', 'train_steps', 'validate_now', …), or None."""
-        return self._action
-
-    @property
-    def live(self) -> bool:
-        """A session exists: set up (or being set up), holding its models; paused when nothing is running."""
-        return self._session is not None
-
-    @property
-    def paused(self) -> bool:
-        return self.live and not self.running
-
-    @property
-    def step(self) -> int | None:
-        """The live session's step (optimizer steps done), or None without one."""
+    def state(self) -> RunnerState:
         session = self._session
-        return None if session is None else session.step
+        return RunnerState(self._action, session is not None, None if session is None else session.step)
 
     def output_dir(self) -> Path | None:
         return Path(self.spec.output.dir) if self.spec else None
@@ -196,27 +142,40 @@ class TrainingRunner:
 
     # ------------------------------------------------------------------ actions
 
-    def start(self, spec: JobSpec, demo_dir: Path | None = None, resume: bool = False) -> None:
-        """The whole run of `spec` (validated, paths resolved): setup, train to max_steps, save, end.
+    def start(self, request: RunRequest) -> None:
+        """The whole run of `request.spec` (validated, paths resolved): setup, train to max_steps, save, end.
 
-        `demo_dir`: build the embedded demo there first when it is missing (the app's default job uses it).
-        `resume`: continue exactly from the latest training state in output.dir.
+        `request.demo_dir`: build the embedded demo there first when it is missing (the app's default job uses
+        it). `request.resume`: continue exactly from the latest training state in output.dir.
         Raises AlreadyRunning while an action is in progress or a session is live (paused).
         """
         with self._lock:
             self._refuse_if_busy()
             self._refuse_if_live()
-            self.spec = spec
+            self.spec = request.spec
             self._commands = commands = Commands()
-            self._submit("start", lambda: run_session(spec, self._events, commands, demo_dir, resume,
-                                                      on_live=self._set_session))
+            self._submit("start", lambda: run_session(request, self._events, commands, on_live=self._set_session))
 
-    def train_steps(self, spec: JobSpec, steps: int, demo_dir: Path | None = None, resume: bool = False) -> None:
+    def send(self, command: Command) -> Reply:
+        """One of the commands to a live session (trainer/runners/base.py); raises AlreadyRunning or NothingToDo
+        with the reason when it cannot act now."""
+        if isinstance(command, TrainSteps):
+            return self._train_steps(command)
+        if isinstance(command, ValidateNow):
+            return self._validate_now()
+        if isinstance(command, SaveNow):
+            return self._save_now()
+        if isinstance(command, EndTraining):
+            return self._end_training_now()
+        raise NothingToDo(f"unknown command {command!r}")
+
+    def _train_steps(self, command: TrainSteps) -> None:
         """Train `steps` more steps, then pause with the session live; sets a session up first if none is live.
 
-        While a session is live, `spec`, `demo_dir` and `resume` are ignored: the session keeps the spec it was
-        set up with (End training, then train again, to change settings).
+        While a session is live, the request is ignored: the session keeps the spec it was set up with (End
+        training, then train again, to change settings).
         """
+        steps, request = command.steps, command.request
         if steps < 1:
             raise NothingToDo(f"steps: train at least 1 step, not {steps}")
         with self._lock:
@@ -226,14 +185,16 @@ class TrainingRunner:
                 raise NothingToDo(f"max_steps ({session.spec.train.max_steps}) reached at step {session.step}: "
                                   "End training to save the final LoRA")
             if session is None:
-                self.spec = spec
+                if request is None:
+                    raise NothingToDo("no session to continue: start or train a job first")
+                self.spec = request.spec
                 self._commands = Commands()
-                self._submit("train_steps", lambda: self._setup_and_train(spec, steps, demo_dir, resume))
+                self._submit("train_steps", lambda: self._setup_and_train(request, steps))
             else:
                 self._commands.clear_stop()
                 self._submit("train_steps", lambda: self._train(steps))
 
-    def validate_now(self) -> Literal["requested", "started"]:
+    def _validate_now(self) -> Reply:
         """Render the sample prompts with the current LoRA: after the current step while training ('requested'),
         at once in the worker while paused ('started')."""
         with self._lock:
@@ -247,7 +208,7 @@ class TrainingRunner:
             self._submit("validate_now", self._guarded(self._validate))
             return "started"
 
-    def save_now(self) -> Literal["requested", "started"]:
+    def _save_now(self) -> Reply:
         """Write an intermediate LoRA (and state) at the current step: after the current step while training
         ('requested'), at once in the worker while paused ('started')."""
         with self._lock:
@@ -269,7 +230,7 @@ class TrainingRunner:
             self._commands.request_stop()
             return True
 
-    def end_training(self) -> None:
+    def _end_training_now(self) -> None:
         """Save the final LoRA and state (if anything was trained since the last save), emit RunFinished and
         free the session."""
         with self._lock:
@@ -325,8 +286,6 @@ class TrainingRunner:
 
     def _set_session(self, session: Any) -> None:  # noqa: ANN401 - a Session; torch-free module
         self._session = session
-        self._saved_step = None if session is None else session.step
-        self._saved_path = None
 
     def _emit(self, event: Event) -> None:
         """Through the live session (so events.jsonl has it too), else straight to the app."""
@@ -352,7 +311,6 @@ class TrainingRunner:
 
     def _end_session(self) -> None:
         session, self._session = self._session, None
-        self._saved_step = self._saved_path = None
         if session is not None:
             try:
                 session.end()
@@ -362,19 +320,17 @@ class TrainingRunner:
     def _pause(self) -> None:
         self._emit(PhaseChanged(phase=PAUSED_PHASE, detail=f"step {self._session.step}"))
 
-    def _setup_and_train(self, spec: JobSpec, steps: int, demo_dir: Path | None, resume: bool) -> None:
-        if not _build_demo(demo_dir, self._events):
+    def _setup_and_train(self, request: RunRequest, steps: int) -> None:
+        if not build_demo(request.demo_dir, self._events):
             return
+        spec = request.spec
 
         def setup() -> None:
             from trainer.session import Session
 
-            session = Session(spec, emit=self._events, commands=self._commands, resume=resume)
+            session = Session(spec, emit=self._events, commands=self._commands, resume=request.resume)
             self._set_session(session)
-            session.setup()
-            self._saved_step = session.step
-            if spec.sample.prompts and spec.sample.every_steps and session.step == 0:
-                session.validate()  # the baseline every later sample is compared with, as in a whole run
+            session.begin()  # as a whole run begins (Session.run)
             self._train(steps)
 
         self._guarded(setup)()
@@ -393,18 +349,12 @@ class TrainingRunner:
         due = every and session.step % every == 0 and session.step < session.spec.train.max_steps
         if commands.stop_requested:
             commands.clear_stop()
-            if session.step != self._saved_step:
-                self._save_final()
+            session.save_final()
             self._emit(LogMessage(level="info", message=f"stopped at step {session.step}; Train N steps to "
                                                         "continue, End training to finish"))
         elif saves or due:  # the loop skips the interval save on a chunk's last step
             session.save(intermediate=True, copy_to_comfy=saves)
         self._pause()
-
-    def _save_final(self) -> Path:
-        self._saved_path = self._session.save()
-        self._saved_step = self._session.step
-        return self._saved_path
 
     def _validate(self) -> None:
         self._session.validate()
@@ -415,9 +365,5 @@ class TrainingRunner:
         self._pause()
 
     def _end_training(self) -> None:
-        session = self._session
-        path = self._save_final() if session.step != self._saved_step else self._saved_path
-        status = "completed" if session.step >= session.spec.train.max_steps else "stopped"
-        message = f"LoRA saved to {path}" if path else "nothing was trained; no LoRA saved"
-        self._emit(RunFinished(status=status, step=session.step, lora_path=str(path or ""), message=message))
+        self._session.finish()  # as a whole run finishes (Session.run): final LoRA, final samples, RunFinished
         self._end_session()

@@ -2,9 +2,9 @@
 
 The processes report only through output.dir/events.jsonl (rank 0 writes it) and are stopped only through the stop
 file output.dir/STOP (rank 0 reads it each step and broadcasts the decision, so every rank stops after the same
-step). `SubprocessRun` reads the new lines of events.jsonl each time it is drained and answers the few questions
-the app asks of its in-process runner (`running`, `action`, `drain()`, `stop()`), so the Run view shows either
-kind of run the same way.
+step). `LaunchRunner` reads the new lines of events.jsonl each time it is drained and answers as every runner does
+(trainer/runners/base.py: `state`, `drain()`, `stop()`; the commands to a live session reach runs in the trainer
+process only), so the Run view shows either kind of run the same way.
 
 A run whose processes die without a RunFinished (killed, out of memory, a crash before the session reported
 anything) would otherwise look alive forever: once the launcher has exited, the run ends as failed with the tail
@@ -24,6 +24,7 @@ import threading
 import traceback
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.distributed import request_stop, stop_file
@@ -37,6 +38,7 @@ from trainer.events import (
     RunStarted,
     event_from_dict,
 )
+from trainer.runners.base import AlreadyRunning, Command, NothingToDo, Reply, RunnerState, StateViews
 
 EVENTS_FILE = "events.jsonl"
 LAUNCH_LOG = "launch.log"  # the launcher's stdout and stderr (every rank's too), rewritten by each launch
@@ -52,8 +54,22 @@ ROOT_CAUSE = re.compile(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)
                         re.DOTALL)
 
 
-class AlreadyRunning(RuntimeError):
-    """A run of this SubprocessRun is still going."""
+MULTI_ONLY = ("sample now and save now reach runs in this process only; a run on several GPUs samples every "
+              "sample.every_steps and saves every output.save_every_steps")
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """A run in other processes: `command` (after `prepare(emit)`, which returns False when the run cannot go on
+    and has then emitted a RunFinished) must train the job whose output.dir is `output_dir`, where the processes
+    write events.jsonl and read STOP; the launcher's output goes to launch.log there."""
+
+    command: Sequence[str]
+    output_dir: Path
+    env: Mapping[str, str] | None = None
+    cwd: Path | None = None
+    prepare: Callable[[Callable[[Event], None]], bool] | None = field(default=None, compare=False)
+    description: str = ""
 
 
 class EventsFollower:
@@ -118,11 +134,11 @@ def failure_cause(text: str) -> str:
     return f"rank {rank} ended with exit code {code}" if found else ""
 
 
-class SubprocessRun:
+class LaunchRunner(StateViews):
     """A training run in other processes, one at a time, followed through its events.jsonl.
 
-    `start` returns at once: a thread runs `prepare` (e.g. building the demo the job trains) and then the command,
-    which must train the job whose output.dir is `output_dir`. `drain()` returns what happened since the last call;
+    `start` returns at once: a thread runs the request's `prepare` (e.g. building the demo the job trains) and then
+    its command. `drain()` returns what happened since the last call;
     once the processes have exited it ends with a RunFinished, synthesised as failed when they did not write one.
     """
 
@@ -139,21 +155,18 @@ class SubprocessRun:
         self.output_dir: Path | None = None
         self.log_path: Path | None = None
         self.returncode: int | None = None
-        self.step = 0  # the last step the run reported
+        self._step = 0  # the last step the run reported
         _live_runs.add(self)
 
     # ------------------------------------------------------------------ state
 
     @property
-    def running(self) -> bool:
-        """Preparing, or the processes have not exited yet."""
+    def state(self) -> RunnerState:
+        """'start' while preparing or the processes have not exited yet (the in-process runner's name for a whole
+        run); never a live session between actions."""
         thread = self._thread
-        return thread is not None and thread.is_alive()
-
-    @property
-    def action(self) -> str | None:
-        """'start' while running (the in-process runner's name for a whole run), else None."""
-        return "start" if self.running else None
+        running = thread is not None and thread.is_alive()
+        return RunnerState("start" if running else None, False, self._step if running else None)
 
     @property
     def pid(self) -> int | None:
@@ -169,26 +182,25 @@ class SubprocessRun:
 
     # ------------------------------------------------------------------ actions
 
-    def start(self, command: Sequence[str], output_dir: str | Path, *, env: Mapping[str, str] | None = None,
-              cwd: str | Path | None = None, prepare: Callable[[Callable[[Event], None]], bool] | None = None,
-              description: str = "") -> None:
-        """Run `command` (after `prepare(emit)`, which returns False when the run cannot go on and has then emitted
-        a RunFinished). `output_dir`: the job's output.dir, where the processes write events.jsonl and read STOP;
-        the launcher's output goes to launch.log there. Raises AlreadyRunning while a run is going."""
+    def start(self, request: LaunchRequest) -> None:
+        """Run the request's command; raises AlreadyRunning while a run is going."""
         with self._lock:
             if self.running:
-                raise AlreadyRunning("a run in other processes is in progress; stop it or wait for it to finish")
-            output = Path(output_dir)
+                raise AlreadyRunning("a run on several GPUs is in progress; stop it or wait for it to finish")
+            output = Path(request.output_dir)
             output.mkdir(parents=True, exist_ok=True)
             self.output_dir, self.log_path = output, output / LAUNCH_LOG
             self._follower = EventsFollower.from_end(output / EVENTS_FILE)  # older runs' events stay unread
             self._queue = EventQueue()
-            self._process, self.returncode, self.step = None, None, 0
+            self._process, self.returncode, self._step = None, None, 0
             self._stop.clear()
             self._started_seen = self._finished_seen = self._ended_reported = False
-            self._thread = threading.Thread(target=self._work, name="subprocess-run", daemon=True,
-                                            args=(list(command), dict(env or os.environ), cwd, prepare, description))
+            self._thread = threading.Thread(target=self._work, args=(request,), name="launch-run", daemon=True)
             self._thread.start()
+
+    def send(self, command: Command) -> Reply:
+        """The commands to a live session reach runs in the trainer process only."""
+        raise NothingToDo(MULTI_ONLY)
 
     def stop(self) -> bool:
         """Ask every rank to stop after its current step (the run then saves the LoRA and state); False when
@@ -225,10 +237,10 @@ class SubprocessRun:
             if self._stop.is_set() and self.running:
                 request_stop(self.output_dir)  # the session cleared the one written while it was starting
         elif isinstance(event, Progress):
-            self.step = event.step
+            self._step = event.step
         elif isinstance(event, RunFinished):
             self._finished_seen = True
-            self.step = max(self.step, event.step)
+            self._step = max(self._step, event.step)
 
     def _ending(self) -> list[Event]:
         """After the thread ended: how the processes ended, and a failed RunFinished when they wrote none."""
@@ -249,7 +261,7 @@ class SubprocessRun:
             cause = failure_cause(text)
             message = (f"the training processes ended (exit code {code}) without finishing the run"
                        + (f": {cause}" if cause else f"; see {self.log_path}"))
-            ending.append(RunFinished(status="failed", step=self.step, message=message))
+            ending.append(RunFinished(status="failed", step=self._step, message=message))
             self._finished_seen = True
         stop_file(self.output_dir).unlink(missing_ok=True)  # never leave a stop for the next run to trip on
         return ending
@@ -260,21 +272,21 @@ class SubprocessRun:
         except OSError:
             return ""
 
-    def _work(self, command: list[str], env: dict[str, str], cwd: str | Path | None,
-              prepare: Callable[[Callable[[Event], None]], bool] | None, description: str) -> None:
-        emit = self._queue
+    def _work(self, request: LaunchRequest) -> None:
+        emit, command, prepare = self._queue, list(request.command), request.prepare
         try:
             if prepare is not None and not prepare(emit):
                 return
             if self._stop.is_set():
                 emit(RunFinished(status="stopped", step=0, message="stopped before the training processes started"))
                 return
-            emit(PhaseChanged(phase="launching", detail=description or "accelerate launch"))
+            emit(PhaseChanged(phase="launching", detail=request.description or "accelerate launch"))
             emit(LogMessage(level="info", message="command: " + " ".join(command)))
             assert self.log_path is not None
             with open(self.log_path, "wb") as log:
                 # stdin closed: a rank that asks a question fails instead of waiting for an answer nobody gives
-                process = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                env = dict(os.environ if request.env is None else request.env)
+                process = subprocess.Popen(command, cwd=request.cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                            stderr=subprocess.STDOUT)
                 with self._lock:
                     self._process = process
@@ -283,13 +295,13 @@ class SubprocessRun:
                 self.returncode = process.wait()
         except Exception as exc:  # noqa: BLE001 - the app must survive anything; the run ends as failed
             emit(LogMessage(level="error", message=traceback.format_exc()))
-            emit(RunFinished(status="failed", step=self.step, message=f"the run could not start: "
+            emit(RunFinished(status="failed", step=self._step, message=f"the run could not start: "
                                                                       f"{type(exc).__name__}: {exc}"))
 
 
 # Runs still going when the app exits are asked to stop: they save their LoRA and state at the next step instead of
 # training on with nobody to watch them (or being cut off with nothing saved when the terminal closes).
-_live_runs: weakref.WeakSet[SubprocessRun] = weakref.WeakSet()
+_live_runs: weakref.WeakSet[LaunchRunner] = weakref.WeakSet()
 
 
 @atexit.register
