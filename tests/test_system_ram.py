@@ -39,13 +39,13 @@ def test_a_first_run_is_judged_on_its_own_figure_and_a_repeated_run_on_its_own()
 def test_the_cheapest_setting_that_fits_is_named_with_its_figure() -> None:
     spec = _spec()  # klein 9B (fp8) with a bf16 Qwen3-8B: the first run needs ≈17 GiB
     verdict = ram_verdict(spec, bundle_plan(spec, "aggressive"), 8.0, available_gib=15.0)
-    assert verdict.remedy.startswith('model.text_encoder_precision = "fp8" (')
+    assert verdict.remedy.startswith('model.text_encoder_precision = "int8" (')
     assert "cheapest setting that fits: model.text_encoder_precision" in verdict.line()
     # FLUX.2 dev on 32 GiB: a quantised encoder alone is not enough, blocks on disk as well is
     dev = _spec("dev")
     verdict = ram_verdict(dev, bundle_plan(dev, "aggressive"), 24.0, available_gib=32.0)
     assert verdict.verdict == "will not fit"
-    assert verdict.remedy.startswith('model.text_encoder_precision = "fp8" and lowvram.swap_from = "disk"')
+    assert verdict.remedy.startswith('model.text_encoder_precision = "int8" and lowvram.swap_from = "disk"')
 
 
 def test_nothing_that_fits_says_so() -> None:
