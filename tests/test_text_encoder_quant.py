@@ -98,3 +98,29 @@ def test_a_packed_text_encoder_file_is_refused_by_name_before_loading(demo_dir: 
     message = check_file("text_encoder", path, registry.get_flavour("flux2", "demo"))
     assert message is not None and message.startswith("model.text_encoder: 'qwen_nf4.safetensors'")
     assert "U8" in message and "bf16, fp16 or fp8" in message
+
+
+def test_a_run_loads_one_model_at_a_time_with_a_quantised_text_encoder(demo_dir: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.session import Session
+    from trainer.sources import assemble
+    from trainer.spec import load_spec, resolve_paths
+
+    seen = []
+    real = assemble.load_transformer
+
+    def load_transformer(*args: object, **kwargs: object) -> torch.nn.Module:
+        seen.append((session.pipe.text_encoder, session.pipe.transformer))  # what is loaded when it starts
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(assemble, "load_transformer", load_transformer)
+    settings = ["train.max_steps=1", "sample.prompts=[]", "model.text_encoder_precision='int8'",
+                f"output.dir='{tmp_path}'"]
+    session = Session(resolve_paths(load_spec(demo_dir / "job.toml", settings), demo_dir))
+    try:
+        session.setup()
+        session.train()
+        assert seen == [(None, None)]  # the text encoder was freed before the transformer began to load
+        assert len(session.losses) == 1 and all(torch.isfinite(torch.tensor(session.losses)))
+    finally:
+        session.end()
