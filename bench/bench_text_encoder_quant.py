@@ -71,9 +71,11 @@ def _write(folder: Path, class_name: str, config: object) -> None:
         model = getattr(transformers, class_name)(config)
     finally:
         torch.set_default_dtype(previous)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if getattr(config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
+    state, seen = {}, set()
+    for name, value in model.state_dict().items():  # a tied tensor once (T5's shared table, a tied lm_head)
+        if value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            state[name] = value.contiguous()
     save_file(state, str(folder / "model.safetensors"))
     config.save_pretrained(str(folder))
     del model, state
@@ -103,11 +105,13 @@ def _size(model: torch.nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 1024**3
 
 
-def run(layers: int, token_count: int) -> None:
+def run(layers: int, token_count: int, only: list[str] | None = None) -> None:
     torch.manual_seed(1)
     tokens = torch.randint(0, VOCAB, (1, token_count))
     print(f"{'encoder':26}{'format':>7}{'GiB':>8}{'load s':>8}{'cosine':>11}{'token cos':>11}{'max rel err':>13}")
     for label, (class_name, kind, config) in _configs(layers).items():
+        if only and not any(word in label for word in only):
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             _write(folder, class_name, config)
@@ -135,9 +139,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2, help="decoder layers / T5 blocks (CLIP keeps its 12)")
     parser.add_argument("--tokens", type=int, default=128, help="prompt tokens (CLIP reads the first 77)")
+    parser.add_argument("--only", nargs="*", help="encoders whose name contains one of these words")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    run(args.layers, args.tokens)
+    run(args.layers, args.tokens, args.only)
 
 
 if __name__ == "__main__":
