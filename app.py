@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ui.upload_limits import UploadLimits
+
 SHARE_USER = "studio"
 ALL_INTERFACES, LOCALHOST = "0.0.0.0", "127.0.0.1"
 # How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). Training runs in a thread
@@ -43,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "Always allowed: the workdir, and your home folder unless --listen or --share")
     parser.add_argument("--workdir", type=Path, default=Path(__file__).resolve().parent,
                         help="folder for the demo (.studio/demo) and outputs (output/); default: the app's folder")
+    parser.add_argument("--upload-max-mb", type=int, default=UploadLimits.max_total_mb, metavar="MB",
+                        help="the most a dataset upload through the page may hold, a zip counted as it expands "
+                             f"(default {UploadLimits.max_total_mb})")
+    parser.add_argument("--upload-max-files", type=int, default=UploadLimits.max_files, metavar="N",
+                        help=f"the most files a dataset upload may hold (default {UploadLimits.max_files})")
     parser.add_argument("--no-browser", action="store_true",
                         help="do not open the app in a browser (it opens one when a desktop is there)")
     return parser
@@ -106,7 +113,8 @@ def launch_options(args: argparse.Namespace, workdir: Path, auth: tuple[str, str
     host = ALL_INTERFACES if args.listen else LOCALHOST
     return {"server_name": host, "server_port": args.port or free_port(host), "share": args.share, "auth": auth,
             "allowed_paths": allowed_paths(workdir), "blocked_paths": blocked_paths(workdir),
-            "inbrowser": open_browser, "app_kwargs": {"middleware": [page_cache_middleware()]}}
+            "inbrowser": open_browser, "app_kwargs": {"middleware": [page_cache_middleware()]},
+            "max_file_size": f"{args.upload_max_mb}mb"}  # gradio refuses a bigger file before it is stored
 
 
 def keep_the_page_responsive() -> None:
@@ -134,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     from ui.page import build_app
 
     folders = allowed_folders(args)
-    app = build_app(ProcessRunner(), workdir, folders)  # training in a process of its own: see its module
+    limits = UploadLimits(args.upload_max_mb, args.upload_max_files)
+    app = build_app(ProcessRunner(), workdir, folders, limits)  # training in a process of its own: see its module
     options = launch_options(args, workdir, auth, open_browser=should_open_browser(args))
     host = options["server_name"]
     print(f"Flux LoRA Studio: http://{'localhost' if host == LOCALHOST else host}:{options['server_port']}  "

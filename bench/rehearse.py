@@ -167,7 +167,7 @@ def check_loras(output: Path, flavour, transformer_config: Path) -> list[dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.fabric import FLAVOURS, LAYOUTS
+    from trainer.fabric.make import FLAVOURS, LAYOUTS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("flavour", choices=list(FLAVOURS))
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def rehearse(args: argparse.Namespace) -> int:
     from trainer.estimator.cpu_only import cpu_only_phases
-    from trainer.fabric import existing, fabricate, flavour_of, needed_bytes
+    from trainer.fabric.make import existing, fabricate, flavour_of, needed_bytes
 
     flavour = flavour_of(args.flavour)
     fab_dir = Path(args.fab_dir)

@@ -31,7 +31,7 @@ def smallest_preset(flavour: Flavour) -> str:
 
 def model_edits(flavour: Flavour, layout: str, model: Path) -> dict[str, Any]:
     """model.* for the fabricated folder: the hub folder as model.source, or ComfyUI's files and source/."""
-    from trainer.fabric import COMFY_FOLDERS, COMFY_NAMES
+    from trainer.fabric.layouts import COMFY_FOLDERS, COMFY_NAMES
 
     if layout == "hub":
         return {"source": str(model)}
@@ -74,7 +74,7 @@ def check_disk_and_ram(disk_bytes: int, folder: Path, peak_gib: float) -> None:
     available RAM: one line with what it needs and has."""
     import psutil
 
-    from trainer.fabric import check_room
+    from trainer.fabric.make import check_room
 
     if disk_bytes:
         check_room(folder, disk_bytes, "rehearse")

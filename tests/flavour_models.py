@@ -9,7 +9,9 @@ have their real depth (Mistral-Small-3.1: 40 layers, Qwen3-4B/8B: 36), so the fl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,18 @@ def flux1_pipeline(flavour: str) -> Any:
     )
 
 
+def tiny_flavour(family: str, name: str) -> Any:
+    """The real flavour with the facts of its tiny model here (blocks, widths, text encoder): what the folder checks
+    compare a folder of these models with. Everything else (classes, guidance, sampling) stays the flavour's."""
+    from trainer.registry import get_flavour
+
+    real = get_flavour(family, name)
+    joint = JOINT_DIM if family == "flux2" else 32
+    return dataclasses.replace(real, double_blocks=2, single_blocks=2, hidden_size=32, num_heads=2,
+                               joint_attention_dim=joint, pooled_dim=32 if family == "flux1" else 0,
+                               max_blocks_to_swap=2)
+
+
 def pipeline_for(family: str, flavour: str) -> Any:
     """One shared tiny pipeline per kind (klein base 9B and 4B share one); tests that hook it must undo it."""
     return _build(family, "klein-base" if flavour.startswith("klein-base") else flavour)
@@ -195,3 +209,31 @@ def as_kontext_folder(flux1_folder: Path, out: Path) -> Path:
     index["_class_name"] = "FluxKontextPipeline"
     (out / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
     return out
+
+
+def header_only_file(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16") -> Path:
+    """A valid safetensors file of the given tensors whose data is a hole (sparse): a real-size model's header."""
+    size = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}[dtype]
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        count = size
+        for n in shape:
+            count *= n
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + count]}
+        offset += count
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little") + raw)
+        handle.truncate(8 + len(raw) + offset)
+    return path
+
+
+def meta_shapes(model_class: type, *args: object, **config: object) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a model built on the meta device (no memory, any size)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = model_class(*args, **config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}

@@ -269,39 +269,6 @@ def test_pissa_needs_a_float_base():
         add_adapter(make_transformer("flux2"), "flux2", **adapter_kwargs(init="pissa"), base_precision="nf4")
 
 
-def test_loftq_needs_nf4():
-    with pytest.raises(UserError, match=r"lora\.init.*loftq.*model\.base_precision = 'nf4'.*'bf16'"):
-        add_adapter(make_transformer("flux2"), "flux2", **adapter_kwargs(init="loftq"), base_precision="bf16")
-    with pytest.raises(UserError, match=r"'fp32'"):  # read from the weights when not given
-        add_adapter(make_transformer("flux2"), "flux2", **adapter_kwargs(init="loftq"))
-
-
-def test_loftq_puts_the_base_on_the_nf4_grid_and_fits_the_error():
-    import bitsandbytes.functional as bnb_functional
-
-    transformer = make_transformer("flux2")
-    original = transformer.transformer_blocks[0].attn.to_q.weight.detach().clone()
-    add_adapter(transformer, "flux2", **adapter_kwargs(init="loftq", targets="tiny", rank=8, alpha=4.0),
-                base_precision="nf4")
-    layer = transformer.transformer_blocks[0].attn.to_q
-    base = layer.base_layer.weight.detach()
-    packed, state = bnb_functional.quantize_4bit(base, blocksize=64, quant_type="nf4")
-    assert torch.equal(bnb_functional.dequantize_4bit(packed, state), base)  # quantising again changes nothing
-    delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
-    assert (original - base - delta).norm() < 0.8 * (original - base).norm()
-    assert all(p.dtype == torch.float32 and p.requires_grad for p in adapter_parameters(transformer))
-
-
-def test_inits_that_do_not_apply():
-    for init in ("gaussian", "pissa", "olora", "loftq"):
-        with pytest.raises(UserError, match=rf"lora\.init: '{init}' applies to lora\.type 'lora' only"):
-            add_adapter(make_transformer("flux2"), "flux2", **adapter_kwargs(type="lokr", init=init))
-    with pytest.raises(UserError, match=r"lora\.type"):
-        add_adapter(make_transformer("flux2"), "flux2", **adapter_kwargs(type="loha"))
-    with pytest.raises(UserError, match=r"lora\.init.*lora\.init_from"):
-        add_adapter(make_transformer("flux2"), "flux2", **adapter_kwargs(init="pissa"), init_from="x.safetensors")
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lokr_starts_neutral_and_trains(family):
     transformer = make_transformer(family)

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ui_and_app_import_without_torch():
     code = ("import sys, ui, app; import ui.run_state, ui.form, ui.studio, ui.dataset_check, ui.captioning, "
-            "ui.caption_editor, ui.paths, ui.jobs, ui.presets; print('torch' in sys.modules)")
+            "ui.caption_editor, ui.paths, ui.jobs, ui.presets, ui.uploads, ui.quickstart, ui.run_history; "
+            "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
@@ -69,6 +70,12 @@ def test_defaults():
     args = app.build_parser().parse_args([])
     assert args.port == 7860 and not args.listen and not args.share and args.auth is None
     assert args.workdir == ROOT and args.allow == [] and not args.no_browser
+
+
+def test_upload_limits_are_flags_and_gradio_refuses_a_bigger_file(tmp_path):
+    args = app.build_parser().parse_args(["--upload-max-mb", "300", "--upload-max-files", "50"])
+    assert (args.upload_max_mb, args.upload_max_files) == (300, 50)
+    assert app.launch_options(args, tmp_path, None, open_browser=False)["max_file_size"] == "300mb"
 
 
 def test_listen_binds_every_interface_and_the_folders_follow_who_can_reach_the_app(tmp_path):

@@ -86,8 +86,9 @@ def test_a_new_user_trains_the_demo_in_chromium(tmp_path):
                 page.set_default_timeout(WAIT_MS)
                 _wait_until_up(url, process, timeout=120)
                 page.goto(url)
-                expect(page.get_by_role("tab", name="Model")).to_be_visible()
+                expect(page.get_by_role("tab", name="Quick start", selected=True)).to_be_visible()
                 shot(page, "01-opened")
+                page.get_by_role("tab", name="Model").click()  # the full form, past the quick start
 
                 choose(page, "Hardware profile", "CPU only (no NVIDIA GPU) (no GPU)")
                 choose(page, "Preset", re.compile(r"^Demo · "))
@@ -99,7 +100,7 @@ def test_a_new_user_trains_the_demo_in_chromium(tmp_path):
                 expect(steps).to_have_value("400")  # the preset filled the form
                 shot(page, "02-profile-and-preset")
 
-                page.get_by_role("tab", name="Run").click()
+                page.get_by_role("tab", name="Run", exact=True).click()
                 page.get_by_role("button", name="Start", exact=True).click()
                 status = page.get_by_label("Status", exact=True)
                 expect(status).to_have_value(re.compile(r"^(started|starting|running)"))

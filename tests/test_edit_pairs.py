@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.flavour_models import as_kontext_folder
+from tests.flavour_models import as_kontext_folder, tiny_flavour
 from tests.test_dataset_run import _run
 from trainer.data.health import check_datasets
 from trainer.data.images import load_pixels
@@ -321,8 +321,13 @@ def test_reference_latents_are_cached_on_disk_and_reused(demo_dir: Path, tmp_pat
         second.end()
 
 
-def test_kontext_trains_on_the_pairs_and_samples_from_the_reference(demo_dir: Path, tmp_path: Path) -> None:
-    # The FLUX.1 demo weights under the kontext flavour: its FluxKontextPipeline, its packing, its sampling.
+def test_kontext_trains_on_the_pairs_and_samples_from_the_reference(demo_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The FLUX.1 demo weights under the kontext flavour (at the demo's sizes): its FluxKontextPipeline, its packing,
+    # its sampling.
+    from trainer import registry
+
+    monkeypatch.setitem(registry.FAMILIES["flux1"].flavours, "kontext", tiny_flavour("flux1", "kontext"))
     source = as_kontext_folder(demo_dir / "flux1", tmp_path / "kontext")
     spec = _spec(demo_dir, tmp_path / "out", "model.family='flux1'", "model.flavour='kontext'",
                  f"model.source='{source}'", "sample.prompts=['make the circle red']", "sample.resolution=64",

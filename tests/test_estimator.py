@@ -34,7 +34,7 @@ def _spec(family: str, flavour: str, **sections: dict) -> object:
     return parse_spec(data)
 
 
-ALL_FLAVOURS = [(fam, fl) for fam in registry.family_names() for fl in registry.flavour_names(fam)]
+ALL_FLAVOURS = [(fam, fl) for fam in list(registry.FAMILIES) for fl in registry.flavour_names(fam)]
 
 
 def _plan(spec: object, strategy: str, **changes: object) -> LowVramPlan:

@@ -18,8 +18,9 @@ from test_resume import SETTINGS, _assert_same, _spec
 from test_resume import _run as run_session
 
 from trainer.checkpoint import load_training_state, saved_states
-from trainer.events import JsonlWriter, LogMessage, Progress, RunFinished, read_events
+from trainer.events import JsonlWriter, LogMessage, Progress, RunFinished
 from trainer.runners.base import RunRequest
+from trainer.runners.launch import EventsFollower
 from trainer.runners.thread import TrainingRunner
 
 EVERY_2 = "output.save_every_steps=2"
@@ -89,7 +90,8 @@ def test_kill_9_mid_write_and_between_steps_resumes_to_the_unbroken_run(demo_dir
     assert not torn[0].exists()  # the resumed run cleared the half-written file
     assert _every_state_loads(tmp_path) == [2, 4]
     assert load_file(tmp_path / "demo_lora-step000004.safetensors")
-    assert [e.step for e in read_events(tmp_path / "events.jsonl") if isinstance(e, Progress)][-3:] == [3, 4, 5]
+    events = EventsFollower(tmp_path / "events.jsonl").read()
+    assert [e.step for e in events if isinstance(e, Progress)][-3:] == [3, 4, 5]
 
     _kill_at("write:demo_lora-step000006", demo_dir, tmp_path, resume=True)  # inside the LoRA write of step 6
     assert [p.name.startswith(".demo_lora-step000006.safetensors.") for p in _torn(tmp_path)] == [True]
@@ -99,7 +101,7 @@ def test_kill_9_mid_write_and_between_steps_resumes_to_the_unbroken_run(demo_dir
     resumed = run_session(_spec(demo_dir, tmp_path, EVERY_2), resume=True)
     _assert_same(resumed, tmp_path, unbroken)  # from step 6, the newest state that reads
     assert not _torn(tmp_path)
-    warnings = [e.message for e in read_events(tmp_path / "events.jsonl") if isinstance(e, LogMessage)
+    warnings = [e.message for e in EventsFollower(tmp_path / "events.jsonl").read() if isinstance(e, LogMessage)
                 and e.level == "warning"]
     assert any("step000007.safetensors: the saved training state cannot be read" in w for w in warnings)
 
@@ -110,7 +112,7 @@ def test_events_after_a_line_torn_by_a_kill_stay_readable(tmp_path: Path) -> Non
     writer = JsonlWriter(log)
     writer(LogMessage(level="info", message="after the restart"))
     writer.close()
-    assert [e.message for e in read_events(log)] == ["whole", "after the restart"]
+    assert [e.message for e in EventsFollower(log).read()] == ["whole", "after the restart"]
 
 
 # ---------------------------------------------------------------------- a full disk, a folder we cannot write

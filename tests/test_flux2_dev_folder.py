@@ -18,13 +18,12 @@ import pytest
 import torch
 
 from tests.fake_hub import FakeHub, serving
-from tests.flavour_models import pipeline_for, save_flux2_dev_folder
+from tests.flavour_models import pipeline_for, save_flux2_dev_folder, tiny_flavour
 from trainer.errors import UserError
 from trainer.families import family_ops
-from trainer.registry import get_flavour
 from trainer.sources.processor_tokenizers import load_processor_tokenizers
 
-FLAVOUR = get_flavour("flux2", "dev")
+FLAVOUR = tiny_flavour("flux2", "dev")  # FLUX.2 [dev] with the tiny model's sizes
 PROMPTS = ["a red circle", "a green square on a blue background"]
 
 

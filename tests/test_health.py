@@ -22,6 +22,11 @@ def _image(path: Path, size: tuple[int, int] = (96, 96), colour: tuple[int, int,
     return path
 
 
+def _distinct(index: int) -> tuple[int, int, int]:
+    """Colours far enough apart that plain images of them are different pictures, not likely duplicates."""
+    return (index * 53 + 17) % 256, (index * 97 + 29) % 256, (index * 151 + 41) % 256
+
+
 def _truncated_jpeg(path: Path) -> Path:
     rng = random.Random(0)
     noise = Image.frombytes("RGB", (96, 96), bytes(rng.randrange(256) for _ in range(96 * 96 * 3)))
@@ -128,8 +133,8 @@ def test_datasets_that_cannot_train(tmp_path: Path, setup: str, batch: int, accu
     if setup == "all_bad":
         _truncated_jpeg(folder / "cut.jpg")
     if setup == "two":
-        _image(folder / "a.png", colour=(1, 1, 1))
-        _image(folder / "b.png", colour=(2, 2, 2))
+        _image(folder / "a.png", colour=_distinct(1))
+        _image(folder / "b.png", colour=_distinct(2))
     report = check_datasets([DatasetEntry(path=str(folder))], batch_size=batch, gradient_accumulation=accumulation)
     assert report.verdict == verdict
     assert needle in report.table()
@@ -140,8 +145,8 @@ def test_repeats_holdout_and_settings_come_from_a_spec(tmp_path: Path) -> None:
     subject.mkdir()
     regularisation.mkdir()
     for index in range(3):
-        _image(subject / f"s{index}.png", colour=(index, 0, 0))
-    _image(regularisation / "r.png", colour=(0, 0, 9))
+        _image(subject / f"s{index}.png", colour=_distinct(index))
+    _image(regularisation / "r.png", colour=_distinct(99))
     spec = JobSpec.model_validate({
         "model": {"flavour": "klein-base-4b"},
         "data": {"eval_holdout": 1, "datasets": [{"path": str(subject), "repeats": 2},
@@ -158,8 +163,8 @@ def test_an_unreadable_mask_skips_its_image(tmp_path: Path) -> None:
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir()
     masks.mkdir()
-    _image(images / "a.png", colour=(1, 1, 1))
-    _image(images / "b.png", colour=(2, 2, 2))
+    _image(images / "a.png", colour=_distinct(1))
+    _image(images / "b.png", colour=_distinct(2))
     Image.new("L", (96, 96), 255).save(masks / "a.png")
     (masks / "b.png").write_bytes(b"broken")
     report = check_datasets([DatasetEntry(path=str(images), masks=str(masks))])
@@ -170,7 +175,7 @@ def test_an_unreadable_mask_skips_its_image(tmp_path: Path) -> None:
 
 def test_a_file_that_cannot_be_opened_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _image(tmp_path / "a.png")
-    locked = _image(tmp_path / "locked.png", colour=(3, 3, 3))
+    locked = _image(tmp_path / "locked.png", colour=_distinct(3))
     read_bytes = Path.read_bytes
 
     def refuse(self: Path) -> bytes:
@@ -187,7 +192,7 @@ def test_a_file_that_cannot_be_opened_is_skipped(tmp_path: Path, monkeypatch: py
 
 def test_long_reports_show_a_few_rows_of_each_kind(tmp_path: Path) -> None:
     for index in range(14):
-        _image(tmp_path / f"img_{index:02}.png", colour=(index, 0, 0), caption=None)
+        _image(tmp_path / f"img_{index:02}.png", colour=_distinct(index), caption=None)
     (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n")
     report = check_datasets([DatasetEntry(path=str(tmp_path))])
     lines = report.table(per_kind=3).splitlines()

@@ -24,12 +24,15 @@ BASE = [f"train.max_steps={STEPS}", "sample.prompts=[]", "train.gradient_accumul
 
 
 def _train(demo_dir: Path, out: Path, job: str, *settings: str) -> tuple[Session, list[float], dict[str, torch.Tensor]]:
+    """(session, losses, trained weights); the session's optimizer as it trained is kept in `session.trained_with`
+    (end() sets `optimizer` to None)."""
     spec = resolve_paths(load_spec(demo_dir / job, [*BASE, f"output.dir='{out}'", *settings]), demo_dir)
     session = Session(spec)
     try:
         session.setup()
         session.train()
         weights = {n: p.detach().clone() for n, p in session.transformer.named_parameters() if p.requires_grad}
+        session.trained_with = session.optimizer
         return session, list(session.losses), weights
     finally:
         session.end()
@@ -69,9 +72,12 @@ def test_each_technique_trains_like_the_plain_run(demo_dir: Path, tmp_path: Path
                                                   technique: str) -> None:
     result = _train(demo_dir, tmp_path, "job.toml", *TECHNIQUES[technique])
     _assert_same(result, plain["job.toml"])
-    session = result[0]
-    if "fused" in technique:
-        assert isinstance(session.optimizer, FusedBackward) or session.optimizer is None
+    optimizer = result[0].trained_with
+    assert isinstance(optimizer, FusedBackward) == ("fused" in technique)
+    if "offloaded steps" in technique:
+        assert all(isinstance(o, OffloadedOptimizer) for o in optimizer.optimizers)
+    elif technique == "optimizer offloaded":
+        assert isinstance(optimizer, OffloadedOptimizer)
 
 
 @pytest.mark.parametrize("job", ["job.toml", "job_flux1.toml"])

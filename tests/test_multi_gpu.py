@@ -32,7 +32,8 @@ from trainer.checkpoint import load_training_state, saved_states
 from trainer.distributed import Distributed, launch_command, request_stop
 from trainer.estimator.auto import choose_mode
 from trainer.estimator.plans import mode_problems
-from trainer.events import EvalLoss, Progress, RunFinished, SampleSaved, read_events
+from trainer.events import EvalLoss, Progress, RunFinished, SampleSaved
+from trainer.runners.launch import EventsFollower
 from trainer.session import Session
 from trainer.spec import load_spec, parse_spec, resolve_paths
 
@@ -94,7 +95,7 @@ def runs(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     fsdp_out, ddp_out, single_out = (tmp_path_factory.mktemp(name) for name in ("fsdp", "ddp", "single"))
     started = time.monotonic()
     stopped = _launch(demo_dir, fsdp_out, [*FSDP, "train.max_steps=200"], stop_at=STOP_AFTER)
-    stopped_events = read_events(fsdp_out / "events.jsonl")
+    stopped_events = EventsFollower(fsdp_out / "events.jsonl").read()
     stop_step = stopped_events[-1].step
     steps = stop_step + MORE
     resumed = _launch(demo_dir, fsdp_out, [*FSDP, f"train.max_steps={steps}"], resume=True)
@@ -132,7 +133,7 @@ def test_two_processes_train_the_lora_of_one_with_twice_the_accumulation(runs: d
 
 def test_only_rank_zero_reports_and_writes(runs: dict) -> None:
     out, steps = runs["ddp"], runs["steps"]
-    events = read_events(out / "events.jsonl")
+    events = EventsFollower(out / "events.jsonl").read()
     kinds = [type(event).__name__ for event in events]
     assert kinds.count("RunStarted") == 1 and kinds.count("RunFinished") == 1 and kinds.count("LoraSaved") == 1
     assert [event.step for event in events if isinstance(event, Progress)] == list(range(1, steps + 1))

@@ -14,13 +14,35 @@ import torch
 from trainer.errors import UserError
 from trainer.optimizers import (
     OPTIMIZERS,
-    SCHEDULERS,
     build_optimizer,
     build_scheduler,
     effective_learning_rate,
-    optimizer_state_bytes,
 )
 from trainer.state_file import read_state_file, write_state_file
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimiser's state tensors (moments, quantisation maps, step counters), each counted once."""
+    seen: set[tuple[int, int, torch.dtype]] = set()
+    total = 0
+
+    def add(value: object) -> None:
+        nonlocal total
+        if torch.is_tensor(value):
+            key = (value.data_ptr(), value.numel(), value.dtype)
+            if key not in seen:
+                seen.add(key)
+                total += value.numel() * value.element_size()
+        elif isinstance(value, dict):
+            for item in value.values():
+                add(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                add(item)
+
+    for state in optimizer.state.values():
+        add(state)
+    return total
 
 # Learning rates for the toy problem below: AdamW-like ones at 1e-2 (a toy problem tolerates more than a LoRA),
 # Lion at 3e-3 (its updates are sign-sized, so 3x lower than AdamW), Prodigy at its usual multiplier 1.0.
@@ -182,13 +204,6 @@ def test_effective_learning_rate_includes_prodigys_estimate():
     assert effective_learning_rate(adamw) == 3e-4
 
 
-def test_unknown_optimizer_names_the_setting_and_the_choices():
-    layer, _, _ = regression_problem()
-    with pytest.raises(UserError, match="train.optimizer") as raised:
-        build_optimizer(list(layer.parameters()), "sgd", 1e-4)
-    assert all(name in str(raised.value) for name in OPTIMIZERS)
-
-
 def test_missing_bitsandbytes_is_a_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
@@ -248,13 +263,3 @@ def test_scheduler_state_round_trips():
             each_optimizer.step()
             each_scheduler.step()
         assert resumed.get_last_lr() == scheduler.get_last_lr()
-
-
-def test_unknown_scheduler_and_long_warmup_are_user_errors():
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    with pytest.raises(UserError, match="train.scheduler") as raised:
-        build_scheduler(optimizer, "cosine_with_restarts", 0, 100)
-    assert all(name in str(raised.value) for name in SCHEDULERS)
-    with pytest.raises(UserError, match="train.warmup_steps"):
-        build_scheduler(optimizer, "cosine", 100, 100)
-    build_scheduler(optimizer, "constant", 100, 100)  # constant ignores warmup

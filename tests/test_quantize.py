@@ -188,7 +188,7 @@ def test_a_folder_that_does_not_fit_is_refused(demo_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------------ adapters
 
 
-def test_inits_that_rewrite_the_base_are_refused_and_loftq_reads_the_file(demo_dir: Path) -> None:
+def test_inits_that_rewrite_the_base_are_refused_on_a_quantised_base(demo_dir: Path) -> None:
     from trainer.adapters import add_adapter
 
     folder, model_class = demo_dir / "flux2" / "transformer", _model_class("flux2")
@@ -197,16 +197,6 @@ def test_inits_that_rewrite_the_base_are_refused_and_loftq_reads_the_file(demo_d
         model = load_quantized_transformer(folder, model_class, "int4", torch.bfloat16)
         with pytest.raises(UserError, match=rf"lora\.init: '{init}'.*model\.base_precision 'int4'"):
             add_adapter(model, "flux2", init=init, base_precision="int4", **kwargs)
-    model = load_quantized_transformer(folder, model_class, "nf4", torch.bfloat16)
-    layer = model.transformer_blocks[0].attn.to_q
-    base_before = layer.qweight.clone()
-    add_adapter(model, "flux2", init="loftq", base_precision="nf4", **kwargs)
-    layer = model.transformer_blocks[0].attn.to_q
-    assert torch.equal(layer.base_layer.qweight, base_before)  # the streamed base already is NF4(W)
-    original = layer.base_layer.read_source()
-    base = layer.base_layer.dequantize(torch.float32)
-    delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
-    assert (original - base - delta).norm() < 0.8 * (original - base).norm()
 
 
 @pytest.mark.parametrize(("family", "fmt"), [("flux2", "nf4"), ("flux1", "fp8")])

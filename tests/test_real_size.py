@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from trainer import registry
-from trainer.fabric import Fabricated, fabricate, real_width
 from trainer.fabric.lora_check import load_in_diffusers
+from trainer.fabric.make import Fabricated, fabricate, real_width
 from trainer.sources.recognise import read_header
 
 CASES = {"flux2": "klein-base-4b", "flux1": "dev"}

@@ -8,60 +8,26 @@ recognition reads. huggingface_hub's own client talks to a Hub in memory (tests/
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import pytest
 import torch
+from bfl_layout import bfl_to_diffusers, diffusers_to_bfl
 from safetensors.torch import save_file
 
 from tests.fake_hub import FakeHub, serving
+from tests.flavour_models import header_only_file, meta_shapes
 from trainer import registry
 from trainer.errors import UserError
 from trainer.events import DownloadProgress, Event
 from trainer.families import family_ops
 from trainer.sources import ModelFiles, model_files, resolve_model_paths
 from trainer.sources.recognise import check_file, recognise
-from trainer.sources.transformer_keys import (
-    BFL_PREFIX,
-    bfl_shapes,
-    bfl_to_diffusers,
-    diffusers_to_bfl,
-    transformer_plan,
-)
+from trainer.sources.transformer_keys import BFL_PREFIX, bfl_shapes, transformer_plan
 from trainer.sources.vae_keys import vae_diffusers_to_ldm, vae_ldm_to_diffusers
 
 FLAVOUR = {family: registry.get_flavour(family, "demo") for family in ("flux2", "flux1")}
 _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e4m3fn: "F8_E4M3"}
-
-
-def _header_only(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16") -> Path:
-    """A valid safetensors file of the given tensors whose data is a hole (sparse): a real-size model's header."""
-    size = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1}[dtype]
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        count = size
-        for n in shape:
-            count *= n
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + count]}
-        offset += count
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as handle:
-        handle.write(len(raw).to_bytes(8, "little") + raw)
-        handle.truncate(8 + len(raw) + offset)
-    return path
-
-
-def _meta_shapes(model_class: type, *args: object, **config: object) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of a model built on the meta device (no memory, any size)."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        model = model_class(*args, **config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def _flux_transformer_shapes(family: str, flavour: str) -> dict[str, tuple[int, ...]]:
@@ -73,7 +39,7 @@ def _flux_transformer_shapes(family: str, flavour: str) -> dict[str, tuple[int, 
                   num_attention_heads=f.num_heads, joint_attention_dim=f.joint_attention_dim,
                   guidance_embeds=f.guidance == "embedded")
     model_class = Flux2Transformer2DModel if family == "flux2" else FluxTransformer2DModel
-    shapes = _meta_shapes(model_class, **common)
+    shapes = meta_shapes(model_class, **common)
     return bfl_shapes(transformer_plan(family, shapes), shapes)
 
 
@@ -92,17 +58,17 @@ def _text_encoder_shapes(kind: str, width: int = 0) -> dict[str, tuple[int, ...]
     if kind == "qwen3":
         config = Qwen3Config(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=36,
                              num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=1024)
-        return _meta_shapes(Qwen3ForCausalLM, config)
+        return meta_shapes(Qwen3ForCausalLM, config)
     if kind == "mistral":
         config = MistralConfig(hidden_size=5120, intermediate_size=8192, num_hidden_layers=40, num_attention_heads=32,
                                num_key_value_heads=8, head_dim=128, vocab_size=1024)
-        return _meta_shapes(MistralForCausalLM, config)
+        return meta_shapes(MistralForCausalLM, config)
     if kind == "t5":
         config = T5Config(d_model=4096, d_ff=10240, num_layers=24, num_heads=64, d_kv=64,
                           feed_forward_proj="gated-gelu", vocab_size=1024)
-        return {k: v for k, v in _meta_shapes(T5EncoderModel, config).items() if "embed_tokens" not in k}
+        return {k: v for k, v in meta_shapes(T5EncoderModel, config).items() if "embed_tokens" not in k}
     config = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
-    return _meta_shapes(CLIPTextModel, config)
+    return meta_shapes(CLIPTextModel, config)
 
 
 # ---------------------------------------------------------------------------------------------- demo files
@@ -205,7 +171,7 @@ def test_bfl_names_agree_with_diffusers_converter_at_real_widths(family: str) ->
     )
 
     model_class = Flux2Transformer2DModel if family == "flux2" else FluxTransformer2DModel
-    shapes = _meta_shapes(model_class, num_layers=1, num_single_layers=1, guidance_embeds=True)
+    shapes = meta_shapes(model_class, num_layers=1, num_single_layers=1, guidance_embeds=True)
     generator = torch.Generator().manual_seed(0)
     state = {name: torch.randn((shape[0], 2) if len(shape) > 1 else shape, generator=generator)
              for name, shape in shapes.items()}
@@ -327,33 +293,34 @@ def real_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     models = tmp_path_factory.mktemp("ComfyUI") / "models"
     prefixed = {k: v for k, v in ((BFL_PREFIX + k, v) for k, v in
                                   _flux_transformer_shapes("flux2", "klein-base-4b").items())}
-    schnell = _meta_shapes(FluxTransformer2DModel, num_layers=19, num_single_layers=38, guidance_embeds=False)
+    schnell = meta_shapes(FluxTransformer2DModel, num_layers=19, num_single_layers=38, guidance_embeds=False)
     files = {
-        "klein4b": _header_only(models / "diffusion_models" / "flux-2-klein-base-4b.safetensors", prefixed),
-        "klein9b": _header_only(models / "diffusion_models" / "flux-2-klein-base-9b.safetensors",
+        "klein4b": header_only_file(models / "diffusion_models" / "flux-2-klein-base-4b.safetensors", prefixed),
+        "klein9b": header_only_file(models / "diffusion_models" / "flux-2-klein-base-9b.safetensors",
                                 _flux_transformer_shapes("flux2", "klein-base-9b")),
-        "dev2": _header_only(models / "diffusion_models" / "flux2_dev_fp8mixed.safetensors",
+        "dev2": header_only_file(models / "diffusion_models" / "flux2_dev_fp8mixed.safetensors",
                              _flux_transformer_shapes("flux2", "dev"), "F8_E4M3"),
-        "dev1": _header_only(models / "unet" / "flux1-dev.safetensors", _flux_transformer_shapes("flux1", "dev")),
-        "schnell": _header_only(models / "unet" / "schnell-diffusers.safetensors", schnell),  # diffusers layout
-        "vae2": _header_only(models / "vae" / "flux2-vae.safetensors", _vae_shapes("flux2")),
-        "ae": _header_only(models / "vae" / "ae.safetensors", _vae_shapes("flux1")),
-        "qwen4b": _header_only(models / "text_encoders" / "qwen_3_4b.safetensors", _text_encoder_shapes("qwen3", 2560)),
-        "qwen8b": _header_only(models / "text_encoders" / "qwen_3_8b_fp8mixed.safetensors",
+        "dev1": header_only_file(models / "unet" / "flux1-dev.safetensors", _flux_transformer_shapes("flux1", "dev")),
+        "schnell": header_only_file(models / "unet" / "schnell-diffusers.safetensors", schnell),  # diffusers layout
+        "vae2": header_only_file(models / "vae" / "flux2-vae.safetensors", _vae_shapes("flux2")),
+        "ae": header_only_file(models / "vae" / "ae.safetensors", _vae_shapes("flux1")),
+        "qwen4b": header_only_file(models / "text_encoders" / "qwen_3_4b.safetensors",
+                                   _text_encoder_shapes("qwen3", 2560)),
+        "qwen8b": header_only_file(models / "text_encoders" / "qwen_3_8b_fp8mixed.safetensors",
                                _text_encoder_shapes("qwen3", 4096), "F8_E4M3"),
-        "mistral": _header_only(models / "text_encoders" / "mistral_3_small_flux2_bf16.safetensors",
+        "mistral": header_only_file(models / "text_encoders" / "mistral_3_small_flux2_bf16.safetensors",
                                 _text_encoder_shapes("mistral")),
-        "clip": _header_only(models / "clip" / "clip_l.safetensors",
+        "clip": header_only_file(models / "clip" / "clip_l.safetensors",
                              {f"text_model.{k}": v for k, v in _text_encoder_shapes("clip").items()}),
-        "t5": _header_only(models / "clip" / "t5" / "t5xxl_fp8_e4m3fn.safetensors", _text_encoder_shapes("t5"),
+        "t5": header_only_file(models / "clip" / "t5" / "t5xxl_fp8_e4m3fn.safetensors", _text_encoder_shapes("t5"),
                            "F8_E4M3"),
-        "lora": _header_only(models / "diffusion_models" / "not_a_model.safetensors", {"lora_A.weight": (4, 8)}),
-        "aio": _header_only(models / "checkpoints" / "flux1-dev-fp8.safetensors", {
+        "lora": header_only_file(models / "diffusion_models" / "not_a_model.safetensors", {"lora_A.weight": (4, 8)}),
+        "aio": header_only_file(models / "checkpoints" / "flux1-dev-fp8.safetensors", {
             **{BFL_PREFIX + k: v for k, v in _flux_transformer_shapes("flux1", "dev").items()},
             **{f"first_stage_model.{k}": v for k, v in _vae_shapes("flux1").items()},
             **{f"text_encoders.clip_l.transformer.text_model.{k}": v for k, v in _text_encoder_shapes("clip").items()},
             **{f"text_encoders.t5xxl.transformer.{k}": v for k, v in _text_encoder_shapes("t5").items()}}),
-        "sdxl": _header_only(models / "checkpoints" / "sdxl.safetensors", {
+        "sdxl": header_only_file(models / "checkpoints" / "sdxl.safetensors", {
             f"first_stage_model.{k}": v for k, v in _vae_shapes("flux1").items()}),
     }
     garbage = models / "vae" / "broken.safetensors"
@@ -408,13 +375,13 @@ def test_wrong_slot_refusals_name_the_key_the_file_and_both_sides(real_files: di
         "model.text_encoder: 'qwen_3_4b.safetensors' is the Qwen3-4B text encoder [36 layers of 2560]; FLUX.2 "
         "[klein] base 9B needs Qwen3-8B text encoder (hidden 4096)")
     assert check_file("transformer", real_files["dev1"], klein9b) == (
-        "model.transformer: 'flux1-dev.safetensors' is a FLUX.1 dev/krea/kontext transformer (bfl layout) [hidden "
-        "3072, 19 double + 38 single blocks], but this job trains FLUX.2 [klein] base 9B (model.family = flux2); "
-        "set model.family to flux1 or choose a FLUX.2 transformer")
+        "model.transformer: 'flux1-dev.safetensors' is FLUX.1 [dev] / FLUX.1 Krea [dev] / FLUX.1 Kontext [dev]: 19 + "
+        "38 blocks, width 3072, not FLUX.2 [klein] base 9B (model.family = flux2, model.flavour = klein-base-9b: 8 + "
+        "24 blocks, width 4096); set model.family = flux1 and model.flavour = dev, krea or kontext")
     assert check_file("transformer", real_files["klein9b"], klein4b) == (
-        "model.transformer: 'flux-2-klein-base-9b.safetensors' is a FLUX.2 [klein] 9B transformer (bfl layout) "
-        "[hidden 4096, 8 double + 24 single blocks], but model.flavour is klein-base-4b (hidden 3072, 5 double + 20 "
-        "single blocks, no guidance embedding); set model.flavour to klein-base-9b")
+        "model.transformer: 'flux-2-klein-base-9b.safetensors' is FLUX.2 [klein] base 9B: 8 + 24 blocks, width 4096, "
+        "not FLUX.2 [klein] base 4B (model.family = flux2, model.flavour = klein-base-4b: 5 + 20 blocks, width "
+        "3072); choose model.flavour = klein-base-9b")
     assert check_file("vae", real_files["ae"], klein4b) == (
         "model.vae: 'ae.safetensors' is FLUX.1 VAE (bfl layout) [16 latent channels]; FLUX.2 [klein] base 4B needs "
         "the 32-channel FLUX.2 VAE (flux2-vae.safetensors)")
@@ -455,7 +422,7 @@ def test_preflight_and_load_refuse_with_one_line_per_key(demo_dir: Path, demo_fi
         "(tiny, random weights) needs a Qwen3 text encoder (hidden 16)",
     ]
     files = ModelFiles(transformer=str(demo_files["flux1"]["transformer"]))
-    with pytest.raises(UserError, match=r"^model.transformer: 'flux1_transformer.safetensors' is a FLUX.1 demo"):
+    with pytest.raises(UserError, match=r"^model.transformer: 'flux1_transformer.safetensors' is FLUX.1 demo"):
         family_ops("flux2").load_pipeline(str(demo_dir / "flux2"), FLAVOUR["flux2"], torch.float32, files=files)
     data["model"].update(family="flux2", text_encoder_2="t5.safetensors")
     with pytest.raises(SpecError, match="model.text_encoder_2: FLUX.2 has one text encoder"):
@@ -463,28 +430,32 @@ def test_preflight_and_load_refuse_with_one_line_per_key(demo_dir: Path, demo_fi
 
 
 @pytest.mark.parametrize(("family", "flavour", "folder", "expected"), [
-    ("flux2", "demo", "flux1", "holds a FluxPipeline (its model_index.json), but flux2 demo needs a "
-                               "Flux2KleinPipeline; set model.family flux1 with model.flavour demo, dev, krea or "
-                               "schnell, or point model.source at a FLUX.2 demo (tiny, random weights) folder"),
-    ("flux1", "kontext", "flux1", "holds a FluxPipeline (its model_index.json), but flux1 kontext needs a "
-                                  "FluxKontextPipeline; set model.family flux1 with model.flavour demo, dev, krea or "
-                                  "schnell, or point model.source at a FLUX.1 Kontext [dev] folder"),
-    ("flux2", "dev", "flux2", "holds a Flux2KleinPipeline (its model_index.json), but flux2 dev needs a Flux2Pipeline; "
-                              "set model.family flux2 with model.flavour demo, klein-base-9b or klein-base-4b"),
-], ids=["flux1-folder-as-flux2", "dev-folder-as-kontext", "klein-folder-as-dev"])
-def test_a_folder_of_another_pipeline_is_refused_before_loading(demo_dir: Path, family: str, flavour: str,
-                                                                folder: str, expected: str) -> None:
-    """diffusers would load a FLUX.1 folder into Flux2KleinPipeline, or FLUX.1 [dev] as Kontext, without a word."""
+    ("flux2", "demo", "flux1", "{source}/transformer/config.json' is FLUX.1 demo (tiny, random weights): 2 + 2 blocks, "
+                               "width 32, not FLUX.2 demo (tiny, random weights) (model.family = flux2, model.flavour "
+                               "= demo: 2 + 2 blocks, width 32); set model.family = flux1 and model.flavour = demo"),
+    ("flux1", "demo", "kontext", "{source}' holds a FluxKontextPipeline (its model_index.json), but flux1 demo needs a "
+                                 "FluxPipeline; set model.family flux1 with model.flavour kontext, or point "
+                                 "model.source at a FLUX.1 demo (tiny, random weights) folder"),
+    ("flux2", "dev", "flux2", "{source}/transformer/config.json' is FLUX.2 demo (tiny, random weights): 2 + 2 blocks, "
+                              "width 32, not FLUX.2 [dev] 32B (model.family = flux2, model.flavour = dev: 8 + 48 "
+                              "blocks, width 6144); choose model.flavour = demo"),
+], ids=["flux1-folder-as-flux2", "kontext-folder-as-dev", "demo-folder-as-dev"])
+def test_a_folder_of_another_pipeline_is_refused_before_loading(demo_dir: Path, tmp_path: Path, family: str,
+                                                                flavour: str, folder: str, expected: str) -> None:
+    """diffusers would load a FLUX.1 folder into Flux2KleinPipeline, or FLUX.1 [dev] as Kontext, without a word; the
+    architecture is told first (it names the flavour to choose), then the pipeline class."""
+    from tests.flavour_models import as_kontext_folder
     from trainer.preflight import check_files
     from trainer.spec import load_spec, resolve_paths
 
-    source = demo_dir / folder
-    with pytest.raises(UserError, match=re.escape(f"model.source: '{source}' {expected}")):
+    source = as_kontext_folder(demo_dir / "flux1", tmp_path / "kontext") if folder == "kontext" else demo_dir / folder
+    line = f"model.source: '{expected.format(source=source)}"
+    with pytest.raises(UserError) as caught:
         family_ops(family).load_pipeline(str(source), registry.get_flavour(family, flavour), torch.float32)
+    assert str(caught.value) == line
     spec = resolve_paths(load_spec(demo_dir / "job.toml", [f"model.family='{family}'", f"model.flavour='{flavour}'",
                                                            f"model.source='{source}'"]), demo_dir)
-    problems = [p for p in check_files(spec) if p.startswith("model.")]
-    assert len(problems) == 1 and problems[0].startswith(f"model.source: '{source}' {expected}")  # the same line
+    assert [p for p in check_files(spec) if p.startswith("model.")] == [line]  # the same line
 
 
 def test_comfy_models_lists_candidates_per_slot(real_files: dict[str, Path]) -> None:
@@ -502,7 +473,7 @@ def test_comfy_models_lists_candidates_per_slot(real_files: dict[str, Path]) -> 
     assert names["text_encoder"] == [("qwen_3_4b.safetensors", True), ("qwen_3_8b_fp8mixed.safetensors", False)]
     assert names["text_encoder_2"] == []
     nine = choices["transformer"][1]
-    assert nine.path == str(real_files["klein9b"].resolve()) and "set model.flavour to klein-base-9b" in nine.why
+    assert nine.path == str(real_files["klein9b"].resolve()) and "choose model.flavour = klein-base-9b" in nine.why
     flux1 = list_candidates(install / "models", "flux1", "dev")
     assert [(c.folder, c.name) for c in flux1["text_encoder"]] == [
         ("clip", "clip_l.safetensors"), ("checkpoints", "flux1-dev-fp8.safetensors")]

@@ -160,3 +160,36 @@ def test_overrides_reach_into_dataset_entries() -> None:
     assert (entry.trigger, entry.repeats) == ("ohwx", 3)
     with pytest.raises(SpecError, match="'datasets' has 1 entries; no entry 4"):
         apply_overrides(_demo_dict(), ["data.datasets[4].trigger=x"])
+
+
+def test_each_rule_is_reported_by_the_spec_with_its_field() -> None:
+    """Rules the adapters, the LoRA formats and the schedulers once checked again, each checked here only: a
+    SpecError carries (field, message) pairs, validators' own problems placed under their section."""
+    data = _demo_dict()
+    data["lora"].update(type="lokr", init="pissa")
+    data["train"].update(scheduler="cosine", warmup_steps=500, max_steps=100)
+    data["data"]["datasets"][0].update(caption_strategy="instance_prompt", instance_prompt="")
+    with pytest.raises(SpecError) as raised:
+        parse_spec(data)
+    errors = {problem.loc: problem.msg for problem in raised.value.errors}
+    assert errors == {
+        "lora.init": "'pissa' applies to LoRA only; LoKr starts from 'default'",
+        "train.warmup_steps": "500 must be below max_steps (100)",
+        "data.datasets[0].instance_prompt": "empty; caption_strategy 'instance_prompt' needs the caption to use",
+    }
+    assert raised.value.problems == [f"{loc}: {msg}" for loc, msg in errors.items()]
+
+    data = _demo_dict()
+    data["lora"].update(type="lokr")
+    data["output"] = {**data.get("output", {}), "formats": ["diffusers", "kohya"]}
+    with pytest.raises(SpecError) as raised:
+        parse_spec(data)
+    assert [problem.loc for problem in raised.value.errors] == ["output.formats", "output.formats"]
+
+
+def test_a_validated_spec_is_frozen_and_changed_by_copy() -> None:
+    spec = parse_spec(_demo_dict())
+    with pytest.raises(ValueError, match="frozen"):
+        spec.train.max_steps = 3
+    longer = spec.model_copy(update={"train": spec.train.model_copy(update={"max_steps": 3})})
+    assert longer.train.max_steps == 3 and spec.train.max_steps != 3

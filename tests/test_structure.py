@@ -43,3 +43,16 @@ def test_no_function_over_80_lines() -> None:
     lengths = script.function_lengths()
     assert len(lengths) > 500  # it read the code
     assert [where for length, where in lengths if length > script.LIMIT] == []
+
+
+def test_every_runner_implements_the_one_interface() -> None:
+    from trainer.runners.app import AppRunner
+    from trainer.runners.base import Runner
+    from trainer.runners.caption import CaptionRunner
+    from trainer.runners.launch import LaunchRunner
+    from trainer.runners.process import ProcessRunner
+    from trainer.runners.thread import TrainingRunner
+
+    runners = [TrainingRunner(), ProcessRunner(), LaunchRunner(), CaptionRunner(), AppRunner(TrainingRunner())]
+    assert all(isinstance(runner, Runner) for runner in runners)
+    assert all(runner.state.action is None and runner.drain() == [] for runner in runners)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_sources import _header_only
+from tests.flavour_models import header_only_file as _header_only
 from trainer.spec import deep_merge, parse_spec
 from ui import form, model_files
 from ui.paths import Folders

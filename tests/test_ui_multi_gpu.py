@@ -27,7 +27,7 @@ from conftest import ROOT, python_env
 from trainer.checkpoint import saved_states
 from trainer.distributed import stop_file
 from trainer.estimator.auto import choose_mode
-from trainer.events import JsonlWriter, Progress, RunFinished, RunStarted, read_events
+from trainer.events import JsonlWriter, Progress, RunFinished, RunStarted
 from trainer.runners.app import AppRunner
 from trainer.runners.launch import EventsFollower, LaunchRequest, LaunchRunner, failure_cause
 from trainer.runners.thread import TrainingRunner
@@ -351,7 +351,7 @@ def test_two_cpu_processes_train_the_demo_in_the_run_view_and_stop_together(app:
     assert status == f"stopped: LoRA saved to {out / 'demo_lora.safetensors'}", view.log
     assert runner.launch.join(120) and runner.launch.returncode == 0  # both ranks ended by themselves
     view.until(lambda status: "the training processes have ended (exit code 0)" in view.log, timeout=10)
-    events = read_events(out / "events.jsonl")
+    events = EventsFollower(out / "events.jsonl").read()
     finished = [event for event in events if isinstance(event, RunFinished)]
     assert [event.status for event in finished] == ["stopped"] and finished[0].step < 200
     assert finished[0].step in dict(saved_states(out))  # the state to resume from

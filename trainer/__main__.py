@@ -18,8 +18,20 @@ EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
 
 
-def _load_job(path: str, overrides: list[str]) -> JobSpec:
-    spec = load_spec(path, overrides)
+def _load_job(path: str, overrides: list[str], preset: str | None = None) -> JobSpec:
+    """The job file under its preset (the file's values and then --set win over the preset's)."""
+    if not preset:
+        return resolve_paths(load_spec(path, overrides), Path(path).expanduser().resolve().parent)
+    from trainer.profiles import find_preset, list_presets
+
+    chosen = find_preset(preset)
+    spec = load_spec(path, overrides, chosen.spec)
+    if (spec.model.family, spec.model.flavour) != (chosen.family, chosen.flavour):
+        # its sizes and precisions are chosen for that model: under another they would mislead
+        fitting = ", ".join(p.name for p in list_presets(spec.model.family, spec.model.flavour)) or "none"
+        raise SpecError([f"--preset {preset}: it is for {chosen.family} {chosen.flavour}, but the job trains "
+                         f"{spec.model.family} {spec.model.flavour}; choose one of its presets ({fitting}) or set "
+                         "model.flavour"])
     return resolve_paths(spec, Path(path).expanduser().resolve().parent)
 
 
@@ -41,7 +53,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from trainer.data.planning import plan_training_items
     from trainer.preflight import check_files, model_source
 
-    spec = _load_job(args.job, args.set)
+    spec = _load_job(args.job, args.set, args.preset)
     problems = check_files(spec)
     if problems:
         raise SpecError(problems, args.job)
@@ -69,13 +81,41 @@ class _ConsoleProgress:
     def __init__(self, show_bar: bool) -> None:
         self.show_bar = show_bar
         self.bar = None
+        self.download_bar = None
+        self.download_shown: tuple[int, int] | None = None
         self.failed_message = ""
+
+    def _download(self, event: object) -> None:
+        """A hub download: a bar of bytes with the files done (the app's words on each line without a bar: when a
+        file completes or another tenth arrives)."""
+        from tqdm import tqdm
+
+        if not self.show_bar:
+            tenth = 10 * event.downloaded_bytes // event.total_bytes if event.total_bytes else -1
+            if (event.files_done, tenth) != self.download_shown:
+                self.download_shown = (event.files_done, tenth)
+                print(event.describe(), flush=True)
+            return
+        if self.download_bar is None:
+            self.download_bar = tqdm(unit="B", unit_scale=True, dynamic_ncols=True, desc=f"downloading {event.repo_id}")
+        bar = self.download_bar
+        if event.total_bytes and bar.total != event.total_bytes:
+            bar.total = event.total_bytes
+        bar.update(event.downloaded_bytes - bar.n)
+        if event.files_total:
+            bar.set_postfix_str(f"{event.files_done}/{event.files_total} files")
 
     def __call__(self, event: object) -> None:
         from tqdm import tqdm
 
         from trainer import events
 
+        if isinstance(event, events.DownloadProgress):
+            self._download(event)
+            return
+        if self.download_bar is not None:  # the download is over once anything else happens
+            self.download_bar.close()
+            self.download_bar = None
         if isinstance(event, events.Progress):
             if self.bar is None and self.show_bar:
                 self.bar = tqdm(total=event.max_steps, unit="step", dynamic_ncols=True)
@@ -109,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.preflight import check_files
     from trainer.quiet import silence_library_noise
 
-    spec = _load_job(args.job, args.set)
+    spec = _load_job(args.job, args.set, args.preset)
     problems = check_files(spec)  # before torch loads: a mistake in the job is reported at once
     if problems:
         raise SpecError(problems)
@@ -135,6 +175,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     import json
 
     from trainer.estimator.job import estimate_job
+    from trainer.preflight import check_model
 
     gpu_vram, gpu = args.gpu_vram, None
     if args.gpus < 1:
@@ -146,6 +187,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
         gpu_vram, gpu = gpu_vram_gib(args.gpu)
     spec = _estimated_job(args)
+    problems = check_model(spec)  # an estimate of another model than the folder holds would mislead
+    if problems:
+        raise SpecError(problems, args.job)
     result = estimate_job(spec, gpu_vram_gib=gpu_vram, gpus=args.gpus).to_json()
     if gpu is not None:
         result["gpu"] = gpu
@@ -178,17 +222,17 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _estimated_job(args: argparse.Namespace) -> JobSpec:
-    """The job file, or a preset as the app offers it (its hardware profile under it, the model from its hub
-    repo, a dataset folder to be named), with any --set on top."""
-    if (args.job is None) == (args.preset is None):
-        raise UserError("estimate: give a job file or --preset NAME (one of them)")
+    """The job file (under --preset when given), or without a job the preset alone as the app offers it: its
+    hardware profile under it, the model from its hub repo, a dataset folder to be named, --set on top."""
     if args.job is not None:
-        return _load_job(args.job, args.set)
-    from trainer.profiles import ProfileError, apply_layers, get_preset, get_profile
+        return _load_job(args.job, args.set, args.preset)
+    if args.preset is None:
+        raise UserError("estimate: give a job file, --preset NAME, or both")
+    from trainer.profiles import ProfileError, apply_layers, find_preset, get_profile
     from trainer.spec import apply_overrides, parse_spec
 
     try:
-        preset = get_preset(args.preset)
+        preset = find_preset(args.preset)
     except ProfileError as exc:
         raise UserError(f"--preset: {exc}") from None
     layers = apply_layers({}, get_profile(preset.profile), preset, {"data": {"datasets": [{"path": "dataset"}]}})
@@ -204,8 +248,12 @@ def _ram_line(spec: JobSpec, gpu_vram: float | None) -> str:
     return ram_verdict(spec, plan, gpu_vram).line()
 
 
+_PRESET_HELP = ("a preset under the job (a file of presets/ without .toml, or a path): the job's own values and "
+                "--set win over it")
+
+
 def cmd_fabricate(args: argparse.Namespace) -> int:
-    from trainer.fabric import fabricate, flavour_of, needed_bytes
+    from trainer.fabric.make import fabricate, flavour_of, needed_bytes
 
     flavour = flavour_of(args.flavour)
     need = needed_bytes(flavour, args.layout)
@@ -233,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("job", help="job TOML file")
         command.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="override a setting; the value is a TOML literal, a bare word is a string")
+        command.add_argument("--preset", metavar="NAME", help=_PRESET_HELP)
         command.add_argument("--debug", action="store_true", help="show tracebacks")
         if name == "train":
             command.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -243,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
     estimate = sub.add_parser("estimate", help="predict peak VRAM and RAM per phase, without loading a model")
     estimate.add_argument("job", nargs="?", help="job TOML file")
-    estimate.add_argument("--preset", help="estimate a preset (presets/) as the app offers it, instead of a job file")
     estimate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    estimate.add_argument("--preset", metavar="NAME", help=_PRESET_HELP + "; without a job, the preset alone as the "
+                          "app offers it (on its hardware profile)")
     estimate.add_argument("--gpu-vram", type=float, metavar="GIB", help="the GPU's memory, for a verdict")
     estimate.add_argument("--gpu", metavar="PROFILE",
                           help="a hardware profile (e.g. rtx-3060ti-8gb; see hardware_profiles/), 'detect', or a "
@@ -255,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--json", action="store_true", help="one JSON object")
     estimate.add_argument("--debug", action="store_true", help="show tracebacks")
     estimate.set_defaults(func=cmd_estimate)
-    from trainer.fabric import FLAVOURS, LAYOUTS
+    from trainer.fabric.make import FLAVOURS, LAYOUTS
 
     fab = sub.add_parser("fabricate", help="write seeded random weights of a flavour's real shapes (for rehearsals)")
     fab.add_argument("flavour", choices=list(FLAVOURS))
@@ -278,7 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, UserError) as exc:
+    except SpecError as exc:
+        if args.debug:
+            traceback.print_exc()
+        where = f"{exc.source}: " if exc.source else ""
+        for problem in exc.errors:  # one line per problem, naming its field
+            print(f"error: {where}{problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except UserError as exc:
         if args.debug:
             traceback.print_exc()
         for line in str(exc).splitlines():

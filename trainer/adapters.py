@@ -59,14 +59,9 @@ Inits (`lora.init`):
   olora     A, B from a QR decomposition of W; REWRITES the base the same way (a bitsandbytes 4/8-bit base is
             re-quantised, so there the output moves slightly). Refused on our quantised bases (fp8, int8, int4,
             nf4 of trainer.memory.quantize), which are read-only, as is pissa.
-  loftq     for a 4-bit NF4 base: the base becomes NF4(W) and B A the best rank-r fit of W − NF4(W), so the
-            quantised model plus the adapter starts close to the full-precision one. Needs
-            model.base_precision = "nf4". A base streamed as NF4 (trainer.memory.quantize: blocks of 64,
-            bitsandbytes' levels) already is NF4(W) and each W is read back from the model file, one layer at a
-            time; an unquantised base is put on the NF4 grid here (bitsandbytes, blocksize 64).
   LoKr takes only "default" (w1 = 0, so the output is unchanged).
 
-Inits that rewrite the base (pissa, olora, loftq) keep the initial A0, B0: `adapter_export` writes the update
+Inits that rewrite the base (pissa, olora) keep the initial A0, B0: `adapter_export` writes the update
 relative to the ORIGINAL base, ΔW = s·(B A − B0 A0), as a standard LoRA of rank 2r ([A; A0], [B, −B0]) with
 alpha 2·alpha (same scale), so other tools apply it to the model users have.
 """
@@ -87,7 +82,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: the spec and the UI rea
 
 ADAPTER_NAME = "default"
 ADAPTER_TYPES = ("lora", "lokr")
-INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+INITS = ("default", "gaussian", "pissa", "olora")
 
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "flux2": ("all", "attention", "mlp", "tiny"),
@@ -129,14 +124,13 @@ _PRESET_PATTERNS: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 
-# peft's names for our inits; loftq starts from peft's default and is then fitted here (peft's own LoftQ needs CUDA).
+# peft's names for our inits.
 _PEFT_LORA_INIT: dict[str, bool | str] = {
-    "default": True, "gaussian": "gaussian", "pissa": "pissa_niter_4", "olora": "olora", "loftq": True,
+    "default": True, "gaussian": "gaussian", "pissa": "pissa_niter_4", "olora": "olora",
 }
-_REWRITES_BASE = ("pissa", "olora", "loftq")
+_REWRITES_BASE = ("pissa", "olora")
 _FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
-_LOFTQ_BLOCKSIZE = 64  # bitsandbytes' and diffusers' BitsAndBytesConfig default for NF4
-_INIT_SEED = 0  # pissa's and loftq's randomised SVDs
+_INIT_SEED = 0  # pissa's randomised SVD
 _INITIAL_STATE_ATTR = "_adapter_initial_state"  # A0, B0 of an init that rewrote the base, for adapter_export
 
 _ADAPTER_KEY = re.compile(
@@ -253,17 +247,11 @@ def _weight_precision(weight: torch.Tensor) -> str:
     return str(weight.dtype).removeprefix("torch.")
 
 
-def _check_choices(type: str, init: str, init_from: str) -> None:
-    if type not in ADAPTER_TYPES:
-        raise UserError(f"lora.type: '{type}' is not one of {', '.join(ADAPTER_TYPES)}")
-    if init not in INITS:
-        raise UserError(f"lora.init: '{init}' is not one of {', '.join(INITS)}")
-    if type == "lokr" and init != "default":
-        raise UserError(f"lora.init: '{init}' applies to lora.type 'lora' only; a LoKr adapter starts from "
-                        "w1 = 0 ('default')")
-    if init_from and init != "default":
-        raise UserError(f"lora.init: '{init}' with lora.init_from: the file's weights replace the initial ones "
-                        "(and pissa/olora/loftq would also rewrite the base under them); set lora.init = 'default'")
+def _check_choices(type: str, init: str) -> None:
+    """The values the spec allows (LoraSection checks them and how they combine, for the user); this takes
+    validated values."""
+    if type not in ADAPTER_TYPES or init not in INITS:
+        raise ValueError(f"lora.type {type!r} / lora.init {init!r}: not one of {ADAPTER_TYPES} / {INITS}")
 
 
 def _check_init_fits_base(init: str, precision: str, layers: list[torch.nn.Module]) -> None:
@@ -274,27 +262,15 @@ def _check_init_fits_base(init: str, precision: str, layers: list[torch.nn.Modul
     ours = [layer for layer in layers if is_quantized(layer)]
     if ours and init in ("pissa", "olora"):
         raise UserError(f"lora.init: '{init}' rewrites the base weights, and with model.base_precision "
-                        f"'{ours[0].format}' they are stored quantised and read-only. Use lora.init 'default' (or "
-                        "'loftq' with model.base_precision 'nf4'), or model.base_precision bf16, fp16 or fp32.")
+                        f"'{ours[0].format}' they are stored quantised and read-only. Use lora.init 'default', or "
+                        "model.base_precision bf16, fp16 or fp32.")
     if init == "pissa" and (precision not in floats or not set(stored) <= floats):
         found = precision if precision not in floats else ", ".join(stored)
         raise UserError(f"lora.init: 'pissa' rewrites the base weights (W - BA), so it needs model.base_precision "
-                        f"bf16, fp16 or fp32; the base is {found}. Use 'loftq' on an nf4 base, or 'default'.")
+                        f"bf16, fp16 or fp32; the base is {found}. Use 'default'.")
     if init == "olora" and not set(stored) <= {"fp32", "bf16", "fp16", "nf4", "fp4", "int8"}:
         raise UserError(f"lora.init: 'olora' rewrites the base weights, which works on bf16, fp16, fp32 and "
                         f"bitsandbytes nf4/int8 bases; the base is {', '.join(stored)}. Use 'default'.")
-    if init == "loftq":
-        if precision != "nf4":
-            raise UserError(f"lora.init: 'loftq' fits the LoRA to the error of quantising the base to 4-bit NF4, so "
-                            f"it needs model.base_precision = 'nf4' (it is '{precision}'). On a bf16/fp16/fp32 base "
-                            "use 'pissa' or 'default'.")
-        if ours and any(layer.format != "nf4" or layer.source is None for layer in ours):
-            raise RuntimeError("loftq on a quantised base needs NF4 layers streamed from a model file "
-                               "(load_quantized_transformer), whose full-precision W it reads back")
-        if not ours and not set(stored) <= floats:
-            # The session's order, not the user's choice: LoftQ must see W before it is quantised.
-            raise RuntimeError(f"loftq needs the unquantised base weights when the adapter is added (found "
-                               f"{', '.join(stored)}); quantise the transformer to NF4 after add_adapter")
 
 
 def _peft_config(type: str, rank: int, alpha: float, dropout: float, init: str, names: list[str]) -> Any:
@@ -310,45 +286,6 @@ def _peft_config(type: str, rank: int, alpha: float, dropout: float, init: str, 
 
     # LoKr has no input dropout; rank_dropout (dropping rank components of the update) is its counterpart.
     return LoKrConfig(r=rank, alpha=alpha, rank_dropout=dropout, init_weights=True, target_modules=names)
-
-
-def _loftq_fit(transformer: torch.nn.Module, names: list[str]) -> None:
-    """LoftQ (one alternation): the base becomes NF4(W), B A the rank-r SVD fit of W − NF4(W) / scale."""
-    import torch
-
-    with torch.no_grad():
-        for name in names:
-            _loftq_fit_layer(transformer.get_submodule(name))
-
-
-def _loftq_fit_layer(layer: Any) -> None:
-    import torch
-
-    from trainer.memory.quantize import is_quantized
-
-    base = layer.get_base_layer()
-    if is_quantized(base):  # streamed as NF4(W) already; W itself comes back from the model file
-        quantised = base.dequantize(torch.float32)
-        weight = base.read_source().to(quantised.device)
-    else:
-        import bitsandbytes.functional as bnb_functional
-
-        weight = base.weight.data.to(torch.float32)
-        packed, state = bnb_functional.quantize_4bit(weight, blocksize=_LOFTQ_BLOCKSIZE, quant_type="nf4")
-        quantised = bnb_functional.dequantize_4bit(packed, state).to(torch.float32)
-    lora_a = layer.lora_A[ADAPTER_NAME].weight
-    lora_b = layer.lora_B[ADAPTER_NAME].weight
-    keep = min(lora_a.shape[0], *weight.shape)  # a rank above the layer's size gets zero rows
-    u, s, v = torch.svd_lowrank(weight - quantised, q=keep, niter=4)
-    root = (s / layer.scaling[ADAPTER_NAME]).sqrt()
-    new_b = torch.zeros(lora_b.shape, dtype=torch.float32, device=weight.device)
-    new_a = torch.zeros(lora_a.shape, dtype=torch.float32, device=weight.device)
-    new_b[:, :keep] = u * root
-    new_a[:keep] = root[:, None] * v.T
-    lora_a.data = new_a.to(lora_a.device)
-    lora_b.data = new_b.to(lora_b.device)
-    if not is_quantized(base):
-        base.weight.data = quantised.to(base.weight.dtype)
 
 
 @contextlib.contextmanager
@@ -386,26 +323,23 @@ def add_adapter(
 
     Freezes the transformer, injects the peft adapter, initialises it as `init` says, keeps the adapter's
     tensors in fp32 whatever the base precision, and with `init_from` continues from that LoRA file (see
-    `load_adapter_weights`). `base_precision` is the job's model.base_precision; it decides whether loftq
-    applies (None: read from the weights).
+    `load_adapter_weights`). `base_precision` is the job's model.base_precision (None: read from the weights).
 
-    pissa, olora and loftq REWRITE base weights in place: keep that transformer in memory and never re-read
+    pissa and olora REWRITE base weights in place: keep that transformer in memory and never re-read
     its weights from the model file during the run. They are deterministic: adding the adapter again with the
     same arguments to the same base rebuilds the same base and A0, B0, so an exact resume is that followed by
     loading the saved adapter tensors.
     """
     _check_family(family)
-    _check_choices(type, init, init_from)
+    _check_choices(type, init)
     names = target_modules(transformer, family, targets)
     layers = [_base_layer(transformer, name) for name in names]
     precision = base_precision or _layer_precision(layers[0])
     _check_init_fits_base(init, precision, layers)
 
     transformer.requires_grad_(False)
-    with _seeded(init in ("pissa", "loftq")):  # randomised SVDs: the same base gives the same A0, B0 and residual
+    with _seeded(init == "pissa"):  # a randomised SVD: the same base gives the same A0, B0 and residual
         transformer.add_adapter(_peft_config(type, rank, alpha, dropout, init, names), adapter_name=ADAPTER_NAME)
-        if init == "loftq":
-            _loftq_fit(transformer, names)
     for param in adapter_parameters(transformer):
         param.data = param.data.float()  # fp32 adapter weights whatever the base precision
         param.requires_grad_(True)
@@ -433,7 +367,7 @@ def adapter_export(transformer: torch.nn.Module) -> tuple[dict[str, torch.Tensor
     the peft config as JSON-ready metadata, for `Pipeline.save_lora_weights(transformer_lora_layers=…,
     transformer_lora_adapter_metadata=…)`.
 
-    After pissa/olora/loftq the update is written relative to the original base (rank 2r, alpha 2·alpha, see the
+    After pissa/olora the update is written relative to the original base (rank 2r, alpha 2·alpha, see the
     module docstring). The metadata always says init "default": loaders build the adapter from it and must not
     run a data-dependent init (PiSSA would rewrite the user's base weights while loading).
     """
@@ -637,7 +571,7 @@ def flavour_preset_counts(family: str, flavour: str) -> dict[str, int]:
               "num_attention_heads": info.num_heads, "attention_head_dim": info.head_dim,
               "joint_attention_dim": info.joint_attention_dim, "guidance_embeds": info.guidance == "embedded"}
     if family == "flux1":
-        kwargs["pooled_projection_dim"] = 768 if not info.is_demo else info.joint_attention_dim
+        kwargs["pooled_projection_dim"] = info.pooled_dim
     with torch.device("meta"):
         transformer = model_class(**kwargs)
     return preset_report(transformer, family)

@@ -14,16 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
-from trainer.files import TEMP_SUFFIX, remove_stale_temporaries, sync_folder, write_atomic
+from trainer.files import FILE_MODE, TEMP_SUFFIX, remove_stale_temporaries, sync_folder, write_atomic
 
 LORA_WEIGHT_SUFFIX = ".safetensors"
 
 
-def save_lora_diffusers(transformer: Any, pipeline_class: type, path: Path) -> Path:
-    """Write `path` (a .safetensors file) with `transformer.`-prefixed keys via the pipeline's own saver.
+def save_lora_diffusers(transformer: Any, pipeline_class: type, path: Path,
+                        header: dict[str, str] | None = None) -> Path:
+    """Write `path` (a .safetensors file) with `transformer.`-prefixed keys via the pipeline's own saver, plus
+    `header` in its metadata before it takes the name (a save that fails midway leaves no file without it).
 
     The adapter config goes in the file's metadata, so loaders use our alpha rather than guess it from the rank.
     """
+    from trainer import lora_formats
     from trainer.adapters import adapter_export
 
     tensors, metadata = adapter_export(transformer)
@@ -39,6 +42,9 @@ def save_lora_diffusers(transformer: Any, pipeline_class: type, path: Path) -> P
             transformer_lora_adapter_metadata=metadata,
         )
         written = staging / path.name
+        if header:
+            lora_formats.merge_metadata(written, header)
+        os.chmod(written, FILE_MODE)  # safetensors writes 0600 files; ours follow the umask
         with open(written, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(written, path)
@@ -141,12 +147,28 @@ def prune_checkpoints(output_dir: Path, name: str, keep_last: int) -> list[Path]
     return removed
 
 
+def tensor_bytes(value: Any) -> int:  # noqa: ANN401 - a state: tensors in dicts and lists
+    """Bytes of every tensor in a (nested) state."""
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return value.numel() * value.element_size() if hasattr(value, "element_size") else 0
+
+
+def lora_bytes(transformer: Any, formats: list[str]) -> int:  # noqa: ANN401
+    """About what the LoRA files of one save take: the adapter's weights once per format."""
+    adapter = sum(p.numel() * p.element_size() for p in transformer.parameters() if p.requires_grad)
+    return adapter * max(1, len(formats))
+
+
 def save_lora_files(transformer: Any, pipeline_class: type, output_dir: Path, name: str, step: int | None,
                     formats: list[str], metadata: dict[str, Any], comfy_lora_dir: str = "") -> dict[str, Path]:
     """The LoRA in every requested format (step in the name for intermediate saves), each atomic.
 
     `metadata`: the keyword arguments of `lora_formats.build_metadata` except rank, alpha and format.
-    Files in a ComfyUI layout are also copied into `comfy_lora_dir` when one is given.
+    Files in a ComfyUI layout are also copied into `comfy_lora_dir` when one is given (their paths under the keys
+    'copy:<format>'); when only the diffusers format is asked for, the ComfyUI file is written for the copy.
     """
     from trainer import lora_formats
     from trainer.adapters import adapter_export
@@ -154,17 +176,18 @@ def save_lora_files(transformer: Any, pipeline_class: type, output_dir: Path, na
     tensors, config = adapter_export(transformer)
     rank, alpha = config.get("r", 0), config.get("lora_alpha", config.get("alpha", 0))
     written: dict[str, Path] = {}
+    if comfy_lora_dir and set(formats) == {"diffusers"}:
+        formats = [*formats, "comfyui"]  # ComfyUI reads its own layout: the copy needs that file
     for fmt in formats:
         path = Path(output_dir) / lora_formats.lora_filename(name, fmt, step)
         header = lora_formats.build_metadata(rank=rank, alpha=alpha, format=fmt, **metadata)
         if fmt == "diffusers":
-            save_lora_diffusers(transformer, pipeline_class, path)
-            lora_formats.merge_metadata(path, header)
+            save_lora_diffusers(transformer, pipeline_class, path, header)
         elif fmt == "comfyui":
             lora_formats.write_lora(path, lora_formats.to_comfyui(metadata["family"], tensors, alpha, rank), header)
         else:
             lora_formats.write_lora(path, lora_formats.to_kohya(tensors, alpha, rank), header)
-        if comfy_lora_dir and fmt != "diffusers":
-            lora_formats.copy_to_comfy_loras(path, comfy_lora_dir)
         written[fmt] = path
+        if comfy_lora_dir and fmt != "diffusers":
+            written[f"copy:{fmt}"] = lora_formats.copy_to_comfy_loras(path, comfy_lora_dir)
     return written

@@ -7,10 +7,11 @@ before downloading anything and every test runs on the same code path as a real 
 from __future__ import annotations
 
 import random
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from trainer.events import Event, PhaseChanged
+from trainer.events import Event, LogMessage, PhaseChanged, RunFinished
 from trainer.files import write_text_atomic
 
 DEMO_SEED = 0
@@ -339,3 +340,17 @@ def ensure_demo(out_dir: str | Path, emit: Callable[[Event], None] | None = None
             emit(PhaseChanged(phase="building demo", detail=str(out)))
         build_demo(out)
     return out / "job.toml"
+
+
+def prepare_demo(demo_dir: Path | None, emit: Callable[[Event], None]) -> bool:
+    """Build the demo in `demo_dir` when it is missing, as a run starts (None: nothing to build); False, with a
+    failed RunFinished emitted, when that fails. Both kinds of run in the app call this first."""
+    if demo_dir is None:
+        return True
+    try:
+        ensure_demo(demo_dir, emit)
+    except Exception as exc:  # noqa: BLE001 - the app must survive anything the trainer does
+        emit(LogMessage(level="error", message=traceback.format_exc()))
+        emit(RunFinished(status="failed", step=0, message=f"building the demo failed: {exc}"))
+        return False
+    return True

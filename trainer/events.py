@@ -5,6 +5,7 @@ No torch here: the UI imports this module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -52,6 +53,15 @@ class DownloadProgress(Event):
     total_bytes: int  # 0 while the sizes are not known yet
     files_done: int = 0
     files_total: int = 0
+
+    def describe(self) -> str:
+        """'downloading org/repo: 1.2/16.0 GB (8 %), 3/12 files': what the app's progress line and the CLI show."""
+        text = f"downloading {self.repo_id}: {self.downloaded_bytes / 1e9:.1f}"
+        if self.total_bytes:
+            text += f"/{self.total_bytes / 1e9:.1f} GB ({100 * self.downloaded_bytes / self.total_bytes:.0f} %)"
+        else:
+            text += " GB"
+        return text + (f", {self.files_done}/{self.files_total} files" if self.files_total else "")
 
 
 @dataclass(frozen=True)
@@ -146,32 +156,35 @@ def _last_byte(path: Path) -> bytes:
 
 
 class JsonlWriter:
-    """Appends one JSON object per event and flushes it, so a crash loses at most the event being written."""
+    """Appends one JSON object per event, written through at once, so a crash loses at most the event being
+    written. A write that fails (a full disk) is cut back to the last whole line and closes the writer: the file
+    never ends in a torn line, and the error goes on to the run (with the file's name)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
         self._lock = threading.Lock()
-        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._handle = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
         if self._handle.tell() and _last_byte(path) != b"\n":
-            self._handle.write("\n")  # a run killed mid-line: end that line, so the next event is not glued to it
+            self._handle.write(b"\n")  # a run killed mid-line: end that line, so the next event is not glued to it
 
     def __call__(self, event: Event) -> None:
         with self._lock:
-            if not self._handle.closed:
-                self._handle.write(json.dumps(event.to_dict()) + "\n")
-                self._handle.flush()
+            if self._handle.closed:
+                return
+            data = (json.dumps(event.to_dict()) + "\n").encode("utf-8")
+            start = self._handle.tell()
+            try:
+                view = memoryview(data)
+                while view:  # an unbuffered write may take part of the line
+                    view = view[self._handle.write(view):]
+            except OSError as exc:
+                with contextlib.suppress(OSError):  # cutting a file back frees space: it works on a full disk
+                    self._handle.truncate(start)
+                self._handle.close()
+                exc.filename = exc.filename or str(self._path)
+                raise
 
     def close(self) -> None:
         with self._lock:
             self._handle.close()
-
-
-def read_events(path: Path) -> list[Event]:
-    """Events from an events.jsonl; a half-written last line (a crash mid-write) is skipped."""
-    events: list[Event] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(event_from_dict(json.loads(line)))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return events

@@ -27,6 +27,26 @@ def sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask_mode() -> int:
+    """The mode a file the user creates gets (0o666 less their umask): mkstemp's own 0600 would keep a ComfyUI or
+    a web server running as another user from reading a LoRA or sample the trainer wrote."""
+    mask = os.umask(0o022)  # the only way to read the umask is to set it; it is put back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+# read once, at import (before the trainer starts threads that create files)
+FILE_MODE = _umask_mode()
+
+
+def size_text(count: int) -> str:
+    """A byte count for people: '1.23 GiB', '456.7 MiB', '12.3 KiB'."""
+    for unit, power in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 2**power:
+            return f"{count / 2**power:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{count} bytes"
+
+
 def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True) -> None:
     """Call `write(tmp)` on a temporary file beside `path`, flush it to disk, then rename it over `path`.
 
@@ -40,6 +60,8 @@ def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        # after the write: some writers (safetensors' save_file) replace the file with one of their own making
+        os.chmod(tmp, FILE_MODE)
         if durable:
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
@@ -53,10 +75,6 @@ def write_atomic(path: Path, write: Callable[[Path], None], durable: bool = True
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -84,6 +102,37 @@ def unwritable_reason(folder: Path) -> str | None:
     except OSError as exc:
         return exc.strerror or str(exc)
     return None
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error is the disk filling up: an OSError ENOSPC, or a library's wrapping of one (safetensors'
+    SafetensorError says 'I/O error: No space left on device (os error 28)')."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    return f"(os error {errno.ENOSPC})" in str(exc) or "No space left on device" in str(exc)
+
+
+def free_space(folder: Path) -> int | None:
+    """Bytes free on the disk that holds `folder` (its nearest existing parent); None when it cannot be told."""
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        return shutil.disk_usage(existing).free
+    except OSError:
+        return None
+
+
+def disk_full_text(folder: Path, needed: int | None = None) -> str:
+    """'the disk is full: this save needs about 1.2 GiB and 300.0 MiB is free there; free some space ...'."""
+    free = free_space(folder)
+    sizes = []
+    if needed:
+        sizes.append(f"this save needs about {size_text(needed)}")
+    if free is not None:
+        sizes.append(f"{size_text(free)} is free there")
+    said = f": {' and '.join(sizes)}" if sizes else ""
+    return f"the disk is full{said}; free some space (or choose an output.dir on another disk)"
 
 
 def describe_write_error(exc: OSError) -> str:

@@ -208,23 +208,6 @@ def _in_block(layout: str, scope: str, block: str | None, name: str) -> str:
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def check_formats(formats: list[str] | tuple[str, ...], family: str, adapter_type: str = "lora") -> None:
-    """UserError (naming output.formats) for a format this job cannot write; call it when the spec is read."""
-    _check_family(family)
-    for fmt in formats:
-        if fmt not in FORMATS:
-            raise UserError(f"output.formats: '{fmt}' is not one of {', '.join(FORMATS)}")
-    if "kohya" in formats and family != "flux1":
-        label = registry.FAMILIES[family].label
-        raise UserError(f"output.formats: 'kohya' is the FLUX.1 layout (sd-scripts); for a {label} "
-                        "LoRA use 'comfyui' (original BFL names, which ComfyUI and diffusers read)")
-    others = [fmt for fmt in formats if fmt != "diffusers"]
-    if adapter_type != "lora" and others:
-        raise UserError(f"output.formats: {', '.join(repr(f) for f in others)} hold(s) LoRA (A/B) weights only; a "
-                        f"{adapter_type} adapter (lora.type = '{adapter_type}') is written in 'diffusers' format "
-                        "only. Remove the other formats or train lora.type = 'lora'.")
-
-
 def lora_filename(name: str, format: str, step: int | None = None) -> str:
     """`<name>.safetensors`, `<name>_comfyui.safetensors`, `<name>_kohya.safetensors`; with a step (intermediate
     saves) `<name>-step000100<suffix>.safetensors`."""
@@ -375,7 +358,8 @@ def to_comfyui(family: str, tensors: dict[str, Tensor], alpha: float, rank: int)
 
 def to_kohya(tensors: dict[str, Tensor], alpha: float, rank: int, *, family: str = "flux1") -> dict[str, Tensor]:
     """The adapter in kohya sd-scripts' FLUX.1 layout: `lora_unet_<bfl path with _>.lora_down/.lora_up/.alpha`."""
-    check_formats(["kohya"], family)
+    if family != "flux1":  # the spec allows kohya for FLUX.1 jobs only (JobSpec._sections_agree)
+        raise ValueError(f"the kohya layout is FLUX.1's, not {family}'s")
     return _down_up_alpha(family, tensors, alpha, rank, _KOHYA_PREFIX, underscores=True)
 
 

@@ -93,7 +93,7 @@ def build_optimizer(
         with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay"
             return Prodigy(params, lr=learning_rate, betas=betas or ADAMW_BETAS, weight_decay=weight_decay,
                            safeguard_warmup=True, use_bias_correction=True)
-    raise UserError(f"train.optimizer = {name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    raise ValueError(f"unknown optimizer {name!r} (the spec allows {', '.join(OPTIMIZERS)})")
 
 
 def _import_bitsandbytes_optim(name: str) -> Any:
@@ -118,11 +118,7 @@ def build_scheduler(
     """
     from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, get_scheduler
 
-    if name not in SCHEDULERS:
-        raise UserError(f"train.scheduler = {name!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
-    if name != "constant" and warmup_steps >= max_steps:
-        raise UserError(f"train.warmup_steps ({warmup_steps}) must be below train.max_steps ({max_steps}) "
-                        f"with train.scheduler = {name!r}")
+    # The name and the warmup are the spec's to check (TrainSection): this takes validated values.
     if name == "polynomial":
         # get_scheduler passes `power` but not `lr_end`, so call the schedule itself. Its lr_end must lie below
         # the starting learning rate; a learning rate at or under 1e-7 decays to 0 instead.
@@ -131,30 +127,6 @@ def build_scheduler(
             optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps, lr_end=lr_end,
             power=POLYNOMIAL_POWER)
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by the optimiser's state tensors (moments, quantisation maps, step counters), each counted once."""
-    seen: set[tuple[int, int, torch.dtype]] = set()
-    total = 0
-
-    def add(value: object) -> None:
-        nonlocal total
-        if torch.is_tensor(value):
-            key = (value.data_ptr(), value.numel(), value.dtype)
-            if key not in seen:
-                seen.add(key)
-                total += value.numel() * value.element_size()
-        elif isinstance(value, dict):
-            for item in value.values():
-                add(item)
-        elif isinstance(value, list | tuple):
-            for item in value:
-                add(item)
-
-    for state in optimizer.state.values():
-        add(state)
-    return total
 
 
 def effective_learning_rate(optimizer: torch.optim.Optimizer) -> float:

@@ -9,7 +9,8 @@ from trainer import registry
 from trainer.data.datasets import IMAGE_EXTENSIONS, find_mask, list_images
 from trainer.errors import UserError
 from trainer.prompts import sample_prompts
-from trainer.sources import model_files, pipeline_class_problem
+from trainer.sources import model_files
+from trainer.sources.folder_fit import check_folder
 from trainer.sources.lora_file import check_init_from
 from trainer.sources.recognise import check_file
 from trainer.spec import JobSpec, is_local_path
@@ -34,7 +35,8 @@ def model_identity(spec: JobSpec, slot: str) -> str:
     return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _check_model(spec: JobSpec) -> list[str]:
+def check_model(spec: JobSpec) -> list[str]:
+    """Problems with the model's folder and files: missing, unreadable, or not the flavour the job names."""
     return _check_source(spec) + _check_single_files(spec)
 
 
@@ -50,9 +52,10 @@ def _check_source(spec: JobSpec) -> list[str]:
         return [f"model.source: cannot read folder '{folder}' (permission denied); check its permissions"]
     if not (folder / "model_index.json").is_file():
         return [f"model.source: '{folder}' is not a diffusers pipeline folder (no model_index.json in it)"]
-    wrong = pipeline_class_problem(folder, registry.get_flavour(spec.model.family, spec.model.flavour))
+    wrong = check_folder(folder, registry.get_flavour(spec.model.family, spec.model.flavour),
+                         model_files(spec.model).given())
     if wrong:
-        return [wrong]
+        return wrong
     # a single file takes its component's configuration from the folder
     return [f"model.{slot}: its configuration comes from model.source, but '{folder / slot / 'config.json'}' does "
             "not exist" for slot in model_files(spec.model).given() if not (folder / slot / "config.json").is_file()]
@@ -174,7 +177,7 @@ def _check_output(spec: JobSpec) -> list[str]:
 
 def check_files(spec: JobSpec) -> list[str]:
     """Every problem with the files and folders of a resolved spec; empty when the job can start."""
-    problems = _check_model(spec) + _check_datasets(spec) + _check_prompts(spec) + _check_sample_references(spec)
+    problems = check_model(spec) + _check_datasets(spec) + _check_prompts(spec) + _check_sample_references(spec)
     problems += _check_output(spec)
     init_from = spec.lora.init_from and check_init_from(spec.lora.init_from, spec.model.family)
     problems += [init_from] if init_from else []

@@ -214,6 +214,17 @@ def get_preset(name: str, directory: str | Path | None = None) -> Preset:
     return load_preset(path)
 
 
+def find_preset(value: str) -> Preset:
+    """A preset by its name in presets/ (the file name without .toml) or by the path of a preset file."""
+    path = Path(value).expanduser()
+    if path.suffix == ".toml" or path.is_file() or len(path.parts) > 1:
+        if not path.is_file():
+            raise ProfileError([f"--preset: file '{path}' does not exist; give a preset's name or the path of a "
+                                "preset file"])
+        return load_preset(path)
+    return get_preset(value)
+
+
 def apply_layers(defaults: dict[str, Any], profile: Profile | str | None = None, preset: Preset | str | None = None,
                  edits: dict[str, Any] | None = None) -> dict[str, Any]:
     """The job as a plain dict: defaults < hardware profile < preset < the user's edits (later layers win, tables

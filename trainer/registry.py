@@ -49,6 +49,7 @@ class Flavour:
     num_heads: int
     joint_attention_dim: int
     latent_channels: int  # VAE latent channels
+    pooled_dim: int = 0  # FLUX.1: the CLIP text encoder's pooled width (CLIP-L 768), its pooled_projection_dim
     params_billion: float  # approximate transformer size
     guidance: str  # one of GUIDANCE_KINDS
     max_blocks_to_swap: int = _DERIVE  # plain block count; defaults to total_blocks - RESIDENT_BLOCKS
@@ -216,6 +217,7 @@ _FLUX1_DEMO = Flavour(
     num_heads=2,
     joint_attention_dim=32,
     latent_channels=16,
+    pooled_dim=32,  # the tiny CLIP is as wide as the transformer
     params_billion=0.0001,
     guidance="embedded",
     sample_steps=4,
@@ -242,6 +244,7 @@ _FLUX1_DEV = Flavour(
     num_heads=24,
     joint_attention_dim=4096,
     latent_channels=16,
+    pooled_dim=768,
     params_billion=12.0,
     guidance="embedded",
     sample_steps=50,  # the model card's example: 50 steps, guidance 3.5 (FluxPipeline's own default is 28)
@@ -292,10 +295,6 @@ FAMILIES: dict[str, Family] = {
     "flux2": _family("flux2", "FLUX.2", _FLUX2_DEMO, _FLUX2_DEV, _FLUX2_KLEIN_9B, _FLUX2_KLEIN_4B),
     "flux1": _family("flux1", "FLUX.1", _FLUX1_DEMO, _FLUX1_DEV, _FLUX1_KREA, _FLUX1_SCHNELL, _FLUX1_KONTEXT),
 }
-
-
-def family_names() -> list[str]:
-    return list(FAMILIES)
 
 
 def _get_family(family: str) -> Family:

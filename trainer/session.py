@@ -24,6 +24,7 @@ from trainer.adapters import add_adapter
 from trainer.checkpoint import (
     latest_state,
     load_training_state,
+    lora_bytes,
     prune_checkpoints,
     remove_interrupted_writes,
     save_lora_files,
@@ -31,6 +32,7 @@ from trainer.checkpoint import (
     saved_states,
     set_aside_earlier_run,
     state_path,
+    tensor_bytes,
 )
 from trainer.data.cache import TextEmbeddingCache
 from trainer.data.caching import InputCaches, stack_references
@@ -55,18 +57,26 @@ from trainer.events import (
     SampleSaved,
 )
 from trainer.families import family_ops
-from trainer.files import describe_write_error, unwritable_reason, write_atomic
+from trainer.files import (
+    describe_write_error,
+    disk_full,
+    disk_full_text,
+    size_text,
+    unwritable_reason,
+    write_atomic,
+)
 from trainer.lora_formats import lora_filename
 from trainer.memory.checkpointing import ActivationOffloader, enable_block_checkpointing
 from trainer.memory.optimizer_memory import FusedBackward, build_training_optimizer
 from trainer.memory.placement import TextEncoderPlacement, place_transformer
+from trainer.memory.quantize import quantised_sizes
 from trainer.memory.system_ram import RamVerdict, ram_verdict
 from trainer.optimizers import build_optimizer, build_scheduler, effective_learning_rate
 from trainer.preflight import check_files, model_source
 from trainer.prompts import SamplePrompt, sample_prompts
 from trainer.quiet import disable_loading_bars
 from trainer.sources import model_files
-from trainer.spec import JobSpec, modulation_format, save_spec, spec_to_toml
+from trainer.spec import JobSpec, LowVramSection, modulation_format, save_spec, spec_to_toml
 from trainer.trackers import TrackerLogger
 from trainer.tread import TreadConfig, transformer_blocks, tread_routing
 
@@ -204,6 +214,11 @@ class Session:
             self.emit(RunFinished(status="failed", step=self.step, message=str(exc)))
             raise
         except Exception as exc:
+            if disk_full(exc):  # between saves (the log, a sample, a cache): the same one message as in a save
+                folder = Path(exc.filename).parent if getattr(exc, "filename", None) else self.output_dir
+                error = self._write_failed(folder, exc, doing="write")
+                self.emit(RunFinished(status="failed", step=self.step, message=str(error)))
+                raise error from None
             self.emit(LogMessage(level="error", message=traceback.format_exc()))
             self.emit(RunFinished(status="failed", step=self.step, message=f"{type(exc).__name__}: {exc}"))
             raise
@@ -212,7 +227,8 @@ class Session:
         """Set up, then render the baseline samples every later sample is compared with (a fresh run that samples
         on an interval)."""
         self.setup()
-        self._final = (self.step, None)  # nothing trained yet: nothing to save
+        if self.step == 0:
+            self._final = (0, None)  # nothing trained yet: nothing to save (a resumed state's LoRA is written again)
         if self.spec.sample.prompts and self.spec.sample.every_steps and self.step == 0:
             self.validate()
 
@@ -235,6 +251,12 @@ class Session:
         return path
 
     # ------------------------------------------------------------------ setup
+
+    def spec_as_run(self) -> JobSpec:
+        """The job with the low-VRAM plan that runs written out (the bundle, blocks swapped, offloads), not the
+        'auto' or partial settings it was asked with: what job.resolved.toml and the LoRA's header record."""
+        ran = {key: getattr(self.plan, key) for key in LowVramSection.model_fields if hasattr(self.plan, key)}
+        return self.spec.model_copy(update={"lowvram": self.spec.lowvram.model_copy(update=ran)})
 
     def setup(self) -> None:
         spec = self.spec
@@ -262,7 +284,7 @@ class Session:
             if spec.output.log_with:
                 self._trackers = TrackerLogger(spec.output.log_with, self.output_dir, spec.output.name, _flat(spec))
                 self._listeners.append(self._trackers)
-            save_spec(spec, self.output_dir / "job.resolved.toml")
+            save_spec(self.spec_as_run(), self.output_dir / "job.resolved.toml")
         self.emit(RunStarted(max_steps=spec.train.max_steps, output_dir=str(self.output_dir),
                              family=spec.model.family, flavour=spec.model.flavour))
         if earlier is not None:
@@ -366,7 +388,7 @@ class Session:
         self.pipe.vae.enable_slicing()  # one image at a time through the VAE: exact, and lighter on memory
         if spec.data.vae_tiling:
             self.pipe.vae.enable_tiling()
-        # the transformer waits in system RAM until the caches are filled: caching needs the GPU to itself
+        # the transformer loads once the caches are filled (_load_transformer): caching needs the GPU to itself
         self.pipe.vae.to(self.device)
         self._text_placement = TextEncoderPlacement(self.pipe, self.device, self.plan.text_encoder_device,
                                                     self.plan.pin_memory)
@@ -398,6 +420,14 @@ class Session:
             state = "reused" if sink.warm else "written"
             self.emit(LogMessage(level="info", message=f"block cache {state}: {sink.path}"))
         self.pipe.register_modules(transformer=transformer)
+        self._report_quantised()
+
+    def _report_quantised(self) -> None:
+        """The log says when the frozen transformer was quantised while it loaded: format, size before and after."""
+        before, after, fmt = quantised_sizes(self.pipe.transformer)
+        if fmt:
+            self.emit(LogMessage(level="info", message=f"base transformer quantised to {fmt} while loading: "
+                                 f"{size_text(before)} -> {size_text(after)}"))
 
     def _release_text_encoders(self) -> None:
         """Every embedding training and sampling need is cached: the text encoders are freed entirely."""
@@ -795,7 +825,8 @@ class Session:
         metadata = {
             "family": spec.model.family, "flavour": spec.model.flavour, "steps": self.step,
             "trigger_words": [e.trigger for e in spec.data.datasets if e.trigger],
-            "base_model": spec.model.transformer or model_source(spec), "spec_toml": spec_to_toml(spec), "title": name,
+            "base_model": spec.model.transformer or model_source(spec), "spec_toml": spec_to_toml(self.spec_as_run()),
+            "title": name,
         }
         self._refuse_non_finite_weights()
         step = self.step if intermediate else None
@@ -803,14 +834,19 @@ class Session:
         path = self.output_dir / lora_filename(name, spec.output.formats[0], step)
         self.dist.reshard(self.transformer)
         if self.dist.is_main:  # the adapter is whole on every rank; rank 0 writes it
+            needed = tensor_bytes(state) + lora_bytes(self.transformer, list(spec.output.formats))
             if state is not None:  # the state first: if the disk fills during the LoRA, the step can still resume
                 self._write_or_explain(self.output_dir, lambda: save_training_state(
-                    state_path(self.output_dir, self.step), state))
+                    state_path(self.output_dir, self.step), state), needed)
             written = self._write_or_explain(self.output_dir, lambda: save_lora_files(
                 self.transformer, type(self.pipe), self.output_dir, name, step, list(spec.output.formats),
                 metadata, spec.output.comfy_lora_dir if (not intermediate if copy_to_comfy is None else copy_to_comfy)
-                else ""))
+                else ""), needed)
             path = written[spec.output.formats[0]]
+            for key, copy in written.items():
+                if key.startswith("copy:"):
+                    self.emit(LogMessage(level="info", message=f"copied {copy.name} ({key.removeprefix('copy:')} "
+                                         f"layout) to ComfyUI's loras folder {copy.parent}"))
             prune_checkpoints(self.output_dir, name, spec.output.keep_last)
         self.last_lora_path = path
         self.emit(LoraSaved(step=self.step, path=str(path)))
@@ -828,16 +864,27 @@ class Session:
                             f"{bad[0]}), so nothing was saved and the files saved before are kept; lower "
                             "train.learning_rate, set train.max_grad_norm (e.g. 1.0), or use bf16 instead of fp16")
 
-    def _write_or_explain(self, folder: Path, write: Callable[[], Any]) -> Any:  # noqa: ANN401 - write's result
-        """`write()`; a failed write (disk full, no permission) becomes one message naming the folder and what is
-        kept. Every write is atomic, so the files saved before are intact."""
+    def _write_or_explain(self, folder: Path, write: Callable[[], Any],  # noqa: ANN401 - write's result
+                          needed: int | None = None) -> Any:  # noqa: ANN401
+        """`write()`; a failed write (disk full, no permission) becomes one message naming the folder, the space
+        the save needs (`needed` bytes) and what is free, and what is kept. Every write is atomic, so the files
+        saved before are intact."""
         try:
             return write()
-        except OSError as exc:
-            kept = latest_state(self.output_dir)
-            resume = f"; the last saved state is {kept}: resume from it" if kept else ""
-            raise UserError(f"cannot save in '{folder}' at step {self.step}: {describe_write_error(exc)}. The "
-                            f"files saved before are intact{resume}") from None
+        except Exception as exc:
+            if not (isinstance(exc, OSError) or disk_full(exc)):
+                raise
+            raise self._write_failed(folder, exc, needed) from None
+
+    def _write_failed(self, folder: Path, exc: BaseException, needed: int | None = None,
+                      doing: str = "save") -> UserError:
+        """The one message for a write that failed in `folder`: why, with the space needed and free when the disk
+        is full, and the saved state to resume from."""
+        kept = latest_state(self.output_dir)
+        resume = f"; the last saved state is {kept}: resume from it" if kept else ""
+        why = disk_full_text(folder, needed) if disk_full(exc) else describe_write_error(exc)
+        return UserError(f"cannot {doing} in '{folder}' at step {self.step}: {why}. The files saved before are "
+                         f"intact{resume}")
 
     # ------------------------------------------------------------------ end
 

@@ -11,6 +11,8 @@ import copy
 import difflib
 import re
 import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,18 +41,53 @@ def modulation_format(family: str, base_precision: str, modulation_precision: st
     return base_precision if base_precision in ("fp8", "int8") else "int8"
 
 
-class SpecError(ValueError):
-    """Every problem found in a spec, one line each, naming the field and what is allowed."""
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a job: the field it is about, as the job file spells it (`lora.rank`,
+    `data.datasets[0].path`; "" for the whole job or file), and what is wrong and how to fix it."""
 
-    def __init__(self, problems: list[str], source: str | None = None) -> None:
-        self.problems = problems
+    loc: str
+    msg: str
+
+    def __str__(self) -> str:
+        return f"{self.loc}: {self.msg}" if self.loc else self.msg
+
+    def under(self, section: str) -> Problem:
+        """The problem with its field placed under `section` (a validator of a section names its own keys)."""
+        if not section:
+            return self
+        if not self.loc:
+            return Problem(section, self.msg)
+        return Problem(f"{section}{self.loc}" if self.loc.startswith("[") else f"{section}.{self.loc}", self.msg)
+
+
+class Problems(ValueError):
+    """What a validator raises: every problem it found, each naming its field (pydantic keeps the exception in the
+    error's context, where parse_spec reads them back as they are)."""
+
+    def __init__(self, *problems: Problem) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(map(str, self.problems)))
+
+
+class SpecError(ValueError):
+    """Every problem found in a spec (`errors`: field and message each), one line each when shown."""
+
+    def __init__(self, problems: Sequence[Problem | str], source: str | None = None) -> None:
+        self.errors = [p if isinstance(p, Problem) else Problem("", p) for p in problems]
         self.source = source
         where = f"{source}: " if source else ""
-        super().__init__("\n".join(f"{where}{p}" for p in problems))
+        super().__init__("\n".join(f"{where}{p}" for p in self.errors))
+
+    @property
+    def problems(self) -> list[str]:
+        """The problems as lines: `field: message`."""
+        return [str(problem) for problem in self.errors]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # Frozen: a validated spec never changes; later code derives resolved copies (resolve_paths, model_copy).
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
 
 
 class ModelSection(_Section):
@@ -80,17 +117,19 @@ class ModelSection(_Section):
     def _flavour_belongs_to_family(self) -> ModelSection:
         allowed = registry.flavour_names(self.family)
         if self.flavour not in allowed:
-            raise ValueError(
-                f"flavour: '{self.flavour}' is not a {self.family} flavour; allowed: {', '.join(allowed)}"
-            )
+            raise Problems(Problem("flavour", f"'{self.flavour}' is not a {self.family} flavour; allowed: "
+                                              f"{', '.join(allowed)}"))
         if not self.source and registry.get_flavour(self.family, self.flavour).hub_id is None:
-            raise ValueError("source: empty; the demo flavour needs the folder built by `python -m trainer demo`")
+            raise Problems(Problem("source", "empty; the demo flavour needs the folder built by `python -m trainer "
+                                             "demo`"))
         if self.text_encoder_2 and self.family == "flux2":
-            raise ValueError("text_encoder_2: FLUX.2 has one text encoder (model.text_encoder); clear text_encoder_2")
+            raise Problems(Problem("text_encoder_2", "FLUX.2 has one text encoder (model.text_encoder); clear "
+                                                     "text_encoder_2"))
         if self.modulation_precision not in ("auto", "bf16") and (
                 self.family != "flux1" or self.base_precision not in QUANTISED_PRECISIONS):
-            raise ValueError(f"modulation_precision: '{self.modulation_precision}' quantises FLUX.1's modulation under "
-                             "a quantised model.base_precision (fp8, int8, int4, nf4); set it to auto or bf16 here")
+            raise Problems(Problem("modulation_precision", f"'{self.modulation_precision}' quantises FLUX.1's "
+                                   "modulation under a quantised model.base_precision (fp8, int8, int4, nf4); set it "
+                                   "to auto or bf16 here"))
         return self
 
 
@@ -109,9 +148,9 @@ class LoraSection(_Section):
     @model_validator(mode="after")
     def _init_fits_type(self) -> LoraSection:
         if self.type == "lokr" and self.init != "default":
-            raise ValueError(f"init: '{self.init}' applies to LoRA only; LoKr starts from 'default'")
+            raise Problems(Problem("init", f"'{self.init}' applies to LoRA only; LoKr starts from 'default'"))
         if self.init_from and self.init != "default":
-            raise ValueError(f"init: '{self.init}' cannot be combined with init_from; use 'default'")
+            raise Problems(Problem("init", f"'{self.init}' cannot be combined with init_from; use 'default'"))
         return self
 
 
@@ -139,12 +178,14 @@ class DatasetEntry(_Section):
     @model_validator(mode="after")
     def _instance_prompt_given(self) -> DatasetEntry:
         if self.caption_strategy == "instance_prompt" and not self.instance_prompt.strip():
-            raise ValueError("instance_prompt: empty; caption_strategy 'instance_prompt' needs the caption to use")
+            raise Problems(Problem("instance_prompt", "empty; caption_strategy 'instance_prompt' needs the caption "
+                                                      "to use"))
         if self.conditioning is not None and not self.conditioning.strip():
-            raise ValueError("conditioning: empty; give the folder of reference images or remove the key")
+            raise Problems(Problem("conditioning", "empty; give the folder of reference images or remove the key"))
         if self.conditioning_match is not None and self.conditioning is None:
-            raise ValueError("conditioning_match: applies to edit pairs only; set conditioning to the folder of "
-                             "reference images or remove it")
+            raise Problems(Problem("conditioning_match", "applies to edit pairs only; set conditioning to the "
+                                                         "folder of "
+                             "reference images or remove it"))
         return self
 
     @property
@@ -174,20 +215,22 @@ class DataSection(_Section):
     def _some_training_data(self) -> DataSection:
         problems = []
         if self.datasets and all(entry.is_regularisation for entry in self.datasets):
-            problems.append("datasets: every dataset is marked is_regularisation; at least one must be the subject")
+            problems.append(Problem("datasets", "every dataset is marked is_regularisation; at least one must be "
+                                                "the subject"))
         if self.bucket_step % 16:
-            problems.append(f"bucket_step: {self.bucket_step} must be a multiple of 16 (FLUX latents are 8x smaller "
-                            "and packed in 2x2 patches)")
+            problems.append(Problem("bucket_step", f"{self.bucket_step} must be a multiple of 16 (FLUX latents are "
+                                                   "8x smaller "
+                            "and packed in 2x2 patches)"))
         else:
             named = [("resolution", self.resolution)] + [
                 (f"datasets[{i}].resolution", e.resolution) for i, e in enumerate(self.datasets) if e.resolution]
             for field, value in named:
                 for resolution in ([value] if isinstance(value, int) else value):
                     if not 64 <= resolution <= 4096 or resolution % self.bucket_step:
-                        problems.append(f"{field}: {resolution} must be between 64 and 4096 and a multiple of "
-                                        f"bucket_step ({self.bucket_step})")
+                        problems.append(Problem(field, f"{resolution} must be between 64 and 4096 and a "
+                                                       f"multiple of bucket_step ({self.bucket_step})"))
         if problems:
-            raise ValueError("\n".join(problems))
+            raise Problems(*problems)
         return self
 
     def every_resolution(self) -> list[int]:
@@ -227,7 +270,7 @@ class TrainSection(_Section):
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainSection:
         if self.scheduler != "constant" and self.warmup_steps >= self.max_steps:
-            raise ValueError(f"warmup_steps: {self.warmup_steps} must be below max_steps ({self.max_steps})")
+            raise Problems(Problem("warmup_steps", f"{self.warmup_steps} must be below max_steps ({self.max_steps})"))
         return self
 
 
@@ -274,8 +317,8 @@ class SampleSection(_Section):
     def _one_reference_per_prompt(self) -> SampleSection:
         count = len(self.reference_images)
         if count > 1 and count != len(self.prompts):
-            raise ValueError(f"reference_images: {count} images for {len(self.prompts)} prompts; give one for "
-                             "every prompt, or a single one used by all")
+            raise Problems(Problem("reference_images", f"{count} images for {len(self.prompts)} prompts; give one for "
+                             "every prompt, or a single one used by all"))
         return self
 
 
@@ -353,10 +396,31 @@ class AdvancedSection(_Section):
     @model_validator(mode="after")
     def _ranges_ordered(self) -> AdvancedSection:
         if self.min_timestep >= self.max_timestep:
-            raise ValueError(f"min_timestep: {self.min_timestep} must be below max_timestep ({self.max_timestep})")
+            raise Problems(Problem("min_timestep", f"{self.min_timestep} must be below max_timestep "
+                                                   f"({self.max_timestep})"))
         if self.guidance_mode == "random" and self.guidance_min > self.guidance_max:
-            raise ValueError(f"guidance_min: {self.guidance_min} is above guidance_max ({self.guidance_max})")
+            raise Problems(Problem("guidance_min", f"{self.guidance_min} is above guidance_max ({self.guidance_max})"))
         return self
+
+
+# The training guidance a guidance-distilled transformer is fed (advanced.*); the others have no input for it.
+TRAINING_GUIDANCE_KEYS = ("guidance_mode", "guidance_value", "guidance_min", "guidance_max")
+
+
+def _guidance_agrees(spec: JobSpec) -> list[Problem]:
+    """Training guidance set (not left at its default) on a flavour without a guidance embedding would be ignored:
+    validation never accepts what training would ignore."""
+    flavour = registry.get_flavour(spec.model.family, spec.model.flavour)
+    if flavour.guidance == "embedded":
+        return []
+    fields = AdvancedSection.model_fields
+    changed = [key for key in TRAINING_GUIDANCE_KEYS if getattr(spec.advanced, key) != fields[key].default]
+    if not changed:
+        return []
+    keys = ", ".join(f"advanced.{key}" for key in changed)
+    return [Problem(keys, f"{flavour.label} ({spec.model.family} {spec.model.flavour}) has no guidance embedding, "
+                    "so training guidance would be ignored; remove these keys, or choose a flavour with one "
+                    "(FLUX.1 dev, krea or kontext, FLUX.2 dev)")]
 
 
 class JobSpec(_Section):
@@ -375,80 +439,93 @@ class JobSpec(_Section):
         from trainer.adapters import TARGET_PRESETS
         from trainer.tread import TreadConfig, validate_tread
 
-        problems: list[str] = []
+        problems: list[Problem] = []
         if self.train.eval_every_steps and not self.data.eval_holdout:
-            problems.append("train.eval_every_steps: the evaluation loss needs held-out images; "
-                            "set data.eval_holdout to 1 or more")
+            problems.append(Problem("train.eval_every_steps", "the evaluation loss needs held-out images; "
+                            "set data.eval_holdout to 1 or more"))
         targets, family = self.lora.targets, self.model.family
         other_presets = {p for f, presets in TARGET_PRESETS.items() if f != family for p in presets}
         if targets in other_presets - set(TARGET_PRESETS[family]):
-            problems.append(f"lora.targets: '{targets}' is not a {family} preset; "
-                            f"allowed: {', '.join(TARGET_PRESETS[family])} or a module-name regex")
+            problems.append(Problem("lora.targets", f"'{targets}' is not a {family} preset; "
+                            f"allowed: {', '.join(TARGET_PRESETS[family])} or a module-name regex"))
         elif targets not in TARGET_PRESETS[family]:
             try:
                 re.compile(targets)
             except re.error as exc:
-                problems.append(f"lora.targets: '{targets}' is neither a preset nor a valid regex ({exc})")
+                problems.append(Problem("lora.targets", f"'{targets}' is neither a preset nor a valid regex ({exc})"))
         if "kohya" in self.output.formats and family != "flux1":
-            problems.append("output.formats: 'kohya' is a FLUX.1 layout; for FLUX.2 use 'comfyui' or 'diffusers'")
+            problems.append(Problem("output.formats", "'kohya' is a FLUX.1 layout; for FLUX.2 use 'comfyui' or "
+                                                      "'diffusers'"))
         if self.lora.type == "lokr" and set(self.output.formats) - {"diffusers"}:
-            problems.append("output.formats: LoKr is written in the diffusers format only; remove comfyui/kohya")
+            problems.append(Problem("output.formats", "LoKr is written in the diffusers format only; remove "
+                                                      "comfyui/kohya"))
+        elif self.lora.type == "lokr" and self.output.comfy_lora_dir:
+            problems.append(Problem("output.comfy_lora_dir", "LoKr is written in the diffusers format only, which "
+                                    "is not ComfyUI's layout, so nothing could be copied there; leave it empty or "
+                                    "train a LoRA (lora.type = lora)"))
+        problems += _guidance_agrees(self)
         problems += _lowvram_agrees(self)
         problems += _references_agree(self)
         if self.advanced.tread:
             a = self.advanced
             blocks = registry.get_flavour(family, self.model.flavour).total_blocks
-            problems += validate_tread(TreadConfig(a.tread_selection_ratio, a.tread_start_block, a.tread_end_block),
-                                       blocks)
+            config = TreadConfig(a.tread_selection_ratio, a.tread_start_block, a.tread_end_block)
+            problems += [Problem(key, message) for key, message in validate_tread(config, blocks)]
         if problems:
-            raise ValueError("\n".join(problems))
+            raise Problems(*problems)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
 
 
-def _references_agree(spec: JobSpec) -> list[str]:
+def _references_agree(spec: JobSpec) -> list[Problem]:
     """Edit pairs and sample references only for flavours whose pipeline takes a reference image."""
     flavour = registry.get_flavour(spec.model.family, spec.model.flavour)
     if flavour.reference_images:
         return []
     keys = [f"data.datasets[{i}].conditioning" for i, e in enumerate(spec.data.datasets) if e.conditioning]
     keys += ["sample.reference_images"] if spec.sample.reference_images else []
-    return [f"{key}: {flavour.label} ({spec.model.family} {flavour.name}) takes no reference image; edit pairs "
-            "train FLUX.1 kontext or a FLUX.2 flavour. Remove the key or choose one of those" for key in keys]
+    return [Problem(key, f"{flavour.label} ({spec.model.family} {flavour.name}) takes no reference image; edit "
+                         "pairs train FLUX.1 kontext or a FLUX.2 flavour. Remove the key or choose one of those")
+            for key in keys]
 
 
-def _lowvram_agrees(spec: JobSpec) -> list[str]:
+def _lowvram_agrees(spec: JobSpec) -> list[Problem]:
     """Explicit low-VRAM settings that contradict each other or the model; bundles are checked when resolved."""
     low, problems = spec.lowvram, []
     most = registry.get_flavour(spec.model.family, spec.model.flavour).max_blocks_to_swap
     if low.blocks_to_swap is not None and low.blocks_to_swap > most:
-        problems.append(f"lowvram.blocks_to_swap: {low.blocks_to_swap} is above {most}, the most this flavour "
-                        "allows (two blocks stay on the GPU)")
+        problems.append(Problem("lowvram.blocks_to_swap", f"{low.blocks_to_swap} is above {most}, the most this "
+                                                          "flavour "
+                        "allows (two blocks stay on the GPU)"))
     if low.gradient_checkpointing is False:
         if low.blocks_to_swap:
-            problems.append("lowvram.blocks_to_swap: swapped blocks need gradient_checkpointing; turn it on or "
-                            "set blocks_to_swap = 0")
+            problems.append(Problem("lowvram.blocks_to_swap", "swapped blocks need gradient_checkpointing; turn it "
+                                                              "on or "
+                            "set blocks_to_swap = 0"))
         if low.cpu_offload_checkpointing:
-            problems.append("lowvram.cpu_offload_checkpointing: offloads checkpoint inputs, so it needs "
-                            "gradient_checkpointing = true")
+            problems.append(Problem("lowvram.cpu_offload_checkpointing", "offloads checkpoint inputs, so it needs "
+                            "gradient_checkpointing = true"))
     if low.cpu_offload_checkpointing and spec.advanced.tread:
-        problems.append("lowvram.cpu_offload_checkpointing: cannot be combined with advanced.tread (the routed "
-                        "tokens bypass the offloaded blocks); turn one of them off")
+        problems.append(Problem("lowvram.cpu_offload_checkpointing", "cannot be combined with advanced.tread (the "
+                                                                     "routed "
+                        "tokens bypass the offloaded blocks); turn one of them off"))
     if low.swap_from == "disk" and spec.lora.init in ("pissa", "olora"):
-        problems.append(f"lowvram.swap_from: blocks on disk are written once and never rewritten, but lora.init "
-                        f"'{spec.lora.init}' rewrites the base weights; use lora.init 'default' or swap_from 'ram'")
+        problems.append(Problem("lowvram.swap_from", f"blocks on disk are written once and never rewritten, but "
+                                f"lora.init '{spec.lora.init}' rewrites the base weights; use lora.init 'default' or "
+                                "swap_from 'ram'"))
     if low.optimizer_offload and spec.train.mixed_precision == "fp16":
-        problems.append("lowvram.optimizer_offload: fp16 loss scaling needs the optimiser beside the gradients; use "
-                        'train.mixed_precision = "bf16" or turn optimizer_offload off')
+        problems.append(Problem("lowvram.optimizer_offload", "fp16 loss scaling needs the optimiser beside the "
+                                                             "gradients; use "
+                        'train.mixed_precision = "bf16" or turn optimizer_offload off'))
     if low.fused_backward:
         if spec.train.mixed_precision == "fp16":
-            problems.append("lowvram.fused_backward: cannot unscale fp16 gradients per parameter; use "
-                            'train.mixed_precision = "bf16" or turn fused_backward off')
+            problems.append(Problem("lowvram.fused_backward", "cannot unscale fp16 gradients per parameter; use "
+                            'train.mixed_precision = "bf16" or turn fused_backward off'))
         if spec.train.optimizer == "prodigy":
-            problems.append("lowvram.fused_backward: Prodigy adapts one step size over all parameters; use "
-                            "another optimizer or turn fused_backward off")
+            problems.append(Problem("lowvram.fused_backward", "Prodigy adapts one step size over all parameters; use "
+                            "another optimizer or turn fused_backward off"))
     return problems
 
 
@@ -479,28 +556,30 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return text
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: dict[str, Any]) -> list[Problem]:
+    """pydantic's error as Problems: a validator's own (in the error's context) placed under its location, else
+    one in the user's words."""
     loc = tuple(p for p in error["loc"] if p not in ("function-after",))
     field = _format_loc(loc)
+    raised = (error.get("ctx") or {}).get("error")
+    if isinstance(raised, Problems):
+        return [problem.under(field) for problem in raised.problems]
     kind = error["type"]
     if kind == "extra_forbidden":
         allowed = _allowed_keys(JobSpec, loc)
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(allowed)}"
-        return f"{field}: unknown key; {hint}"
+        return [Problem(field, f"unknown key; {hint}")]
     if kind == "missing":
-        return f"{field}: required but missing"
+        return [Problem(field, "required but missing")]
     if kind == "model_type":  # pydantic names the class ("instance of TrainSection"); users write TOML tables
         table = f"[[{field[:field.rindex('[')]}]]" if field.endswith("]") else f"[{field}]"
-        return f"{field}: should be a table of settings ({table} in TOML), not a single value (got {error['input']!r})"
+        return [Problem(field, f"should be a table of settings ({table} in TOML), not a single value "
+                               f"(got {error['input']!r})")]
     message = error["msg"].removeprefix("Value error, ")
-    named = re.match(r"^([\w.\[\]]+): ", message) if kind == "value_error" else None
-    if named:  # a section-level check names the key it is about
-        field = f"{field}.{named.group(1)}" if field else named.group(1)
-        message = message[named.end():]
     got = error.get("input")
     shown = "" if isinstance(got, dict) or kind == "value_error" else f" (got {got!r})"
-    return f"{field or 'spec'}: {message}{shown}" if field else f"{message}{shown}"
+    return [Problem(field, f"{message}{shown}")]
 
 
 def parse_spec(data: dict[str, Any], source: str | None = None) -> JobSpec:
@@ -508,14 +587,11 @@ def parse_spec(data: dict[str, Any], source: str | None = None) -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        problems: list[str] = []
-        for error in exc.errors():
-            lines = error["msg"].removeprefix("Value error, ").split("\n")
-            problems += [_describe({**error, "msg": line}) for line in lines]
-        raise SpecError(problems, source) from None
+        raise SpecError([problem for error in exc.errors() for problem in _describe(error)], source) from None
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+def load_spec(path: str | Path, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> JobSpec:
+    """The job file at `path`, over `base` (a preset's partial job: the file's own values win), then `overrides`."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -530,6 +606,8 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError([f"not valid TOML: {exc}"], str(path)) from None
+    if base:
+        data = deep_merge(base, data)
     if overrides:
         data = apply_overrides(data, overrides)
     return parse_spec(data, str(path))

@@ -58,21 +58,22 @@ def resolve_span(config: TreadConfig, total_blocks: int) -> tuple[int, int]:
     return start, end
 
 
-def validate_tread(config: TreadConfig, total_blocks: int) -> list[str]:
-    """Every problem with `config` for a transformer of `total_blocks` blocks (double + single), or none."""
+def validate_tread(config: TreadConfig, total_blocks: int) -> list[tuple[str, str]]:
+    """Every problem with `config` for a transformer of `total_blocks` blocks (double + single), as (key, what is
+    wrong), or none."""
     problems = []
     ratio = config.selection_ratio
     if not 0.0 <= ratio < 1.0:
-        problems.append(f"{RATIO_KEY} must be at least 0 and below 1 (the share of image tokens that skip the "
-                        f"span), got {ratio}")
+        problems.append((RATIO_KEY, f"must be at least 0 and below 1 (the share of image tokens that skip the "
+                                    f"span), got {ratio}"))
     start, end = resolve_span(config, total_blocks)
     for key, given, index in ((START_KEY, config.start_block, start), (END_KEY, config.end_block, end)):
         if not 0 <= index < total_blocks:
-            problems.append(f"{key} = {given} is outside this model's blocks: 0..{total_blocks - 1} "
-                            f"(double blocks first, then single blocks), or -{total_blocks}..-1 from the end")
+            problems.append((key, f"{given} is outside this model's blocks: 0..{total_blocks - 1} (double blocks "
+                                  f"first, then single blocks), or -{total_blocks}..-1 from the end"))
     if 0 <= start < total_blocks and 0 <= end < total_blocks and start > end:
-        problems.append(f"{START_KEY} ({config.start_block}, block {start}) must not come after "
-                        f"{END_KEY} ({config.end_block}, block {end})")
+        problems.append((START_KEY, f"{config.start_block} (block {start}) must not come after {END_KEY} "
+                                    f"({config.end_block}, block {end})"))
     return problems
 
 
@@ -102,7 +103,7 @@ def tread_routing(transformer: Any, config: TreadConfig, generator: torch.Genera
     blocks = transformer_blocks(transformer)
     problems = validate_tread(config, len(blocks))
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
     router = _Router(transformer, blocks, config, generator)
     try:
         yield

@@ -11,12 +11,13 @@ from typing import Any
 import gradio as gr
 
 from trainer.data.captioners import CAPTIONERS
-from ui import caption_editor
+from ui import caption_editor, upload_area
 from ui.captioning import MAX_LENGTH_RANGE
 from ui.dataset_check import CHECKING
 from ui.edit_pairs import edit_controls
+from ui.feedback import problems_update
 from ui.form import FORM_KEYS, api_name, field_choices, keyword_handler
-from ui.studio import Outcome, Studio
+from ui.studio import Studio
 
 # What the check reads: the dataset fields, the data section, the batch settings the health check counts, and the
 # model (whether it takes the edit pairs' references).
@@ -48,6 +49,8 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
     fields["dataset.path"] = gr.Textbox(
         value=defaults["dataset.path"], label="Image folder",
         info="a folder of images; captions in .txt files beside them (same name)")
+    with gr.Accordion("Upload images", open=False):
+        upload_area.connect(upload_area.build(studio, "dataset-upload"), studio, [fields["dataset.path"]])
     with gr.Row():
         fields["dataset.trigger"] = gr.Textbox(
             value=defaults["dataset.trigger"], label="Trigger word",
@@ -211,7 +214,7 @@ def _captioning(fields: dict[str, gr.components.Component], studio: Studio) -> N
         outcome = studio.caption_start(dataset_path, caption_model, caption_source, trigger=caption_trigger,
                                        prefix=caption_prefix, suffix=caption_suffix, max_length=caption_max_length,
                                        overwrite=caption_overwrite, batch_size=caption_batch_size)
-        return outcome.message, _problems(outcome)
+        return outcome.message, problems_update(outcome)
 
     start.click(caption_start, [fields["dataset.path"], model, source, trigger, prefix, suffix, max_length,
                                 overwrite, batch_size], [status, problems], api_name="caption_start",
@@ -233,14 +236,6 @@ def _captioning(fields: dict[str, gr.components.Component], studio: Studio) -> N
     timer = gr.Timer(1.0)
     timer.tick(caption_poll, seen, [status, log, seen], api_name="caption_poll", show_progress="hidden",
                concurrency_limit=None)
-
-
-def _problems(outcome: Outcome) -> Any:  # noqa: ANN401 - a gradio update
-    if outcome.ok:
-        return gr.update(visible=False, value="")
-    for problem in outcome.problems[:3]:
-        gr.Warning(problem)
-    return gr.update(visible=True, value="\n".join(outcome.problems))
 
 
 # ---------------------------------------------------------------------- the caption editor

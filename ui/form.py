@@ -21,8 +21,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from trainer import registry
 from trainer.demo import demo_job_toml
-from trainer.spec import JobSpec, SpecError, deep_merge, parse_spec
+from trainer.spec import TRAINING_GUIDANCE_KEYS, JobSpec, Problem, SpecError, deep_merge, parse_spec
 
 DATASET = "dataset."
 PROMPT_SEPARATOR = "|"
@@ -245,6 +246,19 @@ def _from_spec_value(key: str, value: Any) -> Any:  # noqa: ANN401 - any spec va
     return value
 
 
+def _drop_unused_guidance(data: dict[str, Any]) -> None:
+    """The training guidance controls are greyed out for a flavour without a guidance embedding: they send nothing
+    (the spec refuses guidance such a flavour would ignore)."""
+    model = data.get("model", {})
+    try:
+        embedded = registry.get_flavour(model.get("family", ""), model.get("flavour", "")).guidance == "embedded"
+    except KeyError:
+        return  # an unknown flavour: the spec names it
+    if not embedded:
+        for key in TRAINING_GUIDANCE_KEYS:
+            data.get("advanced", {}).pop(key, None)
+
+
 def values_to_dict(values: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Nested spec dict from form values (key → value), laid over `base` (a loaded job's fields the form lacks).
 
@@ -268,6 +282,7 @@ def values_to_dict(values: Mapping[str, Any], base: Mapping[str, Any] | None = N
             target.pop(name, None)
         else:
             target[name] = value
+    _drop_unused_guidance(data)
     if CONDITIONING_MATCH_KEY in values and not dataset.get("conditioning"):
         dataset.pop("conditioning_match", None)  # no edit pairs: nothing to match
     data["data"]["datasets"] = [dataset, *datasets[1:]]
@@ -277,7 +292,7 @@ def values_to_dict(values: Mapping[str, Any], base: Mapping[str, Any] | None = N
 def parse_form_dict(data: dict[str, Any]) -> JobSpec:
     """`parse_spec` of a dict made by `values_to_dict`: resolution text the form could not read is one more
     problem; every problem is reported at once in one SpecError."""
-    problems: list[str] = []
+    problems: list[Problem] = []
     data = deep_merge({}, data)
     section, name = RESOLUTION_KEY.split(".")
     value = data.get(section, {}).get(name)
@@ -285,12 +300,12 @@ def parse_form_dict(data: dict[str, Any]) -> JobSpec:
         try:
             data[section][name] = parse_resolution(value)
         except ValueError as exc:
-            problems.append(f"{RESOLUTION_KEY}: {exc} (got {value!r})")
+            problems.append(Problem(RESOLUTION_KEY, f"{exc} (got {value!r})"))
             del data[section][name]  # the rest of the job is still checked
     try:
         spec = parse_spec(data)
     except SpecError as exc:
-        raise SpecError(problems + exc.problems) from None
+        raise SpecError([*problems, *exc.errors]) from None
     if problems:
         raise SpecError(problems)
     return spec

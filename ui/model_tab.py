@@ -146,11 +146,12 @@ def _connect_model(fields: dict[str, gr.components.Component], studio: Studio, s
           show_progress="hidden")
 
 
-def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
-          studio: Studio) -> Callable[[gr.State, gr.State], None]:
+def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], studio: Studio,
+          menus: dict[str, gr.components.Component] | None = None) -> Callable[[gr.State, gr.State], None]:
     """The tab's controls; returns `connect(base, baseline)`, to call once every tab's fields exist (applying a
     preset fills the whole form). `baseline` holds the form's last fill: what differs from it are the user's
-    edits, which a preset never overrides."""
+    edits, which a preset never overrides. `menus` receives the profile menu (key "profile"), which the Quick
+    start sets to the GPU it filled the form for."""
     family, flavour = defaults["model.family"], defaults["model.flavour"]
     profile_name = presets.default_profile()
     with gr.Row(equal_height=True):
@@ -163,6 +164,8 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any],
             value=presets.suggested_preset(profile_name, family, flavour),
             info="a partial job for this flavour and a VRAM tier, every trade-off commented in presets/")
         apply = gr.Button("Apply profile and preset", scale=1)
+    if menus is not None:
+        menus["profile"] = profile
     applied = gr.Markdown("")
     with gr.Row():
         fields["model.family"] = gr.Dropdown(

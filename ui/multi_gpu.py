@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainer import distributed
+from trainer.demo import prepare_demo
 from trainer.estimator.auto import choose_mode
 from trainer.estimator.plans import mode_problems
 from trainer.runners.launch import LaunchRequest
-from trainer.runners.thread import build_demo
 from trainer.spec import JobSpec, SpecError
 from ui import form
 from ui.feedback import problems_update
@@ -260,7 +260,7 @@ def start(studio: Studio, values: dict[str, Any], base: dict[str, Any] | None, c
         command = training_command(job, found, choice.resume, free_port())
         # the demo is built as the trainer process builds it: the same events, the same failure
         studio.runner.start(LaunchRequest(command, Path(spec.output.dir), env=launch_env(found), cwd=ROOT,
-                                          prepare=functools.partial(build_demo, demo) if demo else None,
+                                          prepare=functools.partial(prepare_demo, demo) if demo else None,
                                           description=found.describe()))
         return None
 

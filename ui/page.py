@@ -13,33 +13,50 @@ if TYPE_CHECKING:
 
     from trainer.runners.process import ProcessRunner
     from trainer.runners.thread import TrainingRunner
+    from ui.upload_limits import UploadLimits
 
 TITLE = "Flux LoRA Studio"
 
 
-def build_app(runner: ProcessRunner | TrainingRunner, workdir: Path, allowed: Iterable[str | Path] = ()) -> gr.Blocks:
+def build_app(runner: ProcessRunner | TrainingRunner, workdir: Path, allowed: Iterable[str | Path] = (),
+              upload_limits: UploadLimits | None = None) -> gr.Blocks:
     """The whole UI around one runner; every default comes from the demo job, so Start trains the demo. Paths the
-    users type are used only inside the workdir and the `allowed` folders."""
+    users type are used only inside the workdir and the `allowed` folders; uploads keep to `upload_limits`."""
     import gradio as gr
 
     from trainer.runners.app import AppRunner
-    from ui import advanced_tab, dataset_tab, estimator_tab, job_bar, lowvram_tab, model_tab, run_tab, training_tab
+    from ui import (
+        advanced_tab,
+        dataset_tab,
+        estimator_tab,
+        history_tab,
+        job_bar,
+        lowvram_tab,
+        model_tab,
+        quickstart_tab,
+        run_tab,
+        training_tab,
+    )
     from ui.form import FORM_KEYS
     from ui.memory import detected_vram_gib
     from ui.studio import Studio
 
-    studio = Studio(AppRunner.of(runner), Path(workdir), allowed)  # one training at a time, here or in processes
+    # one training at a time, here or in processes
+    studio = Studio(AppRunner.of(runner), Path(workdir), allowed, upload_limits)
     defaults = studio.default_values()
     detected = detected_vram_gib()
     fields: dict[str, gr.components.Component] = {}
+    menus: dict[str, gr.components.Component] = {}  # the Model tab's profile menu, which the Quick start sets
     with gr.Blocks(title=TITLE) as app:
         gr.Markdown(f"## {TITLE}")
         base = gr.State({})  # fields of a loaded job that the form has no control for
         baseline = gr.State(defaults)  # the form's last fill: what differs from it are the user's edits
         connect_job_bar = job_bar.build(studio)
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
+            with gr.Tab("Quick start", id="quick"):
+                connect_quickstart = quickstart_tab.build(studio)
             with gr.Tab("Model"):
-                connect_model = model_tab.build(fields, defaults, studio)
+                connect_model = model_tab.build(fields, defaults, studio, menus)
             with gr.Tab("Dataset & Captioning"):
                 connect_dataset = dataset_tab.build(fields, defaults, studio, base)
             with gr.Tab("Low VRAM"):
@@ -50,8 +67,10 @@ def build_app(runner: ProcessRunner | TrainingRunner, workdir: Path, allowed: It
                 advanced_tab.build(fields, defaults)
             with gr.Tab("Memory Estimator") as estimator:
                 estimator_tab.build(fields, defaults, base, detected, estimator)
-            with gr.Tab("Run"):
+            with gr.Tab("Run", id=quickstart_tab.RUN_TAB):
                 run_tab.build(fields, studio, base, app)
+            with gr.Tab("Runs", id="runs") as runs:
+                connect_history = history_tab.build(studio)
         missing = set(FORM_KEYS) - set(fields)
         if missing:
             raise RuntimeError(f"form keys without a control: {sorted(missing)}")
@@ -59,6 +78,8 @@ def build_app(runner: ProcessRunner | TrainingRunner, workdir: Path, allowed: It
         connect_lowvram(base, app)  # the live verdict reads the whole job
         connect_model(base, baseline)  # a preset fills the whole form
         connect_job_bar(fields, base, baseline, defaults, model_tab.form_updates, app)  # a job fills every tab
+        connect_quickstart(fields, base, baseline, tabs, model_tab.form_updates, menus["profile"])  # fills every tab
+        connect_history(fields, base, baseline, tabs, model_tab.form_updates, runs)  # so does Resume
 
         def placeholders(family: str, flavour: str) -> tuple[object, object]:
             steps, guidance = advanced_tab.sample_placeholders(family, flavour)

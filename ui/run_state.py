@@ -74,12 +74,7 @@ def thinned(points: list[LossPoint], limit: int) -> list[LossPoint]:
 
 def download_text(event: DownloadProgress) -> str:
     """'downloading org/repo: 1.2/16.0 GB (8 %), 3/12 files'."""
-    text = f"downloading {event.repo_id}: {event.downloaded_bytes / 1e9:.1f}"
-    if event.total_bytes:
-        text += f"/{event.total_bytes / 1e9:.1f} GB ({100 * event.downloaded_bytes / event.total_bytes:.0f} %)"
-    else:
-        text += " GB"
-    return text + (f", {event.files_done}/{event.files_total} files" if event.files_total else "")
+    return event.describe()
 
 
 def format_duration(seconds: float) -> str:

@@ -32,7 +32,10 @@ from ui.jobs import LAST_FORM, LastForm, Outcome, default_job_path, read_job, wr
 from ui.model_info import flavour_summary, target_counts  # noqa: F401 - the tabs' and tests' old import path
 from ui.paths import Folders, PathRefused, spec_paths, written_folders
 from ui.resume import find_interrupted_run, latest_state_step
+from ui.run_history import RESOLVED_JOB, History
 from ui.run_state import RunView
+from ui.upload_limits import UploadLimits
+from ui.uploads import KEEP, UploadResult, dataset_folder, save_upload
 
 ALREADY_RUNNING = "a run is already in progress; stop it or wait for it to finish"
 SESSION_PAUSED = ("a session is paused at step {step}; End training before starting a new run (or Train N steps "
@@ -47,7 +50,8 @@ class Studio:
     Every path a user types is used only inside `folders`: the workdir and the `allowed` folders (see ui/paths.py).
     """
 
-    def __init__(self, runner: AppRunner, workdir: Path, allowed: Iterable[str | Path] = ()) -> None:
+    def __init__(self, runner: AppRunner, workdir: Path, allowed: Iterable[str | Path] = (),
+                 upload_limits: UploadLimits | None = None) -> None:
         self.runner = runner
         self.workdir = Path(workdir).resolve()
         self.folders = Folders.of(self.workdir, allowed)
@@ -57,6 +61,8 @@ class Studio:
         self.last_form = LastForm(self.workdir / ".studio" / LAST_FORM)
         self.view = RunView()
         self.captioning = CaptionRunner()
+        self.upload_limits = upload_limits or UploadLimits()
+        self.history = History(self.folders, self.output_root)
 
     # ------------------------------------------------------------------ form → spec
 
@@ -423,3 +429,29 @@ class Studio:
         state, result = caption_editor.save_captions(state)
         return state, Outcome(result.message(), result.problems)
 
+    # ------------------------------------------------------------------ uploads, run history
+
+    def upload_dataset(self, files: list[tuple[str | Path, str]], name: str | None,
+                       existing: str = KEEP) -> UploadResult:
+        """Uploaded images, captions or zips into WORKDIR/datasets/<name> (see ui/uploads.py); refused while the
+        captioner writes in that folder."""
+        try:
+            folder = dataset_folder(self.folders, name or "")
+        except UserError as exc:
+            return UploadResult(None, refused=[str(exc)])
+        if self.captioning.running and self.captioning.folder == folder:
+            return UploadResult(None, refused=[f"{folder}: the captioner is writing captions there; upload when it "
+                                               "has finished"])
+        return save_upload(files, folder, self.upload_limits, existing)
+
+    def live_output_dir(self) -> Path | None:
+        """The output folder of the session this app runs now (training, or paused), else None."""
+        return self.runner.output_dir() if self.runner.running or self.runner.live else None
+
+    def run_job(self, name: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, Outcome]:
+        """(form values, hidden fields, outcome) of a listed run's job as it ran (its job.resolved.toml)."""
+        try:
+            run = self.history.find(name, self.live_output_dir())
+        except UserError as exc:
+            return None, None, Outcome(f"not loaded: {name}", [str(exc)])
+        return self._load(run.folder / RESOLVED_JOB, f"{name}/{RESOLVED_JOB}")

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from trainer.data.datasets import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, find_mask, list_images
 from trainer.data.health_report import HealthReport, HealthRow, ImageInfo, Kind, display_path, usable_images
-from trainer.data.images import verify_image, verify_mask
+from trainer.data.images import decode_small, verify_mask
+from trainer.data.near_duplicates import Fingerprint, fingerprint, likely_duplicates
 from trainer.data.pairs import check_pairs
 from trainer.errors import UserError
 from trainer.spec import DatasetEntry, JobSpec
@@ -45,6 +46,7 @@ class _Scan:
     size: tuple[int, int] | None = None
     sha256: str = ""
     error: str = ""
+    fingerprint: Fingerprint | None = None
 
 
 def _without_path(exc: UserError, path: Path) -> str:
@@ -59,7 +61,8 @@ def _scan(path: Path) -> _Scan:
         return _Scan(error=f"cannot read this file ({exc.strerror or exc})")
     digest = hashlib.sha256(data).hexdigest()
     try:
-        return _Scan(verify_image(path, data), digest)
+        image, size = decode_small(path, data)
+        return _Scan(size, digest, fingerprint=fingerprint(image))
     except UserError as exc:
         return _Scan(sha256=digest, error=_without_path(exc, path))
 
@@ -176,7 +179,7 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
         scans = list(pool.map(_scan, [path for _, path in listed]))
         mask_errors = dict(zip(masks, pool.map(_scan_mask, masks), strict=True))
 
-    first_seen: dict[str, Path] = {}
+    kept: list[tuple[Path, _Scan]] = []
     for (index, path), scan in zip(listed, scans, strict=True):
         entry = entries[index]
         skip = _skip_reason(scan, min_size, mask_of[path], mask_errors)
@@ -190,12 +193,8 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
             problem = _caption_problem(path, entry.trigger)
             if problem:
                 report.rows.append(HealthRow(path, problem, "warning", "caption"))
-        if scan.sha256 in first_seen:
-            original = display_path(report.datasets, first_seen[scan.sha256])
-            report.rows.append(HealthRow(path, f"the same file as {original}: it trains twice as often; delete one "
-                                               "unless you mean it", "warning", "duplicate"))
-        else:
-            first_seen[scan.sha256] = path
+        kept.append((path, scan))
+    report.rows += _duplicates(report, kept)
 
     if any(entry.conditioning for entry in entries):
         check_pairs(report, entries, workers)
@@ -204,6 +203,28 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
     listed_per_dataset = [sum(1 for index, _ in listed if index == i) for i in range(len(entries))]
     _check_counts(report, entries, listed_per_dataset, batch_size, gradient_accumulation, held_out)
     return report
+
+
+def _duplicates(report: HealthReport, scans: list[tuple[Path, _Scan]]) -> list[HealthRow]:
+    """Rows for the same file twice (its bytes) and, among distinct files, the same picture saved again (a
+    perceptual fingerprint: near_duplicates.py), each naming both files."""
+    rows: list[HealthRow] = []
+    first_seen: dict[str, Path] = {}
+    printed: list[tuple[Path, Fingerprint]] = []
+    for path, scan in scans:
+        if scan.sha256 in first_seen:
+            original = display_path(report.datasets, first_seen[scan.sha256])
+            rows.append(HealthRow(path, f"the same file as {original}: it trains twice as often; delete one unless "
+                                        "you mean it", "warning", "duplicate"))
+            continue
+        first_seen[scan.sha256] = path
+        if scan.fingerprint is not None:
+            printed.append((path, scan.fingerprint))
+    for path, original in likely_duplicates(printed):
+        rows.append(HealthRow(path, f"looks like {display_path(report.datasets, original)} (the same picture saved "
+                                    "again, e.g. as JPEG): likely a duplicate, which trains twice as often; delete one "
+                                    "unless you mean it", "warning", "duplicate"))
+    return rows
 
 
 def _edit_model_without_pairs(spec: JobSpec) -> list[HealthRow]:

@@ -171,7 +171,13 @@ def verify_image(path: Path, data: bytes | None = None) -> tuple[int, int]:
 
     `data`: the file's bytes when the caller has read them already. Raises UserError naming the file.
     """
-    return _decode(Path(path), data, cover=(64, 64))[1]
+    return decode_small(path, data)[1]
+
+
+def decode_small(path: Path, data: bytes | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """`verify_image`'s decode: the RGB upright image (JPEGs at a reduced scale of at least 64 px) and its upright
+    size."""
+    return _decode(Path(path), data, cover=(64, 64))
 
 
 def verify_mask(path: Path) -> tuple[int, int]:

@@ -78,7 +78,7 @@ def _flux1_linears(f: registry.Flavour) -> list[Linear]:
     h, j = f.hidden_size, f.joint_attention_dim
     m = 4 * h  # mlp_ratio 4.0, GELU (tanh)
     channels = f.latent_channels * 4
-    pooled = j if f.is_demo else 768  # CLIP-L pooled projection
+    pooled = f.pooled_dim  # CLIP-L pooled projection
     out: list[Linear] = [
         Linear("time_text_embed.timestep_embedder.linear_1", 256, h, True),
         Linear("time_text_embed.timestep_embedder.linear_2", h, h, True),
@@ -110,10 +110,6 @@ def _flux1_linears(f: registry.Flavour) -> list[Linear]:
 @functools.lru_cache(maxsize=64)
 def _linears(f: registry.Flavour) -> tuple[Linear, ...]:
     return tuple(_flux2_linears(f) if f.family == "flux2" else _flux1_linears(f))
-
-
-def transformer_linears(f: registry.Flavour) -> list[Linear]:
-    return list(_linears(f))
 
 
 def _norms_per_block(f: registry.Flavour, index: int) -> int:

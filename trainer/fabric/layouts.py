@@ -11,6 +11,21 @@ from trainer.fabric.models import Component, scheduler_config
 from trainer.fabric.stream import TensorSpec, shard, values, write_file
 from trainer.registry import Flavour
 
+SHARD_BYTES = 5 * 1000**3  # the hub's shard size
+# ComfyUI's file names (its model folders' usual names for these releases)
+COMFY_NAMES = {
+    ("flux2", "klein-base-4b"): {"transformer": "flux-2-klein-base-4b.safetensors",
+                                 "text_encoder": "qwen_3_4b.safetensors", "vae": "flux2-vae.safetensors"},
+    ("flux2", "klein-base-9b"): {"transformer": "flux-2-klein-base-9b.safetensors",
+                                 "text_encoder": "qwen_3_8b.safetensors", "vae": "flux2-vae.safetensors"},
+    ("flux2", "dev"): {"transformer": "flux2-dev.safetensors",
+                       "text_encoder": "mistral_3_small_flux2_bf16.safetensors", "vae": "flux2-vae.safetensors"},
+    ("flux1", "dev"): {"transformer": "flux1-dev.safetensors", "text_encoder": "clip_l.safetensors",
+                       "text_encoder_2": "t5xxl_fp16.safetensors", "vae": "ae.safetensors"},
+}
+COMFY_FOLDERS = {"transformer": "diffusion_models", "vae": "vae", "text_encoder": "text_encoders",
+                 "text_encoder_2": "text_encoders"}
+
 _WEIGHT_STEMS = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
 
 
@@ -83,8 +98,6 @@ def _save_config(component: Component, folder: Path) -> None:
 def _write_sharded(folder: Path, component: Component, specs: list[TensorSpec], seed: int,
                    say: Callable[[str], None]) -> None:
     stem = _WEIGHT_STEMS[component.library]
-    from trainer.fabric import SHARD_BYTES
-
     shards = shard(specs, SHARD_BYTES)
     if len(shards) == 1:
         write_file(folder / f"{stem}.safetensors", shards[0], seed)
@@ -130,8 +143,6 @@ def write_comfy(out: Path, flavour: Flavour, components: list[Component], tokeni
                 say: Callable[[str], None]) -> dict[str, Path]:
     """ComfyUI's models/ folder of single files plus source/ (configs, tokenizers, scheduler); slot -> file,
     relative to `out`."""
-    from trainer.fabric import COMFY_FOLDERS, COMFY_NAMES
-
     _write_small_files(out / "source", flavour, components, tokenizers)
     names = COMFY_NAMES[(flavour.family, flavour.name)] if (flavour.family, flavour.name) in COMFY_NAMES else {
         c.name: f"{flavour.family}-{flavour.name}-{c.name}.safetensors" for c in components}

@@ -222,8 +222,6 @@ class QuantizedLinear(torch.nn.Linear):
     (`qweight`), as bitsandbytes' and GPTQ's layers expose theirs; `dequantize(dtype)` gives the float weight.
     peft reads the device there and the LoRA dtype from `compute_dtype` (adapters.add_adapter then makes A and
     B fp32); a dequantising `weight` would be computed some twenty times per layer while peft adds the adapter.
-    `source` is (file, key) of the full-precision weight when the layer was streamed from a file (LoftQ reads
-    it there).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, fmt: str,
@@ -232,7 +230,6 @@ class QuantizedLinear(torch.nn.Linear):
         self.in_features, self.out_features = in_features, out_features
         self.format = fmt
         self.compute_dtype = compute_dtype
-        self.source: tuple[str, str] | None = None
         values_shape, scales_shape, dtype = _layout(out_features, in_features, fmt)
         self.register_buffer("qweight", torch.empty(values_shape, dtype=dtype, device=device))
         self.register_buffer("scale", torch.empty(scales_shape, dtype=torch.float32, device=device))
@@ -254,19 +251,12 @@ class QuantizedLinear(torch.nn.Linear):
             layer.bias = torch.nn.Parameter(linear.bias.detach().to(compute_dtype), requires_grad=False)
         return layer
 
-    def load_weight(self, read_rows: Callable[[int, int], torch.Tensor], source: tuple[str, str] | None = None,
+    def load_weight(self, read_rows: Callable[[int, int], torch.Tensor],
                     work_device: torch.device | str | None = None) -> None:
         """Quantise the full-precision weight that `read_rows(start, stop)` gives a slice at a time; the
         quantised tensors land on the CPU."""
         shape = (self.out_features, self.in_features)
         self.qweight, self.scale = quantize_rows(read_rows, shape, self.format, work_device)
-        self.source = source
-
-    def read_source(self) -> torch.Tensor:
-        """The full-precision weight this layer was quantised from (fp32, on the CPU), read back from its file."""
-        if self.source is None:
-            raise RuntimeError("this layer was quantised in memory, not streamed from a model file")
-        return _read(Path(self.source[0]), self.source[1], torch.float32)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(self.qweight, self.scale, self.format, (self.out_features, self.in_features), dtype)
@@ -321,6 +311,25 @@ def is_quantized(module: torch.nn.Module) -> bool:
     return isinstance(module, QuantizedLinear)
 
 
+def quantised_sizes(model: torch.nn.Module) -> tuple[int, int, str]:
+    """(bytes the model would hold unquantised, bytes it holds, format) for a quantised base; the format is "" when
+    no layer is quantised. Unquantised: each quantised layer's weight at its compute dtype."""
+    before = after = 0
+    fmt = ""
+    for module in model.modules():
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        size = sum(t.numel() * t.element_size() for t in own)
+        after += size
+        if isinstance(module, QuantizedLinear):
+            fmt = module.format
+            bias = module.bias.numel() * module.bias.element_size() if module.bias is not None else 0
+            element = torch.empty((), dtype=module.compute_dtype).element_size()
+            before += module.in_features * module.out_features * element + bias
+        else:
+            before += size
+    return before, after, fmt
+
+
 def quantizable_names(model: torch.nn.Module) -> list[str]:
     """Names of the Linears a quantised base stores quantised: attention and MLP inside the blocks (a layer
     wrapped by peft is named by its `base_layer`; the adapter's own Linears never count)."""
@@ -366,16 +375,6 @@ def quantize_model(model: torch.nn.Module, fmt: str, compute_dtype: torch.dtype,
 
 
 # ---------------------------------------------------------------------------------------------- streaming
-
-
-def transformer_folder(source: str) -> Path:
-    """The `transformer/` folder of a diffusers pipeline folder or hub repo (the hub one is downloaded alone)."""
-    local = Path(source).expanduser()
-    if local.is_dir():
-        return local / "transformer"
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(source, allow_patterns=["transformer/*"])) / "transformer"
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
@@ -479,7 +478,7 @@ def _load_tensor(model: torch.nn.Module, key: str, file: Path, compute_dtype: to
                         f"config.json wants {wanted}")
     if quantised:
         module.load_weight(lambda start, stop: _read(file, key, torch.float32, (start, stop)),
-                           source=(str(file), key), work_device=work_device)
+                           work_device=work_device)
     elif attr in module._parameters:
         module._parameters[attr] = torch.nn.Parameter(_read(file, key, compute_dtype), requires_grad=False)
     else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from trainer.events import Event
 from trainer.spec import JobSpec, parse_spec
@@ -116,6 +116,7 @@ class RunnerState:
 RequestT = TypeVar("RequestT", contravariant=True)
 
 
+@runtime_checkable
 class Runner(Protocol[RequestT]):
     """The interface every runner implements (see the module's docstring). RequestT: what starts it (RunRequest for
     training, CaptionRequest for captioning); a runner that takes no command refuses each with NothingToDo."""

@@ -12,6 +12,8 @@ from collections import deque
 from pathlib import Path
 from typing import IO
 
+from trainer.quiet import library_warning
+
 ROOT = Path(__file__).resolve().parents[2]
 # Lower than the app's priority, so the web server is served first on a machine whose cores training keeps busy.
 # Training on a GPU barely notices: its CPU thread only waits on the GPU.
@@ -27,10 +29,14 @@ def start_child(command: list[str], env: dict[str, str] | None = None) -> subpro
 
 
 def copy_stderr(stream: IO[bytes], tail: deque[str]) -> None:
-    """Copy a child's stderr to ours (the terminal window shows what it says) and keep its last lines in `tail`."""
+    """Copy a child's stderr to ours (the terminal window shows what it says) and keep its last lines in `tail`,
+    libraries' warnings left out (with the indented source line Python prints under one): the last words are the
+    child's own."""
+    skipping = False
     for raw in stream:
         line = raw.decode("utf-8", "replace")
-        if line.strip():
+        skipping = library_warning(line) or (skipping and line[:1].isspace())
+        if line.strip() and not skipping:
             tail.append(line.rstrip("\n"))
         try:
             sys.stderr.write(line)

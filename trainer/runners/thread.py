@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.demo import prepare_demo
 from trainer.errors import UserError
 from trainer.events import Event, EventQueue, LogMessage, PhaseChanged, RunFinished
 from trainer.runners.base import (
@@ -45,21 +46,6 @@ TRAINING_ACTIONS = ("start", "train_steps")
 PAUSED_PHASE = "paused"
 
 
-def build_demo(demo_dir: Path | None, emit: Callable[[Event], None]) -> bool:
-    """Build the demo in `demo_dir` when it is missing; False (and a failed RunFinished) when that fails."""
-    if demo_dir is None:
-        return True
-    try:
-        from trainer.demo import ensure_demo
-
-        ensure_demo(demo_dir, emit)
-    except Exception as exc:  # noqa: BLE001 - the app must survive anything the trainer does
-        emit(LogMessage(level="error", message=traceback.format_exc()))
-        emit(RunFinished(status="failed", step=0, message=f"building the demo failed: {exc}"))
-        return False
-    return True
-
-
 def run_session(request: RunRequest, emit: Callable[[Event], None], commands: Commands,
                 on_live: Callable[[Any], None] | None = None) -> None:
     """Set up, train, save and end one session; every failure ends as a RunFinished event, never an exception.
@@ -73,7 +59,7 @@ def run_session(request: RunRequest, emit: Callable[[Event], None], commands: Co
     from trainer.session import Session
 
     session = Session(request.spec, emit=emit, commands=commands, resume=request.resume)
-    if not build_demo(request.demo_dir, emit):
+    if not prepare_demo(request.demo_dir, emit):
         return
     if on_live is not None:
         on_live(session)
@@ -321,7 +307,7 @@ class TrainingRunner(StateViews):
         self._emit(PhaseChanged(phase=PAUSED_PHASE, detail=f"step {self._session.step}"))
 
     def _setup_and_train(self, request: RunRequest, steps: int) -> None:
-        if not build_demo(request.demo_dir, self._events):
+        if not prepare_demo(request.demo_dir, self._events):
             return
         spec = request.spec
 

@@ -17,7 +17,8 @@ import torch
 from trainer.errors import UserError
 from trainer.events import Event
 from trainer.registry import Flavour
-from trainer.sources import ModelFiles, pipeline_class_problem
+from trainer.sources import ModelFiles
+from trainer.sources.folder_fit import check_folder
 from trainer.sources.processor_tokenizers import load_processor_tokenizers
 from trainer.sources.recognise import NotSafetensors, Recognised, recognise_for, slot_problem
 from trainer.spec import is_local_path
@@ -56,9 +57,9 @@ def local_folder(source: str, flavour: Flavour, skip: tuple[str, ...], files: Mo
         from trainer.sources.hub import fetch, needed_patterns
 
         folder = fetch(source, needed_patterns(flavour, skip, files), emit)
-    problem = pipeline_class_problem(folder, flavour)
-    if problem:
-        raise UserError(problem)
+    problems = check_folder(folder, flavour, files.given())
+    if problems:
+        raise UserError("\n".join(problems))
     return folder
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer import registry
+from trainer.sources.architecture import Architecture, fitting, mismatch
 
 _MAX_HEADER = 100 * 1024 * 1024  # a real header is a few MB at most; larger means this is not safetensors
 # Keys of quantisation side data (ComfyUI's scaled fp8 and mixed formats, BFL's fp8 releases): not weights.
@@ -83,12 +84,6 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
             for name, info in header.items() if name != "__metadata__" and isinstance(info, dict)}
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The file's `__metadata__` (string keys and values; empty when it has none)."""
-    metadata = read_raw_header(path).get("__metadata__")
-    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
-
-
 @dataclass(frozen=True)
 class Recognised:
     """What a file holds. `kind`: transformer, vae, qwen3, mistral, clip, t5 or unknown."""
@@ -107,6 +102,7 @@ class Recognised:
     fp8: str = ""  # "e4m3" / "e5m2" when the weights are stored in fp8
     scaled: bool = False  # fp8 with scales (ComfyUI scaled_fp8 / weight_scale)
     packed: str = ""  # the dtype of weights stored in a packed format this trainer cannot read (U8, I8, ...)
+    architecture: Architecture | None = None  # transformers: what their header shapes say they are built as
 
 
 _TEXT_KINDS = ("qwen3", "mistral", "clip", "t5")
@@ -150,6 +146,12 @@ def _storage(layout: str, fp8: str, scaled: bool) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def _dims(infos: dict[str, TensorInfo], key: str) -> tuple[int, int]:
+    """A linear layer's (out, in) features from its weight's shape; zeros when the header lacks it."""
+    shape = infos[key].shape if key in infos else ()
+    return (shape[0], shape[1]) if len(shape) == 2 else (0, 0)
+
+
 def _transformer(keys: list[str], infos: dict[str, TensorInfo]) -> Recognised | None:
     for family, marker, layout in (
         ("flux2", "double_stream_modulation_img.lin.weight", "bfl"),
@@ -162,19 +164,23 @@ def _transformer(keys: list[str], infos: dict[str, TensorInfo]) -> Recognised | 
             continue
         p = re.escape(prefix)
         if layout == "bfl":
-            img_in, double, single = "img_in.weight", r"double_blocks\.(\d+)\.", r"single_blocks\.(\d+)\."
+            img_in, txt_in, double, single = "img_in.weight", "txt_in.weight", r"double_blocks\.(\d+)\.", \
+                r"single_blocks\.(\d+)\."
+            norm = "double_blocks.0.img_attn.norm.query_norm.scale"
             guidance = prefix + "guidance_in.in_layer.weight" in infos
         else:
-            img_in, double, single = "x_embedder.weight", r"transformer_blocks\.(\d+)\.", \
-                r"single_transformer_blocks\.(\d+)\."
+            img_in, txt_in, double, single = "x_embedder.weight", "context_embedder.weight", \
+                r"transformer_blocks\.(\d+)\.", r"single_transformer_blocks\.(\d+)\."
+            norm = "transformer_blocks.0.attn.norm_q.weight"
             embedder = "time_guidance_embed" if family == "flux2" else "time_text_embed"
             guidance = f"{prefix}{embedder}.guidance_embedder.linear_1.weight" in infos
-        hidden = infos[prefix + img_in].shape[0] if prefix + img_in in infos else 0
+        hidden, in_channels = _dims(infos, prefix + img_in)
+        _, joint = _dims(infos, prefix + txt_in)
+        head_dim = infos[prefix + norm].shape[0] if prefix + norm in infos else 0
         double_blocks, single_blocks = _count(keys, p + double), _count(keys, p + single)
-        flavours = tuple(
-            f.name for f in registry.FAMILIES[family].flavours.values()
-            if (f.hidden_size, f.double_blocks, f.single_blocks) == (hidden, double_blocks, single_blocks)
-            and (f.guidance == "embedded") == guidance)
+        arch = Architecture(family, double_blocks, single_blocks, hidden, hidden // head_dim if head_dim else 0,
+                            joint, guidance, in_channels)
+        flavours = tuple(f.name for f in fitting(arch) if f.family == family)
         fp8, scaled = _fp8(infos)
         name = registry.get_flavour(family, flavours[0]).label if flavours else registry.FAMILIES[family].label
         # klein base and the distilled klein share one architecture: the file cannot tell which it is
@@ -185,7 +191,7 @@ def _transformer(keys: list[str], infos: dict[str, TensorInfo]) -> Recognised | 
         return Recognised("transformer", f"{name} transformer{_storage(layout, fp8, scaled)} [{shape}]",
                           family=family, flavours=flavours, layout=layout, prefix=prefix, hidden_size=hidden,
                           double_blocks=double_blocks, single_blocks=single_blocks, guidance=guidance, fp8=fp8,
-                          scaled=scaled)
+                          scaled=scaled, architecture=arch)
     return None
 
 
@@ -318,7 +324,7 @@ def expected(slot: str, flavour: registry.Flavour) -> Expected | None:
         return Expected("mistral", width, f"the Mistral-Small-3.1-24B text encoder (hidden {width})")
     if model_class == "CLIPTextModel":
         # FLUX.1 takes CLIP-L's pooled 768-wide output; the demo's tiny CLIP is as wide as its transformer.
-        width = flavour.hidden_size if flavour.is_demo else 768
+        width = flavour.pooled_dim
         return Expected("clip", width, f"CLIP-L (width {width})" if not flavour.is_demo else f"CLIP (width {width})")
     width = flavour.joint_attention_dim
     return Expected("t5", width, f"T5-XXL (d_model {width})" if not flavour.is_demo else f"T5 (d_model {width})")
@@ -346,17 +352,8 @@ def slot_problem(slot: str, path: str | Path, found: Recognised, flavour: regist
         other = _better_slot(found, flavour)
         hint = f"; it belongs in {other}" if other and other != field else ""
         return f"{field}: '{name}' is {_KIND_NOUN[found.kind]} ({found.label}), not {wanted.label}{hint}"
-    if found.kind == "transformer":
-        if found.family != flavour.family:
-            return (f"{field}: '{name}' is a {found.label}, but this job trains {flavour.label} "
-                    f"(model.family = {flavour.family}); set model.family to {found.family} or choose a "
-                    f"{registry.FAMILIES[flavour.family].label} transformer")
-        if flavour.name not in found.flavours:
-            fits = f"; set model.flavour to {' or '.join(found.flavours)}" if found.flavours else ""
-            return (f"{field}: '{name}' is a {found.label}, but model.flavour is {flavour.name} (hidden "
-                    f"{flavour.hidden_size}, {flavour.double_blocks} double + {flavour.single_blocks} single blocks, "
-                    f"{'with' if flavour.guidance == 'embedded' else 'no'} guidance embedding){fits}")
-        return None
+    if found.kind == "transformer" and found.architecture is not None:
+        return mismatch(field, name, found.architecture, flavour)
     if found.kind == "vae" and found.family != flavour.family:
         return f"{field}: '{name}' is {found.label}; {flavour.label} needs {wanted.label}"
     if wanted.hidden_size and found.hidden_size != wanted.hidden_size:

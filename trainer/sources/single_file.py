@@ -100,9 +100,7 @@ def _fill(model: torch.nn.Module, reader: FileReader, name: str, pieces: tuple, 
         layer.scale = (torch.ones(rows) if scale is None else scale.reshape(-1).expand(rows)).float().contiguous()
         return
     layer.load_weight(lambda start, stop, p=pieces: reader.gather(p, start, stop, torch.float32),
-                      source=(str(reader.path), first.key), work_device=work_device)
-    # LoftQ reads the full-precision W back; a BFL piece is a slice of a fused tensor, so read exactly that.
-    layer.read_source = lambda p=pieces, n=rows: reader.gather(p, 0, n, torch.float32)
+                      work_device=work_device)
 
 
 def _check_against(reader: FileReader, plan: dict, shapes: dict[str, tuple[int, ...]], config_folder: Path) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from torch import Tensor
+    pass
 
 BFL_PREFIX = "model.diffusion_model."  # how BFL's and ComfyUI's full checkpoints store the transformer
 
@@ -145,37 +145,3 @@ def bfl_shapes(plan: Plan, shapes: dict[str, tuple[int, ...]]) -> dict[str, tupl
             rows = max(piece.stop, result.get(piece.key, (0,))[0])
             result[piece.key] = (rows, *shapes[name][1:])
     return result
-
-
-# ---------------------------------------------------------------------------------------------- whole dicts
-
-
-def diffusers_to_bfl(state_dict: dict[str, Tensor], family: str, prefix: str = "") -> dict[str, Tensor]:
-    """A diffusers FLUX transformer state dict in BFL layout (each key under `prefix`, e.g. BFL_PREFIX), as
-    BFL's and ComfyUI's checkpoints store it."""
-    import torch
-
-    shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
-    plan = transformer_plan(family, shapes)
-    out = {key: torch.empty(shape, dtype=_dtype_of(plan, state_dict, key))
-           for key, shape in bfl_shapes(plan, shapes).items()}
-    for name, pieces in plan.items():
-        row = 0
-        for piece in pieces:
-            count = piece.stop - piece.start
-            out[piece.key][piece.start:piece.stop] = state_dict[name][row:row + count]
-            row += count
-    return {prefix + key: tensor for key, tensor in out.items()}
-
-
-def _dtype_of(plan: Plan, state_dict: dict[str, Tensor], key: str):  # noqa: ANN202 - torch.dtype
-    return next(state_dict[name].dtype for name, pieces in plan.items() if any(p.key == key for p in pieces))
-
-
-def bfl_to_diffusers(state_dict: dict[str, Tensor], family: str,
-                     shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
-    """The inverse: a BFL state dict (prefix already stripped) as the diffusers model with `shapes` names it."""
-    import torch
-
-    return {name: torch.cat([state_dict[p.key][p.start:p.stop] for p in pieces])
-            for name, pieces in transformer_plan(family, shapes).items()}
