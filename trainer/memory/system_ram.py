@@ -20,10 +20,11 @@ TIGHT_SHARE = 0.90
 
 
 def available_ram_gib() -> float:
-    """RAM the system can give a new process without swapping (psutil's `available`), GiB."""
+    """RAM this process can reach without swapping, GiB: what the system has available (psutil) plus what the
+    process already holds (the estimate's process baseline counts the interpreter and libraries it is made of)."""
     import psutil
 
-    return psutil.virtual_memory().available / GIB
+    return (psutil.virtual_memory().available + psutil.Process().memory_info().rss) / GIB
 
 
 def ram_verdict_word(need_gib: float, available_gib: float) -> str:
