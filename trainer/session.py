@@ -76,13 +76,13 @@ from trainer.memory.checkpointing import ActivationOffloader, enable_block_check
 from trainer.memory.optimizer_memory import FusedBackward, build_training_optimizer
 from trainer.memory.placement import TextEncoderPlacement, place_transformer
 from trainer.memory.quantize import quantised_sizes
-from trainer.memory.system_ram import ram_warning
+from trainer.memory.system_ram import RamVerdict, ram_verdict
 from trainer.optimizers import build_optimizer, build_scheduler, effective_learning_rate
 from trainer.preflight import check_files, model_source
 from trainer.prompts import SamplePrompt, sample_prompts
 from trainer.quiet import disable_loading_bars
 from trainer.sources import model_files
-from trainer.spec import JobSpec, LowVramSection, save_spec, spec_to_toml
+from trainer.spec import JobSpec, LowVramSection, modulation_format, save_spec, spec_to_toml
 from trainer.trackers import TrackerLogger
 from trainer.tread import TreadConfig, transformer_blocks, tread_routing
 
@@ -147,9 +147,11 @@ class _Draws:
 
 class Session:
     def __init__(self, spec: JobSpec, emit: Callable[[Event], None] | None = None, commands: Any = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, ram_check: str = "warn") -> None:
         self.spec = spec
         self.resume = resume
+        self.ram_check = ram_check  # "refuse": a run whose RAM will not fit stops before loading (CLI, no --force)
+        self.block_cache: tuple[Path, list] | None = None  # (file, block records) with lowvram.swap_from = "disk"
         self.flavour = registry.get_flavour(spec.model.family, spec.model.flavour)
         self.ops = family_ops(spec.model.family)
         self.output_dir = Path(spec.output.dir)
@@ -187,7 +189,11 @@ class Session:
         self.last_lora_path: Path | None = None
         self._final: tuple[int, Path | None] | None = None  # (step, final LoRA or None: nothing new to save)
         self._sampled_step: int | None = None  # the step of the last samples
-        plan = resolve_lowvram(spec, device_vram_gib(self.device), self.dist.world_size)
+        from trainer.memory.system_ram import available_ram_gib
+
+        # auto puts swapped blocks on disk when this machine's RAM needs it (lowvram.swap_from unset)
+        plan = resolve_lowvram(spec, device_vram_gib(self.device), self.dist.world_size,
+                               ram_gib=available_ram_gib())
         self.plan: LowVramPlan = self.dist.adjust_plan(plan)
         self.grad_sync: distributed.GradientSync | None = None
         self.swapper: Any = None
@@ -275,6 +281,8 @@ class Session:
         health = check_datasets(spec)
         if health.verdict == "will not train":
             raise UserError("the dataset cannot train:\n" + health.table())
+        # before the output folder is touched: a run refused for its RAM moves no earlier run aside
+        ram = self._judge_ram(health)
         if self.dist.is_main and (reason := unwritable_reason(self.output_dir)):
             raise UserError(f"output.dir: cannot write in '{self.output_dir}' ({reason}); choose a folder you can "
                             "write to, or fix its permissions")
@@ -290,23 +298,22 @@ class Session:
         if self.dist.world_size > 1:
             self.emit(LogMessage(level="info", message=f"distributed: {self.dist.describe()}"))
         self.emit(LogMessage(level="info", message=f"low-VRAM plan: {self.plan.describe()}"))
-        warning = ram_warning(spec, self.plan, device_vram_gib(self.device))
-        if warning:
-            self.emit(LogMessage(level="warning", message=warning))
-
+        self.emit(LogMessage(level="info" if ram.verdict == "fits" else "warning", message=ram.line()))
         self.items = self._plan_items(health)
         self.sample_references = sample_references(spec, self.items, len(self.prompts))  # edit flavours' `image=`
         self.eval_indices = self._held_out_indices()
         caches = InputCaches(spec, self.ops, self.flavour, self.emit, lambda: self.commands.stop_requested,
                              self.output_dir)
         captions = [item.caption for item in self.items] + [""] + [prompt.text for prompt in self.prompts]
-        # several processes with a disk cache: rank 0 fills it, then the others read it warm
-        with self.dist.main_first(caches.text_disk is not None or caches.latent_disk is not None):
+        # several processes with a disk cache: rank 0 fills it, then the others read it warm. One model at a time:
+        # the text encoders cache the embeddings and are freed before the transformer loads.
+        with self.dist.main_first(caches.text_disk is not None or caches.latent_disk is not None or self._on_disk()):
             self._load_pipeline(skip_text_encoders=caches.text_is_warm(captions))
             caches.fill_text(self.pipe, captions)
             self._release_text_encoders()
             caches.fill_latents(self.pipe, self.items)
             self._park_vae()
+            self._load_transformer(caches.folder)
         self.text_cache, self.latents, self.masks = caches.text, caches.latents, caches.masks
         self.references = caches.references
         self.emit(LogMessage(level="info", message=f"caches: {caches.summary()}"))
@@ -354,29 +361,96 @@ class Session:
             raise UserError("data: no image fits any bucket; lower data.resolution or raise data.max_upscale")
         return items
 
+    def _on_disk(self) -> bool:
+        return self.plan.swap_from == "disk" and self.plan.blocks_to_swap > 0 and not self.dist.sharded
+
+    def _judge_ram(self, health: HealthReport) -> RamVerdict:
+        """The RAM verdict before anything loads (trainer/memory/system_ram.py), for a first run or, when every
+        caption's embedding is cached, a repeated one; a run that will not fit stops here when the CLI asked to
+        refuse it. Blocks on disk: a disk without room for the block cache refuses, with the size needed."""
+        spec, vram = self.spec, device_vram_gib(self.device)
+        items, _ = plan_training_items(spec, health)
+        captions = [item.caption for item in items] + [""] + [prompt.text for prompt in self.prompts]
+        caches = InputCaches(spec, self.ops, self.flavour, lambda event: None, lambda: False, self.output_dir)
+        verdict = ram_verdict(spec, self.plan, vram, warm=caches.text_is_warm(captions), gpus=self.dist.world_size)
+        if verdict.verdict == "will not fit" and self.ram_check == "refuse":
+            raise UserError(f"{verdict.line()}. Change that setting, or start anyway with --force")
+        if self._on_disk():
+            from trainer.estimator.auto import estimate_as_run
+            from trainer.memory.block_store import check_room
+
+            path = self._block_cache_path(caches.folder)
+            if not path.is_file():
+                need = estimate_as_run(spec, vram, plan=self.plan).block_cache_gib * 1024**3
+                check_room(path.parent, need * 1.01 + 64 * 1024**2)
+        return verdict
+
+    def _block_cache_path(self, cache_folder: Path) -> Path:
+        from trainer.memory.block_store import cache_key
+        from trainer.sources.assemble import transformer_weight_files
+
+        spec = self.spec
+        sources = transformer_weight_files(model_source(spec), self.flavour, model_files(spec.model))
+        key = cache_key(sources, spec.model.base_precision, self._modulation(), self.plan.blocks_to_swap)
+        return cache_folder / "blocks" / f"{key}.blocks"
+
+    def _modulation(self) -> str | None:
+        model = self.spec.model
+        return modulation_format(model.family, model.base_precision, model.modulation_precision)
+
     def _load_pipeline(self, skip_text_encoders: bool) -> None:
-        """The flavour's pipeline; without text encoders when every embedding is already cached on disk."""
+        """The flavour's pipeline without its transformer (it loads once the text encoders are gone); without
+        text encoders either when every embedding is already cached on disk."""
         spec = self.spec
         skip = tuple(c for c in self.flavour.components if c.startswith(("text_encoder", "tokenizer")))
         detail = model_source(spec) + (" (text encoders not needed: embeddings cached)" if skip_text_encoders else "")
         self.emit(PhaseChanged(phase="loading", detail=detail))
         disable_loading_bars()
         self.pipe = self.ops.load_pipeline(model_source(spec), self.flavour, self.compute_dtype,
-                                           skip=skip if skip_text_encoders else (),
+                                           skip=(*(skip if skip_text_encoders else ()), "transformer"),
                                            base_precision=spec.model.base_precision,
-                                           files=model_files(spec.model), emit=self.emit)
+                                           files=model_files(spec.model), emit=self.emit,
+                                           text_encoder_precision=spec.model.text_encoder_precision)
         self.pipe.set_progress_bar_config(disable=True)
-        self._report_quantised()
         for name in ("text_encoder", "text_encoder_2"):
-            if getattr(self.pipe, name, None) is not None:
+            if getattr(self.pipe, name, None) is not None and spec.model.text_encoder_precision in _DTYPES:
                 getattr(self.pipe, name).to(_DTYPES[spec.model.text_encoder_precision])
         self.pipe.vae.enable_slicing()  # one image at a time through the VAE: exact, and lighter on memory
         if spec.data.vae_tiling:
             self.pipe.vae.enable_tiling()
-        # the transformer waits in system RAM until the caches are filled: caching needs the GPU to itself
+        # the transformer loads once the caches are filled (_load_transformer): caching needs the GPU to itself
         self.pipe.vae.to(self.device)
         self._text_placement = TextEncoderPlacement(self.pipe, self.device, self.plan.text_encoder_device,
                                                     self.plan.pin_memory)
+
+    def _load_transformer(self, cache_folder: Path) -> None:
+        """The transformer, alone; with blocks on disk its swapped blocks go to the block cache as they stream in
+        (or are not read at all when the cache already holds them)."""
+        from trainer.memory.block_store import BlockSink
+        from trainer.sources.assemble import load_transformer
+
+        spec, sink = self.spec, None
+        self.emit(PhaseChanged(phase="loading", detail=f"transformer ({spec.model.base_precision})"))
+        if self._on_disk():
+            path = self._block_cache_path(cache_folder)
+            blocks = [f"transformer_blocks.{i}" for i in range(self.flavour.double_blocks)]
+            blocks += [f"single_transformer_blocks.{i}" for i in range(self.flavour.single_blocks)]
+            sink = BlockSink(blocks[:self.plan.blocks_to_swap], path, path.stem,
+                             lambda message: self.emit(LogMessage(level="warning", message=message)))
+        try:
+            transformer = load_transformer(model_source(spec), self.flavour, self.compute_dtype,
+                                           spec.model.base_precision, model_files(spec.model), self.emit,
+                                           self._modulation(), sink)
+        except BaseException:
+            if sink is not None:
+                sink.abort()
+            raise
+        if sink is not None:
+            self.block_cache = (sink.path, sink.finish())
+            state = "reused" if sink.warm else "written"
+            self.emit(LogMessage(level="info", message=f"block cache {state}: {sink.path}"))
+        self.pipe.register_modules(transformer=transformer)
+        self._report_quantised()
 
     def _report_quantised(self) -> None:
         """The log says when the frozen transformer was quantised while it loaded: format, size before and after."""
@@ -469,7 +543,7 @@ class Session:
             self.dist.shard_transformer(self.transformer, blocks)
             return
         self.swapper = place_transformer(self.transformer, blocks, self.device, plan.blocks_to_swap,
-                                         plan.swap_prefetch, plan.pin_memory)
+                                         plan.swap_prefetch, plan.pin_memory, disk=self.block_cache)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]

@@ -30,6 +30,17 @@ QUANTISED_PRECISIONS = ("fp8", "int8", "int4", "nf4")
 Strategy = Literal["auto", "none", "conservative", "aggressive", "extreme"]
 
 
+def modulation_format(family: str, base_precision: str, modulation_precision: str) -> str | None:
+    """The format FLUX.1's in-block modulation Linears are stored in, None when they stay in the compute dtype:
+    8-bit bases quantise them alike (as ComfyUI's fp8 checkpoints do), 4-bit bases to int8 unless the job asks
+    for its 4-bit format (their output moves more, see bench/bench_quantized_modulation.py)."""
+    if family != "flux1" or base_precision not in QUANTISED_PRECISIONS or modulation_precision == "bf16":
+        return None
+    if modulation_precision != "auto":
+        return modulation_precision
+    return base_precision if base_precision in ("fp8", "int8") else "int8"
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a job: the field it is about, as the job file spells it (`lora.rank`,
@@ -94,7 +105,13 @@ class ModelSection(_Section):
     text_encoder_2: str = ""
     comfy_models_dir: str = ""  # ComfyUI's models/ folder: the UI lists its files per slot
     base_precision: BasePrecision = "bf16"
-    text_encoder_precision: Precision = "bf16"
+    # fp8/int8/int4/nf4: the text encoders' Linears are quantised while they stream in (embeddings stay in the
+    # compute dtype); an fp8 single file loaded as fp8 keeps its stored values.
+    text_encoder_precision: BasePrecision = "bf16"
+    # FLUX.1's AdaLN modulation Linears (norm1.linear, norm1_context.linear, norm.linear: 27 % of the
+    # transformer) under a quantised base: auto = the base's format for fp8/int8 bases, int8 for int4/nf4 bases;
+    # bf16 keeps them unquantised. FLUX.2's modulation sits outside the blocks and is never quantised.
+    modulation_precision: Literal["auto", "bf16", "fp8", "int8", "int4", "nf4"] = "auto"
 
     @model_validator(mode="after")
     def _flavour_belongs_to_family(self) -> ModelSection:
@@ -108,6 +125,11 @@ class ModelSection(_Section):
         if self.text_encoder_2 and self.family == "flux2":
             raise Problems(Problem("text_encoder_2", "FLUX.2 has one text encoder (model.text_encoder); clear "
                                                      "text_encoder_2"))
+        if self.modulation_precision not in ("auto", "bf16") and (
+                self.family != "flux1" or self.base_precision not in QUANTISED_PRECISIONS):
+            raise Problems(Problem("modulation_precision", f"'{self.modulation_precision}' quantises FLUX.1's "
+                                   "modulation under a quantised model.base_precision (fp8, int8, int4, nf4); set it "
+                                   "to auto or bf16 here"))
         return self
 
 
@@ -280,6 +302,11 @@ class LowVramSection(_Section):
     fused_backward: bool | None = None
     # Where text encoders run while embeddings are cached: gpu, cpu, or offload (layers streamed to the GPU).
     text_encoder_device: Literal["gpu", "cpu", "offload"] | None = None
+    # Where swapped blocks wait: ram (pinned host memory), or disk (a block cache file beside the latents, read
+    # ahead through a small pinned staging ring: RAM holds a few blocks, not all of them).
+    swap_from: Literal["ram", "disk"] | None = None
+    # The disk's read speed the estimator assumes for swap_from = "disk" (GB/s); unset: 3, a typical NVMe.
+    disk_read_gbps: float | None = Field(None, gt=0, le=100)
     # Hand the GPU allocator's cached, unused memory back every N steps (0: never): for a card shared with a
     # desktop. Costs a little speed (the next step allocates afresh); not part of any bundle. Unset or 0: never.
     empty_cache_every: int | None = Field(None, ge=0, le=1_000_000)
@@ -507,6 +534,10 @@ def _lowvram_agrees(spec: JobSpec) -> list[Problem]:
         problems.append(Problem("lowvram.cpu_offload_checkpointing", "cannot be combined with advanced.tread (the "
                                                                      "routed "
                         "tokens bypass the offloaded blocks); turn one of them off"))
+    if low.swap_from == "disk" and spec.lora.init in ("pissa", "olora"):
+        problems.append(Problem("lowvram.swap_from", f"blocks on disk are written once and never rewritten, but "
+                                f"lora.init '{spec.lora.init}' rewrites the base weights; use lora.init 'default' or "
+                                "swap_from 'ram'"))
     if low.optimizer_offload and spec.train.mixed_precision == "fp16":
         problems.append(Problem("lowvram.optimizer_offload", "fp16 loss scaling needs the optimiser beside the "
                                                              "gradients; use "

@@ -92,17 +92,33 @@ def _peak_phase(result: Estimate) -> str:
     return max(result.phases, key=lambda name: result.phases[name].vram_gib)
 
 
-def verdict_line(result: Estimate, gpu_gib: float | None, source: str) -> str:
-    """The verdict first ("fits", "tight", "will not fit", "no verdict"), then the figures: plain text, coloured by
-    its first word in the tabs and read as it is through the API."""
+def verdict_line(result: Estimate, gpu_gib: float | None, source: str, ram: str = "") -> str:
+    """The verdict first ("fits", "tight", "will not fit", "no verdict"), then the figures and, `ram`, the RAM
+    verdict of this machine (trainer/memory/system_ram.py): plain text, coloured by its first word in the tabs
+    and read as it is through the API."""
     if gpu_gib is None and source == NO_GPU:
         return (f"no verdict — {result.ram_gib:.1f} GiB RAM; no GPU detected: the job trains on the CPU (to plan "
-                "for a GPU, set the GPU memory to plan for on the Low VRAM tab)")
+                "for a GPU, set the GPU memory to plan for on the Low VRAM tab)" + (f". {ram}" if ram else ""))
     figures = (f"{result.vram_gib:.1f} GiB VRAM at the peak ({_peak_phase(result)}), "
                f"{result.ram_gib:.1f} GiB RAM")
+    ram = f". {ram}" if ram else ""
     if gpu_gib is None or result.verdict is None:
-        return f"no verdict — {figures}; {source}: set the GPU memory to plan for (Low VRAM tab)"
-    return f"{result.verdict} — {figures}; {gpu_gib:g} GiB GPU ({source})"
+        return f"no verdict — {figures}; {source}: set the GPU memory to plan for (Low VRAM tab){ram}"
+    return f"{result.verdict} — {figures}; {gpu_gib:g} GiB GPU ({source}){ram}"
+
+
+def _available_ram() -> float:
+    from trainer.memory.system_ram import available_ram_gib
+
+    return available_ram_gib()
+
+
+def ram_line(spec: JobSpec, plan: LowVramPlan, gpu_gib: float | None) -> str:
+    """The RAM verdict against this machine's available RAM: first run and repeated runs, and when it will not
+    fit the cheapest setting that does (the CLI refuses such a run unless --force)."""
+    from trainer.memory.system_ram import ram_verdict
+
+    return ram_verdict(spec, plan, gpu_gib).line()
 
 
 def describe_plan(plan: LowVramPlan, on_cpu: bool = False) -> str:
@@ -172,9 +188,9 @@ def check_lowvram(values: dict[str, Any], base: dict[str, Any] | None, detected:
     except SpecError as exc:
         return LowVramCheck(problems_line(exc.problems, labels), "", ok=False)
     gpu_gib, source = gpu_target(spec, detected)
-    plan = resolve_lowvram(spec, gpu_gib)
+    plan = resolve_lowvram(spec, gpu_gib, ram_gib=_available_ram())
     result = estimate_job(spec, gpu_gib, plan=plan)
-    return LowVramCheck(verdict_line(result, gpu_gib, source),
+    return LowVramCheck(verdict_line(result, gpu_gib, source, ram_line(spec, plan, gpu_gib)),
                         "\n\n".join(_plan_lines(plan, result, source == NO_GPU)))
 
 
@@ -305,13 +321,13 @@ def estimate_form(values: dict[str, Any], base: dict[str, Any] | None, gpu_gib: 
         return EstimatorReport(problems_line(problems, labels), problems=problems)
     target, source = gpu_target(spec, detected, given)
     on_cpu = source == NO_GPU
-    plan = resolve_lowvram(spec, target)
+    plan = resolve_lowvram(spec, target, ram_gib=_available_ram())
     result = estimate_job(spec, target, plan=plan)
     data = result.to_json()
     # On a CPU-only machine there is no GPU memory to show: no VRAM bars or breakdown (no CUDA context either).
     breakdown = [] if on_cpu else [[label, round(gib, 3)] for label, gib in result.breakdown.items()]
     return EstimatorReport(
-        line=verdict_line(result, target, source),
+        line=verdict_line(result, target, source, ram_line(spec, plan, target)),
         details=_details(result, plan, on_cpu),
         phase_rows=[] if on_cpu else phase_rows(data),
         strategy_rows=strategy_rows(spec, target, (plan, result), on_cpu),

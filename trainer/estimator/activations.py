@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from trainer import registry
 from trainer.estimator.plans import LowVramPlan
-from trainer.estimator.shapes import BYTES, TEXT_ENCODERS, text_tokens
+from trainer.estimator.shapes import BYTES, TEXT_ENCODERS, WEIGHT_BYTES, TextEncoderShape, text_tokens
 from trainer.spec import JobSpec
 
 # Activation bytes per token per block per unit of hidden size h, saved for backward. Measured with
@@ -106,21 +106,36 @@ def _activations(f: registry.Flavour, blocks_to_swap: int, every: int, offload: 
     return Activations(saved, attention, offloaded if offload else 0.0, checkpointed)
 
 
+def text_encoder_weights(shape: TextEncoderShape, precision: str) -> tuple[float, float]:
+    """(bytes of one repeated layer, bytes of everything else) of a text encoder stored in `precision`. A quantised
+    encoder (trainer/memory/quantize.py) stores every Linear quantised — the layers, an untied lm_head, CLIP
+    beside T5, a vision tower — and keeps the token table and the norms in bf16."""
+    if precision not in WEIGHT_BYTES:
+        return shape.layer_params * BYTES[precision], shape.outside_params * BYTES[precision]
+    table = shape.vocab * shape.hidden
+    outside = table * BYTES["bf16"] + (shape.outside_params - table) * WEIGHT_BYTES[precision]
+    return shape.layer_params * WEIGHT_BYTES[precision], outside
+
+
 def text_encoder_memory(f: registry.Flavour, spec: JobSpec, device: str) -> tuple[float, float, float, float]:
     """(whole encoder bytes, GPU bytes while caching, of which weights, RAM bytes while caching)."""
     shape = None if f.is_demo else TEXT_ENCODERS.get(f.text_encoder_label)
     if shape is None:
         return 0.0, 0.0, 0.0, 0.0
-    elem = BYTES[spec.model.text_encoder_precision]
-    whole = shape.params * elem
+    precision = spec.model.text_encoder_precision
+    layer, outside = text_encoder_weights(shape, precision)
+    whole = shape.layers * layer + outside
+    elem = 2 if precision in WEIGHT_BYTES else BYTES[precision]  # a quantised encoder computes in bf16
     tokens = text_tokens(f)
     # every layer's hidden state is returned (output_hidden_states), a few temporaries, and the logits
     work = ((shape.layers + 9) * shape.hidden * tokens + tokens * shape.vocab) * elem
+    if precision in WEIGHT_BYTES:
+        work += shape.vocab * shape.hidden * 2  # a Linear dequantised while it computes: at most the lm_head's size
     if device == "gpu":
         return whole, whole + work, whole, 0.0
     if device == "offload":
         # trainer/memory/placement.py: the layers stream through a ring of 2 slots, everything else (token table,
         # lm_head, final norm, a vision tower) sits on the GPU; the layers' pinned masters stay in RAM
-        on_gpu = (TEXT_ENCODER_RING * shape.layer_params + shape.outside_params) * elem
-        return whole, on_gpu + work, on_gpu, shape.layers * shape.layer_params * elem
+        on_gpu = TEXT_ENCODER_RING * layer + outside
+        return whole, on_gpu + work, on_gpu, shape.layers * layer
     return whole, 0.0, 0.0, whole + work  # cpu
