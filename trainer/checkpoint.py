@@ -110,11 +110,12 @@ RUN_RECORDS = ("state", "samples", "logs", "events.jsonl", "job.resolved.toml") 
 
 def set_aside_earlier_run(output_dir: Path, name: str, stamp: str | None = None) -> Path | None:
     """Move what an earlier run wrote in output_dir (its states, samples, logs, events, job and this name's LoRA
-    files) into output_dir/earlier_runs/<stamp>/, so a new run neither overwrites its LoRA nor mixes its states
-    with the new ones (resume takes the newest step). The latent and text caches stay: they are keyed by content.
+    and EMA files) into output_dir/earlier_runs/<stamp>/, so a new run neither overwrites its LoRA nor mixes its
+    states with the new ones (resume takes the newest step). The latent and text caches stay: keyed by content.
     Returns the folder they went to, or None when there was nothing."""
     folder = Path(output_dir)
-    ours = re.compile(rf"{re.escape(name)}(-step\d{{6,}})?(_comfyui|_kohya)?{re.escape(LORA_WEIGHT_SUFFIX)}")
+    # `<name>_ema…`: the EMA's files (trainer/ema.py)
+    ours = re.compile(rf"{re.escape(name)}(_ema)?(-step\d{{6,}})?(_comfyui|_kohya)?{re.escape(LORA_WEIGHT_SUFFIX)}")
     loras = [p for p in folder.glob(f"{glob.escape(name)}*{LORA_WEIGHT_SUFFIX}") if ours.fullmatch(p.name)]
     found = [folder / entry for entry in RUN_RECORDS if (folder / entry).exists()] + loras
     if not any(p.is_file() or any(p.iterdir()) for p in found):

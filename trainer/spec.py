@@ -244,11 +244,21 @@ class TrainSection(_Section):
     # auto takes fsdp when the memory estimator says one GPU cannot hold the base even with everything but block
     # swap turned on. One process ignores it. See trainer/distributed.py.
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    # An exponential moving average of the LoRA weights (e.g. 0.999), saved beside the LoRA as <name>_ema; unset:
+    # off. ema_device: where it is kept (gpu: fast, costs VRAM; cpu: system RAM, a copy each step). Default gpu.
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    ema_device: Literal["gpu", "cpu"] | None = None
+    # Compile each transformer block with torch.compile (faster steps after a slow first one); a platform that
+    # cannot compile falls back to eager with a message.
+    compile: bool = False
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainSection:
         if self.scheduler != "constant" and self.warmup_steps >= self.max_steps:
             raise Problems(Problem("warmup_steps", f"{self.warmup_steps} must be below max_steps ({self.max_steps})"))
+        if self.ema_device is not None and self.ema_decay is None:
+            raise Problems(Problem("ema_device", "applies to the EMA only; set ema_decay (e.g. 0.999) or remove "
+                                                 "ema_device"))
         return self
 
 
@@ -270,6 +280,9 @@ class LowVramSection(_Section):
     fused_backward: bool | None = None
     # Where text encoders run while embeddings are cached: gpu, cpu, or offload (layers streamed to the GPU).
     text_encoder_device: Literal["gpu", "cpu", "offload"] | None = None
+    # Hand the GPU allocator's cached, unused memory back every N steps (0: never): for a card shared with a
+    # desktop. Costs a little speed (the next step allocates afresh); not part of any bundle. Unset or 0: never.
+    empty_cache_every: int | None = Field(None, ge=0, le=1_000_000)
 
 
 class SampleSection(_Section):
@@ -285,6 +298,10 @@ class SampleSection(_Section):
     # Reference images for edit flavours (the pipeline's `image=`): one for every prompt, or one per prompt in
     # order. Empty: the first edit pair's reference when the data has pairs, else none.
     reference_images: list[str] = Field(default_factory=list)
+    use_ema: bool | None = None  # render the samples with the EMA weights (needs train.ema_decay)
+    # A transformers CLIP model (hub id or local folder) scoring each validation's samples against their prompts;
+    # empty: off.
+    clip_score_model: str = ""
 
     @model_validator(mode="after")
     def _one_reference_per_prompt(self) -> SampleSection:
@@ -365,6 +382,9 @@ class AdvancedSection(_Section):
     tread_selection_ratio: float = Field(0.5, ge=0.0, lt=1.0)
     tread_start_block: int = 2
     tread_end_block: int = -2
+    # The attention kernel (trainer/attention.py): sdpa (torch's), flash (flash-attn), sage (SageAttention: samples
+    # only, training keeps sdpa) or xformers; each needs its package and a CUDA GPU that supports it.
+    attention: Literal["sdpa", "flash", "sage", "xformers"] = "sdpa"
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> AdvancedSection:
@@ -438,6 +458,9 @@ class JobSpec(_Section):
                                     "train a LoRA (lora.type = lora)"))
         problems += _guidance_agrees(self)
         problems += _lowvram_agrees(self)
+        if self.sample.use_ema and self.train.ema_decay is None:
+            problems.append(Problem("sample.use_ema", "there is no EMA to sample with; set train.ema_decay (e.g. "
+                                                      "0.999) or turn use_ema off"))
         problems += _references_agree(self)
         if self.advanced.tread:
             a = self.advanced
@@ -687,6 +710,8 @@ def resolve_paths(spec: JobSpec, base_dir: str | Path) -> JobSpec:
     data["sample"]["reference_images"] = [_resolve(p, base) for p in spec.sample.reference_images]
     if spec.data.cache_dir:
         data["data"]["cache_dir"] = _resolve(spec.data.cache_dir, base)
+    if is_local_path(spec.sample.clip_score_model):
+        data["sample"]["clip_score_model"] = _resolve(spec.sample.clip_score_model, base)
     if spec.sample.prompt_library:
         data["sample"]["prompt_library"] = _resolve(spec.sample.prompt_library, base)
     data["output"]["dir"] = _resolve(spec.output.dir, base)

@@ -34,6 +34,12 @@ CHECKPOINT_FACTOR = {"double": 4.0, "single": 2.0}
 RECOMPUTE_FACTOR = 1.05
 OFFLOAD_KEPT_BLOCKS = 2  # checkpoint inputs on the GPU with cpu_offload_checkpointing: in flight both ways
 TEXT_ENCODER_RING = 2  # layer buffers of a streamed ("offload") text encoder
+# advanced.attention's working memory. flash-attn and xformers keep no s² probabilities but save an fp32
+# log-sum-exp per head and query token for backward; sdpa keeps nothing extra when torch picks a fused kernel and
+# the s² probabilities when it falls back to the math kernel (fused_attention = false); sage trains as sdpa and
+# samples with int8 copies of the queries and keys (SAGE_SAMPLING_BYTES per token per hidden unit).
+LSE_BYTES = {"flash": 4.0, "xformers": 4.0}
+SAGE_SAMPLING_BYTES = 2.0
 
 
 @dataclass(frozen=True)
@@ -45,16 +51,25 @@ class Activations:
 
 
 def training_activations(f: registry.Flavour, plan: LowVramPlan, tokens: int, batch: int, elem: int,
-                         fused_attention: bool) -> Activations:
-    """Bytes of activations for one forward+backward of one micro-batch under the plan's checkpointing and swap."""
+                         fused_attention: bool, backend: str = "sdpa") -> Activations:
+    """Bytes of activations for one forward+backward of one micro-batch under the plan's checkpointing and swap;
+    `backend`: advanced.attention."""
     every = plan.checkpointing_interval if plan.gradient_checkpointing else 0
     return _activations(f, plan.blocks_to_swap, every, plan.cpu_offload_checkpointing, tokens, batch, elem,
-                        fused_attention)
+                        fused_attention, backend)
+
+
+def attention_saved_per_block(f: registry.Flavour, backend: str, tokens: int, batch: int, elem: int,
+                              fused_attention: bool) -> float:
+    """What one block's attention keeps for backward beyond its inputs and output, by advanced.attention."""
+    if backend in LSE_BYTES:
+        return LSE_BYTES[backend] * f.num_heads * tokens * batch
+    return 0.0 if fused_attention else 4.0 * f.num_heads * tokens * tokens * batch * elem / 2
 
 
 @functools.lru_cache(maxsize=1024)  # the suggestion search asks for the same few plans again and again
 def _activations(f: registry.Flavour, blocks_to_swap: int, every: int, offload: bool, tokens: int, batch: int,
-                 elem: int, fused_attention: bool) -> Activations:
+                 elem: int, fused_attention: bool, backend: str = "sdpa") -> Activations:
     total = f.total_blocks
     swapped = min(blocks_to_swap, total)
     per_token = f.hidden_size * tokens * batch
@@ -85,7 +100,7 @@ def _activations(f: registry.Flavour, blocks_to_swap: int, every: int, offload: 
             saved = max(saved, alive + one_block)
     saved += NON_BLOCK_FACTOR[elem] * per_token
     # without a fused kernel the attention probabilities of every non-checkpointed block are saved for backward
-    per_block = 0.0 if fused_attention else 4.0 * f.num_heads * tokens * tokens * batch * elem / 2
+    per_block = attention_saved_per_block(f, backend, tokens, batch, elem, fused_attention)
     attention = per_block * (total - checkpointed + (1 if checkpointed else 0))
     # offloaded: every checkpointed block's input passes through pinned RAM
     return Activations(saved, attention, offloaded if offload else 0.0, checkpointed)

@@ -58,8 +58,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer import registry
+from trainer.attention import TRAINS_WITH
 from trainer.estimator.activations import (
     INFERENCE_FACTOR,
+    SAGE_SAMPLING_BYTES,
     Activations,
     text_encoder_memory,
     training_activations,
@@ -285,13 +287,18 @@ def _training_step(job: _Job, fused_attention: bool) -> _Step:
     else:
         optimizer_bytes = lora_params * OPTIMIZER_BYTES[spec.train.optimizer]
     optimizer_gpu = 0.0 if plan.optimizer_offload else optimizer_bytes
-    act = training_activations(f, plan, job.tokens, spec.train.batch_size, job.compute_elem, fused_attention)
+    act = training_activations(f, plan, job.tokens, spec.train.batch_size, job.compute_elem, fused_attention,
+                               TRAINS_WITH[spec.advanced.attention])
     dequant = 2.0 * job.layout.largest_linear_params if job.precision in QUANTISED else 0.0
     optimizer_label = f"optimizer state ({spec.train.optimizer}" + (
         ", offloaded to RAM)" if plan.optimizer_offload else ")")
-    kept = {"lora weights (fp32)": lora_bytes, optimizer_label: optimizer_gpu, "dequantisation workspace": dequant}
+    ema_gpu = _ema_bytes(spec, lora_params, "gpu")
+    ema = {"lora EMA (fp32)": ema_gpu} if ema_gpu else {}
+    kept = {"lora weights (fp32)": lora_bytes, optimizer_label: optimizer_gpu, "dequantisation workspace": dequant,
+            **ema}
     dynamic = {
         "lora weights (fp32)": lora_bytes,
+        **ema,
         "lora grads (fp32" + (", fused backward: one tensor at a time)" if plan.fused_backward else ")"): grad_bytes,
         optimizer_label: optimizer_gpu,
         "activations" + _checkpointing_label(job, act): act.gpu,
@@ -300,6 +307,13 @@ def _training_step(job: _Job, fused_attention: bool) -> _Step:
     }
     optimizer_ram = optimizer_bytes + 2 * lora_bytes if plan.optimizer_offload else 0.0  # + masters, grad copies
     return _Step(dynamic, kept, optimizer_ram, act, modules, lora_params)
+
+
+def _ema_bytes(spec: JobSpec, lora_params: int, where: str) -> float:
+    """train.ema_decay: one fp32 copy of the LoRA, on the GPU or (ema_device = cpu) in system RAM."""
+    if spec.train.ema_decay is None or (spec.train.ema_device or "gpu") != where:
+        return 0.0
+    return lora_params * 4.0
 
 
 def _training_ram(job: _Job, swapped_ram: float, step: _Step) -> dict[str, float]:
@@ -313,6 +327,7 @@ def _training_ram(job: _Job, swapped_ram: float, step: _Step) -> dict[str, float
         "optimizer state + fp32 lora masters and grads (offloaded)": step.optimizer_ram,
         "checkpoint inputs (offloaded)": step.activations.offloaded,
         "cached latents and embeddings (in memory)": CACHES_RAM_GIB * GIB,
+        "lora EMA (fp32, ema_device = cpu)": _ema_bytes(job.spec, step.lora_params, "cpu"),
     }
 
 
@@ -327,6 +342,8 @@ def _sampling_work(job: _Job) -> float:
     sample_tokens = (sample_res // 16) ** 2 * (2 if sample_references else 1) + text_tokens(f)
     cfg = 2 if (f.guidance == "cfg" and (spec.sample.guidance or f.sample_guidance) > 1.0) else 1
     denoise = INFERENCE_FACTOR[job.compute_elem] * f.hidden_size * sample_tokens * cfg
+    if spec.advanced.attention == "sage":
+        denoise += SAGE_SAMPLING_BYTES * f.hidden_size * sample_tokens * cfg
     decode = 0.0 if f.is_demo else VAE_PEAK_BYTES_PER_PIXEL * sample_res**2 * job.vae_elem / 2
     return max(denoise, decode)
 
