@@ -171,7 +171,9 @@ def _assert_studio_refuses_then_starts(studio: Studio, bad: BadFiles, changes: d
     assert outcome.problems[0].startswith(f"{case.field}: "), outcome.problems
     assert all(word in outcome.problems[0] for word in case.words), outcome.problems[0]
     fine = _form(studio, bad, _job_changes(bad, Case("fine", {}, "", ())))
-    assert studio.start(fine).ok and len(studio.runner.started) == 1  # the app goes on working
+    # the previous run's state could be resumed: a Start asks first; a new run, chosen, starts (the app goes on)
+    assert "a run stopped at step 2" in studio.start(fine).message and studio.runner.started == []
+    assert studio.start(fine, new_run=True).ok and len(studio.runner.started) == 1
 
 
 # ---------------------------------------------------------------------------------------------- the catalogue

@@ -112,8 +112,8 @@ RUN_RECORDS = ("state", "samples", "logs", "events.jsonl", "job.resolved.toml") 
 
 def set_aside_earlier_run(output_dir: Path, name: str, stamp: str | None = None) -> Path | None:
     """Move what an earlier run wrote in output_dir (its states, samples, logs, events, job and this name's LoRA
-    files) into output_dir/earlier_runs/<stamp>/, so a new run neither overwrites its LoRA nor mixes its states
-    with the new ones (resume takes the newest step). The latent and text caches stay: they are keyed by content.
+    and EMA files) into output_dir/earlier_runs/<stamp>/, so a new run neither overwrites its LoRA nor mixes its
+    states with the new ones (resume takes the newest step). The latent and text caches stay: keyed by content.
     Returns the folder they went to, or None when there was nothing."""
     folder = Path(output_dir)
     loras = our_loras(folder, name)
@@ -133,8 +133,9 @@ def set_aside_earlier_run(output_dir: Path, name: str, stamp: str | None = None)
 
 
 def our_loras(output_dir: Path, name: str) -> list[Path]:
-    """The LoRA files a run named `name` writes in output_dir: final and intermediate, every format."""
-    ours = re.compile(rf"{re.escape(name)}(-step\d{{6,}})?(_comfyui|_kohya)?{re.escape(LORA_WEIGHT_SUFFIX)}")
+    """The LoRA files a run named `name` writes in output_dir: final and intermediate, every format, and the EMA's
+    (`<name>_ema…`, trainer/ema.py)."""
+    ours = re.compile(rf"{re.escape(name)}(_ema)?(-step\d{{6,}})?(_comfyui|_kohya)?{re.escape(LORA_WEIGHT_SUFFIX)}")
     return sorted(p for p in Path(output_dir).glob(f"{glob.escape(name)}*{LORA_WEIGHT_SUFFIX}")
                   if ours.fullmatch(p.name) and p.is_file())
 
