@@ -105,16 +105,53 @@ def free_port(host: str) -> int:
 
 def launch_options(args: argparse.Namespace, workdir: Path, auth: tuple[str, str] | None,
                    open_browser: bool) -> dict[str, Any]:
-    """The keyword arguments of gradio's launch(): where to listen, the login, what gradio may serve, the page
-    built once per visitor (ui/page_cache.py)."""
+    """The keyword arguments of gradio's launch(): where to listen, the login (wrong passwords throttled per
+    address, ui/login_throttle.py), what gradio may serve, the page built once per visitor (ui/page_cache.py)."""
+    from ui.login_throttle import login_throttle_middleware
+    from ui.page import APP_CSS
     from ui.page_cache import page_cache_middleware
     from ui.served import allowed_paths, blocked_paths
 
     host = ALL_INTERFACES if args.listen else LOCALHOST
+    middleware = [page_cache_middleware(), login_throttle_middleware()]
     return {"server_name": host, "server_port": args.port or free_port(host), "share": args.share, "auth": auth,
             "allowed_paths": allowed_paths(workdir), "blocked_paths": blocked_paths(workdir),
-            "inbrowser": open_browser, "app_kwargs": {"middleware": [page_cache_middleware()]},
+            "inbrowser": open_browser, "app_kwargs": {"middleware": middleware}, "css": APP_CSS,
             "max_file_size": f"{args.upload_max_mb}mb"}  # gradio refuses a bigger file before it is stored
+
+
+def network_addresses() -> list[str]:
+    """This machine's IPv4 addresses other programs can reach it at (every interface's, loopback left out)."""
+    import psutil
+
+    found = []
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                found.append(address.address)
+    return list(dict.fromkeys(found))
+
+
+def address_lines(host: str, port: int, addresses: list[str]) -> list[str]:
+    """Where the page answers: localhost, and with --listen every address of this machine (0.0.0.0 is where the
+    app listens, not an address a browser can open)."""
+    lines = [f"Flux LoRA Studio: http://localhost:{port}"]
+    if host == ALL_INTERFACES:
+        if addresses:
+            lines.append("On your network: " + "  ".join(f"http://{address}:{port}" for address in addresses))
+        else:
+            lines.append("On your network: none (this machine has no network address besides localhost)")
+    return lines
+
+
+def share_line(share: bool, share_url: str | None, port: int) -> str | None:
+    """What the person starting the app should know about the public link."""
+    if not share:
+        return None
+    if share_url:
+        return f"Public link: {share_url}"
+    return (f"No public link: it could not be made (no internet, or Gradio's share server did not answer); the app "
+            f"serves locally at http://localhost:{port}")
 
 
 def keep_the_page_responsive() -> None:
@@ -145,12 +182,18 @@ def main(argv: list[str] | None = None) -> None:
     limits = UploadLimits(args.upload_max_mb, args.upload_max_files)
     app = build_app(ProcessRunner(), workdir, folders, limits)  # training in a process of its own: see its module
     options = launch_options(args, workdir, auth, open_browser=should_open_browser(args))
-    host = options["server_name"]
-    print(f"Flux LoRA Studio: http://{'localhost' if host == LOCALHOST else host}:{options['server_port']}  "
-          f"(workdir {workdir})", flush=True)
+    port = options["server_port"]
+    for line in address_lines(options["server_name"], port, network_addresses()):
+        print(line, flush=True)
+    print(f"Workdir: {workdir}", flush=True)
     print(f"Folders the page may use: {', '.join(str(folder) for folder in dict.fromkeys([workdir, *folders]))}",
           flush=True)
-    app.queue().launch(**options)
+    # quiet: gradio's own lines name 0.0.0.0 and tell the user to edit the code ("set `share=True`")
+    app.queue().launch(**options, quiet=True, prevent_thread_lock=True)
+    line = share_line(args.share, app.share_url, port)
+    if line:
+        print(line, flush=True)
+    app.block_thread()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -71,6 +72,11 @@ class Watcher(threading.Thread):
     def _enter(self, phase: str) -> None:
         now = time.time()
         self.ended[self.phase] = now
+        peak = self.peaks.get(self.phase)
+        if peak and "VmRSS" in peak:  # as it happens: a rehearsal stopped halfway still told what it saw
+            print(f"  [{self.phase}] peak RSS {peak['VmRSS'] / GIB:.2f} GiB (anon {peak.get('RssAnon', 0) / GIB:.2f}, "
+                  f"file {peak.get('RssFile', 0) / GIB:.2f}), {now - self.started.get(self.phase, now):.0f} s",
+                  flush=True)
         self.phase = phase
         self.started.setdefault(phase, now)
 
@@ -96,7 +102,7 @@ class Watcher(threading.Thread):
         while not self.done.is_set():
             self._read_events()
             status = _status(self.pid)
-            if status is None:
+            if not status or "VmRSS" not in status:  # gone, or a zombie
                 break
             peak = self.peaks.setdefault(self.phase, {"VmRSS": 0})
             if status["VmRSS"] > peak["VmRSS"]:
@@ -106,16 +112,22 @@ class Watcher(threading.Thread):
         self._enter("ended")
 
 
-def run_trainer(job: Path, events: Path, log: Path) -> tuple[int, Watcher, float]:
-    """`python -m trainer train job --no-progress` as a user runs it, watched; (exit code, watcher, seconds)."""
+def run_trainer(job: Path, events: Path, log: Path, command: list[str] | None = None) -> tuple[int, Watcher, float]:
+    """`python -m trainer train job --no-progress` as a user runs it (or `command`), watched; (exit code, watcher,
+    seconds)."""
     started = time.time()
+    command = command or [sys.executable, "-m", "trainer", "train", str(job), "--no-progress"]
     with open(log, "w", encoding="utf-8") as out:
-        process = subprocess.Popen([sys.executable, "-m", "trainer", "train", str(job), "--no-progress"],
-                                   cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                    env={**_env(), "CUDA_VISIBLE_DEVICES": ""})
         watcher = Watcher(process.pid, events)
         watcher.start()
-        code = process.wait()
+        try:
+            code = process.wait()
+        finally:
+            if process.poll() is None:  # this script was stopped: the trainer stops with it
+                process.terminate()
+                process.wait()
     watcher.done.set()
     watcher.join()
     return code, watcher, time.time() - started
@@ -179,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a further job override (TOML literal), e.g. model.text_encoder_precision=int8")
+    parser.add_argument("--prime-text", action="store_true",
+                        help="cache the text embeddings first with the text encoders alone (bench/rehearse_prime.py), "
+                             "then rehearse a repeated run: for flavours whose first run exceeds this machine's RAM")
     parser.add_argument("--json", help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
     try:
@@ -189,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def rehearse(args: argparse.Namespace) -> int:
-    from trainer.estimator.cpu_only import cpu_only_phases
+    from trainer.estimator.cpu_only import cpu_only_phases, text_only_gib
     from trainer.fabric.make import existing, fabricate, flavour_of, needed_bytes
 
     flavour = flavour_of(args.flavour)
@@ -198,16 +213,25 @@ def rehearse(args: argparse.Namespace) -> int:
     work = Path(args.work) if args.work else fab_dir / "rehearsals" / f"{args.flavour}-{args.layout}"
     made = existing(model, flavour, args.layout, 0)
     job, spec = build_job(flavour, args.layout, model, work, args.steps, args.resolution, args.preset, args.set)
-    predicted = cpu_only_phases(spec)
-    check_disk_and_ram(0 if made else needed_bytes(flavour, args.layout), fab_dir, max(predicted.values()))
+    predicted = cpu_only_phases(spec, first_run=not args.prime_text)
+    peak = max(*predicted.values(), text_only_gib(spec) if args.prime_text else 0.0)
+    check_disk_and_ram(0 if made else needed_bytes(flavour, args.layout), fab_dir, peak)
     if made is None:
         print(f"fabricating {flavour.label} ({args.layout}) in {model} ...", flush=True)
         made = fabricate(flavour, args.layout, model, progress=lambda line: print(line, flush=True))
     print(f"model: {made.folder} ({made.bytes / GIB:.1f} GiB, fabricated in {made.seconds:.0f} s)")
     print(f"job: {job} — preset {spec.model.flavour}: {args.preset or 'smallest tier'}; plan: "
           f"{_plan(spec)}; formats {', '.join(family_formats(flavour.family))}", flush=True)
+    if (work / "output").exists():
+        shutil.rmtree(work / "output")  # an earlier rehearsal's caches would make this a repeated run
+    primed: list[dict[str, object]] = []
+    if args.prime_text:
+        _, prime, _ = run_trainer(job, work / "output" / "prime_events.jsonl", work / "prime.log",
+                                  [sys.executable, str(ROOT / "bench" / "rehearse_prime.py"), str(job)])
+        primed = [{**row, "phase": f"{row['phase']} (text only)"} for row in table(prime, {
+            "loading": text_only_gib(spec), "caching text embeddings": text_only_gib(spec)})]
     code, watcher, seconds = run_trainer(job, work / "output" / "events.jsonl", work / "train.log")
-    rows = table(watcher, predicted)
+    rows = primed + table(watcher, predicted)
     print(f"\n{flavour.label}, {args.layout} layout, CPU, {args.steps} steps at {args.resolution} px "
           f"({seconds:.0f} s, exit {code}); predicted = trainer/estimator/cpu_only.py, RSS = anon + file + shmem")
     print_table(rows)

@@ -53,6 +53,8 @@ def build_job(flavour: Flavour, layout: str, model: Path, work: Path, steps: int
     if dataset.exists():
         shutil.rmtree(dataset)
     build_demo_dataset(work, count=IMAGES, size=resolution)
+    for caption in dataset.glob("*.txt"):  # one caption, also the sample's prompt: two texts to encode with ""
+        caption.write_text(PROMPT, encoding="utf-8")
     edits = {
         "model": model_edits(flavour, layout, model),
         "data": {"datasets": [{"path": str(dataset)}], "resolution": resolution},

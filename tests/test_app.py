@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ui_and_app_import_without_torch():
     code = ("import sys, ui, app; import ui.run_state, ui.form, ui.studio, ui.dataset_check, ui.captioning, "
-            "ui.caption_editor, ui.paths, ui.jobs, ui.presets, ui.uploads, ui.quickstart, ui.run_history; "
+            "ui.caption_editor, trainer.folders, ui.jobs, ui.presets, ui.uploads, ui.quickstart, ui.run_history; "
             "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -94,6 +94,17 @@ def test_listen_binds_every_interface_and_the_folders_follow_who_can_reach_the_a
     assert str(tmp_path / ".studio" / "last_form.toml") in options["blocked_paths"]
     assert str(tmp_path / ".studio" / "last_form.filled.json") in options["blocked_paths"]
     assert str(tmp_path / ".venv") in options["blocked_paths"]
+
+
+def test_listen_names_the_addresses_a_browser_can_open_and_a_missing_share_link_says_so():
+    lines = app.address_lines(app.ALL_INTERFACES, 7860, ["192.168.1.5", "10.0.0.2"])
+    assert lines == ["Flux LoRA Studio: http://localhost:7860",
+                     "On your network: http://192.168.1.5:7860  http://10.0.0.2:7860"]
+    assert app.address_lines(app.LOCALHOST, 7860, ["192.168.1.5"]) == ["Flux LoRA Studio: http://localhost:7860"]
+    assert all(not address.startswith("127.") for address in app.network_addresses())
+    assert app.share_line(False, None, 7860) is None
+    assert app.share_line(True, "https://x.gradio.live", 7860) == "Public link: https://x.gradio.live"
+    assert "could not be made" in app.share_line(True, None, 7860)
 
 
 def test_the_browser_opens_where_there_is_a_desktop():
@@ -397,6 +408,11 @@ def test_share_asks_for_the_printed_password_and_listen_serves_the_network(tmp_p
             assert time.monotonic() < deadline, (tmp_path / "app.log").read_text()
             time.sleep(0.5)
         assert process.poll() is None  # no link (no network in tests): the app says so and keeps serving
+        while "No public link" not in (printed := (tmp_path / "app.log").read_text()):
+            assert time.monotonic() < deadline, printed
+            time.sleep(0.5)
+        assert "the app serves locally at http://localhost:" in printed
+        assert "share=True" not in printed and "0.0.0.0" not in printed and "On your network: " in printed
     finally:
         _shut_down(process, log)
 
@@ -466,11 +482,13 @@ def test_memory_endpoints(tmp_path):
                                                                     gpu_vram_gib=0, api_name="/estimate")
         assert line == swapped and "| training step |" in details
         assert list(dict.fromkeys(row[0] for row in bars["data"])) == list(PHASES)
-        assert [row[0] for row in strategies["data"]] == ["none", "conservative (this job)", "aggressive", "extreme"]
+        assert [row[0] for row in strategies["data"]] == ["this job: conservative + its own settings", "none",
+                                                          "conservative", "aggressive", "extreme"]
         assert breakdown["data"][0][0].startswith("base weights")
 
         line, *_ = client.predict(**job, lowvram_swap_prefetch="many", api_name="/estimate")
-        assert line.startswith("problems — lowvram.swap_prefetch:")  # one message naming the field; the app goes on
+        # one message naming the field as the page shows it (and its key); the app goes on
+        assert line.startswith("problems — Prefetch (blocks) (Low VRAM): ") and "(lowvram.swap_prefetch" in line
         assert client.predict(**job, api_name="/lowvram_check")[0].startswith("will not fit")
 
 
@@ -528,8 +546,8 @@ def test_train_steps_validate_save_and_end_through_the_api(studio_app):
     assert (out / "demo_lora-step000005.safetensors").is_file()
 
     assert client.predict(api_name="/end_training")[0].startswith("ending")
-    status = _wait_for(client, workdir, "completed", "stopped")
-    assert status == f"stopped: LoRA saved to {out / 'demo_lora.safetensors'}"  # 5 of 20 steps
+    status = _wait_for(client, workdir, "completed", "stopped", "ended")
+    assert status == f"ended: LoRA saved to {out / 'demo_lora.safetensors'}"  # 5 of 20 steps, ended by the user
     assert (out / "demo_lora.safetensors").is_file()
     assert client.predict(api_name="/end_training")[0] == "no session to end: start or train first"
 

@@ -90,13 +90,13 @@ def test_a_new_user_trains_the_demo_in_chromium(tmp_path):
                 shot(page, "01-opened")
                 page.get_by_role("tab", name="Model").click()  # the full form, past the quick start
 
-                choose(page, "Hardware profile", "CPU only (no NVIDIA GPU) (no GPU)")
+                choose(page, "Hardware profile", "CPU only (no NVIDIA GPU)")
                 choose(page, "Preset", re.compile(r"^Demo · "))
                 page.get_by_role("button", name="Apply profile and preset").click()
                 expect(page.get_by_text("applied profile CPU only (no NVIDIA GPU) and preset Demo").first)\
                     .to_be_visible()
                 page.get_by_role("tab", name="Training").click()
-                steps = page.get_by_label("Steps", exact=True).filter(visible=True)
+                steps = page.get_by_label("Run length (steps)", exact=True).filter(visible=True)
                 expect(steps).to_have_value("400")  # the preset filled the form
                 shot(page, "02-profile-and-preset")
 

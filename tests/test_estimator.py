@@ -112,17 +112,20 @@ def test_klein_9b_is_plausible_phase_by_phase() -> None:
     result = estimate_job(spec, 24.0)
     # the training step: 16.9 GiB of bf16 weights, ≈0.6 GiB LoRA + AdamW, ≈1.5 GiB checkpointed activations
     assert 18 < _step(result) < 24
-    # the pipeline loads to RAM: the transformer (≈17 GiB) and Qwen3-8B (≈15 GiB) wait there, nothing on the GPU
+    # one model at a time in RAM: Qwen3-8B (≈15 GiB) caches the captions and is freed before the transformer (≈17
+    # GiB) loads, so loading peaks at the larger of the two, not their sum; nothing on the GPU
     assert result.phases["loading"].vram_gib == core.CUDA_CONTEXT_GIB
-    assert 33 < result.phases["loading"].ram_gib < 40
+    assert 17 < result.phases["loading"].ram_gib < 21
+    assert result.phases["caching text embeddings"].ram_gib < 20  # the transformer is not loaded yet
     # the text encoder streams its layers (offload): its token table and lm_head (≈2.3 GiB) and two layers on the GPU
     assert 3 < result.phases["caching text embeddings"].vram_gib < 4.5
     on_gpu = estimate_job(spec, 24.0, plan=_plan(spec, "conservative", text_encoder_device="gpu"))
     assert 15 < on_gpu.phases["caching text embeddings"].vram_gib < 18
     warm = estimate_job(_spec("flux2", "klein-base-9b", lowvram={"strategy": "conservative"},
                                     data={"cache_text_embeddings": "disk"}), 24.0)
-    assert warm.phases["loading"].ram_gib < result.phases["loading"].ram_gib - 14
+    assert warm.phases["loading"].ram_gib <= result.phases["loading"].ram_gib
     assert any("first run" in note for note in warm.notes)
+    assert warm.first_run_ram_gib == pytest.approx(result.ram_gib, abs=0.2)  # a cold cache is the first run
     dev = estimate_job(_spec("flux2", "dev", lowvram={"strategy": "conservative"}), 24.0)
     assert _step(dev) > 24 and dev.verdict == "will not fit"
 

@@ -74,6 +74,7 @@ def test_both_layouts_load_the_same_real_width_model(fabricated: tuple) -> None:
         assert all(torch.isfinite(t).all() for t in ours.values() if t.is_floating_point())
 
 
+@pytest.mark.slow  # a step of a 3072-wide transformer (0.5 B parameters) per family
 def test_real_widths_train_and_save_every_format_diffusers_reads(fabricated: tuple, tmp_path: Path) -> None:
     from trainer.session import Session
 

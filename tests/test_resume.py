@@ -102,3 +102,25 @@ def test_resume_refuses_a_changed_adapter_or_a_missing_state(demo_dir: Path, tmp
     _run(_spec(demo_dir, tmp_path, "train.max_steps=2", "train.warmup_steps=1"))
     with pytest.raises(UserError, match=r"\[lora\] settings differ"):
         _run(_spec(demo_dir, tmp_path, "lora.rank=8"), resume=True)
+
+
+def test_a_new_run_that_fails_before_its_first_step_moves_nothing(demo_dir: Path, tmp_path: Path) -> None:
+    from trainer.events import PhaseChanged
+
+    _run(_spec(demo_dir, tmp_path, "train.max_steps=2", "train.warmup_steps=1"))
+    earlier = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
+               and "cache" not in p.parts}
+
+    def fail_while_loading(event) -> None:  # noqa: ANN001 - as an offline download or a damaged model would
+        if isinstance(event, PhaseChanged) and event.phase == "loading":
+            raise SimulatedCrash
+
+    session = Session(_spec(demo_dir, tmp_path, "train.max_steps=3"), emit=fail_while_loading)
+    with pytest.raises(SimulatedCrash):
+        try:
+            session.run()
+        finally:
+            session.end()
+    assert not (tmp_path / "earlier_runs").exists()
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
+            and "cache" not in p.parts} == earlier

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from trainer.events import JsonlWriter, LoraSaved, Progress, RunFinished, RunStarted, SampleSaved
-from ui.paths import Folders, PathRefused
+from trainer.folders import Folders, PathRefused
 from ui.run_history import COLUMNS, History, follow, read_run
 
 

@@ -50,3 +50,51 @@ def test_ordinary_names_still_pass() -> None:
     data = tomllib.loads(demo_job_toml("flux2"))
     for name in ("lora", "my lora v2", "portrait_style-01", "été", "x" * MAX_NAME_BYTES, "v1.2"):
         assert parse_spec({**data, "output": {**data["output"], "name": name}}).output.name == name
+
+
+# ---------------------------------------------------------------------- what training would trip on (point 6)
+
+
+def _one_error(capsys: pytest.CaptureFixture[str], job: Path, *argv: str) -> str:
+    code, lines = _validate(capsys, str(job), *argv)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(("key", "value"), [("lora.alpha", "inf"), ("advanced.logit_mean", "nan"),
+                                            ("train.learning_rate", "-inf"), ("advanced.shift", "+inf")])
+def test_non_finite_numbers_are_refused_by_validate(key: str, value: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    line = _one_error(capsys, _job(tmp_path), "--set", f"{key}={value}")
+    assert f"{key}: " in line and "finite number" in line, line
+
+
+def test_a_name_of_megabytes_and_brackets_5000_deep_give_one_message(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    line = _one_error(capsys, _job(tmp_path, name="n" * 1_000_000))
+    assert "output.name: " in line and "is 1000000 bytes long" in line and len(line) < 400
+    deep = tmp_path / "deep.toml"
+    deep.write_text(_job(tmp_path).read_text(encoding="utf-8") + "\n[extra]\nx = " + "[" * 5000 + "]" * 5000 + "\n",
+                    encoding="utf-8")
+    line = _one_error(capsys, deep)
+    assert "nest deeper than" in line and "RecursionError" not in line
+    line = _one_error(capsys, _job(tmp_path), "--set", "lora.rank=" + "[" * 5000 + "]" * 5000)
+    assert "lora.rank: its value nests deeper" in line
+
+
+def test_a_job_path_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import threading
+
+    fifo = tmp_path / "job.toml"
+    os.mkfifo(fifo)
+    answer: list[str] = []
+    worker = threading.Thread(target=lambda: answer.append(_one_error(capsys, fifo)), daemon=True)
+    worker.start()
+    worker.join(20)
+    if worker.is_alive():  # it hangs on the read: give it a writer so the test process can end, then fail
+        with open(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK), "w") as writer:
+            writer.write("x = 1\n")
+        pytest.fail("validate waited on a FIFO given as the job file")
+    assert "is not a regular file" in answer[0], answer

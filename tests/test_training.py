@@ -48,7 +48,7 @@ def test_run_writes_lora_resolved_spec_events_and_samples(trained) -> None:  # n
     out = session.output_dir
     assert path == out / "demo_lora.safetensors" and path.is_file()
     assert (out / "job.resolved.toml").is_file()
-    assert load_spec(out / "job.resolved.toml") == session.spec
+    assert load_spec(out / "job.resolved.toml") == session.spec_as_run()  # the plan that ran, not "auto"
     lines = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert lines[0]["event"] == "run_started"
     assert lines[-1]["event"] == "run_finished" and lines[-1]["status"] == "completed"

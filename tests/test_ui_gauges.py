@@ -31,7 +31,9 @@ class _FakeNvml:
 def test_ram_and_every_gpu_get_a_bar() -> None:
     memory = SimpleNamespace(total=32 * 2**30, available=8 * 2**30)
     gauges = read_gauges(_FakeNvml(), memory)
-    assert [g.label for g in gauges] == ["RAM", "GPU 0 · NVIDIA GeForce RTX 3060 Ti", "GPU 1 · NVIDIA GeForce RTX 4090"]
+    assert [g.label for g in gauges] == ["machine RAM (all programs)",
+                                         "GPU 0 · NVIDIA GeForce RTX 3060 Ti (all programs)",
+                                         "GPU 1 · NVIDIA GeForce RTX 4090 (all programs)"]
     assert gauges[0].used_gib == 24.0 and gauges[0].total_gib == 32.0
     assert round(gauges[1].share, 2) == 0.95
     page = gauges_html(gauges)

@@ -41,7 +41,7 @@ def test_an_uploaded_job_fills_the_form_and_problems_are_named(tmp_path):
     assert values is None and outcome.message == "not loaded: theirs.toml"
     assert any(problem.startswith("theirs.toml: lora.rank") for problem in outcome.problems)
     values, _, outcome = studio.load_job("missing.toml")
-    assert values is None and outcome.problems[0].startswith("missing.toml: cannot read the file")
+    assert values is None and outcome.problems[0].startswith("missing.toml: file not found")
 
 
 def test_the_last_form_waits_for_quiet_then_writes_once(tmp_path):

@@ -4,6 +4,7 @@ trainer.estimator. Pure python except the app-structure tests, which build the B
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -152,7 +153,10 @@ def no_swap(**changes: object) -> dict:
 def test_live_verdict_follows_base_precision_on_an_8_gb_card():
     bf16 = memory.check_lowvram(no_swap(), None, detected=None)
     nf4 = memory.check_lowvram(no_swap(**{"model.base_precision": "nf4"}), None, detected=None)
-    assert bf16.line.startswith("will not fit — ") and bf16.line.endswith("8 GiB GPU (GPU memory to plan for)")
+    assert bf16.line.startswith("will not fit — ") and "; 8 GiB GPU (GPU memory to plan for). RAM " in bf16.line
+    # the RAM verdict of this machine follows the GPU's: first run and repeated runs against the available RAM
+    assert re.search(r"\. RAM (fits|tight|will not fit) — first run [\d.]+ GiB, repeated runs [\d.]+ GiB, "
+                     r"[\d.]+ GiB available", bf16.line)
     assert nf4.line.startswith(("fits — ", "tight — "))  # ~7 of 8 GiB: the estimator's margin decides which
     assert "**To fit:**" in bf16.plan
     spec = form.form_to_spec(no_swap(**{"model.base_precision": "nf4"}))
@@ -175,7 +179,7 @@ def test_live_verdict_follows_blocks_to_swap_on_an_8_gb_card():
 def test_live_verdict_without_a_gpu_size_and_with_problems():
     values = dict(klein_values(), **{"lowvram.vram_gib": ""})
     assert memory.check_lowvram(values, None, detected=None).line.startswith("no verdict — ")
-    assert memory.check_lowvram(values, None, detected=24.0).line.endswith("24 GiB GPU (detected GPU)")
+    assert "; 24 GiB GPU (detected GPU). RAM " in memory.check_lowvram(values, None, detected=24.0).line
     bad = memory.check_lowvram(dict(values, **{"lowvram.checkpointing_interval": "0"}), None, detected=None)
     assert not bad.ok and bad.line.startswith("problems — lowvram.checkpointing_interval:")
     assert bad.plan == ""
@@ -232,7 +236,8 @@ def test_strategies_table_estimates_a_copy_per_strategy():
     auto = resolve_lowvram(spec, 8)
     assert len(report.strategy_rows) == 1 + len(CONCRETE)
     first = report.strategy_rows[0]  # what auto resolves to, as the job would run
-    assert first[0] == f"auto → {auto.strategy}" and first[1] == round(estimate_job(spec, 8, plan=auto).vram_gib, 2)
+    assert first[0] == f"this job: auto → {auto.strategy}"
+    assert first[1] == round(estimate_job(spec, 8, plan=auto).vram_gib, 2)
     for row, strategy in zip(report.strategy_rows[1:], CONCRETE, strict=True):
         copy = parse_spec(deep_merge(klein_job(), {"model": {"base_precision": "nf4"},
                                                    "lowvram": {"strategy": strategy}}))
@@ -243,7 +248,31 @@ def test_strategies_table_estimates_a_copy_per_strategy():
     vram = [row[1] for row in report.strategy_rows[1:]]
     assert vram[0] > vram[-1]  # none needs more than extreme
     chosen = memory.estimate_form(klein_values(**{"lowvram.strategy": "extreme"}), None, 0, None).strategy_rows
-    assert [row[0] for row in chosen] == ["none", "conservative", "aggressive", "extreme (this job)"]
+    assert [row[0] for row in chosen] == ["this job: extreme", "none", "conservative", "aggressive", "extreme"]
+
+
+def test_the_bundles_are_compared_as_they_are_beside_the_job_with_its_own_settings():
+    # As a preset sets them: the job's own swap and offloads used to sit on top of every bundle (all alike).
+    values = klein_values(**{"lowvram.strategy": "conservative", "lowvram.override_blocks_to_swap": True,
+                             "lowvram.blocks_to_swap": 12, "lowvram.optimizer_offload": "on"})
+    rows = memory.estimate_form(values, None, 0, None).strategy_rows
+    assert rows[0][0] == "this job: conservative + its own settings" and "12 blocks swapped" in rows[0][4]
+    bundles = {row[0]: row for row in rows[1:]}
+    assert len({row[1] for row in bundles.values()}) == len(CONCRETE)  # four different VRAM figures
+    assert "blocks swapped" not in bundles["none"][4] and "optimiser on the CPU" not in bundles["conservative"][4]
+    assert bundles["conservative"][1] != rows[0][1]
+
+
+def test_a_cpu_only_machine_shows_no_vram_and_no_gpu_in_the_plan():
+    values = dict(klein_values(), **{"lowvram.vram_gib": ""})
+    report = memory.estimate_form(values, None, 0, detected=None)
+    assert report.line.startswith("no verdict — ") and "GiB VRAM" not in report.line
+    assert "trains on the CPU" in report.line
+    assert report.phase_rows == [] and report.breakdown_rows == []
+    assert "VRAM (GiB)" not in report.details and "cuda context" not in report.details
+    assert "text encoders on gpu" not in report.details and all(row[1] == "—" for row in report.strategy_rows)
+    check = memory.check_lowvram(values, None, None)
+    assert "GiB VRAM" not in check.line and "text encoders on gpu" not in check.plan
 
 
 def test_a_phase_that_does_not_run_keeps_its_place_and_own_parts_must_add_up():
@@ -339,4 +368,22 @@ def test_the_estimate_handler_returns_bars_and_tables(blocks):
     assert strategies.values.tolist() == expected.strategy_rows
     assert list(breakdown.columns) == memory.BREAKDOWN_COLUMNS
     line, *_ = fn.fn(**dict(kwargs, lowvram_swap_prefetch="x"), base={}, gpu_vram_gib=0)
-    assert line.startswith("problems — lowvram.swap_prefetch:")
+    assert line.startswith("problems — Prefetch (blocks) (Low VRAM): ")  # as the page shows the field
+    assert line.endswith("(lowvram.swap_prefetch = 'x')")
+
+
+def test_the_to_fit_changes_are_applied_to_the_form():
+    values = klein_values(**{"lowvram.strategy": "none", "lowvram.vram_gib": "8"})
+    report = memory.estimate_form(values, None, 0, None)
+    assert report.line.startswith("will not fit") and report.result["suggestion"]
+    changed, message = memory.apply_suggestion(values, None, 0, None)
+    assert message.startswith("applied: ") and changed is not None
+    expected = memory.suggestion_changes(report.result["suggestion"])
+    spec = form.form_to_spec(changed)
+    for section, table in expected.items():
+        for key, value in table.items():
+            assert getattr(getattr(spec, section), key) == value, (section, key)
+    assert not memory.estimate_form(changed, None, 0, None).line.startswith("will not fit")
+    assert memory.apply_suggestion(changed, None, 0, None)[0] is None  # fits now: nothing to apply
+    assert memory.suggestion_changes('lowvram.blocks_to_swap ≥ 18; model.base_precision = "fp8"') == {
+        "lowvram": {"blocks_to_swap": 18}, "model": {"base_precision": "fp8"}}

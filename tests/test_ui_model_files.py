@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.flavour_models import header_only_file as _header_only
+from trainer.folders import Folders
 from trainer.spec import deep_merge, parse_spec
 from ui import form, model_files
-from ui.paths import Folders
 
 SINGLE_KEYS = ("model.comfy_models_dir", "model.transformer", "model.vae", "model.text_encoder",
                "model.text_encoder_2")
@@ -143,7 +143,7 @@ def test_a_folder_or_file_outside_the_allowed_folders_is_refused(tmp_path):
 
 
 def test_start_refuses_a_comfy_folder_outside_the_allowed_ones(tmp_path):
-    from ui.paths import spec_paths
+    from trainer.folders import spec_paths
 
     job = deep_merge(form.default_job(tmp_path), {"model": {"comfy_models_dir": "/opt/ComfyUI/models"}})
     problems = Folders.of(tmp_path).problems(spec_paths(parse_spec(job)))

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from test_ui_state import FakeRunner
 
+from trainer.folders import ADD_A_FOLDER, Folders, PathRefused, spec_paths
 from trainer.spec import parse_spec
 from ui import caption_editor, form, presets
-from ui.paths import ADD_A_FOLDER, Folders, PathRefused, spec_paths
 from ui.run_state import RunView, Sample
 from ui.run_tab import gallery_items
 from ui.sample_compare import compare_html

@@ -51,7 +51,12 @@ def test_the_detected_gpu_is_preselected(detected):
     assert ("GeForce RTX 3060 Ti 8 GB (7.6 GiB usable)", EIGHT_GB) in presets.profile_choices()
 
 
-def test_without_a_gpu_no_profile_is_preselected(no_gpu):
+def test_without_a_gpu_the_cpu_profile_is_preselected_and_says_no_gpu_once(no_gpu, monkeypatch):
+    monkeypatch.setattr(presets.shutil, "which", lambda name: None)  # no nvidia-smi either
+    assert presets.default_profile() == "cpu-only"
+    label = dict((name, label) for label, name in presets.profile_choices())["cpu-only"]
+    assert label == "CPU only (no NVIDIA GPU)"
+    monkeypatch.setattr(presets.shutil, "which", lambda name: "/usr/bin/nvidia-smi")  # a GPU NVML cannot name
     assert presets.default_profile() == presets.NO_PROFILE
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ui.paths import Folders, PathRefused
+from trainer.folders import Folders, PathRefused
 from ui.upload_limits import UploadLimits
 from ui.uploads import KEEP, REPLACE, dataset_folder, list_datasets, safe_name, save_upload
 

@@ -159,7 +159,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # Under `accelerate launch` every process runs this; the session finds its rank (rank 0 alone reports).
     try:
-        session = Session(spec, emit=_ConsoleProgress(show_bar=not args.no_progress), resume=args.resume)
+        # a run whose RAM will not fit stops before loading (the verdict names the cheapest fix) unless --force
+        session = Session(spec, emit=_ConsoleProgress(show_bar=not args.no_progress), resume=args.resume,
+                          ram_check="warn" if args.force else "refuse")
         try:
             session.run()
         finally:
@@ -184,13 +186,14 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         from trainer.profiles import gpu_vram_gib
 
         gpu_vram, gpu = gpu_vram_gib(args.gpu)
-    spec = _load_job(args.job, args.set, args.preset)
+    spec = _estimated_job(args)
     problems = check_model(spec)  # an estimate of another model than the folder holds would mislead
     if problems:
         raise SpecError(problems, args.job)
     result = estimate_job(spec, gpu_vram_gib=gpu_vram, gpus=args.gpus).to_json()
     if gpu is not None:
         result["gpu"] = gpu
+    result["ram_verdict"] = _ram_line(spec, gpu_vram)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -209,11 +212,40 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         items = ", ".join(f"{k} {v:.2f}" for k, v in result[key].items() if v)
         print(f"\n{title} (GiB): {items}")
     print(f"peak: VRAM {result['vram_gib']:.2f} GiB, RAM {result['ram_gib']:.2f} GiB")
+    print(f"first run (text embeddings computed): RAM {result['first_run_ram_gib']:.2f} GiB; on this machine: "
+          f"{result['ram_verdict']}")
     if result.get("verdict"):
         print(f"verdict: {result['verdict']}" + (f" — {result['suggestion']}" if result.get("suggestion") else ""))
     for note in result.get("notes", []):
         print(f"note: {note}")
     return 0
+
+
+def _estimated_job(args: argparse.Namespace) -> JobSpec:
+    """The job file (under --preset when given), or without a job the preset alone as the app offers it: its
+    hardware profile under it, the model from its hub repo, a dataset folder to be named, --set on top."""
+    if args.job is not None:
+        return _load_job(args.job, args.set, args.preset)
+    if args.preset is None:
+        raise UserError("estimate: give a job file, --preset NAME, or both")
+    from trainer.profiles import ProfileError, apply_layers, find_preset, get_profile
+    from trainer.spec import apply_overrides, parse_spec
+
+    try:
+        preset = find_preset(args.preset)
+    except ProfileError as exc:
+        raise UserError(f"--preset: {exc}") from None
+    layers = apply_layers({}, get_profile(preset.profile), preset, {"data": {"datasets": [{"path": "dataset"}]}})
+    return parse_spec(apply_overrides(layers, args.set), f"preset {preset.name}")
+
+
+def _ram_line(spec: JobSpec, gpu_vram: float | None) -> str:
+    """The RAM verdict of this job on this machine (first run unless its text embeddings are cached on disk)."""
+    from trainer.estimator.auto import resolve_lowvram
+    from trainer.memory.system_ram import ram_verdict
+
+    plan = resolve_lowvram(spec, gpu_vram)
+    return ram_verdict(spec, plan, gpu_vram).line()
 
 
 _PRESET_HELP = ("a preset under the job (a file of presets/ without .toml, or a path): the job's own values and "
@@ -255,11 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
             command.add_argument("--resume", action="store_true",
                                  help="continue exactly from the latest training state in output.dir")
+            command.add_argument("--force", action="store_true",
+                                 help="start even when the RAM verdict says the run will not fit")
         command.set_defaults(func=func)
     estimate = sub.add_parser("estimate", help="predict peak VRAM and RAM per phase, without loading a model")
-    estimate.add_argument("job", help="job TOML file")
+    estimate.add_argument("job", nargs="?", help="job TOML file")
     estimate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    estimate.add_argument("--preset", metavar="NAME", help=_PRESET_HELP)
+    estimate.add_argument("--preset", metavar="NAME", help=_PRESET_HELP + "; without a job, the preset alone as the "
+                          "app offers it (on its hardware profile)")
     estimate.add_argument("--gpu-vram", type=float, metavar="GIB", help="the GPU's memory, for a verdict")
     estimate.add_argument("--gpu", metavar="PROFILE",
                           help="a hardware profile (e.g. rtx-3060ti-8gb; see hardware_profiles/), 'detect', or a "

@@ -6,6 +6,7 @@ torch is imported where tensors are handled, so the UI can list saved states wit
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -22,7 +23,8 @@ LORA_WEIGHT_SUFFIX = ".safetensors"
 def save_lora_diffusers(transformer: Any, pipeline_class: type, path: Path,
                         header: dict[str, str] | None = None) -> Path:
     """Write `path` (a .safetensors file) with `transformer.`-prefixed keys via the pipeline's own saver, plus
-    `header` in its metadata before it takes the name (a save that fails midway leaves no file without it).
+    `header` in its metadata before it takes the name (a save killed or failing midway, a full disk, leaves no
+    file without it).
 
     The adapter config goes in the file's metadata, so loaders use our alpha rather than guess it from the rank.
     """
@@ -110,12 +112,11 @@ RUN_RECORDS = ("state", "samples", "logs", "events.jsonl", "job.resolved.toml") 
 
 def set_aside_earlier_run(output_dir: Path, name: str, stamp: str | None = None) -> Path | None:
     """Move what an earlier run wrote in output_dir (its states, samples, logs, events, job and this name's LoRA
-    files) into output_dir/earlier_runs/<stamp>/, so a new run neither overwrites its LoRA nor mixes its states
-    with the new ones (resume takes the newest step). The latent and text caches stay: they are keyed by content.
+    and EMA files) into output_dir/earlier_runs/<stamp>/, so a new run neither overwrites its LoRA nor mixes its
+    states with the new ones (resume takes the newest step). The latent and text caches stay: keyed by content.
     Returns the folder they went to, or None when there was nothing."""
     folder = Path(output_dir)
-    ours = re.compile(rf"{re.escape(name)}(-step\d{{6,}})?(_comfyui|_kohya)?{re.escape(LORA_WEIGHT_SUFFIX)}")
-    loras = [p for p in folder.glob(f"{glob.escape(name)}*{LORA_WEIGHT_SUFFIX}") if ours.fullmatch(p.name)]
+    loras = our_loras(folder, name)
     found = [folder / entry for entry in RUN_RECORDS if (folder / entry).exists()] + loras
     if not any(p.is_file() or any(p.iterdir()) for p in found):
         return None
@@ -129,6 +130,67 @@ def set_aside_earlier_run(output_dir: Path, name: str, stamp: str | None = None)
         os.replace(path, target / path.name)
     sync_folder(folder)
     return target
+
+
+def our_loras(output_dir: Path, name: str) -> list[Path]:
+    """The LoRA files a run named `name` writes in output_dir: final and intermediate, every format, and the EMA's
+    (`<name>_ema…`, trainer/ema.py)."""
+    ours = re.compile(rf"{re.escape(name)}(_ema)?(-step\d{{6,}})?(_comfyui|_kohya)?{re.escape(LORA_WEIGHT_SUFFIX)}")
+    return sorted(p for p in Path(output_dir).glob(f"{glob.escape(name)}*{LORA_WEIGHT_SUFFIX}")
+                  if ours.fullmatch(p.name) and p.is_file())
+
+
+def lora_metadata(spec: Any, steps: int, spec_toml: str | None = None) -> dict[str, Any]:  # noqa: ANN401 - a JobSpec
+    """What a LoRA's header says about the run (`lora_formats.build_metadata`'s arguments but rank, alpha, format);
+    `spec_toml`: the job as it ran (default: `spec` as it is)."""
+    from trainer.preflight import model_source
+    from trainer.spec import spec_to_toml
+
+    return {"family": spec.model.family, "flavour": spec.model.flavour, "steps": steps,
+            "trigger_words": [e.trigger for e in spec.data.datasets if e.trigger],
+            "base_model": spec.model.transformer or model_source(spec),
+            "spec_toml": spec_toml if spec_toml is not None else spec_to_toml(spec), "title": spec.output.name}
+
+
+def repair_incomplete_loras(output_dir: Path, name: str) -> tuple[list[Path], list[Path]]:
+    """(repaired, removed): LoRA files of ours whose header lacks our metadata, as a save killed between the
+    weights and the header left them before saves became one rename. Each gets the header back from the job that
+    wrote it (output_dir/job.resolved.toml) and its step (in its name; the final file's: the newest state, which is
+    saved first); a file that cannot be told (no job, no step, unreadable) is removed: a later save rewrites it."""
+    from trainer import lora_formats
+    from trainer.spec import SpecError, load_spec
+
+    repaired: list[Path] = []
+    removed: list[Path] = []
+    job = Path(output_dir) / "job.resolved.toml"
+    for path in our_loras(output_dir, name):
+        try:
+            header = lora_formats.read_metadata(path)
+        except (OSError, ValueError):
+            header = {}
+        if f"{lora_formats.METADATA_PREFIX}lora_format" in header:
+            continue
+        try:
+            spec = load_spec(job) if job.is_file() else None
+            found = re.search(r"-step(\d{6,})", path.name)
+            states = saved_states(output_dir)
+            step = int(found.group(1)) if found else (states[-1][0] if states else None)
+            if spec is None or step is None:
+                raise ValueError("nothing tells how it was made")
+            tensors, existing = lora_formats.read_lora(path)
+            fmt = "comfyui" if path.stem.endswith("_comfyui") else "kohya" if path.stem.endswith("_kohya") else \
+                "diffusers"
+            # diffusers keeps the peft config under `transformer.`-prefixed keys
+            adapter = {key.removeprefix("transformer."): value
+                       for key, value in json.loads(existing.get("lora_adapter_metadata", "{}")).items()}
+            rank, alpha = adapter["r"], adapter.get("lora_alpha", adapter["r"])
+            lora_formats.write_lora(path, tensors, {**existing, **lora_formats.build_metadata(
+                rank=rank, alpha=alpha, format=fmt, **lora_metadata(spec, step))})
+            repaired.append(path)
+        except (OSError, ValueError, KeyError, TypeError, SpecError):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return repaired, removed
 
 
 def prune_checkpoints(output_dir: Path, name: str, keep_last: int) -> list[Path]:

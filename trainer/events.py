@@ -79,6 +79,15 @@ class Progress(Event):
 
 
 @dataclass(frozen=True)
+class ClipScore(Event):
+    """Mean CLIPScore (0-100) of one validation's samples against their prompts (sample.clip_score_model)."""
+
+    kind: ClassVar[str] = "clip_score"
+    step: int
+    score: float
+
+
+@dataclass(frozen=True)
 class EvalLoss(Event):
     """Loss on held-out images at fixed noise levels and noise: comparable from one evaluation to the next."""
 
@@ -120,8 +129,8 @@ class RunFinished(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
-    for cls in (RunStarted, PhaseChanged, DownloadProgress, Progress, EvalLoss, SampleSaved, LoraSaved, LogMessage,
-                RunFinished)
+    for cls in (RunStarted, PhaseChanged, DownloadProgress, Progress, EvalLoss, ClipScore, SampleSaved, LoraSaved,
+                LogMessage, RunFinished)
 }
 
 

@@ -572,6 +572,17 @@ def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The header metadata of a .safetensors file, without reading its tensors; ValueError when unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type for a torn or foreign file
+        raise ValueError(f"{Path(path).name}: not a readable safetensors file ({exc})") from None
+
+
 def merge_metadata(path: str | Path, metadata: dict[str, str]) -> None:
     """Add `metadata` to an existing .safetensors file's header (keeping what it has, e.g. diffusers'
     lora_adapter_metadata, unless `metadata` names the same key), rewriting the file atomically."""

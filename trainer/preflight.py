@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from trainer import registry
+from trainer.attention import check_attention
 from trainer.data.datasets import IMAGE_EXTENSIONS, find_mask, list_images
 from trainer.errors import UserError
 from trainer.prompts import sample_prompts
@@ -158,6 +159,11 @@ def _check_prompts(spec: JobSpec) -> list[str]:
         sample_prompts(spec)
     except UserError as exc:
         return [str(exc)]
+    clip = spec.sample.clip_score_model
+    if clip and is_local_path(clip) and not (Path(clip) / "config.json").is_file():
+        return [f"sample.clip_score_model: '{clip}' is not a folder holding a transformers CLIP model (no "
+                "config.json in it); give such a folder, a hub id (e.g. openai/clip-vit-base-patch32) or leave it "
+                "empty"]
     return []
 
 
@@ -181,4 +187,4 @@ def check_files(spec: JobSpec) -> list[str]:
     problems += _check_output(spec)
     init_from = spec.lora.init_from and check_init_from(spec.lora.init_from, spec.model.family)
     problems += [init_from] if init_from else []
-    return problems + missing_trackers(spec.output.log_with)
+    return problems + missing_trackers(spec.output.log_with) + check_attention(spec)

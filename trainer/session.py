@@ -21,12 +21,15 @@ import torch
 
 from trainer import distributed, flow, registry
 from trainer.adapters import add_adapter
+from trainer.attention import TRAINS_WITH, sampling_attention, set_backend
 from trainer.checkpoint import (
     latest_state,
     load_training_state,
     lora_bytes,
+    lora_metadata,
     prune_checkpoints,
     remove_interrupted_writes,
+    repair_incomplete_loras,
     save_lora_files,
     save_training_state,
     saved_states,
@@ -34,6 +37,8 @@ from trainer.checkpoint import (
     state_path,
     tensor_bytes,
 )
+from trainer.clip_score import clip_scores
+from trainer.compiled_blocks import CompiledBlocks, compile_failure, compiler_problem, root_cause
 from trainer.data.cache import TextEmbeddingCache
 from trainer.data.caching import InputCaches, stack_references
 from trainer.data.datasets import TrainItem
@@ -41,10 +46,12 @@ from trainer.data.health import check_datasets
 from trainer.data.health_report import HealthReport
 from trainer.data.pairs import reference_for_sampling, sample_references
 from trainer.data.planning import plan_training_items
+from trainer.ema import LoraEma, ema_name
 from trainer.errors import UserError
 from trainer.estimator.auto import resolve_lowvram
 from trainer.estimator.plans import LowVramPlan
 from trainer.events import (
+    ClipScore,
     EvalLoss,
     Event,
     JsonlWriter,
@@ -66,17 +73,18 @@ from trainer.files import (
     write_atomic,
 )
 from trainer.lora_formats import lora_filename
+from trainer.memory.cache_release import CacheRelease
 from trainer.memory.checkpointing import ActivationOffloader, enable_block_checkpointing
 from trainer.memory.optimizer_memory import FusedBackward, build_training_optimizer
 from trainer.memory.placement import TextEncoderPlacement, place_transformer
 from trainer.memory.quantize import quantised_sizes
-from trainer.memory.system_ram import ram_warning
+from trainer.memory.system_ram import RamVerdict, ram_verdict
 from trainer.optimizers import build_optimizer, build_scheduler, effective_learning_rate
 from trainer.preflight import check_files, model_source
 from trainer.prompts import SamplePrompt, sample_prompts
 from trainer.quiet import disable_loading_bars
 from trainer.sources import model_files
-from trainer.spec import JobSpec, LowVramSection, save_spec, spec_to_toml
+from trainer.spec import JobSpec, LowVramSection, modulation_format, save_spec, spec_to_toml
 from trainer.trackers import TrackerLogger
 from trainer.tread import TreadConfig, transformer_blocks, tread_routing
 
@@ -141,9 +149,11 @@ class _Draws:
 
 class Session:
     def __init__(self, spec: JobSpec, emit: Callable[[Event], None] | None = None, commands: Any = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, ram_check: str = "warn") -> None:
         self.spec = spec
         self.resume = resume
+        self.ram_check = ram_check  # "refuse": a run whose RAM will not fit stops before loading (CLI, no --force)
+        self.block_cache: tuple[Path, list] | None = None  # (file, block records) with lowvram.swap_from = "disk"
         self.flavour = registry.get_flavour(spec.model.family, spec.model.flavour)
         self.ops = family_ops(spec.model.family)
         self.output_dir = Path(spec.output.dir)
@@ -154,6 +164,8 @@ class Session:
         self._listeners: list[Callable[[Event], None]] = [emit] if emit else []
         self._jsonl: JsonlWriter | None = None
         self._trackers: TrackerLogger | None = None
+        # What the run said before its records opened (see _open_records); None once they are open.
+        self._held: list[Event] | None = []
         self.eval_indices: list[int] = []
         self.step = 0
         self.device = self.dist.device or pick_device()
@@ -179,18 +191,27 @@ class Session:
         self.last_lora_path: Path | None = None
         self._final: tuple[int, Path | None] | None = None  # (step, final LoRA or None: nothing new to save)
         self._sampled_step: int | None = None  # the step of the last samples
-        plan = resolve_lowvram(spec, device_vram_gib(self.device), self.dist.world_size)
+        from trainer.memory.system_ram import available_ram_gib
+
+        # auto puts swapped blocks on disk when this machine's RAM needs it (lowvram.swap_from unset)
+        plan = resolve_lowvram(spec, device_vram_gib(self.device), self.dist.world_size,
+                               ram_gib=available_ram_gib())
         self.plan: LowVramPlan = self.dist.adjust_plan(plan)
         self.grad_sync: distributed.GradientSync | None = None
         self.swapper: Any = None
         self.offloader: ActivationOffloader | None = None
         self._text_placement: TextEncoderPlacement | None = None
+        self.ema: LoraEma | None = None  # train.ema_decay
+        self.compiled: CompiledBlocks | None = None  # train.compile
+        self.cache_release = CacheRelease(spec.lowvram.empty_cache_every or 0, self.device.type)
 
     def emit(self, event: Event) -> None:
         if not self.dist.is_main:  # rank 0 speaks for the run
             return
         for listener in self._listeners:
             listener(event)
+        if self._held is not None:
+            self._held.append(event)
 
     # ------------------------------------------------------------------ the whole run
 
@@ -262,55 +283,77 @@ class Session:
         health = check_datasets(spec)
         if health.verdict == "will not train":
             raise UserError("the dataset cannot train:\n" + health.table())
+        # before the output folder is touched: a run refused for its RAM moves no earlier run aside
+        ram = self._judge_ram(health)
         if self.dist.is_main and (reason := unwritable_reason(self.output_dir)):
             raise UserError(f"output.dir: cannot write in '{self.output_dir}' ({reason}); choose a folder you can "
                             "write to, or fix its permissions")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.commands.clear_stale_stop()
-        earlier = None
+        repairs = []
         if self.dist.is_main:
             remove_interrupted_writes(self.output_dir)  # what a run killed mid-save left behind
-            earlier = None if self.resume else set_aside_earlier_run(self.output_dir, spec.output.name)
-            self._jsonl = JsonlWriter(self.output_dir / "events.jsonl")
-            self._listeners.append(self._jsonl)
-            if spec.output.log_with:
-                self._trackers = TrackerLogger(spec.output.log_with, self.output_dir, spec.output.name, _flat(spec))
-                self._listeners.append(self._trackers)
-            save_spec(self.spec_as_run(), self.output_dir / "job.resolved.toml")
+            repairs = self._repair_loras()
+        if self.resume:
+            self._open_records()  # the run goes on in its own records: nothing to set aside
         self.emit(RunStarted(max_steps=spec.train.max_steps, output_dir=str(self.output_dir),
                              family=spec.model.family, flavour=spec.model.flavour))
-        if earlier is not None:
-            self.emit(LogMessage(level="info", message=f"the earlier run's LoRA, states, samples and log in this "
-                                                       f"output folder were moved to {earlier}"))
+        for message in repairs:
+            self.emit(LogMessage(level="warning", message=message))
         torch.manual_seed(spec.train.seed)
         if self.dist.world_size > 1:
             self.emit(LogMessage(level="info", message=f"distributed: {self.dist.describe()}"))
         self.emit(LogMessage(level="info", message=f"low-VRAM plan: {self.plan.describe()}"))
-        warning = ram_warning(spec, self.plan, device_vram_gib(self.device))
-        if warning:
-            self.emit(LogMessage(level="warning", message=warning))
-
+        self.emit(LogMessage(level="info" if ram.verdict == "fits" else "warning", message=ram.line()))
         self.items = self._plan_items(health)
         self.sample_references = sample_references(spec, self.items, len(self.prompts))  # edit flavours' `image=`
         self.eval_indices = self._held_out_indices()
         caches = InputCaches(spec, self.ops, self.flavour, self.emit, lambda: self.commands.stop_requested,
                              self.output_dir)
         captions = [item.caption for item in self.items] + [""] + [prompt.text for prompt in self.prompts]
-        # several processes with a disk cache: rank 0 fills it, then the others read it warm
-        with self.dist.main_first(caches.text_disk is not None or caches.latent_disk is not None):
+        # several processes with a disk cache: rank 0 fills it, then the others read it warm. One model at a time:
+        # the text encoders cache the embeddings and are freed before the transformer loads.
+        with self.dist.main_first(caches.text_disk is not None or caches.latent_disk is not None or self._on_disk()):
             self._load_pipeline(skip_text_encoders=caches.text_is_warm(captions))
             caches.fill_text(self.pipe, captions)
             self._release_text_encoders()
             caches.fill_latents(self.pipe, self.items)
             self._park_vae()
+            self._load_transformer(caches.folder)
         self.text_cache, self.latents, self.masks = caches.text, caches.latents, caches.masks
         self.references = caches.references
         self.emit(LogMessage(level="info", message=f"caches: {caches.summary()}"))
         self._add_lora()
         self.dist.seed_rank(spec.train.seed)  # every rank built the same adapter; dropout now draws per rank
         self._make_optimizer()
+        if spec.train.ema_decay:
+            where = torch.device("cpu") if spec.train.ema_device == "cpu" else self.device
+            self.ema = LoraEma(self.lora_parameters(), spec.train.ema_decay, where)
         if self.resume:
             self._resume_latest()
+        self._open_records()  # a new run: only now, with everything loaded, is an earlier one set aside
+
+    def _open_records(self) -> None:
+        """Start this run's records in output_dir: an earlier run's files set aside (a new run), events.jsonl with
+        everything said so far, the trackers, job.resolved.toml. A new run does this once its first step is about
+        to train, so a start that fails before (a download, a model that will not load) moves and writes nothing."""
+        if not self.dist.is_main or self._held is None:
+            return
+        spec = self.spec
+        earlier = None if self.resume else set_aside_earlier_run(self.output_dir, spec.output.name)
+        self._jsonl = JsonlWriter(self.output_dir / "events.jsonl")
+        if spec.output.log_with:
+            self._trackers = TrackerLogger(spec.output.log_with, self.output_dir, spec.output.name, _flat(spec))
+        held, self._held = self._held, None
+        for listener in (self._jsonl, self._trackers):
+            if listener is not None:
+                for event in held:
+                    listener(event)
+                self._listeners.append(listener)
+        save_spec(self.spec_as_run(), self.output_dir / "job.resolved.toml")
+        if earlier is not None:
+            self.emit(LogMessage(level="info", message=f"the earlier run's LoRA, states, samples and log in this "
+                                                       f"output folder were moved to {earlier}"))
 
     def _plan_items(self, health: HealthReport) -> list[TrainItem]:
         """One item per image, resolution and bucket; the health check's findings and the plan go to the log."""
@@ -324,29 +367,96 @@ class Session:
             raise UserError("data: no image fits any bucket; lower data.resolution or raise data.max_upscale")
         return items
 
+    def _on_disk(self) -> bool:
+        return self.plan.swap_from == "disk" and self.plan.blocks_to_swap > 0 and not self.dist.sharded
+
+    def _judge_ram(self, health: HealthReport) -> RamVerdict:
+        """The RAM verdict before anything loads (trainer/memory/system_ram.py), for a first run or, when every
+        caption's embedding is cached, a repeated one; a run that will not fit stops here when the CLI asked to
+        refuse it. Blocks on disk: a disk without room for the block cache refuses, with the size needed."""
+        spec, vram = self.spec, device_vram_gib(self.device)
+        items, _ = plan_training_items(spec, health)
+        captions = [item.caption for item in items] + [""] + [prompt.text for prompt in self.prompts]
+        caches = InputCaches(spec, self.ops, self.flavour, lambda event: None, lambda: False, self.output_dir)
+        verdict = ram_verdict(spec, self.plan, vram, warm=caches.text_is_warm(captions), gpus=self.dist.world_size)
+        if verdict.verdict == "will not fit" and self.ram_check == "refuse":
+            raise UserError(f"{verdict.line()}. Change that setting, or start anyway with --force")
+        if self._on_disk():
+            from trainer.estimator.auto import estimate_as_run
+            from trainer.memory.block_store import check_room
+
+            path = self._block_cache_path(caches.folder)
+            if not path.is_file():
+                need = estimate_as_run(spec, vram, plan=self.plan).block_cache_gib * 1024**3
+                check_room(path.parent, need * 1.01 + 64 * 1024**2)
+        return verdict
+
+    def _block_cache_path(self, cache_folder: Path) -> Path:
+        from trainer.memory.block_store import cache_key
+        from trainer.sources.assemble import transformer_weight_files
+
+        spec = self.spec
+        sources = transformer_weight_files(model_source(spec), self.flavour, model_files(spec.model))
+        key = cache_key(sources, spec.model.base_precision, self._modulation(), self.plan.blocks_to_swap)
+        return cache_folder / "blocks" / f"{key}.blocks"
+
+    def _modulation(self) -> str | None:
+        model = self.spec.model
+        return modulation_format(model.family, model.base_precision, model.modulation_precision)
+
     def _load_pipeline(self, skip_text_encoders: bool) -> None:
-        """The flavour's pipeline; without text encoders when every embedding is already cached on disk."""
+        """The flavour's pipeline without its transformer (it loads once the text encoders are gone); without
+        text encoders either when every embedding is already cached on disk."""
         spec = self.spec
         skip = tuple(c for c in self.flavour.components if c.startswith(("text_encoder", "tokenizer")))
         detail = model_source(spec) + (" (text encoders not needed: embeddings cached)" if skip_text_encoders else "")
         self.emit(PhaseChanged(phase="loading", detail=detail))
         disable_loading_bars()
         self.pipe = self.ops.load_pipeline(model_source(spec), self.flavour, self.compute_dtype,
-                                           skip=skip if skip_text_encoders else (),
+                                           skip=(*(skip if skip_text_encoders else ()), "transformer"),
                                            base_precision=spec.model.base_precision,
-                                           files=model_files(spec.model), emit=self.emit)
+                                           files=model_files(spec.model), emit=self.emit,
+                                           text_encoder_precision=spec.model.text_encoder_precision)
         self.pipe.set_progress_bar_config(disable=True)
-        self._report_quantised()
         for name in ("text_encoder", "text_encoder_2"):
-            if getattr(self.pipe, name, None) is not None:
+            if getattr(self.pipe, name, None) is not None and spec.model.text_encoder_precision in _DTYPES:
                 getattr(self.pipe, name).to(_DTYPES[spec.model.text_encoder_precision])
         self.pipe.vae.enable_slicing()  # one image at a time through the VAE: exact, and lighter on memory
         if spec.data.vae_tiling:
             self.pipe.vae.enable_tiling()
-        # the transformer waits in system RAM until the caches are filled: caching needs the GPU to itself
+        # the transformer loads once the caches are filled (_load_transformer): caching needs the GPU to itself
         self.pipe.vae.to(self.device)
         self._text_placement = TextEncoderPlacement(self.pipe, self.device, self.plan.text_encoder_device,
                                                     self.plan.pin_memory)
+
+    def _load_transformer(self, cache_folder: Path) -> None:
+        """The transformer, alone; with blocks on disk its swapped blocks go to the block cache as they stream in
+        (or are not read at all when the cache already holds them)."""
+        from trainer.memory.block_store import BlockSink
+        from trainer.sources.assemble import load_transformer
+
+        spec, sink = self.spec, None
+        self.emit(PhaseChanged(phase="loading", detail=f"transformer ({spec.model.base_precision})"))
+        if self._on_disk():
+            path = self._block_cache_path(cache_folder)
+            blocks = [f"transformer_blocks.{i}" for i in range(self.flavour.double_blocks)]
+            blocks += [f"single_transformer_blocks.{i}" for i in range(self.flavour.single_blocks)]
+            sink = BlockSink(blocks[:self.plan.blocks_to_swap], path, path.stem,
+                             lambda message: self.emit(LogMessage(level="warning", message=message)))
+        try:
+            transformer = load_transformer(model_source(spec), self.flavour, self.compute_dtype,
+                                           spec.model.base_precision, model_files(spec.model), self.emit,
+                                           self._modulation(), sink)
+        except BaseException:
+            if sink is not None:
+                sink.abort()
+            raise
+        if sink is not None:
+            self.block_cache = (sink.path, sink.finish())
+            state = "reused" if sink.warm else "written"
+            self.emit(LogMessage(level="info", message=f"block cache {state}: {sink.path}"))
+        self.pipe.register_modules(transformer=transformer)
+        self._report_quantised()
 
     def _report_quantised(self) -> None:
         """The log says when the frozen transformer was quantised while it loaded: format, size before and after."""
@@ -385,9 +495,46 @@ class Session:
             dropout=lora.dropout, targets=lora.targets, init=lora.init, init_from=lora.init_from,
             base_precision=self.spec.model.base_precision,
         )
+        self._choose_attention()
         self._place_transformer()
+        self._compile_blocks()
         count = sum(p.numel() for p in self.trainable_parameters())
         self.emit(LogMessage(level="info", message=f"{lora.type} on {len(names)} modules, {count:,} parameters"))
+
+    def _choose_attention(self) -> None:
+        """advanced.attention for the training steps (sage renders the samples only: it has no backward)."""
+        chosen = self.spec.advanced.attention
+        if chosen == "sdpa":
+            return
+        try:
+            set_backend(self.transformer, TRAINS_WITH[chosen])
+        except (RuntimeError, ValueError) as exc:  # the dispatcher's own checks (e.g. a package version)
+            raise UserError(f"advanced.attention: '{chosen}' cannot run here ({exc}); use the default \"sdpa\"") \
+                from None
+        note = " for sampling; training steps use sdpa (SageAttention has no backward pass)" if chosen == "sage" else ""
+        self.emit(LogMessage(level="info", message=f"attention: {chosen}{note}"))
+
+    def _compile_blocks(self) -> None:
+        """train.compile: every block's forward compiled, once a tiny probe shows this platform can compile."""
+        if not self.spec.train.compile:
+            return
+        problem = compiler_problem(self.device)
+        if problem:
+            self.emit(LogMessage(level="warning", message=f"train.compile: {problem}; training runs eager"))
+            return
+        self.compiled = CompiledBlocks(transformer_blocks(self.transformer))
+        self.emit(LogMessage(level="info", message=f"train.compile: {len(self.compiled.blocks)} blocks compiled "
+                                                   "with torch.compile (the first steps are slow while it builds)"))
+
+    def _compile_fell_back(self, exc: BaseException) -> bool:
+        """A compilation that failed mid-run: back to the eager blocks (True), or not ours to handle (False)."""
+        if self.compiled is None or not self.compiled.active or not compile_failure(exc):
+            return False
+        self.compiled.revert()
+        self.emit(LogMessage(level="warning", message=f"train.compile: compiling the blocks failed "
+                                                      f"({root_cause(exc)}); training goes on "
+                                                      "eager. Set train.compile = false to skip the attempt"))
+        return True
 
     def _place_transformer(self) -> None:
         """Checkpointing by the plan (swapped blocks always), then the transformer onto the GPU but for the frozen
@@ -402,10 +549,14 @@ class Session:
             self.dist.shard_transformer(self.transformer, blocks)
             return
         self.swapper = place_transformer(self.transformer, blocks, self.device, plan.blocks_to_swap,
-                                         plan.swap_prefetch, plan.pin_memory)
+                                         plan.swap_prefetch, plan.pin_memory, disk=self.block_cache)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def lora_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable tensors by name: what the state, the EMA and the LoRA files hold."""
+        return {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
 
     def _make_optimizer(self) -> None:
         train = self.spec.train
@@ -435,8 +586,8 @@ class Session:
             "format": STATE_FORMAT,
             "step": self.step,
             "identity": {k: self._section_identity(k) for k in _RESUME_SECTIONS},
-            "lora": {n: p.detach().to("cpu").clone() for n, p in self.transformer.named_parameters()
-                     if p.requires_grad},
+            "lora": {n: p.detach().to("cpu").clone() for n, p in self.lora_parameters().items()},
+            "ema": self.ema.state_dict() if self.ema is not None else {},
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "grad_scaler": self.grad_scaler.state_dict(),
@@ -459,12 +610,13 @@ class Session:
         if changed:
             raise UserError(f"{source}: the job's [{'], ['.join(changed)}] settings differ from the run being "
                             "resumed; restore them, or start a new run in another output.dir")
-        params = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
+        params = self.lora_parameters()
         if set(params) != set(state["lora"]):
             raise UserError(f"{source}: its adapter does not match this job's (lora.targets or lora.type differ)")
         with torch.no_grad():
             for name, value in state["lora"].items():
                 params[name].copy_(value)
+        self._load_ema(state.get("ema") or {}, source)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.grad_scaler.load_state_dict(state["grad_scaler"])
@@ -478,6 +630,17 @@ class Session:
         self._order = [list(batch) for batch in state["order"]]
         self.losses = list(state["losses"])
         self.step = int(state["step"])
+
+    def _load_ema(self, saved: dict[str, torch.Tensor], source: str) -> None:
+        """The EMA as saved; a state saved without one (the EMA turned on since) starts it from the weights."""
+        if self.ema is None:
+            return
+        if not saved:
+            self.ema = LoraEma(self.lora_parameters(), self.ema.decay, self.ema.device)
+            self.emit(LogMessage(level="warning", message=f"{source}: saved without an EMA (train.ema_decay was "
+                                                          "off); the EMA starts from the resumed weights"))
+            return
+        self.ema.load_state_dict(saved)
 
     def _resume_latest(self) -> None:
         """The newest state that reads; a damaged newer one (a disk that lied about a flush) is named and passed."""
@@ -589,6 +752,8 @@ class Session:
         self.transformer.train()
         with self._token_routing():
             self._train_until(end)
+        if self.cache_release.every:
+            self.emit(LogMessage(level="info", message=self.cache_release.summary()))
 
     def _token_routing(self) -> Any:
         """TREAD around the training steps (validation switches to eval mode, which is never routed)."""
@@ -606,8 +771,12 @@ class Session:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             total = self._optimizer_step_or_explain()
+            if self.ema is not None:
+                self.ema.update(self.lora_parameters())
             self.step += 1
             self.losses.append(total)
+            if self.cache_release.due(self.step):  # inside the step's timing: its cost shows in step_seconds
+                self.cache_release.release()
             now = time.perf_counter()
             rate = (self.step - start_step) / max(now - started, 1e-9)
             self.emit(Progress(step=self.step, max_steps=spec.train.max_steps, loss=total,
@@ -660,15 +829,18 @@ class Session:
         """One step; out of memory saves the last completed step's state and says which setting to change."""
         before = (self.generator.get_state(), torch.get_rng_state(), [list(b) for b in self._order],
                   self.tread_generator.get_state())
+
+        def rewind() -> None:  # back to the end of the last completed step, so the saved state resumes exactly
+            self.generator.set_state(before[0])
+            torch.set_rng_state(before[1])
+            self._order = [list(b) for b in before[2]]
+            self.tread_generator.set_state(before[3])
+            self.optimizer.zero_grad(set_to_none=True)
+
         try:
             return self._optimizer_step()
         except torch.OutOfMemoryError:
-            # Back to the end of the last completed step, so the saved state resumes exactly.
-            self.generator.set_state(before[0])
-            torch.set_rng_state(before[1])
-            self._order = before[2]
-            self.tread_generator.set_state(before[3])
-            self.optimizer.zero_grad(set_to_none=True)
+            rewind()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             saved = ""
@@ -680,6 +852,11 @@ class Session:
                 f"lowvram.strategy (aggressive or extreme) or raise lowvram.blocks_to_swap, lower "
                 f"train.batch_size ({self.spec.train.batch_size}) or data.resolution ({self.spec.data.resolution}), "
                 f"or choose a smaller model.base_precision.{saved}") from None
+        except Exception as exc:
+            if not self._compile_fell_back(exc):
+                raise
+            rewind()
+            return self._optimizer_step()  # the same step again, eager
 
     def evaluate(self) -> float:
         """Mean loss over the held-out images at fixed noise levels with fixed noise, so values compare over time."""
@@ -711,6 +888,14 @@ class Session:
 
     def validate(self) -> list[Path]:
         """Render every sample prompt with the current LoRA; images go to output.dir/samples."""
+        try:
+            return self._render_samples()
+        except Exception as exc:
+            if not self._compile_fell_back(exc):
+                raise
+            return self._render_samples()  # again with the eager blocks
+
+    def _render_samples(self) -> list[Path]:
         sample = self.spec.sample
         steps = sample.steps or self.flavour.sample_steps
         guidance = self.flavour.sample_guidance if sample.guidance is None else sample.guidance
@@ -723,7 +908,9 @@ class Session:
         self.transformer.eval()
         self.pipe.vae.to(self.device)
         paths: list[Path] = []
-        with torch.no_grad(), self._autocast():
+        images: list[Any] = []
+        with (torch.no_grad(), self._autocast(), self._sampling_weights(),
+              sampling_attention(self.transformer, self.spec)):
             for prompt, reference in zip(self.prompts, self.sample_references, strict=True):
                 image = self.ops.sample(self.pipe, self.text_cache[prompt.text], negative, steps, guidance,
                                         sample.seed, resolution,
@@ -733,10 +920,28 @@ class Session:
                     self._write_or_explain(path.parent, lambda: write_atomic(
                         path, lambda tmp: image.save(tmp, format="PNG")))  # noqa: B023 - called at once
                 paths.append(path)
+                images.append(image)
                 self.emit(SampleSaved(step=self.step, path=str(path), prompt=prompt.text))
         self._park_vae()
+        if sample.clip_score_model and self.dist.is_main:
+            self._score_samples(images)
         self.transformer.train()
         return paths
+
+    def _score_samples(self, images: list[Any]) -> None:
+        """sample.clip_score_model: the samples' CLIPScore against their prompts, beside the evaluation loss."""
+        self.emit(PhaseChanged(phase="sampling", detail=f"CLIP score of {len(images)} samples at step {self.step}"))
+        scores = clip_scores(self.spec.sample.clip_score_model, images, [p.text for p in self.prompts], self.device)
+        mean = sum(scores) / len(scores)
+        self.emit(ClipScore(step=self.step, score=mean))
+        self.emit(LogMessage(level="info", message=f"CLIP score at step {self.step}: {mean:.2f} (per prompt: "
+                                                   f"{', '.join(f'{s:.1f}' for s in scores)})"))
+
+    def _sampling_weights(self) -> Any:
+        """The EMA in place of the trained weights while sampling, when sample.use_ema asks for it."""
+        if self.ema is None or not self.spec.sample.use_ema:
+            return contextlib.nullcontext()
+        return self.ema.applied(self.lora_parameters())
 
     def save(self, intermediate: bool = False, copy_to_comfy: bool | None = None) -> Path:
         """Write the LoRA in every format of output.formats; intermediate saves carry the step in the file name.
@@ -748,12 +953,7 @@ class Session:
         spec = self.spec
         name = spec.output.name
         self.emit(PhaseChanged(phase="saving", detail=f"{name} at step {self.step} ({', '.join(spec.output.formats)})"))
-        metadata = {
-            "family": spec.model.family, "flavour": spec.model.flavour, "steps": self.step,
-            "trigger_words": [e.trigger for e in spec.data.datasets if e.trigger],
-            "base_model": spec.model.transformer or model_source(spec), "spec_toml": spec_to_toml(self.spec_as_run()),
-            "title": name,
-        }
+        metadata = lora_metadata(spec, self.step, spec_to_toml(self.spec_as_run()))
         self._refuse_non_finite_weights()
         step = self.step if intermediate else None
         state = self.state_dict() if spec.output.save_state else None  # on every rank: it gathers their RNG
@@ -769,6 +969,8 @@ class Session:
                 metadata, spec.output.comfy_lora_dir if (not intermediate if copy_to_comfy is None else copy_to_comfy)
                 else ""), needed)
             path = written[spec.output.formats[0]]
+            if self.ema is not None:
+                self._save_ema(step, metadata)
             for key, copy in written.items():
                 if key.startswith("copy:"):
                     self.emit(LogMessage(level="info", message=f"copied {copy.name} ({key.removeprefix('copy:')} "
@@ -777,6 +979,26 @@ class Session:
         self.last_lora_path = path
         self.emit(LoraSaved(step=self.step, path=str(path)))
         return path
+
+    def _repair_loras(self) -> list[str]:
+        """LoRA files an interrupted save of an earlier version left without their header: repaired or removed.
+        Returns what to say about them (said once the run has started)."""
+        repaired, removed = repair_incomplete_loras(self.output_dir, self.spec.output.name)
+        said = []
+        for paths, what in ((repaired, "given back the header an interrupted save left out"),
+                            (removed, "removed: an interrupted save left it without its header")):
+            if paths:
+                said.append(f"{', '.join(path.name for path in paths)} in {self.output_dir}: {what}")
+        return said
+
+    def _save_ema(self, step: int | None, metadata: dict[str, Any]) -> None:
+        """The EMA as its own LoRA files, `<name>_ema…`, in every format of output.formats."""
+        name = ema_name(self.spec.output.name)
+        with self.ema.applied(self.lora_parameters()):
+            self._write_or_explain(self.output_dir, lambda: save_lora_files(
+                self.transformer, type(self.pipe), self.output_dir, name, step, list(self.spec.output.formats),
+                {**metadata, "title": name}))
+        prune_checkpoints(self.output_dir, name, self.spec.output.keep_last)
 
     def _refuse_non_finite_weights(self) -> None:
         """A step with a finite loss can still leave nan weights (inf gradients, no clipping): never save those over

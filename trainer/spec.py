@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +30,17 @@ Precision = Literal["fp32", "bf16", "fp16"]
 BasePrecision = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4", "nf4"]
 QUANTISED_PRECISIONS = ("fp8", "int8", "int4", "nf4")
 Strategy = Literal["auto", "none", "conservative", "aggressive", "extreme"]
+
+
+def modulation_format(family: str, base_precision: str, modulation_precision: str) -> str | None:
+    """The format FLUX.1's in-block modulation Linears are stored in, None when they stay in the compute dtype:
+    8-bit bases quantise them alike (as ComfyUI's fp8 checkpoints do), 4-bit bases to int8 unless the job asks
+    for its 4-bit format (their output moves more, see bench/bench_quantized_modulation.py)."""
+    if family != "flux1" or base_precision not in QUANTISED_PRECISIONS or modulation_precision == "bf16":
+        return None
+    if modulation_precision != "auto":
+        return modulation_precision
+    return base_precision if base_precision in ("fp8", "int8") else "int8"
 
 
 @dataclass(frozen=True)
@@ -76,7 +89,8 @@ class SpecError(ValueError):
 
 class _Section(BaseModel):
     # Frozen: a validated spec never changes; later code derives resolved copies (resolve_paths, model_copy).
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+    # allow_inf_nan=False: inf or nan in any number (lora.alpha = inf) is refused here, not at step 1.
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -94,7 +108,13 @@ class ModelSection(_Section):
     text_encoder_2: str = ""
     comfy_models_dir: str = ""  # ComfyUI's models/ folder: the UI lists its files per slot
     base_precision: BasePrecision = "bf16"
-    text_encoder_precision: Precision = "bf16"
+    # fp8/int8/int4/nf4: the text encoders' Linears are quantised while they stream in (embeddings stay in the
+    # compute dtype); an fp8 single file loaded as fp8 keeps its stored values.
+    text_encoder_precision: BasePrecision = "bf16"
+    # FLUX.1's AdaLN modulation Linears (norm1.linear, norm1_context.linear, norm.linear: 27 % of the
+    # transformer) under a quantised base: auto = the base's format for fp8/int8 bases, int8 for int4/nf4 bases;
+    # bf16 keeps them unquantised. FLUX.2's modulation sits outside the blocks and is never quantised.
+    modulation_precision: Literal["auto", "bf16", "fp8", "int8", "int4", "nf4"] = "auto"
 
     @model_validator(mode="after")
     def _flavour_belongs_to_family(self) -> ModelSection:
@@ -108,6 +128,11 @@ class ModelSection(_Section):
         if self.text_encoder_2 and self.family == "flux2":
             raise Problems(Problem("text_encoder_2", "FLUX.2 has one text encoder (model.text_encoder); clear "
                                                      "text_encoder_2"))
+        if self.modulation_precision not in ("auto", "bf16") and (
+                self.family != "flux1" or self.base_precision not in QUANTISED_PRECISIONS):
+            raise Problems(Problem("modulation_precision", f"'{self.modulation_precision}' quantises FLUX.1's "
+                                   "modulation under a quantised model.base_precision (fp8, int8, int4, nf4); set it "
+                                   "to auto or bf16 here"))
         return self
 
 
@@ -244,11 +269,21 @@ class TrainSection(_Section):
     # auto takes fsdp when the memory estimator says one GPU cannot hold the base even with everything but block
     # swap turned on. One process ignores it. See trainer/distributed.py.
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    # An exponential moving average of the LoRA weights (e.g. 0.999), saved beside the LoRA as <name>_ema; unset:
+    # off. ema_device: where it is kept (gpu: fast, costs VRAM; cpu: system RAM, a copy each step). Default gpu.
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    ema_device: Literal["gpu", "cpu"] | None = None
+    # Compile each transformer block with torch.compile (faster steps after a slow first one); a platform that
+    # cannot compile falls back to eager with a message.
+    compile: bool = False
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainSection:
         if self.scheduler != "constant" and self.warmup_steps >= self.max_steps:
             raise Problems(Problem("warmup_steps", f"{self.warmup_steps} must be below max_steps ({self.max_steps})"))
+        if self.ema_device is not None and self.ema_decay is None:
+            raise Problems(Problem("ema_device", "applies to the EMA only; set ema_decay (e.g. 0.999) or remove "
+                                                 "ema_device"))
         return self
 
 
@@ -270,6 +305,14 @@ class LowVramSection(_Section):
     fused_backward: bool | None = None
     # Where text encoders run while embeddings are cached: gpu, cpu, or offload (layers streamed to the GPU).
     text_encoder_device: Literal["gpu", "cpu", "offload"] | None = None
+    # Where swapped blocks wait: ram (pinned host memory), or disk (a block cache file beside the latents, read
+    # ahead through a small pinned staging ring: RAM holds a few blocks, not all of them).
+    swap_from: Literal["ram", "disk"] | None = None
+    # The disk's read speed the estimator assumes for swap_from = "disk" (GB/s); unset: 3, a typical NVMe.
+    disk_read_gbps: float | None = Field(None, gt=0, le=100)
+    # Hand the GPU allocator's cached, unused memory back every N steps (0: never): for a card shared with a
+    # desktop. Costs a little speed (the next step allocates afresh); not part of any bundle. Unset or 0: never.
+    empty_cache_every: int | None = Field(None, ge=0, le=1_000_000)
 
 
 class SampleSection(_Section):
@@ -285,6 +328,10 @@ class SampleSection(_Section):
     # Reference images for edit flavours (the pipeline's `image=`): one for every prompt, or one per prompt in
     # order. Empty: the first edit pair's reference when the data has pairs, else none.
     reference_images: list[str] = Field(default_factory=list)
+    use_ema: bool | None = None  # render the samples with the EMA weights (needs train.ema_decay)
+    # A transformers CLIP model (hub id or local folder) scoring each validation's samples against their prompts;
+    # empty: off.
+    clip_score_model: str = ""
 
     @model_validator(mode="after")
     def _one_reference_per_prompt(self) -> SampleSection:
@@ -365,6 +412,9 @@ class AdvancedSection(_Section):
     tread_selection_ratio: float = Field(0.5, ge=0.0, lt=1.0)
     tread_start_block: int = 2
     tread_end_block: int = -2
+    # The attention kernel (trainer/attention.py): sdpa (torch's), flash (flash-attn), sage (SageAttention: samples
+    # only, training keeps sdpa) or xformers; each needs its package and a CUDA GPU that supports it.
+    attention: Literal["sdpa", "flash", "sage", "xformers"] = "sdpa"
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> AdvancedSection:
@@ -438,6 +488,9 @@ class JobSpec(_Section):
                                     "train a LoRA (lora.type = lora)"))
         problems += _guidance_agrees(self)
         problems += _lowvram_agrees(self)
+        if self.sample.use_ema and self.train.ema_decay is None:
+            problems.append(Problem("sample.use_ema", "there is no EMA to sample with; set train.ema_decay (e.g. "
+                                                      "0.999) or turn use_ema off"))
         problems += _references_agree(self)
         if self.advanced.tread:
             a = self.advanced
@@ -484,6 +537,10 @@ def _lowvram_agrees(spec: JobSpec) -> list[Problem]:
         problems.append(Problem("lowvram.cpu_offload_checkpointing", "cannot be combined with advanced.tread (the "
                                                                      "routed "
                         "tokens bypass the offloaded blocks); turn one of them off"))
+    if low.swap_from == "disk" and spec.lora.init in ("pissa", "olora"):
+        problems.append(Problem("lowvram.swap_from", f"blocks on disk are written once and never rewritten, but "
+                                f"lora.init '{spec.lora.init}' rewrites the base weights; use lora.init 'default' or "
+                                "swap_from 'ram'"))
     if low.optimizer_offload and spec.train.mixed_precision == "fp16":
         problems.append(Problem("lowvram.optimizer_offload", "fp16 loss scaling needs the optimiser beside the "
                                                              "gradients; use "
@@ -559,22 +616,72 @@ def parse_spec(data: dict[str, Any], source: str | None = None) -> JobSpec:
         raise SpecError([problem for error in exc.errors() for problem in _describe(error)], source) from None
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> JobSpec:
-    """The job file at `path`, over `base` (a preset's partial job: the file's own values win), then `overrides`."""
+# The deepest a job goes: the document, [data], its [[data.datasets]] array, one dataset, its resolution list.
+MAX_NESTING = 8
+MAX_JOB_BYTES = 16 * 1024 * 1024  # far above any job (a few kB); a bigger file is not one
+
+
+def read_job_text(path: str | Path) -> str:
+    """A job file's text; SpecError when it is missing, not a regular file (a FIFO would block a plain read
+    forever), too big, unreadable or not UTF-8."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # O_NONBLOCK: opening a FIFO for reading returns at once instead of waiting for a writer
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError:
         raise SpecError(["file not found; give the path of a job TOML (make one with `python -m trainer demo`)"],
                         str(path)) from None
     except OSError as exc:
         raise SpecError([f"cannot read the file: {exc.strerror}"], str(path)) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        problem = "cannot read the file: Is a directory" if stat.S_ISDIR(mode) else \
+            "is not a regular file (a pipe, socket or device)"
+        raise SpecError([f"{problem}; give the path of a job TOML"], str(path))
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(MAX_JOB_BYTES + 1)
+    if len(data) > MAX_JOB_BYTES:
+        raise SpecError([f"is larger than {MAX_JOB_BYTES // 2**20} MB; a job TOML is a few kB"], str(path))
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise SpecError(["not a text file (UTF-8); give the path of a job TOML"], str(path)) from None
+
+
+def _nesting(data: Any) -> int:  # noqa: ANN401 - parsed TOML
+    """How deep tables and arrays nest in `data` (a plain value: 0), counted without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_NESTING:  # deeper than that is refused anyway: no need to walk it all
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_toml(text: str, source: str | None = None) -> dict[str, Any]:
+    """A job's TOML as a dict; SpecError when it is not TOML or nests deeper than any job (which would reach
+    Python's recursion limit in the parser or the validation)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise SpecError([f"not valid TOML: {exc}"], str(path)) from None
+        raise SpecError([f"not valid TOML: {exc}"], source) from None
+    except RecursionError:
+        data = None
+    if data is None or _nesting(data) > MAX_NESTING:
+        raise SpecError([f"tables and arrays nest deeper than {MAX_NESTING} levels; no job needs more than 5 (the "
+                         "deepest is data.datasets[i].resolution): check the brackets"], source)
+    return data
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> JobSpec:
+    """The job file at `path`, over `base` (a preset's partial job: the file's own values win), then `overrides`."""
+    path = Path(path)
+    data = parse_toml(read_job_text(path), str(path))
     if base:
         data = deep_merge(base, data)
     if overrides:
@@ -605,6 +712,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except RecursionError:
+        value = None
+    if value is None or _nesting(value) >= MAX_NESTING:
+        raise SpecError([f"--set {key.strip()}: its value nests deeper than any job needs; check the brackets"])
     return parts, value
 
 
@@ -687,6 +798,8 @@ def resolve_paths(spec: JobSpec, base_dir: str | Path) -> JobSpec:
     data["sample"]["reference_images"] = [_resolve(p, base) for p in spec.sample.reference_images]
     if spec.data.cache_dir:
         data["data"]["cache_dir"] = _resolve(spec.data.cache_dir, base)
+    if is_local_path(spec.sample.clip_score_model):
+        data["sample"]["clip_score_model"] = _resolve(spec.sample.clip_score_model, base)
     if spec.sample.prompt_library:
         data["sample"]["prompt_library"] = _resolve(spec.sample.prompt_library, base)
     data["output"]["dir"] = _resolve(spec.output.dir, base)

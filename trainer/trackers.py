@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
-from trainer.events import EvalLoss, Event, Progress, RunFinished
+from trainer.events import ClipScore, EvalLoss, Event, Progress, RunFinished
 
 TRACKERS = ("tensorboard", "wandb")
 
@@ -49,6 +49,8 @@ class TrackerLogger:
                       "vram_gib": event.vram_gib}
         elif isinstance(event, EvalLoss):
             values = {"eval_loss": event.loss}
+        elif isinstance(event, ClipScore):
+            values = {"clip_score": event.score}
         for tracker in self.trackers:
             if values:
                 tracker.log(values, step=event.step)

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.data.datasets import CAPTION_EXTENSIONS, list_images
+from trainer.data.datasets import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, links_out, list_images
 from trainer.errors import UserError
 from trainer.files import write_text_atomic
+from trainer.folders import leads_out
 
 PAGE_SIZE = 12
 THUMBNAIL_SIZE = 256  # pixels on the longer side
@@ -52,7 +53,7 @@ def _inside(folder: Path, name: str) -> Path:
     if not name or Path(name).name != name or name in (".", ".."):
         raise UserError(f"{name!r}: not a file name in the dataset folder; refused")
     path = folder / name
-    if not path.resolve().is_relative_to(folder) or path.resolve() == folder:
+    if leads_out(path, folder) is not None or path.resolve() == folder:
         raise UserError(f"{name}: resolves outside the dataset folder {folder}; refused")
     return path
 
@@ -85,6 +86,8 @@ def load_folder(folder: str | Path) -> EditorState:
     folder = folder.resolve()
     state = empty_state()
     state["folder"] = str(folder)
+    # images linked in from outside: list_images leaves them out; counted so the page says so
+    state["left_out"] = sum(path.suffix.lower() in IMAGE_EXTENSIONS for path, _ in links_out(folder))
     for image in list_images(folder):
         try:
             _inside(folder, image.name)

@@ -11,7 +11,16 @@ import gradio as gr
 from trainer.estimator.core import PHASES
 from ui import form
 from ui.lowvram_tab import VERDICT_CSS, VERDICT_HTML
-from ui.memory import BREAKDOWN_COLUMNS, PHASE_COLUMNS, STRATEGY_COLUMNS, EstimatorReport, estimate_form
+from ui.memory import (
+    BREAKDOWN_COLUMNS,
+    PHASE_COLUMNS,
+    STRATEGY_COLUMNS,
+    EstimatorReport,
+    apply_suggestion,
+    estimate_form,
+)
+from ui.model_tab import form_updates
+from ui.words import labels_of
 
 
 def phase_frame(report: EstimatorReport) -> Any:  # noqa: ANN401 - a pandas DataFrame (pandas comes with gradio)
@@ -61,7 +70,10 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
     with gr.Row():
         bars = gr.BarPlot(phase_frame(first), x="phase", y="GiB", color="part", sort=list(PHASES),
                           title="VRAM per phase", y_title="GiB", label="VRAM per phase", scale=3)
-        details = gr.Markdown(first.details)
+        with gr.Column(scale=2):
+            details = gr.Markdown(first.details)
+            apply = gr.Button("Apply “To fit” to the form", size="sm", elem_id="apply-to-fit")
+            applied = gr.Markdown("", elem_id="applied-to-fit")
     strategies = gr.Dataframe(table_frame(first.strategy_rows, STRATEGY_COLUMNS), label="Strategies for this job",
                               interactive=False, wrap=True, column_widths=["20%", "10%", "10%", "12%", "48%"])
     breakdown = gr.Dataframe(table_frame(first.breakdown_rows, BREAKDOWN_COLUMNS),
@@ -72,7 +84,8 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
         """Estimate the form's job on `gpu_vram_gib` GiB (0: the planned or detected GPU): the verdict line
         ('fits', 'tight', 'will not fit', 'no verdict', or 'problems — …' naming each bad field), details
         (plan, suggestion, VRAM and RAM per phase), VRAM per phase and part, the strategies, the breakdown."""
-        report = estimate_form(values, values.pop("base", None), values.pop("gpu_vram_gib", None), detected)
+        report = estimate_form(values, values.pop("base", None), values.pop("gpu_vram_gib", None), detected,
+                               labels_of(fields))
         return report_outputs(report)
 
     form_kwargs = {**{form.api_name(key): fields[key] for key in form.FORM_KEYS}, "base": base,
@@ -80,6 +93,18 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
     outputs = [verdict, details, bars, strategies, breakdown]
     handler = form.keyword_handler(estimate_job, extra=("base", "gpu_vram_gib"))
     run.click(handler, inputs_kwargs=form_kwargs, outputs=outputs, api_name="estimate", show_progress="hidden")
+
+    def apply_to_fit(values: dict[str, Any]) -> dict[Any, Any]:
+        """Make the estimator's "To fit" changes in the form (every tab follows), then estimate again."""
+        changed, message = apply_suggestion(values, values.pop("base", None), values.pop("gpu_vram_gib", None),
+                                            detected)
+        if changed is None:
+            return {applied: f"**{message}**"}
+        return {**form_updates(fields, changed), applied: message}
+
+    apply.click(form.keyword_handler(apply_to_fit, extra=("base", "gpu_vram_gib")), inputs_kwargs=form_kwargs,
+                outputs=[*fields.values(), applied], api_name="apply_to_fit", show_progress="hidden").then(
+        handler, inputs_kwargs=form_kwargs, outputs=outputs, api_visibility="private", show_progress="hidden")
     if tab is not None:
         tab.select(handler, inputs_kwargs=form_kwargs, outputs=outputs, api_visibility="private",
                    show_progress="hidden")

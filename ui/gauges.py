@@ -13,6 +13,7 @@ from typing import Any
 from ui.gpus import list_gpus
 
 WARN_SHARE = 0.90  # a bar turns red above this share
+MACHINE_RAM = "machine RAM (all programs)"  # apart from the progress line's "trainer RAM"
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,9 @@ def read_gauges(nvml: Any = None, memory: Any = None) -> list[Gauge]:  # noqa: A
         import psutil
 
         memory = psutil.virtual_memory()
-    gauges = [Gauge("RAM", (memory.total - memory.available) / 2**30, memory.total / 2**30)]
+    gauges = [Gauge(MACHINE_RAM, (memory.total - memory.available) / 2**30, memory.total / 2**30)]
     for gpu in list_gpus(nvml):
-        gauges.append(Gauge(f"GPU {gpu.index} · {gpu.name}", gpu.used_gib, gpu.total_gib))
+        gauges.append(Gauge(f"GPU {gpu.index} · {gpu.name} (all programs)", gpu.used_gib, gpu.total_gib))
     return gauges
 
 

@@ -46,7 +46,7 @@ class _Bar:
     load: gr.Button
     upload: gr.UploadButton
     notice: gr.Markdown
-    download: gr.File
+    download: gr.DownloadButton
 
 
 def build(studio: Studio) -> Callable[..., None]:
@@ -61,8 +61,10 @@ def build(studio: Studio) -> Callable[..., None]:
         load = gr.Button("Load job", scale=1, min_width=110, size="md")
         upload = gr.UploadButton("Upload job…", file_types=[".toml"], type="filepath", scale=1, min_width=110,
                                  size="md")
+        # In the bar, not a file box under it: that pushed the tabs down by a hand's width after every save.
+        download = gr.DownloadButton("Download job", visible=False, scale=1, min_width=110, size="md",
+                                     elem_id="job-download")
     notice = gr.Markdown("", elem_id="job-notice")
-    download = gr.File(label="Saved job", visible=False, interactive=False)
     return functools.partial(_connect, studio, _Bar(job_path, save, load, upload, notice, download))
 
 

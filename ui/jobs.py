@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import threading
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trainer.files import write_text_atomic
-from trainer.spec import JobSpec, SpecError, parse_spec, resolve_paths, spec_to_toml
+from trainer.spec import JobSpec, SpecError, parse_spec, parse_toml, read_job_text, resolve_paths, spec_to_toml
 
 LAST_FORM = "last_form.toml"
 FILLED_SUFFIX = ".filled.json"  # beside it: what the last preset or loaded job filled in (see ui/presets.py)
@@ -31,27 +30,43 @@ class Outcome:
     message: str
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # worth a warning, but nothing failed
+    about_form: bool = False  # the problems are the form's own: fixing the form removes them
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def read_job(path: Path, workdir: Path, name: str | None = None) -> tuple[JobSpec | None, list[str]]:
-    """(spec with relative paths taken from `workdir`, []) or (None, problems each prefixed with the file's name)."""
+def read_job(path: Path, base_dir: Path, name: str | None = None) -> tuple[JobSpec | None, list[str]]:
+    """(spec with relative paths taken from `base_dir`, []) or (None, problems each prefixed with the file's
+    name). The CLI takes them from the job file's folder; so does Load job."""
     name = name or path.name
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-        return resolve_paths(parse_spec(data, name), workdir), []
-    except tomllib.TOMLDecodeError as exc:
-        return None, [f"{name}: not valid TOML: {exc}"]
-    except UnicodeDecodeError:
-        return None, [f"{name}: not a text file (UTF-8); give a job TOML"]
-    except OSError as exc:
-        reason = exc.strerror or exc
-        return None, [f"{name}: cannot read the file: {reason}"]
+        data = parse_toml(read_job_text(path), name)  # the CLI's checks: a FIFO, deep nesting, not UTF-8
+        return resolve_paths(parse_spec(data, name), base_dir), []
     except SpecError as exc:
         return None, [f"{name}: {problem}" for problem in exc.problems]
+
+
+def relative_paths(path: Path) -> list[str]:
+    """The keys of a job file's paths that are relative (taken from some folder when read); [] when it does not
+    read as a job."""
+    try:
+        spec = parse_spec(parse_toml(read_job_text(path), path.name), path.name)  # no FIFO waited on
+        one, other = (resolve_paths(spec, base).to_dict() for base in (Path("/one"), Path("/other")))
+    except SpecError:
+        return []
+    return differing_keys(one, other)
+
+
+def differing_keys(one: Any, other: Any, prefix: str = "") -> list[str]:  # noqa: ANN401 - nested job dicts
+    """The dotted keys where two nested dicts (and lists) differ."""
+    if isinstance(one, dict) and isinstance(other, dict):
+        return [k for key in one for k in differing_keys(one[key], other.get(key), f"{prefix}{key}.")]
+    if isinstance(one, list) and isinstance(other, list) and len(one) == len(other):
+        return [k for index, (a, b) in enumerate(zip(one, other, strict=True))
+                for k in differing_keys(a, b, f"{prefix.rstrip('.')}[{index}].")]
+    return [] if one == other else [prefix.rstrip(".")]
 
 
 def write_job(spec: JobSpec, path: Path) -> None:

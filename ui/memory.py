@@ -11,6 +11,7 @@ import functools
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,6 +24,7 @@ from trainer.memory.strategies import CONCRETE
 from trainer.profiles import UNKNOWN_USABLE_SHARE
 from trainer.spec import JobSpec, SpecError
 from ui import form
+from ui.words import all_in_page_words
 
 # One line per strategy, for the menu's help and the comparison table (trainer/memory/strategies.py has the bundles).
 STRATEGY_HELP: dict[str, str] = {
@@ -42,6 +44,7 @@ CONTEXT_PART = "cuda context"
 # carries that phase's own parts (a "parts" table in to_json, if the estimator grows one).
 REST_PART = "models and working memory"
 SETTING = re.compile(r"^[a-z_]+\.[a-z_]+ ")  # "section.key …": a suggested setting
+NO_GPU = "no GPU detected"  # gpu_target's source on a CPU-only machine with no GPU size given: training on the CPU
 ROUNDING_GIB = 0.01  # the estimate's figures are rounded to a few decimals; parts may overshoot by that much
 
 
@@ -82,26 +85,55 @@ def gpu_target(spec: JobSpec, detected: float | None, given: Any = None) -> tupl
         return spec.lowvram.vram_gib, "GPU memory to plan for"
     if detected:
         return detected, "detected GPU"
-    return None, "no GPU detected"
+    return None, NO_GPU
 
 
 def _peak_phase(result: Estimate) -> str:
     return max(result.phases, key=lambda name: result.phases[name].vram_gib)
 
 
-def verdict_line(result: Estimate, gpu_gib: float | None, source: str) -> str:
-    """The verdict first ("fits", "tight", "will not fit", "no verdict"), then the figures: plain text, coloured by
-    its first word in the tabs and read as it is through the API."""
+def verdict_line(result: Estimate, gpu_gib: float | None, source: str, ram: str = "") -> str:
+    """The verdict first ("fits", "tight", "will not fit", "no verdict"), then the figures and, `ram`, the RAM
+    verdict of this machine (trainer/memory/system_ram.py): plain text, coloured by its first word in the tabs
+    and read as it is through the API."""
+    if gpu_gib is None and source == NO_GPU:
+        return (f"no verdict — {result.ram_gib:.1f} GiB RAM; no GPU detected: the job trains on the CPU (to plan "
+                "for a GPU, set the GPU memory to plan for on the Low VRAM tab)" + (f". {ram}" if ram else ""))
     figures = (f"{result.vram_gib:.1f} GiB VRAM at the peak ({_peak_phase(result)}), "
                f"{result.ram_gib:.1f} GiB RAM")
+    ram = f". {ram}" if ram else ""
     if gpu_gib is None or result.verdict is None:
-        return f"no verdict — {figures}; {source}: set the GPU memory to plan for (Low VRAM tab)"
-    return f"{result.verdict} — {figures}; {gpu_gib:g} GiB GPU ({source})"
+        return f"no verdict — {figures}; {source}: set the GPU memory to plan for (Low VRAM tab){ram}"
+    return f"{result.verdict} — {figures}; {gpu_gib:g} GiB GPU ({source}){ram}"
 
 
-def _plan_lines(plan: LowVramPlan, result: Estimate) -> list[str]:
+def _available_ram() -> float:
+    from trainer.memory.system_ram import available_ram_gib
+
+    return available_ram_gib()
+
+
+def ram_line(spec: JobSpec, plan: LowVramPlan, gpu_gib: float | None) -> str:
+    """The RAM verdict against this machine's available RAM: first run and repeated runs, and when it will not
+    fit the cheapest setting that does (the CLI refuses such a run unless --force)."""
+    from trainer.memory.system_ram import ram_verdict
+
+    return ram_verdict(spec, plan, gpu_gib).line()
+
+
+def describe_plan(plan: LowVramPlan, on_cpu: bool = False) -> str:
+    """The plan in words; on a CPU-only machine the "GPU" of a plan is the CPU, and it says so."""
+    return cpu_words(plan.describe()) if on_cpu else plan.describe()
+
+
+def cpu_words(text: str) -> str:
+    """A plan's words for a CPU-only machine, where its "gpu" device is the CPU."""
+    return text.replace("text encoders on gpu", "text encoders on the CPU (no GPU)")
+
+
+def _plan_lines(plan: LowVramPlan, result: Estimate, on_cpu: bool = False) -> list[str]:
     """Markdown: the plan in words and, when the job does not fit, the estimator's suggestion."""
-    lines = [f"**Plan:** {plan.describe()}"]
+    lines = [f"**Plan:** {describe_plan(plan, on_cpu)}"]
     if result.suggestion:
         # settings ("lowvram.blocks_to_swap ≥ 16") as code, prose ("none of the supported changes…") as it is
         changes = [f"`{part}`" if SETTING.match(part) else part for part in result.suggestion.split("; ")]
@@ -109,9 +141,10 @@ def _plan_lines(plan: LowVramPlan, result: Estimate) -> list[str]:
     return lines
 
 
-def problems_line(problems: list[str]) -> str:
-    """One message for a form the estimator cannot read, naming each bad field."""
-    return "problems — " + "; ".join(problems)
+def problems_line(problems: list[str], labels: Mapping[str, str] | None = None) -> str:
+    """One message for a form the estimator cannot read, naming each bad field (as the page shows it, given the
+    controls' `labels`)."""
+    return "problems — " + "; ".join(all_in_page_words(problems, labels or {}))
 
 
 # ---------------------------------------------------------------------- Low VRAM tab
@@ -146,17 +179,19 @@ def largest_swap_bound() -> int:
                for flavour in family.flavours.values())
 
 
-def check_lowvram(values: dict[str, Any], base: dict[str, Any] | None, detected: float | None) -> LowVramCheck:
+def check_lowvram(values: dict[str, Any], base: dict[str, Any] | None, detected: float | None,
+                  labels: Mapping[str, str] | None = None) -> LowVramCheck:
     """The plan the form's job would run with and the estimator's verdict on it, against the GPU memory to plan
     for (else the detected GPU)."""
     try:
         spec = form.form_to_spec(values, base)
     except SpecError as exc:
-        return LowVramCheck(problems_line(exc.problems), "", ok=False)
+        return LowVramCheck(problems_line(exc.problems, labels), "", ok=False)
     gpu_gib, source = gpu_target(spec, detected)
-    plan = resolve_lowvram(spec, gpu_gib)
+    plan = resolve_lowvram(spec, gpu_gib, ram_gib=_available_ram())
     result = estimate_job(spec, gpu_gib, plan=plan)
-    return LowVramCheck(verdict_line(result, gpu_gib, source), "\n\n".join(_plan_lines(plan, result)))
+    return LowVramCheck(verdict_line(result, gpu_gib, source, ram_line(spec, plan, gpu_gib)),
+                        "\n\n".join(_plan_lines(plan, result, source == NO_GPU)))
 
 
 # ---------------------------------------------------------------------- Memory Estimator tab
@@ -216,22 +251,30 @@ def phase_rows(result: dict[str, Any]) -> list[tuple[str, str, float]]:
     return rows
 
 
-def _strategy_row(name: str, plan: LowVramPlan, result: Estimate) -> list[Any]:
-    what = replace(plan, reason="").describe().removeprefix(f"strategy {plan.strategy}").removeprefix(", ")
-    return [name, round(result.vram_gib, 2), round(result.ram_gib, 2), result.verdict or "—", what]
+def _strategy_row(name: str, plan: LowVramPlan, result: Estimate, on_cpu: bool = False) -> list[Any]:
+    what = describe_plan(replace(plan, reason=""), on_cpu).removeprefix(f"strategy {plan.strategy}")
+    vram = "—" if on_cpu else round(result.vram_gib, 2)
+    return [name, vram, round(result.ram_gib, 2), result.verdict or "—", what.removeprefix(", ")]
 
 
-def strategy_rows(spec: JobSpec, gpu_gib: float | None, job: tuple[LowVramPlan, Estimate] | None = None
-                  ) -> list[list[Any]]:
-    """Each concrete strategy on a copy of the job (its explicit [lowvram] keys still on top), estimated; for a
-    job on auto, first what auto resolves to (it may swap fewer blocks than its bundle's default): `job`, the
-    job's own (plan, estimate) when the caller has them."""
-    rows = []
-    if spec.lowvram.strategy == "auto":
-        plan, result = job or (resolve_lowvram(spec, gpu_gib), None)
-        rows.append(_strategy_row(f"auto → {plan.strategy}", plan, result or estimate_job(spec, gpu_gib, plan=plan)))
+def job_row_name(spec: JobSpec, plan: LowVramPlan) -> str:
+    """'this job: auto → none', 'this job: extreme', 'this job: conservative + its own settings'."""
+    strategy = spec.lowvram.strategy
+    name = f"this job: {strategy}" + (f" → {plan.strategy}" if strategy == "auto" else "")
+    own = spec.lowvram.model_dump(exclude_defaults=True, exclude={"strategy", "vram_gib"})
+    return name + (" + its own settings" if own else "")
+
+
+def strategy_rows(spec: JobSpec, gpu_gib: float | None, job: tuple[LowVramPlan, Estimate] | None = None,
+                  on_cpu: bool = False) -> list[list[Any]]:
+    """First the job as it is set (its strategy with its own [lowvram] settings; auto as it resolves), then each
+    bundle as the bundle is (the job's own savers left out, so the bundles differ from each other and from the
+    job): `job`, the job's own (plan, estimate) when the caller has them."""
+    plan, result = job or (resolve_lowvram(spec, gpu_gib), None)
+    rows = [_strategy_row(job_row_name(spec, plan), plan, result or estimate_job(spec, gpu_gib, plan=plan), on_cpu)]
     for strategy in CONCRETE:
-        copy = spec.model_copy(update={"lowvram": spec.lowvram.model_copy(update={"strategy": strategy})})
+        bundle = type(spec.lowvram)(strategy=strategy, vram_gib=spec.lowvram.vram_gib)
+        copy = spec.model_copy(update={"lowvram": bundle})
         plan = resolve_lowvram(copy, gpu_gib)
         # Estimated without a GPU size, so without the search for a suggestion (the table shows none): a few ms
         # for the four. The verdict is the estimator's own rule.
@@ -239,22 +282,26 @@ def strategy_rows(spec: JobSpec, gpu_gib: float | None, job: tuple[LowVramPlan, 
         result = estimate_job(bare, None, plan=plan)
         if gpu_gib is not None:
             result.verdict = verdict(result.vram_gib, gpu_gib)
-        name = f"{strategy} (this job)" if strategy == spec.lowvram.strategy else strategy
-        rows.append(_strategy_row(name, plan, result))
+        rows.append(_strategy_row(strategy, plan, result, on_cpu))
     return rows
 
 
-def _details(result: Estimate, plan: LowVramPlan) -> str:
-    lines = _plan_lines(plan, result)
-    table = ["| phase | VRAM (GiB) | RAM (GiB) |", "| --- | ---: | ---: |"]
-    table += [f"| {name} | {memory.vram_gib:.2f} | {memory.ram_gib:.2f} |" for name, memory in result.phases.items()]
+def _details(result: Estimate, plan: LowVramPlan, on_cpu: bool = False) -> str:
+    lines = _plan_lines(plan, result, on_cpu)
+    if on_cpu:  # no GPU: system RAM is all there is
+        table = ["| phase | RAM (GiB) |", "| --- | ---: |"]
+        table += [f"| {name} | {memory.ram_gib:.2f} |" for name, memory in result.phases.items()]
+    else:
+        table = ["| phase | VRAM (GiB) | RAM (GiB) |", "| --- | ---: | ---: |"]
+        table += [f"| {name} | {memory.vram_gib:.2f} | {memory.ram_gib:.2f} |"
+                  for name, memory in result.phases.items()]
     lines.append("\n".join(table))
-    lines += [f"- {note}" for note in result.notes]
+    lines += [f"- {cpu_words(note) if on_cpu else note}" for note in result.notes]
     return "\n\n".join(lines)
 
 
 def estimate_form(values: dict[str, Any], base: dict[str, Any] | None, gpu_gib: Any,  # noqa: ANN401
-                  detected: float | None) -> EstimatorReport:
+                  detected: float | None, labels: Mapping[str, str] | None = None) -> EstimatorReport:
     """The estimator tab's report for the form's job against `gpu_gib` (0 or empty: the job's GPU memory to plan
     for, else the detected GPU). A form the estimator cannot read gives one problems line naming the fields."""
     problems: list[str] = []
@@ -271,16 +318,65 @@ def estimate_form(values: dict[str, Any], base: dict[str, Any] | None, gpu_gib: 
     except SpecError as exc:
         problems += exc.problems
     if problems:
-        return EstimatorReport(problems_line(problems), problems=problems)
+        return EstimatorReport(problems_line(problems, labels), problems=problems)
     target, source = gpu_target(spec, detected, given)
-    plan = resolve_lowvram(spec, target)
+    on_cpu = source == NO_GPU
+    plan = resolve_lowvram(spec, target, ram_gib=_available_ram())
     result = estimate_job(spec, target, plan=plan)
     data = result.to_json()
+    # On a CPU-only machine there is no GPU memory to show: no VRAM bars or breakdown (no CUDA context either).
+    breakdown = [] if on_cpu else [[label, round(gib, 3)] for label, gib in result.breakdown.items()]
     return EstimatorReport(
-        line=verdict_line(result, target, source),
-        details=_details(result, plan),
-        phase_rows=phase_rows(data),
-        strategy_rows=strategy_rows(spec, target, (plan, result)),
-        breakdown_rows=[[label, round(gib, 3)] for label, gib in result.breakdown.items()],
+        line=verdict_line(result, target, source, ram_line(spec, plan, target)),
+        details=_details(result, plan, on_cpu),
+        phase_rows=[] if on_cpu else phase_rows(data),
+        strategy_rows=strategy_rows(spec, target, (plan, result), on_cpu),
+        breakdown_rows=breakdown,
         result=data,
     )
+
+
+# ---------------------------------------------------------------------- the estimator's "To fit", applied
+
+SUGGESTED = re.compile(r"^([a-z_]+)\.([a-z_]+) (=|≥) (.+)$")  # one change of a suggestion: `key = value`, `key ≥ n`
+
+
+def suggestion_changes(suggestion: str | None) -> dict[str, dict[str, Any]]:
+    """The settings of an estimator suggestion ('lowvram.blocks_to_swap ≥ 18; model.base_precision = "fp8"') as a
+    nested job dict; {} when it names none (e.g. 'none of the supported changes is enough')."""
+    import tomllib
+
+    changes: dict[str, dict[str, Any]] = {}
+    for part in (suggestion or "").split("; "):
+        found = SUGGESTED.match(part.strip())
+        if not found:
+            continue
+        section, key, _, text = found.groups()
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            continue
+        changes.setdefault(section, {})[key] = value
+    return changes
+
+
+def apply_suggestion(values: dict[str, Any], base: dict[str, Any] | None, gpu_gib: Any,  # noqa: ANN401
+                     detected: float | None) -> tuple[dict[str, Any] | None, str]:
+    """(the form with the estimator's "To fit" changes made, what was changed) — or (None, why not)."""
+    report = estimate_form(values, base, gpu_gib, detected)
+    if not report.ok:
+        return None, report.line
+    changes = suggestion_changes((report.result or {}).get("suggestion"))
+    if not changes:
+        return None, "nothing to apply: the job fits" if report.line.startswith(("fits", "tight")) else \
+            f"nothing to apply: {(report.result or {}).get('suggestion') or report.line}"
+    job = form.values_to_dict(values, base)
+    for section, table in changes.items():
+        job.setdefault(section, {}).update(table)
+    try:
+        spec = form.parse_form_dict(job)
+    except SpecError as exc:
+        return None, "not applied: " + "; ".join(exc.problems)
+    shown = "; ".join(f"{section}.{key} = {value}" for section, table in changes.items()
+                      for key, value in table.items())
+    return form.spec_to_values(spec), f"applied: {shown}"

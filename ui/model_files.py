@@ -1,7 +1,7 @@
 """The Model tab's single-file choices: which files of a ComfyUI models/ folder can fill each slot of a job.
 
 Pure python (no gradio, no torch): `scan` reads only safetensors headers (trainer.comfy_models) and every folder
-or file a user names goes through the app's allowed-folders check (ui.paths) before it is read, exactly like the
+or file a user names goes through the app's allowed-folders check (trainer.folders) before it is read, exactly like the
 other paths of the form.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from trainer import registry
 from trainer.comfy_models import Candidate, list_candidates
-from ui.paths import Folders, PathRefused
+from trainer.folders import Folders, PathRefused
 
 FOLDER_KEY = "model.comfy_models_dir"
 SLOTS: tuple[str, ...] = ("transformer", "vae", "text_encoder", "text_encoder_2")

@@ -45,9 +45,12 @@ def form_updates(fields: dict[str, gr.components.Component], values: dict[str, A
     family, flavour = values["model.family"], values["model.flavour"]
     updates[fields["model.flavour"]] = gr.update(choices=flavour_choices(family), value=flavour)
     updates[fields["lora.targets"]] = gr.update(choices=form.target_choices(family), value=values["lora.targets"])
-    # a value above the old bound would be clipped by the slider before its bound follows the flavour
-    most, _ = swap_bound(family, flavour)
-    updates[fields["lowvram.blocks_to_swap"]] = gr.update(maximum=most, value=values["lowvram.blocks_to_swap"])
+    # limits and value in one update; a value beyond the flavour's bound is clamped, and one notice says so
+    most, value = swap_bound(family, flavour, values["lowvram.blocks_to_swap"])
+    if value != values["lowvram.blocks_to_swap"] and values.get("lowvram.override_blocks_to_swap", True):
+        gr.Warning(f"Blocks to swap (Low VRAM): {values['lowvram.blocks_to_swap']} is more than this flavour "
+                   f"has; set to its {most} (lowvram.blocks_to_swap)")
+    updates[fields["lowvram.blocks_to_swap"]] = gr.update(maximum=most, value=value)
     return updates
 
 
@@ -115,23 +118,10 @@ def _connect_model(fields: dict[str, gr.components.Component], studio: Studio, s
                    note: gr.Markdown, slots: SingleFiles, profile: gr.Dropdown, preset: gr.Dropdown) -> None:
     """What follows the family and flavour: the flavour menu, the source, the summary, the presets, the single-file
     menus."""
-    def family_input(new_family: str, current_flavour: str, source: str) -> tuple[Any, str]:
-        names = registry.flavour_names(new_family)
-        new_flavour = current_flavour if current_flavour in names else names[0]
-        return (gr.update(choices=flavour_choices(new_family), value=new_flavour),
-                suggested_source(studio, new_family, new_flavour, source))
-
-    def flavour_input(current_family: str, new_flavour: str, source: str) -> str:
-        return suggested_source(studio, current_family, new_flavour, source)
-
     def describe(current_family: str, current_flavour: str) -> tuple[str, str]:
         return flavour_summary(current_family, current_flavour), source_note(studio, current_family, current_flavour)
 
     model = [fields["model.family"], fields["model.flavour"], fields["model.source"]]
-    # .input (the user's choice), not .change: a loaded job sets family, flavour and source together.
-    fields["model.family"].input(family_input, model, [fields["model.flavour"], fields["model.source"]],
-                                 api_visibility="private")
-    fields["model.flavour"].input(flavour_input, model, fields["model.source"], api_visibility="private")
     gr.on([fields["model.family"].change, fields["model.flavour"].change], describe, model[:2], [summary, note],
           api_visibility="private", show_progress="hidden")
 
@@ -144,6 +134,33 @@ def _connect_model(fields: dict[str, gr.components.Component], studio: Studio, s
     gr.on([fields["model.family"].change, fields["model.flavour"].change], slots.rescan,
           [fields[model_files.FOLDER_KEY], *model[:2]], slots.outputs, api_visibility="private",
           show_progress="hidden")
+
+
+def _connect_flavour_choice(fields: dict[str, gr.components.Component], studio: Studio,
+                            applied: gr.Markdown) -> None:
+    """The user's choice of family or flavour (.input, not .change: a loaded job sets family, flavour and source
+    together): the source suggested for it, and leaving the demo replaces the demo's own values in later tabs
+    (fp32, 64 px, its learning rate, dataset, trigger and prompts) and says which."""
+    def flavour_input(current_family: str, new_flavour: str, source: str, *demo_only: Any) -> list[Any]:  # noqa: ANN401
+        values = dict(zip(presets.DEMO_ONLY, demo_only, strict=True))
+        changes, notice = presets.leave_demo(values, current_family, new_flavour, studio.demo_dir)
+        if notice:
+            gr.Info(notice)
+        return [gr.skip(), suggested_source(studio, current_family, new_flavour, source),
+                *[changes[key] if key in changes else gr.skip() for key in presets.DEMO_ONLY],
+                notice if notice else gr.skip()]
+
+    def family_input(new_family: str, current_flavour: str, source: str, *demo_only: Any) -> list[Any]:  # noqa: ANN401
+        names = registry.flavour_names(new_family)
+        new_flavour = current_flavour if current_flavour in names else names[0]
+        return [gr.update(choices=flavour_choices(new_family), value=new_flavour),
+                *flavour_input(new_family, new_flavour, source, *demo_only)[1:]]
+
+    model = [fields["model.family"], fields["model.flavour"], fields["model.source"]]
+    demo_only = [fields[key] for key in presets.DEMO_ONLY]
+    chosen = [fields["model.flavour"], fields["model.source"], *demo_only, applied]
+    fields["model.family"].input(family_input, [*model, *demo_only], chosen, api_visibility="private")
+    fields["model.flavour"].input(flavour_input, [*model, *demo_only], chosen, api_visibility="private")
 
 
 def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], studio: Studio,
@@ -190,6 +207,7 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
     _connect_model(fields, studio, summary, note, slots, profile, preset)
 
     def connect(base: gr.State, baseline: gr.State) -> None:
+        _connect_flavour_choice(fields, studio, applied)  # here: leaving the demo changes fields of later tabs
         def apply_profile_and_preset(by_component: dict[Any, Any]) -> dict[Any, Any]:
             values = form.values_by_key(fields, by_component)
             filled = presets.fill(values, by_component[base], by_component[baseline], by_component[profile],

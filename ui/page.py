@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from ui.upload_limits import UploadLimits
 
 TITLE = "Flux LoRA Studio"
+# Toasts at the bottom right: at the top they covered the job bar's buttons (gradio 6 takes css in launch()).
+# A sample's whole label (step and prompt) under its image, not cut to one line.
+APP_CSS = """.toast-wrap { top: auto !important; bottom: var(--size-4); }
+#run-samples .caption, #run-samples .caption-label { white-space: normal !important; text-overflow: clip !important;
+  overflow: visible !important; max-width: none !important; }"""
 
 
 def build_app(runner: ProcessRunner | TrainingRunner, workdir: Path, allowed: Iterable[str | Path] = (),
@@ -36,6 +41,7 @@ def build_app(runner: ProcessRunner | TrainingRunner, workdir: Path, allowed: It
         quickstart_tab,
         run_tab,
         training_tab,
+        words,
     )
     from ui.form import FORM_KEYS
     from ui.memory import detected_vram_gib
@@ -74,6 +80,8 @@ def build_app(runner: ProcessRunner | TrainingRunner, workdir: Path, allowed: It
         missing = set(FORM_KEYS) - set(fields)
         if missing:
             raise RuntimeError(f"form keys without a control: {sorted(missing)}")
+        studio.labels.update(words.labels_of(fields))  # its messages name the fields as the page shows them
+        words.check_as_typed(fields, defaults)
         connect_dataset()  # the dataset check reads the Training tab's batch size
         connect_lowvram(base, app)  # the live verdict reads the whole job
         connect_model(base, baseline)  # a preset fills the whole form

@@ -12,11 +12,15 @@ defaults < hardware profile < preset < the user's edits, where
 from __future__ import annotations
 
 import functools
+import shutil
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trainer import registry
+from trainer.demo import FAMILIES as DEMO_FAMILIES
+from trainer.demo import demo_job_toml
 from trainer.profiles import (
     Profile,
     ProfileError,
@@ -26,7 +30,7 @@ from trainer.profiles import (
     list_presets,
     list_profiles,
 )
-from trainer.spec import JobSpec, SpecError, deep_merge
+from trainer.spec import JobSpec, SpecError, deep_merge, parse_spec
 from ui import form
 
 NO_PROFILE = ""  # the menu's value for "no profile": nothing is merged for the hardware
@@ -55,15 +59,26 @@ def profile_choices() -> list[tuple[str, str]]:
     """(label, name) pairs for the menu, "no profile" first, smallest GPU first."""
     choices = [("no profile", NO_PROFILE)]
     for name, profile in profiles().items():
-        usable = f"{profile.vram_gib:g} GiB usable" if profile.vram_gib else "no GPU"
-        choices.append((f"{profile.label} ({usable})", name))
+        # the profile without a GPU says so in its own label ("CPU only (no NVIDIA GPU)")
+        choices.append((f"{profile.label} ({profile.vram_gib:g} GiB usable)" if profile.vram_gib else profile.label,
+                        name))
     return choices
 
 
+def cpu_profile() -> str | None:
+    """The name of the profile for a machine without a GPU (usable VRAM 0), if a profile file gives one."""
+    return next((name for name, profile in profiles().items() if not profile.vram_gib), None)
+
+
 def default_profile() -> str:
-    """The detected GPU's profile, else none: what the menu opens with."""
+    """What the menu opens with: the detected GPU's profile; on a machine where NVML finds no GPU, the CPU
+    profile; else none."""
     detected = detected_profile()
-    return detected.name if detected is not None else NO_PROFILE
+    if detected is not None:
+        return detected.name
+    if shutil.which("nvidia-smi") is not None:  # a GPU that NVML could not name: the user chooses
+        return NO_PROFILE
+    return cpu_profile() or NO_PROFILE
 
 
 def preset_choices(family: str, flavour: str) -> list[tuple[str, str]]:
@@ -93,6 +108,51 @@ def suggested_source(demo_dir: Path, family: str, flavour: str, current: str | N
     except KeyError:
         return current
     return str(demo_dir / family) if info.is_demo else ""
+
+
+# ---------------------------------------------------------------------- leaving the demo
+
+# What only the demo job sets: a real model trained with these (fp32 weights, 64 px, its large step, its folder of
+# shapes, its trigger and prompts) makes a nonsense job.
+DEMO_ONLY = ("model.base_precision", "model.text_encoder_precision", "data.resolution", "train.learning_rate",
+             "train.mixed_precision", "dataset.path", "dataset.trigger", "sample.prompts")
+EMPTY_WHEN_LEFT = ("dataset.path", "dataset.trigger", "sample.prompts")  # the user's own, not a default's
+
+
+@functools.lru_cache(maxsize=4)
+def _demo_values(family: str) -> dict[str, Any]:
+    return form.spec_to_values(parse_spec(tomllib.loads(demo_job_toml(family))))
+
+
+def is_demo(family: str, flavour: str) -> bool:
+    try:
+        return registry.get_flavour(family, flavour).is_demo
+    except KeyError:
+        return False
+
+
+def leave_demo(values: dict[str, Any], family: str, flavour: str, demo_dir: Path) -> tuple[dict[str, Any], str]:
+    """(key → value replacing each demo-only value still in the form, a notice naming them) for a form moving to
+    `family`/`flavour`; nothing when that is a demo flavour too. The spec's defaults for the flavour stand in;
+    the dataset, trigger and prompts are emptied (they are the user's to give)."""
+    if is_demo(family, flavour):
+        return {}, ""
+    defaults = form.spec_to_values(parse_spec({"model": {"family": family, "flavour": flavour}}))
+    changes: dict[str, Any] = {}
+    for key in DEMO_ONLY:
+        current = values.get(key)
+        if key == "dataset.path":
+            demo = bool(current) and Path(str(current)).expanduser().resolve().is_relative_to(demo_dir.resolve())
+        else:
+            demo = any(current == _demo_values(name)[key] for name in DEMO_FAMILIES)
+        new = "" if key in EMPTY_WHEN_LEFT else defaults[key]
+        if demo and current != new:
+            changes[key] = new
+    if not changes:
+        return {}, ""
+    shown = ", ".join(f"{key} {values.get(key)!r} → {new!r}" if new != "" else f"{key} emptied"
+                      for key, new in changes.items())
+    return changes, f"left the demo: its own values replaced ({shown})"
 
 
 # ---------------------------------------------------------------------- filling the form
@@ -166,6 +226,10 @@ def fill(values: dict[str, Any], base: dict[str, Any] | None, baseline: dict[str
     if profile is None and preset is None:
         message = "not applied: choose a hardware profile or a preset"
         return Filled(message, problems=[message])
+    model = form.values_to_dict(values, base).get("model", {})
+    # a real flavour's preset over the demo: the demo's own values are not edits to keep
+    left, left_notice = leave_demo(values, model.get("family", ""), model.get("flavour", ""), demo_dir)
+    values, baseline = {**values, **left}, {**baseline, **left}
     current = form.values_to_dict(values, base)
     layers = (defaults_layer(current), profile, preset)
     try:
@@ -179,7 +243,8 @@ def fill(values: dict[str, Any], base: dict[str, Any] | None, baseline: dict[str
     except SpecError:
         plain = form.spec_to_values(spec)
     names = [f"profile {profile.label}" if profile else "", f"preset {preset.label}" if preset else ""]
-    return Filled(f"applied {' and '.join(name for name in names if name)}; your edits kept",
+    left_notice = f"; {left_notice}" if left_notice else ""
+    return Filled(f"applied {' and '.join(name for name in names if name)}; your edits kept{left_notice}",
                   form.spec_to_values(spec), spec.to_dict(), plain)
 
 

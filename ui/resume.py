@@ -10,7 +10,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.checkpoint import saved_states
+from trainer.checkpoint import EARLIER_RUNS, saved_states
+from trainer.events import EvalLoss, Event, Progress, SampleSaved
+from trainer.runners.launch import EventsFollower
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,14 @@ class InterruptedRun:
         how = f"it {self.last_status}" if self.last_status else "it never finished"
         target = f" to step {self.max_steps}" if self.max_steps else ""
         return (f"An interrupted run was found at step {self.step} in {self.output_dir} ({how}). "
-                f"Resume continues it{target} with the job in the form.")
+                f"Continue at step {self.step} goes on with it{target} with the job in the form (so does Train N "
+                f"steps); Start a new run moves it to {self.output_dir / EARLIER_RUNS}/<date-time> and starts at "
+                "step 0.")
+
+    def choice(self) -> str:
+        """What a Start over this run asks (the page shows the two buttons of the offer)."""
+        return (f"a run stopped at step {self.step} in {self.output_dir}: choose Continue at step {self.step} "
+                f"(Resume) to go on with it, or Start a new run to move it to {EARLIER_RUNS}/ and start at step 0")
 
 
 def latest_state_step(output_dir: str | Path) -> int | None:
@@ -76,3 +85,23 @@ def find_interrupted_run(output_dir: str | Path, max_steps: int | None = None) -
     if status == "completed" and (target is None or step >= target):
         return None
     return InterruptedRun(folder, step, target, status)
+
+
+def read_history(output_dir: str | Path) -> list[Event]:
+    """The loss, evaluation loss and sample events of the run in output_dir up to its newest saved state (what a
+    resume goes on from), in step order; a step trained twice (a crash after the state) counts once, the last."""
+    folder = Path(output_dir)
+    step = latest_state_step(folder)
+    try:
+        events = EventsFollower(folder / "events.jsonl").read() if step is not None else []  # whole lines
+    except (OSError, UnicodeDecodeError):
+        return []
+    losses: dict[int, Event] = {}
+    others: list[Event] = []
+    for event in events:
+        if isinstance(event, Progress) and event.step <= step:
+            losses[event.step] = event
+        elif isinstance(event, (EvalLoss, SampleSaved)) and event.step <= step:
+            others.append(event)
+    kept = {(type(e).__name__, e.step, getattr(e, "path", "")): e for e in others}  # repeated steps: the last
+    return sorted([*losses.values(), *kept.values()], key=lambda event: event.step)

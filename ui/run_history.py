@@ -18,7 +18,7 @@ from pathlib import Path
 
 from trainer.checkpoint import EARLIER_RUNS, saved_states
 from trainer.events import event_from_dict
-from ui.paths import Folders, PathRefused
+from trainer.folders import Folders, PathRefused
 from ui.run_state import ACTIVE, PAUSED, RunView
 
 EVENTS = "events.jsonl"

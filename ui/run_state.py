@@ -2,10 +2,16 @@
 
 One RunView is shared by every browser session, so a second browser sees the job that is already running.
 Every method takes the view's lock: poll handlers of several sessions may run at once.
+
+Every open page polls once a second, and the app's users share one link: twenty pages must not cost the run
+more than one. So the pages are answered from a `Snapshot`, everything the Run tab shows already rendered,
+published at most every SNAPSHOT_EVERY_S (see Studio.snapshot): a poll only picks the latest one and sends it.
 """
 
 from __future__ import annotations
 
+import html
+import math
 import threading
 import time
 from collections import deque
@@ -13,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from trainer.events import (
+    ClipScore,
     DownloadProgress,
     EvalLoss,
     Event,
@@ -28,12 +35,19 @@ from trainer.events import (
 LOG_LINES = 200
 DOWNLOADING = "downloading"  # the phase trainer/sources/hub.py announces while model files download
 LOSS_SMOOTHING = 0.9  # weight of the previous average in the exponential moving average of the loss
-# Every poll that sees new steps sends the whole plot to every open page; a long run would send tens of thousands
-# of points a second, more than a plot a few hundred pixels wide can show.
-PLOT_POINTS = 1000
+# Every poll that sees new steps sends the whole plot to every open page, and gradio walks every value it sends
+# (looking for files) once per page: a plot a few hundred pixels wide needs no more points than this.
+PLOT_POINTS = 300
+SNAPSHOT_EVERY_S = 0.5  # how often a new snapshot is published while the run changes (a page polls each second)
+PLOT_EVERY_S = 5.0  # how often a running run's loss plot is redrawn (status and progress: every snapshot)
+LOSS_COLUMNS = ["step", "loss", "series"]
+# The loss plot's columns as gradio's LinePlot sends them to the browser (its PlotData), so a snapshot's plot is
+# sent as it is, never converted per page.
+LOSS_DATATYPES = {"step": "quantitative", "loss": "quantitative", "series": "nominal"}
 
 ACTIVE = ("starting", "running", "stopping")
-FINISHED = ("completed", "stopped", "failed")
+FINISHED = ("completed", "stopped", "ended", "failed")  # ended: End training before max_steps (the run says stopped)
+REFUSED = "refused"  # a Start that did not start, while nothing else went on
 PAUSED = "paused"  # a live session waits between actions (the runner's PhaseChanged "paused")
 # Phases a session passes through between two steps; the next step's progress ends them.
 BETWEEN_STEPS = ("sampling", "saving")
@@ -61,6 +75,25 @@ class Sample:
     @property
     def label(self) -> str:
         return f"step {self.step}: {self.prompt}"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the Run tab shows at one moment, rendered once for every page that polls."""
+
+    run_id: int
+    version: int
+    status: str
+    status_text: str
+    progress_html: str
+    losses: int  # how many loss and evaluation points the plot holds: a page re-draws it only when they change
+    evals: int
+    plot: dict | None  # the LinePlot's value as sent (columns, data, datatypes, mark); None before the first step
+    plot_made: float  # time.monotonic() when the plot was drawn (it is kept for PLOT_EVERY_S while running)
+    logged: int  # log lines ever written: a page is sent the log only when it grows
+    log_text: str
+    samples: int
+    made: float  # time.monotonic() when it was taken
 
 
 def thinned(points: list[LossPoint], limit: int) -> list[LossPoint]:
@@ -92,6 +125,7 @@ class RunView:
         self._lock = threading.RLock()
         self.run_id = 0  # counts begin() calls
         self.version = 0  # changes whenever anything shown changes
+        self.logged = 0  # log lines ever written: the log changed when it did
         self._reset()
 
     def _reset(self) -> None:
@@ -113,9 +147,12 @@ class RunView:
         self.finished_message = ""
         self.losses: list[LossPoint] = []
         self.eval_losses: list[EvalPoint] = []
+        self.clip_scores: list[EvalPoint] = []  # sample.clip_score_model: (step, mean CLIPScore)
         self.samples: list[Sample] = []
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
         self.download: DownloadProgress | None = None  # the latest, while the phase is downloading
+        self.ending = False  # End training was pressed: the run's "stopped" is shown as "ended"
+        self.refused_about_form = False  # the refusal shown was the form's problems
 
     # ------------------------------------------------------------------ changes
 
@@ -142,6 +179,46 @@ class RunView:
             self.phase, self.phase_detail = "", ""
             if description:
                 self._log("info", description)
+            self.version += 1
+
+    def end_requested(self, description: str = "") -> None:
+        """End training was pressed on a paused session: it runs again until it ends, and says "ended"."""
+        with self._lock:
+            self.resume_action(description)
+            self.ending = True
+
+    def refuse(self, message: str, about_form: bool = False) -> None:
+        """A Start was refused while nothing else went on: the status line says so, not the last run's end.
+        `about_form`: fixing the form removes the reason (see clear_refusal)."""
+        with self._lock:
+            self._reset()
+            self.run_id += 1
+            self.version += 1
+            self.status, self.finished_message = REFUSED, message
+            self.refused_about_form = about_form
+            self._log("error", message)
+
+    def clear_refusal(self) -> None:
+        """The refused form's problems are gone: back to idle."""
+        with self._lock:
+            if self.status == REFUSED and self.refused_about_form:
+                self.status, self.finished_message = "idle", ""
+                self.version += 1
+
+    def restore_history(self, events: Iterable[Event]) -> None:
+        """A resumed run's losses and samples from before the resume (see ui.resume.read_history), so the plot
+        and the gallery go on from where they were; the step shown is where training resumes."""
+        with self._lock:
+            for event in events:
+                if isinstance(event, Progress):
+                    previous = self.losses[-1].smoothed if self.losses else event.loss
+                    smoothed = LOSS_SMOOTHING * previous + (1 - LOSS_SMOOTHING) * event.loss
+                    self.losses.append(LossPoint(event.step, event.loss, smoothed))
+                    self.step = event.step
+                elif isinstance(event, EvalLoss):
+                    self.eval_losses.append(EvalPoint(event.step, event.loss))
+                elif isinstance(event, SampleSaved):
+                    self.samples.append(Sample(event.step, event.path, event.prompt))
             self.version += 1
 
     def request_stop(self, message: str = "stop requested: the run ends after the current step and saves the LoRA"
@@ -205,6 +282,8 @@ class RunView:
         elif isinstance(event, EvalLoss):
             self.eval_losses.append(EvalPoint(event.step, event.loss))
             self._log("info", f"evaluation loss at step {event.step}: {event.loss:.4f}", event.time)
+        elif isinstance(event, ClipScore):
+            self.clip_scores.append(EvalPoint(event.step, event.score))
         elif isinstance(event, SampleSaved):
             self.samples.append(Sample(event.step, event.path, event.prompt))
             self._log("info", f"sample at step {event.step}: {event.path}", event.time)
@@ -214,7 +293,7 @@ class RunView:
         elif isinstance(event, LogMessage):
             self._log(event.level, event.message, event.time)
         elif isinstance(event, RunFinished):
-            self.status = event.status
+            self.status = "ended" if self.ending and event.status == "stopped" else event.status
             self.step = max(self.step, event.step)
             if event.lora_path:
                 self.lora_path = event.lora_path
@@ -224,6 +303,7 @@ class RunView:
                       event.time)
 
     def _log(self, level: str, message: str, when: float | None = None) -> None:
+        self.logged += 1
         stamp = time.strftime("%H:%M:%S", time.localtime(when if when is not None else time.time()))
         prefix = f"{stamp} {level}: " if level != "info" else f"{stamp} "
         for index, line in enumerate(message.rstrip().splitlines() or [""]):
@@ -247,6 +327,8 @@ class RunView:
         with self._lock:
             if self.status == "idle":
                 return "idle"
+            if self.status == REFUSED:
+                return self.finished_message
             if self.status == PAUSED:
                 if self.max_steps and self.step >= self.max_steps:
                     return f"paused at step {self.step} — max_steps reached, End training to finish"
@@ -272,9 +354,10 @@ class RunView:
 
     def progress_line(self) -> str:
         """'step 12/40 · 3.10 it/s · ETA 0:00:09 · loss 0.1234 · lr 1.00e-04 · eval loss 0.1301 (step 10) ·
-        RAM 1.2 GiB · VRAM 0.0 GiB · 0.32 s/step'."""
+        trainer RAM 1.2 GiB · trainer peak VRAM 3.1 GiB · 0.32 s/step'."""
         with self._lock:
-            parts = [f"step {self.step}/{self.max_steps}" if self.max_steps else "no run yet"]
+            idle = "no run started" if self.status == REFUSED else "no run yet"
+            parts = [f"step {self.step}/{self.max_steps}" if self.max_steps else idle]
             if self.download is not None and self.status in ACTIVE:
                 parts.append(download_text(self.download))
             if self.steps_per_second > 0:
@@ -288,8 +371,12 @@ class RunView:
             if self.eval_losses:
                 last = self.eval_losses[-1]
                 parts.append(f"eval loss {last.loss:.4f} (step {last.step})")
-            if self.ram_gib > 0 or self.vram_gib > 0:
-                parts.append(f"RAM {self.ram_gib:.1f} GiB · VRAM {self.vram_gib:.1f} GiB")
+            if self.clip_scores:
+                last = self.clip_scores[-1]
+                parts.append(f"CLIP score {last.loss:.1f} (step {last.step})")
+            if self.ram_gib > 0 or self.vram_gib > 0:  # the trainer's own; the gauges below show the machine's
+                parts.append(f"trainer RAM {self.ram_gib:.1f} GiB"
+                             + (f" · trainer peak VRAM {self.vram_gib:.1f} GiB" if self.vram_gib > 0 else ""))
             if self.step_seconds > 0:
                 parts.append(f"{self.step_seconds:.2f} s/step")
             return " · ".join(parts)
@@ -313,6 +400,46 @@ class RunView:
                 first = pairs[sample.prompt][0] if sample.prompt in pairs else sample
                 pairs[sample.prompt] = (first, sample)
             return list(pairs.values())
+
+    def progress_html(self) -> str:
+        """The progress bar (coloured by status) over the progress line."""
+        with self._lock:
+            percent = round(100 * self.progress_fraction(), 1)
+            colour = {"failed": "#dc2626", "stopped": "#d97706", "completed": "#16a34a", "paused": "#2563eb"}.get(
+                self.status, "#f97316")
+            return (
+                '<div style="display:flex;flex-direction:column;gap:6px">'
+                '<div style="height:14px;border-radius:7px;background:var(--neutral-200,#e5e7eb);overflow:hidden">'
+                f'<div style="height:100%;width:{percent}%;background:{colour};transition:width .4s"></div></div>'
+                f"<div>{html.escape(self.progress_line())}</div></div>"
+            )
+
+    def snapshot(self, previous: Snapshot | None = None) -> Snapshot:
+        """What every page shows now, rendered once; while the run is active, `previous`'s plot is kept until it is
+        PLOT_EVERY_S old (every page is sent a new plot whole)."""
+        with self._lock:
+            now = time.monotonic()
+            keep = (previous is not None and previous.run_id == self.run_id and self.status in ACTIVE
+                    and now - previous.plot_made < PLOT_EVERY_S)
+            if keep:
+                plot, losses, evals, plot_made = previous.plot, previous.losses, previous.evals, previous.plot_made
+            else:
+                plot, losses, evals, plot_made = self._plot(), len(self.losses), len(self.eval_losses), now
+            return Snapshot(self.run_id, self.version, self.status, self.status_text(), self.progress_html(),
+                            losses, evals, plot, plot_made, self.logged, self.log_text(), len(self.samples), now)
+
+    def _plot(self) -> dict | None:
+        rows = self.loss_rows()
+        if not rows:
+            return None
+        # JSON has no NaN: a diverged step shows as a gap, as the DataFrame the plot took before sent it
+        data = [[row["step"], row["loss"] if math.isfinite(row["loss"]) else None, row["series"]] for row in rows]
+        return {"columns": list(LOSS_COLUMNS), "data": data, "datatypes": dict(LOSS_DATATYPES), "mark": "line"}
+
+    def clip_rows(self) -> list[dict[str, float | int]]:
+        """The CLIP score of each validation (sample.clip_score_model), for its line plot."""
+        with self._lock:
+            return [{"step": point.step, "clip_score": point.loss} for point in self.clip_scores]
 
     def gallery(self) -> list[tuple[str, str]]:
         """(path, 'step N: prompt'), newest first."""

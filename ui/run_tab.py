@@ -4,7 +4,6 @@ whoever started it, and a second Start is refused while it goes on."""
 
 from __future__ import annotations
 
-import html
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,16 +11,17 @@ from typing import Any
 
 import gradio as gr
 
+from trainer.folders import Folders
 from ui import form, multi_gpu
 from ui.feedback import problems_update
 from ui.gauges import gauges_html, read_gauges
-from ui.paths import Folders
-from ui.run_state import RunView
+from ui.jobs import Outcome
+from ui.resume import InterruptedRun
+from ui.run_state import LOSS_COLUMNS, REFUSED, RunView
 from ui.sample_compare import compare_html
 from ui.served import allowed_paths
-from ui.studio import Studio
+from ui.studio import STEPS_LABEL, Studio
 
-LOSS_COLUMNS = ["step", "loss", "series"]
 LOSS_COLOURS = {"loss": "#93c5fd", "smoothed": "#1d4ed8", "eval": "#16a34a"}  # the series of RunView.loss_rows
 
 # Keep the log scrolled to its newest line unless the user scrolled up to read (gradio's autoscroll fires once).
@@ -32,18 +32,19 @@ FOLLOW_LOG_JS = """() => {
   if (box.scrollTop + box.clientHeight >= seen - 8) box.scrollTop = box.scrollHeight;
   box.dataset.seenHeight = box.scrollHeight;
 }"""
+BUTTONS = ("start", "train", "validate", "save", "stop", "end", "resume")  # the names of Studio.actions()
+# A button that cannot act now is disabled and says why on hover (gradio buttons have no tooltip). Done in the
+# browser from one small value: seven button outputs more cost every poll of every page a few milliseconds.
+BUTTON_STATES_JS = """(reasons) => { for (const [name, why] of Object.entries(reasons || {})) {
+  const button = document.getElementById('run-' + name);
+  if (button) { button.title = why; button.disabled = Boolean(why); } } }"""
+# The Run tab's N is kept in the browser, so a reload shows the one the user chose.
+STEPS_KEY = "flux-studio-run-steps"
+DEFAULT_STEPS = 10
 
 
 def progress_html(view: RunView) -> str:
-    percent = round(100 * view.progress_fraction(), 1)
-    colour = {"failed": "#dc2626", "stopped": "#d97706", "completed": "#16a34a", "paused": "#2563eb"}.get(
-        view.status, "#f97316")
-    return (
-        '<div style="display:flex;flex-direction:column;gap:6px">'
-        '<div style="height:14px;border-radius:7px;background:var(--neutral-200,#e5e7eb);overflow:hidden">'
-        f'<div style="height:100%;width:{percent}%;background:{colour};transition:width .4s"></div></div>'
-        f"<div>{html.escape(view.progress_line())}</div></div>"
-    )
+    return view.progress_html()
 
 
 def loss_frame(view: RunView) -> Any:  # noqa: ANN401 - a pandas DataFrame (pandas comes with gradio), or None
@@ -57,6 +58,16 @@ def loss_frame(view: RunView) -> Any:  # noqa: ANN401 - a pandas DataFrame (pand
     # Typed columns: the plot takes its axis types from the dtypes (object would be nominal).
     frame = pd.DataFrame(rows, columns=LOSS_COLUMNS)
     return frame.astype({"step": "int64", "loss": "float64", "series": "str"})
+
+
+def clip_frame(view: RunView) -> Any:  # noqa: ANN401 - a pandas DataFrame, or None
+    """The CLIP score plot's rows; None before the first score (see loss_frame)."""
+    import pandas as pd
+
+    rows = view.clip_rows()
+    if not rows:
+        return None
+    return pd.DataFrame(rows, columns=["step", "clip_score"]).astype({"step": "int64", "clip_score": "float64"})
 
 
 def gallery_items(view: RunView, roots: list[str], folders: Folders | None = None) -> list[tuple[Any, str]]:
@@ -75,10 +86,22 @@ def gallery_items(view: RunView, roots: list[str], folders: Folders | None = Non
     return items
 
 
-def offer_updates(text: str) -> tuple[str, Any]:
-    """The resume offer's text (plain, for the API) and its row with the Resume button, shown only when there is
-    something to resume."""
-    return text, gr.update(visible=bool(text))
+def offer_updates(found: InterruptedRun | None) -> tuple[str, Any, Any]:
+    """The resume offer's text (plain, for the API), its row (shown only when there is something to resume) and
+    its Continue button, which names the step."""
+    if found is None:
+        return "", gr.update(visible=False), gr.update()
+    return found.text(), gr.update(visible=True), gr.update(value=f"Continue at step {found.step}")
+
+
+def refused_problems(studio: Studio, values: dict[str, Any], shown: str) -> Any:  # noqa: ANN401
+    """The problems box checked again after the form changed: gone when its problems are (see Studio.recheck)."""
+    if not str(shown or "").strip():
+        return gr.skip()
+    problems = studio.recheck(values, values.pop("base", None))
+    if problems is None:
+        return gr.skip()
+    return gr.update(visible=bool(problems), value="\n".join(problems))
 
 
 @dataclass
@@ -94,6 +117,7 @@ class _View:
     progress: gr.HTML
     memory: gr.HTML
     plot: gr.LinePlot
+    clip_plot: gr.LinePlot
     gallery: gr.Gallery
     log: gr.Textbox
     compare: gr.HTML
@@ -102,27 +126,39 @@ class _View:
 def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.State,
           app: gr.Blocks | None = None) -> None:
     """The Run tab; `base` holds the fields of a loaded job that the form has no control for. With `app`, the
-    resume offer is also checked when the page loads."""
+    resume offer is also checked, and the Run tab's N restored, when the page loads."""
     view = _build_view(fields, studio, base)
     form_kwargs = {**{form.api_name(k): fields[k] for k in form.FORM_KEYS}, "base": base}
     refresh_offer = _connect_resume_offer(view, fields, studio, form_kwargs, app)
     _connect_actions(view, studio, form_kwargs, refresh_offer)
-    _connect_poll(view, studio)
+    _connect_steps(view.steps, app)
+    # A refused Start's problems go once the form no longer has them.
+    gr.on([fields[key].change for key in form.FORM_KEYS],
+          form.keyword_handler(lambda values: refused_problems(studio, values, values.pop("problems", "")),
+                               extra=("base", "problems")),
+          inputs_kwargs={**form_kwargs, "problems": view.problems}, outputs=view.problems, api_visibility="private",
+          show_progress="hidden", trigger_mode="always_last")
+    _connect_poll(view, studio, refresh_offer)
 
 
 def _build_view(fields: dict[str, gr.components.Component], studio: Studio, base: gr.State) -> _View:
     with gr.Row():
-        buttons = {"start": gr.Button("Start", variant="primary", scale=2)}
-        steps = gr.Number(10, label="Steps", precision=0, minimum=1, step=1, scale=1, min_width=90)
-        buttons["train"] = gr.Button("Train N steps", scale=2)
-        buttons["validate"] = gr.Button("Validate now", scale=2)
-        buttons["save"] = gr.Button("Save LoRA", scale=2)
-        buttons["stop"] = gr.Button("Stop", variant="stop", scale=2)
-        buttons["end"] = gr.Button("End training", scale=2)
+        buttons = {"start": gr.Button("Start", variant="primary", scale=2, elem_id="run-start")}
+        steps = gr.Number(DEFAULT_STEPS, label=STEPS_LABEL, precision=0, minimum=1, step=1, scale=1, min_width=90,
+                          elem_id="run-steps")
+        buttons["train"] = gr.Button("Train N steps", scale=2, elem_id="run-train")
+        buttons["validate"] = gr.Button("Validate now", scale=2, elem_id="run-validate")
+        buttons["save"] = gr.Button("Save LoRA", scale=2, elem_id="run-save")
+        buttons["stop"] = gr.Button("Stop", variant="stop", scale=2, elem_id="run-stop")
+        buttons["end"] = gr.Button("End training", scale=2, elem_id="run-end")
     connect_multi_gpu = multi_gpu.build(fields, studio, base)  # the "Several GPUs" accordion
-    with gr.Row(visible=False, equal_height=True) as offer_row:
+    with gr.Row(visible=False, equal_height=True, elem_id="resume-offer") as offer_row:
         offer = gr.Markdown("", label="Resume offer")
-        buttons["resume"] = gr.Button("Resume", variant="primary", scale=0, min_width=120)
+        buttons["resume"] = gr.Button("Continue", variant="primary", scale=0, min_width=160, elem_id="run-resume")
+        buttons["start_new"] = gr.Button("Start a new run", scale=0, min_width=160, elem_id="run-start-new")
+    reasons = studio.actions()
+    for name in BUTTONS:
+        buttons[name].interactive = not reasons[name]
     status = gr.Textbox(value=studio.view.status_text(), label="Status", interactive=False)
     problems = gr.Textbox(label="Problems", visible=False, interactive=False, lines=3)
     connect_multi_gpu(status, problems)
@@ -136,9 +172,13 @@ def _build_view(fields: dict[str, gr.components.Component], studio: Studio, base
                            color_title="", color_map=LOSS_COLOURS, scale=1, elem_id="run-loss")
         gallery = gr.Gallery(label="Samples", columns=3, height=300, scale=1, object_fit="contain",
                              elem_id="run-samples")
+    # sample.clip_score_model: how well the samples match their prompts, per validation (hidden until scored)
+    clip_plot = gr.LinePlot(clip_frame(studio.view), x="step", y="clip_score", title="CLIP score of the samples",
+                            label="CLIP score", visible=bool(studio.view.clip_scores), elem_id="run-clip-score")
     log = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, elem_id="studio-log")
     log.change(None, js=FOLLOW_LOG_JS, api_visibility="private", show_progress="hidden")
-    return _View(buttons, steps, offer, offer_row, status, problems, progress, memory, plot, gallery, log, compare)
+    return _View(buttons, steps, offer, offer_row, status, problems, progress, memory, plot, clip_plot, gallery, log,
+                 compare)
 
 
 def _connect_resume_offer(view: _View, fields: dict[str, gr.components.Component], studio: Studio,
@@ -146,30 +186,43 @@ def _connect_resume_offer(view: _View, fields: dict[str, gr.components.Component
     """The resume offer and its Resume button; returns `refresh_offer(event)`, which checks the offer again after
     an action that starts or ends a session."""
     offer_inputs = {"output_dir": fields["output.dir"], "train_max_steps": fields["train.max_steps"]}
-    outputs = [view.offer, view.offer_row]
+    outputs = [view.offer, view.offer_row, view.buttons["resume"]]
 
-    def resume_offer(output_dir: str, train_max_steps: Any) -> tuple[Any, Any]:  # noqa: ANN401
+    def resume_offer(output_dir: str, train_max_steps: Any) -> tuple[Any, ...]:  # noqa: ANN401
         """'An interrupted run was found at step N in DIR …' when output_dir holds an unfinished run, else ''."""
-        return offer_updates(studio.resume_offer(output_dir, train_max_steps))
+        return offer_updates(studio.offered_run(output_dir, train_max_steps))
 
-    triggers = [fields["output.dir"].change, fields["train.max_steps"].change]
+    gr.on([fields["output.dir"].change, fields["train.max_steps"].change], resume_offer, inputs_kwargs=offer_inputs,
+          outputs=outputs, api_name="resume_offer", show_progress="hidden")
     if app is not None:
-        triggers.insert(0, app.load)
-    gr.on(triggers, resume_offer, inputs_kwargs=offer_inputs, outputs=outputs, api_name="resume_offer",
-          show_progress="hidden")
+        def offer_on_load() -> tuple[Any, ...]:
+            # The page's own values are the defaults until the remembered form fills it (a second handler of the
+            # load, which raced this one): ask about that form's folder.
+            return offer_updates(studio.offered_run(*studio.remembered_output()))
 
-    def refresh_offer(event: Any) -> None:  # noqa: ANN401 - a gradio Dependency
-        event.then(resume_offer, inputs_kwargs=offer_inputs, outputs=outputs, api_visibility="private",
-                   show_progress="hidden")
+        app.load(offer_on_load, None, outputs, api_visibility="private", show_progress="hidden")
 
-    def resume_run(values: dict[str, Any]) -> tuple[str, Any]:
-        """Start the form's job from the latest training state in its output.dir (exact resume)."""
-        outcome = studio.start(values, values.pop("base", None), resume=True)
+    def refresh_offer(event: Any) -> None:  # noqa: ANN401 - a gradio Dependency, or an event listener
+        listen = event.then if hasattr(event, "then") else event
+        listen(resume_offer, inputs_kwargs=offer_inputs, outputs=outputs, api_visibility="private",
+               show_progress="hidden")
+
+    def answer(outcome: Outcome) -> tuple[str, Any]:
         return outcome.message, problems_update(outcome)
 
-    refresh_offer(view.buttons["resume"].click(
-        form.keyword_handler(resume_run, extra=("base",)), inputs_kwargs=form_kwargs,
-        outputs=[view.status, view.problems], api_name="resume", concurrency_limit=1))
+    def resume_run(values: dict[str, Any]) -> tuple[str, Any]:
+        """Continue the form's job from the latest training state in its output.dir (exact resume)."""
+        return answer(studio.start(values, values.pop("base", None), resume=True))
+
+    def start_new_run(values: dict[str, Any]) -> tuple[str, Any]:
+        """Start the form's job as a new run; the earlier run in its output.dir is moved to earlier_runs/<stamp>
+        once the new run's first step is about to train."""
+        return answer(studio.start(values, values.pop("base", None), new_run=True))
+
+    for name, handler in (("resume", resume_run), ("start_new", start_new_run)):
+        refresh_offer(view.buttons[name].click(
+            form.keyword_handler(handler, extra=("base",)), inputs_kwargs=form_kwargs,
+            outputs=[view.status, view.problems], api_name=name, concurrency_limit=1))
     return refresh_offer
 
 
@@ -179,7 +232,8 @@ def _connect_actions(view: _View, studio: Studio, form_kwargs: dict[str, Any],
     buttons, answer = view.buttons, [view.status, view.problems]
 
     def start_run(values: dict[str, Any]) -> tuple[str, Any]:
-        """Validate the form and start training it; with every value left at its default this trains the demo."""
+        """Validate the form and start training it; with every value left at its default this trains the demo.
+        Over a run that can be resumed it asks first: Resume continues it, start_new starts a new one."""
         outcome = studio.start(values, values.pop("base", None))
         return outcome.message, problems_update(outcome)
 
@@ -187,8 +241,8 @@ def _connect_actions(view: _View, studio: Studio, form_kwargs: dict[str, Any],
                                          outputs=answer, api_name="start", concurrency_limit=1))
 
     def train_run(values: dict[str, Any]) -> tuple[str, Any]:
-        """Train `steps` more steps, then pause: on the live session, or on one set up from the form first
-        (the form is ignored while a session is live)."""
+        """Train `steps` more steps, then pause: on the live session, on a stopped run in output.dir (continued
+        from its state), or on one set up from the form first (the form is ignored while a session is live)."""
         outcome = studio.train_steps(values, values.pop("steps", None), values.pop("base", None))
         for note in outcome.notes:
             gr.Warning(note)
@@ -230,27 +284,59 @@ def _connect_actions(view: _View, studio: Studio, form_kwargs: dict[str, Any],
     buttons["end"].click(end_training, None, answer, api_name="end_training", concurrency_limit=1)
 
 
-def _connect_poll(view: _View, studio: Studio) -> None:
-    """The timers: the run's status, progress, loss plot, log and samples every second; the gauges every two."""
+def _connect_steps(steps: gr.Number, app: gr.Blocks | None) -> None:
+    """The Run tab's N, kept in the browser's localStorage across reloads (in the browser alone: no request)."""
+    if app is None:
+        return
+    steps.change(None, steps, None, js=f"(n) => {{ if (n >= 1) localStorage.setItem('{STEPS_KEY}', n); }}",
+                 api_visibility="private", show_progress="hidden")
+    app.load(None, None, steps, js=f"() => Number(localStorage.getItem('{STEPS_KEY}')) || {DEFAULT_STEPS}",
+             api_visibility="private", show_progress="hidden")
+
+
+def _connect_clip_plot(view: _View, studio: Studio) -> None:
+    """The CLIP score plot, shown once a run reports a score; re-sent only when a new score arrives."""
+    sent = gr.State(["", 0])  # per browser session: (run, scores) last sent
+
+    def refresh(last: list[Any]) -> tuple[Any, list[Any]]:
+        run = studio.view
+        with run.lock:
+            now = [run.run_id, len(run.clip_scores)]
+            if now == last:
+                return gr.skip(), last
+            return gr.update(value=clip_frame(run), visible=bool(run.clip_scores)), now
+
+    gr.Timer(2.0).tick(refresh, sent, [view.clip_plot, sent], api_name="clip_plot", show_progress="hidden",
+                       concurrency_limit=None)
+
+
+def _connect_poll(view: _View, studio: Studio, refresh_offer: Callable[[Any], None]) -> None:
+    """The timers: the run's status, progress, loss plot, log, samples and the buttons' states every second; the
+    gauges every two. A run that ends checks the resume offer again."""
     seen = gr.State({})  # per browser session: what it was last sent, so unchanged plots are not re-sent
     roots = allowed_paths(studio.workdir)
+    titles = gr.JSON({}, visible=False)  # why each button cannot act now ('' when it can), see BUTTON_STATES_JS
+    ended = gr.State("")  # the run and its state: a run that ends may leave something to resume
 
-    def poll(last: dict[str, int]) -> tuple[Any, ...]:
+    def poll(last: dict[str, Any]) -> tuple[Any, ...]:
         """Status line first ('idle', 'running: step 12/40', 'paused at step 12 — …', 'completed: LoRA saved to
-        …', 'failed: …'); the last value says which samples there are (/samples returns them)."""
-        run = studio.poll()
-        with run.lock:
-            key = {"run": run.run_id, "losses": len(run.losses), "evals": len(run.eval_losses),
-                   "log": run.version, "status": run.status}
-            fresh = last.get("run") != key["run"]
-            plot_changed = last.get("losses") != key["losses"] or last.get("evals") != key["evals"]
-            plot_value = loss_frame(run) if fresh or plot_changed else gr.skip()
-            log_value = run.log_text() if fresh or last.get("log") != key["log"] else gr.skip()
-            # A start's problems stay up until the run they were about moves on (e.g. "already in progress").
-            moved_on = bool(last) and last.get("status") != run.status
-            problems_value = gr.update(visible=False, value="") if moved_on else gr.skip()
-            return (run.status_text(), progress_html(run), plot_value, log_value, problems_value, key,
-                    [run.run_id, len(run.samples)])
+        …', 'failed: …'); the last value says which samples there are (/samples returns them). The run's part is
+        answered from the published snapshot: nothing is drained or rendered per page."""
+        snap = studio.snapshot()
+        reasons = studio.actions()
+        key = {"run": snap.run_id, "losses": snap.losses, "evals": snap.evals, "log": snap.logged,
+               "status": snap.status, "reasons": reasons}
+        fresh = last.get("run") != key["run"]
+        plot_changed = last.get("losses") != key["losses"] or last.get("evals") != key["evals"]
+        plot_value = snap.plot if fresh or plot_changed else gr.skip()
+        log_value = snap.log_text if fresh or last.get("log") != key["log"] else gr.skip()
+        # A start's problems stay up until the run they were about moves on (e.g. "already in progress"); a
+        # refusal is the problem itself.
+        moved_on = bool(last) and last.get("status") != snap.status and snap.status != REFUSED
+        problems_value = gr.update(visible=False, value="") if moved_on else gr.skip()
+        return (snap.status_text, snap.progress_html, plot_value, log_value, problems_value, key,
+                [snap.run_id, snap.samples], reasons if last.get("reasons") != reasons else gr.skip(),
+                f"{snap.run_id}:{snap.status}")
 
     def samples() -> list[tuple[Any, str]]:
         """The sample images so far, each labelled with its step and prompt."""
@@ -261,6 +347,7 @@ def _connect_poll(view: _View, studio: Studio) -> None:
     # that is skipped (20 ms for a gallery, a tenth of that for the others), so the poll never names the gallery.
     shown = gr.State([0, 0])
     shown.change(samples, None, view.gallery, api_name="samples", show_progress="hidden", concurrency_limit=None)
+    refresh_offer(ended.change)
 
     def comparison() -> str:
         """Each sample prompt's step-0 image beside its latest, labelled with their steps."""
@@ -268,10 +355,12 @@ def _connect_poll(view: _View, studio: Studio) -> None:
             return compare_html(studio.view, roots, studio.folders)
 
     shown.change(comparison, None, view.compare, api_name="compare", show_progress="hidden", concurrency_limit=None)
-
+    _connect_clip_plot(view, studio)
     gauge_timer = gr.Timer(2.0)  # NVML and psutil reads are cheap, but need not follow every progress poll
     gauge_timer.tick(lambda: gauges_html(read_gauges()), None, view.memory, api_name="memory_gauges",
                      show_progress="hidden", concurrency_limit=None)
     timer = gr.Timer(1.0)
-    timer.tick(poll, seen, [view.status, view.progress, view.plot, view.log, view.problems, seen, shown],
-               api_name="poll", show_progress="hidden", concurrency_limit=None)
+    # Set in the browser after every poll: the Run tab's buttons exist only once it was opened.
+    timer.tick(poll, seen, [view.status, view.progress, view.plot, view.log, view.problems, seen, shown, titles,
+                            ended], api_name="poll", show_progress="hidden", concurrency_limit=None).then(
+        None, titles, None, js=BUTTON_STATES_JS, api_visibility="private", show_progress="hidden")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from ui.paths import Folders
+from trainer.folders import Folders
 from ui.run_state import RunView
 
 COMPARE_PX = 128  # shown size of the step-0 and latest samples side by side

@@ -5,12 +5,15 @@ The gradio handlers in the tab modules call these and only turn the results into
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from trainer.demo import is_built
 from trainer.errors import UserError
+from trainer.folders import Folders, PathRefused, spec_paths, written_folders
 from trainer.preflight import check_files
 from trainer.runners.app import AppRunner
 from trainer.runners.base import (
@@ -27,26 +30,28 @@ from trainer.spec import JobSpec, SpecError, is_local_path, parse_spec, resolve_
 from ui import caption_editor, form
 from ui.captioning import make_request
 from ui.dataset_check import DatasetCheck, check_form
-from ui.jobs import LAST_FORM, LastForm, Outcome, default_job_path, read_job, write_job
+from ui.jobs import LAST_FORM, LastForm, Outcome, default_job_path, read_job, relative_paths, write_job
 from ui.model_info import flavour_summary, target_counts  # noqa: F401 - the tabs' and tests' old import path
-from ui.paths import Folders, PathRefused, spec_paths, written_folders
-from ui.resume import find_interrupted_run, latest_state_step
+from ui.resume import InterruptedRun, find_interrupted_run, latest_state_step, read_history
 from ui.run_history import RESOLVED_JOB, History
-from ui.run_state import RunView
+from ui.run_state import REFUSED, SNAPSHOT_EVERY_S, RunView, Snapshot
 from ui.upload_limits import UploadLimits
 from ui.uploads import KEEP, UploadResult, dataset_folder, save_upload
+from ui.words import all_in_page_words
 
 ALREADY_RUNNING = "a run is already in progress; stop it or wait for it to finish"
 SESSION_PAUSED = ("a session is paused at step {step}; End training before starting a new run (or Train N steps "
                   "to continue it)")
 CAPTIONING_IN_PROGRESS = "captioning is in progress; stop it or wait for it to finish (both need the GPU)"
 TRAINING_IN_PROGRESS = "a training run is in progress; caption when it has finished (both need the GPU)"
+STEPS_LABEL = "Steps to train now"  # the Run tab's N (the Training tab's run length is "Run length (steps)")
 
 
 class Studio:
     """The app's server-side state: one runner and one RunView shared by every browser session.
 
-    Every path a user types is used only inside `folders`: the workdir and the `allowed` folders (see ui/paths.py).
+    Every path a user types is used only inside `folders`: the workdir and the `allowed` folders (see
+    trainer/folders.py).
     """
 
     def __init__(self, runner: AppRunner, workdir: Path, allowed: Iterable[str | Path] = (),
@@ -59,9 +64,11 @@ class Studio:
         self.jobs_dir = self.workdir / ".studio" / "jobs"
         self.last_form = LastForm(self.workdir / ".studio" / LAST_FORM)
         self.view = RunView()
+        self._snapshot: Snapshot | None = None
         self.captioning = CaptionRunner()
         self.upload_limits = upload_limits or UploadLimits()
         self.history = History(self.folders, self.output_root)
+        self.labels: dict[str, str] = {}  # key → the label the page shows (ui.page.build_app fills it)
 
     # ------------------------------------------------------------------ form → spec
 
@@ -98,15 +105,18 @@ class Studio:
         try:
             spec = self.resolve(values, base)
         except SpecError as exc:
-            return None, None, Outcome(f"{refused}: the job has problems", exc.problems)
+            return None, None, Outcome(f"{refused}: the job has problems", all_in_page_words(exc.errors, self.labels),
+                                       about_form=True)
         self.last_form.save(spec)  # what the user tried to run is what the next page load shows
         problems = list(dict.fromkeys(self.folders.problems(spec_paths(spec))
                                       + self.folders.problems(written_folders(spec), writing=True)))
         if problems:
-            return None, None, Outcome(f"{refused}: a path is outside the folders this app may use", problems)
+            return None, None, Outcome(f"{refused}: a path is outside the folders this app may use", problems,
+                                       about_form=True)
         problems = self.preflight(spec)
         if problems:
-            return None, None, Outcome(f"{refused}: the files and folders the job names have problems", problems)
+            return None, None, Outcome(f"{refused}: the files and folders the job names have problems", problems,
+                                       about_form=True)
         demo = self.demo_dir if self.uses_demo(spec) and not self.demo_built() else None
         return spec, demo, None
 
@@ -121,12 +131,23 @@ class Studio:
             return Outcome(message, [message])
         return None
 
-    def start(self, values: dict[str, Any], base: dict[str, Any] | None = None, resume: bool = False) -> Outcome:
-        """The whole run of the form's job; `resume` continues from the latest training state in output.dir."""
+    def start(self, values: dict[str, Any], base: dict[str, Any] | None = None, resume: bool = False,
+              new_run: bool = False) -> Outcome:
+        """The whole run of the form's job; `resume` continues from the latest training state in output.dir.
+        Over a run that can be resumed, a Start asks first (refused with the choice) unless `new_run` says the user
+        chose a new run: the session then sets the earlier one aside once its first step is about to train."""
+        return self._shown(self._start(values, base, resume, new_run))
+
+    def _start(self, values: dict[str, Any], base: dict[str, Any] | None, resume: bool,
+               new_run: bool) -> Outcome:
         verb = "not resumed" if resume else "not started"
         spec, demo, refused = self._prepare(values, base, verb)
         if refused:
             return refused
+        found = None if resume or new_run else self.resumable(spec.output.dir, spec.train.max_steps)
+        if found is not None:
+            message = f"{verb}: {found.choice()}"
+            return Outcome(message, [message])
         building = f"; building the demo in {demo} first" if demo else ""
         what = "resuming" if resume else "starting"
 
@@ -157,7 +178,24 @@ class Studio:
             if refused:
                 return refused
             self.view.begin(spec.train.max_steps, description)
+            if resume:
+                self.view.restore_history(read_history(spec.output.dir))
         return None
+
+    def _shown(self, outcome: Outcome) -> Outcome:
+        """A refused start with nothing else going on is what the Run tab's status line shows (not the last run's
+        end); with a run going on, that run stays shown and the refusal goes to the problems box only."""
+        if not outcome.ok and not (self.runner.running or self.runner.live):
+            self.view.refuse(outcome.message, outcome.about_form)
+        return outcome
+
+    def resumable(self, output_dir: str | Path, max_steps: int | None = None) -> InterruptedRun | None:
+        """The run in output_dir that a Resume (or Train N steps) would continue; None when there is none or this
+        app's own session is working there."""
+        folder = Path(output_dir)
+        if (self.runner.running or self.runner.live) and self.runner.output_dir() == folder:
+            return None
+        return find_interrupted_run(folder, max_steps)
 
     def train_steps(self, values: dict[str, Any], steps: Any, base: dict[str, Any] | None = None) -> Outcome:  # noqa: ANN401
         """Train `steps` more steps: on the live session, or on a new one set up from the form first."""
@@ -166,10 +204,15 @@ class Studio:
         except (TypeError, ValueError):
             steps = 0
         if steps < 1:
-            message = "not trained: Steps must be a whole number of at least 1"
-            return Outcome(message, [message])
+            message = f"not trained: {STEPS_LABEL} must be a whole number of at least 1"
+            return self._shown(Outcome(message, [message]))
         if self.runner.live:
             return self._continue(values, base, steps)
+        return self._shown(self._set_up_and_train(values, base, steps))
+
+    def _set_up_and_train(self, values: dict[str, Any], base: dict[str, Any] | None, steps: int) -> Outcome:
+        """Train N steps without a live session: a run stopped in output.dir is continued from its state (never
+        replaced), else a new one is set up from the form."""
         spec, demo, refused = self._prepare(values, base, "not started")
         if refused:
             return refused
@@ -179,11 +222,17 @@ class Studio:
             refusal = self._refusal()
             if refusal:
                 return refusal
+            found = self.resumable(spec.output.dir, spec.train.max_steps)
             try:
-                self.runner.send(TrainSteps(steps, RunRequest(spec, demo)))
+                self.runner.send(TrainSteps(steps, RunRequest(spec, demo, resume=found is not None)))
             except (AlreadyRunning, NothingToDo) as exc:
                 return Outcome(str(exc), [str(exc)])
             building = f"; building the demo in {demo} first" if demo else ""
+            if found is not None:
+                self.view.begin(spec.train.max_steps, f"continuing the run in {spec.output.dir} from step "
+                                                      f"{found.step}: training {steps} steps")
+                self.view.restore_history(read_history(spec.output.dir))
+                return Outcome(f"continuing at step {found.step}: training {steps} steps, then pausing")
             self.view.begin(spec.train.max_steps, f"setting up {spec.output.name} to train {steps} steps of "
                                                   f"{spec.train.max_steps}, output {spec.output.dir}{building}")
         return Outcome(f"started: training {steps} steps, then pausing{building}")
@@ -236,7 +285,7 @@ class Studio:
                 self.runner.send(EndTraining())
             except (AlreadyRunning, NothingToDo) as exc:
                 return Outcome(str(exc), [str(exc)])
-            self.view.resume_action(f"ending the session at step {self.runner.step}: saving the final LoRA")
+            self.view.end_requested(f"ending the session at step {self.runner.step}: saving the final LoRA")
             return Outcome("ending: saving the final LoRA and freeing the session")
 
     def stop(self) -> str:
@@ -259,19 +308,68 @@ class Studio:
 
     def resume_offer(self, output_dir: str | None, max_steps: Any = None) -> str:  # noqa: ANN401
         """'An interrupted run was found at step N in DIR …' when output_dir holds an unfinished run, else ''."""
+        found = self.offered_run(output_dir, max_steps)
+        return found.text() if found else ""
+
+    def remembered_output(self) -> tuple[str, int]:
+        """(output.dir, train.max_steps) of the form the page shows on load: the remembered one, else the
+        defaults. Reads only: restoring (which sets a broken file aside with a notice) is the job bar's."""
+        spec = read_job(self.last_form.path, self.workdir)[0] if self.last_form.path.is_file() else None
+        spec = spec or parse_spec(form.default_job(self.workdir))
+        return spec.output.dir, spec.train.max_steps
+
+    def offered_run(self, output_dir: str | None, max_steps: Any = None) -> InterruptedRun | None:  # noqa: ANN401
+        """The run the resume offer is about (see resume_offer), or None."""
         if not output_dir or not str(output_dir).strip():
-            return ""
+            return None
         if not self.folders.allows(output_dir):
-            return ""  # its files are not this app's to read; Start names the problem
-        folder = self.folders.absolute(output_dir)
-        if (self.runner.running or self.runner.live) and self.runner.output_dir() == folder:
-            return ""  # this app's own session is working there
+            return None  # its files are not this app's to read; Start names the problem
         try:
             max_steps = int(max_steps) if max_steps not in (None, "") else None
         except (TypeError, ValueError):
             max_steps = None
-        found = find_interrupted_run(folder, max_steps)
-        return found.text() if found else ""
+        return self.resumable(self.folders.absolute(output_dir), max_steps)
+
+    def actions(self) -> dict[str, str]:
+        """Why each of the Run tab's buttons cannot act now, by name ('' when it can): start, train, resume,
+        validate, save, stop, end. The buttons are disabled with the reason as their tooltip."""
+        runner = self.runner
+        running, live, action = runner.running, runner.live, runner.action
+        training = running and action in ("start", "train_steps")
+        paused = live and not running
+        busy = f"busy with {action}; wait for it to finish" if running else ""
+        new = busy or (SESSION_PAUSED.format(step=runner.step) if live else "") or (
+            CAPTIONING_IN_PROGRESS if self.captioning.running else "")
+        idle_reason = "nothing to {what}: start or train first"
+        stopping = "stopping: the run ends after the current step" if self.view.status == "stopping" else ""
+        return {
+            "start": ALREADY_RUNNING if training else new,
+            "resume": ALREADY_RUNNING if training else new,
+            "train": "a run is in progress; Stop it, or wait for it to finish" if training else busy,
+            "validate": "" if training or paused else busy or idle_reason.format(what="sample"),
+            "save": "" if training or paused else busy or idle_reason.format(what="save"),
+            "stop": stopping if training else busy or (
+                f"nothing is training: the session is paused at step {runner.step} (End training to finish)"
+                if live else "no run in progress"),
+            "end": "" if paused else ("training is in progress: Stop pauses a Train N steps session, which End "
+                                      "training then finishes" if training else busy or
+                                      "no session to end: start or train first"),
+        }
+
+    def recheck(self, values: dict[str, Any], base: dict[str, Any] | None = None) -> list[str] | None:
+        """The problems a Start of the form would be refused for now (the form, its paths, its files); a refused
+        Start shown in the status line goes back to idle once there are none. None when the refusal shown is not
+        the form's (a run to continue or start anew): the form cannot clear it."""
+        if self.view.status == REFUSED and not self.view.refused_about_form:
+            return None
+        try:
+            spec = self.resolve(values, base)
+        except SpecError as exc:
+            return all_in_page_words(exc.errors, self.labels)
+        problems = self.folders.problems(spec_paths(spec)) or self.preflight(spec)
+        if not problems:
+            self.view.clear_refusal()
+        return problems
 
     def poll(self) -> RunView:
         with self.view.lock:
@@ -281,6 +379,24 @@ class Studio:
                 self.view.thread_ended()
         return self.view
 
+    def snapshot(self) -> Snapshot:
+        """What the pages show: the published snapshot, replaced by a fresh one (events drained, rendered once)
+        when it is older than SNAPSHOT_EVERY_S or a run began or changed status since; so any number of pages
+        polling cost the run what one does."""
+        current = self._snapshot
+        view = self.view
+        if current is not None and time.monotonic() - current.made < SNAPSHOT_EVERY_S \
+                and (current.run_id, current.status) == (view.run_id, view.status):
+            return current
+        with view.lock:
+            current = self._snapshot  # another page's poll may have published one while this one waited
+            if current is None or time.monotonic() - current.made >= SNAPSHOT_EVERY_S \
+                    or (current.run_id, current.status) != (view.run_id, view.status):
+                self.poll()
+                current = self._snapshot = view.snapshot(current) if current is None \
+                    or current.version != view.version else replace(current, made=time.monotonic())
+            return current
+
     # ------------------------------------------------------------------ jobs as files
 
     def save_job(self, values: dict[str, Any], base: dict[str, Any] | None = None,
@@ -289,7 +405,7 @@ class Studio:
         try:
             spec = self.resolve(values, base)
         except SpecError as exc:
-            return None, Outcome("not saved: the job has problems", exc.problems)
+            return None, Outcome("not saved: the job has problems", all_in_page_words(exc.errors, self.labels))
         self.last_form.save(spec)
         typed = str(path or "").strip()
         try:
@@ -307,20 +423,29 @@ class Studio:
 
     def load_job(self, path: str | Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None, Outcome]:
         """(form values, hidden fields, outcome) of a job TOML at a path the user typed (inside the allowed
-        folders); relative paths in the job are taken from the workdir."""
+        folders); relative paths in the job are taken from the job file's folder, as the CLI takes them."""
         try:
             target = self.folders.check(path, "job file")
         except PathRefused as exc:
             return None, None, Outcome(f"not loaded: {Path(str(path)).name}", [str(exc)])
-        return self._load(target, target.name)
+        return self._load(target, target.name, target.parent)
 
     def load_upload(self, path: str | Path, name: str | None = None) -> tuple[dict[str, Any] | None,
                                                                           dict[str, Any] | None, Outcome]:
-        """Like load_job, for a file the browser uploaded (gradio keeps uploads in its own folder)."""
-        return self._load(Path(path), name or Path(path).name)
+        """Like load_job, for a file the browser uploaded. Gradio keeps uploads in a folder of its own and the
+        browser does not say where the file came from, so relative paths are taken from the workdir, and the
+        notice says so when the job has any."""
+        name = name or Path(path).name
+        loaded = self._load(Path(path), name, self.workdir)
+        if loaded[0] is not None and relative_paths(Path(path)):
+            loaded[2].notes.append(f"{name}: its relative paths ({', '.join(relative_paths(Path(path)))}) were "
+                                   f"taken from the app's workdir {self.workdir}; Load job with the file's path "
+                                   "takes them from its folder, as the command line does")
+        return loaded
 
-    def _load(self, path: Path, name: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, Outcome]:
-        spec, problems = read_job(path, self.workdir, name)
+    def _load(self, path: Path, name: str, base_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None,
+                                                                     Outcome]:
+        spec, problems = read_job(path, base_dir, name)
         if spec is None:
             return None, None, Outcome(f"not loaded: {name}", problems)
         self.last_form.save(spec)
@@ -452,4 +577,4 @@ class Studio:
             run = self.history.find(name, self.live_output_dir())
         except UserError as exc:
             return None, None, Outcome(f"not loaded: {name}", [str(exc)])
-        return self._load(run.folder / RESOLVED_JOB, f"{name}/{RESOLVED_JOB}")
+        return self._load(run.folder / RESOLVED_JOB, f"{name}/{RESOLVED_JOB}", run.folder)  # as the CLI reads it

@@ -57,7 +57,8 @@ def _optimisation(fields: dict[str, gr.components.Component], defaults: dict[str
             info="pulls the LoRA weights towards 0 each step; 0 turns it off")
     with gr.Row():
         fields["train.max_steps"] = gr.Number(
-            value=defaults["train.max_steps"], precision=0, label="Steps")
+            value=defaults["train.max_steps"], precision=0, label="Run length (steps)",
+            info="the whole run: Start trains this many; the Run tab's Train N steps goes towards it")
         fields["train.batch_size"] = gr.Number(
             value=defaults["train.batch_size"], precision=0, label="Batch size")
         fields["train.gradient_accumulation"] = gr.Number(

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from trainer.data.datasets import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS
-from ui.paths import Folders, PathRefused
+from trainer.folders import Folders, PathRefused
 from ui.upload_limits import UploadLimits
 
 DATASETS_DIR = "datasets"  # under the workdir

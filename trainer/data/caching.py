@@ -37,6 +37,7 @@ class InputCaches:
                  should_stop: Callable[[], bool], output_dir: Path) -> None:
         self.spec, self.ops, self.flavour, self.emit, self.should_stop = spec, ops, flavour, emit, should_stop
         folder = Path(spec.data.cache_dir) if spec.data.cache_dir else Path(output_dir) / "cache"
+        self.folder = folder  # the block cache of lowvram.swap_from = "disk" lives here too (blocks/)
         self.text_disk = DiskCache(folder / "text") if spec.data.cache_text_embeddings == "disk" else None
         self.latent_disk = DiskCache(folder / "latents") if spec.data.cache_latents == "disk" else None
         # edit pairs' references beside them, counted apart so the summary says what was reused

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.folders import leads_out
 from trainer.spec import DatasetEntry, JobSpec
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -35,7 +36,31 @@ class TrainItem:
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """The folder's images, leaving out links that lead outside it (`links_out` names them)."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and leads_out(p, folder) is None)
+
+
+def links_out(folder: Path) -> list[tuple[Path, Path]]:
+    """(entry, where it leads) of every image or caption in `folder` that is a link leading outside it: never read
+    (images, captions, masks and references alike), and named by the health check."""
+    wanted = IMAGE_EXTENSIONS + CAPTION_EXTENSIONS
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.suffix.lower() in wanted and entry.is_symlink():
+            target = leads_out(entry, folder)
+            if target is not None:
+                found.append((entry, target))
+    return found
+
+
+def caption_file(image_path: Path) -> Path | None:
+    """The image's caption file (.txt, else .caption) that stays in its folder; a link out counts as none."""
+    for ext in CAPTION_EXTENSIONS:
+        sidecar = image_path.with_suffix(ext)
+        if sidecar.is_file():
+            return sidecar if leads_out(sidecar, image_path.parent) is None else None
+    return None
 
 
 def read_caption(image_path: Path, entry: DatasetEntry) -> str:
@@ -45,12 +70,8 @@ def read_caption(image_path: Path, entry: DatasetEntry) -> str:
     elif entry.caption_strategy == "filename":
         caption = image_path.stem.replace("_", " ")
     else:
-        caption = ""
-        for ext in CAPTION_EXTENSIONS:
-            sidecar = image_path.with_suffix(ext)
-            if sidecar.is_file():
-                caption = sidecar.read_text(encoding="utf-8", errors="replace").strip()
-                break
+        sidecar = caption_file(image_path)
+        caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar else ""
     caption = " ".join(caption.split())
     if entry.trigger and entry.trigger not in caption:
         caption = f"{entry.trigger} {caption}".strip()
@@ -58,10 +79,10 @@ def read_caption(image_path: Path, entry: DatasetEntry) -> str:
 
 
 def find_mask(image_path: Path, mask_folder: Path) -> Path | None:
-    """The mask image with the same name (any image extension) as `image_path`."""
+    """The mask image with the same name (any image extension) as `image_path`; a link out of the folder is none."""
     for ext in IMAGE_EXTENSIONS:
         for candidate in (mask_folder / f"{image_path.stem}{ext}", mask_folder / f"{image_path.stem}{ext.upper()}"):
-            if candidate.is_file():
+            if candidate.is_file() and leads_out(candidate, mask_folder) is None:
                 return candidate
     return None
 

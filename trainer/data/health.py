@@ -23,12 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.data.datasets import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, find_mask, list_images
+from trainer.data.datasets import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, find_mask, links_out, list_images
 from trainer.data.health_report import HealthReport, HealthRow, ImageInfo, Kind, display_path, usable_images
 from trainer.data.images import decode_small, verify_mask
 from trainer.data.near_duplicates import Fingerprint, fingerprint, likely_duplicates
 from trainer.data.pairs import check_pairs
 from trainer.errors import UserError
+from trainer.folders import leads_out
 from trainer.spec import DatasetEntry, JobSpec
 
 # Left alone without a word: what file managers and editors drop into folders.
@@ -81,6 +82,8 @@ def _caption_problem(image: Path, trigger: str) -> str:
     for ext in CAPTION_EXTENSIONS:
         sidecar = image.with_suffix(ext)
         if sidecar.is_file():
+            if leads_out(sidecar, image.parent) is not None:
+                return f"caption file {sidecar.name} leads outside the folder (see its row); it trains with {fallback}"
             try:
                 text = sidecar.read_bytes().decode("utf-8")
             except UnicodeDecodeError:
@@ -102,6 +105,8 @@ def _stray_files(folder: Path, own: Sequence[str]) -> list[HealthRow]:
         name, suffix = path.name.lower(), path.suffix.lower()
         if name in _SILENT_NAMES or name.startswith("."):
             continue
+        if suffix in IMAGE_EXTENSIONS + CAPTION_EXTENSIONS and leads_out(path, folder) is not None:
+            continue  # a row of its own (`_link_rows`)
         if path.is_dir():
             if path.resolve() not in owned:
                 rows.append(HealthRow(path, "a subfolder: not searched (images must be directly in the dataset "
@@ -117,6 +122,17 @@ def _stray_files(folder: Path, own: Sequence[str]) -> list[HealthRow]:
                                         "ignored — convert it to PNG or JPEG to train on it", "warning", "ignored"))
         else:
             rows.append(HealthRow(path, "not a training image; ignored", "warning", "ignored"))
+    return rows
+
+
+def _link_rows(entry: DatasetEntry) -> list[HealthRow]:
+    """A row naming each image, caption, mask or reference of the entry's folders that links outside its folder."""
+    rows = []
+    for what, folder in (("dataset", entry.path), ("mask", entry.masks), ("reference", entry.conditioning or "")):
+        if folder and Path(folder).is_dir():
+            rows += [HealthRow(path, f"a link to {target}, outside the {what} folder: refused, never read; copy the "
+                                     "file into the folder to use it", "warning", "link")
+                     for path, target in links_out(Path(folder))]
     return rows
 
 
@@ -165,7 +181,7 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
         if not os.access(folder, os.R_OK | os.X_OK):  # listing it would raise PermissionError
             report.rows.append(HealthRow(folder, "cannot read this folder (permission denied)", "error", "dataset"))
             continue
-        report.rows += _stray_files(folder, (entry.masks, entry.conditioning or ""))
+        report.rows += _stray_files(folder, (entry.masks, entry.conditioning or "")) + _link_rows(entry)
         images = list_images(folder)
         if not images:
             report.rows.append(HealthRow(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder",

@@ -11,7 +11,8 @@ from typing import Literal, get_args
 Severity = Literal["error", "warning"]
 Verdict = Literal["ok", "warnings", "will not train"]
 # What a row is about, for grouping long reports: a folder of 300 uncaptioned images says so in a few lines.
-Kind = Literal["dataset", "count", "unreadable", "too small", "mask", "pair", "duplicate", "caption", "ignored"]
+Kind = Literal["dataset", "count", "link", "unreadable", "too small", "mask", "pair", "duplicate", "caption",
+               "ignored"]
 _KIND_ORDER = get_args(Kind)  # the order reports list them in
 
 @dataclass(frozen=True)

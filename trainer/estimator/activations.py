@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from trainer import registry
 from trainer.estimator.plans import LowVramPlan
-from trainer.estimator.shapes import BYTES, TEXT_ENCODERS, text_tokens
+from trainer.estimator.shapes import BYTES, TEXT_ENCODERS, WEIGHT_BYTES, TextEncoderShape, text_tokens
 from trainer.spec import JobSpec
 
 # Activation bytes per token per block per unit of hidden size h, saved for backward. Measured with
@@ -34,6 +34,12 @@ CHECKPOINT_FACTOR = {"double": 4.0, "single": 2.0}
 RECOMPUTE_FACTOR = 1.05
 OFFLOAD_KEPT_BLOCKS = 2  # checkpoint inputs on the GPU with cpu_offload_checkpointing: in flight both ways
 TEXT_ENCODER_RING = 2  # layer buffers of a streamed ("offload") text encoder
+# advanced.attention's working memory. flash-attn and xformers keep no s² probabilities but save an fp32
+# log-sum-exp per head and query token for backward; sdpa keeps nothing extra when torch picks a fused kernel and
+# the s² probabilities when it falls back to the math kernel (fused_attention = false); sage trains as sdpa and
+# samples with int8 copies of the queries and keys (SAGE_SAMPLING_BYTES per token per hidden unit).
+LSE_BYTES = {"flash": 4.0, "xformers": 4.0}
+SAGE_SAMPLING_BYTES = 2.0
 
 
 @dataclass(frozen=True)
@@ -45,16 +51,25 @@ class Activations:
 
 
 def training_activations(f: registry.Flavour, plan: LowVramPlan, tokens: int, batch: int, elem: int,
-                         fused_attention: bool) -> Activations:
-    """Bytes of activations for one forward+backward of one micro-batch under the plan's checkpointing and swap."""
+                         fused_attention: bool, backend: str = "sdpa") -> Activations:
+    """Bytes of activations for one forward+backward of one micro-batch under the plan's checkpointing and swap;
+    `backend`: advanced.attention."""
     every = plan.checkpointing_interval if plan.gradient_checkpointing else 0
     return _activations(f, plan.blocks_to_swap, every, plan.cpu_offload_checkpointing, tokens, batch, elem,
-                        fused_attention)
+                        fused_attention, backend)
+
+
+def attention_saved_per_block(f: registry.Flavour, backend: str, tokens: int, batch: int, elem: int,
+                              fused_attention: bool) -> float:
+    """What one block's attention keeps for backward beyond its inputs and output, by advanced.attention."""
+    if backend in LSE_BYTES:
+        return LSE_BYTES[backend] * f.num_heads * tokens * batch
+    return 0.0 if fused_attention else 4.0 * f.num_heads * tokens * tokens * batch * elem / 2
 
 
 @functools.lru_cache(maxsize=1024)  # the suggestion search asks for the same few plans again and again
 def _activations(f: registry.Flavour, blocks_to_swap: int, every: int, offload: bool, tokens: int, batch: int,
-                 elem: int, fused_attention: bool) -> Activations:
+                 elem: int, fused_attention: bool, backend: str = "sdpa") -> Activations:
     total = f.total_blocks
     swapped = min(blocks_to_swap, total)
     per_token = f.hidden_size * tokens * batch
@@ -85,10 +100,21 @@ def _activations(f: registry.Flavour, blocks_to_swap: int, every: int, offload: 
             saved = max(saved, alive + one_block)
     saved += NON_BLOCK_FACTOR[elem] * per_token
     # without a fused kernel the attention probabilities of every non-checkpointed block are saved for backward
-    per_block = 0.0 if fused_attention else 4.0 * f.num_heads * tokens * tokens * batch * elem / 2
+    per_block = attention_saved_per_block(f, backend, tokens, batch, elem, fused_attention)
     attention = per_block * (total - checkpointed + (1 if checkpointed else 0))
     # offloaded: every checkpointed block's input passes through pinned RAM
     return Activations(saved, attention, offloaded if offload else 0.0, checkpointed)
+
+
+def text_encoder_weights(shape: TextEncoderShape, precision: str) -> tuple[float, float]:
+    """(bytes of one repeated layer, bytes of everything else) of a text encoder stored in `precision`. A quantised
+    encoder (trainer/memory/quantize.py) stores every Linear quantised — the layers, an untied lm_head, CLIP
+    beside T5, a vision tower — and keeps the token table and the norms in bf16."""
+    if precision not in WEIGHT_BYTES:
+        return shape.layer_params * BYTES[precision], shape.outside_params * BYTES[precision]
+    table = shape.vocab * shape.hidden
+    outside = table * BYTES["bf16"] + (shape.outside_params - table) * WEIGHT_BYTES[precision]
+    return shape.layer_params * WEIGHT_BYTES[precision], outside
 
 
 def text_encoder_memory(f: registry.Flavour, spec: JobSpec, device: str) -> tuple[float, float, float, float]:
@@ -96,16 +122,20 @@ def text_encoder_memory(f: registry.Flavour, spec: JobSpec, device: str) -> tupl
     shape = None if f.is_demo else TEXT_ENCODERS.get(f.text_encoder_label)
     if shape is None:
         return 0.0, 0.0, 0.0, 0.0
-    elem = BYTES[spec.model.text_encoder_precision]
-    whole = shape.params * elem
+    precision = spec.model.text_encoder_precision
+    layer, outside = text_encoder_weights(shape, precision)
+    whole = shape.layers * layer + outside
+    elem = 2 if precision in WEIGHT_BYTES else BYTES[precision]  # a quantised encoder computes in bf16
     tokens = text_tokens(f)
     # every layer's hidden state is returned (output_hidden_states), a few temporaries, and the logits
     work = ((shape.layers + 9) * shape.hidden * tokens + tokens * shape.vocab) * elem
+    if precision in WEIGHT_BYTES:
+        work += shape.vocab * shape.hidden * 2  # a Linear dequantised while it computes: at most the lm_head's size
     if device == "gpu":
         return whole, whole + work, whole, 0.0
     if device == "offload":
         # trainer/memory/placement.py: the layers stream through a ring of 2 slots, everything else (token table,
         # lm_head, final norm, a vision tower) sits on the GPU; the layers' pinned masters stay in RAM
-        on_gpu = (TEXT_ENCODER_RING * shape.layer_params + shape.outside_params) * elem
-        return whole, on_gpu + work, on_gpu, shape.layers * shape.layer_params * elem
+        on_gpu = TEXT_ENCODER_RING * layer + outside
+        return whole, on_gpu + work, on_gpu, shape.layers * layer
     return whole, 0.0, 0.0, whole + work  # cpu

@@ -56,16 +56,44 @@ def plan_under(mode: str, plan: LowVramPlan) -> LowVramPlan:
     return replace(plan, blocks_to_swap=0, reason=f"{plan.reason}; no block swap under FSDP".lstrip("; "))
 
 
-def resolve_lowvram(spec: JobSpec, vram_gib: float | None, gpus: int = 1) -> LowVramPlan:
+def resolve_lowvram(spec: JobSpec, vram_gib: float | None, gpus: int = 1, ram_gib: float | None = None) -> LowVramPlan:
     """The plan the session runs. `vram_gib`: the GPU's memory (the job's lowvram.vram_gib wins); None: no GPU.
-    `gpus`: processes of a multi-GPU run, whose sharding (train.distributed) auto judges the bundles under."""
+    `gpus`: processes of a multi-GPU run, whose sharding (train.distributed) auto judges the bundles under.
+    `ram_gib`: the RAM available (the session and the app pass this machine's): with lowvram.swap_from unset,
+    swapped blocks wait on disk when the run would not fit that RAM with them in it but does with them on disk."""
     strategy = spec.lowvram.strategy
-    if strategy != "auto":
-        return bundle_plan(spec, strategy, reason="chosen in the job")
     target = spec.lowvram.vram_gib or vram_gib
-    if target is None:
-        return bundle_plan(spec, "none", reason="auto: no GPU, nothing to save")
-    return choose_auto(spec, target, gpus)
+    if strategy != "auto":
+        plan = bundle_plan(spec, strategy, reason="chosen in the job")
+    elif target is None:
+        plan = bundle_plan(spec, "none", reason="auto: no GPU, nothing to save")
+    else:
+        plan = choose_auto(spec, target, gpus)
+    return blocks_to_disk_if_needed(spec, plan, target, gpus, ram_gib)
+
+
+def blocks_to_disk_if_needed(spec: JobSpec, plan: LowVramPlan, vram_gib: float | None, gpus: int,
+                             ram_gib: float | None) -> LowVramPlan:
+    """`plan` with its swapped blocks on disk when they are what keeps the run from fitting `ram_gib`."""
+    if ram_gib is None or spec.lowvram.swap_from is not None or not plan.blocks_to_swap or plan.swap_from == "disk":
+        return plan
+    mode, reason = choose_mode(spec, gpus, vram_gib)
+    if mode == "fsdp":
+        return plan
+
+    def need(candidate: LowVramPlan) -> float:
+        # the first run: a later one with its embeddings cached needs no more
+        return estimate(spec, candidate, mode=mode, gpus=gpus, gpu_vram_gib=vram_gib,
+                        mode_reason=reason).first_run_ram_gib
+
+    if need(plan) <= ram_gib:
+        return plan
+    disk = replace(plan, swap_from="disk")
+    found = need(disk)
+    if found > ram_gib:
+        return plan
+    return replace(disk, reason=f"{plan.reason}; blocks on disk: {found:.1f} GiB of RAM fits the {ram_gib:.1f} "
+                                f"GiB available".lstrip("; "))
 
 
 def choose_auto(spec: JobSpec, vram_gib: float, gpus: int = 1) -> LowVramPlan:

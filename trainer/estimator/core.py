@@ -6,17 +6,18 @@ what each GPU holds under FSDP (sharding.py). One estimate takes well under a mi
 runs a binary search of them (auto.py), the suggestions (suggest.py) a few dozen. `estimate_job` (job.py) picks
 the plan and the mode as the run does.
 
-Phases follow the session: the pipeline is loaded to system RAM; text embeddings are cached with the text
-encoders where `plan.text_encoder_device` says ("gpu": the whole encoder on the GPU; "cpu": in RAM, run on the
-CPU; "offload": its layers in RAM, streamed to the GPU through a ring of 2 layer buffers, the rest of it on
-the GPU); the text encoders
-are freed; latents are cached with the VAE on the GPU; the VAE is parked in RAM (freed when nothing is
-sampled); the transformer goes to the GPU except its swapped blocks, whose frozen weights stay in (pinned) RAM
-and stream through a ring of `swap_prefetch + 1` GPU slots; the LoRA and optimiser are added; training;
-validation sampling brings the VAE back. With `data.cache_text_embeddings = "disk"` the estimate assumes a
-warm cache (a repeated run); what a first run needs is in `Estimate.notes`. With `gpus` N > 1 every process
-runs these phases at once: the VRAM is per GPU, the RAM for all N; under fsdp each GPU holds a share of the
-base and gathers blocks as they compute (trainer/estimator/sharding.py has the model).
+Phases follow the session, one model at a time: the text encoders load (with the VAE) and cache the text
+embeddings where `plan.text_encoder_device` says ("gpu": the whole encoder on the GPU; "cpu": in RAM, run on the
+CPU; "offload": its layers in RAM, streamed to the GPU through a ring of 2 layer buffers, the rest of it on the
+GPU), then are freed; latents are cached with the VAE on the GPU; the VAE is parked in RAM (freed when nothing
+is sampled); only then does the transformer load (never beside a text encoder: the loading peak is the larger
+of the two, not their sum) and go to the GPU except its swapped blocks, whose frozen weights stay in (pinned)
+RAM, or with `swap_from = "disk"` in the block cache file behind a staging ring of `swap_prefetch + 1` host
+buffers, and stream through a ring of `swap_prefetch + 1` GPU slots; the LoRA and optimiser are added;
+training; validation sampling brings the VAE back. With `data.cache_text_embeddings = "disk"` `ram_gib` assumes
+a warm cache (a repeated run); `first_run_ram_gib` is the peak when the embeddings are computed. With `gpus` N >
+1 every process runs these phases at once: the VRAM is per GPU, the RAM for all N; under fsdp each GPU holds a
+share of the base and gathers blocks as they compute (trainer/estimator/sharding.py has the model).
 
 Every field of the LowVramPlan counts:
 - blocks_to_swap: the first n blocks in execution order (double blocks first, as trainer/memory/block_swap.py
@@ -30,11 +31,13 @@ Every field of the LowVramPlan counts:
 - optimizer_offload: the optimiser state, fp32 masters of the LoRA weights and a gradient staging copy in RAM
   (trainer/memory/optimizer_memory.py); the weights and their gradients stay on the GPU;
 - fused_backward: only about one trainable tensor's gradient alive at a time instead of all of them;
-- text_encoder_device: see above.
+- text_encoder_device, swap_from: see above.
 
-Weights by storage precision (model.base_precision): fp32 4 B, bf16/fp16 2 B; fp8 and int8 1 B plus one fp32
-scale per output row; int4 and nf4 0.5 B plus one fp32 scale per 64 weights. Only the Linears inside blocks are
-quantised; modulation Linears, embedders, norm_out and proj_out stay in bf16. A quantised Linear is dequantised
+Weights by storage precision (model.base_precision, model.text_encoder_precision): fp32 4 B, bf16/fp16 2 B; fp8
+and int8 1 B plus one fp32 scale per output row; int4 and nf4 0.5 B plus one fp32 scale per 64 weights. Only the
+Linears inside blocks are quantised, FLUX.1's modulation Linears in model.modulation_precision's format
+(trainer.spec.modulation_format); embedders, norm_out and proj_out stay in bf16. A quantised text encoder keeps
+its token table in bf16. A quantised Linear is dequantised
 to bf16 while it computes: one copy of the largest such Linear is the "dequantisation workspace".
 
 Assumed (figures from shared/TECHNIQUES.md, "Activations" and "Optimiser", and measured on the CPU; see the
@@ -58,8 +61,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer import registry
+from trainer.attention import TRAINS_WITH
 from trainer.estimator.activations import (
     INFERENCE_FACTOR,
+    SAGE_SAMPLING_BYTES,
     Activations,
     text_encoder_memory,
     training_activations,
@@ -75,13 +80,14 @@ from trainer.estimator.shapes import (
     weight_layout,
 )
 from trainer.estimator.sharding import gathered_bytes, shard_bytes
-from trainer.spec import JobSpec
+from trainer.spec import JobSpec, modulation_format
 
 GIB = 1024**3
 CUDA_CONTEXT_GIB = 0.5
 ALLOCATOR_OVERHEAD = 0.10
 TIGHT_SHARE = 0.90
 PROCESS_RAM_GIB = 2.0  # python, torch and the CUDA libraries, before any model
+DISK_READ_GBPS = 3.0  # a typical NVMe (PCIe 3 x4 reads ≈3.5 GB/s sequentially), lowvram.disk_read_gbps unset
 CACHES_RAM_GIB = 0.1  # latents and embeddings cached in memory for a small dataset (see the note per caption)
 CONTEXT = "cuda context"
 OVERHEAD = "allocator overhead"
@@ -117,6 +123,8 @@ class Estimate:
     mode: str = "single"  # "single", "ddp" or "fsdp": how the GPUs share the job
     gpus: int = 1
     mode_reason: str = ""
+    first_run_ram_gib: float = 0.0  # the peak RAM when the text embeddings are computed (ram_gib: this job as set)
+    block_cache_gib: float = 0.0  # the block cache file on disk (lowvram.swap_from = "disk")
 
     def to_json(self) -> dict[str, Any]:
         def rounded(values: dict[str, float]) -> dict[str, float]:
@@ -125,6 +133,8 @@ class Estimate:
         return {
             "vram_gib": round(self.vram_gib, 3),
             "ram_gib": round(self.ram_gib, 3),
+            "first_run_ram_gib": round(self.first_run_ram_gib, 3),
+            "block_cache_gib": round(self.block_cache_gib, 3),
             # parts of zero are left out: a bar shows what is there
             "phases": {name: {"vram_gib": round(p.vram_gib, 3), "ram_gib": round(p.ram_gib, 3),
                               "parts": rounded({k: v for k, v in p.parts.items() if v > 0})}
@@ -182,6 +192,16 @@ class _Job:
     def vae_bytes(self) -> float:
         return 0.0 if self.f.is_demo else VAE_PARAMS * self.vae_elem
 
+    @property
+    def swapped(self) -> tuple[float, ...]:
+        """Bytes of each swapped block, in execution order."""
+        return self.layout.blocks[:min(self.plan.blocks_to_swap, self.f.total_blocks)]
+
+    @property
+    def on_disk(self) -> bool:
+        """The swapped blocks wait in the block cache file (lowvram.swap_from = "disk"; never under fsdp)."""
+        return self.plan.swap_from == "disk" and bool(self.swapped) and self.mode != "fsdp"
+
 
 @dataclass(frozen=True)
 class _Step:
@@ -211,6 +231,9 @@ def estimate(spec: JobSpec, plan: LowVramPlan, *, mode: str = "single", gpus: in
     train_ram = _training_ram(job, swapped_ram, step)
     phases = _phases(job, weights, step, train_ram)
     phases = {name: PhaseMemory(p.vram_gib, p.ram_gib * gpus / GIB, p.parts) for name, p in phases.items()}
+    loads = _loads(job)
+    first_run = max(sum(train_ram.values()), loads.loading(True), loads.caching_text(True)) * gpus / GIB
+    first_run = max(first_run, max(p.ram_gib for p in phases.values()))
     te_whole = text_encoder_memory(job.f, spec, job.plan.text_encoder_device)[0]
     components = {
         f"transformer ({job.precision})": job.layout.total / GIB,
@@ -221,9 +244,10 @@ def estimate(spec: JobSpec, plan: LowVramPlan, *, mode: str = "single", gpus: in
         vram_gib=max(p.vram_gib for p in phases.values()),
         ram_gib=max(p.ram_gib for p in phases.values()),
         phases=phases, breakdown=dict(phases["training step"].parts),
-        notes=_notes(job, step, weights, mode_reason),
+        notes=_notes(job, step, weights, mode_reason, first_run),
         ram_breakdown={name: value * gpus / GIB for name, value in train_ram.items()},
         components=components, plan=job.plan.describe(), mode=mode, gpus=gpus, mode_reason=mode_reason,
+        first_run_ram_gib=first_run, block_cache_gib=sum(job.swapped) / GIB if job.on_disk else 0.0,
     )
     vram = spec.lowvram.vram_gib if gpu_vram_gib is None else gpu_vram_gib
     if vram is not None:
@@ -236,7 +260,8 @@ def _job(spec: JobSpec, plan: LowVramPlan, mode: str, gpus: int) -> _Job:
     precision = spec.model.base_precision
     resolution = max(spec.data.every_resolution())
     image_tokens = (resolution // 16) ** 2
-    return _Job(spec, f, plan, mode, gpus, weight_layout(f, precision),
+    modulation = modulation_format(spec.model.family, precision, spec.model.modulation_precision)
+    return _Job(spec, f, plan, mode, gpus, weight_layout(f, precision, modulation),
                 compute_elem=4 if (spec.train.mixed_precision == "no" and precision == "fp32") else 2,
                 vae_elem=4 if precision == "fp32" else 2, resolution=resolution, image_tokens=image_tokens,
                 reference_tokens=_reference_tokens(spec, image_tokens))
@@ -285,13 +310,18 @@ def _training_step(job: _Job, fused_attention: bool) -> _Step:
     else:
         optimizer_bytes = lora_params * OPTIMIZER_BYTES[spec.train.optimizer]
     optimizer_gpu = 0.0 if plan.optimizer_offload else optimizer_bytes
-    act = training_activations(f, plan, job.tokens, spec.train.batch_size, job.compute_elem, fused_attention)
+    act = training_activations(f, plan, job.tokens, spec.train.batch_size, job.compute_elem, fused_attention,
+                               TRAINS_WITH[spec.advanced.attention])
     dequant = 2.0 * job.layout.largest_linear_params if job.precision in QUANTISED else 0.0
     optimizer_label = f"optimizer state ({spec.train.optimizer}" + (
         ", offloaded to RAM)" if plan.optimizer_offload else ")")
-    kept = {"lora weights (fp32)": lora_bytes, optimizer_label: optimizer_gpu, "dequantisation workspace": dequant}
+    ema_gpu = _ema_bytes(spec, lora_params, "gpu")
+    ema = {"lora EMA (fp32)": ema_gpu} if ema_gpu else {}
+    kept = {"lora weights (fp32)": lora_bytes, optimizer_label: optimizer_gpu, "dequantisation workspace": dequant,
+            **ema}
     dynamic = {
         "lora weights (fp32)": lora_bytes,
+        **ema,
         "lora grads (fp32" + (", fused backward: one tensor at a time)" if plan.fused_backward else ")"): grad_bytes,
         optimizer_label: optimizer_gpu,
         "activations" + _checkpointing_label(job, act): act.gpu,
@@ -302,17 +332,25 @@ def _training_step(job: _Job, fused_attention: bool) -> _Step:
     return _Step(dynamic, kept, optimizer_ram, act, modules, lora_params)
 
 
+def _ema_bytes(spec: JobSpec, lora_params: int, where: str) -> float:
+    """train.ema_decay: one fp32 copy of the LoRA, on the GPU or (ema_device = cpu) in system RAM."""
+    if spec.train.ema_decay is None or (spec.train.ema_device or "gpu") != where:
+        return 0.0
+    return lora_params * 4.0
+
+
 def _training_ram(job: _Job, swapped_ram: float, step: _Step) -> dict[str, float]:
     """System RAM per process during the training step, by part."""
     sampled = bool(job.spec.sample.prompts)
+    swapped_label, swapped_ram = _swapped_ram(job.plan, job.swapped, job.precision, job.on_disk)
     return {
         "process (python, torch, CUDA libraries)": PROCESS_RAM_GIB * GIB,
-        f"swapped base weights ({min(job.plan.blocks_to_swap, job.f.total_blocks)} blocks, {job.precision}"
-        + (", pinned)" if job.plan.pin_memory else ")"): swapped_ram,
+        swapped_label: swapped_ram,
         "vae (parked for sampling)": job.vae_bytes if sampled else 0.0,
         "optimizer state + fp32 lora masters and grads (offloaded)": step.optimizer_ram,
         "checkpoint inputs (offloaded)": step.activations.offloaded,
         "cached latents and embeddings (in memory)": CACHES_RAM_GIB * GIB,
+        "lora EMA (fp32, ema_device = cpu)": _ema_bytes(job.spec, step.lora_params, "cpu"),
     }
 
 
@@ -327,19 +365,20 @@ def _sampling_work(job: _Job) -> float:
     sample_tokens = (sample_res // 16) ** 2 * (2 if sample_references else 1) + text_tokens(f)
     cfg = 2 if (f.guidance == "cfg" and (spec.sample.guidance or f.sample_guidance) > 1.0) else 1
     denoise = INFERENCE_FACTOR[job.compute_elem] * f.hidden_size * sample_tokens * cfg
+    if spec.advanced.attention == "sage":
+        denoise += SAGE_SAMPLING_BYTES * f.hidden_size * sample_tokens * cfg
     decode = 0.0 if f.is_demo else VAE_PEAK_BYTES_PER_PIXEL * sample_res**2 * job.vae_elem / 2
     return max(denoise, decode)
 
 
 def _phases(job: _Job, weights: dict[str, float], step: _Step, train_ram: dict[str, float]) -> dict[str, PhaseMemory]:
-    """Every phase in the session's order; RAM per process: the loaded pipeline (the transformer quantised while it
-    streams in: one block in bf16 at a time), then what each phase leaves there (each process loads the whole
-    pipeline before it moves or shards it). The text encoders are skipped on a warm disk cache."""
+    """Every phase in the session's order; RAM per process, one model at a time (`_Loads`; each process loads the
+    whole pipeline before it moves or shards it). The text encoders are skipped on a warm disk cache."""
     spec, f, plan = job.spec, job.f, job.plan
     te_whole, te_gpu, te_gpu_weights, te_ram = text_encoder_memory(f, spec, plan.text_encoder_device)
     te_label = f"{f.text_encoder_label}, {spec.model.text_encoder_precision}, {plan.text_encoder_device}"
-    process, transformer_ram, vae_bytes = PROCESS_RAM_GIB * GIB, job.layout.total, job.vae_bytes
-    staging = max(weight_layout(f, "bf16").blocks) if job.precision in QUANTISED else 0.0
+    vae_bytes = job.vae_bytes
+    loads = _loads(job)
     vae_work = 0.0 if f.is_demo else VAE_PEAK_BYTES_PER_PIXEL * job.resolution**2 * job.vae_elem / 2
     ram_step = sum(train_ram.values())
     no_gpu: dict[str, float] = {}
@@ -352,18 +391,17 @@ def _phases(job: _Job, weights: dict[str, float], step: _Step, train_ram: dict[s
                            ram_step - train_ram["vae (parked for sampling)"] - step.activations.offloaded)
                 if spec.sample.prompts else PhaseMemory(0.0, 0.0))
     return {
-        "loading": _gpu_phase(no_gpu, no_gpu, process + transformer_ram + staging + vae_bytes
-                              + (te_whole if loaded else 0.0)),
-        "caching text embeddings": _gpu_phase(text_weights, text_work,
-                                              process + transformer_ram + vae_bytes + (te_ram if loaded else 0.0)),
+        "loading": _gpu_phase(no_gpu, no_gpu, loads.loading(loaded)),
+        "caching text embeddings": _gpu_phase(text_weights, text_work, loads.caching_text(loaded)),
         "caching latents": _gpu_phase({"vae": vae_bytes}, {"vae working memory (one image)": vae_work},
-                                      process + transformer_ram + CACHES_RAM_GIB * GIB),
+                                      loads.caching_latents()),
         "training step": _gpu_phase(weights, step.dynamic, ram_step),
         "validation sampling": sampling,
     }
 
 
-def _notes(job: _Job, step: _Step, weights: dict[str, float], mode_reason: str) -> list[str]:
+def _notes(job: _Job, step: _Step, weights: dict[str, float], mode_reason: str, first_run: float) -> list[str]:
+    """What the figures assume, in words; `first_run`: the first run's RAM, GiB."""
     spec, f, plan, gpus = job.spec, job.f, job.plan, job.gpus
     references = f" + {job.reference_tokens} reference" if job.reference_tokens else ""
     notes = [f"{step.modules} {spec.lora.type} modules, {step.lora_params:,} trainable parameters; {job.tokens} "
@@ -378,13 +416,80 @@ def _notes(job: _Job, step: _Step, weights: dict[str, float], mode_reason: str) 
         per_caption = text_tokens(f) * f.joint_attention_dim * 2 / 1024**2
         notes.append(f"each caption's cached text embedding takes {per_caption:.1f} MiB "
                      f"({'on disk' if not job.text_loaded else 'in RAM'})")
-    te_whole, te_gpu, te_gpu_weights, te_ram = text_encoder_memory(f, spec, plan.text_encoder_device)
+    te_whole, te_gpu, te_gpu_weights, _ = text_encoder_memory(f, spec, plan.text_encoder_device)
     if not job.text_loaded and te_whole:
         cold = _gpu_phase({"weights": te_gpu_weights}, {"work": te_gpu - te_gpu_weights}, 0.0)
-        ram = PROCESS_RAM_GIB * GIB + job.layout.total + job.vae_bytes + te_ram
         notes.append(f"assumes the text embeddings are already on disk; a first run caches them with the text encoder "
-                     f"({plan.text_encoder_device}): {cold.vram_gib:.1f} GiB VRAM, {ram * gpus / GIB:.1f} GiB RAM")
+                     f"({plan.text_encoder_device}): {cold.vram_gib:.1f} GiB VRAM, {first_run:.1f} GiB RAM")
+    if job.on_disk:
+        swapped = sum(job.swapped)
+        notes.append(_disk_note(spec, len(job.swapped), swapped - _swapped_ram(plan, job.swapped, job.precision,
+                                                                                True)[1], swapped))
     return notes
+
+
+def _swapped_ram(plan: LowVramPlan, swapped: tuple[float, ...], precision: str, on_disk: bool) -> tuple[str, float]:
+    """What the swapped blocks hold in RAM during training: all of them (pinned), or with blocks on disk the
+    staging ring of `swap_prefetch + 1` host buffers the size of the largest."""
+    if on_disk:
+        slots = min(len(swapped), plan.swap_prefetch + 1)
+        return (f"block staging ring ({slots} x largest swapped block, pinned; {len(swapped)} blocks wait on disk)",
+                slots * max(swapped))
+    return (f"swapped base weights ({len(swapped)} blocks, {precision}" + (", pinned)" if plan.pin_memory else ")"),
+            sum(swapped))
+
+
+def _transformer_load(f: registry.Flavour, layout: WeightLayout, precision: str, on_disk: tuple[float, ...]) -> float:
+    """The transformer's RAM peak while it streams in: quantised one block in bf16 at a time; the swapped blocks
+    `on_disk` go to the block cache as soon as each is complete, so at most one of them is in RAM."""
+    peak = layout.total + (max(weight_layout(f, "bf16").blocks) if precision in QUANTISED else 0.0)
+    return peak - sum(on_disk) + max(on_disk, default=0.0)
+
+
+@dataclass(frozen=True)
+class _Loads:
+    """RAM (bytes, one process) of the phases before training, which run in sequence (trainer/session.py): the
+    text encoders load with the VAE and cache the embeddings, then are freed; the VAE caches the latents and is
+    parked (or freed); the transformer loads last. Never a text encoder and the transformer at once."""
+
+    process: float
+    vae: float
+    parked_vae: float  # the VAE in RAM while the transformer loads: 0 when nothing is sampled
+    caches: float
+    te_whole: float
+    te_caching: float  # the text encoders' RAM while they run (0 on the GPU)
+    transformer: float  # the transformer's peak while it streams in
+
+    def loading(self, text_encoders: bool) -> float:
+        encoders = self.process + self.vae + self.te_whole if text_encoders else 0.0
+        return max(encoders, self.process + self.parked_vae + self.caches + self.transformer)
+
+    def caching_text(self, text_encoders: bool) -> float:
+        return self.process + self.vae + (self.te_caching if text_encoders else 0.0)
+
+    def caching_latents(self) -> float:
+        return self.process + self.vae + self.caches
+
+
+def _disk_note(spec: JobSpec, swapped: int, saved: float, cached: float) -> str:
+    """What blocks on disk save and may cost: each swapped block is read in forward and again when it is
+    recomputed in backward; the read-ahead hides this where the GPU computes a block for longer than the disk
+    takes to read the next one."""
+    speed = spec.lowvram.disk_read_gbps or DISK_READ_GBPS
+    seconds = 2 * cached / (speed * 1e9)
+    return (f"blocks on disk: {swapped} swapped blocks ({cached / GIB:.1f} GiB) in a block cache file beside the "
+            f"latents save {saved / GIB:.1f} GiB of RAM; at {speed:g} GB/s (lowvram.disk_read_gbps) reading them "
+            f"twice per micro-batch takes {seconds:.1f} s, the most a step can slow down where computing cannot "
+            "hide it (the OS page cache serves them faster while RAM is free)")
+
+
+def _loads(job: _Job) -> _Loads:
+    """The phases before training, in sequence, for `job` (bytes, one process)."""
+    te_whole, _, _, te_ram = text_encoder_memory(job.f, job.spec, job.plan.text_encoder_device)
+    sampled = bool(job.spec.sample.prompts)
+    transformer = _transformer_load(job.f, job.layout, job.precision, job.swapped if job.on_disk else ())
+    return _Loads(PROCESS_RAM_GIB * GIB, job.vae_bytes, job.vae_bytes if sampled else 0.0, CACHES_RAM_GIB * GIB,
+                  te_whole, te_ram, transformer)
 
 
 def _reference_tokens(spec: JobSpec, image_tokens: int) -> int:

@@ -24,13 +24,15 @@ class LowVramPlan:
     optimizer_offload: bool
     fused_backward: bool
     text_encoder_device: str
+    swap_from: str = "ram"  # where swapped blocks wait: "ram" (pinned) or "disk" (a block cache file)
     reason: str = ""  # how it was chosen, for the log
 
     def describe(self) -> str:
         parts = [f"strategy {self.strategy}"]
         if self.blocks_to_swap:
             parts.append(f"{self.blocks_to_swap} blocks swapped (prefetch {self.swap_prefetch}"
-                         f"{', pinned' if self.pin_memory else ', not pinned'})")
+                         f"{', pinned' if self.pin_memory else ', not pinned'}"
+                         f"{', read from disk' if self.swap_from == 'disk' else ''})")
         if self.gradient_checkpointing:
             every = "every block" if self.checkpointing_interval == 1 else f"every {self.checkpointing_interval} blocks"
             parts.append(f"checkpointing {every}" + (" with CPU offload" if self.cpu_offload_checkpointing else ""))

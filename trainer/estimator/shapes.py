@@ -18,6 +18,8 @@ from trainer import registry
 from trainer.adapters import _PRESET_PATTERNS  # torch-free at import
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5, "nf4": 0.5}
+# Bytes per weight of a large quantised Linear, its fp32 scales included (one per row: negligible; one per 64)
+WEIGHT_BYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5 + 4 / 64, "nf4": 0.5 + 4 / 64}
 QUANTISED = ("fp8", "int8", "int4", "nf4")
 # One fp32 scale per output row (fp8 e4m3, int8), or per group of 64 weights (int4, nf4: the bitsandbytes and
 # quanto default group size). What trainer/memory/quantize.py stores; recheck if it changes.
@@ -130,7 +132,7 @@ def block_index(f: registry.Flavour, name: str) -> int | None:
 
 
 def _is_modulation(name: str) -> bool:
-    # AdaLN modulation inside FLUX.1 blocks (norm1.linear, norm1_context.linear, norm.linear): kept in bf16
+    # AdaLN modulation inside FLUX.1 blocks (norm1.linear, norm1_context.linear, norm.linear)
     return ".norm" in name
 
 
@@ -159,8 +161,9 @@ class WeightLayout:
 
 
 @functools.lru_cache(maxsize=256)
-def weight_layout(f: registry.Flavour, precision: str) -> WeightLayout:
-    """Only block Linears are quantised; modulation Linears, embedders, norm_out and proj_out stay in bf16."""
+def weight_layout(f: registry.Flavour, precision: str, modulation: str | None = None) -> WeightLayout:
+    """Only block Linears are quantised; FLUX.1's in-block modulation Linears in `modulation` (a quantised
+    format, see trainer.spec.modulation_format) or, None, in bf16; embedders, norm_out and proj_out in bf16."""
     quantising = precision in QUANTISED
     plain = "bf16" if quantising else precision
     blocks = [_norms_per_block(f, i) * BYTES[plain] for i in range(f.total_blocks)]
@@ -170,8 +173,9 @@ def weight_layout(f: registry.Flavour, precision: str) -> WeightLayout:
         if index is None:
             other += linear_bytes(linear, plain, False)
             continue
-        quantised = quantising and not _is_modulation(linear.name)
-        blocks[index] += linear_bytes(linear, precision if quantised else plain, quantised)
+        stored = (modulation if _is_modulation(linear.name) else precision) if quantising else None
+        quantised = stored is not None
+        blocks[index] += linear_bytes(linear, stored if quantised else plain, quantised)
         if quantised:
             largest = max(largest, linear.in_features * linear.out_features)
     return WeightLayout(tuple(blocks), other, largest)

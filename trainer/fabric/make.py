@@ -1,19 +1,4 @@
-"""Fabricated models: seeded random weights of a flavour's real shapes, in the layouts users have.
-
-    python -m trainer fabricate klein-base-4b --layout hub   --out /work/fab/klein4b-hub
-    python -m trainer fabricate flux1-dev     --layout comfy --out /work/fab/flux1-comfy
-
-Layouts:
-  hub    the diffusers repo as the loader reads it: model_index.json, each component's config.json naming its
-         real class, sharded safetensors with their index (5 GB shards, as the hub's), the scheduler and small
-         tokenizers (ids far below the real vocabulary);
-  comfy  ComfyUI's single files with BFL / ComfyUI key names under models/ (diffusion_models, text_encoders, vae),
-         and source/: the same hub folder without weights, for model.source (configs, tokenizers, scheduler).
-
-Weights are written tensor by tensor (trainer/fabric/stream.py), never a whole model in memory. The folder is
-built as `.<name>.partial` beside the target and renamed at the end, with fabricated.json (what, how big, how long)
-written last, so a killed fabricate leaves nothing a later run would take for a model.
-"""
+"""Fabricating a model: what a flavour's files need, the room check, the atomic folder (see the package's doc)."""
 
 from __future__ import annotations
 
@@ -27,6 +12,7 @@ from typing import Any
 
 from trainer import registry
 from trainer.errors import UserError
+from trainer.fabric.layouts import file_specs, write_comfy, write_hub
 
 # CLI names -> (family, flavour)
 FLAVOURS = {"klein-base-4b": ("flux2", "klein-base-4b"), "klein-base-9b": ("flux2", "klein-base-9b"),
@@ -80,8 +66,6 @@ def _plan(flavour: registry.Flavour, small_encoders: bool) -> tuple[list, dict[s
 
 def needed_bytes(flavour: registry.Flavour, layout: str, small_encoders: bool = False) -> int:
     """What the fabricated folder takes on disk (the weights; configs and tokenizers are a few MB)."""
-    from trainer.fabric.layouts import file_specs
-
     components, _ = plan(flavour, layout, small_encoders)
     # the comfy VAE holds the hub VAE's tensors renamed (and its 1x1 attention reshaped): the same bytes
     return sum(spec.nbytes for c in components for spec in file_specs(flavour, c, "hub" if c.name == "vae" else layout))
@@ -123,8 +107,6 @@ def existing(out: Path, flavour: registry.Flavour, layout: str, seed: int) -> Fa
 def fabricate(flavour: registry.Flavour, layout: str, out: str | Path, seed: int = 0, small_encoders: bool = False,
               progress: Any = None) -> Fabricated:  # noqa: ANN401 - a print-like callable
     """Writes the fabricated `flavour` in `layout` to `out` (which must not exist yet) and returns where."""
-    from trainer.fabric.layouts import write_comfy, write_hub
-
     out = Path(out).expanduser().resolve()
     if out.exists():
         raise UserError(f"fabricate: --out '{out}' already exists; delete it or choose another folder")

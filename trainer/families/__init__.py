@@ -25,7 +25,8 @@ _MODULES = {"flux2": "trainer.families.flux2", "flux1": "trainer.families.flux1"
 class FamilyOps(Protocol):
     def load_pipeline(self, source: str, flavour: Flavour, dtype: torch.dtype, skip: tuple[str, ...] = (),
                       base_precision: str = "bf16", files: ModelFiles | None = None,
-                      emit: Callable[[Event], None] | None = None) -> Any: ...
+                      emit: Callable[[Event], None] | None = None, text_encoder_precision: str = "bf16",
+                      modulation: str | None = None) -> Any: ...
 
     def encode_prompts(self, pipe: Any, prompts: list[str], flavour: Flavour) -> dict[str, torch.Tensor]: ...
 

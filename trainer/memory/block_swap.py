@@ -39,10 +39,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from trainer.memory.block_store import BlockRecord, plain_name
+from trainer.memory.staging_ring import StagingRing
 from trainer.memory.swap_transfer import CpuTransfer, CudaTransfer, Transfer
 
 __all__ = ["BlockSwapper", "CpuTransfer", "CudaTransfer", "SwapStats", "Transfer", "flux_blocks"]
@@ -140,6 +143,33 @@ def _pack_layout(block: nn.Module, index: int) -> _Packed:
     return packed
 
 
+def _pack_from_record(block: nn.Module, index: int, record: BlockRecord) -> _Packed:
+    """The packed layout of a block whose frozen bytes wait in the block cache file: spans from its record (the
+    block's own frozen tensors are zero-element placeholders by now)."""
+    by_name = {t.name: t for t in record.tensors}
+    packed = _Packed(block=block, nbytes=record.nbytes)
+
+    def span(name: str) -> _Span:
+        found = by_name.pop(plain_name(name), None)
+        if found is None:
+            raise ValueError(f"block cache: swapped block {index} has no stored '{name}'; the cache does not match "
+                             "the model (delete it to rebuild)")
+        return _Span(found.offset, found.nbytes, found.dtype, torch.Size(found.shape))
+
+    for name, param in block.named_parameters():
+        if param.requires_grad:
+            packed.trainable.append(param)
+        else:
+            packed.params.append((param, span(name)))
+    for module_name, module in block.named_modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                packed.buffers.append(([(module, name)], span(f"{module_name}.{name}" if module_name else name)))
+    if by_name:
+        raise ValueError(f"block cache: swapped block {index} stores tensors the model lacks ({', '.join(by_name)})")
+    return packed
+
+
 def _view(flat: torch.Tensor, span: _Span) -> torch.Tensor:
     return flat[span.offset:span.offset + span.nbytes].view(span.dtype).view(span.shape)
 
@@ -150,10 +180,13 @@ def _inputs_need_grad(args: tuple, kwargs: dict) -> bool:
 
 class BlockSwapper:
     """Streams the first `swapped` of `blocks` (execution order) to `device`; the rest stay where the caller put
-    them. `prefetch`: swapped blocks copied ahead of the one computing (the ring has prefetch + 1 slots)."""
+    them. `prefetch`: swapped blocks copied ahead of the one computing (the ring has prefetch + 1 slots).
+    `disk`: (cache file, block records) when the swapped blocks wait on disk (trainer/memory/block_store.py): a
+    staging ring of prefetch + 1 host buffers is read ahead of use instead of keeping every block in RAM."""
 
     def __init__(self, blocks: Sequence[nn.Module], swapped: int, device: torch.device | str, prefetch: int = 1,
-                 pin_memory: bool = True, transfer: Transfer | None = None) -> None:
+                 pin_memory: bool = True, transfer: Transfer | None = None,
+                 disk: tuple[Path, list[BlockRecord]] | None = None) -> None:
         if not 0 <= swapped <= len(blocks):
             raise ValueError(f"blocks_to_swap {swapped} outside 0..{len(blocks)}")
         if prefetch < 0:
@@ -171,6 +204,8 @@ class BlockSwapper:
         self._unwaited: set[int] = set()  # slots whose last copy the compute stream has not waited for
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._placeholders: dict[torch.dtype, torch.Tensor] = {}
+        self.disk = disk
+        self.ring: StagingRing | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -202,6 +237,35 @@ class BlockSwapper:
             raise RuntimeError("block swap is already installed")
         if not self.swapped:
             return self
+        if self.disk is not None:
+            self._install_from_disk()
+        else:
+            self._install_in_ram()
+        largest = max(max(p.nbytes for p in self._packed), 1)
+        self._slots = [self.transfer.slot_buffer(largest) for _ in range(self.slot_count)]
+        self._occupant = [None] * self.slot_count
+        for index, block in enumerate(self.blocks):
+            # prepend: the weights are in place before any other pre-hook looks at the block
+            self._hooks.append(block.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True,
+                                                               prepend=True))
+        return self
+
+    def _install_from_disk(self) -> None:
+        path, records = self.disk
+        by_index = {record.index: record for record in records}
+        self._packed = [_pack_from_record(block, i, by_index[i]) for i, block in enumerate(self.blocks[:self.swapped])]
+        for packed in self._packed:
+            for param, span in packed.params:
+                param.data = self._placeholder(span.dtype)
+            for owners, span in packed.buffers:
+                for module, name in owners:
+                    module._buffers[name] = self._placeholder(span.dtype)
+            for param in packed.trainable:
+                param.data = param.data.to(self.device)
+        self.ring = StagingRing(path, [by_index[i] for i in range(self.swapped)], self.slot_count,
+                                self.transfer.host_buffer)
+
+    def _install_in_ram(self) -> None:
         self._packed = [_pack_layout(block, i) for i, block in enumerate(self.blocks[:self.swapped])]
         self._check_not_shared()
         for packed in self._packed:
@@ -219,14 +283,6 @@ class BlockSwapper:
                 if param.grad is not None:
                     param.grad = param.grad.to(self.device)
             packed.host = host
-        largest = max(max(p.nbytes for p in self._packed), 1)
-        self._slots = [self.transfer.slot_buffer(largest) for _ in range(self.slot_count)]
-        self._occupant = [None] * self.slot_count
-        for index, block in enumerate(self.blocks):
-            # prepend: the weights are in place before any other pre-hook looks at the block
-            self._hooks.append(block.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True,
-                                                               prepend=True))
-        return self
 
     def remove(self) -> None:
         """Give the swapped blocks ordinary host tensors again (frozen and trainable), free the ring and the host
@@ -237,6 +293,9 @@ class BlockSwapper:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self.ring is not None:
+            self._remove_disk()
+            return
         for packed in self._packed:
             host = packed.host
             for param, span in packed.params:
@@ -251,6 +310,23 @@ class BlockSwapper:
                     param.grad = param.grad.to("cpu")
             packed.host = None
             self.transfer.release_host(host)
+        self._packed, self._slots, self._occupant, self._unwaited = [], [], [], set()
+        self._placeholders = {}
+
+    def _remove_disk(self) -> None:
+        """Blocks on disk stay there: their frozen tensors become zero-element CPU placeholders (the model is being
+        freed; reading them back would need the RAM the disk saved)."""
+        for buffer in self.ring.close():
+            self.transfer.release_host(buffer)
+        for packed in self._packed:
+            for param, span in packed.params:
+                param.data = torch.empty(0, dtype=span.dtype)
+            for owners, span in packed.buffers:
+                for module, name in owners:
+                    module._buffers[name] = torch.empty(0, dtype=span.dtype)
+            for param in packed.trainable:
+                param.data = param.data.to("cpu")
+        self.ring = None
         self._packed, self._slots, self._occupant, self._unwaited = [], [], [], set()
         self._placeholders = {}
 
@@ -286,9 +362,13 @@ class BlockSwapper:
             ahead = range(min(index, self.swapped) - 1, -1, -1)
         else:
             ahead = range(index + 1, self.swapped)
+        upcoming_blocks = [b for b in ahead if self._occupant[b % self.slot_count] != b]
         for upcoming in list(ahead)[:self.prefetch]:
             if self._occupant[upcoming % self.slot_count] != upcoming:
                 self._load(upcoming)
+        if self.ring is not None:  # the disk reads run ahead of the device copies
+            for upcoming in upcoming_blocks[self.prefetch:self.prefetch + self.slot_count]:
+                self.ring.request(upcoming)
 
     def _refuse_unsafe_forward(self, index: int, args: tuple, kwargs: dict) -> None:
         if not torch.is_grad_enabled() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
@@ -307,8 +387,11 @@ class BlockSwapper:
         if evicted is not None:
             self._bind(self._packed[evicted], None)
         packed = self._packed[index]
+        source = self.ring.acquire(index) if self.ring is not None else packed.host[:packed.nbytes]
         # .data: the copy must not bump the version counter the block's views share (see the module docstring)
-        self.transfer.load(index, slot, packed.host[:packed.nbytes], self._slots[slot].data[:packed.nbytes])
+        self.transfer.load(index, slot, source, self._slots[slot].data[:packed.nbytes])
+        if self.ring is not None:
+            self.ring.release(index, self.transfer.copy_event(slot))
         self._bind(packed, self._slots[slot])
         self._occupant[slot] = index
         self._unwaited.add(slot)

@@ -71,14 +71,17 @@ class TextEncoderPlacement:
 
 
 def place_transformer(transformer: torch.nn.Module, blocks: Sequence[torch.nn.Module], device: torch.device,
-                      blocks_to_swap: int, prefetch: int, pin_memory: bool) -> BlockSwapper | None:
-    """The transformer on `device`, its first `blocks_to_swap` blocks streamed from CPU memory.
+                      blocks_to_swap: int, prefetch: int, pin_memory: bool,
+                      disk: tuple[Any, list] | None = None) -> BlockSwapper | None:
+    """The transformer on `device`, its first `blocks_to_swap` blocks streamed from CPU memory, or from the block
+    cache file through a staging ring when `disk` gives (file, block records).
 
     Call after the LoRA is added (the swapper keeps trainable weights on the GPU and only frozen ones on the
     host) and after checkpointing is enabled (swapped blocks must be checkpointed)."""
     swapper = None
     if blocks_to_swap:
-        swapper = BlockSwapper(list(blocks), blocks_to_swap, device, prefetch=prefetch, pin_memory=pin_memory)
+        swapper = BlockSwapper(list(blocks), blocks_to_swap, device, prefetch=prefetch, pin_memory=pin_memory,
+                               disk=disk)
         swapper.install()
     move_except(transformer, device, list(blocks[:blocks_to_swap]))
     return swapper

@@ -18,6 +18,15 @@ Block swap moves a block's tensors between devices as flat bytes, which tensor s
 bitsandbytes) would not survive. Forward dequantises to the input's dtype and calls F.linear; the gradient
 to the input dequantises again in backward, so no full-precision copy of a weight is kept for backward.
 
+Why this Linear and not optimum-quanto's or bitsandbytes' (both are dependencies: bitsandbytes gives the 8-bit
+optimisers and the NF4 reference LoftQ checks against): the base transformer and the text encoders are quantised
+while they stream from the file a slice of rows at a time, on the CPU when there is no GPU. quanto's
+`quantize`/`freeze` and bitsandbytes' `Linear4bit`/`Linear8bitLt` quantise a whole float weight that is already
+in memory (bitsandbytes when the layer moves to the GPU), so the load would peak at the bf16 model; and their
+weights are tensor subclasses (QTensor, Params4bit) that block swap, the streamed ("offload") text encoder and
+the block cache cannot pack as flat bytes. Here every format is plain buffers, NF4 uses bitsandbytes' levels and
+block size (so the stored values are its NF4 of the weight), and an fp8 file is kept as it is stored.
+
 `load_quantized_transformer` builds the model on the meta device and reads the safetensors files a slice of
 rows at a time, quantising each block Linear as it arrives; each read reopens the file, so the mapped pages
 of what was read are released at once and peak RAM stays near the final size plus one slice.
@@ -55,10 +64,13 @@ NF4_LEVELS = (
 _NF4_MIDPOINTS = tuple((a + b) / 2 for a, b in zip(NF4_LEVELS, NF4_LEVELS[1:], strict=False))
 _tables: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
-# Attention and MLP Linears inside the blocks. AdaLN modulation (`norm1.linear`, `norm1_context.linear`,
-# `norm.linear`) stays in the compute dtype, as do embedders, norm_out and proj_out outside the blocks:
-# keeping norms and modulation in bf16 is what keeps a quantised FLUX's quality.
+# Attention and MLP Linears inside the blocks. FLUX.1's AdaLN modulation (`norm1.linear`, `norm1_context.linear`,
+# `norm.linear`) is quantised only in the format trainer.spec.modulation_format gives (8-bit, as ComfyUI's fp8
+# checkpoints store it); embedders, norm_out and proj_out outside the blocks always stay in the compute dtype.
 _QUANTISED_LINEAR = re.compile(r"(single_)?transformer_blocks\.\d+\.(?!(.*\.)?norm).+")
+_MODULATION_LINEAR = re.compile(r"(single_)?transformer_blocks\.\d+\.(.*\.)?norm[^.]*\.linear")
+_BLOCK_PREFIX = re.compile(r"^((single_)?transformer_blocks\.\d+)\.")
+PLAIN = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _check_format(fmt: str) -> None:
@@ -275,6 +287,26 @@ class QuantizedLinear(torch.nn.Linear):
         return f"{super().extra_repr()}, format={self.format}"
 
 
+class QuantizedTextLinear(QuantizedLinear):
+    """A text encoder's quantised Linear. transformers' T5 casts its input to `wo.weight.dtype` before the last
+    projection; here `weight` is a zero-element tensor of the compute dtype, so that cast keeps the compute dtype
+    (the stored values are `qweight`). No adapter wraps a text encoder, so nothing else reads `weight`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # zero elements: on the CPU even for a layer built on the meta device (it has nothing to load)
+        self.register_buffer("dtype_marker", torch.empty(0, dtype=self.compute_dtype), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.dtype_marker
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantizedTextLinear:
+        super()._apply(fn, recurse)
+        self._buffers["dtype_marker"] = self._buffers["dtype_marker"].to(dtype=self.compute_dtype)
+        return self
+
+
 def is_quantized(module: torch.nn.Module) -> bool:
     return isinstance(module, QuantizedLinear)
 
@@ -305,9 +337,41 @@ def quantizable_names(model: torch.nn.Module) -> list[str]:
             if isinstance(module, torch.nn.Linear) and _QUANTISED_LINEAR.fullmatch(name) and ".lora_" not in name]
 
 
+def linear_formats(model: torch.nn.Module, precision: str, modulation: str | None = None) -> dict[str, str]:
+    """Linear name -> the format it is stored in, for the Linears a `precision` base quantises (none for
+    bf16/fp16/fp32) and, with `modulation`, FLUX.1's in-block modulation Linears in that format."""
+    formats = {name: precision for name in quantizable_names(model)} if precision in FORMATS else {}
+    if modulation is not None:
+        _check_format(modulation)
+        formats.update({name: modulation for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear) and _MODULATION_LINEAR.fullmatch(name)})
+    return formats
+
+
+def block_groups(names: list[str]) -> list[tuple[str | None, list[str]]]:
+    """Tensor names grouped by the block they belong to (`transformer_blocks.3`, None outside the blocks), each
+    block's names together, so a loader can hand a block on as soon as it is complete."""
+    groups: dict[str | None, list[str]] = {}
+    for name in sorted(names):
+        match = _BLOCK_PREFIX.match(name)
+        groups.setdefault(match.group(1) if match else None, []).append(name)
+    return list(groups.items())
+
+
 def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_model(model: torch.nn.Module, fmt: str, compute_dtype: torch.dtype,
+                   modulation: str | None = None) -> torch.nn.Module:
+    """Quantise an already loaded transformer in place (the rest is cast to `compute_dtype`); returns it.
+
+    Needs the whole model in memory first: to load a quantised base, `load_quantized_transformer` streams."""
+    _check_format(fmt)
+    for name, stored in linear_formats(model, fmt, modulation).items():
+        _replace(model, name, QuantizedLinear.from_linear(model.get_submodule(name), stored, compute_dtype))
+    return model.to(compute_dtype)
 
 
 # ---------------------------------------------------------------------------------------------- streaming
@@ -356,16 +420,22 @@ def _few(names: list[str]) -> str:
 
 
 def load_quantized_transformer(folder: str | Path, model_class: type, precision: str, compute_dtype: torch.dtype,
-                               work_device: torch.device | str | None = None) -> torch.nn.Module:
+                               work_device: torch.device | str | None = None, modulation: str | None = None,
+                               sink: Any = None) -> torch.nn.Module:  # noqa: ANN401 - a block_store.BlockSink
     """The transformer in `folder` (config.json and safetensors) on the CPU, its block Linears stored as
-    `precision` and everything else in `compute_dtype`, frozen and in eval mode.
+    `precision` (FLUX.1's modulation as `modulation`, None: the compute dtype) and everything else in
+    `compute_dtype`, frozen and in eval mode. `precision` may be bf16/fp16/fp32 too (a plain base streamed, for
+    the block cache).
 
-    Built on the meta device, then filled tensor by tensor; a block Linear's weight is read and quantised a
-    slice of rows at a time, so peak RAM is the final size plus one slice (about 16 MiB of fp32). The
-    quantising arithmetic runs on `work_device`, by default the GPU when there is one."""
+    Built on the meta device, then filled block by block; a quantised Linear's weight is read and quantised a
+    slice of rows at a time, so peak RAM is the final size plus one slice (about 16 MiB of fp32). A `sink`
+    (trainer.memory.block_store.BlockSink) takes each swapped block as soon as it is complete and frees it, or
+    skips reading it when the block cache already holds it. The quantising arithmetic runs on `work_device`, by
+    default the GPU when there is one."""
     from accelerate import init_empty_weights
 
-    _check_format(precision)
+    if precision not in PLAIN:
+        _check_format(precision)
     if work_device is None:
         work_device = "cuda" if torch.cuda.is_available() else "cpu"
     folder = Path(folder)
@@ -381,24 +451,35 @@ def load_quantized_transformer(folder: str | Path, model_class: type, precision:
             [f"it has {len(unexpected)} weights this model has not ({_few(unexpected)})"] if unexpected else [])
         raise UserError(f"model.source: the transformer in '{folder}' does not fit {model_class.__name__} with its "
                         f"config.json: {'; '.join(parts)}")
-    for name in quantizable_names(model):
+    for name, stored in linear_formats(model, precision, modulation).items():
         linear = model.get_submodule(name)
         _replace(model, name, QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None,
-                                              precision, compute_dtype, device="meta"))
-    for key, file in files.items():
-        module_name, _, attr = key.rpartition(".")
-        module = model.get_submodule(module_name)
-        quantised = isinstance(module, QuantizedLinear) and attr == "weight"
-        wanted = (module.out_features, module.in_features) if quantised else tuple(getattr(module, attr).shape)
-        if _shape(file, key) != wanted:
-            raise UserError(f"model.source: '{key}' in '{file.name}' has shape {_shape(file, key)}, the model's "
-                            f"config.json wants {wanted}")
-        if quantised:
-            module.load_weight(lambda start, stop, f=file, k=key: _read(f, k, torch.float32, (start, stop)),
-                               work_device=work_device)
-        elif attr in module._parameters:
-            module._parameters[attr] = torch.nn.Parameter(_read(file, key, compute_dtype), requires_grad=False)
-        else:
-            module._buffers[attr] = _read(file, key, compute_dtype)
+                                              stored, compute_dtype, device="meta"))
+    for prefix, keys in block_groups(list(files)):
+        if sink is None or sink.wants(prefix):
+            for key in keys:
+                _load_tensor(model, key, files[key], compute_dtype, work_device)
+        if sink is not None and prefix is not None:
+            sink.complete(prefix, model.get_submodule(prefix))
     model.register_to_config(_name_or_path=str(folder))
     return model.eval()
+
+
+def _load_tensor(model: torch.nn.Module, key: str, file: Path, compute_dtype: torch.dtype,
+                 work_device: torch.device | str) -> None:
+    """One tensor of the model from `file`: a quantised Linear's weight quantised as it streams, the rest read
+    whole in the compute dtype."""
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    quantised = isinstance(module, QuantizedLinear) and attr == "weight"
+    wanted = (module.out_features, module.in_features) if quantised else tuple(getattr(module, attr).shape)
+    if _shape(file, key) != wanted:
+        raise UserError(f"model.source: '{key}' in '{file.name}' has shape {_shape(file, key)}, the model's "
+                        f"config.json wants {wanted}")
+    if quantised:
+        module.load_weight(lambda start, stop: _read(file, key, torch.float32, (start, stop)),
+                           work_device=work_device)
+    elif attr in module._parameters:
+        module._parameters[attr] = torch.nn.Parameter(_read(file, key, compute_dtype), requires_grad=False)
+    else:
+        module._buffers[attr] = _read(file, key, compute_dtype)

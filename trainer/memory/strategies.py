@@ -29,16 +29,16 @@ CONCRETE = ("none", "conservative", "aggressive", "extreme")
 BUNDLES: dict[str, dict[str, Any]] = {
     "none": dict(blocks_to_swap=0.0, swap_prefetch=1, pin_memory=True, gradient_checkpointing=False,
                  checkpointing_interval=1, cpu_offload_checkpointing=False, optimizer_offload=False,
-                 fused_backward=False, text_encoder_device="gpu"),
+                 fused_backward=False, text_encoder_device="gpu", swap_from="ram"),
     "conservative": dict(blocks_to_swap=0.0, swap_prefetch=1, pin_memory=True, gradient_checkpointing=True,
                          checkpointing_interval=1, cpu_offload_checkpointing=False, optimizer_offload=False,
-                         fused_backward=False, text_encoder_device="offload"),
+                         fused_backward=False, text_encoder_device="offload", swap_from="ram"),
     "aggressive": dict(blocks_to_swap=0.5, swap_prefetch=1, pin_memory=True, gradient_checkpointing=True,
                        checkpointing_interval=1, cpu_offload_checkpointing=True, optimizer_offload=False,
-                       fused_backward=True, text_encoder_device="offload"),
+                       fused_backward=True, text_encoder_device="offload", swap_from="ram"),
     "extreme": dict(blocks_to_swap=1.0, swap_prefetch=2, pin_memory=True, gradient_checkpointing=True,
                     checkpointing_interval=1, cpu_offload_checkpointing=True, optimizer_offload=True,
-                    fused_backward=True, text_encoder_device="cpu"),
+                    fused_backward=True, text_encoder_device="cpu", swap_from="ram"),
 }
 _PLAN_KEYS = tuple(f.name for f in fields(LowVramPlan) if f.name not in ("strategy", "reason"))
 

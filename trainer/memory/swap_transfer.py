@@ -37,6 +37,11 @@ class Transfer(Protocol):
         """Make the compute stream wait for the last load into `slot` (on the device, not on the CPU)."""
         ...
 
+    def copy_event(self, slot: int) -> object | None:
+        """What marks the end of the last load into `slot` (a CUDA event), None when it has already finished:
+        a staging buffer it read from may be overwritten once it has."""
+        ...
+
     def finish(self) -> None:
         """Block the CPU until every copy is done (only when tearing down)."""
         ...
@@ -59,6 +64,9 @@ class CpuTransfer:
 
     def wait(self, slot: int) -> None:
         pass
+
+    def copy_event(self, slot: int) -> None:
+        return None  # the copy was synchronous
 
     def finish(self) -> None:
         pass
@@ -108,6 +116,9 @@ class CudaTransfer:
             done = torch.cuda.Event()
             done.record(self.stream)
         self._copied[slot] = done
+
+    def copy_event(self, slot: int) -> torch.cuda.Event | None:
+        return self._copied.get(slot)
 
     def wait(self, slot: int) -> None:
         done = self._copied.pop(slot, None)

@@ -76,24 +76,30 @@ class EventsFollower:
     """Reads the events appended to an events.jsonl since `offset`: whole lines only, so a line being written is
     read on the next call. The session appends to the file, so a new run starts reading at the old end."""
 
-    def __init__(self, path: Path, offset: int = 0) -> None:
+    def __init__(self, path: Path, offset: int = 0, inode: int | None = None) -> None:
         self.path = Path(path)
         self.offset = offset
+        self.inode = inode  # of the file `offset` counts in; None: whichever file is there
         self._partial = b""
 
     @classmethod
     def from_end(cls, path: Path) -> EventsFollower:
         """A follower of what is appended from now on."""
         try:
-            return cls(path, path.stat().st_size)
+            found = path.stat()
         except FileNotFoundError:
             return cls(path, 0)
+        return cls(path, found.st_size, found.st_ino)
 
     def read(self) -> list[Event]:
         try:
             with open(self.path, "rb") as handle:
-                if handle.seek(0, os.SEEK_END) < self.offset:  # replaced by a shorter file: read it whole
+                inode = os.fstat(handle.fileno()).st_ino
+                # A new run sets the earlier events.jsonl aside and writes a new one, perhaps longer already.
+                replaced = self.inode is not None and inode != self.inode
+                if replaced or handle.seek(0, os.SEEK_END) < self.offset:  # another file: read it whole
                     self.offset, self._partial = 0, b""
+                self.inode = inode
                 handle.seek(self.offset)
                 data = handle.read()
         except FileNotFoundError:

@@ -71,51 +71,118 @@ def _config_folder(folder: Path, component: str, slot_file: str) -> Path:
     return config
 
 
+_TEXT_KINDS = {"Qwen3ForCausalLM": "qwen3", "Mistral3ForConditionalGeneration": "mistral", "CLIPTextModel": "clip",
+               "T5EncoderModel": "t5"}
+
+
 def load_components(folder: Path, flavour: Flavour, dtype: torch.dtype, skip: tuple[str, ...], base_precision: str,
-                    files: ModelFiles, found: dict[str, Recognised]) -> dict[str, Any]:
-    """Component name -> module, for the components built here: those given as files, and a quantised
-    transformer streamed from the folder. The pipeline loads the others."""
+                    files: ModelFiles, found: dict[str, Recognised], text_encoder_precision: str = "bf16",
+                    modulation: str | None = None) -> dict[str, Any]:
+    """Component name -> module, for the components built here: those given as files, a quantised transformer
+    and quantised text encoders streamed from the folder. The pipeline loads the others."""
     import diffusers
 
-    from trainer.memory.quantize import FORMATS, load_quantized_transformer
-    from trainer.sources.single_file import load_text_encoder_file, load_transformer_file, load_vae_file
+    from trainer.memory.quantize import FORMATS
+    from trainer.sources.single_file import load_vae_file
 
     given = files.given()
     built: dict[str, Any] = {}
-    transformer_class = getattr(diffusers, flavour.transformer_class)
-    if "transformer" in skip:
-        pass
-    elif "transformer" in given:
-        built["transformer"] = load_transformer_file(
-            given["transformer"], found["transformer"], _config_folder(folder, "transformer", given["transformer"]),
-            transformer_class, base_precision, dtype)
-    elif base_precision in FORMATS:
-        built["transformer"] = load_quantized_transformer(folder / "transformer", transformer_class, base_precision,
-                                                          dtype)
+    if "transformer" not in skip and ("transformer" in given or base_precision in FORMATS):
+        built["transformer"] = load_transformer_from(folder, flavour, dtype, base_precision, files, found, modulation)
     if "vae" in given and "vae" not in skip:
         built["vae"] = load_vae_file(given["vae"], found["vae"], _config_folder(folder, "vae", given["vae"]),
                                      getattr(diffusers, flavour.vae_class), dtype)
     for index, slot in enumerate(("text_encoder", "text_encoder_2")):
-        if slot in given and slot not in skip:
-            layers = flavour.text_encoder_layers if flavour.family == "flux2" else ()
-            built[slot] = load_text_encoder_file(given[slot], found[slot], _config_folder(folder, slot, given[slot]),
-                                                 flavour.text_encoders[index], dtype, layers)
+        if slot not in skip and index < len(flavour.text_encoders) and (
+                slot in given or text_encoder_precision in FORMATS):
+            built[slot] = _text_encoder(folder, flavour, index, dtype, text_encoder_precision, files, found)
     return built
+
+
+def _text_encoder(folder: Path, flavour: Flavour, index: int, dtype: torch.dtype, precision: str, files: ModelFiles,
+                  found: dict[str, Recognised]) -> torch.nn.Module:
+    """A text encoder from its single file, or streamed (quantised) from the folder's shards."""
+    from trainer.sources.reader import FileReader
+    from trainer.sources.single_file import fill_text_encoder
+
+    slot = ("text_encoder", "text_encoder_2")[index]
+    class_name = flavour.text_encoders[index]
+    layers = flavour.text_encoder_layers if flavour.family == "flux2" else ()
+    given = files.given()
+    if slot in given:
+        readers = [FileReader(given[slot], found[slot].prefix, f"model.{slot}")]
+        return fill_text_encoder(readers, found[slot], _config_folder(folder, slot, given[slot]), class_name, dtype,
+                                 layers, precision)
+    shards = sorted((folder / slot).glob("*.safetensors"))
+    if not shards:
+        raise UserError(f"model.source: '{folder / slot}' holds no safetensors weights for the {class_name}")
+    kind = _TEXT_KINDS[class_name]
+    readers = [FileReader(shard, "", f"model.{slot}") for shard in shards]
+    return fill_text_encoder(readers, Recognised(kind, class_name, layout="hf"), folder / slot, class_name, dtype,
+                             layers, precision)
+
+
+def load_transformer_from(folder: Path, flavour: Flavour, dtype: torch.dtype, base_precision: str, files: ModelFiles,
+                          found: dict[str, Recognised], modulation: str | None = None,
+                          sink: Any = None) -> torch.nn.Module:  # noqa: ANN401 - a block_store.BlockSink
+    """The transformer: from its single file, else streamed from the folder (quantised, or whole blocks handed to
+    a block-cache `sink`), else as diffusers loads it."""
+    import diffusers
+
+    from trainer.memory.quantize import FORMATS, load_quantized_transformer
+    from trainer.sources.single_file import load_transformer_file
+
+    transformer_class = getattr(diffusers, flavour.transformer_class)
+    given = files.given()
+    if "transformer" in given:
+        return load_transformer_file(given["transformer"], found["transformer"],
+                                     _config_folder(folder, "transformer", given["transformer"]), transformer_class,
+                                     base_precision, dtype, modulation=modulation, sink=sink)
+    if base_precision in FORMATS or sink is not None:
+        return load_quantized_transformer(folder / "transformer", transformer_class, base_precision, dtype,
+                                          modulation=modulation, sink=sink)
+    model = transformer_class.from_pretrained(str(folder / "transformer"), torch_dtype=dtype, use_safetensors=True)
+    return model.requires_grad_(False).eval()
+
+
+def transformer_weight_files(source: str, flavour: Flavour, files: ModelFiles) -> list[Path]:
+    """The files the transformer's weights come from (for the block cache's content key); a hub source is
+    resolved to its local snapshot (fetched if needed)."""
+    if files.transformer:
+        return [Path(files.transformer)]
+    skip = tuple(c for c in flavour.components if c != "transformer")
+    folder = local_folder(source, flavour, skip, files)
+    return sorted((folder / "transformer").glob("*.safetensors"))
+
+
+def load_transformer(source: str, flavour: Flavour, dtype: torch.dtype, base_precision: str = "bf16",
+                     files: ModelFiles | None = None, emit: Callable[[Event], None] | None = None,
+                     modulation: str | None = None, sink: Any = None) -> torch.nn.Module:  # noqa: ANN401
+    """The transformer alone, after the text encoders are gone (trainer/session.py loads in phases)."""
+    files = files or ModelFiles()
+    found = recognise_files(ModelFiles(transformer=files.transformer), flavour)
+    skip = tuple(c for c in flavour.components if c != "transformer")
+    folder = local_folder(source, flavour, skip, files, emit)
+    return load_transformer_from(folder, flavour, dtype, base_precision, files, found, modulation, sink)
 
 
 def load_pipeline(source: str, flavour: Flavour, dtype: torch.dtype, skip: tuple[str, ...] = (),
                   base_precision: str = "bf16", files: ModelFiles | None = None,
-                  emit: Callable[[Event], None] | None = None) -> Any:
+                  emit: Callable[[Event], None] | None = None, text_encoder_precision: str = "bf16",
+                  modulation: str | None = None) -> Any:  # noqa: ANN401 - a diffusers pipeline
     """The flavour's pipeline from `source` and the single `files`; components in `skip` stay None.
 
-    `dtype` is the compute dtype; `base_precision` the storage of the frozen transformer (fp8/int8/int4/nf4 are
-    quantised while the weights stream). `emit` receives download progress events."""
+    `dtype` is the compute dtype; `base_precision` the storage of the frozen transformer and
+    `text_encoder_precision` of the text encoders (fp8/int8/int4/nf4 are quantised while the weights stream;
+    `modulation`: FLUX.1's modulation format, see trainer.spec.modulation_format). `emit` receives download
+    progress events."""
     import diffusers
 
     files = files or ModelFiles()
     found = recognise_files(files, flavour)
     folder = local_folder(source, flavour, skip, files, emit)
-    built = load_components(folder, flavour, dtype, skip, base_precision, files, found)
+    built = load_components(folder, flavour, dtype, skip, base_precision, files, found, text_encoder_precision,
+                            modulation)
     # FLUX.2 dev's PixtralProcessor needs torchvision: its tokenizer, all the pipeline uses, loads alone
     built.update(load_processor_tokenizers(folder, (*skip, *built)))
     pipeline_class = getattr(diffusers, flavour.pipeline_class)

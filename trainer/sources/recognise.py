@@ -101,6 +101,7 @@ class Recognised:
     guidance: bool = False
     fp8: str = ""  # "e4m3" / "e5m2" when the weights are stored in fp8
     scaled: bool = False  # fp8 with scales (ComfyUI scaled_fp8 / weight_scale)
+    packed: str = ""  # the dtype of weights stored in a packed format this trainer cannot read (U8, I8, ...)
     architecture: Architecture | None = None  # transformers: what their header shapes say they are built as
 
 
@@ -127,6 +128,15 @@ def _fp8(infos: dict[str, TensorInfo]) -> tuple[str, bool]:
     kind = "e4m3" if "F8_E4M3" in dtypes else "e5m2" if "F8_E5M2" in dtypes else ""
     scaled = any(name.endswith((".scale_weight", ".weight_scale")) for name in infos)
     return kind, scaled
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
+
+def _packed(infos: dict[str, TensorInfo]) -> str:
+    """The first non-float dtype among the weights (a packed 4-bit or GGUF-style layout), '' when all are floats."""
+    return next((info.dtype for name, info in sorted(infos.items())
+                 if name.endswith(".weight") and info.dtype not in _FLOAT_DTYPES), "")
 
 
 def _storage(layout: str, fp8: str, scaled: bool) -> str:
@@ -213,7 +223,7 @@ def _clip(keys: list[str], infos: dict[str, TensorInfo]) -> Recognised | None:
     fp8, scaled = _fp8(infos)
     return Recognised("clip", f"{_CLIP_NAMES.get(width, 'CLIP')} text encoder{_storage('', fp8, scaled)} [{layers} "
                       f"layers of {width}]", layout="hf", prefix=prefix, hidden_size=width, layers=layers, fp8=fp8,
-                      scaled=scaled)
+                      scaled=scaled, packed=_packed(infos))
 
 
 def _t5(keys: list[str], infos: dict[str, TensorInfo]) -> Recognised | None:
@@ -225,7 +235,7 @@ def _t5(keys: list[str], infos: dict[str, TensorInfo]) -> Recognised | None:
     fp8, scaled = _fp8(infos)
     return Recognised("t5", f"{'T5-XXL' if width == 4096 else 'T5'} text encoder{_storage('', fp8, scaled)} "
                       f"[{layers} blocks of {width}]", layout="hf", prefix=prefix, hidden_size=width, layers=layers,
-                      fp8=fp8, scaled=scaled)
+                      fp8=fp8, scaled=scaled, packed=_packed(infos))
 
 
 def _decoder(keys: list[str], infos: dict[str, TensorInfo]) -> Recognised | None:
@@ -246,7 +256,8 @@ def _decoder(keys: list[str], infos: dict[str, TensorInfo]) -> Recognised | None
         name = _QWEN3_NAMES.get(width, "Qwen3") if qwen3 else \
             "Mistral-Small-3.1-24B" if width == 5120 else "Mistral-type"
         return Recognised(kind, f"{name} text encoder{_storage('', fp8, scaled)} [{layers} layers of {width}]",
-                          layout="hf", prefix=prefix, hidden_size=width, layers=layers, fp8=fp8, scaled=scaled)
+                          layout="hf", prefix=prefix, hidden_size=width, layers=layers, fp8=fp8, scaled=scaled,
+                          packed=_packed(infos))
     return None
 
 
@@ -347,6 +358,10 @@ def slot_problem(slot: str, path: str | Path, found: Recognised, flavour: regist
         return f"{field}: '{name}' is {found.label}; {flavour.label} needs {wanted.label}"
     if wanted.hidden_size and found.hidden_size != wanted.hidden_size:
         return f"{field}: '{name}' is the {found.label}; {flavour.label} needs {wanted.label}"
+    if found.packed:
+        return (f"{field}: '{name}' is the {found.label} with its weights packed as {found.packed} (a 4-bit format "
+                "such as bitsandbytes nf4, or GGUF), which this trainer cannot read; use a bf16, fp16 or fp8 file and "
+                "set model.text_encoder_precision to quantise it while it loads")
     return None
 
 

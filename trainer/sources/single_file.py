@@ -43,52 +43,64 @@ def _still_empty(model: torch.nn.Module) -> list[str]:
 
 
 def load_transformer_file(path: str | Path, found: Recognised, config_folder: str | Path, model_class: type,
-                          precision: str, dtype: torch.dtype,
-                          work_device: torch.device | str | None = None) -> torch.nn.Module:
+                          precision: str, dtype: torch.dtype, work_device: torch.device | str | None = None,
+                          modulation: str | None = None,
+                          sink: Any = None) -> torch.nn.Module:  # noqa: ANN401 - a block_store.BlockSink
     """The transformer of a single file (BFL or diffusers layout), configured by `config_folder`/config.json,
-    frozen and in eval mode on the CPU; `precision` fp8/int8/int4/nf4 stores the block Linears quantised."""
+    frozen and in eval mode on the CPU; `precision` fp8/int8/int4/nf4 stores the block Linears quantised (FLUX.1's
+    modulation in `modulation`, None: the compute dtype). A `sink` takes each swapped block once it is complete
+    (trainer.memory.block_store.BlockSink), or skips reading it when the block cache holds it."""
     from accelerate import init_empty_weights
 
-    from trainer.memory.quantize import FORMATS, QuantizedLinear, quantizable_names
+    from trainer.memory.quantize import QuantizedLinear, block_groups, linear_formats
 
-    field = "model.transformer"
-    reader = FileReader(path, found.prefix, field)
+    reader = FileReader(path, found.prefix, "model.transformer")
     with init_empty_weights():
         model = model_class.from_config(model_class.load_config(str(config_folder)))
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     plan = transformer_plan(found.family, shapes) if found.layout == "bfl" else identity_plan(shapes)
     _check_against(reader, plan, shapes, Path(config_folder))
-    quantised: set[str] = set()
-    if precision in FORMATS:
-        if work_device is None:
-            work_device = "cuda" if torch.cuda.is_available() else "cpu"
-        for name in quantizable_names(model):
-            linear = model.get_submodule(name)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, QuantizedLinear(
-                linear.in_features, linear.out_features, linear.bias is not None, precision, dtype, device="meta"))
-            quantised.add(f"{name}.weight")
-    for name, pieces in plan.items():
-        rows = shapes[name][0] if shapes[name] else 1
-        if name not in quantised:
-            tensor = reader.gather(pieces, 0, rows, dtype) if shapes[name] else reader.tensor(pieces[0].key, dtype)
-            _set_tensor(model, name, tensor.reshape(shapes[name]))
-            continue
-        layer = model.get_submodule(name.rpartition(".")[0])
-        first = pieces[0]
-        if precision == "fp8" and len(pieces) == 1 and reader.is_e4m3(first.key):
-            # The file's e4m3 values with one scale per tensor (or row) are our fp8 format already: kept exactly.
-            scale = reader.scale(first.key, first.start, first.stop)
-            layer.qweight = reader.stored_rows(first.key, first.start, first.stop)
-            layer.scale = (torch.ones(rows) if scale is None else scale.reshape(-1).expand(rows)).float().contiguous()
-            continue
-        layer.load_weight(lambda start, stop, p=pieces: reader.gather(p, start, stop, torch.float32),
-                          work_device=work_device)
+    quantised: dict[str, str] = {}
+    for name, stored in linear_formats(model, precision, modulation).items():
+        linear = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantizedLinear(
+            linear.in_features, linear.out_features, linear.bias is not None, stored, dtype, device="meta"))
+        quantised[f"{name}.weight"] = stored
+    if work_device is None:
+        work_device = "cuda" if torch.cuda.is_available() else "cpu"
+    for prefix, names in block_groups(list(plan)):
+        if sink is None or sink.wants(prefix):
+            for name in names:
+                _fill(model, reader, name, plan[name], shapes[name], quantised.get(name), dtype, work_device)
+        if sink is not None and prefix is not None:
+            sink.complete(prefix, model.get_submodule(prefix))
     empty = _still_empty(model)
     if empty:
         raise UserError(f"model.transformer: '{reader.path.name}' left {len(empty)} tensors unset ({_few(empty)})")
     model.register_to_config(_name_or_path=str(path))
     return model.eval()
+
+
+def _fill(model: torch.nn.Module, reader: FileReader, name: str, pieces: tuple, shape: tuple[int, ...],
+          stored: str | None, dtype: torch.dtype, work_device: torch.device | str) -> None:
+    """One diffusers tensor from its file pieces: quantised as it streams when `stored` names a format, else in
+    the compute `dtype`."""
+    rows = shape[0] if shape else 1
+    if stored is None:
+        tensor = reader.gather(pieces, 0, rows, dtype) if shape else reader.tensor(pieces[0].key, dtype)
+        _set_tensor(model, name, tensor.reshape(shape))
+        return
+    layer = model.get_submodule(name.rpartition(".")[0])
+    first = pieces[0]
+    if stored == "fp8" and len(pieces) == 1 and reader.is_e4m3(first.key):
+        # The file's e4m3 values with one scale per tensor (or row) are our fp8 format already: kept exactly.
+        scale = reader.scale(first.key, first.start, first.stop)
+        layer.qweight = reader.stored_rows(first.key, first.start, first.stop)
+        layer.scale = (torch.ones(rows) if scale is None else scale.reshape(-1).expand(rows)).float().contiguous()
+        return
+    layer.load_weight(lambda start, stop, p=pieces: reader.gather(p, start, stop, torch.float32),
+                      work_device=work_device)
 
 
 def _check_against(reader: FileReader, plan: dict, shapes: dict[str, tuple[int, ...]], config_folder: Path) -> None:
@@ -166,47 +178,50 @@ def _layer_stem(expected: dict[str, Any]) -> str:
 
 
 def load_text_encoder_file(path: str | Path, found: Recognised, config_folder: str | Path, class_name: str,
-                           dtype: torch.dtype, hidden_layers: tuple[int, ...] = ()) -> torch.nn.Module:
-    """A text encoder from a single file (ComfyUI's qwen_3_*, Mistral, clip_l, t5xxl; fp8 ones dequantised),
-    configured by `config_folder`/config.json. A decoder file cut short (ComfyUI's pruned Mistral for FLUX.2)
-    loads when it keeps every layer up to the deepest hidden state in `hidden_layers`."""
+                           dtype: torch.dtype, hidden_layers: tuple[int, ...] = (),
+                           precision: str = "") -> torch.nn.Module:
+    """A text encoder from a single file (ComfyUI's qwen_3_*, Mistral, clip_l, t5xxl; fp8 ones dequantised, or kept
+    as they are with `precision` fp8), configured by `config_folder`/config.json. A decoder file cut short (ComfyUI's
+    pruned Mistral for FLUX.2) loads when it keeps every layer up to the deepest hidden state in `hidden_layers`.
+    `precision` fp8/int8/int4/nf4: every Linear is quantised while it streams in (see `fill_text_encoder`)."""
+    field = "model.text_encoder_2" if found.kind == "t5" and class_name == "T5EncoderModel" else "model.text_encoder"
+    return fill_text_encoder([FileReader(path, found.prefix, field)], found, config_folder, class_name, dtype,
+                             hidden_layers, precision)
+
+
+def fill_text_encoder(readers: list[FileReader], found: Recognised, config_folder: str | Path, class_name: str,
+                      dtype: torch.dtype, hidden_layers: tuple[int, ...] = (), precision: str = "") -> torch.nn.Module:
+    """The text encoder whose tensors `readers` hold (one single file, or the shards of a diffusers folder's
+    text_encoder/), built on the meta device and filled tensor by tensor. With a quantised `precision` its Linears
+    (layers, an untied lm_head, a vision tower) are quantised a slice of rows at a time, so the peak is the final
+    size plus one slice; the token table and norms stay in `dtype`."""
     import transformers
     from accelerate import init_empty_weights
 
-    field = "model.text_encoder_2" if found.kind == "t5" and class_name == "T5EncoderModel" else "model.text_encoder"
-    reader = FileReader(path, found.prefix, field)
+    field, name0 = readers[0].field, readers[0].path.name
     model_class = getattr(transformers, class_name)
     config = transformers.AutoConfig.from_pretrained(str(config_folder))
     with init_empty_weights():
         model = model_class(config)
-    expected = model.state_dict()
-    if found.kind in ("qwen3", "mistral"):
-        stem = _layer_stem(expected)
-        layers = model.get_submodule(stem.rstrip("."))
-        if found.layers < len(layers):
-            needed = max(hidden_layers, default=len(layers) - 1) + 1  # the deepest one must not be the normed last
-            if found.layers < needed:
-                raise UserError(f"{field}: '{reader.path.name}' has {found.layers} layers; this model reads hidden "
-                                f"state {needed - 1}, so it needs at least {needed}")
-            del layers[found.layers:]  # a pruned file: the layers it lacks are never used
-            text_config = getattr(model.config, "text_config", model.config)
-            text_config.num_hidden_layers = found.layers
-            if getattr(text_config, "layer_types", None):
-                text_config.layer_types = text_config.layer_types[:found.layers]
-            expected = {k: v for k, v in model.state_dict().items()
-                        if not (k.startswith(stem) and int(k[len(stem):].split(".")[0]) >= found.layers)}
-    names = {name: _text_key(found.kind, name, expected) for name in reader.names()}
+    expected = _prune_layers(model, found, field, name0, hidden_layers)
+    sources = {name: reader for reader in readers for name in reader.names()}
+    names = {name: _text_key(found.kind, name, expected) for name in sources}
     extra = sorted(name for name, key in names.items()
                    if key is None and not (found.kind == "clip" and name.endswith(_CLIP_EXTRAS)))
     names = {name: key for name, key in names.items() if key is not None}
     if extra:
-        raise UserError(f"{field}: '{reader.path.name}' has {len(extra)} tensors {class_name} from "
+        raise UserError(f"{field}: '{name0}' has {len(extra)} tensors {class_name} from "
                         f"'{Path(config_folder) / 'config.json'}' has not ({_few(extra)})")
+    quantised = _quantise_text_linears(model, set(names.values()), precision, dtype)
     for name, key in names.items():
+        reader = sources[name]
         if tuple(expected[key].shape) != reader.shape(name):
             raise UserError(f"{field}: '{reader.path.name}': '{name}' is {reader.shape(name)}, the config at "
                             f"'{Path(config_folder) / 'config.json'}' wants {tuple(expected[key].shape)}")
-        _set_tensor(model, key, reader.tensor(name, dtype))
+        if key in quantised:
+            _stream_quantised(model.get_submodule(key.rpartition(".")[0]), reader, name, precision)
+        else:
+            _set_tensor(model, key, reader.tensor(name, dtype))
     tower = getattr(getattr(model, "model", None), "vision_tower", None)
     if found.kind == "mistral" and tower is not None and all(p.is_meta for p in tower.parameters()):
         # ComfyUI's Mistral file is the language model alone; the image tower only reads images, never prompts.
@@ -215,10 +230,62 @@ def load_text_encoder_file(path: str | Path, found: Recognised, config_folder: s
     _tie_unused_heads(model)
     empty = _still_empty(model)
     if empty:
-        raise UserError(f"{field}: '{reader.path.name}' lacks {len(empty)} tensors {class_name} needs "
-                        f"({_few(empty)})")
+        raise UserError(f"{field}: '{name0}' lacks {len(empty)} tensors {class_name} needs ({_few(empty)})")
     model.requires_grad_(False)
     return model.eval()
+
+
+def _prune_layers(model: torch.nn.Module, found: Recognised, field: str, name: str,
+                  hidden_layers: tuple[int, ...]) -> dict[str, Any]:
+    """The model's state dict once the decoder layers a pruned file lacks are dropped (they are never used)."""
+    expected = model.state_dict()
+    if found.kind not in ("qwen3", "mistral"):
+        return expected
+    stem = _layer_stem(expected)
+    layers = model.get_submodule(stem.rstrip("."))
+    if not found.layers or found.layers >= len(layers):
+        return expected
+    needed = max(hidden_layers, default=len(layers) - 1) + 1  # the deepest one must not be the normed last
+    if found.layers < needed:
+        raise UserError(f"{field}: '{name}' has {found.layers} layers; this model reads hidden state {needed - 1}, "
+                        f"so it needs at least {needed}")
+    del layers[found.layers:]
+    text_config = getattr(model.config, "text_config", model.config)
+    text_config.num_hidden_layers = found.layers
+    if getattr(text_config, "layer_types", None):
+        text_config.layer_types = text_config.layer_types[:found.layers]
+    return {k: v for k, v in model.state_dict().items()
+            if not (k.startswith(stem) and int(k[len(stem):].split(".")[0]) >= found.layers)}
+
+
+def _quantise_text_linears(model: torch.nn.Module, keys: set[str], precision: str, dtype: torch.dtype) -> set[str]:
+    """Replace every Linear whose weight the file holds with a quantised one (meta, filled as it streams); a
+    tied head the file lacks stays a plain Linear sharing the token table. Returns the quantised weights' keys."""
+    from trainer.memory.quantize import FORMATS, QuantizedTextLinear
+
+    if precision not in FORMATS:
+        return set()
+    chosen = set()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and f"{name}.weight" in keys:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, QuantizedTextLinear(
+                module.in_features, module.out_features, module.bias is not None, precision, dtype, device="meta"))
+            chosen.add(f"{name}.weight")
+    return chosen
+
+
+def _stream_quantised(layer: torch.nn.Module, reader: FileReader, name: str, precision: str) -> None:
+    """One Linear's weight, quantised a slice of rows at a time; an fp8 e4m3 weight loaded as fp8 keeps its
+    stored values and scale (no second rounding)."""
+    rows = reader.shape(name)[0]
+    if precision == "fp8" and reader.is_e4m3(name):
+        scale = reader.scale(name, 0, rows)
+        layer.qweight = reader.stored_rows(name, 0, rows)
+        layer.scale = (torch.ones(rows) if scale is None else scale.reshape(-1).expand(rows)).float().contiguous()
+        return
+    work = "cuda" if torch.cuda.is_available() else "cpu"
+    layer.load_weight(lambda start, stop: reader.rows(name, start, stop, torch.float32), work_device=work)
 
 
 def _tie_unused_heads(model: torch.nn.Module) -> None:

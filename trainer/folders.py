@@ -1,11 +1,15 @@
-"""Which folders the app may read and write for its users: the workdir and the folders chosen at launch.
+"""Which folders may be read and written: the app's allowed folders, and the rule for files found in a folder.
 
 The app serves whoever can reach it (everyone with the share link, the network with --listen), and several of its
 handlers take a path typed into the page: the image folder (dataset check, caption editor, captioning), a job file
 to load or save, every path of a job that Start hands to the trainer (edit pairs' reference folders and sample
-reference images included), and the sample images the gallery shows. Each
+reference images included), every folder a run writes into, and the sample images the gallery shows. Each
 of them goes through `Folders.check` first, so `../..`, an absolute path elsewhere or a link that leads out of the
-chosen folders is refused with a message that says which folders are allowed and how to add one. Pure python.
+chosen folders is refused with a message that says which folders are allowed and how to add one.
+
+Files found inside a data folder (images, captions, masks, edit pairs' references) follow one rule wherever they
+are read — the page's dataset check and caption editor, the CLI's health check, captioning and training alike:
+`leads_out` refuses a file whose link leads outside the folder it was found in. Pure python.
 """
 
 from __future__ import annotations
@@ -50,13 +54,19 @@ class Folders:
         return (path if path.is_absolute() else self.workdir / path).resolve()
 
     def allows(self, path: str | Path) -> bool:
-        resolved = self.absolute(path)
-        return any(resolved.is_relative_to(root) for root in self.roots)
+        try:
+            self.check(path, "path")
+        except PathRefused:
+            return False
+        return True
 
     def check(self, text: str | Path, what: str) -> Path:
         """The resolved path when it lies inside an allowed folder (links followed); raises PathRefused naming
         `what` (e.g. "image folder"), the path as typed, where it leads and the allowed folders."""
-        resolved = self.absolute(text)
+        try:
+            resolved = self.absolute(text)
+        except (OSError, RuntimeError):  # a loop of links: it leads nowhere, so nowhere allowed
+            raise PathRefused(f"refused: the {what} {str(text).strip()!r} is a loop of links") from None
         if any(resolved.is_relative_to(root) for root in self.roots):
             return resolved
         typed = str(text).strip()
@@ -86,6 +96,16 @@ class Folders:
             except PathRefused as exc:
                 found.append(str(exc))
         return list(dict.fromkeys(found))
+
+
+def leads_out(path: Path, folder: Path) -> Path | None:
+    """Where `path`, an entry of `folder`, really is when a link takes it outside `folder` (links followed on both
+    sides); None when it stays inside, the case for every plain file."""
+    try:
+        target = Path(path).resolve()
+    except (OSError, RuntimeError):  # a loop of links leads nowhere inside
+        return Path(path)
+    return None if target.is_relative_to(Path(folder).resolve()) else target
 
 
 def spec_paths(spec: JobSpec) -> list[tuple[str, str]]:

@@ -1,0 +1,125 @@
+"""What a first run needs in RAM (text embeddings computed) for the smallest tiers' presets, and the estimator's model
+of it: one model at a time while loading, quantised text encoders, FLUX.1's modulation quantised, blocks on disk."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from trainer import registry
+from trainer.__main__ import main
+from trainer.estimator.activations import text_encoder_weights
+from trainer.estimator.core import GIB
+from trainer.estimator.job import estimate_job
+from trainer.estimator.shapes import TEXT_ENCODERS, weight_layout
+from trainer.profiles import apply_layers, get_preset, get_profile, list_presets
+from trainer.spec import JobSpec, deep_merge, parse_spec
+
+EDITS = {"model": {"source": "/models/flux"}, "data": {"datasets": [{"path": "/data/images"}]},
+         "sample": {"prompts": ["a photo of sks"]}}
+# the issue's targets: the first run with the preset of the flavour's smallest tier, GiB
+TARGETS = {"flux2-klein-base-9b-8gb": 16.0, "flux2-klein-base-4b-8gb": 12.0, "flux1-dev-12gb": 16.0,
+           "flux2-dev-24gb": 32.0}
+
+
+def _preset_job(name: str, **edits: dict) -> JobSpec:
+    preset = get_preset(name)
+    return parse_spec(apply_layers({}, get_profile(preset.profile), preset, deep_merge(EDITS, edits)), name)
+
+
+@pytest.mark.parametrize(("name", "most"), TARGETS.items())
+def test_the_smallest_tiers_first_run_fits_the_ram_people_have(name: str, most: float) -> None:
+    result = estimate_job(_preset_job(name))
+    assert result.verdict in ("fits", "tight")
+    assert result.first_run_ram_gib <= most
+    assert result.first_run_ram_gib >= result.ram_gib  # a repeated run never needs more
+
+
+def test_every_preset_header_states_its_first_run_ram() -> None:
+    for preset in list_presets():
+        if preset.flavour == "demo":
+            continue  # the offline demo runs anywhere; its header says so instead
+        header = preset.path.read_text(encoding="utf-8").split("[preset]")[0].replace("\n# ", " ")
+        found = re.search(r"([\d.]+) GiB RAM once captions are cached, ([\d.]+) GiB RAM on the first run", header)
+        assert found, preset.name
+        result = estimate_job(_preset_job(preset.name))
+        assert float(found.group(2)) == pytest.approx(result.first_run_ram_gib, abs=0.05), preset.name
+        assert float(found.group(1)) == pytest.approx(result.ram_gib, abs=0.05), preset.name
+
+
+def test_loading_holds_one_model_at_a_time() -> None:
+    spec = _preset_job("flux2-klein-base-9b-8gb", model={"text_encoder_precision": "bf16"},
+                       data={"cache_text_embeddings": "memory"})
+    result = estimate_job(spec)
+    transformer, encoder = result.components["transformer (fp8)"], result.components[
+        "text encoder (Qwen3-8B, bf16)"]
+    loading = result.phases["loading"].ram_gib
+    assert max(transformer, encoder) + 2 < loading < transformer + encoder  # the larger of the two, not the sum
+    assert result.phases["caching text embeddings"].ram_gib < encoder + 3  # the transformer is not loaded yet
+
+
+def test_quantised_text_encoders_keep_the_token_table_in_bf16() -> None:
+    shape = TEXT_ENCODERS["Qwen3-8B"]
+    layer16, outside16 = text_encoder_weights(shape, "bf16")
+    layer8, outside8 = text_encoder_weights(shape, "fp8")
+    layer4, _ = text_encoder_weights(shape, "nf4")
+    assert layer8 == pytest.approx(layer16 / 2) and layer4 == pytest.approx(layer16 * 0.5625 / 2)
+    table = shape.vocab * shape.hidden * 2
+    assert outside8 == pytest.approx(table + (shape.outside_params - shape.vocab * shape.hidden))  # lm_head 8-bit
+    whole = {p: estimate_job(_preset_job("flux2-klein-base-9b-8gb", model={"text_encoder_precision": p}))
+             .components[f"text encoder (Qwen3-8B, {p})"] for p in ("bf16", "fp8", "nf4")}
+    assert whole["bf16"] == pytest.approx(15.3, abs=0.2)
+    assert whole["fp8"] == pytest.approx(8.2, abs=0.2) and whole["nf4"] == pytest.approx(5.0, abs=0.2)
+
+
+def test_flux1_modulation_quantised_brings_a_4bit_step_under_10_5_gib() -> None:
+    flux1 = registry.get_flavour("flux1", "dev")
+    kept, int8 = weight_layout(flux1, "nf4"), weight_layout(flux1, "nf4", "int8")
+    assert (kept.total - int8.total) / GIB == pytest.approx(3.0, abs=0.1)  # 3.2 B modulation weights, 2 -> 1 B
+    step = {}
+    for modulation in ("auto", "nf4", "bf16"):
+        spec = _preset_job("flux1-dev-12gb", model={"base_precision": "nf4", "modulation_precision": modulation},
+                           lowvram={"blocks_to_swap": 0}, lora={"rank": 16})
+        result = estimate_job(spec, 24.0)
+        assert result.plan.count("checkpointing every block") and "swapped" not in result.plan
+        step[modulation] = result.phases["training step"].vram_gib
+    assert step["auto"] <= 10.5 and step["nf4"] < step["auto"] < step["bf16"] - 2.5
+
+
+def test_blocks_on_disk_leave_a_staging_ring_in_ram_and_say_what_the_reads_cost() -> None:
+    ram = estimate_job(_preset_job("flux2-dev-24gb", lowvram={"swap_from": "ram"}))
+    disk = estimate_job(_preset_job("flux2-dev-24gb", lowvram={"swap_from": "disk", "disk_read_gbps": 6.0}))
+    swapped = next(v for k, v in ram.ram_breakdown.items() if k.startswith("swapped base weights"))
+    ring = next(v for k, v in disk.ram_breakdown.items() if k.startswith("block staging ring (2 x"))
+    assert disk.block_cache_gib == pytest.approx(swapped) and ring < swapped / 8  # 2 of 30 blocks
+    assert disk.phases["training step"].ram_gib == pytest.approx(ram.phases["training step"].ram_gib - swapped + ring)
+    assert disk.phases["loading"].ram_gib < ram.phases["loading"].ram_gib - swapped + 2 * ring
+    note = next(n for n in disk.notes if n.startswith("blocks on disk"))
+    seconds = 2 * swapped * GIB / 6e9
+    assert f"save {swapped - ring:.1f} GiB" in note and f"takes {seconds:.1f} s" in note and "6 GB/s" in note
+
+
+def test_the_cli_estimates_a_preset_with_its_first_run(capsys: pytest.CaptureFixture) -> None:
+    assert main(["estimate", "--preset", "flux2-klein-base-9b-8gb", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["first_run_ram_gib"] <= 16 and result["ram_verdict"].startswith("RAM ")
+    assert main(["estimate", "--preset", "no-such-preset"]) == 2
+    assert "--preset: " in capsys.readouterr().err
+
+
+def test_auto_puts_the_swapped_blocks_on_disk_only_when_ram_needs_it() -> None:
+    from trainer.estimator.auto import resolve_lowvram
+
+    preset = get_preset("flux2-dev-24gb")
+    layers = apply_layers({}, get_profile(preset.profile), preset, EDITS)
+    del layers["lowvram"]["swap_from"]  # unset: the machine's RAM decides
+    spec = parse_spec(layers)
+    assert resolve_lowvram(spec, 23.5).swap_from == "ram"  # no RAM figure: as the job says
+    assert resolve_lowvram(spec, 23.5, ram_gib=64.0).swap_from == "ram"  # the blocks fit in RAM
+    tight = resolve_lowvram(spec, 23.5, ram_gib=30.0)
+    assert tight.swap_from == "disk" and "blocks on disk" in tight.reason
+    assert resolve_lowvram(spec, 23.5, ram_gib=8.0).swap_from == "ram"  # disk would not fit either: unchanged
+    explicit = _preset_job("flux2-dev-24gb", lowvram={"swap_from": "ram"})
+    assert resolve_lowvram(explicit, 23.5, ram_gib=30.0).swap_from == "ram"  # the job's own choice stands

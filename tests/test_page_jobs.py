@@ -1,0 +1,90 @@
+"""Jobs and the form, through the Studio object and the form's helpers (pure python, no browser): a loaded job's
+relative paths are taken as the CLI takes them; leaving the demo replaces its demo-only values; messages name
+what the page shows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from test_ui_state import FakeRunner
+
+from trainer.__main__ import _load_job as cli_load_job
+from ui.studio import Studio
+
+
+def test_load_job_takes_relative_paths_from_the_job_files_folder_as_the_cli_does(tmp_path: Path, demo_dir: Path):
+    studio = Studio(FakeRunner(), tmp_path, allowed=[demo_dir])
+    values, _, outcome = studio.load_job(str(demo_dir / "job.toml"))
+    assert outcome.ok, outcome.problems
+    cli = cli_load_job(str(demo_dir / "job.toml"), [])
+    assert values["model.source"] == cli.model.source == str((demo_dir / "flux2").resolve())
+    assert values["dataset.path"] == cli.data.datasets[0].path == str((demo_dir / "dataset").resolve())
+    assert values["output.dir"] == cli.output.dir == str((demo_dir / "output").resolve())
+
+    # An upload has no folder the browser tells: the workdir stands in, and the notice says which paths.
+    values, _, outcome = studio.load_upload(demo_dir / "job.toml", "job.toml")
+    assert values["model.source"] == str(tmp_path.resolve() / "flux2")
+    assert any("model.source" in note and "data.datasets[0].path" in note and "workdir" in note
+               for note in outcome.notes), outcome.notes
+
+
+def test_leaving_the_demo_replaces_its_own_values_and_says_which(tmp_path: Path):
+    from test_ui_presets import demo_values
+
+    from trainer.profiles import list_presets
+    from ui import presets
+    from ui.form import demo_dir
+
+    demo = demo_dir(tmp_path)
+    values = demo_values(tmp_path)
+    changes, notice = presets.leave_demo(values, "flux2", "klein-base-9b", demo)
+    assert set(changes) == set(presets.DEMO_ONLY)
+    assert changes["model.base_precision"] == "bf16" and changes["data.resolution"] != "64"
+    assert changes["dataset.path"] == changes["dataset.trigger"] == changes["sample.prompts"] == ""
+    assert notice.startswith("left the demo") and "model.base_precision 'fp32' → 'bf16'" in notice
+    assert presets.leave_demo(values, "flux2", "demo", demo) == ({}, "")  # still the demo
+    edited = dict(values, **{"data.resolution": "768", "dataset.path": str(tmp_path / "mine")})
+    assert "data.resolution" not in presets.leave_demo(edited, "flux2", "klein-base-9b", demo)[0]
+    assert "dataset.path" not in presets.leave_demo(edited, "flux2", "klein-base-9b", demo)[0]
+
+    # A real preset applied over the demo's leftovers (flavour switched by hand): none of them survive.
+    preset = next(p.name for p in list_presets("flux2", "klein-base-9b"))
+    switched = dict(values, **{"model.flavour": "klein-base-9b", "model.source": ""})
+    filled = presets.fill(switched, None, values, None, preset, demo)
+    assert filled.ok, filled.problems
+    assert "left the demo" in filled.message
+    shown = filled.values
+    assert shown["dataset.path"] == "" and shown["dataset.trigger"] == "" and shown["sample.prompts"] == ""
+    assert shown["model.base_precision"] != "fp32" and shown["data.resolution"] != "64"
+    assert shown["train.learning_rate"] != 0.005
+
+
+def test_messages_name_the_field_as_the_page_shows_it(tmp_path: Path):
+    from ui import words
+
+    labels = {"lora.rank": "Rank", "dataset.path": "Image folder"}
+    assert words.in_page_words("lora.rank: Input should be greater than or equal to 1 (got 0)", labels) == \
+        "Rank (LoRA): must be at least 1 (lora.rank = 0)"
+    assert words.in_page_words("data.datasets[0].path: required but missing", labels) == \
+        "Image folder (Dataset): required but missing (data.datasets[0].path)"
+    assert words.in_page_words("lora.alpha: whatever", labels) == "lora.alpha: whatever"  # no control: as it is
+    studio = Studio(FakeRunner(), tmp_path)
+    studio.labels.update(labels)
+    outcome = studio.start(dict(studio.default_values(), **{"lora.rank": 0}))
+    assert "Rank (LoRA): must be at least 1 (lora.rank = 0)" in outcome.problems
+    # As typed: one field's value on its own.
+    assert words.problems_for("lora.rank", 0, studio.default_values(), labels) == [
+        "Rank (LoRA): must be at least 1 (lora.rank = 0)"]
+    assert words.problems_for("lora.rank", 8, studio.default_values(), labels) == []
+
+
+def test_the_swap_slider_clamps_a_stale_value_instead_of_raising():
+    # Loading a demo job over a klein-9B one: other controls' change events still sent 25 against a bound of 2,
+    # and gradio's Slider raised "Value 25 is greater than maximum value 2." for each.
+    import ui
+    from ui.lowvram_tab import BoundSlider
+
+    slider = BoundSlider(minimum=0, maximum=2, step=1)
+    assert slider.preprocess(25) == 2 and slider.preprocess(-1) == 0 and slider.preprocess(1) == 1
+    assert slider.get_block_name() == "slider"  # the browser draws it as gradio's own slider
+    assert not list(Path(ui.__file__).parent.glob("*.pyi"))  # gradio writes no stub into the project

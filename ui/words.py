@@ -1,0 +1,92 @@
+"""Messages in the page's own words: a problem the spec names by key ("lora.rank: Input should be greater than or
+equal to 1 (got 0)") is shown by the label the page gives that field and the section it belongs to, with the key
+and value after it ("Rank (LoRA): must be at least 1 (lora.rank = 0)"). Pure python, no gradio (but in
+check_as_typed)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from trainer.spec import Problem
+
+SECTIONS = {"model": "Model", "lora": "LoRA", "data": "Dataset", "train": "Training", "sample": "Samples",
+            "output": "Output", "lowvram": "Low VRAM", "advanced": "Advanced"}
+PROBLEM = re.compile(r"^(?P<key>[a-z_]+(?:\.[a-z_]+|\[\d+\])+): (?P<message>.*)$", re.DOTALL)
+GOT = re.compile(r"\s*\(got (?P<value>.*)\)$", re.DOTALL)
+BOUNDS = [  # pydantic's words for a number's limits, and the page's
+    (re.compile(r"^Input should be greater than or equal to (\S+)$"), "must be at least {}"),
+    (re.compile(r"^Input should be greater than (\S+)$"), "must be more than {}"),
+    (re.compile(r"^Input should be less than or equal to (\S+)$"), "must be at most {}"),
+    (re.compile(r"^Input should be less than (\S+)$"), "must be less than {}"),
+]
+
+
+def labels_of(fields: Mapping[str, object]) -> dict[str, str]:
+    """key → the label of its control (the tabs give them; ui.build_app hands them to the Studio)."""
+    return {key: label for key, component in fields.items() if (label := getattr(component, "label", None))}
+
+
+def form_key(key: str) -> str:
+    """The form's key of a spec key: the first dataset's fields are `dataset.*` in the form."""
+    return re.sub(r"^data\.datasets\[0\]\.", "dataset.", key)
+
+
+def in_page_words(problem: Problem | str, labels: Mapping[str, str]) -> str:
+    """'Label (Section): what is wrong (key = value)' for a problem about a field the page shows (`labels`: key →
+    label); else as it is. A spec's structured Problem gives its field and message; a line is read as
+    `key: message`."""
+    if isinstance(problem, Problem):
+        key, message = problem.loc, problem.msg
+    else:
+        found = PROBLEM.match(problem)
+        if not found:
+            return problem
+        key, message = found.group("key"), found.group("message")
+    label = labels.get(form_key(key))
+    if label is None:
+        return str(problem)
+    got = GOT.search(message)
+    if got:
+        message = message[:got.start()]
+    for pattern, words in BOUNDS:
+        if bounded := pattern.match(message):
+            message = words.format(bounded.group(1))
+            break
+    section = SECTIONS.get(key.split(".", 1)[0], "")
+    where = f"{label} ({section})" if section and section.lower() != label.lower() else label
+    return f"{where}: {message} ({key}{' = ' + got.group('value') if got else ''})"
+
+
+def all_in_page_words(problems: Iterable[Problem | str], labels: Mapping[str, str]) -> list[str]:
+    return [in_page_words(problem, labels) for problem in problems]
+
+
+def problems_for(key: str, value: object, defaults: Mapping[str, object], labels: Mapping[str, str]) -> list[str]:
+    """The problems of one field's value on its own (the other fields at the form's defaults), in page words."""
+    from trainer.spec import SpecError
+    from ui import form
+
+    try:
+        form.form_to_spec({**defaults, key: value})
+    except SpecError as exc:
+        return [in_page_words(problem, labels) for problem in exc.errors if form_key(problem.loc) == key]
+    return []
+
+
+def check_as_typed(fields: Mapping[str, object], defaults: Mapping[str, object]) -> None:
+    """Every number field checks its own limits as the user types: one warning naming the field, in page words
+    (the Start, Save and the estimator still check the whole job)."""
+    import gradio as gr
+
+    labels = labels_of(fields)
+    for key, component in fields.items():
+        if not isinstance(component, gr.Number):
+            continue
+
+        def check(value: object, key: str = key) -> None:  # noqa: ANN401
+            for problem in problems_for(key, value, defaults, labels):
+                gr.Warning(problem)
+
+        component.input(check, component, None, api_visibility="private", show_progress="hidden",
+                        trigger_mode="always_last")
