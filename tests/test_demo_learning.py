@@ -14,19 +14,17 @@ import torch
 from PIL import Image
 
 from trainer import flow
-from trainer.demo import CACHE_ENV, demo_key, ensure_demo
+from trainer.demo import CACHE_ENV, DEMO_LEARNING_RATE, demo_key, ensure_demo
 from trainer.demo_shapes import DEMO_SEED, learning_errors, training_pictures
 from trainer.events import SampleSaved
 from trainer.session import Session
 from trainer.spec import load_spec, resolve_paths
 
 JOBS = {"flux2": "job.toml", "flux1": "job_flux1.toml"}
-# A third of the user's demo run at twice its learning rate (the suite's time budget), on two training captions.
+# A third of the user's demo run at its learning rate (the suite's time budget), on two training captions.
 STEPS = 200
-LEARNING_RATE = 0.01
+LEARNING_RATE = DEMO_LEARNING_RATE
 PROMPTS = [f"shapez {training_pictures()[i].caption}" for i in (0, 2)]
-NOT_YET = pytest.mark.xfail(strict=True, reason="the FLUX.1 demo does not learn its captions yet: every prompt gives "
-                                                "the same sample (issue 18, point 3)")
 
 
 def _train(demo_dir: Path, out: Path, family: str) -> tuple[Session, list[tuple[int, str, str]]]:
@@ -50,7 +48,7 @@ def _flipped_target(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(flow, "noisy_latents", wrong)
 
 
-@pytest.mark.parametrize("family", ["flux2", pytest.param("flux1", marks=NOT_YET)])
+@pytest.mark.parametrize("family", sorted(JOBS))
 def test_samples_of_training_captions_come_twice_as_close(demo_dir: Path, tmp_path: Path, family: str) -> None:
     session, samples = _train(demo_dir, tmp_path, family)
     try:

@@ -103,11 +103,18 @@ def test_encode_images_inverts_through_the_vae(pipe) -> None:
     assert not torch.allclose(latents, vae.encode(pixels).latent_dist.mode())
 
 
-def test_shift_mu_follows_the_schedulers_line() -> None:
-    assert flux1.shift_mu(256, FLAVOUR) == pytest.approx(0.5)
-    assert flux1.shift_mu(4096, FLAVOUR) == pytest.approx(1.15)
-    mus = [flux1.shift_mu(n, FLAVOUR) for n in (16, 256, 1024, 4096)]
+def test_shift_mu_follows_the_schedulers_line(pipe) -> None:
+    dev = get_flavour("flux1", "dev")
+    assert flux1.shift_mu(256, dev) == pytest.approx(0.5)
+    assert flux1.shift_mu(4096, dev) == pytest.approx(1.15)
+    mus = [flux1.shift_mu(n, dev) for n in (16, 256, 1024, 4096)]
     assert mus == sorted(mus) and len(set(mus)) == len(mus)
+    # the demo trains on the line its own scheduler samples with: its 16 tokens shifted as FLUX.2's demo (7)
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = pipe.scheduler.config
+    line = calculate_shift(16, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+    assert flux1.shift_mu(16, FLAVOUR) == pytest.approx(line) == pytest.approx(1.95)
 
 
 def test_sample_is_deterministic_for_a_seed(pipe, text) -> None:

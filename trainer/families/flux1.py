@@ -49,6 +49,12 @@ def image_seq_len(latents: torch.Tensor) -> int:
 
 # schnell's scheduler config: use_dynamic_shifting false, shift 1.0 (its sigmas are not shifted at all)
 _FIXED_SHIFT = 1.0
+# The dev scheduler's line: mu from base_shift at base_image_seq_len tokens to max_shift at max_image_seq_len.
+SHIFT_LINE = {"base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+# The demo's 64 px (16 tokens) gets the shift the FLUX.2 demo's pipeline gives it (exp(1.95) = 7): on the dev line it
+# would get 1.6, so training would almost never see the noise levels near 1 where sampling starts (the picture's
+# layout and colours are decided there) and the demo would not learn its captions. Its scheduler config says so too.
+DEMO_SHIFT_LINE = {"base_shift": 0.5, "max_shift": 1.95, "base_image_seq_len": 1, "max_image_seq_len": 16}
 
 
 def shift_mu(image_seq_len: int, flavour: Flavour) -> float:
@@ -59,7 +65,10 @@ def shift_mu(image_seq_len: int, flavour: Flavour) -> float:
         # The pipeline still computes a mu, but schnell's scheduler ignores it: train on the schedule it samples.
         return math.log(_FIXED_SHIFT)
     # The dev scheduler's resolution-dependent shift; its config is that of every dynamic FLUX.1 flavour.
-    return calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    line = DEMO_SHIFT_LINE if flavour.is_demo else SHIFT_LINE
+    return calculate_shift(image_seq_len, base_seq_len=line["base_image_seq_len"],
+                           max_seq_len=line["max_image_seq_len"], base_shift=line["base_shift"],
+                           max_shift=line["max_shift"])
 
 
 def _reference_tokens(reference: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
