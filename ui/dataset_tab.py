@@ -18,6 +18,7 @@ from ui.edit_pairs import edit_controls
 from ui.feedback import problems_update
 from ui.form import FORM_KEYS, api_name, field_choices, keyword_handler
 from ui.studio import Studio
+from ui.words import CAPTION_LABELS
 
 # What the check reads: the dataset fields, the data section, the batch settings the health check counts, and the
 # model (whether it takes the edit pairs' references).
@@ -180,19 +181,21 @@ def _captioning(fields: dict[str, gr.components.Component], studio: Studio) -> N
                     "image, with Overwrite). The model is downloaded on first use unless the source is a local "
                     "folder.")
         with gr.Row():
-            model = gr.Dropdown(choices=kinds, value=kinds[0], label="Captioning model")
-            source = gr.Textbox("", label="Model source", placeholder=CAPTIONERS[kinds[0]],
+            model = gr.Dropdown(choices=kinds, value=kinds[0], label=CAPTION_LABELS["caption_model"])
+            source = gr.Textbox("", label=CAPTION_LABELS["caption_source"], placeholder=CAPTIONERS[kinds[0]],
                                 info="hub id or local model folder; empty: the placeholder's hub id")
         with gr.Row():
-            trigger = gr.Textbox("", label="Trigger", info="written after the prefix in every caption")
-            prefix = gr.Textbox("", label="Prefix", info="text before the caption, e.g. a style")
-            suffix = gr.Textbox("", label="Suffix", info="text after the caption")
+            trigger = gr.Textbox("", label=CAPTION_LABELS["caption_trigger"],
+                                 info="written after the prefix in every caption")
+            prefix = gr.Textbox("", label=CAPTION_LABELS["caption_prefix"],
+                                info="text before the caption, e.g. a style")
+            suffix = gr.Textbox("", label=CAPTION_LABELS["caption_suffix"], info="text after the caption")
         with gr.Row():
             low, high = MAX_LENGTH_RANGE
-            max_length = gr.Slider(low, high, value=200, step=1, label="Max length (tokens)")
-            batch_size = gr.Number(value=4, precision=0, minimum=1, label="Batch size",
+            max_length = gr.Slider(low, high, value=200, step=1, label=CAPTION_LABELS["caption_max_length"])
+            batch_size = gr.Number(value=4, precision=0, minimum=1, label=CAPTION_LABELS["caption_batch_size"],
                                    info="images per model call; lower it if memory runs out")
-            overwrite = gr.Checkbox(value=False, label="Overwrite existing captions")
+            overwrite = gr.Checkbox(value=False, label=CAPTION_LABELS["caption_overwrite"])
         with gr.Row():
             start = gr.Button("Caption", variant="primary")
             stop = gr.Button("Stop", variant="stop")

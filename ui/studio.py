@@ -138,7 +138,7 @@ class Studio:
         """The whole run of the form's job; `resume` continues from the latest training state in output.dir.
         Over a run that can be resumed, a Start asks first (refused with the choice) unless `new_run` says the user
         chose a new run: the session then sets the earlier one aside once its first step is about to train."""
-        return self._shown(self._start(values, base, resume, new_run))
+        return self.shown(self._start(values, base, resume, new_run))
 
     def _start(self, values: dict[str, Any], base: dict[str, Any] | None, resume: bool,
                new_run: bool) -> Outcome:
@@ -146,10 +146,6 @@ class Studio:
         spec, demo, refused = self._prepare(values, base, verb)
         if refused:
             return refused
-        found = None if resume or new_run else self.resumable(spec.output.dir, spec.train.max_steps)
-        if found is not None:
-            message = f"{verb}: {found.choice()}"
-            return Outcome(message, [message])
         building = f"; building the demo in {demo} first" if demo else ""
         what = "resuming" if resume else "starting"
 
@@ -158,16 +154,21 @@ class Studio:
 
         refused = self.launch(spec, resume, verb, start_in_process,
                               f"{what} {spec.output.name}: {spec.train.max_steps} steps, output {spec.output.dir}"
-                              f"{building}")
+                              f"{building}", new_run)
         return refused or Outcome(f"{'resumed' if resume else 'started'}: {spec.train.max_steps} steps{building}")
 
     def launch(self, spec: JobSpec, resume: bool, verb: str, start: Callable[[], Outcome | None],
-               description: str) -> Outcome | None:
+               description: str, new_run: bool = False) -> Outcome | None:
         """What both Start buttons (in process, several processes) share once the form's job is prepared: the state
-        to resume exists, nothing else runs, then `start()` (a refusal of its own, or None) and the Run view reset.
-        Returns the refusal, or None when the run started."""
+        to resume exists; over a run that can be resumed, a start that is neither a resume nor a chosen `new_run`
+        asks first (refused with the choice; nothing moves); nothing else runs; then `start()` (a refusal of its
+        own, or None) and the Run view reset. Returns the refusal, or None when the run started."""
         if resume and latest_state_step(spec.output.dir) is None:
             message = f"{verb}: no saved training state in {Path(spec.output.dir) / 'state'}"
+            return Outcome(message, [message])
+        found = None if resume or new_run else self.resumable(spec.output.dir, spec.train.max_steps)
+        if found is not None:
+            message = f"{verb}: {found.choice()}"
             return Outcome(message, [message])
         with self.view.lock:  # no poll may drain the new run's first events before the view is reset
             refusal = self._refusal()
@@ -184,7 +185,7 @@ class Studio:
                 self.view.restore_history(read_history(spec.output.dir))
         return None
 
-    def _shown(self, outcome: Outcome) -> Outcome:
+    def shown(self, outcome: Outcome) -> Outcome:
         """A refused start with nothing else going on is what the Run tab's status line shows (not the last run's
         end); with a run going on, that run stays shown and the refusal goes to the problems box only."""
         if not outcome.ok and not (self.runner.running or self.runner.live):
@@ -207,10 +208,10 @@ class Studio:
             steps = 0
         if steps < 1:
             message = f"not trained: {STEPS_LABEL} must be a whole number of at least 1"
-            return self._shown(Outcome(message, [message]))
+            return self.shown(Outcome(message, [message]))
         if self.runner.live:
             return self._continue(values, base, steps)
-        return self._shown(self._set_up_and_train(values, base, steps))
+        return self.shown(self._set_up_and_train(values, base, steps))
 
     def _set_up_and_train(self, values: dict[str, Any], base: dict[str, Any] | None, steps: int) -> Outcome:
         """Train N steps without a live session: a run stopped in output.dir is continued from its state (never

@@ -11,7 +11,13 @@ from collections.abc import Iterable, Mapping
 from trainer.spec import Problem
 
 SECTIONS = {"model": "Model", "lora": "LoRA", "data": "Dataset", "train": "Training", "sample": "Samples",
-            "output": "Output", "lowvram": "Low VRAM", "advanced": "Advanced"}
+            "output": "Output", "lowvram": "Low VRAM", "advanced": "Advanced", "caption": "Automatic captions"}
+# The automatic captions' controls (not the job's: no spec key), by their API names; the Dataset tab labels its
+# controls from here.
+CAPTION_LABELS = {"caption_model": "Captioning model", "caption_source": "Model source", "caption_trigger": "Trigger",
+                  "caption_prefix": "Prefix", "caption_suffix": "Suffix", "caption_max_length": "Max length (tokens)",
+                  "caption_batch_size": "Batch size", "caption_overwrite": "Overwrite existing captions"}
+IMAGE_FOLDER = "data.datasets[0].path"  # the Dataset tab's Image folder, which the check and the captions read
 PROBLEM = re.compile(r"^(?P<key>[a-z_]+(?:\.[a-z_]+|\[\d+\])+): (?P<message>.*)$", re.DOTALL)
 GOT = re.compile(r"\s*\(got (?P<value>.*)\)$", re.DOTALL)
 BOUNDS = [  # pydantic's words for a number's limits, and the page's
@@ -43,8 +49,8 @@ def in_page_words(problem: Problem | str, labels: Mapping[str, str]) -> str:
         if not found:
             return problem
         key, message = found.group("key"), found.group("message")
-    label = labels.get(form_key(key))
-    if label is None:
+    where = label_of(key, labels)
+    if where is None:
         return str(problem)
     got = GOT.search(message)
     if got:
@@ -53,9 +59,33 @@ def in_page_words(problem: Problem | str, labels: Mapping[str, str]) -> str:
         if bounded := pattern.match(message):
             message = words.format(bounded.group(1))
             break
-    section = SECTIONS.get(key.split(".", 1)[0], "")
-    where = f"{label} ({section})" if section and section.lower() != label.lower() else label
     return f"{where}: {message} ({key}{' = ' + got.group('value') if got else ''})"
+
+
+def label_of(key: str, labels: Mapping[str, str]) -> str | None:
+    """'Label (Section)' of the control the page shows for `key` (a spec key, or a captioning control's API name),
+    or None when the page has none."""
+    label = labels.get(form_key(key))
+    if label is None:
+        return None
+    section = SECTIONS.get(re.split(r"[._]", key, maxsplit=1)[0], "")
+    return f"{label} ({section})" if section and section.lower() != label.lower() else label
+
+
+def named(key: str, labels: Mapping[str, str]) -> str:
+    """A control as a sentence names it: 'Batch size (Training, train.batch_size)'; the key alone without one."""
+    where = label_of(key, labels)
+    if where is None:
+        return key
+    return f"{where[:-1]}, {key})" if where.endswith(")") else f"{where} ({key})"
+
+
+def field_problem(key: str, message: str, labels: Mapping[str, str], value: object = None) -> str:  # noqa: ANN401
+    """One problem with a control's value in the page's words: 'Label (Section): what is wrong and how to fix it
+    (key = value)'; as 'key: message' when the page has no control for it."""
+    where = label_of(key, labels)
+    shown = "" if value is None else f" = {value!r}" if isinstance(value, str) else f" = {value}"
+    return f"{where}: {message} ({key}{shown})" if where else f"{key}: {message}"
 
 
 def all_in_page_words(problems: Iterable[Problem | str], labels: Mapping[str, str]) -> list[str]:
