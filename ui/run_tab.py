@@ -19,7 +19,8 @@ from ui.jobs import Outcome
 from ui.resume import InterruptedRun
 from ui.run_state import LOSS_COLUMNS, REFUSED, RunView
 from ui.served import allowed_paths
-from ui.studio import STEPS_LABEL, Studio
+from ui.studio import STEPS_LABEL, Studio, steps_problems
+from ui.words import warn_as_typed
 
 LOSS_COLOURS = {"loss": "#93c5fd", "smoothed": "#1d4ed8", "eval": "#16a34a"}  # the series of RunView.loss_rows
 
@@ -142,8 +143,9 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
 def _build_view(fields: dict[str, gr.components.Component], studio: Studio, base: gr.State) -> _View:
     with gr.Row():
         buttons = {"start": gr.Button("Start", variant="primary", scale=2, elem_id="run-start")}
-        steps = gr.Number(DEFAULT_STEPS, label=STEPS_LABEL, precision=0, minimum=1, step=1, scale=1, min_width=90,
+        steps = gr.Number(DEFAULT_STEPS, label=STEPS_LABEL, precision=0, step=1, scale=1, min_width=90,
                           elem_id="run-steps")
+        warn_as_typed(steps, steps_problems)
         buttons["train"] = gr.Button("Train N steps", scale=2, elem_id="run-train")
         buttons["validate"] = gr.Button("Validate now", scale=2, elem_id="run-validate")
         buttons["save"] = gr.Button("Save LoRA", scale=2, elem_id="run-save")

@@ -169,23 +169,27 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
     report = HealthReport([Path(entry.path) for entry in entries])
     if not entries:
         report.rows.append(HealthRow(Path("data.datasets"), "no dataset given; add one with a `path` to a folder "
-                                     "of images", "error", "dataset"))
+                                     "of images", "error", "dataset", key="data.datasets"))
         return report
 
     listed: list[tuple[int, Path]] = []
     for index, entry in enumerate(entries):
-        folder = Path(entry.path)
+        folder, key = Path(entry.path), f"data.datasets[{index}].path"
         if not folder.is_dir():
-            report.rows.append(HealthRow(folder, "dataset folder does not exist", "error", "dataset"))
+            report.rows.append(HealthRow(folder, "dataset folder does not exist; give the folder that holds the "
+                                                 "images", "error", "dataset", key=key))
             continue
         if not os.access(folder, os.R_OK | os.X_OK):  # listing it would raise PermissionError
-            report.rows.append(HealthRow(folder, "cannot read this folder (permission denied)", "error", "dataset"))
+            report.rows.append(HealthRow(folder, "cannot read this folder (permission denied); allow reading it or "
+                                                 "copy the images to a folder you can read", "error", "dataset",
+                                         key=key))
             continue
         report.rows += _stray_files(folder, (entry.masks, entry.conditioning or "")) + _link_rows(entry)
         images = list_images(folder)
         if not images:
-            report.rows.append(HealthRow(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder",
-                                         "error", "dataset"))
+            report.rows.append(HealthRow(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder; "
+                                                 "add images or give the folder that holds them", "error",
+                                         "dataset", key=key))
         listed += [(index, image) for image in images]
     report.image_count = len(listed)
 
@@ -250,9 +254,10 @@ def _edit_model_without_pairs(spec: JobSpec) -> list[HealthRow]:
     flavour = registry.get_flavour(spec.model.family, spec.model.flavour)
     if not flavour.needs_reference_image:
         return []
-    return [HealthRow(Path("data.datasets"), f"{flavour.label} edits a reference image, but no dataset has a "
-                      "conditioning folder: it trains on the targets alone (text to image); give the folder of "
-                      "reference images if it should learn an edit", "warning", "pair")]
+    key = "data.datasets[0].conditioning"
+    return [HealthRow(Path(key), f"{flavour.label} edits a reference image, but no dataset has a conditioning "
+                      "folder: it trains on the targets alone (text to image); give the folder of reference images if "
+                      "it should learn an edit", "warning", "pair", key=key)]
 
 
 def _skip_reason(scan: _Scan, min_size: int, mask: Path | None,
@@ -275,8 +280,9 @@ def _check_counts(report: HealthReport, entries: list[DatasetEntry], listed: lis
                    for i in range(len(entries))]
     for index, entry in enumerate(entries):
         if listed[index] and not per_dataset[index]:
-            report.rows.append(HealthRow(Path(entry.path), "no usable image in this dataset (every one is skipped)",
-                                         "error", "dataset"))
+            report.rows.append(HealthRow(Path(entry.path), "no usable image in this dataset (every one is skipped, "
+                                                           "see their rows)", "error", "dataset",
+                                         key=f"data.datasets[{index}].path"))
     samples = sum(count * entry.repeats for count, entry in zip(per_dataset, entries, strict=True))
     samples -= min(held_out, per_dataset[0]) * entries[0].repeats
     report.samples = max(samples, 0)
@@ -285,8 +291,8 @@ def _check_counts(report: HealthReport, entries: list[DatasetEntry], listed: lis
     if report.samples < batch_size:
         report.rows.append(HealthRow(Path("train.batch_size"), f"{report.samples} samples (images × repeats) "
                                      f"cannot fill one batch of {batch_size}; lower it or add images", "error",
-                                     "count"))
+                                     "count", key="train.batch_size"))
     elif report.samples < batch_size * accumulation:
         report.rows.append(HealthRow(Path("train.gradient_accumulation"), f"{report.samples} samples are fewer "
                                      f"than one optimiser step takes ({batch_size} × {accumulation}); every step "
-                                     "repeats some images", "warning", "count"))
+                                     "repeats some images", "warning", "count", key="train.gradient_accumulation"))
