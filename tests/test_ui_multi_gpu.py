@@ -416,7 +416,7 @@ def test_a_start_on_several_gpus_over_a_stopped_run_asks_as_start_does(app: tupl
     job = dict(form, output_dir=str(out), multi_gpu_devices=[CPU], multi_gpu_processes=2)
 
     # Start asks, as the single-GPU Start does, in the status line; nothing is written or moved.
-    status, problems = client.predict(**job, api_name="/multi_gpu_start")  # (the answers' row: the browser test)
+    status, problems = client.predict(**job, api_name="/multi_gpu_start")  # its answers show: the browser test
     assert status == (f"not started: a run stopped at step 3 in {out}: choose Continue at step 3 (Resume) to go on "
                       "with it, or Start a new run to move it to earlier_runs/ and start at step 0")
     assert problems["visible"] is True and problems["value"] == status

@@ -338,20 +338,31 @@ def build(fields: dict[str, gr.components.Component], studio: Studio,
         show_progress="hidden")
 
     def connect(status: gr.components.Component, problems: gr.components.Component) -> None:
-        _connect_starts(studio, inputs, choice_of, cpu_allowed, launch, ask, answers, [status, problems])
+        _connect_starts(studio, inputs, choice_of, cpu_allowed, launch, answers, [status, problems])
+        # The answers show while the form's output.dir holds a stopped run, as the resume offer does.
+        gr.on([section.expand, status.change], functools.partial(_ask_row, studio),
+              [fields["output.dir"], fields["train.max_steps"]], [ask, answers["resume"]], api_visibility="private",
+              show_progress="hidden")
 
     return connect
 
 
-def _connect_starts(studio: Studio, inputs: dict[str, Any], choice_of: Callable[[dict[str, Any]], Choice],
-                    cpu_allowed: bool, launch: gr.Button, ask: gr.Row, answers: dict[str, gr.Button],
-                    answer: list[gr.components.Component]) -> None:
-    """Start on several GPUs, and the two answers it may ask for (continue the stopped run, start a new one): each
-    answers the status line and the problems box, and shows the answers while output.dir holds a stopped run."""
+def _ask_row(studio: Studio, output_dir: str, max_steps: Any) -> tuple[Any, Any]:  # noqa: ANN401
+    """Whether the answers to a Start over a stopped run show (while output_dir holds one), and the Continue label."""
     import gradio as gr
 
-    def handler(how: str) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
-        def multi_gpu_start(values: dict[str, Any]) -> tuple[Any, ...]:
+    stopped = studio.offered_run(output_dir, max_steps)
+    label = f"Continue at step {stopped.step} on several GPUs" if stopped else gr.skip()
+    return gr.update(visible=stopped is not None), label
+
+
+def _connect_starts(studio: Studio, inputs: dict[str, Any], choice_of: Callable[[dict[str, Any]], Choice],
+                    cpu_allowed: bool, launch: gr.Button, answers: dict[str, gr.Button],
+                    answer: list[gr.components.Component]) -> None:
+    """Start on several GPUs, and the two answers it may ask for (continue the stopped run, start a new one): each
+    answers the status line and the problems box."""
+    def handler(how: str) -> Callable[[dict[str, Any]], tuple[str, Any]]:
+        def multi_gpu_start(values: dict[str, Any]) -> tuple[str, Any]:
             """Save the form's job as output.dir/job.toml and train it with accelerate launch on the ticked
             devices; the Run view follows it. Over a run stopped in output.dir it asks first: multi_gpu_resume
             continues that run, multi_gpu_start_new starts anew (the stopped run moves to earlier_runs/<date-time>
@@ -359,13 +370,11 @@ def _connect_starts(studio: Studio, inputs: dict[str, Any], choice_of: Callable[
             choice = choice_of(values)
             choice = Choice(choice.devices, choice.processes, choice.distributed, how == "resume", how == "new_run")
             outcome = start(studio, values, values.pop("base", None), choice, cpu_allowed)
-            stopped = studio.offered_run(values.get("output.dir"), values.get("train.max_steps"))
-            label = f"Continue at step {stopped.step} on several GPUs" if stopped else gr.skip()
-            return outcome.message, problems_update(outcome), gr.update(visible=stopped is not None), label
+            return outcome.message, problems_update(outcome)
 
         return multi_gpu_start
 
     for how, button, name in (("ask", launch, "multi_gpu_start"), ("resume", answers["resume"], "multi_gpu_resume"),
                               ("new_run", answers["new_run"], "multi_gpu_start_new")):
-        button.click(form.keyword_handler(handler(how), extra=API_EXTRA), inputs_kwargs=inputs,
-                     outputs=[*answer, ask, answers["resume"]], api_name=name, concurrency_limit=1)
+        button.click(form.keyword_handler(handler(how), extra=API_EXTRA), inputs_kwargs=inputs, outputs=answer,
+                     api_name=name, concurrency_limit=1)

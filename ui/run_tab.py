@@ -168,7 +168,8 @@ def _build_view(fields: dict[str, gr.components.Component], studio: Studio, base
         # No fixed height: at 300 px the legend under the plot was cut off. Raw loss pale, its average strong.
         plot = gr.LinePlot(loss_frame(studio.view), x="step", y="loss", color="series", title="Loss", label="Loss",
                            color_title="", color_map=LOSS_COLOURS, scale=1, elem_id="run-loss")
-        gallery = gr.Gallery(label="Samples", columns=3, height=300, scale=1, object_fit="contain",
+        # Grows with its samples (at a fixed 300 px it scrolled after six); each label whole, under its picture.
+        gallery = gr.Gallery(label="Samples", columns=3, height="fit-content", scale=1, object_fit="contain",
                              elem_id="run-samples")
     # sample.clip_score_model: how well the samples match their prompts, per validation (hidden until scored)
     clip_plot = gr.LinePlot(clip_frame(studio.view), x="step", y="clip_score", title="CLIP score of the samples",
