@@ -156,6 +156,10 @@ def test_repeats_holdout_and_settings_come_from_a_spec(tmp_path: Path) -> None:
     report = check_datasets(spec)
     assert report.samples == 3 * 2 + 1 - 1 * 2
     assert report.verdict == "will not train" and "cannot fill one batch of 8" in report.table()
+    # The setting a row is about: the CLI's table names its key, the page's markdown its control as `name` says.
+    assert "  error     train.batch_size  5 samples" in report.table()
+    assert "| error | Batch size (Training, train.batch\\_size) | 5 samples" in report.markdown(
+        name=lambda key: {"train.batch_size": "Batch size (Training, train.batch_size)"}[key])
     assert check_datasets(spec, batch_size=5).verdict == "ok"
 
 

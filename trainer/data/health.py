@@ -206,7 +206,8 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
         if scan.size is not None:
             report.images.append(ImageInfo(path, scan.size, scan.sha256, index))
         if skip is not None:
-            report.rows.append(HealthRow(path, skip[1], "warning", skip[0], skipped=True))
+            setting = {"too small": "data.min_size", "mask": f"data.datasets[{index}].masks"}.get(skip[0], "")
+            report.rows.append(HealthRow(path, skip[1], "warning", skip[0], skipped=True, key=setting))
             report.skipped.add(path)
             continue  # nothing more worth saying about a file left out
         if entry.caption_strategy == "textfile":
