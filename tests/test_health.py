@@ -95,7 +95,8 @@ def test_every_problem_is_found_and_the_run_can_still_go_ahead(messy: Path) -> N
                                      "5 samples with repeats")
     assert "subject/cut.jpg" in table and "; skipped" in table
     markdown = report.markdown()
-    assert markdown.startswith("**Dataset health: warnings**") and "| severity | file | problem |" in markdown
+    assert markdown.startswith("**Dataset health: warnings**")
+    assert "| severity | file or setting | problem |" in markdown
     assert "subject/cut.jpg" in markdown and "subject/z\\_copy\\_of\\_a.png" in markdown
     assert {row.kind for row in report.rows} == {"unreadable", "too small", "caption", "duplicate", "ignored"}
 

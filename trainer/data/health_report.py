@@ -94,7 +94,7 @@ class HealthReport:
         lines = [f"dataset health: {self.verdict} — {self.counts()}"]
         cells = self._lines(per_kind)
         if cells:
-            cells.insert(0, ("severity", "file", "problem"))
+            cells.insert(0, ("severity", "file or setting", "problem"))
             widths = [max(len(cell[i]) for cell in cells) for i in range(2)]
             lines += [f"  {a.ljust(widths[0])}  {b.ljust(widths[1])}  {c}" for a, b, c in cells]
         return "\n".join(lines)
@@ -105,7 +105,7 @@ class HealthReport:
         lines = [f"**Dataset health: {self.verdict}** — {_escape(self.counts())}"]
         cells = self._lines(per_kind, name)
         if cells:
-            lines += ["", "| severity | file | problem |", "| --- | --- | --- |"]
+            lines += ["", "| severity | file or setting | problem |", "| --- | --- | --- |"]
             lines += [f"| {a} | {_escape(b)} | {_escape(c)} |" for a, b, c in cells]
         return "\n".join(lines)
 
