@@ -340,9 +340,11 @@ def build(fields: dict[str, gr.components.Component], studio: Studio,
     def connect(status: gr.components.Component, problems: gr.components.Component) -> None:
         _connect_starts(studio, inputs, choice_of, cpu_allowed, launch, answers, [status, problems])
         # The answers show while the form's output.dir holds a stopped run, as the resume offer does.
-        gr.on([section.expand, status.change], functools.partial(_ask_row, studio),
-              [fields["output.dir"], fields["train.max_steps"]], [ask, answers["resume"]], api_visibility="private",
-              show_progress="hidden")
+        def ask_row(output_dir: str, max_steps: Any) -> tuple[Any, Any]:  # noqa: ANN401
+            return _ask_row(studio, output_dir, max_steps)
+
+        gr.on([section.expand, status.change], ask_row, [fields["output.dir"], fields["train.max_steps"]],
+              [ask, answers["resume"]], api_visibility="private", show_progress="hidden")
 
     return connect
 
