@@ -172,25 +172,7 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
                                      "of images", "error", "dataset", key="data.datasets"))
         return report
 
-    listed: list[tuple[int, Path]] = []
-    for index, entry in enumerate(entries):
-        folder, key = Path(entry.path), f"data.datasets[{index}].path"
-        if not folder.is_dir():
-            report.rows.append(HealthRow(folder, "dataset folder does not exist; give the folder that holds the "
-                                                 "images", "error", "dataset", key=key))
-            continue
-        if not os.access(folder, os.R_OK | os.X_OK):  # listing it would raise PermissionError
-            report.rows.append(HealthRow(folder, "cannot read this folder (permission denied); allow reading it or "
-                                                 "copy the images to a folder you can read", "error", "dataset",
-                                         key=key))
-            continue
-        report.rows += _stray_files(folder, (entry.masks, entry.conditioning or "")) + _link_rows(entry)
-        images = list_images(folder)
-        if not images:
-            report.rows.append(HealthRow(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder; "
-                                                 "add images or give the folder that holds them", "error",
-                                         "dataset", key=key))
-        listed += [(index, image) for image in images]
+    listed = [(index, image) for index, entry in enumerate(entries) for image in _list_dataset(report, index, entry)]
     report.image_count = len(listed)
 
     mask_of = {path: _mask_of(entries[index], path) for index, path in listed}
@@ -224,6 +206,26 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
     listed_per_dataset = [sum(1 for index, _ in listed if index == i) for i in range(len(entries))]
     _check_counts(report, entries, listed_per_dataset, batch_size, gradient_accumulation, held_out)
     return report
+
+
+def _list_dataset(report: HealthReport, index: int, entry: DatasetEntry) -> list[Path]:
+    """The training images of one dataset folder; rows for a folder that is missing, unreadable or without images,
+    and for the files in it that are not training images."""
+    folder, key = Path(entry.path), f"data.datasets[{index}].path"
+    if not folder.is_dir():
+        report.rows.append(HealthRow(folder, "dataset folder does not exist; give the folder that holds the images",
+                                     "error", "dataset", key=key))
+        return []
+    if not os.access(folder, os.R_OK | os.X_OK):  # listing it would raise PermissionError
+        report.rows.append(HealthRow(folder, "cannot read this folder (permission denied); allow reading it or copy "
+                                             "the images to a folder you can read", "error", "dataset", key=key))
+        return []
+    report.rows += _stray_files(folder, (entry.masks, entry.conditioning or "")) + _link_rows(entry)
+    images = list_images(folder)
+    if not images:
+        report.rows.append(HealthRow(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder; add images "
+                                             "or give the folder that holds them", "error", "dataset", key=key))
+    return images
 
 
 def _duplicates(report: HealthReport, scans: list[tuple[Path, _Scan]]) -> list[HealthRow]:
