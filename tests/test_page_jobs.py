@@ -87,7 +87,8 @@ NO_LIMITS = {"Logit mean"}  # any number is a mean
 
 def test_every_number_field_checks_its_limits_as_typed_naming_itself(tmp_path: Path):
     """Every number component of the page, typed outside its limits: a warning that names its label (gradio's
-    own minimum/maximum would refuse it with "Value 0 is less than minimum value 1." and no name)."""
+    own minimum/maximum would refuse it with "Value 0 is less than minimum value 1." and no name); every slider
+    clamps what is typed into its box."""
     import warnings
 
     import gradio as gr
@@ -118,13 +119,20 @@ def test_every_number_field_checks_its_limits_as_typed_naming_itself(tmp_path: P
         assert said and all(line.startswith(f"{number.label}") for line in said), (number.label, said)
         walked.add(number.label)
     assert {"Guidance min", "Start block", "Bucket step", "Steps to train now", "GPU memory (GiB)"} <= walked
+    # A slider's number box takes any typed number (it then shows the bound): the value sent is clamped, never an
+    # error naming no field.
+    sliders = [block for block in blocks.blocks.values() if isinstance(block, gr.Slider)]
+    assert len(sliders) >= 5
+    for slider in sliders:
+        assert slider.preprocess(slider.maximum + 1) == slider.maximum, slider.label
+        assert slider.preprocess(slider.minimum - 1) == slider.minimum, slider.label
 
 
 def test_the_swap_slider_clamps_a_stale_value_instead_of_raising():
     # Loading a demo job over a klein-9B one: other controls' change events still sent 25 against a bound of 2,
     # and gradio's Slider raised "Value 25 is greater than maximum value 2." for each.
     import ui
-    from ui.lowvram_tab import BoundSlider
+    from ui.sliders import BoundSlider
 
     slider = BoundSlider(minimum=0, maximum=2, step=1)
     assert slider.preprocess(25) == 2 and slider.preprocess(-1) == 0 and slider.preprocess(1) == 1

@@ -17,6 +17,7 @@ from ui.dataset_check import CHECKING
 from ui.edit_pairs import edit_controls
 from ui.feedback import problems_update
 from ui.form import FORM_KEYS, api_name, field_choices, keyword_handler
+from ui.sliders import BoundSlider
 from ui.studio import Studio
 from ui.words import CAPTION_LABELS, flags_in_page_words, warn_as_typed
 
@@ -67,7 +68,7 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
         fields["dataset.repeats"] = gr.Number(
             value=defaults["dataset.repeats"], precision=0, label="Repeats",
             info="times each image is seen per epoch")
-        fields["data.caption_dropout"] = gr.Slider(
+        fields["data.caption_dropout"] = BoundSlider(
             0.0, 1.0, value=defaults["data.caption_dropout"], step=0.01, label="Caption dropout",
             info="share of steps trained with an empty caption")
     fields["dataset.masks"] = gr.Textbox(
@@ -192,7 +193,7 @@ def _captioning(fields: dict[str, gr.components.Component], studio: Studio) -> N
             suffix = gr.Textbox("", label=CAPTION_LABELS["caption_suffix"], info="text after the caption")
         with gr.Row():
             low, high = MAX_LENGTH_RANGE
-            max_length = gr.Slider(low, high, value=200, step=1, label=CAPTION_LABELS["caption_max_length"])
+            max_length = BoundSlider(low, high, value=200, step=1, label=CAPTION_LABELS["caption_max_length"])
             batch_size = gr.Number(value=4, precision=0, label=CAPTION_LABELS["caption_batch_size"],
                                    info="images per model call; lower it if memory runs out")
             warn_as_typed(batch_size, batch_size_problems)
