@@ -84,7 +84,14 @@ from trainer.preflight import check_files, model_source
 from trainer.prompts import SamplePrompt, sample_prompts
 from trainer.quiet import disable_loading_bars
 from trainer.sources import model_files
-from trainer.spec import JobSpec, LowVramSection, modulation_format, save_spec, spec_to_toml
+from trainer.spec import (
+    JobSpec,
+    LowVramSection,
+    modulation_format,
+    save_spec,
+    spec_to_toml,
+    with_text_encoder_precision,
+)
 from trainer.trackers import TrackerLogger
 from trainer.tread import TreadConfig, transformer_blocks, tread_routing
 
@@ -197,6 +204,8 @@ class Session:
         plan = resolve_lowvram(spec, device_vram_gib(self.device), self.dist.world_size,
                                ram_gib=available_ram_gib())
         self.plan: LowVramPlan = self.dist.adjust_plan(plan)
+        # model.text_encoder_precision = "auto" made concrete: the loaders and the embedding cache's keys read it
+        self.spec = spec = with_text_encoder_precision(spec, self.plan.text_encoder_precision)
         self.grad_sync: distributed.GradientSync | None = None
         self.swapper: Any = None
         self.offloader: ActivationOffloader | None = None

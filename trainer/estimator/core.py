@@ -80,7 +80,7 @@ from trainer.estimator.shapes import (
     weight_layout,
 )
 from trainer.estimator.sharding import gathered_bytes, shard_bytes
-from trainer.spec import JobSpec, modulation_format
+from trainer.spec import JobSpec, modulation_format, with_text_encoder_precision
 
 GIB = 1024**3
 CUDA_CONTEXT_GIB = 0.5
@@ -225,6 +225,7 @@ def estimate(spec: JobSpec, plan: LowVramPlan, *, mode: str = "single", gpus: in
     `fused_attention`: whether attention runs in a fused kernel (no s² workspace); torch's SDPA picks a flash
     kernel on CUDA and on the CPU (the probe measured no s² tensor on the demo).
     """
+    spec = with_text_encoder_precision(spec, plan.text_encoder_precision)  # auto: what the plan chose
     job = _job(spec, plan_under(mode, plan), mode, gpus)
     weights, swapped_ram = _base_weights(job)
     step = _training_step(job, fused_attention)
