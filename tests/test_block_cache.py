@@ -72,6 +72,22 @@ def test_blocks_on_disk_train_the_same_lora_bit_for_bit_the_cache_is_reused_and_
     block_store.verify(path, block_store.read_footer(path, path.stem))  # the rebuilt one is sound
 
 
+def test_the_quantised_size_in_the_log_counts_the_blocks_written_to_the_block_cache(demo_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    int8 = ["model.base_precision='int8'", "train.max_steps=1"]
+    ram = _run(demo_dir, tmp_path / "ram", *int8)[1]
+    disk = [*int8, f"data.cache_dir='{tmp_path / 'cache'}'", "lowvram.swap_from='disk'"]
+    written, reused = (_run(demo_dir, tmp_path / name, *disk)[1] for name in ("written", "reused"))
+    assert any("block cache reused" in m for m in reused)
+
+    def line(messages: list[str]) -> str:
+        (found,) = [m for m in messages if m.startswith("base transformer quantised to int8 while loading: ")]
+        return found
+
+    # the same transformer, its two swapped blocks in the cache file: the same sizes as with them in RAM
+    assert line(written) == line(ram) == line(reused)
+
+
 def test_a_disk_without_room_is_refused_with_the_size_needed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     class Usage:
         free = 2 * 1024**3

@@ -465,11 +465,12 @@ class Session:
             state = "reused" if sink.warm else "written"
             self.emit(LogMessage(level="info", message=f"block cache {state}: {sink.path}"))
         self.pipe.register_modules(transformer=transformer)
-        self._report_quantised()
+        self._report_quantised(sink.stored_bytes() if sink is not None else None)
 
-    def _report_quantised(self) -> None:
-        """The log says when the frozen transformer was quantised while it loaded: format, size before and after."""
-        before, after, fmt = quantised_sizes(self.pipe.transformer)
+    def _report_quantised(self, stored: dict[str, int] | None = None) -> None:
+        """The log says when the frozen transformer was quantised while it loaded: format, size before and after,
+        the blocks written to (or read from) the block cache included (`stored`: their tensors' bytes by name)."""
+        before, after, fmt = quantised_sizes(self.pipe.transformer, stored)
         if fmt:
             self.emit(LogMessage(level="info", message=f"base transformer quantised to {fmt} while loading: "
                                  f"{size_text(before)} -> {size_text(after)}"))
