@@ -151,3 +151,20 @@ def test_auto_quantises_the_text_encoder_first_then_puts_blocks_on_disk_and_a_st
     assert kept.text_encoder_precision == "bf16"
     preset_as_is = _preset_job("flux2-klein-base-9b-8gb")  # states int8
     assert resolve_lowvram(preset_as_is, 7.6, ram_gib=64.0).text_encoder_precision == "int8"
+
+
+def test_a_session_loads_and_keys_its_text_embeddings_with_the_precision_auto_chose(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.memory import system_ram
+    from trainer.session import Session
+
+    spec = parse_spec({"model": {"family": "flux2", "flavour": "klein-base-9b", "source": str(tmp_path / "model"),
+                                 "base_precision": "fp8"},  # text_encoder_precision left to auto
+                       "data": {"datasets": [{"path": str(tmp_path / "images")}]},
+                       "output": {"dir": str(tmp_path / "out")}})
+    for available, chosen in ((64.0, "bf16"), (16.0, "int8")):  # a fake machine: Qwen3-8B in bf16 needs ≈17 GiB
+        monkeypatch.setattr(system_ram, "available_ram_gib", lambda available=available: available)
+        session = Session(spec)  # nothing loads yet: the plan and the concrete job
+        assert session.plan.text_encoder_precision == chosen
+        assert session.spec.model.text_encoder_precision == chosen  # what the loaders and cache keys read
+        assert session.spec_as_run().model.text_encoder_precision == chosen  # job.resolved.toml
