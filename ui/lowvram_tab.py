@@ -157,8 +157,9 @@ def _checkpointing_and_offload(fields: dict[str, gr.components.Component], defau
     fields["lowvram.empty_cache_every"] = gr.Textbox(
         value=defaults["lowvram.empty_cache_every"], label="Release cached GPU memory every N steps",
         placeholder="empty or 0: never",
-        info="hands the CUDA allocator's cached, unused memory back to the driver every N steps, for a card shared "
-             "with a desktop; costs a little speed (the next step allocates afresh); no effect without a GPU")
+        info="hands the CUDA allocator's cached, unused memory back to the driver every N steps (up to 1000000), "
+             "for a card shared with a desktop; costs a little speed (the next step allocates afresh); no effect "
+             "without a GPU")
     fields["data.vae_tiling"] = gr.Checkbox(
         value=defaults["data.vae_tiling"], label="VAE tiling",
         info="encode large images in overlapping tiles: caching fits a small card; latents differ slightly at the "

@@ -208,7 +208,8 @@ class SwapSource:
 
 SWAP_FROM_INFO = ("where swapped blocks wait: ram (pinned memory), disk (a block cache file beside the latents, read "
                   "ahead: RAM holds a few blocks); from strategy: ram, or disk when this machine's RAM needs it")
-DISK_READ_INFO = "the disk's read speed the estimate assumes for blocks on disk (GB/s); empty: 3, a typical NVMe"
+DISK_READ_INFO = ("the disk's read speed the estimate assumes for blocks on disk (GB/s, above 0 and at most 100); "
+                  "empty: 3, a typical NVMe")
 
 
 def swap_source(values: dict[str, Any], base: dict[str, Any] | None, detected: float | None) -> SwapSource | None:
