@@ -34,9 +34,19 @@ def _run(demo_dir: Path, out: Path, *settings: str) -> tuple[dict[str, torch.Ten
     return load_file(path), messages
 
 
+# An int8 base, as the presets that put blocks on disk quantise theirs: the cache holds the stored (quantised) bytes.
+INT8 = "model.base_precision='int8'"
+QUANTISED = "base transformer quantised to int8 while loading: "
+
+
 @pytest.fixture(scope="module")
-def ram_lora(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    return _run(demo_dir, tmp_path_factory.mktemp("ram"))[0]
+def ram_run(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, torch.Tensor], list[str]]:
+    return _run(demo_dir, tmp_path_factory.mktemp("ram"), INT8)
+
+
+def _quantised_line(messages: list[str]) -> str:
+    (line,) = [m for m in messages if m.startswith(QUANTISED)]
+    return line
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -46,18 +56,22 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 
 def test_blocks_on_disk_train_the_same_lora_bit_for_bit_the_cache_is_reused_and_a_damaged_one_rebuilt(
-        demo_dir: Path, tmp_path: Path, ram_lora: dict[str, torch.Tensor]) -> None:
+        demo_dir: Path, tmp_path: Path, ram_run: tuple[dict[str, torch.Tensor], list[str]]) -> None:
+    ram_lora, ram_messages = ram_run
     cache = tmp_path / "cache"
-    disk = [f"data.cache_dir='{cache}'", "lowvram.swap_from='disk'"]
+    disk = [INT8, f"data.cache_dir='{cache}'", "lowvram.swap_from='disk'"]
     first, messages = _run(demo_dir, tmp_path / "first", *disk)
     _same(first, ram_lora)
     (path,) = (cache / "blocks").glob("*.blocks")
     assert any("block cache written" in m for m in messages)
+    # the log's sizes count the blocks written to the cache: the same transformer as with its blocks in RAM
+    assert _quantised_line(messages) == _quantised_line(ram_messages)
     records = block_store.read_footer(path, path.stem)
     assert [r.index for r in records] == [0, 1]  # the two swapped blocks, nothing else
     second, messages = _run(demo_dir, tmp_path / "second", *disk)
     _same(second, ram_lora)
     assert any("block cache reused" in m for m in messages)
+    assert _quantised_line(messages) == _quantised_line(ram_messages)  # blocks never read from the model count too
     with open(path, "r+b") as handle:  # one flipped byte inside block 0
         handle.seek(100)
         byte = handle.read(1)
@@ -70,22 +84,6 @@ def test_blocks_on_disk_train_the_same_lora_bit_for_bit_the_cache_is_reused_and_
     assert len(list((cache / "blocks").glob("*.blocks.damaged-*"))) == 1
     assert any("block cache written" in m for m in messages)
     block_store.verify(path, block_store.read_footer(path, path.stem))  # the rebuilt one is sound
-
-
-def test_the_quantised_size_in_the_log_counts_the_blocks_written_to_the_block_cache(demo_dir: Path,
-                                                                                   tmp_path: Path) -> None:
-    int8 = ["model.base_precision='int8'", "train.max_steps=1"]
-    ram = _run(demo_dir, tmp_path / "ram", *int8)[1]
-    disk = [*int8, f"data.cache_dir='{tmp_path / 'cache'}'", "lowvram.swap_from='disk'"]
-    written, reused = (_run(demo_dir, tmp_path / name, *disk)[1] for name in ("written", "reused"))
-    assert any("block cache reused" in m for m in reused)
-
-    def line(messages: list[str]) -> str:
-        (found,) = [m for m in messages if m.startswith("base transformer quantised to int8 while loading: ")]
-        return found
-
-    # the same transformer, its two swapped blocks in the cache file: the same sizes as with them in RAM
-    assert line(written) == line(ram) == line(reused)
 
 
 def test_a_disk_without_room_is_refused_with_the_size_needed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
