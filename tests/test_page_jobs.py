@@ -82,7 +82,7 @@ def test_messages_name_the_field_as_the_page_shows_it(tmp_path: Path):
 # guidance embedding, TREAD's blocks while it is on); the values typed, at least one of them outside every limit.
 CONTEXT = {"Family": "flux1", "Flavour": "dev", "TREAD token routing": True}
 TYPED = (-1, 0, 10**6)
-NO_LIMITS = {"Logit mean"}  # any number is a mean
+NO_LIMITS = {"Logit mean", "Mode scale"}  # any number is a mean; a scale of any sign
 
 
 def test_every_number_field_checks_its_limits_as_typed_naming_itself(tmp_path: Path):
