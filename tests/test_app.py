@@ -463,6 +463,9 @@ def test_dataset_tab_endpoints(tmp_path):
             assert refused.startswith(f"not loaded: refused: the {IMAGE_FOLDER} {path!r}"), refused
             assert client.predict(dataset_path=path, api_name="/caption_start")[0].startswith(
                 f"not started: refused: the {IMAGE_FOLDER} {path!r}")
+        status, problems = client.predict(dataset_path="/etc", api_name="/start")  # Start names the control too
+        assert status == "not started: a path is outside the folders this app may use", status
+        assert problems["value"].startswith(f"refused: the {IMAGE_FOLDER} '/etc' is outside"), problems
         verdict = client.predict(dataset_conditioning="/etc", api_name="/check_dataset")[0]  # edit pairs' references
         assert verdict == "will not train — a folder is outside the folders this app may use"
         assert "refused: the job file '/etc/passwd'" in client.predict(path="/etc/passwd", api_name="/load_job")[-1]
