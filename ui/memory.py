@@ -194,6 +194,42 @@ def check_lowvram(values: dict[str, Any], base: dict[str, Any] | None, detected:
                         "\n\n".join(_plan_lines(plan, result, source == NO_GPU)))
 
 
+@dataclass(frozen=True)
+class SwapSource:
+    """Whether the blocks-on-disk controls apply to the plan the form's job would run with, and their help (or why
+    they are greyed out): `swaps`: the plan swaps blocks (lowvram.swap_from applies); `reads_disk`: and they may
+    wait on disk (lowvram.disk_read_gbps applies)."""
+
+    swaps: bool
+    reads_disk: bool
+    swap_info: str
+    gbps_info: str
+
+
+SWAP_FROM_INFO = ("where swapped blocks wait: ram (pinned memory), disk (a block cache file beside the latents, read "
+                  "ahead: RAM holds a few blocks); from strategy: ram, or disk when this machine's RAM needs it")
+DISK_READ_INFO = ("the disk's read speed the estimate assumes for blocks on disk (GB/s, above 0 and at most 100); "
+                  "empty: 3, a typical NVMe")
+
+
+def swap_source(values: dict[str, Any], base: dict[str, Any] | None, detected: float | None) -> SwapSource | None:
+    """The blocks-on-disk controls for the form's job (its resolved plan: a strategy may swap blocks with the slider
+    untouched); None when the form has problems (the verdict names them)."""
+    try:
+        spec = form.form_to_spec(values, base)
+    except SpecError:
+        return None
+    gpu_gib, _ = gpu_target(spec, detected)
+    plan = resolve_lowvram(spec, gpu_gib, ram_gib=_available_ram())
+    if not plan.blocks_to_swap:
+        why = "no block is swapped in this job's plan (Block swap, or the strategy): nothing waits in RAM or on disk"
+        return SwapSource(False, False, why, why)
+    chosen = f" (this job: {plan.blocks_to_swap} blocks from {plan.swap_from})"
+    if spec.lowvram.swap_from == "ram":
+        return SwapSource(True, False, SWAP_FROM_INFO + chosen, "the swapped blocks wait in RAM: no disk is read")
+    return SwapSource(True, True, SWAP_FROM_INFO + chosen, DISK_READ_INFO)
+
+
 # ---------------------------------------------------------------------- Memory Estimator tab
 
 
@@ -300,19 +336,23 @@ def _details(result: Estimate, plan: LowVramPlan, on_cpu: bool = False) -> str:
     return "\n\n".join(lines)
 
 
+def gpu_problems(gpu_gib: Any) -> list[str]:  # noqa: ANN401
+    """The estimator's GPU memory (GiB), in page words: empty, or a size from 0 to 1024 (also checked as typed)."""
+    try:
+        given = float(gpu_gib) if gpu_gib not in (None, "") else None
+    except (TypeError, ValueError):
+        given = -1.0
+    if given is None or 0 <= given <= 1024:
+        return []
+    return [f"GPU memory (GiB): {gpu_gib!r} is not a size between 0 and 1024 (0: the planned or detected GPU)"]
+
+
 def estimate_form(values: dict[str, Any], base: dict[str, Any] | None, gpu_gib: Any,  # noqa: ANN401
                   detected: float | None, labels: Mapping[str, str] | None = None) -> EstimatorReport:
     """The estimator tab's report for the form's job against `gpu_gib` (0 or empty: the job's GPU memory to plan
     for, else the detected GPU). A form the estimator cannot read gives one problems line naming the fields."""
-    problems: list[str] = []
-    try:
-        given = float(gpu_gib) if gpu_gib not in (None, "") else None
-        if given is not None and not 0 <= given <= 1024:
-            raise ValueError
-    except (TypeError, ValueError):
-        problems.append(f"GPU memory (GiB): {gpu_gib!r} is not a size between 0 and 1024 (0: the planned or "
-                        "detected GPU)")
-        given = None
+    problems = gpu_problems(gpu_gib)
+    given = float(gpu_gib) if gpu_gib not in (None, "") and not problems else None
     try:
         spec = form.form_to_spec(values, base)
     except SpecError as exc:
