@@ -332,6 +332,12 @@ class SampleSection(_Section):
     # A transformers CLIP model (hub id or local folder) scoring each validation's samples against their prompts;
     # empty: off.
     clip_score_model: str = ""
+    # Live previews while a sample renders: every N denoising steps the image so far, decoded small, goes to
+    # samples/previews/ and the Run tab (trainer/previews.py); 0: off.
+    preview_every: int = Field(5, ge=0, le=200)
+    # What decodes the previews: empty, the model's own VAE on a downscaled latent; or a diffusers AutoencoderTiny
+    # (hub id or folder) with the VAE's latent channels, e.g. madebyollin/taef1 for FLUX.1.
+    preview_decoder: str = ""
 
     @model_validator(mode="after")
     def _one_reference_per_prompt(self) -> SampleSection:
@@ -800,6 +806,8 @@ def resolve_paths(spec: JobSpec, base_dir: str | Path) -> JobSpec:
         data["data"]["cache_dir"] = _resolve(spec.data.cache_dir, base)
     if is_local_path(spec.sample.clip_score_model):
         data["sample"]["clip_score_model"] = _resolve(spec.sample.clip_score_model, base)
+    if is_local_path(spec.sample.preview_decoder):
+        data["sample"]["preview_decoder"] = _resolve(spec.sample.preview_decoder, base)
     if spec.sample.prompt_library:
         data["sample"]["prompt_library"] = _resolve(spec.sample.prompt_library, base)
     data["output"]["dir"] = _resolve(spec.output.dir, base)

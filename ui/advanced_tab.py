@@ -164,6 +164,15 @@ def _evaluation_and_sampling(fields: dict[str, gr.components.Component], default
             value=defaults["sample.guidance"], label="Sample guidance", placeholder=guidance_hint,
             info="empty: the flavour's default")
         fields["sample.seed"] = gr.Number(value=defaults["sample.seed"], precision=0, label="Sample seed")
+    with gr.Row():
+        fields["sample.preview_every"] = gr.Number(
+            value=defaults["sample.preview_every"], precision=0, minimum=0, label="Live preview every N sampling steps",
+            info="the Run tab shows each sample as it renders, decoded small; 0: off")
+        fields["sample.preview_decoder"] = gr.Textbox(
+            value=defaults["sample.preview_decoder"], label="Preview decoder", scale=2,
+            placeholder="empty: the model's own VAE at reduced size",
+            info="optional: a diffusers tiny autoencoder (hub id or folder) for faster previews, e.g. "
+                 "madebyollin/taef1 for FLUX.1")
 
 
 def _connect(fields: dict[str, gr.components.Component], count: gr.Button, counts: gr.Markdown) -> None:

@@ -59,7 +59,7 @@ FORM_KEYS: tuple[str, ...] = (
     "advanced.tread", "advanced.tread_selection_ratio", "advanced.tread_start_block", "advanced.tread_end_block",
     "lora.type", "lora.init", "lora.init_from", "lora.targets",
     "train.eval_every_steps",
-    "sample.steps", "sample.guidance", "sample.seed",
+    "sample.steps", "sample.guidance", "sample.seed", "sample.preview_every", "sample.preview_decoder",
 )
 
 # Optional numbers, shown as text boxes: empty means "not set" (the flavour's default). gr.Number cannot be

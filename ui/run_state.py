@@ -29,8 +29,10 @@ from trainer.events import (
     Progress,
     RunFinished,
     RunStarted,
+    SamplePreview,
     SampleSaved,
 )
+from ui.preview_state import next_preview
 
 LOG_LINES = 200
 DOWNLOADING = "downloading"  # the phase trainer/sources/hub.py announces while model files download
@@ -149,6 +151,7 @@ class RunView:
         self.eval_losses: list[EvalPoint] = []
         self.clip_scores: list[EvalPoint] = []  # sample.clip_score_model: (step, mean CLIPScore)
         self.samples: list[Sample] = []
+        self.preview: SamplePreview | None = None  # the sample rendering now, as far as it got (ui/previews.py)
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
         self.download: DownloadProgress | None = None  # the latest, while the phase is downloading
         self.ending = False  # End training was pressed: the run's "stopped" is shown as "ended"
@@ -248,6 +251,7 @@ class RunView:
                 self.version += 1
 
     def _apply(self, event: Event) -> None:
+        self.preview = next_preview(self.preview, event)
         if isinstance(event, RunStarted):
             self.max_steps = event.max_steps
             self.output_dir = event.output_dir

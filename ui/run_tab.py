@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 
 from trainer.folders import Folders
-from ui import form, multi_gpu
+from ui import form, multi_gpu, previews
 from ui.feedback import problems_update
 from ui.gauges import gauges_html, read_gauges
 from ui.jobs import Outcome
@@ -168,6 +168,7 @@ def _build_view(fields: dict[str, gr.components.Component], studio: Studio, base
                            color_title="", color_map=LOSS_COLOURS, scale=1, elem_id="run-loss")
         gallery = gr.Gallery(label="Samples", columns=3, height=300, scale=1, object_fit="contain",
                              elem_id="run-samples")
+    previews.build(studio)  # the sample rendering now, as far as it got (sample.preview_every)
     # sample.clip_score_model: how well the samples match their prompts, per validation (hidden until scored)
     clip_plot = gr.LinePlot(clip_frame(studio.view), x="step", y="clip_score", title="CLIP score of the samples",
                             label="CLIP score", visible=bool(studio.view.clip_scores), elem_id="run-clip-score")
