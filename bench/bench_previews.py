@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256, help="of the real-width model's samples")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-real", action="store_true", help="the demo only")
-    parser.add_argument("--threads", type=int, default=torch_threads_default())
+    parser.add_argument("--threads", type=int, default=torch_threads_default(), help="for the real-width model")
     args = parser.parse_args()
     from trainer.quiet import silence_library_noise
 
@@ -174,15 +174,16 @@ def main() -> None:
     from trainer.quiet import disable_loading_bars
 
     disable_loading_bars()
-    torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+    print(f"torch {torch.__version__}, {args.threads} threads for the real-width model, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         pipe, text, negative, guidance = _demo_pipe(folder)
+        torch.set_num_threads(1)  # the demo's tiny products run fastest on one thread (as in the tests)
         step, each = _compare("demo", pipe, text, negative, guidance, args, 64, folder)
         _steady("demo", step, each, args.every)
+        torch.set_num_threads(args.threads)
         if not args.skip_real:
             pipe, text, negative, guidance = _real_width_pipe()
             name = "real-width klein base 4B (1 + 1 blocks, CFG), real VAE"

@@ -24,7 +24,8 @@ from trainer.events import (
 from trainer.preflight import check_files
 from trainer.session import Session
 from trainer.spec import SpecError, load_spec, parse_spec, resolve_paths
-from ui.previews import current_preview
+from ui.preview_state import preview_label
+from ui.previews import live_preview, preview_image
 from ui.run_state import RunView
 
 JOBS = {"flux2": "job.toml", "flux1": "job_flux1.toml"}
@@ -156,19 +157,19 @@ def test_the_run_tab_shows_the_latest_preview_until_the_sample_lands(tmp_path: P
     view.begin(4)
     view.apply([RunStarted(max_steps=4, output_dir=str(tmp_path), family="flux2", flavour="demo"),
                 PhaseChanged(phase="sampling", detail="2 prompts at step 2")])
-    assert current_preview(view) == ("", None, "")
+    assert live_preview(view) is None
     for step, colour in ((5, (255, 0, 0)), (10, (0, 0, 255))):
         path = tmp_path / f"step000002_0_{step:03d}.jpg"
         Image.new("RGB", (16, 16), colour).save(path)
         view.apply([SamplePreview(step=2, index=1, count=2, prompt="a red circle", path=str(path),
                                   denoise_step=step, denoise_steps=28)])
-    key, image, label = current_preview(view)
-    assert key.endswith("_010.jpg") and image.getpixel((8, 8))[2] > 200  # the latest one: blue
-    assert label == "sample 1/2 at step 2, denoising step 10/28: a red circle"
-    Path(key).unlink()  # the trainer deletes it once the final sample is written; the page copes
-    assert current_preview(view)[1] is None
+    preview = live_preview(view)
+    assert preview.path.endswith("_010.jpg") and preview_image(preview).getpixel((8, 8))[2] > 200  # latest: blue
+    assert preview_label(preview) == "sample 1/2 at step 2, denoising step 10/28: a red circle"
+    Path(preview.path).unlink()  # the trainer deletes it once the final sample is written; the page copes
+    assert preview_image(preview) is None
     view.apply([SampleSaved(step=2, path=str(tmp_path / "step000002_0.png"), prompt="a red circle")])
-    assert current_preview(view) == ("", None, "")
+    assert live_preview(view) is None
     view.apply([SamplePreview(step=2, index=2, count=2, prompt="b", path=str(tmp_path / "x.jpg"), denoise_step=5,
                               denoise_steps=28), Progress(step=3, max_steps=4, loss=0.1, learning_rate=1e-4,
                                                           steps_per_second=1.0, eta_seconds=1.0)])

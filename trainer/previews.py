@@ -114,7 +114,10 @@ class LivePreviews:
             if step in wanted and "previous" in kept and not self.failed:
                 sigmas = pipe.scheduler.sigmas
                 estimate = denoised_estimate(kept.pop("previous"), latents, float(sigmas[i]), float(sigmas[i + 1]))
-                self._show(index, prompt, width, height, step, estimate)
+                try:
+                    self._show(index, prompt, width, height, step, estimate)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of GPU memory: a preview is not worth the sample
+                    self._stop(f"{type(exc).__name__}: {exc}")
             if step + 1 in wanted:
                 kept["previous"] = latents.detach().clone()
             return {}  # the sampler goes on with its own latents
@@ -131,13 +134,17 @@ class LivePreviews:
         path = self.folder / f"step{self.train_step:06d}_{prompt.name}_{step:03d}{SUFFIX}"
         try:  # not fsynced: a preview lives seconds; atomic, so the page never reads half a file
             write_atomic(path, lambda tmp: image.save(tmp, format="JPEG", quality=JPEG_QUALITY), durable=False)
-        except OSError as exc:  # a preview is not worth the run: say so once, the samples themselves go on
-            self.failed = True
-            self.emit(LogMessage(level="warning", message=f"live previews stopped: cannot write {path} ({exc})"))
+        except OSError as exc:
+            self._stop(f"cannot write {path} ({exc})")
             return
         self.written.setdefault(index, []).append(path)
         self.emit(SamplePreview(step=self.train_step, index=index + 1, count=self.prompts, prompt=prompt.text,
                                 path=str(path), denoise_step=step, denoise_steps=self.steps))
+
+    def _stop(self, why: str) -> None:
+        """No more previews in this validation, said once; the samples themselves go on."""
+        self.failed = True
+        self.emit(LogMessage(level="warning", message=f"live sampling previews stopped: {why}"))
 
     def done(self, index: int) -> None:
         """Sample `index`'s final image is written: its previews go."""

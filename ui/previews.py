@@ -9,6 +9,7 @@ from typing import Any
 
 import gradio as gr
 
+from trainer.events import SamplePreview
 from ui.preview_state import preview_label
 from ui.run_state import ACTIVE, RunView
 from ui.studio import Studio
@@ -16,25 +17,25 @@ from ui.studio import Studio
 PREVIEW_EVERY_S = 1.0  # how often a page asks for a newer preview
 
 
-def current_preview(view: RunView, allowed: Any = None) -> tuple[str, Any, str]:  # noqa: ANN401 - Folders or None
-    """(what is shown, the image, its label): ('', None, '') when no sample is rendering. The image is read from
-    the file, which is deleted once the final sample lands: then it is None with the same key, and the next
-    change hides it. `allowed` (the app's Folders) must allow the file's folder."""
+def live_preview(view: RunView, allowed: Any = None) -> SamplePreview | None:  # noqa: ANN401 - Folders or None
+    """The preview of the sample rendering now; None when none is (or its file is outside what `allowed`, the
+    app's Folders, allows)."""
     with view.lock:
         preview = view.preview if view.status in ACTIVE else None
-    if preview is None:
-        return "", None, ""
-    path = Path(preview.path).resolve()
-    if allowed is not None and not allowed.allows(path):
-        return "", None, ""
-    try:
-        from PIL import Image
+    if preview is None or (allowed is not None and not allowed.allows(Path(preview.path).resolve())):
+        return None
+    return preview
 
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except OSError:  # gone: the sample finished between the event and this read
-        image = None
-    return preview.path, image, preview_label(preview)
+
+def preview_image(preview: SamplePreview) -> Any:  # noqa: ANN401 - a PIL image, or None
+    """The preview's image; None when its file is gone (the final sample landed between the event and now)."""
+    from PIL import Image
+
+    try:
+        with Image.open(preview.path) as opened:
+            return opened.convert("RGB")
+    except OSError:
+        return None
 
 
 def build(studio: Studio) -> gr.Image:
@@ -44,12 +45,14 @@ def build(studio: Studio) -> gr.Image:
     sent = gr.State("")  # per page: the preview it shows
 
     def refresh(last: str) -> tuple[Any, str]:
-        key, value, label = current_preview(studio.view, studio.folders)
+        preview = live_preview(studio.view, studio.folders)
+        key = preview.path if preview is not None else ""
         if key == last:
             return gr.skip(), last
-        if value is None:
+        image = preview_image(preview) if preview is not None else None
+        if image is None:
             return gr.update(visible=False, value=None), key
-        return gr.update(visible=True, value=value, label=label), key
+        return gr.update(visible=True, value=image, label=preview_label(preview)), key
 
     gr.Timer(PREVIEW_EVERY_S).tick(refresh, sent, [image, sent], api_name="preview", show_progress="hidden",
                                    concurrency_limit=None)
