@@ -57,14 +57,14 @@ def _run(demo_dir: Path, out: Path, family: str, *sets: str) -> tuple[list[Event
 
 
 def test_previews_come_at_their_steps_go_with_the_final_sample_and_leave_it_bit_identical(
-        demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(previews, "PREVIEW_SIDE", 32)  # the demo's 64 px samples preview at 32 px: a reduced decode
+        demo_dir: Path, tmp_path: Path) -> None:
     events, seen = _run(demo_dir, tmp_path / "on", "flux2", "sample.steps=5", "sample.preview_every=2")
     shown = [e for e in events if isinstance(e, SamplePreview)]
     # every 2nd of 5 steps, never the last (the final sample is that one), for each of the two prompts in turn
     assert [(e.index, e.count, e.denoise_step, e.denoise_steps, e.step) for e in shown] == [
         (1, 2, 2, 5, 1), (1, 2, 4, 5, 1), (2, 2, 2, 5, 1), (2, 2, 4, 5, 1)]
-    assert all(there and size == (32, 32) for _, there, size in seen)  # written before announced, downscaled
+    # written before announced; decoded from a latent of half the size: a quarter of the final decode
+    assert all(there and size == (32, 32) for _, there, size in seen)
     assert all(path.parent == tmp_path / "on" / "samples" / "previews" and path.suffix == ".jpg"
                for path, _, _ in seen)
     kinds = [type(e).__name__ for e in events if isinstance(e, (SamplePreview, SampleSaved))]
@@ -105,7 +105,7 @@ def test_a_tiny_autoencoder_decodes_the_previews_when_one_is_configured(
     events, seen = _run(demo_dir, tmp_path / "out", "flux1", "sample.steps=3", "sample.preview_every=1",
                         f"sample.preview_decoder='{tiny}'")
     assert [(e.index, e.denoise_step) for e in events if isinstance(e, SamplePreview)] == [(1, 2), (2, 2)]
-    assert decoded == [(1, 16, 8, 8)] * 2 and all(size == (64, 64) for _, _, size in seen)
+    assert decoded == [(1, 16, 4, 4)] * 2 and all(size == (32, 32) for _, _, size in seen)
     # a tiny autoencoder of the other family's latents is refused before anything loads, naming the setting
     wrong = _tiny_decoder(tmp_path / "tiny32", 32)
     spec = resolve_paths(load_spec(demo_dir / JOBS["flux1"], [f"sample.preview_decoder='{wrong}'"]), demo_dir)
@@ -142,7 +142,7 @@ def test_the_sampler_latents_decode_as_the_pipeline_decodes_them(demo_dir: Path,
     assert ours.size == image.size and difference.max() <= 1
 
 
-def test_the_denoised_estimate_undoes_one_euler_step() -> None:
+def test_the_denoised_estimate_undoes_one_euler_step_and_previews_are_small() -> None:
     clean, noise = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
     velocity = noise - clean  # flow matching: x_sigma = (1 - sigma) clean + sigma noise
     before, after = (1 - 0.8) * clean + 0.8 * noise, (1 - 0.6) * clean + 0.6 * noise
@@ -150,6 +150,8 @@ def test_the_denoised_estimate_undoes_one_euler_step() -> None:
     assert torch.allclose(previews.denoised_estimate(before, after, 0.8, 0.6), clean, atol=1e-5)
     assert previews.preview_steps(5, 28) == [5, 10, 15, 20, 25] and previews.preview_steps(1, 4) == [2, 3]
     assert previews.preview_steps(0, 28) == [] and previews.preview_steps(5, 5) == []
+    shape = lambda side: tuple(previews.downscaled(torch.zeros(1, 32, side // 8, side // 8), 8, 512).shape[-2:])  # noqa: E731
+    assert shape(1024) == (64, 64) and shape(2048) == (64, 64) and shape(512) == (32, 32)  # <= 512 px, <= half
 
 
 def test_the_run_tab_shows_the_latest_preview_until_the_sample_lands(tmp_path: Path) -> None:

@@ -4,9 +4,10 @@ it is heading for, every N denoising steps, decoded small.
 The pipeline calls back after each denoising step (diffusers' `callback_on_step_end`, reading the latents only:
 the sample itself is untouched, bit for bit). From two consecutive Euler states of the flow-matching sampler the
 clean image it heads for is estimated (x0 = x_next - sigma_next * velocity), turned into the latents the decoder
-takes by the family (`decoder_latents`), downscaled so the preview is about PREVIEW_SIDE pixels on its longest side
-(a quarter of the decode's cost at 1024 px), and decoded where the VAE already is for sampling: by the model's
-own VAE, or by a tiny autoencoder (diffusers' AutoencoderTiny, e.g. madebyollin/taef1) when one is configured.
+takes by the family (`decoder_latents`), downscaled to half the sample's size or less (at most about PREVIEW_SIDE
+pixels on its longest side: a quarter of the final decode's cost or less), and decoded where the VAE already is
+for sampling: by the model's own VAE, or by a tiny autoencoder (diffusers' AutoencoderTiny, e.g.
+madebyollin/taef1) when one is configured.
 Each preview is a small JPEG in `samples/previews/`, announced by a `SamplePreview` event; a prompt's previews
 are deleted once its final sample is written.
 """
@@ -26,7 +27,7 @@ from trainer.events import Event, LogMessage, SamplePreview
 from trainer.files import write_atomic
 from trainer.prompts import SamplePrompt
 
-PREVIEW_SIDE = 512  # px: a larger sample's preview decodes a latent downscaled to about this size
+PREVIEW_SIDE = 512  # px: the longest side of a preview, about (half the sample's, or less)
 FOLDER = "previews"  # under output.dir/samples
 SUFFIX = ".jpg"
 JPEG_QUALITY = 85
@@ -49,11 +50,10 @@ def denoised_estimate(previous: torch.Tensor, latents: torch.Tensor, sigma: floa
 
 
 def downscaled(latents: torch.Tensor, scale_factor: int, side: int) -> torch.Tensor:
-    """Decoder latents (B, C, h, w) averaged down so their image is about `side` px on its longest side."""
-    factor = math.ceil(max(latents.shape[-2:]) * scale_factor / side)
-    if factor <= 1:
-        return latents
-    size = (math.ceil(latents.shape[-2] / factor), math.ceil(latents.shape[-1] / factor))
+    """Decoder latents (B, C, h, w) averaged down to half their size or less, so that their image is at most
+    about `side` px on its longest side: a preview costs a quarter of the final decode or less."""
+    factor = max(2, math.ceil(max(latents.shape[-2:]) * scale_factor / side))
+    size = (max(1, math.ceil(latents.shape[-2] / factor)), max(1, math.ceil(latents.shape[-1] / factor)))
     return torch.nn.functional.interpolate(latents, size=size, mode="area")
 
 
