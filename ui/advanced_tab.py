@@ -224,7 +224,7 @@ def _evaluation_and_sampling(fields: dict[str, gr.components.Component], default
                  "prompts, plotted beside the evaluation loss; loaded on the GPU after sampling and freed after")
     with gr.Row():
         fields["sample.preview_every"] = gr.Number(
-            value=defaults["sample.preview_every"], precision=0, minimum=0, label="Live preview every N sampling steps",
+            value=defaults["sample.preview_every"], precision=0, label="Live preview every N sampling steps",
             info="the Run tab shows each sample as it renders, decoded small; 0: off")
         fields["sample.preview_decoder"] = gr.Textbox(
             value=defaults["sample.preview_decoder"], label="Preview decoder", scale=2,
