@@ -12,9 +12,10 @@ the sample ends):
   single block, random weights) with the real-size FLUX.2 VAE (84 M parameters, random) and classifier-free
   guidance as klein base samples, at --resolution.
 
-Prints the median seconds per sample of each side and their ratio, the denoising step and one preview's cost,
-and the steady-state overhead of a preview every --every steps (1 + preview / (every x step): the ratio over a
-long sample, the final decode aside). A shallow model's step is a fraction of the real one's while its VAE is
+Prints the median seconds per sample of each side and their ratio, the denoising step and one preview's cost
+(timed by itself: on a loaded machine the difference of two whole samples is noisy), and the steady-state
+overhead of a preview every --every steps (1 + preview / (every x step): the ratio over a long sample, the final
+decode aside). A shallow model's step is a fraction of the real one's while its VAE is
 whole, so the overhead measured there overstates the cost; the last line projects it at the full 5 + 20 blocks,
 scaling the step by the blocks' parameter counts (matrix products over the same tokens in every block).
 """
@@ -109,12 +110,34 @@ def _compare(name: str, pipe: object, text: dict, negative: dict | None, guidanc
         seconds, count = _sample_seconds(pipe, text, negative, guidance, args, args.every, resolution, folder)
         on.append(seconds)
     bare, with_previews = statistics.median(off), statistics.median(on)
-    each = (with_previews - bare) / count if count else 0.0
     step = (bare - _decode_seconds(pipe, resolution, args.repeats)) / args.steps
+    each = _preview_seconds(pipe, resolution, args.repeats, folder)
     print(f"{name}: {args.steps} steps at {resolution} px, {count} previews (every {args.every}): "
           f"off {bare:.3f} s/sample, on {with_previews:.3f} s/sample, ratio on/off {with_previews / bare:.3f}; "
-          f"{step * 1000:.0f} ms per denoising step, {each * 1000:.0f} ms per preview")
+          f"{step * 1000:.0f} ms per denoising step; one preview alone {each * 1000:.0f} ms (from the samples: "
+          f"{(with_previews - bare) / max(count, 1) * 1000:.0f} ms)")
     return step, each
+
+
+def _preview_seconds(pipe: object, resolution: int, repeats: int, folder: Path) -> float:
+    """One preview by itself (median): the latents turned for the decoder, downscaled, decoded, written as JPEG.
+    Steadier than the difference of two whole samples on a loaded machine."""
+    import torch
+
+    from trainer.families import flux2
+    from trainer.previews import LivePreviews
+    from trainer.prompts import SamplePrompt
+
+    live = LivePreviews(flux2, pipe, pipe.vae, folder / "previews", lambda event: None, 1, 2, 0, 1)
+    side = resolution // (pipe.vae_scale_factor * 2)
+    estimate = torch.randn(1, side * side, pipe.transformer.config.in_channels)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        live._show(0, SamplePrompt("0", "bench"), resolution, resolution, 1, estimate)
+        times.append(time.perf_counter() - started)
+    live.done(0)
+    return statistics.median(times)
 
 
 def _decode_seconds(pipe: object, resolution: int, repeats: int) -> float:
