@@ -5,9 +5,7 @@ The gradio handlers in the tab modules call these and only turn the results into
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +29,13 @@ from trainer.spec import JobSpec, SpecError, is_local_path, parse_spec, resolve_
 from ui import caption_editor, form
 from ui.captioning import make_request
 from ui.dataset_check import DatasetCheck, check_form
+from ui.gauges import gauges_html, read_gauges
 from ui.jobs import LAST_FORM, LastForm, Outcome, default_job_path, read_job, relative_paths, write_job
 from ui.model_info import flavour_summary, target_counts  # noqa: F401 - the tabs' and tests' old import path
 from ui.resume import InterruptedRun, find_interrupted_run, latest_state_step, read_history
 from ui.run_history import RESOLVED_JOB, History
-from ui.run_state import REFUSED, SNAPSHOT_EVERY_S, RunView, Snapshot
+from ui.run_publisher import RunPublisher
+from ui.run_state import REFUSED, RunView, Snapshot
 from ui.upload_limits import UploadLimits
 from ui.uploads import KEEP, UploadResult, dataset_folder, save_upload
 from ui.words import all_in_page_words
@@ -65,7 +65,8 @@ class Studio:
         self.jobs_dir = self.workdir / ".studio" / "jobs"
         self.last_form = LastForm(self.workdir / ".studio" / LAST_FORM)
         self.view = RunView()
-        self._snapshot: Snapshot | None = None
+        # The Run tab's state for every page, published by one thread (started with the page, see ui/page.py)
+        self.publisher = RunPublisher(self.view, self.refresh, lambda: gauges_html(read_gauges()))
         self.captioning = CaptionRunner()
         self.upload_limits = upload_limits or UploadLimits()
         self.history = History(self.folders, self.output_root)
@@ -381,23 +382,16 @@ class Studio:
                 self.view.thread_ended()
         return self.view
 
+    def refresh(self) -> dict[str, str]:
+        """The runner's events drained into the view, and the buttons' states (see actions): the publisher's
+        thread alone calls it, so any number of pages cost the run what one does."""
+        with self.view.lock:
+            self.poll()
+            return self.actions()
+
     def snapshot(self) -> Snapshot:
-        """What the pages show: the published snapshot, replaced by a fresh one (events drained, rendered once)
-        when it is older than SNAPSHOT_EVERY_S or a run began or changed status since; so any number of pages
-        polling cost the run what one does."""
-        current = self._snapshot
-        view = self.view
-        if current is not None and time.monotonic() - current.made < SNAPSHOT_EVERY_S \
-                and (current.run_id, current.status) == (view.run_id, view.status):
-            return current
-        with view.lock:
-            current = self._snapshot  # another page's poll may have published one while this one waited
-            if current is None or time.monotonic() - current.made >= SNAPSHOT_EVERY_S \
-                    or (current.run_id, current.status) != (view.run_id, view.status):
-                self.poll()
-                current = self._snapshot = view.snapshot(current) if current is None \
-                    or current.version != view.version else replace(current, made=time.monotonic())
-            return current
+        """What the pages show: the published snapshot (nothing is drained or rendered per page)."""
+        return self.publisher.latest().snapshot
 
     # ------------------------------------------------------------------ jobs as files
 
