@@ -172,6 +172,9 @@ def main() -> None:
               "a poll")
     print(f"  web server CPU per poll over the 1-watcher phase: {statistics.median(extra_per_poll):5.2f} ms "
           f"(median of {len(extra_per_poll)} rounds)")
+    ratios = sorted(b / a for a, b in zip(speeds[1], speeds[args.watchers], strict=True))
+    print(f"  ratio of each round ({args.watchers} watchers / the 1 watcher just before): "
+          f"{', '.join(f'{ratio:.3f}' for ratio in ratios)}; median {statistics.median(ratios):.3f}")
     print(f"  ratio {args.watchers} watchers / 1 watcher: {many / one:.3f} (cost of the watchers: "
           f"{100 * (1 - many / one):.1f} %); load average {min(loads):.2f}-{max(loads):.2f} "
           f"(median {statistics.median(loads):.2f}) on {os.cpu_count()} cores")
