@@ -42,6 +42,7 @@ def test_pages_polling_only_send_what_the_publisher_made_once(tmp_path, monkeypa
     assert all(publisher.latest().parts["state"].body is first.parts["state"].body for _ in range(20))
     state = json.loads(first.parts["state"].body)
     assert state["status_text"] == "running: step 1/1000" and state["actions"] == studio.actions()
+    assert state["caption"] == "idle"  # the Dataset tab's captioning line comes with it
     assert json.loads(first.parts["plot"].body) == first.snapshot.plot
 
     publisher.publish()  # within SNAPSHOT_EVERY_S new steps wait: drained, not rendered

@@ -8,7 +8,8 @@ plain route (ui/run_route.py): a page's poll only sends bytes made here, or answ
 
 The parts, each with its own ETag so a page fetches a big one only when it changed:
 - state: status line, progress, memory gauges, the buttons' states, and the versions of the other parts;
-- plot, clip: the loss and CLIP score LinePlots' values as gradio sends them; log: the log's text.
+- plot, clip: the loss and CLIP score LinePlots' values as gradio sends them; log: the log's text;
+- caption_log: the captioning log (the Dataset tab's captioning line is in the state).
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ui.run_state import SNAPSHOT_EVERY_S, RunView, Snapshot
 
 PUBLISH_EVERY_S = 0.25  # how often the thread drains the runner's events and looks for changes
 GAUGES_EVERY_S = 2.0  # the memory gauges (psutil, NVML) are read this often, once for every page
-PARTS = ("state", "plot", "clip", "log")
+PARTS = ("state", "plot", "clip", "log", "caption_log")
+
+if TYPE_CHECKING:
+    from trainer.runners.caption import CaptionSnapshot
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class Published:
     snapshot: Snapshot
     actions: dict[str, str]  # why each of the Run tab's buttons cannot act now ('' when it can), Studio.actions
     memory_html: str
+    caption: CaptionSnapshot  # the captioning job's line and log (the Dataset tab)
     parts: dict[str, Part]
 
 
@@ -54,23 +60,25 @@ def _part(key: str, value: object, previous: Published | None, name: str) -> Par
     return Part(etag, _json(value))
 
 
-def serialise(snap: Snapshot, actions: dict[str, str], memory_html: str, number: int,
+def serialise(snap: Snapshot, actions: dict[str, str], memory_html: str, caption: CaptionSnapshot, number: int,
               previous: Published | None = None) -> Published:
     """The snapshot as the parts the pages fetch; the plot, CLIP plot and log are serialised again only when their
     version changed. `number` counts publications: the state's ETag."""
     run = snap.run_id
     keys = {"plot": f"{run}.{snap.losses}.{snap.evals}", "clip": f"{run}.{snap.clips}",
-            "log": f"{run}.{snap.logged}"}
+            "log": f"{run}.{snap.logged}", "caption_log": str(caption.version)}
     state = {"run": run, "status": snap.status, "status_text": snap.status_text, "progress": snap.progress_html,
              "memory": memory_html, "actions": actions, "samples": f"{run}:{snap.samples}",
-             "ended": f"{run}:{snap.status}", **{name: f'"{name}-{key}"' for name, key in keys.items()}}
+             "ended": f"{run}:{snap.status}", "caption": caption.line,
+             **{name: f'"{name}-{key}"' for name, key in keys.items()}}
     parts = {
         "state": Part(f'"state-{number}"', _json(state)),
         "plot": _part(keys["plot"], snap.plot, previous, "plot"),
         "clip": _part(keys["clip"], snap.clip_plot, previous, "clip"),
         "log": _part(keys["log"], snap.log_text, previous, "log"),
+        "caption_log": _part(keys["caption_log"], caption.log, previous, "caption_log"),
     }
-    return Published(snap, dict(actions), memory_html, parts)
+    return Published(snap, dict(actions), memory_html, caption, parts)
 
 
 class RunPublisher:
@@ -78,12 +86,15 @@ class RunPublisher:
 
     refresh: drains the runner's events into `view` and returns the buttons' states (Studio.refresh).
     gauges: the memory gauges' HTML (read every GAUGES_EVERY_S).
+    captioning: the captioning job's state (CaptionRunner.snapshot).
     """
 
-    def __init__(self, view: RunView, refresh: Callable[[], dict[str, str]], gauges: Callable[[], str]) -> None:
+    def __init__(self, view: RunView, refresh: Callable[[], dict[str, str]], gauges: Callable[[], str],
+                 captioning: Callable[[], CaptionSnapshot]) -> None:
         self.view = view
         self._refresh = refresh
         self._gauges = gauges
+        self._captioning = captioning
         self._lock = threading.Lock()  # one publication at a time (the thread's, or a first one before it runs)
         self._published: Published | None = None
         self._number = 0
@@ -100,19 +111,20 @@ class RunPublisher:
     def publish(self) -> Published:
         """Drain the runner's events; when what the page shows changed, render and serialise it once."""
         with self._lock:
-            actions = self._refresh()
+            actions, caption = self._refresh(), self._captioning()
             now = time.monotonic()
             memory = self._memory
             if now - memory[1] >= GAUGES_EVERY_S:
                 memory = self._memory = (self._gauges(), now)
             current, view = self._published, self.view
             with view.lock:
-                if current is not None and not self._due(current, actions, memory[0], now):
+                if current is not None and not self._due(current, actions, memory[0], now) \
+                        and caption.version == current.caption.version:
                     return current
                 snap = view.snapshot(current.snapshot if current is not None else None)
             self.renders += 1
             self._number += 1
-            self._published = serialise(snap, actions, memory[0], self._number, current)
+            self._published = serialise(snap, actions, memory[0], caption, self._number, current)
             return self._published
 
     def _due(self, current: Published, actions: dict[str, str], memory_html: str, now: float) -> bool:

@@ -17,6 +17,15 @@ from fastapi import HTTPException, Request, Response
 from ui.run_publisher import PARTS, RunPublisher
 
 ROUTE = "/studio/run"
+# In a page's js: `await part(name, etag)` is {etag, value} of the part, or null when it is unchanged (304) or
+# could not be fetched (the app restarting, the login gone); relative, so it works under a share link's path too.
+PART_JS = """const part = async (name, etag) => {
+    try {
+      const headers = etag ? {'If-None-Match': etag} : {};
+      const answer = await fetch('""" + ROUTE.lstrip("/") + """/' + name, {cache: 'no-store', headers});
+      return answer.status === 200 ? {etag: answer.headers.get('ETag'), value: await answer.json()} : null;
+    } catch (error) { return null; }
+  };"""
 GUARDED = "/config"  # gradio's route of the page's layout, which answers 401 without the page's login
 
 

@@ -18,6 +18,7 @@ from ui.feedback import problems_update
 from ui.gauges import gauges_html, read_gauges
 from ui.jobs import Outcome
 from ui.resume import InterruptedRun
+from ui.run_route import PART_JS
 from ui.run_state import CLIP_COLUMNS, LOSS_COLUMNS, REFUSED, RunView
 from ui.served import allowed_paths
 from ui.studio import STEPS_LABEL, Studio
@@ -44,13 +45,7 @@ POLL_OUTPUTS = ("status", "progress", "memory", "plot", "clip_plot", "log", "pro
 POLL_JS = """async () => {
   const me = window.studioRun || (window.studioRun = {state: '', plot: '', clip: '', log: '', status: null,
                                                       samples: '', ended: '', actions: {}});
-  const part = async (name, etag) => {
-    try {
-      const headers = etag ? {'If-None-Match': etag} : {};
-      const answer = await fetch('studio/run/' + name, {cache: 'no-store', headers});
-      return answer.status === 200 ? {etag: answer.headers.get('ETag'), value: await answer.json()} : null;
-    } catch (error) { return null; }
-  };
+  """ + PART_JS + """
   const buttons = () => { for (const [name, why] of Object.entries(me.actions || {})) {
     const button = document.getElementById('run-' + name);
     if (button) { button.title = why; button.disabled = Boolean(why); } } };
@@ -242,6 +237,7 @@ def _connect_resume_offer(view: _View, fields: dict[str, gr.components.Component
                show_progress="hidden")
 
     def answer(outcome: Outcome) -> tuple[str, Any]:
+        studio.publisher.publish()  # the next poll shows the new run
         return outcome.message, problems_update(outcome)
 
     def resume_run(values: dict[str, Any]) -> tuple[str, Any]:
@@ -265,11 +261,16 @@ def _connect_actions(view: _View, studio: Studio, form_kwargs: dict[str, Any],
     """Start, Train N steps, Validate now, Save LoRA, Stop, End training."""
     buttons, answer = view.buttons, [view.status, view.problems]
 
+    def shown(outcome: Outcome) -> tuple[str, Any]:
+        # Published at once: the page's (and the API's) next poll shows what the button changed.
+        studio.publisher.publish()
+        return outcome.message, problems_update(outcome)
+
     def start_run(values: dict[str, Any]) -> tuple[str, Any]:
         """Validate the form and start training it; with every value left at its default this trains the demo.
         Over a run that can be resumed it asks first: Resume continues it, start_new starts a new one."""
         outcome = studio.start(values, values.pop("base", None))
-        return outcome.message, problems_update(outcome)
+        return shown(outcome)
 
     refresh_offer(buttons["start"].click(form.keyword_handler(start_run, extra=("base",)), inputs_kwargs=form_kwargs,
                                          outputs=answer, api_name="start", concurrency_limit=1))
@@ -280,7 +281,7 @@ def _connect_actions(view: _View, studio: Studio, form_kwargs: dict[str, Any],
         outcome = studio.train_steps(values, values.pop("steps", None), values.pop("base", None))
         for note in outcome.notes:
             gr.Warning(note)
-        return outcome.message, problems_update(outcome)
+        return shown(outcome)
 
     refresh_offer(buttons["train"].click(form.keyword_handler(train_run, extra=("base", "steps")),
                                          inputs_kwargs={"steps": view.steps, **form_kwargs}, outputs=answer,
@@ -290,20 +291,21 @@ def _connect_actions(view: _View, studio: Studio, form_kwargs: dict[str, Any],
         """Render the sample prompts with the current LoRA: now while paused, after the current step while
         training."""
         outcome = studio.validate_now()
-        return outcome.message, problems_update(outcome)
+        return shown(outcome)
 
     buttons["validate"].click(validate_now, None, answer, api_name="validate_now", concurrency_limit=1)
 
     def save_now() -> tuple[str, Any]:
         """Save an intermediate LoRA (name-stepNNNNNN) now while paused, after the current step while training."""
         outcome = studio.save_now()
-        return outcome.message, problems_update(outcome)
+        return shown(outcome)
 
     buttons["save"].click(save_now, None, answer, api_name="save_now", concurrency_limit=1)
 
     def stop_run() -> str:
         """Stop training after the current step; the LoRA is saved. Train N steps continues a paused session."""
         text = studio.stop()
+        studio.publisher.publish()
         if not text.startswith("stopping"):
             gr.Warning(text)  # the next poll rewrites the status line within a second; the toast stays to be read
         return text
@@ -313,7 +315,7 @@ def _connect_actions(view: _View, studio: Studio, form_kwargs: dict[str, Any],
     def end_training() -> tuple[str, Any]:
         """Save the final LoRA (if anything is unsaved), render the final samples and free the session."""
         outcome = studio.end_training()
-        return outcome.message, problems_update(outcome)
+        return shown(outcome)
 
     buttons["end"].click(end_training, None, answer, api_name="end_training", concurrency_limit=1)
 

@@ -65,9 +65,10 @@ class Studio:
         self.jobs_dir = self.workdir / ".studio" / "jobs"
         self.last_form = LastForm(self.workdir / ".studio" / LAST_FORM)
         self.view = RunView()
-        # The Run tab's state for every page, published by one thread (started with the page, see ui/page.py)
-        self.publisher = RunPublisher(self.view, self.refresh, lambda: gauges_html(read_gauges()))
         self.captioning = CaptionRunner()
+        # The Run tab's (and captioning's) state for every page, published by one thread (started by the Run tab)
+        self.publisher = RunPublisher(self.view, self.refresh, lambda: gauges_html(read_gauges()),
+                                      self.captioning.snapshot)
         self.upload_limits = upload_limits or UploadLimits()
         self.history = History(self.folders, self.output_root)
         self.labels: dict[str, str] = {}  # key → the label the page shows (ui.page.build_app fills it)
