@@ -14,6 +14,7 @@ import pytest
 from test_ui_state import FakeRunner, progress
 
 from trainer.events import ClipScore, LogMessage
+from trainer.runners.caption import CaptionSnapshot
 from ui import run_publisher, run_state
 from ui.run_state import RunView
 from ui.studio import Studio
@@ -59,6 +60,11 @@ def test_pages_polling_only_send_what_the_publisher_made_once(tmp_path, monkeypa
     monkeypatch.setattr(run_publisher, "SNAPSHOT_EVERY_S", 60.0)
     assert studio.stop().startswith("stopping")  # a change of status is published at the next tick, not later
     assert publisher.publish().snapshot.status == "stopping"
+
+    failed = CaptionSnapshot("failed", 0, 3, "", "failed: out of memory; lower --batch-size", "log --batch-size", 7)
+    monkeypatch.setattr(studio.captioning, "snapshot", lambda: failed)
+    state = json.loads(publisher.publish().parts["state"].body)  # captioning changed: published at once
+    assert state["caption"].startswith("failed: out of memory; lower Batch size (") and "--" not in state["caption"]
 
 
 def test_the_snapshot_plots_are_what_the_line_plots_send(tmp_path) -> None:

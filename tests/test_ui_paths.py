@@ -99,7 +99,7 @@ def test_dataset_check_and_caption_editor_refuse_outside_folders(studio, layout)
         assert check.verdict == "will not train" and "outside the folders" in check.line
         assert "refused: the data.datasets[0].path" in check.details and "img_0" not in check.details
         state, outcome = studio.load_captions(path)
-        assert not outcome.ok and outcome.problems[0].startswith("refused: the image folder")
+        assert not outcome.ok and outcome.problems[0].startswith("refused: the data.datasets[0].path")
         assert state["names"] == []
         pairs = studio.check_dataset(dict(values, **{"dataset.path": str(layout["allowed"] / "images"),
                                                      "dataset.conditioning": path}))
@@ -116,9 +116,10 @@ def test_dataset_check_and_caption_editor_refuse_outside_folders(studio, layout)
 
 def test_captioning_refuses_outside_folders(studio, layout):
     outcome = studio.caption_start("../secret", "blip", None)
-    assert not outcome.ok and outcome.problems[0].startswith("refused: the image folder '../secret'")
+    assert not outcome.ok and outcome.problems[0].startswith("refused: the data.datasets[0].path '../secret'")
     outcome = studio.caption_start(str(layout["allowed"] / "images"), "blip", str(layout["secret"]))
-    assert not outcome.ok and "captioning model folder" in outcome.problems[0]
+    assert not outcome.ok and outcome.problems[0].startswith(
+        "refused: the model folder of Model source (Automatic captions, caption_source)")
     assert not studio.captioning.running
 
 

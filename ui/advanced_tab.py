@@ -12,6 +12,7 @@ from trainer import registry
 from trainer.attention import backend_problem, computes_in_16_bit, installed
 from ui.form import field_choices, target_choices, targets_for_family
 from ui.model_info import target_counts
+from ui.sliders import BoundSlider
 
 
 def sample_placeholders(family: str, flavour: str) -> tuple[str, str]:
@@ -151,7 +152,7 @@ def _tread(fields: dict[str, gr.components.Component], defaults: dict[str, Any])
             value=defaults["advanced.tread"], label="TREAD token routing",
             info="a random share of image tokens skips a span of blocks: faster steps, usually at a small cost "
                  "in quality")
-        fields["advanced.tread_selection_ratio"] = gr.Slider(
+        fields["advanced.tread_selection_ratio"] = BoundSlider(
             0.0, 0.99, value=defaults["advanced.tread_selection_ratio"], step=0.01, label="Selection ratio",
             info="share of image tokens that skip the span")
         fields["advanced.tread_start_block"] = gr.Number(

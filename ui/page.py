@@ -17,10 +17,14 @@ if TYPE_CHECKING:
 
 TITLE = "Flux LoRA Studio"
 # Toasts at the bottom right: at the top they covered the job bar's buttons (gradio 6 takes css in launch()).
-# A sample's whole label (step and prompt) under its image, not cut to one line.
+# A sample's whole label (step and prompt) under its picture (not over it), not cut to one line; the picture square.
 APP_CSS = """.toast-wrap { top: auto !important; bottom: var(--size-4); }
 #run-samples .caption, #run-samples .caption-label { white-space: normal !important; text-overflow: clip !important;
-  overflow: visible !important; max-width: none !important; }"""
+  overflow: visible !important; max-width: none !important; }
+#run-samples .thumbnail-item { aspect-ratio: auto !important; height: auto !important; display: flex;
+  flex-direction: column; }
+#run-samples .thumbnail-item img { aspect-ratio: 1 / 1; height: auto !important; }
+#run-samples .caption-label { position: static !important; border: none !important; border-radius: 0 !important; }"""
 # Gradio keeps every file a page uploads (datasets, job files) in its temp folder until the app stops, unless told to
 # delete them: every `frequency` seconds, the ones older than `age` (the app copies what it keeps at once).
 UPLOADS_KEPT_S = (600, 3600)

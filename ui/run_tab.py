@@ -21,7 +21,8 @@ from ui.resume import InterruptedRun
 from ui.run_route import PART_JS
 from ui.run_state import CLIP_COLUMNS, LOSS_COLUMNS, REFUSED, RunView
 from ui.served import allowed_paths
-from ui.studio import STEPS_LABEL, Studio
+from ui.studio import STEPS_LABEL, Studio, steps_problems
+from ui.words import warn_as_typed
 
 LOSS_COLOURS = {"loss": "#93c5fd", "smoothed": "#1d4ed8", "eval": "#16a34a"}  # the series of RunView.loss_rows
 
@@ -176,8 +177,9 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
 def _build_view(fields: dict[str, gr.components.Component], studio: Studio, base: gr.State) -> _View:
     with gr.Row():
         buttons = {"start": gr.Button("Start", variant="primary", scale=2, elem_id="run-start")}
-        steps = gr.Number(DEFAULT_STEPS, label=STEPS_LABEL, precision=0, minimum=1, step=1, scale=1, min_width=90,
+        steps = gr.Number(DEFAULT_STEPS, label=STEPS_LABEL, precision=0, step=1, scale=1, min_width=90,
                           elem_id="run-steps")
+        warn_as_typed(steps, steps_problems)
         buttons["train"] = gr.Button("Train N steps", scale=2, elem_id="run-train")
         buttons["validate"] = gr.Button("Validate now", scale=2, elem_id="run-validate")
         buttons["save"] = gr.Button("Save LoRA", scale=2, elem_id="run-save")
@@ -200,7 +202,8 @@ def _build_view(fields: dict[str, gr.components.Component], studio: Studio, base
         # No fixed height: at 300 px the legend under the plot was cut off. Raw loss pale, its average strong.
         plot = gr.LinePlot(loss_frame(studio.view), x="step", y="loss", color="series", title="Loss", label="Loss",
                            color_title="", color_map=LOSS_COLOURS, scale=1, elem_id="run-loss")
-        gallery = gr.Gallery(label="Samples", columns=3, height=300, scale=1, object_fit="contain",
+        # Grows with its samples (at a fixed 300 px it scrolled after six); each label whole, under its picture.
+        gallery = gr.Gallery(label="Samples", columns=3, height="fit-content", scale=1, object_fit="contain",
                              elem_id="run-samples")
     # sample.clip_score_model: how well the samples match their prompts, per validation (hidden until scored)
     clip_plot = gr.LinePlot(clip_frame(studio.view), x="step", y="clip_score", title="CLIP score of the samples",
