@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
 import re
-import stat
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer import registry
+from trainer.regular_files import NotRegularFile, read_regular
 
 SPEC_VERSION = 1
 
@@ -653,22 +652,16 @@ def read_job_text(path: str | Path) -> str:
     forever), too big, unreadable or not UTF-8."""
     path = Path(path)
     try:
-        # O_NONBLOCK: opening a FIFO for reading returns at once instead of waiting for a writer
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        data = read_regular(path, MAX_JOB_BYTES)
     except FileNotFoundError:
         raise SpecError(["file not found; give the path of a job TOML (make one with `python -m trainer demo`)"],
                         str(path)) from None
+    except NotRegularFile as exc:
+        problem = "cannot read the file: Is a directory" if exc.folder else str(exc)
+        raise SpecError([f"{problem}; give the path of a job TOML"], str(path)) from None
     except OSError as exc:
         raise SpecError([f"cannot read the file: {exc.strerror}"], str(path)) from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        problem = "cannot read the file: Is a directory" if stat.S_ISDIR(mode) else \
-            "is not a regular file (a pipe, socket or device)"
-        raise SpecError([f"{problem}; give the path of a job TOML"], str(path))
-    with os.fdopen(fd, "rb") as handle:
-        data = handle.read(MAX_JOB_BYTES + 1)
-    if len(data) > MAX_JOB_BYTES:
+    if data is None:
         raise SpecError([f"is larger than {MAX_JOB_BYTES // 2**20} MB; a job TOML is a few kB"], str(path))
     try:
         return data.decode("utf-8")
