@@ -167,11 +167,13 @@ def test_the_run_tab_shows_the_latest_preview_until_the_sample_lands(tmp_path: P
                                   denoise_step=step, denoise_steps=28)])
     preview = live_preview(view)
     assert preview.path.endswith("_010.jpg") and preview_image(preview).getpixel((8, 8))[2] > 200  # latest: blue
+    # the pages learn of it from the published state (its key), not from a timer of their own
+    assert view.snapshot().preview == preview.path
     assert preview_label(preview) == "sample 1/2 at step 2, denoising step 10/28: a red circle"
     Path(preview.path).unlink()  # the trainer deletes it once the final sample is written; the page copes
     assert preview_image(preview) is None
     view.apply([SampleSaved(step=2, path=str(tmp_path / "step000002_0.png"), prompt="a red circle")])
-    assert live_preview(view) is None
+    assert live_preview(view) is None and view.snapshot().preview == ""
     view.apply([SamplePreview(step=2, index=2, count=2, prompt="b", path=str(tmp_path / "x.jpg"), denoise_step=5,
                               denoise_steps=28), Progress(step=3, max_steps=4, loss=0.1, learning_rate=1e-4,
                                                           steps_per_second=1.0, eta_seconds=1.0)])

@@ -44,6 +44,7 @@ def test_pages_polling_only_send_what_the_publisher_made_once(tmp_path, monkeypa
     state = json.loads(first.parts["state"].body)
     assert state["status_text"] == "running: step 1/1000" and state["actions"] == studio.actions()
     assert state["caption"] == "idle"  # the Dataset tab's captioning line comes with it
+    assert state["preview"] == f"{first.snapshot.run_id}:"  # no sample renders: the page asks for no preview
     assert json.loads(first.parts["plot"].body) == first.snapshot.plot
 
     publisher.publish()  # within SNAPSHOT_EVERY_S new steps wait: drained, not rendered

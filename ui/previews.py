@@ -1,6 +1,7 @@
 """The Run tab's live sampling preview: while a sample renders, the image so far (sample.preview_every), labelled
-'sample N/M at step T, denoising step s/S'; hidden when no sample is rendering. It has a timer of its own that
-sends a page the preview only when it changed, so the Run tab's poll is untouched."""
+'sample N/M at step T, denoising step s/S'; hidden when no sample is rendering. The Run tab's browser-side poll
+sets a hidden box to the published preview's key (ui/run_publisher.py) and only its change asks the server for the
+image: a page costs one request per new preview, none while nothing renders."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ from trainer.events import SamplePreview
 from ui.preview_state import preview_label
 from ui.run_state import ACTIVE, RunView
 from ui.studio import Studio
-
-PREVIEW_EVERY_S = 1.0  # how often a page asks for a newer preview
 
 
 def live_preview(view: RunView, allowed: Any = None) -> SamplePreview | None:  # noqa: ANN401 - Folders or None
@@ -38,22 +37,19 @@ def preview_image(preview: SamplePreview) -> Any:  # noqa: ANN401 - a PIL image,
         return None
 
 
-def build(studio: Studio) -> gr.Image:
-    """The preview image (hidden until a sample renders) and its timer."""
+def build(studio: Studio) -> gr.Textbox:
+    """The preview image (hidden until a sample renders); returns the hidden box the Run tab's poll sets to the
+    published preview's key, whose change sends the image."""
     image = gr.Image(label="Sample rendering", visible=False, interactive=False, format="jpeg", height=300,
                      elem_id="run-preview")
-    sent = gr.State("")  # per page: the preview it shows
+    seen = gr.Textbox("", visible="hidden", elem_id="run-preview-seen")
 
-    def refresh(last: str) -> tuple[Any, str]:
+    def refresh() -> Any:  # noqa: ANN401 - a gradio update
         preview = live_preview(studio.view, studio.folders)
-        key = preview.path if preview is not None else ""
-        if key == last:
-            return gr.skip(), last
         image = preview_image(preview) if preview is not None else None
         if image is None:
-            return gr.update(visible=False, value=None), key
-        return gr.update(visible=True, value=image, label=preview_label(preview)), key
+            return gr.update(visible=False, value=None)
+        return gr.update(visible=True, value=image, label=preview_label(preview))
 
-    gr.Timer(PREVIEW_EVERY_S).tick(refresh, sent, [image, sent], api_name="preview", show_progress="hidden",
-                                   concurrency_limit=None)
-    return image
+    seen.change(refresh, None, image, api_name="preview", show_progress="hidden", concurrency_limit=None)
+    return seen

@@ -7,7 +7,8 @@ run, its status or the buttons' states change) and serialises it once, into the 
 plain route (ui/run_route.py): a page's poll only sends bytes made here, or answers 304 when it has them already.
 
 The parts, each with its own ETag so a page fetches a big one only when it changed:
-- state: status line, progress, memory gauges, the buttons' states, and the versions of the other parts;
+- state: status line, progress, memory gauges, the buttons' states, the keys of the samples and the live preview
+  (a page asks gradio for the images only when they change), and the versions of the other parts;
 - plot, clip: the loss and CLIP score LinePlots' values as gradio sends them; log: the log's text;
 - caption_log: the captioning log (the Dataset tab's captioning line is in the state).
 """
@@ -69,7 +70,7 @@ def serialise(snap: Snapshot, actions: dict[str, str], memory_html: str, caption
             "log": f"{run}.{snap.logged}", "caption_log": str(caption.version)}
     state = {"run": run, "status": snap.status, "status_text": snap.status_text, "progress": snap.progress_html,
              "memory": memory_html, "actions": actions, "samples": f"{run}:{snap.samples}",
-             "ended": f"{run}:{snap.status}", "caption": caption.line,
+             "ended": f"{run}:{snap.status}", "preview": f"{run}:{snap.preview}", "caption": caption.line,
              **{name: f'"{name}-{key}"' for name, key in keys.items()}}
     parts = {
         "state": Part(f'"state-{number}"', _json(state)),

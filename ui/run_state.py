@@ -100,6 +100,7 @@ class Snapshot:
     samples: int
     clips: int  # how many CLIP scores the CLIP plot holds (it is hidden before the first)
     clip_plot: dict | None  # the CLIP score LinePlot's value as sent; None before the first score
+    preview: str  # the file of the sample rendering now, as far as it got ('' when none is: ui/previews.py)
     made: float  # time.monotonic() when it was taken
 
 
@@ -435,7 +436,10 @@ class RunView:
                 and previous.clips == clips else self._clip_plot()
             return Snapshot(self.run_id, self.version, self.status, self.status_text(), self.progress_html(),
                             losses, evals, plot, plot_made, self.logged, self.log_text(), len(self.samples), clips,
-                            clip_plot, now)
+                            clip_plot, self._live_preview(), now)
+
+    def _live_preview(self) -> str:
+        return self.preview.path if self.preview is not None and self.status in ACTIVE else ""
 
     def _plot(self) -> dict | None:
         rows = self.loss_rows()

@@ -36,7 +36,8 @@ FOLLOW_LOG_JS = """() => {
 }"""
 BUTTONS = ("start", "train", "validate", "save", "stop", "end", "resume")  # the names of Studio.actions()
 # The Run tab's outputs the browser's poll sets, in the order POLL_JS returns their values.
-POLL_OUTPUTS = ("status", "progress", "memory", "plot", "clip_plot", "log", "problems", "samples_seen", "ended")
+POLL_OUTPUTS = ("status", "progress", "memory", "plot", "clip_plot", "log", "problems", "samples_seen", "ended",
+                "preview_seen")
 # Every open page polls once a second, in the browser alone (no gradio request): it fetches the run's state that
 # the publisher made once for every page (ui/run_route.py, 304 while unchanged), and the plots and the log only when
 # their version changed. A value left undefined leaves its output as it is. A button that cannot act now is
@@ -45,7 +46,7 @@ POLL_OUTPUTS = ("status", "progress", "memory", "plot", "clip_plot", "log", "pro
 # progress"); a refusal is the problem itself.
 POLL_JS = """async () => {
   const me = window.studioRun || (window.studioRun = {state: '', plot: '', clip: '', log: '', status: null,
-                                                      samples: '', ended: '', actions: {}});
+                                                      samples: '', ended: '', preview: '', actions: {}});
   """ + PART_JS + """
   const buttons = () => { for (const [name, why] of Object.entries(me.actions || {})) {
     const button = document.getElementById('run-' + name);
@@ -66,7 +67,7 @@ POLL_JS = """async () => {
   if (me.status !== null && me.status !== state.status && state.status !== '""" + REFUSED + """')
     out[6] = {__type__: 'update', visible: false, value: ''};
   me.status = state.status;
-  for (const [index, name] of [[7, 'samples'], [8, 'ended']]) {
+  for (const [index, name] of [[7, 'samples'], [8, 'ended'], [9, 'preview']]) {
     if (state[name] !== me[name]) { out[index] = state[name]; me[name] = state[name]; }
   }
   out.length = """ + str(len(POLL_OUTPUTS)) + """;
@@ -154,6 +155,7 @@ class _View:
     clip_plot: gr.LinePlot
     gallery: gr.Gallery
     log: gr.Textbox
+    preview_seen: gr.Textbox  # set by the poll to the live preview's key: its change sends the image
 
 
 def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.State,
@@ -205,13 +207,14 @@ def _build_view(fields: dict[str, gr.components.Component], studio: Studio, base
         # Grows with its samples (at a fixed 300 px it scrolled after six); each label whole, under its picture.
         gallery = gr.Gallery(label="Samples", columns=3, height="fit-content", scale=1, object_fit="contain",
                              elem_id="run-samples")
-    previews.build(studio)  # the sample rendering now, as far as it got (sample.preview_every)
+    preview_seen = previews.build(studio)  # the sample rendering now, as far as it got (sample.preview_every)
     # sample.clip_score_model: how well the samples match their prompts, per validation (hidden until scored)
     clip_plot = gr.LinePlot(clip_frame(studio.view), x="step", y="clip_score", title="CLIP score of the samples",
                             label="CLIP score", visible=bool(studio.view.clip_scores), elem_id="run-clip-score")
     log = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, elem_id="studio-log")
     log.change(None, js=FOLLOW_LOG_JS, api_visibility="private", show_progress="hidden")
-    return _View(buttons, steps, offer, offer_row, status, problems, progress, memory, plot, clip_plot, gallery, log)
+    return _View(buttons, steps, offer, offer_row, status, problems, progress, memory, plot, clip_plot, gallery, log,
+                 preview_seen)
 
 
 def _connect_resume_offer(view: _View, fields: dict[str, gr.components.Component], studio: Studio,
@@ -366,7 +369,7 @@ def _connect_poll(view: _View, studio: Studio, refresh_offer: Callable[[Any], No
     gr.api(poll, api_name="poll", concurrency_limit=None)
     outputs = {"status": view.status, "progress": view.progress, "memory": view.memory, "plot": view.plot,
                "clip_plot": view.clip_plot, "log": view.log, "problems": view.problems,
-               "samples_seen": samples_seen, "ended": ended}
+               "samples_seen": samples_seen, "ended": ended, "preview_seen": view.preview_seen}
     gr.Timer(1.0).tick(None, None, [outputs[name] for name in POLL_OUTPUTS], js=POLL_JS, api_visibility="private",
                        show_progress="hidden")
     studio.publisher.start()
