@@ -222,6 +222,15 @@ def _evaluation_and_sampling(fields: dict[str, gr.components.Component], default
             placeholder="empty: off; e.g. openai/clip-vit-large-patch14",
             info="a transformers CLIP model (hub id or local folder) scoring each validation's samples against their "
                  "prompts, plotted beside the evaluation loss; loaded on the GPU after sampling and freed after")
+    with gr.Row():
+        fields["sample.preview_every"] = gr.Number(
+            value=defaults["sample.preview_every"], precision=0, label="Live preview every N sampling steps",
+            info="the Run tab shows each sample as it renders, decoded small; 0: off")
+        fields["sample.preview_decoder"] = gr.Textbox(
+            value=defaults["sample.preview_decoder"], label="Preview decoder", scale=2,
+            placeholder="empty: the model's own VAE at reduced size",
+            info="optional: a diffusers tiny autoencoder (hub id or folder) for faster previews, e.g. "
+                 "madebyollin/taef1 for FLUX.1")
 
 
 def ema_sample_info(ema_decay: Any) -> str:  # noqa: ANN401 - the decay box's text

@@ -5,6 +5,7 @@ page of images at a time."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -17,9 +18,26 @@ from ui.dataset_check import CHECKING
 from ui.edit_pairs import edit_controls
 from ui.feedback import problems_update
 from ui.form import FORM_KEYS, api_name, field_choices, keyword_handler
+from ui.run_route import PART_JS
 from ui.sliders import BoundSlider
 from ui.studio import Studio
-from ui.words import CAPTION_LABELS, flags_in_page_words, warn_as_typed
+from ui.words import CAPTION_LABELS, warn_as_typed
+
+# The captioning line and log, polled in the browser each second from the published state (ui/run_publisher.py): no
+# gradio request per page; the log is fetched only when it changed. Undefined leaves an output as it is.
+CAPTION_POLL_JS = """async () => {
+  const me = window.studioCaption || (window.studioCaption = {state: '', log: ''});
+  """ + PART_JS + """
+  const got = await part('state', me.state);
+  if (!got) return [];
+  me.state = got.etag;
+  const out = [got.value.caption, undefined];
+  if (got.value.caption_log !== me.log) {
+    const log = await part('caption_log', '');
+    if (log) { out[1] = log.value; me.log = log.etag; }
+  }
+  return out;
+}"""
 
 # What the check reads: the dataset fields, the data section, the batch settings the health check counts, and the
 # model (whether it takes the edit pairs' references).
@@ -204,7 +222,6 @@ def _captioning(fields: dict[str, gr.components.Component], studio: Studio) -> N
         status = gr.Textbox(value=studio.captioning.snapshot().line, label="Captioning", interactive=False)
         problems = gr.Textbox(label="Problems", visible=False, interactive=False, lines=2)
         log = gr.Textbox(label="Captioning log", lines=8, max_lines=8, interactive=False, autoscroll=True)
-    seen = gr.State({})
 
     def placeholder(kind: str) -> Any:  # noqa: ANN401
         return gr.update(placeholder=CAPTIONERS.get(kind, ""))
@@ -219,6 +236,7 @@ def _captioning(fields: dict[str, gr.components.Component], studio: Studio) -> N
         outcome = studio.caption_start(dataset_path, caption_model, caption_source, trigger=caption_trigger,
                                        prefix=caption_prefix, suffix=caption_suffix, max_length=caption_max_length,
                                        overwrite=caption_overwrite, batch_size=caption_batch_size)
+        studio.publisher.publish()  # the next poll shows it started
         return outcome.message, problems_update(outcome)
 
     start.click(caption_start, [fields["dataset.path"], model, source, trigger, prefix, suffix, max_length,
@@ -227,20 +245,25 @@ def _captioning(fields: dict[str, gr.components.Component], studio: Studio) -> N
 
     def caption_stop() -> str:
         """Stop captioning before its next batch; captions written so far stay."""
-        return studio.caption_stop()
+        text = studio.caption_stop()
+        studio.publisher.publish()
+        return text
 
     stop.click(caption_stop, None, status, api_name="caption_stop")
 
-    def caption_poll(last: dict[str, int]) -> tuple[str, Any, dict[str, int]]:
+    def caption_poll() -> tuple[str, str]:
         """The captioning line first ('idle', 'loading: …', 'captioning 3/10: name.png', 'finished: …',
-        'stopped: …', 'failed: …'), then the log."""
-        snapshot = studio.captioning.snapshot()
-        log_value = flags_in_page_words(snapshot.log) if last.get("version") != snapshot.version else gr.skip()
-        return flags_in_page_words(snapshot.line), log_value, {"version": snapshot.version}
+        'stopped: …', 'failed: …'), then the log; from the published state."""
+        caption = studio.publisher.latest().caption
+        return caption.line, caption.log
 
-    timer = gr.Timer(1.0)
-    timer.tick(caption_poll, seen, [status, log, seen], api_name="caption_poll", show_progress="hidden",
-               concurrency_limit=None)
+    # gradio reads the API's outputs from the return annotation (a string under `from __future__ import
+    # annotations`): one output per value.
+    caption_poll.__signature__ = inspect.Signature(return_annotation=tuple[str, str])
+    gr.api(caption_poll, api_name="caption_poll", concurrency_limit=None)
+    # The page polls in the browser alone, from the state the Run tab's pages poll too (ui/run_route.py)
+    gr.Timer(1.0).tick(None, None, [status, log], js=CAPTION_POLL_JS, api_visibility="private",
+                       show_progress="hidden")
 
 
 # ---------------------------------------------------------------------- the caption editor

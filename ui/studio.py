@@ -5,7 +5,6 @@ The gradio handlers in the tab modules call these and only turn the results into
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -25,19 +24,29 @@ from trainer.runners.base import (
     TrainSteps,
     ValidateNow,
 )
-from trainer.runners.caption import CaptionRunner
+from trainer.runners.caption import CaptionRunner, CaptionSnapshot
 from trainer.spec import JobSpec, SpecError, is_local_path, parse_spec, resolve_paths
 from ui import caption_editor, form
 from ui.captioning import make_request
 from ui.dataset_check import DatasetCheck, check_form
+from ui.gauges import gauges_html, read_gauges
 from ui.jobs import LAST_FORM, LastForm, Outcome, default_job_path, read_job, relative_paths, write_job
 from ui.model_info import flavour_summary, target_counts  # noqa: F401 - the tabs' and tests' old import path
 from ui.resume import InterruptedRun, find_interrupted_run, latest_state_step, read_history
 from ui.run_history import RESOLVED_JOB, History
-from ui.run_state import REFUSED, SNAPSHOT_EVERY_S, RunView, Snapshot
+from ui.run_publisher import RunPublisher
+from ui.run_state import REFUSED, RunView, Snapshot
 from ui.upload_limits import UploadLimits
 from ui.uploads import KEEP, UploadResult, dataset_folder, save_upload
-from ui.words import CAPTION_LABELS, IMAGE_FOLDER, all_in_page_words, field_problem, named, whole_number_problems
+from ui.words import (
+    CAPTION_LABELS,
+    IMAGE_FOLDER,
+    all_in_page_words,
+    field_problem,
+    flags_in_page_words,
+    named,
+    whole_number_problems,
+)
 
 ALREADY_RUNNING = "a run is already in progress; stop it or wait for it to finish"
 SESSION_PAUSED = ("a session is paused at step {step}; End training before starting a new run (or Train N steps "
@@ -69,8 +78,11 @@ class Studio:
         self.jobs_dir = self.workdir / ".studio" / "jobs"
         self.last_form = LastForm(self.workdir / ".studio" / LAST_FORM)
         self.view = RunView()
-        self._snapshot: Snapshot | None = None
         self.captioning = CaptionRunner()
+        # The Run tab's (and captioning's) state for every page, published by one thread (started by the Run tab)
+        self.publisher = RunPublisher(self.view, self.refresh, lambda: gauges_html(read_gauges()),
+                                      self.captioning_shown)
+        self._caption_shown: CaptionSnapshot | None = None
         self.upload_limits = upload_limits or UploadLimits()
         self.history = History(self.folders, self.output_root)
         self.labels: dict[str, str] = {}  # key → the label the page shows (ui.page.build_app fills it)
@@ -382,23 +394,25 @@ class Studio:
                 self.view.thread_ended()
         return self.view
 
+    def refresh(self) -> dict[str, str]:
+        """The runner's events drained into the view, and the buttons' states (see actions): the publisher's
+        thread alone calls it, so any number of pages cost the run what one does."""
+        with self.view.lock:
+            self.poll()
+            return self.actions()
+
+    def captioning_shown(self) -> CaptionSnapshot:
+        """The captioning job's state in the page's words (its messages name the command line's options), turned
+        into them once per change."""
+        snapshot, shown = self.captioning.snapshot(), self._caption_shown
+        if shown is None or shown.version != snapshot.version:
+            shown = self._caption_shown = replace(snapshot, line=flags_in_page_words(snapshot.line),
+                                                  log=flags_in_page_words(snapshot.log))
+        return shown
+
     def snapshot(self) -> Snapshot:
-        """What the pages show: the published snapshot, replaced by a fresh one (events drained, rendered once)
-        when it is older than SNAPSHOT_EVERY_S or a run began or changed status since; so any number of pages
-        polling cost the run what one does."""
-        current = self._snapshot
-        view = self.view
-        if current is not None and time.monotonic() - current.made < SNAPSHOT_EVERY_S \
-                and (current.run_id, current.status) == (view.run_id, view.status):
-            return current
-        with view.lock:
-            current = self._snapshot  # another page's poll may have published one while this one waited
-            if current is None or time.monotonic() - current.made >= SNAPSHOT_EVERY_S \
-                    or (current.run_id, current.status) != (view.run_id, view.status):
-                self.poll()
-                current = self._snapshot = view.snapshot(current) if current is None \
-                    or current.version != view.version else replace(current, made=time.monotonic())
-            return current
+        """What the pages show: the published snapshot (nothing is drained or rendered per page)."""
+        return self.publisher.latest().snapshot
 
     # ------------------------------------------------------------------ jobs as files
 
