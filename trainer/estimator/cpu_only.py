@@ -16,7 +16,7 @@ from __future__ import annotations
 from trainer import registry
 from trainer.estimator.activations import text_encoder_memory
 from trainer.estimator.auto import estimate_as_run, resolve_lowvram
-from trainer.estimator.core import CONTEXT, GIB, OVERHEAD, PROCESS_RAM_GIB
+from trainer.estimator.core import CONTEXT, GIB, OVERHEAD, PROCESS_RAM_GIB, loading_parts
 from trainer.spec import JobSpec
 
 # Python, torch, diffusers and transformers imported, before any model (CPU-only torch: no CUDA libraries);
@@ -32,7 +32,9 @@ MAPPED_GIB = 2.6
 
 def cpu_only_phases(spec: JobSpec, first_run: bool = True) -> dict[str, float]:
     """Phase -> GiB of RAM for `spec` run with the CPU as its device; phases that do not run are left out.
-    `first_run`: the text encoder loads even where data.cache_text_embeddings is "disk" (a cold cache)."""
+    `first_run`: the text encoder loads even where data.cache_text_embeddings is "disk" (a cold cache).
+    "loading" is the pipeline's load (text encoders and VAE), "loading transformer" the transformer's, which
+    comes after the caches are filled."""
     if first_run and spec.data.cache_text_embeddings == "disk":
         spec = spec.model_copy(update={"data": spec.data.model_copy(update={"cache_text_embeddings": "memory"})})
     plan = resolve_lowvram(spec, None)  # the session's plan on a device without VRAM
@@ -44,9 +46,10 @@ def cpu_only_phases(spec: JobSpec, first_run: bool = True) -> dict[str, float]:
             continue
         device = sum(value for part, value in phase.parts.items() if part not in (CONTEXT, OVERHEAD))
         phases[name] = phase.ram_gib + device - lighter
-    text_loaded = spec.data.cache_text_embeddings != "disk"
-    for name in ("loading", "caching text embeddings") if text_loaded else ("loading",):
-        if name in phases:
+    loads = loading_parts(spec, plan)  # no device tensors while loading: the CUDA context only
+    phases["loading"], phases["loading transformer"] = loads["text encoders"] - lighter, loads["transformer"] - lighter
+    if spec.data.cache_text_embeddings != "disk":
+        for name in ("loading", "caching text embeddings"):
             phases[name] += MAPPED_GIB
     return phases
 
