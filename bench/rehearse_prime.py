@@ -22,16 +22,22 @@ def main(job: str) -> int:
     from trainer.data.caching import InputCaches
     from trainer.data.health import check_datasets
     from trainer.data.planning import plan_training_items
+    from trainer.estimator.auto import resolve_lowvram
     from trainer.events import JsonlWriter
     from trainer.families import family_ops
+    from trainer.memory.system_ram import available_ram_gib
     from trainer.preflight import model_source
     from trainer.prompts import sample_prompts
     from trainer.quiet import disable_loading_bars, silence_library_noise
     from trainer.sources import model_files
+    from trainer.spec import with_text_encoder_precision
 
     silence_library_noise()
     disable_loading_bars()
     spec = _load_job(job, [])
+    # text_encoder_precision = "auto" as the session on this machine will resolve it: the cache keys must agree
+    chosen = resolve_lowvram(spec, None, ram_gib=available_ram_gib()).text_encoder_precision
+    spec = with_text_encoder_precision(spec, chosen)
     if spec.data.cache_text_embeddings != "disk":
         raise SystemExit("error: data.cache_text_embeddings must be 'disk' to prime it")
     flavour = registry.get_flavour(spec.model.family, spec.model.flavour)

@@ -464,10 +464,13 @@ def test_dataset_tab_endpoints(tmp_path):
 
 
 @pytest.mark.slow
-def test_memory_endpoints(tmp_path):
+def test_memory_endpoints(tmp_path, monkeypatch):
     """The live low-VRAM verdict and the estimator tab through the API of an app built in-process."""
     from trainer.estimator.core import PHASES
+    from trainer.memory import system_ram
 
+    # one RAM figure for both endpoints: this machine's available RAM moves between two calls on a shared machine
+    monkeypatch.setattr(system_ram, "available_ram_gib", lambda: 20.0)
     with _in_process_app(tmp_path) as client:
         job = {"model_flavour": "klein-base-9b", "model_source": "", "model_base_precision": "bf16",
                "model_text_encoder_precision": "bf16", "data_resolution": "512", "train_batch_size": 1,

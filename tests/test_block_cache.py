@@ -34,9 +34,19 @@ def _run(demo_dir: Path, out: Path, *settings: str) -> tuple[dict[str, torch.Ten
     return load_file(path), messages
 
 
+# An int8 base, as the presets that put blocks on disk quantise theirs: the cache holds the stored (quantised) bytes.
+INT8 = "model.base_precision='int8'"
+QUANTISED = "base transformer quantised to int8 while loading: "
+
+
 @pytest.fixture(scope="module")
-def ram_lora(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    return _run(demo_dir, tmp_path_factory.mktemp("ram"))[0]
+def ram_run(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, torch.Tensor], list[str]]:
+    return _run(demo_dir, tmp_path_factory.mktemp("ram"), INT8)
+
+
+def _quantised_line(messages: list[str]) -> str:
+    (line,) = [m for m in messages if m.startswith(QUANTISED)]
+    return line
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -46,18 +56,22 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 
 def test_blocks_on_disk_train_the_same_lora_bit_for_bit_the_cache_is_reused_and_a_damaged_one_rebuilt(
-        demo_dir: Path, tmp_path: Path, ram_lora: dict[str, torch.Tensor]) -> None:
+        demo_dir: Path, tmp_path: Path, ram_run: tuple[dict[str, torch.Tensor], list[str]]) -> None:
+    ram_lora, ram_messages = ram_run
     cache = tmp_path / "cache"
-    disk = [f"data.cache_dir='{cache}'", "lowvram.swap_from='disk'"]
+    disk = [INT8, f"data.cache_dir='{cache}'", "lowvram.swap_from='disk'"]
     first, messages = _run(demo_dir, tmp_path / "first", *disk)
     _same(first, ram_lora)
     (path,) = (cache / "blocks").glob("*.blocks")
     assert any("block cache written" in m for m in messages)
+    # the log's sizes count the blocks written to the cache: the same transformer as with its blocks in RAM
+    assert _quantised_line(messages) == _quantised_line(ram_messages)
     records = block_store.read_footer(path, path.stem)
     assert [r.index for r in records] == [0, 1]  # the two swapped blocks, nothing else
     second, messages = _run(demo_dir, tmp_path / "second", *disk)
     _same(second, ram_lora)
     assert any("block cache reused" in m for m in messages)
+    assert _quantised_line(messages) == _quantised_line(ram_messages)  # blocks never read from the model count too
     with open(path, "r+b") as handle:  # one flipped byte inside block 0
         handle.seek(100)
         byte = handle.read(1)

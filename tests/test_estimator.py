@@ -93,9 +93,25 @@ def test_phase_parts_name_what_each_phase_holds() -> None:
     sampling = phases["validation sampling"]["parts"]
     assert sampling["base weights on GPU (bf16)"] == phases["training step"]["parts"]["base weights on GPU (bf16)"]
     assert {"vae", "lora weights (fp32)", "optimizer state (adamw)",
-            "sampling working memory (denoiser, then VAE decode)"} <= sampling.keys()
+            "sampling working memory (denoiser, VAE decode, CLIP score)"} <= sampling.keys()
     quiet = estimate_job(_spec("flux2", "klein-base-9b", sample={"prompts": []}), 24.0).to_json()["phases"]
     assert quiet["validation sampling"] == {"vram_gib": 0.0, "ram_gib": 0.0, "parts": {}}
+
+
+def test_a_clip_scorer_counts_in_the_sampling_phase(tmp_path: Path) -> None:
+    # the scorer loads beside the transformer's sampling weights: its files as stored, a hub id as ViT-L/14
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    with open(folder / "model.safetensors", "wb") as f:
+        f.truncate(3 * 2**30)  # sparse: 3 GiB of weights, larger than any sampling working memory here
+    def sampling(clip: str) -> dict:
+        spec = _spec("flux2", "klein-base-4b", sample={"prompts": ["a cat"], "clip_score_model": clip})
+        return estimate_job(spec, 24.0).to_json()["phases"]["validation sampling"]
+    work = "sampling working memory (denoiser, VAE decode, CLIP score)"
+    bare, local, hub = sampling(""), sampling(str(folder)), sampling("openai/clip-vit-large-patch14")
+    assert local["parts"][work] == pytest.approx(3.0 + 64 / 1024, abs=0.01)
+    assert local["vram_gib"] > bare["vram_gib"] + 2.0
+    assert hub["parts"][work] == pytest.approx((1.71e9 + 64 * 2**20) / 2**30, abs=0.01)
 
 
 def test_transformer_sizes_match_the_known_models() -> None:

@@ -123,3 +123,48 @@ def test_auto_puts_the_swapped_blocks_on_disk_only_when_ram_needs_it() -> None:
     assert resolve_lowvram(spec, 23.5, ram_gib=8.0).swap_from == "ram"  # disk would not fit either: unchanged
     explicit = _preset_job("flux2-dev-24gb", lowvram={"swap_from": "ram"})
     assert resolve_lowvram(explicit, 23.5, ram_gib=30.0).swap_from == "ram"  # the job's own choice stands
+
+
+def test_auto_quantises_the_text_encoder_first_then_puts_blocks_on_disk_and_a_stated_precision_stands() -> None:
+    from trainer.estimator.auto import resolve_lowvram
+    from trainer.memory.system_ram import ram_verdict
+
+    preset = get_preset("flux2-dev-24gb")  # FLUX.2 dev: Mistral-Small-3.1 47 GiB first run in bf16, 30 blocks swapped
+    layers = apply_layers({}, get_profile(preset.profile), preset, EDITS)
+    del layers["model"]["text_encoder_precision"], layers["lowvram"]["swap_from"]  # both left to auto
+    spec = parse_spec(layers)
+    assert spec.model.text_encoder_precision == "auto"
+    as_is = resolve_lowvram(spec, 23.5)  # no RAM figure: bf16, blocks in RAM
+    assert (as_is.text_encoder_precision, as_is.swap_from) == ("bf16", "ram")
+    # fake available RAM figures around the estimate's first runs: bf16 46.9, int8 34.9, int8 + disk 25.1 GiB
+    chosen = {ram: resolve_lowvram(spec, 23.5, ram_gib=ram) for ram in (64.0, 40.0, 30.0, 20.0)}
+    assert [(p.text_encoder_precision, p.swap_from) for p in chosen.values()] == [
+        ("bf16", "ram"), ("int8", "ram"), ("int8", "disk"), ("bf16", "ram")]  # 20: nothing fits, as it is
+    assert "text encoder int8: 34.9 GiB of RAM on the first run fits the 40.0 GiB available" in chosen[40.0].reason
+    assert "blocks on disk and text encoder int8" in chosen[30.0].reason
+    verdict = ram_verdict(spec, chosen[40.0], 23.5, available_gib=40.0)  # the estimate follows the plan's choice
+    assert verdict.verdict == "fits" and verdict.first_run_gib == pytest.approx(34.87, abs=0.05)
+    before = ram_verdict(spec, as_is, 23.5, available_gib=40.0)  # the RAM verdict's cheapest change names it
+    assert before.remedy.startswith('model.text_encoder_precision = "int8" (34.9 GiB)')
+    stated = parse_spec(deep_merge(layers, {"model": {"text_encoder_precision": "bf16"}}))
+    kept = resolve_lowvram(stated, 23.5, ram_gib=30.0)  # a preset or job that states bf16 keeps it
+    assert kept.text_encoder_precision == "bf16"
+    preset_as_is = _preset_job("flux2-klein-base-9b-8gb")  # states int8
+    assert resolve_lowvram(preset_as_is, 7.6, ram_gib=64.0).text_encoder_precision == "int8"
+
+
+def test_a_session_loads_and_keys_its_text_embeddings_with_the_precision_auto_chose(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.memory import system_ram
+    from trainer.session import Session
+
+    spec = parse_spec({"model": {"family": "flux2", "flavour": "klein-base-9b", "source": str(tmp_path / "model"),
+                                 "base_precision": "fp8"},  # text_encoder_precision left to auto
+                       "data": {"datasets": [{"path": str(tmp_path / "images")}]},
+                       "output": {"dir": str(tmp_path / "out")}})
+    for available, chosen in ((64.0, "bf16"), (16.0, "int8")):  # a fake machine: Qwen3-8B in bf16 needs ≈17 GiB
+        monkeypatch.setattr(system_ram, "available_ram_gib", lambda available=available: available)
+        session = Session(spec)  # nothing loads yet: the plan and the concrete job
+        assert session.plan.text_encoder_precision == chosen
+        assert session.spec.model.text_encoder_precision == chosen  # what the loaders and cache keys read
+        assert session.spec_as_run().model.text_encoder_precision == chosen  # job.resolved.toml

@@ -387,3 +387,31 @@ def test_the_to_fit_changes_are_applied_to_the_form():
     assert memory.apply_suggestion(changed, None, 0, None)[0] is None  # fits now: nothing to apply
     assert memory.suggestion_changes('lowvram.blocks_to_swap ≥ 18; model.base_precision = "fp8"') == {
         "lowvram": {"blocks_to_swap": 18}, "model": {"base_precision": "fp8"}}
+
+
+NEW_CONTROLS = {  # label → (initially editable on the demo job, the event that sets its state)
+    "Text encoder precision": True, "Modulation precision": False, "Swapped blocks wait in": True,
+    "Disk read speed (GB/s)": True, "Release cached GPU memory every N steps": True, "EMA decay": True,
+    "EMA kept on": False, "Compile blocks (torch.compile)": True, "Attention kernel": True, "Mode scale": False,
+    "Sample resolution (px)": True, "Sample with the EMA weights": False, "CLIP score model": True,
+}
+
+
+def test_the_new_settings_have_labelled_controls_greyed_out_where_they_do_not_apply(blocks):
+    for label, editable in NEW_CONTROLS.items():
+        control = _component(blocks, label)
+        assert control.info, label  # every one says what it does, or why it is greyed out
+        assert control.interactive in (None, True) if editable else control.interactive is False, label
+    swap = _function(blocks, "swap_source_controls")  # follows the plan: any memory setting can change it
+    listened = {block_id for block_id, _ in swap.targets}
+    for label in ("Strategy", "Blocks to swap", "Swapped blocks wait in", "GPU memory to plan for (GiB)"):
+        assert _component(blocks, label)._id in listened, label
+    swap_from, gbps = swap.fn(**{form.api_name(k): v for k, v in no_swap().items()}, base={})
+    assert swap_from["interactive"] is False and "no block is swapped" in swap_from["info"]
+    assert gbps["interactive"] is False
+    assert _function(blocks, "modulation_menu").fn("flux1", "nf4")["interactive"] is True
+    assert _function(blocks, "ema_device").fn("0.999")["interactive"] is True
+    assert _function(blocks, "use_ema").fn("")["interactive"] is False
+    assert _function(blocks, "mode_scale").fn("mode")["interactive"] is True
+    attention = _component(blocks, "Attention kernel")
+    assert [value for _, value in attention.choices] == ["sdpa", "flash", "sage", "xformers"]

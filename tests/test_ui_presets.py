@@ -136,9 +136,9 @@ def test_a_profile_alone_sets_the_memory_to_plan_for(tmp_path):
 
 def test_fields_of_a_loaded_job_without_a_control_are_kept(tmp_path):
     values = klein_values(tmp_path)
-    loaded = deep_merge(form.values_to_dict(values), {"advanced": {"mode_scale": 1.5}})
+    loaded = deep_merge(form.values_to_dict(values), {"train": {"distributed": "ddp"}})  # the Run tab sets it
     filled = presets.fill(values, loaded, demo_values(tmp_path), EIGHT_GB, KLEIN_8GB, form.demo_dir(tmp_path))
-    assert filled.ok and form.form_to_spec(filled.values, filled.hidden).advanced.mode_scale == 1.5
+    assert filled.ok and form.form_to_spec(filled.values, filled.hidden).train.distributed == "ddp"
 
 
 def test_a_fill_that_cannot_work_names_the_problem_and_changes_nothing(tmp_path):

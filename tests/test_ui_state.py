@@ -307,10 +307,11 @@ def test_empty_optional_numbers_mean_the_flavour_default(defaults):
 
 
 def test_hidden_fields_of_a_loaded_job_survive_the_form(defaults):
-    loaded = parse_spec(deep_merge(form.default_job("/w"), {"advanced": {"mode_scale": 1.5},
-                                                                  "sample": {"resolution": 128}}))
+    job = deep_merge(form.default_job("/w"), {"train": {"distributed": "ddp"}})  # set by the Run tab's GPUs
+    job["data"]["datasets"][0]["resolution"] = 128  # a dataset's own resolution
+    loaded = parse_spec(job)
     spec = form.form_to_spec(defaults, form.hidden_fields(loaded))
-    assert spec.advanced.mode_scale == 1.5 and spec.sample.resolution == 128
+    assert spec.train.distributed == "ddp" and spec.data.datasets[0].resolution == 128
     assert spec.model.source == defaults["model.source"]  # the form wins over the loaded job
 
 

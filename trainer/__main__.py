@@ -242,10 +242,11 @@ def _estimated_job(args: argparse.Namespace) -> JobSpec:
 def _ram_line(spec: JobSpec, gpu_vram: float | None) -> str:
     """The RAM verdict of this job on this machine (first run unless its text embeddings are cached on disk)."""
     from trainer.estimator.auto import resolve_lowvram
-    from trainer.memory.system_ram import ram_verdict
+    from trainer.memory.system_ram import available_ram_gib, ram_verdict
 
-    plan = resolve_lowvram(spec, gpu_vram)
-    return ram_verdict(spec, plan, gpu_vram).line()
+    available = available_ram_gib()
+    plan = resolve_lowvram(spec, gpu_vram, ram_gib=available)  # what a run here would choose for this RAM
+    return ram_verdict(spec, plan, gpu_vram, available).line()
 
 
 _PRESET_HELP = ("a preset under the job (a file of presets/ without .toml, or a path): the job's own values and "

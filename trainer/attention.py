@@ -35,30 +35,44 @@ def gpu_capability() -> tuple[int, int] | None:
 
 
 def _computes_in_16_bit(spec: JobSpec) -> bool:
-    precision = spec.model.base_precision
-    return spec.train.mixed_precision != "no" or precision in ("bf16", "fp16") or precision in QUANTISED_PRECISIONS
+    return computes_in_16_bit(spec.train.mixed_precision, spec.model.base_precision)
+
+
+def computes_in_16_bit(mixed_precision: str, base_precision: str) -> bool:
+    """Whether attention sees bf16/fp16 queries: mixed precision on, or a 16-bit or quantised base."""
+    return mixed_precision != "no" or base_precision in ("bf16", "fp16") or base_precision in QUANTISED_PRECISIONS
 
 
 def attention_problems(spec: JobSpec, capability: tuple[int, int] | None) -> list[str]:
     """Why this machine cannot run advanced.attention (empty when it can). `capability`: the GPU's, None: none."""
     backend = spec.advanced.attention
+    problem = backend_problem(backend, capability, _computes_in_16_bit(spec))
+    return [f"advanced.attention: '{backend}' {problem}"] if problem else []
+
+
+def installed(backend: str) -> bool:
+    """Whether `backend`'s package is installed (sdpa is torch's own)."""
+    return backend == "sdpa" or importlib.util.find_spec(_PACKAGES[backend][0]) is not None
+
+
+def backend_problem(backend: str, capability: tuple[int, int] | None, sixteen_bit: bool) -> str:
+    """Why `backend` cannot run on a GPU of `capability` (None: no GPU) for a job that computes in 16 bits or not,
+    with the fix; "" when it can. The page shows these beside the menu; validate refuses with them."""
     if backend == "sdpa":
-        return []
-    field, fix = f"advanced.attention: '{backend}'", 'or use the default "sdpa"'
-    module, package = _PACKAGES[backend]
-    if importlib.util.find_spec(module) is None:
-        return [f"{field} needs the {package} package, which is not installed; install it (pip install {package}) "
-                + fix]
+        return ""
+    fix = 'or use the default "sdpa"'
+    package = _PACKAGES[backend][1]
+    if not installed(backend):
+        return f"needs the {package} package, which is not installed; install it (pip install {package}) {fix}"
     if capability is None:
-        return [f"{field} runs on a CUDA GPU only and none is available; {fix[3:]}"]
+        return f"runs on a CUDA GPU only and none is available; {fix[3:]}"
     need = _MIN_CAPABILITY[backend]
     if capability < need:
-        return [f"{field} needs a GPU of compute capability {need[0]}.{need[1]} or newer; this one is "
-                f"{capability[0]}.{capability[1]}; {fix[3:]}"]
-    if backend in _SIXTEEN_BIT_ONLY and not _computes_in_16_bit(spec):
-        return [f"{field} computes in bf16/fp16 only, and this job computes in fp32; set "
-                f'train.mixed_precision = "bf16" {fix}']
-    return []
+        return (f"needs a GPU of compute capability {need[0]}.{need[1]} or newer; this one is "
+                f"{capability[0]}.{capability[1]}; {fix[3:]}")
+    if backend in _SIXTEEN_BIT_ONLY and not sixteen_bit:
+        return f'computes in bf16/fp16 only, and this job computes in fp32; set train.mixed_precision = "bf16" {fix}'
+    return ""
 
 
 def check_attention(spec: JobSpec) -> list[str]:

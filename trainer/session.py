@@ -85,7 +85,14 @@ from trainer.preflight import check_files, model_source
 from trainer.prompts import SamplePrompt, sample_prompts
 from trainer.quiet import disable_loading_bars
 from trainer.sources import model_files
-from trainer.spec import JobSpec, LowVramSection, modulation_format, save_spec, spec_to_toml
+from trainer.spec import (
+    JobSpec,
+    LowVramSection,
+    modulation_format,
+    save_spec,
+    spec_to_toml,
+    with_text_encoder_precision,
+)
 from trainer.trackers import TrackerLogger
 from trainer.tread import TreadConfig, transformer_blocks, tread_routing
 
@@ -198,6 +205,8 @@ class Session:
         plan = resolve_lowvram(spec, device_vram_gib(self.device), self.dist.world_size,
                                ram_gib=available_ram_gib())
         self.plan: LowVramPlan = self.dist.adjust_plan(plan)
+        # model.text_encoder_precision = "auto" made concrete: the loaders and the embedding cache's keys read it
+        self.spec = spec = with_text_encoder_precision(spec, self.plan.text_encoder_precision)
         self.grad_sync: distributed.GradientSync | None = None
         self.swapper: Any = None
         self.offloader: ActivationOffloader | None = None
@@ -457,11 +466,12 @@ class Session:
             state = "reused" if sink.warm else "written"
             self.emit(LogMessage(level="info", message=f"block cache {state}: {sink.path}"))
         self.pipe.register_modules(transformer=transformer)
-        self._report_quantised()
+        self._report_quantised(sink.stored_bytes() if sink is not None else None)
 
-    def _report_quantised(self) -> None:
-        """The log says when the frozen transformer was quantised while it loaded: format, size before and after."""
-        before, after, fmt = quantised_sizes(self.pipe.transformer)
+    def _report_quantised(self, stored: dict[str, int] | None = None) -> None:
+        """The log says when the frozen transformer was quantised while it loaded: format, size before and after,
+        the blocks written to (or read from) the block cache included (`stored`: their tensors' bytes by name)."""
+        before, after, fmt = quantised_sizes(self.pipe.transformer, stored)
         if fmt:
             self.emit(LogMessage(level="info", message=f"base transformer quantised to {fmt} while loading: "
                                  f"{size_text(before)} -> {size_text(after)}"))

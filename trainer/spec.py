@@ -29,6 +29,26 @@ Precision = Literal["fp32", "bf16", "fp16"]
 # Storage of the frozen transformer: fp8 is e4m3 with per-row scales; int8/int4/nf4 are weight-only with bf16 compute.
 BasePrecision = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4", "nf4"]
 QUANTISED_PRECISIONS = ("fp8", "int8", "int4", "nf4")
+# The text encoders' storage: auto is bf16 unless the first run would not fit this machine's RAM, then int8
+# (trainer/estimator/auto.py: fit_ram); a job that states a precision keeps it.
+TextEncoderPrecision = Literal["auto", "fp32", "bf16", "fp16", "fp8", "int8", "int4", "nf4"]
+AUTO_TEXT_ENCODER = "bf16"  # what auto holds when the RAM allows it
+
+
+def text_encoder_precision(model: ModelSection, chosen: str | None = None) -> str:
+    """The text encoders' concrete storage: the job's own, or for auto what the plan `chosen` (bf16 unset)."""
+    if model.text_encoder_precision != "auto":
+        return model.text_encoder_precision
+    return chosen or AUTO_TEXT_ENCODER
+
+
+def with_text_encoder_precision(spec: JobSpec, chosen: str) -> JobSpec:
+    """`spec` with its text encoders' storage concrete (auto replaced by the plan's `chosen`): what the loaders,
+    the embedding cache's keys and the estimate read."""
+    concrete = text_encoder_precision(spec.model, chosen)
+    if concrete == spec.model.text_encoder_precision:
+        return spec
+    return spec.model_copy(update={"model": spec.model.model_copy(update={"text_encoder_precision": concrete})})
 Strategy = Literal["auto", "none", "conservative", "aggressive", "extreme"]
 
 
@@ -109,8 +129,9 @@ class ModelSection(_Section):
     comfy_models_dir: str = ""  # ComfyUI's models/ folder: the UI lists its files per slot
     base_precision: BasePrecision = "bf16"
     # fp8/int8/int4/nf4: the text encoders' Linears are quantised while they stream in (embeddings stay in the
-    # compute dtype); an fp8 single file loaded as fp8 keeps its stored values.
-    text_encoder_precision: BasePrecision = "bf16"
+    # compute dtype); an fp8 single file loaded as fp8 keeps its stored values. auto: bf16, or int8 when the
+    # first run would not fit the RAM (the plan says which; see TextEncoderPrecision).
+    text_encoder_precision: TextEncoderPrecision = "auto"
     # FLUX.1's AdaLN modulation Linears (norm1.linear, norm1_context.linear, norm.linear: 27 % of the
     # transformer) under a quantised base: auto = the base's format for fp8/int8 bases, int8 for int4/nf4 bases;
     # bf16 keeps them unquantised. FLUX.2's modulation sits outside the blocks and is never quantised.

@@ -3,11 +3,13 @@ adapter (type, init, targets), the evaluation loss, and sampling."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import gradio as gr
 
 from trainer import registry
+from trainer.attention import backend_problem, computes_in_16_bit, installed
 from ui.form import field_choices, target_choices, targets_for_family
 from ui.model_info import target_counts
 
@@ -49,6 +51,39 @@ def guidance_mode_info(family: str, flavour: str) -> str:
     return f"{label} has no guidance embedding: these settings are not used by this flavour"
 
 
+@functools.lru_cache(maxsize=1)
+def _gpu_capability() -> tuple[int, int] | None:
+    from trainer.attention import gpu_capability  # torch, once: only when a kernel's package is installed
+
+    return gpu_capability()
+
+
+def attention_info(mixed_precision: str, base_precision: str) -> str:
+    """The attention menu's help: what each kernel is, and for this machine and job the reason validate gives for
+    each one it refuses (the package, the GPU, fp32 compute)."""
+    sixteen_bit = computes_in_16_bit(mixed_precision, base_precision)
+    notes = []
+    for backend in field_choices("advanced.attention")[1:]:
+        capability = _gpu_capability() if installed(backend) else None
+        problem = backend_problem(backend, capability, sixteen_bit)
+        notes.append(f"{backend}: {'refused here, it ' + problem if problem else 'available here'}")
+    return ("sdpa (default): torch's own kernel, always available; flash, xformers: their packages' kernels; sage "
+            "renders the samples only (training steps keep sdpa). " + ". ".join(notes))
+
+
+def mode_scale_info(timestep_sampling: str) -> str:
+    if timestep_sampling == "mode":
+        return "how strongly the mode sampling favours the middle noise levels (SD3's 1.29)"
+    return "used by timestep sampling 'mode' only"
+
+
+def sample_resolution_placeholder(family: str, flavour: str) -> str:
+    try:
+        return f"flavour default: {registry.get_flavour(family, flavour).sample_resolution}"
+    except KeyError:
+        return "flavour default"
+
+
 def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
     """The tab's controls; needs `fields["model.family"]` and `fields["model.flavour"]` (the Model tab) first."""
     _timesteps(fields, defaults)
@@ -67,6 +102,10 @@ def _timesteps(fields: dict[str, gr.components.Component], defaults: dict[str, A
             label="Timestep sampling")
         fields["advanced.logit_mean"] = gr.Number(value=defaults["advanced.logit_mean"], label="Logit mean", step=0.1)
         fields["advanced.logit_std"] = gr.Number(value=defaults["advanced.logit_std"], label="Logit std", step=0.1)
+        fields["advanced.mode_scale"] = gr.Number(
+            value=defaults["advanced.mode_scale"], label="Mode scale", step=0.01,
+            interactive=defaults["advanced.timestep_sampling"] == "mode",
+            info=mode_scale_info(defaults["advanced.timestep_sampling"]))
     with gr.Row():
         fields["advanced.shift"] = gr.Number(
             value=defaults["advanced.shift"], label="Shift", step=0.1, info="used when auto shift is off")
@@ -144,6 +183,10 @@ def _adapter(fields: dict[str, gr.components.Component], defaults: dict[str, Any
                  "matching whole module names")
         count = gr.Button("Count target modules", scale=1)
     counts = gr.Markdown()
+    gr.Markdown("### Attention")
+    fields["advanced.attention"] = gr.Dropdown(
+        choices=field_choices("advanced.attention"), value=defaults["advanced.attention"], label="Attention kernel",
+        info=attention_info(defaults["train.mixed_precision"], defaults["model.base_precision"]))
     return count, counts
 
 
@@ -164,10 +207,32 @@ def _evaluation_and_sampling(fields: dict[str, gr.components.Component], default
             value=defaults["sample.guidance"], label="Sample guidance", placeholder=guidance_hint,
             info="empty: the flavour's default")
         fields["sample.seed"] = gr.Number(value=defaults["sample.seed"], precision=0, label="Sample seed")
+        fields["sample.resolution"] = gr.Textbox(
+            value=defaults["sample.resolution"], label="Sample resolution (px)",
+            placeholder=sample_resolution_placeholder(defaults["model.family"], defaults["model.flavour"]),
+            info="the samples' side in pixels (64-4096); empty: the flavour's default")
+    with gr.Row():
+        fields["sample.use_ema"] = gr.Checkbox(
+            value=defaults["sample.use_ema"], label="Sample with the EMA weights",
+            interactive=bool(str(defaults["train.ema_decay"]).strip()),
+            info=ema_sample_info(defaults["train.ema_decay"]))
+        fields["sample.clip_score_model"] = gr.Textbox(
+            value=defaults["sample.clip_score_model"], label="CLIP score model", scale=2,
+            placeholder="empty: off; e.g. openai/clip-vit-large-patch14",
+            info="a transformers CLIP model (hub id or local folder) scoring each validation's samples against their "
+                 "prompts, plotted beside the evaluation loss; loaded on the GPU after sampling and freed after")
+
+
+def ema_sample_info(ema_decay: Any) -> str:  # noqa: ANN401 - the decay box's text
+    if str(ema_decay if ema_decay is not None else "").strip():
+        return "render the samples with the EMA of the LoRA weights instead of the weights as trained"
+    return "needs an EMA: set the EMA decay (Training tab) first"
 
 
 def _connect(fields: dict[str, gr.components.Component], count: gr.Button, counts: gr.Markdown) -> None:
-    """What follows the family, the flavour and the guidance mode, and the Count button."""
+    """What follows the family, the flavour, the guidance mode, the timestep sampling, the precisions and the EMA,
+    and the Count button."""
+    _connect_settings(fields)
     def guidance_controls(mode: str, family: str, flavour: str) -> tuple[Any, Any, Any, Any]:
         """The mode menu and the controls its mode reads are editable; none of them for a flavour without a
         guidance embedding, which says why."""
@@ -195,3 +260,34 @@ def _connect(fields: dict[str, gr.components.Component], count: gr.Button, count
 
     count.click(count_targets, [fields["model.family"], fields["model.flavour"], fields["lora.targets"]], counts,
                 api_name="count_targets")
+
+
+def _connect_settings(fields: dict[str, gr.components.Component]) -> None:
+    """Mode scale follows the timestep sampling, the attention help the job's compute precision, sampling with the
+    EMA the EMA decay, the sample resolution's placeholder the flavour."""
+    def mode_scale(sampling: str) -> Any:  # noqa: ANN401 - a gradio update
+        return gr.update(interactive=sampling == "mode", info=mode_scale_info(sampling))
+
+    fields["advanced.timestep_sampling"].change(mode_scale, fields["advanced.timestep_sampling"],
+                                                fields["advanced.mode_scale"], api_visibility="private",
+                                                show_progress="hidden")
+
+    def attention_help(mixed_precision: str, base_precision: str) -> Any:  # noqa: ANN401 - a gradio update
+        return gr.update(info=attention_info(mixed_precision, base_precision))
+
+    gr.on([fields["train.mixed_precision"].change, fields["model.base_precision"].change], attention_help,
+          [fields["train.mixed_precision"], fields["model.base_precision"]], fields["advanced.attention"],
+          api_visibility="private", show_progress="hidden")
+
+    def use_ema(decay: Any) -> Any:  # noqa: ANN401 - a gradio update
+        return gr.update(interactive=bool(str(decay if decay is not None else "").strip()), info=ema_sample_info(decay))
+
+    fields["train.ema_decay"].change(use_ema, fields["train.ema_decay"], fields["sample.use_ema"],
+                                     api_visibility="private", show_progress="hidden")
+
+    def resolution_hint(family: str, flavour: str) -> Any:  # noqa: ANN401 - a gradio update
+        return gr.update(placeholder=sample_resolution_placeholder(family, flavour))
+
+    gr.on([fields["model.family"].change, fields["model.flavour"].change], resolution_hint,
+          [fields["model.family"], fields["model.flavour"]], fields["sample.resolution"], api_visibility="private",
+          show_progress="hidden")

@@ -23,7 +23,15 @@ from typing import Any
 
 from trainer import registry
 from trainer.demo import demo_job_toml
-from trainer.spec import TRAINING_GUIDANCE_KEYS, JobSpec, Problem, SpecError, deep_merge, parse_spec
+from trainer.spec import (
+    QUANTISED_PRECISIONS,
+    TRAINING_GUIDANCE_KEYS,
+    JobSpec,
+    Problem,
+    SpecError,
+    deep_merge,
+    parse_spec,
+)
 
 DATASET = "dataset."
 PROMPT_SEPARATOR = "|"
@@ -33,6 +41,7 @@ FORM_KEYS: tuple[str, ...] = (
     # Model
     "model.family", "model.flavour", "model.source", "model.comfy_models_dir", "model.transformer", "model.vae",
     "model.text_encoder", "model.text_encoder_2", "model.base_precision", "model.text_encoder_precision",
+    "model.modulation_precision",
     # Dataset & Captioning
     "dataset.path", "dataset.trigger", "dataset.caption_strategy", "dataset.instance_prompt", "dataset.repeats",
     "dataset.masks", "dataset.conditioning", "dataset.conditioning_match", "data.resolution", "data.caption_dropout",
@@ -43,29 +52,34 @@ FORM_KEYS: tuple[str, ...] = (
     "lowvram.strategy", "lowvram.vram_gib", "lowvram.override_blocks_to_swap", "lowvram.blocks_to_swap",
     "lowvram.swap_prefetch", "lowvram.pin_memory", "lowvram.gradient_checkpointing", "lowvram.checkpointing_interval",
     "lowvram.cpu_offload_checkpointing", "lowvram.optimizer_offload", "lowvram.fused_backward",
-    "lowvram.text_encoder_device", "data.vae_tiling",
+    "lowvram.swap_from", "lowvram.disk_read_gbps", "lowvram.text_encoder_device", "lowvram.empty_cache_every",
+    "data.vae_tiling",
     # Training
     "lora.rank", "lora.alpha", "lora.dropout",
     "train.optimizer", "train.learning_rate", "train.weight_decay",
     "train.max_steps", "train.batch_size", "train.gradient_accumulation", "train.scheduler",
     "train.warmup_steps", "train.max_grad_norm", "train.mixed_precision", "train.seed",
+    "train.ema_decay", "train.ema_device", "train.compile",
     "sample.prompts", "sample.reference_images", "sample.prompt_library", "sample.every_steps",
     "output.dir", "output.name", "output.save_every_steps", "output.keep_last", "output.save_state",
     "output.log_with", "output.formats", "output.comfy_lora_dir",
     # Advanced
-    "advanced.timestep_sampling", "advanced.logit_mean", "advanced.logit_std", "advanced.shift",
+    "advanced.timestep_sampling", "advanced.logit_mean", "advanced.logit_std", "advanced.mode_scale",
+    "advanced.shift",
     "advanced.auto_shift", "advanced.loss_weighting", "advanced.min_timestep", "advanced.max_timestep",
     "advanced.guidance_mode", "advanced.guidance_value", "advanced.guidance_min", "advanced.guidance_max",
     "advanced.tread", "advanced.tread_selection_ratio", "advanced.tread_start_block", "advanced.tread_end_block",
-    "lora.type", "lora.init", "lora.init_from", "lora.targets",
+    "lora.type", "lora.init", "lora.init_from", "lora.targets", "advanced.attention",
     "train.eval_every_steps",
-    "sample.steps", "sample.guidance", "sample.seed",
+    "sample.steps", "sample.guidance", "sample.seed", "sample.resolution", "sample.use_ema",
+    "sample.clip_score_model",
 )
 
 # Optional numbers, shown as text boxes: empty means "not set" (the flavour's default). gr.Number cannot be
 # empty in the browser (its frontend turns an empty value into 0); pydantic parses the text and names the field.
 OPTIONAL_KEYS = frozenset({"sample.steps", "sample.guidance", "lowvram.vram_gib", "lowvram.swap_prefetch",
-                           "lowvram.checkpointing_interval"})
+                           "lowvram.checkpointing_interval", "lowvram.disk_read_gbps", "lowvram.empty_cache_every",
+                           "train.ema_decay", "sample.resolution"})
 # Single-file paths and the ComfyUI folder: empty means "from model.source" (no folder), the spec's default; an
 # empty reference folder means no edit pairs, an empty ComfyUI loras folder no copy. An empty box leaves the key
 # out of the spec dict, so a job without these keys still has none after the form.
@@ -84,7 +98,13 @@ ON, OFF = "on", "off"
 TRISTATE_KEYS = frozenset({"lowvram.pin_memory", "lowvram.gradient_checkpointing",
                            "lowvram.cpu_offload_checkpointing", "lowvram.optimizer_offload",
                            "lowvram.fused_backward"})
-MENU_KEYS = TRISTATE_KEYS | {"lowvram.text_encoder_device"}  # menus with a FROM_STRATEGY entry
+MENU_KEYS = TRISTATE_KEYS | {"lowvram.text_encoder_device", "lowvram.swap_from"}  # menus with a FROM_STRATEGY entry
+# Settings whose unset spec value means one of the control's own values (the EMA on the GPU, samples without the
+# EMA): the control shows that value for unset, and sends unset for it, so a job without the key keeps none.
+UNSET_MEANS: dict[str, Any] = {"train.ema_device": "gpu", "sample.use_ema": False}
+# What applies to the EMA only: sent only beside an EMA decay (the spec refuses them alone), like the radio below.
+EMA_DECAY_KEY = "train.ema_decay"
+EMA_ONLY = ("train.ema_device", "sample.use_ema")
 # A slider cannot be empty: its value counts only while its switch (a checkbox with a form key of its own, not a
 # spec field) is on. switch key → the key it switches.
 SWITCHES: dict[str, str] = {"lowvram.override_blocks_to_swap": "lowvram.blocks_to_swap"}
@@ -220,6 +240,8 @@ def _to_spec_value(key: str, value: Any) -> Any:
             return None
         if key in TRISTATE_KEYS:  # anything else stays as given: the spec names it as a bad boolean
             return {ON: True, OFF: False}.get(value, value)
+    if key in UNSET_MEANS and value in (None, "", UNSET_MEANS[key]):
+        return None
     return value
 
 
@@ -239,6 +261,8 @@ def _from_spec_value(key: str, value: Any) -> Any:  # noqa: ANN401 - any spec va
         return FROM_STRATEGY if value is None else (ON if value else OFF)
     if key in MENU_KEYS:
         return FROM_STRATEGY if value is None else value
+    if key in UNSET_MEANS and value is None:
+        return UNSET_MEANS[key]
     if key in UNSET_WHEN_EMPTY:
         return value or ""  # a dropdown/text box shows "" (from source) for an unset path
     if key in SWITCHED and value is None:
@@ -257,6 +281,19 @@ def _drop_unused_guidance(data: dict[str, Any]) -> None:
     if not embedded:
         for key in TRAINING_GUIDANCE_KEYS:
             data.get("advanced", {}).pop(key, None)
+
+
+def _drop_unused_modulation(data: dict[str, Any]) -> None:
+    """The modulation precision is greyed out unless FLUX.1 has a quantised base: it sends nothing then (the spec
+    refuses a format it would not use)."""
+    model = data.get("model", {})
+    if not modulation_applies(model.get("family", ""), model.get("base_precision", "")):
+        model.pop("modulation_precision", None)
+
+
+def modulation_applies(family: str, base_precision: str) -> bool:
+    """Whether model.modulation_precision is read: FLUX.1's in-block modulation under a quantised base."""
+    return family == "flux1" and base_precision in QUANTISED_PRECISIONS
 
 
 def values_to_dict(values: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -283,8 +320,13 @@ def values_to_dict(values: Mapping[str, Any], base: Mapping[str, Any] | None = N
         else:
             target[name] = value
     _drop_unused_guidance(data)
+    _drop_unused_modulation(data)
     if CONDITIONING_MATCH_KEY in values and not dataset.get("conditioning"):
         dataset.pop("conditioning_match", None)  # no edit pairs: nothing to match
+    if EMA_DECAY_KEY in values and data.get("train", {}).get("ema_decay") is None:
+        for key in EMA_ONLY:  # no EMA: where it is kept and sampling with it do not apply
+            section, name = key.split(".")
+            data.get(section, {}).pop(name, None)
     data["data"]["datasets"] = [dataset, *datasets[1:]]
     return data
 

@@ -15,7 +15,15 @@ from typing import Any
 import gradio as gr
 
 from ui import form
-from ui.memory import STRATEGY_HELP, check_lowvram, largest_swap_bound, swap_bound
+from ui.memory import (
+    DISK_READ_INFO,
+    STRATEGY_HELP,
+    SWAP_FROM_INFO,
+    check_lowvram,
+    largest_swap_bound,
+    swap_bound,
+    swap_source,
+)
 from ui.words import labels_of
 
 # The verdict line, coloured by its first word; the text stays plain for the API.
@@ -62,7 +70,8 @@ BoundSlider = _bound_slider_class()
 MEMORY_KEYS = tuple(key for key in form.FORM_KEYS if key.startswith(("lowvram.", "model."))) + (
     "data.resolution", "data.cache_text_embeddings", "data.vae_tiling", "lora.rank", "lora.type", "lora.targets",
     "train.batch_size", "train.optimizer", "train.mixed_precision", "sample.prompts", "sample.guidance",
-    "dataset.conditioning", "sample.reference_images")  # edit pairs: reference tokens
+    "dataset.conditioning", "sample.reference_images",  # edit pairs: reference tokens
+    "train.ema_decay", "train.ema_device", "advanced.attention", "sample.resolution")
 
 
 def strategy_table(selected: str) -> str:
@@ -116,6 +125,13 @@ def _block_swap(fields: dict[str, gr.components.Component], defaults: dict[str, 
             info="blocks loaded ahead of the one computing (1-8); more hides the copies, costs VRAM")
         _tristate(fields, defaults, "lowvram.pin_memory", "Pin memory",
                   "page-locked CPU memory makes the copies asynchronous; on some Windows systems slower")
+    with gr.Row():
+        fields["lowvram.swap_from"] = gr.Dropdown(
+            choices=[form.FROM_STRATEGY, *form.field_choices("lowvram.swap_from")],
+            value=defaults["lowvram.swap_from"], label="Swapped blocks wait in", info=SWAP_FROM_INFO)
+        fields["lowvram.disk_read_gbps"] = gr.Textbox(
+            value=defaults["lowvram.disk_read_gbps"], label="Disk read speed (GB/s)", placeholder="3 (a typical NVMe)",
+            info=DISK_READ_INFO)
 
 
 def _checkpointing_and_offload(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
@@ -138,6 +154,12 @@ def _checkpointing_and_offload(fields: dict[str, gr.components.Component], defau
             choices=[form.FROM_STRATEGY, *form.field_choices("lowvram.text_encoder_device")],
             value=defaults["lowvram.text_encoder_device"], label="Text encoder device",
             info="where text encoders run while embeddings are cached: gpu, cpu, or offload (layers streamed)")
+    fields["lowvram.empty_cache_every"] = gr.Textbox(
+        value=defaults["lowvram.empty_cache_every"], label="Release cached GPU memory every N steps",
+        placeholder="empty or 0: never",
+        info="hands the CUDA allocator's cached, unused memory back to the driver every N steps (up to 1000000), "
+             "for a card shared with a desktop; costs a little speed (the next step allocates afresh); no effect "
+             "without a GPU")
     fields["data.vae_tiling"] = gr.Checkbox(
         value=defaults["data.vae_tiling"], label="VAE tiling",
         info="encode large images in overlapping tiles: caching fits a small card; latents differ slightly at the "
@@ -175,5 +197,19 @@ def _connector(fields: dict[str, gr.components.Component], detected: float | Non
               show_progress="hidden", trigger_mode="always_last")
         fields["lowvram.strategy"].change(strategy_table, fields["lowvram.strategy"], strategy_note,
                                           api_visibility="private", show_progress="hidden")
+
+        def swap_source_controls(values: dict[str, Any]) -> tuple[Any, Any]:
+            """Where swapped blocks wait, and the disk's speed, are editable only when the job's plan swaps
+            blocks (and may read them from disk); each says why not."""
+            found = swap_source(values, values.pop("base", None), detected)
+            if found is None:
+                return gr.skip(), gr.skip()
+            return (gr.update(interactive=found.swaps, info=found.swap_info),
+                    gr.update(interactive=found.reads_disk, info=found.gbps_info))
+
+        gr.on([fields[key].change for key in MEMORY_KEYS] + ([app.load] if app is not None else []),
+              form.keyword_handler(swap_source_controls, extra=("base",)), inputs_kwargs=form_kwargs,
+              outputs=[fields["lowvram.swap_from"], fields["lowvram.disk_read_gbps"]], api_visibility="private",
+              show_progress="hidden", trigger_mode="always_last")
 
     return connect

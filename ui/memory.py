@@ -194,6 +194,42 @@ def check_lowvram(values: dict[str, Any], base: dict[str, Any] | None, detected:
                         "\n\n".join(_plan_lines(plan, result, source == NO_GPU)))
 
 
+@dataclass(frozen=True)
+class SwapSource:
+    """Whether the blocks-on-disk controls apply to the plan the form's job would run with, and their help (or why
+    they are greyed out): `swaps`: the plan swaps blocks (lowvram.swap_from applies); `reads_disk`: and they may
+    wait on disk (lowvram.disk_read_gbps applies)."""
+
+    swaps: bool
+    reads_disk: bool
+    swap_info: str
+    gbps_info: str
+
+
+SWAP_FROM_INFO = ("where swapped blocks wait: ram (pinned memory), disk (a block cache file beside the latents, read "
+                  "ahead: RAM holds a few blocks); from strategy: ram, or disk when this machine's RAM needs it")
+DISK_READ_INFO = ("the disk's read speed the estimate assumes for blocks on disk (GB/s, above 0 and at most 100); "
+                  "empty: 3, a typical NVMe")
+
+
+def swap_source(values: dict[str, Any], base: dict[str, Any] | None, detected: float | None) -> SwapSource | None:
+    """The blocks-on-disk controls for the form's job (its resolved plan: a strategy may swap blocks with the slider
+    untouched); None when the form has problems (the verdict names them)."""
+    try:
+        spec = form.form_to_spec(values, base)
+    except SpecError:
+        return None
+    gpu_gib, _ = gpu_target(spec, detected)
+    plan = resolve_lowvram(spec, gpu_gib, ram_gib=_available_ram())
+    if not plan.blocks_to_swap:
+        why = "no block is swapped in this job's plan (Block swap, or the strategy): nothing waits in RAM or on disk"
+        return SwapSource(False, False, why, why)
+    chosen = f" (this job: {plan.blocks_to_swap} blocks from {plan.swap_from})"
+    if spec.lowvram.swap_from == "ram":
+        return SwapSource(True, False, SWAP_FROM_INFO + chosen, "the swapped blocks wait in RAM: no disk is read")
+    return SwapSource(True, True, SWAP_FROM_INFO + chosen, DISK_READ_INFO)
+
+
 # ---------------------------------------------------------------------- Memory Estimator tab
 
 

@@ -54,6 +54,34 @@ def form_updates(fields: dict[str, gr.components.Component], values: dict[str, A
     return updates
 
 
+TEXT_ENCODER_INFO = ("auto: bf16, or int8 when the first run would not fit this machine's RAM (the RAM verdict "
+                     "says which); int8 keeps the embeddings closest to bf16's at half the size; a FLUX.1 job's "
+                     "T5-XXL and CLIP-L alike")
+MODULATION_INFO = ("FLUX.1's AdaLN modulation Linears (27% of the transformer): auto = the base's format for fp8/int8, "
+                   "int8 for int4/nf4; bf16 keeps them unquantised")
+
+
+def modulation_info(family: str, base_precision: str) -> str:
+    """The modulation menu's help, or why it is greyed out."""
+    if family != "flux1":
+        return "FLUX.1 only: FLUX.2's modulation sits outside the blocks and is never quantised"
+    if not form.modulation_applies(family, base_precision):
+        return f"only with a quantised base precision (fp8, int8, int4, nf4); a {base_precision} base keeps it in " \
+               f"{base_precision}"
+    return MODULATION_INFO
+
+
+def _connect_modulation(fields: dict[str, gr.components.Component]) -> None:
+    """The modulation menu is editable only where it is read, and says why not."""
+    def modulation_menu(family: str, base_precision: str) -> Any:  # noqa: ANN401 - a gradio update
+        return gr.update(interactive=form.modulation_applies(family, base_precision),
+                         info=modulation_info(family, base_precision))
+
+    gr.on([fields["model.family"].change, fields["model.base_precision"].change], modulation_menu,
+          [fields["model.family"], fields["model.base_precision"]], fields["model.modulation_precision"],
+          api_visibility="private", show_progress="hidden")
+
+
 def preset_menu(profile: str | None, family: str, flavour: str) -> Any:  # noqa: ANN401 - a gradio update
     """The flavour's presets, the profile's suggestion selected (none when it suggests none)."""
     choices = presets.preset_choices(family, flavour)
@@ -202,9 +230,15 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
                  "(less VRAM, computed in bf16)")
         fields["model.text_encoder_precision"] = gr.Dropdown(
             choices=field_choices("model.text_encoder_precision"), value=defaults["model.text_encoder_precision"],
-            label="Text encoder precision")
+            label="Text encoder precision", info=TEXT_ENCODER_INFO)
+        applies = form.modulation_applies(family, defaults["model.base_precision"])
+        fields["model.modulation_precision"] = gr.Dropdown(
+            choices=field_choices("model.modulation_precision"), value=defaults["model.modulation_precision"],
+            label="Modulation precision", interactive=applies,
+            info=modulation_info(family, defaults["model.base_precision"]))
 
     _connect_model(fields, studio, summary, note, slots, profile, preset)
+    _connect_modulation(fields)
 
     def connect(base: gr.State, baseline: gr.State) -> None:
         _connect_flavour_choice(fields, studio, applied)  # here: leaving the demo changes fields of later tabs

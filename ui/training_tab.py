@@ -20,6 +20,12 @@ def formats_for_comfy_folder(folder: str | None, formats: list[str] | None) -> l
     return None
 
 
+def ema_device_info(has_ema: bool) -> str:
+    if not has_ema:
+        return "needs an EMA: set the EMA decay first"
+    return "gpu: fast, costs VRAM (one fp32 copy of the LoRA); cpu: system RAM, copied each step"
+
+
 def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
     """The tab's sections: the LoRA's size, the optimisation, the samples, the output."""
     _lora(fields, defaults)
@@ -27,6 +33,17 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
     _samples(fields, defaults)
     _output(fields, defaults)
     _connect_comfy_folder(fields)
+    _connect_ema(fields)
+
+
+def _connect_ema(fields: dict[str, gr.components.Component]) -> None:
+    """Where the EMA is kept is editable only with an EMA decay."""
+    def ema_device(decay: Any) -> Any:  # noqa: ANN401 - a gradio update
+        has_ema = bool(str(decay if decay is not None else "").strip())
+        return gr.update(interactive=has_ema, info=ema_device_info(has_ema))
+
+    fields["train.ema_decay"].change(ema_device, fields["train.ema_decay"], fields["train.ema_device"],
+                                     api_visibility="private", show_progress="hidden")
 
 
 def _lora(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:
@@ -76,6 +93,20 @@ def _optimisation(fields: dict[str, gr.components.Component], defaults: dict[str
             choices=field_choices("train.mixed_precision"), value=defaults["train.mixed_precision"],
             label="Mixed precision")
         fields["train.seed"] = gr.Number(value=defaults["train.seed"], precision=0, label="Seed")
+    with gr.Row():
+        fields["train.ema_decay"] = gr.Textbox(
+            value=defaults["train.ema_decay"], label="EMA decay", placeholder="empty: off; e.g. 0.999",
+            info="keep an exponential moving average of the LoRA weights (between 0 and 1, not included), saved "
+                 "beside the LoRA as <name>_ema in the same formats; steadier results on long runs")
+        has_ema = bool(str(defaults["train.ema_decay"]).strip())
+        fields["train.ema_device"] = gr.Dropdown(
+            choices=field_choices("train.ema_device"), value=defaults["train.ema_device"], label="EMA kept on",
+            interactive=has_ema, info=ema_device_info(has_ema))
+        fields["train.compile"] = gr.Checkbox(
+            value=defaults["train.compile"], label="Compile blocks (torch.compile)",
+            info="compiles each transformer block once: faster steps after a slow first one; with block swap, "
+                 "checkpointing and quantised bases alike; falls back to eager with a message where the platform "
+                 "cannot compile (Windows without a C++ compiler)")
 
 
 def _samples(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) -> None:

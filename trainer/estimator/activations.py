@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from trainer import registry
 from trainer.estimator.plans import LowVramPlan
 from trainer.estimator.shapes import BYTES, TEXT_ENCODERS, WEIGHT_BYTES, TextEncoderShape, text_tokens
-from trainer.spec import JobSpec
+from trainer.spec import JobSpec, text_encoder_precision
 
 # Activation bytes per token per block per unit of hidden size h, saved for backward. Measured with
 # trainer/memory_probe.py's tracker on the CPU: a FLUX.2 block at h = 1024 in fp32 keeps ≈86 bytes (double 85,
@@ -122,7 +122,7 @@ def text_encoder_memory(f: registry.Flavour, spec: JobSpec, device: str) -> tupl
     shape = None if f.is_demo else TEXT_ENCODERS.get(f.text_encoder_label)
     if shape is None:
         return 0.0, 0.0, 0.0, 0.0
-    precision = spec.model.text_encoder_precision
+    precision = text_encoder_precision(spec.model)  # auto unresolved here: what auto holds when RAM allows
     layer, outside = text_encoder_weights(shape, precision)
     whole = shape.layers * layer + outside
     elem = 2 if precision in WEIGHT_BYTES else BYTES[precision]  # a quantised encoder computes in bf16

@@ -70,6 +70,7 @@ from trainer.estimator.activations import (
     training_activations,
 )
 from trainer.estimator.plans import LowVramPlan, mode_problems, plan_under
+from trainer.estimator.scoring import clip_scorer_bytes
 from trainer.estimator.shapes import (
     QUANTISED,
     WeightLayout,
@@ -80,7 +81,7 @@ from trainer.estimator.shapes import (
     weight_layout,
 )
 from trainer.estimator.sharding import gathered_bytes, shard_bytes
-from trainer.spec import JobSpec, modulation_format
+from trainer.spec import JobSpec, modulation_format, with_text_encoder_precision
 
 GIB = 1024**3
 CUDA_CONTEXT_GIB = 0.5
@@ -225,6 +226,7 @@ def estimate(spec: JobSpec, plan: LowVramPlan, *, mode: str = "single", gpus: in
     `fused_attention`: whether attention runs in a fused kernel (no s² workspace); torch's SDPA picks a flash
     kernel on CUDA and on the CPU (the probe measured no s² tensor on the demo).
     """
+    spec = with_text_encoder_precision(spec, plan.text_encoder_precision)  # auto: what the plan chose
     job = _job(spec, plan_under(mode, plan), mode, gpus)
     weights, swapped_ram = _base_weights(job)
     step = _training_step(job, fused_attention)
@@ -356,7 +358,7 @@ def _training_ram(job: _Job, swapped_ram: float, step: _Step) -> dict[str, float
 
 def _sampling_work(job: _Job) -> float:
     """Bytes of the sampling's working memory: the denoiser's no-grad forward (cond and uncond in one batch under
-    CFG), then the VAE decode; one after the other, so the larger of the two counts."""
+    CFG), then the VAE decode, then the CLIP scorer if one is set; one after the other, so the largest counts."""
     spec, f = job.spec, job.f
     sample_res = spec.sample.resolution or f.sample_resolution
     # a sample rendered from a reference image carries it at the sample's own size (trainer/data/pairs.py)
@@ -368,7 +370,7 @@ def _sampling_work(job: _Job) -> float:
     if spec.advanced.attention == "sage":
         denoise += SAGE_SAMPLING_BYTES * f.hidden_size * sample_tokens * cfg
     decode = 0.0 if f.is_demo else VAE_PEAK_BYTES_PER_PIXEL * sample_res**2 * job.vae_elem / 2
-    return max(denoise, decode)
+    return max(denoise, decode, clip_scorer_bytes(spec.sample.clip_score_model))
 
 
 def _phases(job: _Job, weights: dict[str, float], step: _Step, train_ram: dict[str, float]) -> dict[str, PhaseMemory]:
@@ -386,7 +388,7 @@ def _phases(job: _Job, weights: dict[str, float], step: _Step, train_ram: dict[s
     text_weights = {f"text encoder weights ({te_label})": te_gpu_weights} if loaded else no_gpu
     text_work = {"text encoder working memory": te_gpu - te_gpu_weights} if loaded else no_gpu
     sampling = (_gpu_phase(weights | {"vae": vae_bytes},
-                           step.kept_for_sampling | {"sampling working memory (denoiser, then VAE decode)":
+                           step.kept_for_sampling | {"sampling working memory (denoiser, VAE decode, CLIP score)":
                                                      _sampling_work(job)},
                            ram_step - train_ram["vae (parked for sampling)"] - step.activations.offloaded)
                 if spec.sample.prompts else PhaseMemory(0.0, 0.0))

@@ -25,6 +25,8 @@ class LowVramPlan:
     fused_backward: bool
     text_encoder_device: str
     swap_from: str = "ram"  # where swapped blocks wait: "ram" (pinned) or "disk" (a block cache file)
+    # the text encoders' storage the run loads them in: the job's model.text_encoder_precision, or auto's choice
+    text_encoder_precision: str = "bf16"
     reason: str = ""  # how it was chosen, for the log
 
     def describe(self) -> str:

@@ -278,6 +278,12 @@ class BlockSink:
             self._writer = None
         return list(self.records or [])
 
+    def stored_bytes(self) -> dict[str, int]:
+        """Bytes of each tensor kept in the cache file, by its name in the transformer (placeholders here)."""
+        by_index = {record.index: record for record in self.records or []}
+        return {f"{prefix}.{tensor.name}": tensor.nbytes for prefix, index in self.prefixes.items()
+                if index in by_index for tensor in by_index[index].tensors}
+
     def abort(self) -> None:
         if self._writer is not None:
             self._writer.abort()

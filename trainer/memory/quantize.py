@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -312,23 +312,32 @@ def is_quantized(module: torch.nn.Module) -> bool:
     return isinstance(module, QuantizedLinear)
 
 
-def quantised_sizes(model: torch.nn.Module) -> tuple[int, int, str]:
+def quantised_sizes(model: torch.nn.Module, stored: Mapping[str, int] | None = None) -> tuple[int, int, str]:
     """(bytes the model would hold unquantised, bytes it holds, format) for a quantised base; the format is "" when
-    no layer is quantised. Unquantised: each quantised layer's weight at its compute dtype."""
+    no layer is quantised. Unquantised: each quantised layer's weight at its compute dtype. `stored`: bytes of the
+    tensors kept elsewhere by name (blocks waiting in the block cache file, zero-element placeholders here), counted
+    as they are stored there."""
+    stored = stored or {}
     before = after = 0
     fmt = ""
-    for module in model.modules():
-        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        size = sum(t.numel() * t.element_size() for t in own)
+    for prefix, module in model.named_modules():
+        own = {name: _held_bytes(f"{prefix}.{name}" if prefix else name, tensor, stored)
+               for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]}
+        size = sum(own.values())
         after += size
         if isinstance(module, QuantizedLinear):
             fmt = module.format
-            bias = module.bias.numel() * module.bias.element_size() if module.bias is not None else 0
             element = torch.empty((), dtype=module.compute_dtype).element_size()
-            before += module.in_features * module.out_features * element + bias
+            before += module.in_features * module.out_features * element + own.get("bias", 0)
         else:
             before += size
     return before, after, fmt
+
+
+def _held_bytes(name: str, tensor: torch.Tensor, stored: Mapping[str, int]) -> int:
+    if tensor.numel() == 0 and name in stored:  # a placeholder: its bytes wait elsewhere
+        return stored[name]
+    return tensor.numel() * tensor.element_size()
 
 
 def quantizable_names(model: torch.nn.Module) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from trainer import registry
 from trainer.estimator.plans import LowVramPlan
-from trainer.spec import JobSpec
+from trainer.spec import JobSpec, text_encoder_precision
 
 CONCRETE = ("none", "conservative", "aggressive", "extreme")
 
@@ -40,7 +40,9 @@ BUNDLES: dict[str, dict[str, Any]] = {
                     checkpointing_interval=1, cpu_offload_checkpointing=True, optimizer_offload=True,
                     fused_backward=True, text_encoder_device="cpu", swap_from="ram"),
 }
-_PLAN_KEYS = tuple(f.name for f in fields(LowVramPlan) if f.name not in ("strategy", "reason"))
+# the [lowvram] keys a job may set over its bundle (the text encoders' precision is the model section's)
+_PLAN_KEYS = tuple(f.name for f in fields(LowVramPlan)
+                   if f.name not in ("strategy", "reason", "text_encoder_precision"))
 
 
 def _incompatible_with_fused_backward(spec: JobSpec) -> str:
@@ -72,4 +74,5 @@ def bundle_plan(spec: JobSpec, strategy: str, blocks_to_swap: int | None = None,
         values["gradient_checkpointing"] = True
     if not values["gradient_checkpointing"]:
         values["cpu_offload_checkpointing"] = False
-    return LowVramPlan(strategy=strategy, reason=reason, **values)
+    return LowVramPlan(strategy=strategy, reason=reason, text_encoder_precision=text_encoder_precision(spec.model),
+                       **values)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from trainer.estimator.plans import LowVramPlan
-from trainer.spec import JobSpec, deep_merge, parse_spec
+from trainer.spec import JobSpec, deep_merge, parse_spec, text_encoder_precision
 
 GIB = 1024**3
 TIGHT_SHARE = 0.90
@@ -81,8 +81,8 @@ def _applies(spec: JobSpec, plan: LowVramPlan, overrides: dict, plan_changes: di
     model, data = spec.model, spec.data
     wanted = overrides.get("model", {})
     smaller = {"int8": ("fp32", "bf16", "fp16"), "nf4": ("fp32", "bf16", "fp16", "fp8", "int8")}
-    if "text_encoder_precision" in wanted and model.text_encoder_precision not in smaller[
-            wanted["text_encoder_precision"]]:
+    current = text_encoder_precision(model, plan.text_encoder_precision)  # auto: what the plan chose
+    if "text_encoder_precision" in wanted and current not in smaller[wanted["text_encoder_precision"]]:
         return False
     if "base_precision" in wanted and model.base_precision not in ("fp32", "bf16", "fp16"):
         return False
