@@ -234,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def rehearse(args: argparse.Namespace) -> int:
+    from trainer.estimator.auto import resolve_lowvram
     from trainer.estimator.cpu_only import cpu_only_phases, text_only_gib
     from trainer.fabric.make import existing, fabricate, flavour_of, needed_bytes
+    from trainer.memory.system_ram import available_ram_gib
 
     flavour = flavour_of(args.flavour)
     fab_dir = Path(args.fab_dir)
@@ -243,6 +245,11 @@ def rehearse(args: argparse.Namespace) -> int:
     work = Path(args.work) if args.work else fab_dir / "rehearsals" / f"{args.flavour}-{args.layout}"
     made = existing(model, flavour, args.layout, 0)
     job, spec = build_job(flavour, args.layout, model, work, args.steps, args.resolution, args.preset, args.set)
+    if spec.model.text_encoder_precision == "auto":  # the session would choose by the RAM free at its start: fixed
+        chosen = resolve_lowvram(spec, None, ram_gib=available_ram_gib()).text_encoder_precision  # here, as now
+        print(f"model.text_encoder_precision auto: {chosen} with {available_ram_gib():.1f} GiB available", flush=True)
+        job, spec = build_job(flavour, args.layout, model, work, args.steps, args.resolution, args.preset,
+                              [*args.set, f'model.text_encoder_precision="{chosen}"'])
     predicted = cpu_only_phases(spec, first_run=not args.prime_text)
     peak = max(*predicted.values(), text_only_gib(spec) if args.prime_text else 0.0)
     check_disk_and_ram(0 if made else needed_bytes(flavour, args.layout), fab_dir, peak)

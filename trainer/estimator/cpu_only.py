@@ -18,7 +18,7 @@ from trainer.estimator.activations import text_encoder_memory
 from trainer.estimator.auto import estimate_as_run, resolve_lowvram
 from trainer.estimator.core import CONTEXT, GIB, OVERHEAD, PROCESS_RAM_GIB, loading_parts
 from trainer.estimator.shapes import WEIGHT_BYTES
-from trainer.spec import JobSpec
+from trainer.spec import JobSpec, with_text_encoder_precision
 
 # Python, torch, diffusers and transformers imported, before any model (CPU-only torch: no CUDA libraries);
 # measured by bench/rehearse.py: 1.0 GiB anonymous with a 1 GB real-width model loaded.
@@ -33,14 +33,16 @@ PROCESS_RAM_GIB_CPU = 1.0
 MAPPED_GIB = 2.6
 
 
-def cpu_only_phases(spec: JobSpec, first_run: bool = True) -> dict[str, float]:
+def cpu_only_phases(spec: JobSpec, first_run: bool = True, ram_gib: float | None = None) -> dict[str, float]:
     """Phase -> GiB of RAM for `spec` run with the CPU as its device; phases that do not run are left out.
     `first_run`: the text encoder loads even where data.cache_text_embeddings is "disk" (a cold cache).
+    `ram_gib`: the RAM available, from which the session resolves what the job leaves to auto.
     "loading" is the pipeline's load (text encoders and VAE), "loading transformer" the transformer's, which
     comes after the caches are filled."""
     if first_run and spec.data.cache_text_embeddings == "disk":
         spec = spec.model_copy(update={"data": spec.data.model_copy(update={"cache_text_embeddings": "memory"})})
-    plan = resolve_lowvram(spec, None)  # the session's plan on a device without VRAM
+    plan = resolve_lowvram(spec, None, ram_gib=ram_gib)  # the session's plan on a device without VRAM
+    spec = with_text_encoder_precision(spec, plan.text_encoder_precision)  # auto: what the plan chose
     result = estimate_as_run(spec, None, plan=plan)
     lighter = PROCESS_RAM_GIB - PROCESS_RAM_GIB_CPU
     phases: dict[str, float] = {}
