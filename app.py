@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
 
     from trainer.runners.process import ProcessRunner
-    from ui.page import build_app
+    from ui.page import build_app, serve_run_state
 
     folders = allowed_folders(args)
     limits = UploadLimits(args.upload_max_mb, args.upload_max_files)
@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)
     # quiet: gradio's own lines name 0.0.0.0 and tell the user to edit the code ("set `share=True`")
     app.queue().launch(**options, quiet=True, prevent_thread_lock=True)
+    serve_run_state(app)
     line = share_line(args.share, app.share_url, port)
     if line:
         print(line, flush=True)

@@ -69,6 +69,15 @@ BUTTONS = """() => Object.fromEntries(Array.from(document.querySelectorAll('butt
     .map(b => [b.id, [b.disabled, b.title]]))"""
 TRUNCATED_CAPTIONS = """() => Array.from(document.querySelectorAll('#run-samples .caption, #run-samples figcaption'))
     .filter(c => c.scrollWidth > c.clientWidth + 1 || c.scrollHeight > c.clientHeight + 1).length"""
+# How the gallery shows its samples: [pictures, labels cut or over their picture, the grid scrolls (hides some)].
+GALLERY = """() => { const items = Array.from(document.querySelectorAll('#run-samples .thumbnail-item'));
+    const wrap = document.querySelector('#run-samples .grid-wrap');
+    const bad = items.filter(item => { const img = item.querySelector('img');
+        const label = item.querySelector('.caption-label'); if (!label) return true;
+        const i = img.getBoundingClientRect(), l = label.getBoundingClientRect();
+        return l.top < i.bottom - 1 || label.scrollWidth > label.clientWidth + 1
+            || label.scrollHeight > label.clientHeight + 1; });
+    return [items.length, bad.length, wrap.scrollHeight > wrap.clientHeight + 1]; }"""
 
 
 # The job bar's buttons a visible toast covers ([] when none does); null while no toast shows.
@@ -91,7 +100,8 @@ def test_the_run_workflow_and_the_job_bar_in_chromium(tmp_path: Path, demo_dir: 
     (tmp_path / "jobs" / "klein.toml").write_text(KLEIN_JOB.format(dataset=demo_dir / "dataset"), encoding="utf-8")
     (tmp_path / "jobs" / "demo.toml").write_text(DEMO_JOB.format(demo=demo_dir), encoding="utf-8")
     out = tmp_path / "jobs" / "output" / "run"  # the job's relative output.dir, from the job file's folder
-    process, url, log = _launch(tmp_path, "--allow", str(demo_dir))
+    # CPU processes offered: the "Several GPUs" section shows, and its Start asks as Start does
+    process, url, log = _launch(tmp_path, "--allow", str(demo_dir), env={"FLUX_STUDIO_CPU_PROCESSES": "1"})
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
@@ -163,16 +173,32 @@ def test_the_run_workflow_and_the_job_bar_in_chromium(tmp_path: Path, demo_dir: 
                 expect(other.locator("#resume-offer")).to_be_visible()
                 other.close()
 
+                # Over a resumable run, Start on several GPUs asks as Start does, with its own answers.
+                page.locator("#multi-gpu").get_by_text("Several GPUs").first.click()
+                ask = page.locator("#multi-gpu-ask")
+                expect(ask).to_be_visible()
+                expect(page.locator("#multi-gpu-resume")).to_have_text("Continue at step 3 on several GPUs")
+                page.locator("#multi-gpu-start").click()
+                asked = re.compile(r"^not started: a run stopped at step 3 .*Start a new run")
+                expect(status).to_have_value(asked)
+                expect(page.get_by_label("Problems", exact=True)).to_have_value(asked)
                 page.locator("#run-start").click()  # over a resumable run: asks
-                expect(status).to_have_value(re.compile(r"^not started: a run stopped at step 3 .*Start a new run"))
+                expect(status).to_have_value(asked)
                 assert not (out / "earlier_runs").exists() and (out / "state").is_dir()
+                assert not (out / "job.toml").exists()  # the launch's job is written only when it starts
                 page.locator("#run-resume").click()
                 expect(status).to_have_value(re.compile(r"^completed: LoRA saved to "), timeout=RUN_MS)
                 assert not (out / "earlier_runs").exists()
                 expect(offer).to_be_hidden()
-                # the samples of steps 0 and 2 from before the resume, then 4 and 6
+                expect(ask).to_be_hidden()
+                # the samples of steps 0 and 2 from before the resume, then 4 and 6: every one shown (the gallery
+                # grows), each label whole and under its picture
                 page.wait_for_function("() => document.querySelectorAll('#run-samples img').length >= 4")
                 assert page.evaluate(TRUNCATED_CAPTIONS) == 0, "a sample's label is cut off"
+                shown, bad, scrolls = page.evaluate(GALLERY)
+                assert shown >= 4 and bad == 0 and not scrolls, (shown, bad, scrolls)
+                memory = page.locator("#run-memory").inner_text()  # the machine's RAM apart from the trainer's
+                assert "machine RAM (all programs)" in memory and "trainer RAM" not in memory, memory
                 page.screenshot(path=shots / "03-resumed.png", full_page=True)
 
                 # A refused Start is the status line; the problems go once the form is fixed.

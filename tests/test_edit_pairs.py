@@ -104,8 +104,9 @@ def test_a_target_without_its_reference_and_a_reference_without_its_target_are_r
     empty = check_datasets(spec)
     assert empty.verdict == "will not train"
     assert [(row.file, row.severity) for row in empty.rows if row.problem.startswith("no reference images in the "
-                                                                                     "conditioning folder")] == [
+                                                                                     "reference folder")] == [
         (tmp_path / "refs", "error")]
+    assert [row.key for row in empty.rows if row.file == tmp_path / "refs"] == ["data.datasets[0].conditioning"]
 
 
 def test_preflight_names_a_missing_empty_or_self_conditioning_folder_and_missing_sample_references(

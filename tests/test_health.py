@@ -95,7 +95,8 @@ def test_every_problem_is_found_and_the_run_can_still_go_ahead(messy: Path) -> N
                                      "5 samples with repeats")
     assert "subject/cut.jpg" in table and "; skipped" in table
     markdown = report.markdown()
-    assert markdown.startswith("**Dataset health: warnings**") and "| severity | file | problem |" in markdown
+    assert markdown.startswith("**Dataset health: warnings**")
+    assert "| severity | file or setting | problem |" in markdown
     assert "subject/cut.jpg" in markdown and "subject/z\\_copy\\_of\\_a.png" in markdown
     assert {row.kind for row in report.rows} == {"unreadable", "too small", "caption", "duplicate", "ignored"}
 
@@ -156,6 +157,10 @@ def test_repeats_holdout_and_settings_come_from_a_spec(tmp_path: Path) -> None:
     report = check_datasets(spec)
     assert report.samples == 3 * 2 + 1 - 1 * 2
     assert report.verdict == "will not train" and "cannot fill one batch of 8" in report.table()
+    # The setting a row is about: the CLI's table names its key, the page's markdown its control as `name` says.
+    assert "  error     train.batch_size  5 samples" in report.table()
+    assert "| error | Batch size (Training, train.batch\\_size) | 5 samples" in report.markdown(
+        name=lambda key: {"train.batch_size": "Batch size (Training, train.batch_size)"}[key])
     assert check_datasets(spec, batch_size=5).verdict == "ok"
 
 

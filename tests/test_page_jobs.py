@@ -78,11 +78,61 @@ def test_messages_name_the_field_as_the_page_shows_it(tmp_path: Path):
     assert words.problems_for("lora.rank", 8, studio.default_values(), labels) == []
 
 
+# What the flavour and TREAD switch the walk below sets, so that every limit counts (guidance on a flavour with a
+# guidance embedding, TREAD's blocks while it is on); the values typed, at least one of them outside every limit.
+CONTEXT = {"Family": "flux1", "Flavour": "dev", "TREAD token routing": True}
+TYPED = (-1, 0, 10**6)
+NO_LIMITS = {"Logit mean", "Mode scale"}  # any number is a mean; a scale of any sign
+
+
+def test_every_number_field_checks_its_limits_as_typed_naming_itself(tmp_path: Path):
+    """Every number component of the page, typed outside its limits: a warning that names its label (gradio's
+    own minimum/maximum would refuse it with "Value 0 is less than minimum value 1." and no name); every slider
+    clamps what is typed into its box."""
+    import warnings
+
+    import gradio as gr
+
+    from trainer.runners.thread import TrainingRunner
+    from ui.page import build_app
+
+    blocks = build_app(TrainingRunner(), tmp_path)
+    checks = {target: fn for fn in blocks.fns.values() for target, event in fn.targets if event == "input"}
+    numbers = [block for block in blocks.blocks.values() if isinstance(block, gr.Number)]
+    assert len(numbers) > 30
+    walked = set()
+    for number in numbers:
+        assert number.minimum is None and number.maximum is None, number.label
+        if number.elem_id == "multi-gpu-processes":
+            continue  # the section's plan line says what is wrong with it as it changes
+        check = checks[number._id]
+        context = [CONTEXT[block.label] for block in check.inputs[1:]]
+        said = []
+        for value in TYPED:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                check.fn(number.preprocess(value), *context)
+            said += [str(warning.message) for warning in caught]
+        if number.label in NO_LIMITS:
+            assert said == [], said
+            continue
+        assert said and all(line.startswith(f"{number.label}") for line in said), (number.label, said)
+        walked.add(number.label)
+    assert {"Guidance min", "Start block", "Bucket step", "Steps to train now", "GPU memory (GiB)"} <= walked
+    # A slider's number box takes any typed number (it then shows the bound): the value sent is clamped, never an
+    # error naming no field.
+    sliders = [block for block in blocks.blocks.values() if isinstance(block, gr.Slider)]
+    assert len(sliders) >= 5
+    for slider in sliders:
+        assert slider.preprocess(slider.maximum + 1) == slider.maximum, slider.label
+        assert slider.preprocess(slider.minimum - 1) == slider.minimum, slider.label
+
+
 def test_the_swap_slider_clamps_a_stale_value_instead_of_raising():
     # Loading a demo job over a klein-9B one: other controls' change events still sent 25 against a bound of 2,
     # and gradio's Slider raised "Value 25 is greater than maximum value 2." for each.
     import ui
-    from ui.lowvram_tab import BoundSlider
+    from ui.sliders import BoundSlider
 
     slider = BoundSlider(minimum=0, maximum=2, step=1)
     assert slider.preprocess(25) == 2 and slider.preprocess(-1) == 0 and slider.preprocess(1) == 1

@@ -98,3 +98,30 @@ def test_a_job_path_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path
             writer.write("x = 1\n")
         pytest.fail("validate waited on a FIFO given as the job file")
     assert "is not a regular file" in answer[0], answer
+
+
+@pytest.mark.parametrize(("key", "name"), [("sample.prompt_library", "prompts.toml"),
+                                           ("lora.init_from", "start.safetensors")])
+def test_a_fifo_the_job_names_is_refused_at_once(key: str, name: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A file the job names for its text or header (the prompt library, a LoRA to start from, the model's single
+    files share the reader) that is a FIFO: validate refuses it by its key instead of waiting for a writer."""
+    import os
+    import threading
+
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    answer: list[tuple[int, list[str]]] = []
+    setting = f"{key}={tomli_w.dumps({'v': str(fifo)})[4:]}"
+    worker = threading.Thread(target=lambda: answer.append(_validate(capsys, str(_job(tmp_path)), "--set", setting)),
+                              daemon=True)
+    worker.start()
+    worker.join(20)
+    if worker.is_alive():  # it hangs on the open: give it a writer so the test process can end, then fail
+        with open(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK), "w") as writer:
+            writer.write("x = 1\n")
+        worker.join(20)
+        pytest.fail(f"validate waited on a FIFO given as {key}")
+    code, lines = answer[0]
+    about = [line for line in lines if f"{key}: " in line]  # the others: the demo model is not built here
+    assert code == 2 and len(about) == 1 and "is not a regular file" in about[0], lines

@@ -333,7 +333,10 @@ def test_captioning_is_refused_while_training_and_while_captioning(tmp_path):
 def test_captioning_errors_are_shown_and_the_job_can_start_again(studio, blip_dir, tmp_path):
     make_images(tmp_path, 1)
     bad = studio.caption_start(str(tmp_path), "blip", max_length=8, batch_size=0)
-    assert not bad.ok and "max length must be" in bad.message and "batch size must be" in bad.message
+    assert not bad.ok and bad.problems == [  # in the page's words: the control, what is wrong, how to fix it
+        "Max length (tokens) (Automatic captions): must be a whole number from 16 to 512 (tokens per caption; 200 "
+        "suits most captions) (caption_max_length = 8); Batch size (Automatic captions): must be a whole number of "
+        "at least 1 (images per model call; lower it if memory runs out) (caption_batch_size = 0)"]
     assert not studio.caption_start(str(tmp_path / "none"), "blip").ok
     assert not studio.caption_start(str(tmp_path), "llava").ok
 

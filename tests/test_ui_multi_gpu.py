@@ -329,7 +329,7 @@ def test_two_cpu_processes_train_the_demo_in_the_run_view_and_stop_together(app:
     job = dict(form, output_dir=str(out))
     planned = client.predict(**job, multi_gpu_devices=[CPU], multi_gpu_processes=2, api_name="/multi_gpu_plan")
     assert planned == "**Plan:** 2 CPU processes (testing) — ddp (auto: no GPU memory size to judge against)"
-    started, problems = client.predict(**job, multi_gpu_devices=[CPU], multi_gpu_processes=2,
+    started, problems, *_ = client.predict(**job, multi_gpu_devices=[CPU], multi_gpu_processes=2,
                                        api_name="/multi_gpu_start")
     assert started == "started on 2 CPU processes (testing) (ddp): 200 steps", problems
     assert spec_distributed(out / "job.toml") == "auto"  # the form's job, saved before the launch
@@ -374,7 +374,7 @@ def test_a_crashed_launch_shows_as_failed_with_its_stderr_tail(app: tuple, tmp_p
     # the launch command replaced by a stand-in that dies like an out-of-memory rank (the job's folder is its arg)
     monkeypatch.setattr(multi_gpu, "training_command",
                         lambda job, found, resume, port: [sys.executable, str(script), str(Path(job).parent)])
-    started, _ = client.predict(**dict(form, output_dir=str(out)), multi_gpu_devices=[CPU], multi_gpu_processes=2,
+    started, *_ = client.predict(**dict(form, output_dir=str(out)), multi_gpu_devices=[CPU], multi_gpu_processes=2,
                                 api_name="/multi_gpu_start")
     assert started.startswith("started on 2 CPU processes"), started
     view = Poller(client)
@@ -385,3 +385,49 @@ def test_a_crashed_launch_shows_as_failed_with_its_stderr_tail(app: tuple, tmp_p
     assert f"the training processes ended with exit code 1; the last lines of {out / 'launch.log'}:" in view.log
     assert "[rank1]: Traceback (most recent call last):" in view.log
     assert os.path.isfile(out / "job.toml")
+
+
+# Ends at once as a finished run does; writes down whether it was asked to resume (the launch command's last word).
+QUICK = textwrap.dedent("""\
+    import sys
+    from pathlib import Path
+    from trainer.events import JsonlWriter, RunFinished, RunStarted
+    out = Path(sys.argv[1])
+    (out / "launched.txt").open("a").write(sys.argv[2] + "\\n")
+    emit = JsonlWriter(out / "events.jsonl")
+    emit(RunStarted(max_steps=200, output_dir=str(out), family="flux2", flavour="demo"))
+    emit(RunFinished(status="stopped", step=3))
+""")
+
+
+def test_a_start_on_several_gpus_over_a_stopped_run_asks_as_start_does(app: tuple, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.checkpoint import STATE_SUFFIX
+
+    client, runner, workdir, form = app
+    assert runner.launch.join(120)  # the previous tests' runs have ended
+    out = workdir / "stopped"
+    (out / "state").mkdir(parents=True)
+    (out / "state" / f"step000003{STATE_SUFFIX}").write_bytes(b"")  # the offer reads the name only
+    JsonlWriter(out / "events.jsonl")(RunFinished(status="stopped", step=3))
+    script = _script(tmp_path, "quick.py", QUICK)
+    monkeypatch.setattr(multi_gpu, "training_command", lambda job, found, resume, port: [
+        sys.executable, str(script), str(Path(job).parent), "resume" if resume else "new"])
+    job = dict(form, output_dir=str(out), multi_gpu_devices=[CPU], multi_gpu_processes=2)
+
+    # Start asks, as the single-GPU Start does, in the status line; nothing is written or moved.
+    status, problems = client.predict(**job, api_name="/multi_gpu_start")  # its answers show: the browser test
+    assert status == (f"not started: a run stopped at step 3 in {out}: choose Continue at step 3 (Resume) to go on "
+                      "with it, or Start a new run to move it to earlier_runs/ and start at step 0")
+    assert problems["visible"] is True and problems["value"] == status
+    assert client.predict(api_name="/poll")[0] == status
+    assert client.predict(**form, output_dir=str(out), api_name="/start")[0] == status  # the same question
+    assert sorted(path.name for path in out.iterdir()) == ["events.jsonl", "state"]
+
+    # Continue resumes it on several GPUs; Start a new run starts anew, and the app itself moves nothing (the
+    # session sets the stopped run aside once its first step is about to train: test_run_workflow).
+    for api_name, expected, said in (("/multi_gpu_resume", "resumed on 2 CPU processes", "resume"),
+                                     ("/multi_gpu_start_new", "started on 2 CPU processes", "new")):
+        assert client.predict(**job, api_name=api_name)[0].startswith(expected)
+        assert runner.launch.join(60) and (out / "launched.txt").read_text().split()[-1] == said
+        assert not (out / "earlier_runs").exists() and (out / "state" / f"step000003{STATE_SUFFIX}").exists()

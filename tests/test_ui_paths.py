@@ -64,18 +64,21 @@ def test_every_path_of_a_job_is_listed(tmp_path):
                        "data": {"datasets": [{"path": "/a", "masks": "/m"}, {"path": "/b", "conditioning": "/r"}],
                                 "cache_dir": "/c"},
                        "sample": {"prompt_library": "/p.toml", "prompts": ["x", "y"],
-                                  "reference_images": ["/s0.png", "/s1.png"]},
+                                  "reference_images": ["/s0.png", "/s1.png"], "clip_score_model": "/clip",
+                                  "preview_decoder": "/taef1"},
                        "lora": {"init_from": "/l.safetensors"}, "output": {"dir": "/o", "comfy_lora_dir": "/comfy"}})
     assert dict(spec_paths(spec)) == {
         "model.source": "/models/demo", "data.datasets[0].path": "/a", "data.datasets[0].masks": "/m",
         "data.datasets[1].path": "/b", "data.datasets[1].conditioning": "/r", "data.cache_dir": "/c",
         "sample.prompt_library": "/p.toml", "sample.reference_images[0]": "/s0.png",
         "sample.reference_images[1]": "/s1.png", "lora.init_from": "/l.safetensors", "output.comfy_lora_dir": "/comfy",
-        "output.dir": "/o"}
+        "output.dir": "/o", "sample.clip_score_model": "/clip", "sample.preview_decoder": "/taef1"}
     hub = parse_spec({"model": {"family": "flux2", "flavour": "klein-base-4b",
                                 "source": "black-forest-labs/FLUX.2-klein-base-4B"},
-                      "data": {"datasets": [{"path": "/a"}]}})
-    assert "model.source" not in dict(spec_paths(hub))  # a hub id is no path
+                      "data": {"datasets": [{"path": "/a"}]},
+                      "sample": {"clip_score_model": "openai/clip-vit-base-patch32",
+                                 "preview_decoder": "madebyollin/taef1"}})
+    assert not {"model.source", "sample.clip_score_model", "sample.preview_decoder"} & set(dict(spec_paths(hub)))
 
 
 def test_start_refuses_a_job_with_a_path_outside(studio, layout):
@@ -99,7 +102,7 @@ def test_dataset_check_and_caption_editor_refuse_outside_folders(studio, layout)
         assert check.verdict == "will not train" and "outside the folders" in check.line
         assert "refused: the data.datasets[0].path" in check.details and "img_0" not in check.details
         state, outcome = studio.load_captions(path)
-        assert not outcome.ok and outcome.problems[0].startswith("refused: the image folder")
+        assert not outcome.ok and outcome.problems[0].startswith("refused: the data.datasets[0].path")
         assert state["names"] == []
         pairs = studio.check_dataset(dict(values, **{"dataset.path": str(layout["allowed"] / "images"),
                                                      "dataset.conditioning": path}))
@@ -116,9 +119,10 @@ def test_dataset_check_and_caption_editor_refuse_outside_folders(studio, layout)
 
 def test_captioning_refuses_outside_folders(studio, layout):
     outcome = studio.caption_start("../secret", "blip", None)
-    assert not outcome.ok and outcome.problems[0].startswith("refused: the image folder '../secret'")
+    assert not outcome.ok and outcome.problems[0].startswith("refused: the data.datasets[0].path '../secret'")
     outcome = studio.caption_start(str(layout["allowed"] / "images"), "blip", str(layout["secret"]))
-    assert not outcome.ok and "captioning model folder" in outcome.problems[0]
+    assert not outcome.ok and outcome.problems[0].startswith(
+        "refused: the model folder of Model source (Automatic captions, caption_source)")
     assert not studio.captioning.running
 
 

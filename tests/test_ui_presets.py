@@ -167,6 +167,8 @@ def test_the_model_tab_has_the_menus_and_applies_them(tmp_path, detected):
     from ui.page import build_app
 
     blocks = build_app(TrainingRunner(), tmp_path)
+    # (the same page, for free) gradio deletes what a page uploaded an hour after it came, not at the app's end
+    assert blocks.delete_cache == (600, 3600) and blocks.upload_file_set in blocks.temp_file_sets
     by_label = {getattr(b, "label", None): b for b in blocks.blocks.values()}
     assert by_label["Hardware profile"].value == EIGHT_GB
     assert [name for _, name in by_label["Preset"].choices] == ["flux2-demo"]  # the demo flavour's only one

@@ -105,6 +105,21 @@ class SampleSaved(Event):
 
 
 @dataclass(frozen=True)
+class SamplePreview(Event):
+    """A sample still rendering: the image so far after `denoise_step` of `denoise_steps` (sample.preview_every),
+    sample `index` of `count` at training step `step`. The file goes once the sample's SampleSaved comes."""
+
+    kind: ClassVar[str] = "sample_preview"
+    step: int
+    index: int  # 1-based
+    count: int
+    prompt: str
+    path: str
+    denoise_step: int
+    denoise_steps: int
+
+
+@dataclass(frozen=True)
 class LoraSaved(Event):
     kind: ClassVar[str] = "lora_saved"
     step: int
@@ -129,8 +144,8 @@ class RunFinished(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
-    for cls in (RunStarted, PhaseChanged, DownloadProgress, Progress, EvalLoss, ClipScore, SampleSaved, LoraSaved,
-                LogMessage, RunFinished)
+    for cls in (RunStarted, PhaseChanged, DownloadProgress, Progress, EvalLoss, ClipScore, SampleSaved, SamplePreview,
+                LoraSaved, LogMessage, RunFinished)
 }
 
 

@@ -132,6 +132,9 @@ def spec_paths(spec: JobSpec) -> list[tuple[str, str]]:
     optional = [("data.cache_dir", spec.data.cache_dir), ("sample.prompt_library", spec.sample.prompt_library),
                 ("lora.init_from", spec.lora.init_from), ("output.comfy_lora_dir", spec.output.comfy_lora_dir)]
     paths += [(key, value) for key, value in optional if value]
+    models = [("sample.clip_score_model", spec.sample.clip_score_model),
+              ("sample.preview_decoder", spec.sample.preview_decoder)]  # a local folder, or a hub id (left out)
+    paths += [(key, value) for key, value in models if is_local_path(value)]
     paths += [(f"sample.reference_images[{index}]", path) for index, path in enumerate(spec.sample.reference_images)]
     paths.append(("output.dir", spec.output.dir))
     return paths

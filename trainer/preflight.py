@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -167,6 +168,28 @@ def _check_prompts(spec: JobSpec) -> list[str]:
     return []
 
 
+def _check_preview_decoder(spec: JobSpec) -> list[str]:
+    """sample.preview_decoder, when a folder: a diffusers AutoencoderTiny taking this family's latents (a hub id
+    is checked when it loads, trainer/previews.py)."""
+    source = spec.sample.preview_decoder
+    if not (source and is_local_path(source)):
+        return []
+    field, empty = "sample.preview_decoder", "or leave it empty to preview with the model's own VAE"
+    try:
+        config = json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [f"{field}: '{source}' is not a folder holding a diffusers AutoencoderTiny (no readable config.json "
+                f"in it); give such a folder, a hub id (e.g. madebyollin/taef1 for FLUX.1) {empty}"]
+    latent_channels = registry.get_flavour(spec.model.family, spec.model.flavour).latent_channels
+    if config.get("_class_name") != "AutoencoderTiny":
+        return [f"{field}: '{source}' holds a {config.get('_class_name') or 'model of no known class'}, not a "
+                f"diffusers AutoencoderTiny; give a tiny autoencoder {empty}"]
+    if config.get("latent_channels") != latent_channels:
+        return [f"{field}: '{source}' decodes {config.get('latent_channels')}-channel latents, but this model's VAE "
+                f"makes {latent_channels}; give the tiny autoencoder made for {spec.model.family} {empty}"]
+    return []
+
+
 def _check_output(spec: JobSpec) -> list[str]:
     comfy = spec.output.comfy_lora_dir
     if comfy and not (Path(comfy).is_dir() and os.access(comfy, os.W_OK)):
@@ -184,6 +207,7 @@ def _check_output(spec: JobSpec) -> list[str]:
 def check_files(spec: JobSpec) -> list[str]:
     """Every problem with the files and folders of a resolved spec; empty when the job can start."""
     problems = check_model(spec) + _check_datasets(spec) + _check_prompts(spec) + _check_sample_references(spec)
+    problems += _check_preview_decoder(spec)
     problems += _check_output(spec)
     init_from = spec.lora.init_from and check_init_from(spec.lora.init_from, spec.model.family)
     problems += [init_from] if init_from else []

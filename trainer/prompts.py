@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.regular_files import NotRegularFile, read_regular
 from trainer.spec import JobSpec
 
 TOKEN = "<token>"
@@ -19,6 +20,9 @@ class SamplePrompt:
     text: str
 
 
+MAX_LIBRARY_BYTES = 16 * 2**20  # far above any prompt library (a few kB); a bigger file is not one
+
+
 def trigger_word(spec: JobSpec) -> str:
     """The first dataset's trigger word: what `<token>` stands for."""
     return next((entry.trigger for entry in spec.data.datasets if entry.trigger), "")
@@ -26,9 +30,16 @@ def trigger_word(spec: JobSpec) -> str:
 
 def load_prompt_library(path: Path) -> dict[str, str]:
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        text = read_regular(path, MAX_LIBRARY_BYTES)
+        if text is None:
+            raise UserError(f"sample.prompt_library: '{path}' is larger than {MAX_LIBRARY_BYTES // 2**20} MB; a "
+                            "prompt library is a few kB of name = \"prompt\" lines")
+        data = tomllib.loads(text.decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"sample.prompt_library: file '{path}' does not exist") from None
+    except NotRegularFile as exc:
+        raise UserError(f"sample.prompt_library: '{path}' {exc}; give a TOML file of name = \"prompt\" lines") \
+            from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"sample.prompt_library: cannot read '{path}' as TOML ({exc})") from None
     bad = [name for name, text in data.items() if not isinstance(text, str)]

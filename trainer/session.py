@@ -82,6 +82,8 @@ from trainer.memory.quantize import quantised_sizes
 from trainer.memory.system_ram import RamVerdict, ram_verdict
 from trainer.optimizers import build_optimizer, build_scheduler, effective_learning_rate
 from trainer.preflight import check_files, model_source
+from trainer.previews import FOLDER as PREVIEW_FOLDER
+from trainer.previews import LivePreviews, load_tiny_decoder, preview_steps
 from trainer.prompts import SamplePrompt, sample_prompts
 from trainer.quiet import disable_loading_bars
 from trainer.sources import model_files
@@ -199,6 +201,7 @@ class Session:
         self.last_lora_path: Path | None = None
         self._final: tuple[int, Path | None] | None = None  # (step, final LoRA or None: nothing new to save)
         self._sampled_step: int | None = None  # the step of the last samples
+        self._tiny_decoder: Any = None  # sample.preview_decoder, loaded at the first preview; waits beside the VAE
         from trainer.memory.system_ram import available_ram_gib
 
         # auto puts swapped blocks on disk when this machine's RAM needs it (lowvram.swap_from unset)
@@ -496,6 +499,8 @@ class Session:
             gc.collect()
         elif self.device.type == "cuda":
             self.pipe.vae.to("cpu")
+            if self._tiny_decoder is not None:  # sample.preview_decoder waits beside the VAE
+                self._tiny_decoder.to("cpu")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -921,12 +926,15 @@ class Session:
         self.pipe.vae.to(self.device)
         paths: list[Path] = []
         images: list[Any] = []
+        previews = self._live_previews(steps)
         with (torch.no_grad(), self._autocast(), self._sampling_weights(),
               sampling_attention(self.transformer, self.spec)):
-            for prompt, reference in zip(self.prompts, self.sample_references, strict=True):
+            for index, (prompt, reference) in enumerate(zip(self.prompts, self.sample_references, strict=True)):
+                shown = reference_for_sampling(reference, resolution) if reference else None
+                width, height = shown.size if shown is not None else (resolution, resolution)
                 image = self.ops.sample(self.pipe, self.text_cache[prompt.text], negative, steps, guidance,
-                                        sample.seed, resolution,
-                                        reference_for_sampling(reference, resolution) if reference else None)
+                                        sample.seed, resolution, shown,
+                                        previews.watch(index, prompt, width, height) if previews else None)
                 path = self.output_dir / "samples" / f"step{self.step:06d}_{prompt.name}.png"
                 if self.dist.is_main:
                     self._write_or_explain(path.parent, lambda: write_atomic(
@@ -934,11 +942,28 @@ class Session:
                 paths.append(path)
                 images.append(image)
                 self.emit(SampleSaved(step=self.step, path=str(path), prompt=prompt.text))
+                if previews:
+                    previews.done(index)  # the final sample replaces them
         self._park_vae()
         if sample.clip_score_model and self.dist.is_main:
             self._score_samples(images)
         self.transformer.train()
         return paths
+
+    def _live_previews(self, steps: int) -> LivePreviews | None:
+        """sample.preview_every: this validation's live previews (rank 0 only), decoded by the VAE where it is for
+        sampling, or by sample.preview_decoder's tiny autoencoder placed beside it (never moving the VAE)."""
+        sample = self.spec.sample
+        if not (self.dist.is_main and preview_steps(sample.preview_every, steps)):
+            return None
+        decoder = self.pipe.vae
+        if sample.preview_decoder:
+            if self._tiny_decoder is None:
+                self._tiny_decoder = load_tiny_decoder(sample.preview_decoder, decoder.dtype,
+                                                       self.flavour.latent_channels)
+            decoder = self._tiny_decoder.to(decoder.device)
+        return LivePreviews(self.ops, self.pipe, decoder, self.output_dir / "samples" / PREVIEW_FOLDER, self.emit,
+                            sample.preview_every, steps, self.step, len(self.prompts))
 
     def _score_samples(self, images: list[Any]) -> None:
         """sample.clip_score_model: the samples' CLIPScore against their prompts, beside the evaluation loss."""
@@ -1059,7 +1084,7 @@ class Session:
             self.grad_sync.remove()
             self.grad_sync = None
         self.offloader = None
-        self.pipe = self.transformer = self.optimizer = self.lr_scheduler = None
+        self.pipe = self.transformer = self.optimizer = self.lr_scheduler = self._tiny_decoder = None
         self.latents = []
         self.masks = []
         self.references = []

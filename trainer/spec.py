@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
 import re
-import stat
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer import registry
+from trainer.regular_files import NotRegularFile, read_regular
 
 SPEC_VERSION = 1
 
@@ -353,6 +352,12 @@ class SampleSection(_Section):
     # A transformers CLIP model (hub id or local folder) scoring each validation's samples against their prompts;
     # empty: off.
     clip_score_model: str = ""
+    # Live previews while a sample renders: every N denoising steps the image so far, decoded small, goes to
+    # samples/previews/ and the Run tab (trainer/previews.py); 0: off.
+    preview_every: int = Field(5, ge=0, le=200)
+    # What decodes the previews: empty, the model's own VAE on a downscaled latent; or a diffusers AutoencoderTiny
+    # (hub id or folder) with the VAE's latent channels, e.g. madebyollin/taef1 for FLUX.1.
+    preview_decoder: str = ""
 
     @model_validator(mode="after")
     def _one_reference_per_prompt(self) -> SampleSection:
@@ -647,22 +652,16 @@ def read_job_text(path: str | Path) -> str:
     forever), too big, unreadable or not UTF-8."""
     path = Path(path)
     try:
-        # O_NONBLOCK: opening a FIFO for reading returns at once instead of waiting for a writer
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        data = read_regular(path, MAX_JOB_BYTES)
     except FileNotFoundError:
         raise SpecError(["file not found; give the path of a job TOML (make one with `python -m trainer demo`)"],
                         str(path)) from None
+    except NotRegularFile as exc:
+        problem = "cannot read the file: Is a directory" if exc.folder else str(exc)
+        raise SpecError([f"{problem}; give the path of a job TOML"], str(path)) from None
     except OSError as exc:
         raise SpecError([f"cannot read the file: {exc.strerror}"], str(path)) from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        problem = "cannot read the file: Is a directory" if stat.S_ISDIR(mode) else \
-            "is not a regular file (a pipe, socket or device)"
-        raise SpecError([f"{problem}; give the path of a job TOML"], str(path))
-    with os.fdopen(fd, "rb") as handle:
-        data = handle.read(MAX_JOB_BYTES + 1)
-    if len(data) > MAX_JOB_BYTES:
+    if data is None:
         raise SpecError([f"is larger than {MAX_JOB_BYTES // 2**20} MB; a job TOML is a few kB"], str(path))
     try:
         return data.decode("utf-8")
@@ -821,6 +820,8 @@ def resolve_paths(spec: JobSpec, base_dir: str | Path) -> JobSpec:
         data["data"]["cache_dir"] = _resolve(spec.data.cache_dir, base)
     if is_local_path(spec.sample.clip_score_model):
         data["sample"]["clip_score_model"] = _resolve(spec.sample.clip_score_model, base)
+    if is_local_path(spec.sample.preview_decoder):
+        data["sample"]["preview_decoder"] = _resolve(spec.sample.preview_decoder, base)
     if spec.sample.prompt_library:
         data["sample"]["prompt_library"] = _resolve(spec.sample.prompt_library, base)
     data["output"]["dir"] = _resolve(spec.output.dir, base)

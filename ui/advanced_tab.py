@@ -12,6 +12,7 @@ from trainer import registry
 from trainer.attention import backend_problem, computes_in_16_bit, installed
 from ui.form import field_choices, target_choices, targets_for_family
 from ui.model_info import target_counts
+from ui.sliders import BoundSlider
 
 
 def sample_placeholders(family: str, flavour: str) -> tuple[str, str]:
@@ -151,7 +152,7 @@ def _tread(fields: dict[str, gr.components.Component], defaults: dict[str, Any])
             value=defaults["advanced.tread"], label="TREAD token routing",
             info="a random share of image tokens skips a span of blocks: faster steps, usually at a small cost "
                  "in quality")
-        fields["advanced.tread_selection_ratio"] = gr.Slider(
+        fields["advanced.tread_selection_ratio"] = BoundSlider(
             0.0, 0.99, value=defaults["advanced.tread_selection_ratio"], step=0.01, label="Selection ratio",
             info="share of image tokens that skip the span")
         fields["advanced.tread_start_block"] = gr.Number(
@@ -221,6 +222,15 @@ def _evaluation_and_sampling(fields: dict[str, gr.components.Component], default
             placeholder="empty: off; e.g. openai/clip-vit-large-patch14",
             info="a transformers CLIP model (hub id or local folder) scoring each validation's samples against their "
                  "prompts, plotted beside the evaluation loss; loaded on the GPU after sampling and freed after")
+    with gr.Row():
+        fields["sample.preview_every"] = gr.Number(
+            value=defaults["sample.preview_every"], precision=0, label="Live preview every N sampling steps",
+            info="the Run tab shows each sample as it renders, decoded small; 0: off")
+        fields["sample.preview_decoder"] = gr.Textbox(
+            value=defaults["sample.preview_decoder"], label="Preview decoder", scale=2,
+            placeholder="empty: the model's own VAE at reduced size",
+            info="optional: a diffusers tiny autoencoder (hub id or folder) for faster previews, e.g. "
+                 "madebyollin/taef1 for FLUX.1")
 
 
 def ema_sample_info(ema_decay: Any) -> str:  # noqa: ANN401 - the decay box's text

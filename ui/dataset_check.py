@@ -4,12 +4,14 @@ python (no torch, no gradio). It reads every image once, so a big folder takes s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trainer.spec import SpecError, resolve_paths
 from ui import form
+from ui.words import all_in_page_words, named
 
 PREVIEW_CAPTIONS = 5
 CHECKING = "checking…"
@@ -32,22 +34,26 @@ class DatasetCheck:
     buckets: str = ""
 
 
-def check_form(values: dict[str, Any], base: dict[str, Any] | None, workdir: Path, demo_dir: Path) -> DatasetCheck:
+def check_form(values: dict[str, Any], base: dict[str, Any] | None, workdir: Path, demo_dir: Path,
+               labels: Mapping[str, str] | None = None) -> DatasetCheck:
     """Health check and bucket plan of the form's datasets (the first one edited by the form, any others as
-    loaded), as a run of the form's job would make them."""
+    loaded), as a run of the form's job would make them; its messages name the controls by `labels` (key →
+    label, as the page shows them)."""
+    labels = labels or {}
     data = form.values_to_dict(values, base)
     train = {key: value for key, value in data.get("train", {}).items() if key in _TRAIN_KEYS}
     try:
         spec = resolve_paths(form.parse_form_dict({"model": _model(data.get("model", {})), "data": data["data"],
                                                    "train": train}), workdir)
     except SpecError as exc:
-        details = "**The form has problems:**\n" + "\n".join(f"- {problem}" for problem in exc.problems)
+        details = "**The form has problems:**\n" + "\n".join(f"- {problem}"
+                                                             for problem in all_in_page_words(exc.errors, labels))
         return DatasetCheck("will not train", "will not train — the form has problems (listed below)", details)
     first = Path(spec.data.datasets[0].path)
     if not first.is_dir() and first.is_relative_to(demo_dir):
         return DatasetCheck("not built", "not built yet — the demo dataset is made on the first Start",
                             f"The demo dataset `{first}` is built on the first Start.")
-    return check_spec(spec)
+    return check_spec(spec, labels)
 
 
 def _model(model: dict[str, Any]) -> dict[str, str]:
@@ -62,15 +68,17 @@ def _model(model: dict[str, Any]) -> dict[str, str]:
     return {"family": family, "flavour": flavour, "source": _UNREAD_SOURCE}
 
 
-def check_spec(spec: Any) -> DatasetCheck:  # noqa: ANN401 - a resolved JobSpec
-    """What a run does before training (health check, then `plan_training_items`), reported instead of raised."""
+def check_spec(spec: Any, labels: Mapping[str, str] | None = None) -> DatasetCheck:  # noqa: ANN401 - a JobSpec
+    """What a run does before training (health check, then `plan_training_items`), reported instead of raised;
+    the settings it names are named by the `labels` of their controls."""
     from trainer.data.health import check_datasets
     from trainer.data.health_report import usable_images
     from trainer.data.planning import plan_training_items
 
     health = check_datasets(spec)
     verdict = health.verdict
-    details = [health.markdown()]
+    labels = labels or {}
+    details = [health.markdown(name=lambda key: named(key, labels))]
     buckets = ""
     items: list[Any] = []
     if usable_images(health):
@@ -83,7 +91,8 @@ def check_spec(spec: Any) -> DatasetCheck:  # noqa: ANN401 - a resolved JobSpec
             buckets = plan.report()
             if not plan.placements:
                 verdict = "will not train"
-                details.append("\n**No image fits any bucket:** lower the resolution or raise max upscale.")
+                details.append(f"\n**No image fits any bucket:** lower {named('data.resolution', labels)} or raise "
+                               f"{named('data.max_upscale', labels)}.")
             elif plan.skipped and verdict == "ok":
                 verdict = "warnings"
                 details.append(f"\n{len(plan.skipped)} image placements are skipped by the bucket plan "

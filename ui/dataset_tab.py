@@ -5,6 +5,7 @@ page of images at a time."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -12,12 +13,31 @@ import gradio as gr
 
 from trainer.data.captioners import CAPTIONERS
 from ui import caption_editor, upload_area
-from ui.captioning import MAX_LENGTH_RANGE
+from ui.captioning import MAX_LENGTH_RANGE, batch_size_problems
 from ui.dataset_check import CHECKING
 from ui.edit_pairs import edit_controls
 from ui.feedback import problems_update
 from ui.form import FORM_KEYS, api_name, field_choices, keyword_handler
+from ui.run_route import PART_JS
+from ui.sliders import BoundSlider
 from ui.studio import Studio
+from ui.words import CAPTION_LABELS, warn_as_typed
+
+# The captioning line and log, polled in the browser each second from the published state (ui/run_publisher.py): no
+# gradio request per page; the log is fetched only when it changed. Undefined leaves an output as it is.
+CAPTION_POLL_JS = """async () => {
+  const me = window.studioCaption || (window.studioCaption = {state: '', log: ''});
+  """ + PART_JS + """
+  const got = await part('state', me.state);
+  if (!got) return [];
+  me.state = got.etag;
+  const out = [got.value.caption, undefined];
+  if (got.value.caption_log !== me.log) {
+    const log = await part('caption_log', '');
+    if (log) { out[1] = log.value; me.log = log.etag; }
+  }
+  return out;
+}"""
 
 # What the check reads: the dataset fields, the data section, the batch settings the health check counts, and the
 # model (whether it takes the edit pairs' references).
@@ -66,7 +86,7 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
         fields["dataset.repeats"] = gr.Number(
             value=defaults["dataset.repeats"], precision=0, label="Repeats",
             info="times each image is seen per epoch")
-        fields["data.caption_dropout"] = gr.Slider(
+        fields["data.caption_dropout"] = BoundSlider(
             0.0, 1.0, value=defaults["data.caption_dropout"], step=0.01, label="Caption dropout",
             info="share of steps trained with an empty caption")
     fields["dataset.masks"] = gr.Textbox(
@@ -147,13 +167,13 @@ def _buckets_and_caches(fields: dict[str, gr.components.Component], defaults: di
             value=defaults["data.resolution"], label="Resolution (px)",
             info="pixel area of the buckets: 1024, or several to train each image at each: 512, 768, 1024")
         fields["data.bucket_step"] = gr.Number(
-            value=defaults["data.bucket_step"], precision=0, step=16, minimum=16, maximum=256, label="Bucket step",
+            value=defaults["data.bucket_step"], precision=0, step=16, label="Bucket step",
             info="bucket sides are multiples of this (a multiple of 16)")
         fields["data.max_upscale"] = gr.Number(
-            value=defaults["data.max_upscale"], step=0.25, minimum=1.0, maximum=8.0, label="Max upscale",
+            value=defaults["data.max_upscale"], step=0.25, label="Max upscale",
             info="1: never enlarge (a small image trains in a smaller bucket)")
         fields["data.min_size"] = gr.Number(
-            value=defaults["data.min_size"], precision=0, minimum=0, label="Min size (px)",
+            value=defaults["data.min_size"], precision=0, label="Min size (px)",
             info="images with a shorter side below this are skipped; 0: the buckets decide")
         fields["dataset.crop"] = gr.Radio(
             choices=field_choices("dataset.crop"), value=defaults["dataset.crop"], label="Crop",
@@ -180,26 +200,28 @@ def _captioning(fields: dict[str, gr.components.Component], studio: Studio) -> N
                     "image, with Overwrite). The model is downloaded on first use unless the source is a local "
                     "folder.")
         with gr.Row():
-            model = gr.Dropdown(choices=kinds, value=kinds[0], label="Captioning model")
-            source = gr.Textbox("", label="Model source", placeholder=CAPTIONERS[kinds[0]],
+            model = gr.Dropdown(choices=kinds, value=kinds[0], label=CAPTION_LABELS["caption_model"])
+            source = gr.Textbox("", label=CAPTION_LABELS["caption_source"], placeholder=CAPTIONERS[kinds[0]],
                                 info="hub id or local model folder; empty: the placeholder's hub id")
         with gr.Row():
-            trigger = gr.Textbox("", label="Trigger", info="written after the prefix in every caption")
-            prefix = gr.Textbox("", label="Prefix", info="text before the caption, e.g. a style")
-            suffix = gr.Textbox("", label="Suffix", info="text after the caption")
+            trigger = gr.Textbox("", label=CAPTION_LABELS["caption_trigger"],
+                                 info="written after the prefix in every caption")
+            prefix = gr.Textbox("", label=CAPTION_LABELS["caption_prefix"],
+                                info="text before the caption, e.g. a style")
+            suffix = gr.Textbox("", label=CAPTION_LABELS["caption_suffix"], info="text after the caption")
         with gr.Row():
             low, high = MAX_LENGTH_RANGE
-            max_length = gr.Slider(low, high, value=200, step=1, label="Max length (tokens)")
-            batch_size = gr.Number(value=4, precision=0, minimum=1, label="Batch size",
+            max_length = BoundSlider(low, high, value=200, step=1, label=CAPTION_LABELS["caption_max_length"])
+            batch_size = gr.Number(value=4, precision=0, label=CAPTION_LABELS["caption_batch_size"],
                                    info="images per model call; lower it if memory runs out")
-            overwrite = gr.Checkbox(value=False, label="Overwrite existing captions")
+            warn_as_typed(batch_size, batch_size_problems)
+            overwrite = gr.Checkbox(value=False, label=CAPTION_LABELS["caption_overwrite"])
         with gr.Row():
             start = gr.Button("Caption", variant="primary")
             stop = gr.Button("Stop", variant="stop")
         status = gr.Textbox(value=studio.captioning.snapshot().line, label="Captioning", interactive=False)
         problems = gr.Textbox(label="Problems", visible=False, interactive=False, lines=2)
         log = gr.Textbox(label="Captioning log", lines=8, max_lines=8, interactive=False, autoscroll=True)
-    seen = gr.State({})
 
     def placeholder(kind: str) -> Any:  # noqa: ANN401
         return gr.update(placeholder=CAPTIONERS.get(kind, ""))
@@ -214,6 +236,7 @@ def _captioning(fields: dict[str, gr.components.Component], studio: Studio) -> N
         outcome = studio.caption_start(dataset_path, caption_model, caption_source, trigger=caption_trigger,
                                        prefix=caption_prefix, suffix=caption_suffix, max_length=caption_max_length,
                                        overwrite=caption_overwrite, batch_size=caption_batch_size)
+        studio.publisher.publish()  # the next poll shows it started
         return outcome.message, problems_update(outcome)
 
     start.click(caption_start, [fields["dataset.path"], model, source, trigger, prefix, suffix, max_length,
@@ -222,20 +245,25 @@ def _captioning(fields: dict[str, gr.components.Component], studio: Studio) -> N
 
     def caption_stop() -> str:
         """Stop captioning before its next batch; captions written so far stay."""
-        return studio.caption_stop()
+        text = studio.caption_stop()
+        studio.publisher.publish()
+        return text
 
     stop.click(caption_stop, None, status, api_name="caption_stop")
 
-    def caption_poll(last: dict[str, int]) -> tuple[str, Any, dict[str, int]]:
+    def caption_poll() -> tuple[str, str]:
         """The captioning line first ('idle', 'loading: …', 'captioning 3/10: name.png', 'finished: …',
-        'stopped: …', 'failed: …'), then the log."""
-        snapshot = studio.captioning.snapshot()
-        log_value = snapshot.log if last.get("version") != snapshot.version else gr.skip()
-        return snapshot.line, log_value, {"version": snapshot.version}
+        'stopped: …', 'failed: …'), then the log; from the published state."""
+        caption = studio.publisher.latest().caption
+        return caption.line, caption.log
 
-    timer = gr.Timer(1.0)
-    timer.tick(caption_poll, seen, [status, log, seen], api_name="caption_poll", show_progress="hidden",
-               concurrency_limit=None)
+    # gradio reads the API's outputs from the return annotation (a string under `from __future__ import
+    # annotations`): one output per value.
+    caption_poll.__signature__ = inspect.Signature(return_annotation=tuple[str, str])
+    gr.api(caption_poll, api_name="caption_poll", concurrency_limit=None)
+    # The page polls in the browser alone, from the state the Run tab's pages poll too (ui/run_route.py)
+    gr.Timer(1.0).tick(None, None, [status, log], js=CAPTION_POLL_JS, api_visibility="private",
+                       show_progress="hidden")
 
 
 # ---------------------------------------------------------------------- the caption editor

@@ -18,9 +18,10 @@ from ui.memory import (
     EstimatorReport,
     apply_suggestion,
     estimate_form,
+    gpu_problems,
 )
 from ui.model_tab import form_updates
-from ui.words import labels_of
+from ui.words import labels_of, warn_as_typed
 
 
 def phase_frame(report: EstimatorReport) -> Any:  # noqa: ANN401 - a pandas DataFrame (pandas comes with gradio)
@@ -62,8 +63,9 @@ def build(fields: dict[str, gr.components.Component], defaults: dict[str, Any], 
     """The tab's controls and handlers; needs every form field (it estimates the whole job). With `tab`, opening
     the tab refreshes the estimate."""
     with gr.Row(equal_height=True):
-        gpu = gr.Number(value=initial_gpu(defaults, detected), label="GPU memory (GiB)", minimum=0, maximum=1024,
+        gpu = gr.Number(value=initial_gpu(defaults, detected), label="GPU memory (GiB)",
                         info="0: the Low VRAM tab's GPU memory to plan for, else the detected GPU", scale=3)
+        warn_as_typed(gpu, gpu_problems)
         run = gr.Button("Estimate", variant="primary", scale=1)
     first = estimate_form(defaults, None, 0, detected)
     verdict = gr.HTML(first.line, html_template=VERDICT_HTML, css_template=VERDICT_CSS, label="Verdict")

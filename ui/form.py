@@ -72,7 +72,7 @@ FORM_KEYS: tuple[str, ...] = (
     "lora.type", "lora.init", "lora.init_from", "lora.targets", "advanced.attention",
     "train.eval_every_steps",
     "sample.steps", "sample.guidance", "sample.seed", "sample.resolution", "sample.use_ema",
-    "sample.clip_score_model",
+    "sample.clip_score_model", "sample.preview_every", "sample.preview_decoder",
 )
 
 # Optional numbers, shown as text boxes: empty means "not set" (the flavour's default). gr.Number cannot be

@@ -24,6 +24,7 @@ from ui.memory import (
     swap_bound,
     swap_source,
 )
+from ui.sliders import BoundSlider
 from ui.words import labels_of
 
 # The verdict line, coloured by its first word; the text stays plain for the API.
@@ -42,30 +43,6 @@ VERDICT_CSS = """
 TRISTATE = [form.FROM_STRATEGY, form.ON, form.OFF]
 
 
-def _bound_slider_class() -> type[gr.Slider]:
-    """A slider whose bound follows the flavour: a value beyond it is clamped, never an error. When a loaded job
-    changes the flavour, the change events of the other controls send the slider's old value (25 blocks of
-    klein 9B) before its own update lands, and gradio's Slider answered each with "Value 25 is greater than
-    maximum value 2." (an error toast and a traceback per handler). A subclass, because gradio rebuilds a
-    session's updated component from its class."""
-    from gradio import component_meta
-
-    def clamped(self: gr.Slider, payload: float) -> float:
-        value = self.minimum if payload is None else min(max(payload, self.minimum), self.maximum)
-        return gr.Slider.preprocess(self, value)
-
-    # gradio writes a .pyi stub beside the module of every component class it sees defined; not in this project
-    stub_writer = component_meta.create_or_modify_pyi
-    component_meta.create_or_modify_pyi = lambda *args, **kwargs: None
-    try:
-        # is_template: the browser draws it as a plain slider
-        return type(gr.Slider)("BoundSlider", (gr.Slider,), {"is_template": True, "preprocess": clamped,
-                                                             "__module__": __name__})
-    finally:
-        component_meta.create_or_modify_pyi = stub_writer
-
-
-BoundSlider = _bound_slider_class()
 # What changes the memory a job needs: the live verdict listens to these controls' .change.
 MEMORY_KEYS = tuple(key for key in form.FORM_KEYS if key.startswith(("lowvram.", "model."))) + (
     "data.resolution", "data.cache_text_embeddings", "data.vae_tiling", "lora.rank", "lora.type", "lora.targets",

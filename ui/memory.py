@@ -336,19 +336,23 @@ def _details(result: Estimate, plan: LowVramPlan, on_cpu: bool = False) -> str:
     return "\n\n".join(lines)
 
 
+def gpu_problems(gpu_gib: Any) -> list[str]:  # noqa: ANN401
+    """The estimator's GPU memory (GiB), in page words: empty, or a size from 0 to 1024 (also checked as typed)."""
+    try:
+        given = float(gpu_gib) if gpu_gib not in (None, "") else None
+    except (TypeError, ValueError):
+        given = -1.0
+    if given is None or 0 <= given <= 1024:
+        return []
+    return [f"GPU memory (GiB): {gpu_gib!r} is not a size between 0 and 1024 (0: the planned or detected GPU)"]
+
+
 def estimate_form(values: dict[str, Any], base: dict[str, Any] | None, gpu_gib: Any,  # noqa: ANN401
                   detected: float | None, labels: Mapping[str, str] | None = None) -> EstimatorReport:
     """The estimator tab's report for the form's job against `gpu_gib` (0 or empty: the job's GPU memory to plan
     for, else the detected GPU). A form the estimator cannot read gives one problems line naming the fields."""
-    problems: list[str] = []
-    try:
-        given = float(gpu_gib) if gpu_gib not in (None, "") else None
-        if given is not None and not 0 <= given <= 1024:
-            raise ValueError
-    except (TypeError, ValueError):
-        problems.append(f"GPU memory (GiB): {gpu_gib!r} is not a size between 0 and 1024 (0: the planned or "
-                        "detected GPU)")
-        given = None
+    problems = gpu_problems(gpu_gib)
+    given = float(gpu_gib) if gpu_gib not in (None, "") and not problems else None
     try:
         spec = form.form_to_spec(values, base)
     except SpecError as exc:

@@ -49,7 +49,7 @@ CPU_LABEL = "CPU processes (testing)"
 MODES = ("auto", "ddp", "fsdp")
 JOB_FILE = "job.toml"  # the job the processes train, saved in its output.dir
 ROOT = Path(__file__).resolve().parents[1]  # `-m trainer` runs from the project's folder
-API_EXTRA = ("base", "multi_gpu_devices", "multi_gpu_processes", "multi_gpu_mode", "multi_gpu_resume")
+API_EXTRA = ("base", "multi_gpu_devices", "multi_gpu_processes", "multi_gpu_mode")
 
 
 def cpu_processes_allowed(environ: Mapping[str, str] = os.environ) -> bool:
@@ -96,10 +96,12 @@ class Choice:
     devices: tuple[str, ...]  # GPU indices ("0", "3"), or ("cpu",)
     processes: int
     distributed: str = "auto"  # train.distributed for the run: auto, ddp, fsdp
-    resume: bool = False
+    resume: bool = False  # continue the run stopped in output.dir from its latest state
+    new_run: bool = False  # start anew over a stopped run, chosen: it is set aside once the new one trains
 
     @classmethod
-    def of(cls, devices: Any, processes: Any, distributed: Any = "auto", resume: Any = False) -> Choice:  # noqa: ANN401
+    def of(cls, devices: Any, processes: Any, distributed: Any = "auto", resume: Any = False,  # noqa: ANN401
+           new_run: Any = False) -> Choice:  # noqa: ANN401
         """From the controls' values (None, floats and strings as gradio and its API send them)."""
         try:
             count = int(processes)
@@ -107,7 +109,8 @@ class Choice:
             count = 0
         if isinstance(devices, str):
             devices = [devices]
-        return cls(tuple(str(d).strip() for d in devices or ()), count, str(distributed or "auto"), bool(resume))
+        return cls(tuple(str(d).strip() for d in devices or ()), count, str(distributed or "auto"), bool(resume),
+                   bool(new_run))
 
     @property
     def cpu(self) -> bool:
@@ -236,7 +239,15 @@ def plan_for_form(studio: Studio, values: dict[str, Any], base: dict[str, Any] |
 def start(studio: Studio, values: dict[str, Any], base: dict[str, Any] | None, choice: Choice,
           cpu_allowed: bool | None = None) -> Outcome:
     """Save the form's job as output.dir/job.toml and train it in several processes on the chosen devices.
-    `cpu_allowed`: whether CPU processes may be chosen (None: FLUX_STUDIO_CPU_PROCESSES says)."""
+    Over a run stopped in output.dir it asks first, as Start does (Studio.launch): `choice.resume` continues it,
+    `choice.new_run` starts anew (the stopped run is set aside once the new one's first step is about to train).
+    `cpu_allowed`: whether CPU processes may be chosen (None: FLUX_STUDIO_CPU_PROCESSES says). A refusal is what
+    the Run tab's status line shows, as for Start."""
+    return studio.shown(_start(studio, values, base, choice, cpu_allowed))
+
+
+def _start(studio: Studio, values: dict[str, Any], base: dict[str, Any] | None, choice: Choice,
+           cpu_allowed: bool | None) -> Outcome:
     verb = "not resumed" if choice.resume else "not started"
     # Studio's own checks of a form about to run (spec, allowed folders, missing files, the demo to build), so both
     # Start buttons refuse the same jobs the same way.
@@ -266,7 +277,7 @@ def start(studio: Studio, values: dict[str, Any], base: dict[str, Any] | None, c
 
     refused = studio.launch(spec, choice.resume, verb, start_processes,
                             f"{what} {spec.output.name} on {found.describe()}: {spec.train.max_steps} steps, "
-                            f"job {job}{building}")
+                            f"job {job}{building}", choice.new_run)
     return refused or Outcome(f"{'resumed' if choice.resume else 'started'} on {found.devices()} ({found.mode}): "
                               f"{spec.train.max_steps} steps{building}")
 
@@ -295,17 +306,20 @@ def build(fields: dict[str, gr.components.Component], studio: Studio,
             mode = gr.Dropdown(list(MODES), value="auto", label="Mode (train.distributed)", scale=1, min_width=120,
                                info="ddp: a copy per GPU; fsdp: the frozen model sharded; auto: fsdp only when one "
                                     "GPU cannot hold the base")
-            resume = gr.Checkbox(False, label="Resume from the latest state in output.dir", scale=1)
         plan_text = gr.Markdown("", elem_id="multi-gpu-plan", visible=bool(choices))
         launch = gr.Button("Start on several GPUs", variant="primary", visible=bool(choices),
                            elem_id="multi-gpu-start")
+        # A Start over a stopped run asks, as the Run tab's Start does: these answer it on several GPUs.
+        with gr.Row(visible=False, elem_id="multi-gpu-ask") as ask:
+            answers = {"resume": gr.Button("Continue on several GPUs", variant="primary", elem_id="multi-gpu-resume"),
+                       "new_run": gr.Button("Start a new run on several GPUs", elem_id="multi-gpu-start-new")}
 
     inputs = {**{form.api_name(k): fields[k] for k in form.FORM_KEYS}, "base": base, "multi_gpu_devices": devices,
-              "multi_gpu_processes": processes, "multi_gpu_mode": mode, "multi_gpu_resume": resume}
+              "multi_gpu_processes": processes, "multi_gpu_mode": mode}
 
     def choice_of(values: dict[str, Any]) -> Choice:
         return Choice.of(values.pop("multi_gpu_devices", None), values.pop("multi_gpu_processes", None),
-                         values.pop("multi_gpu_mode", "auto"), values.pop("multi_gpu_resume", False))
+                         values.pop("multi_gpu_mode", "auto"))
 
     def follow_devices(ticked: list[str] | None) -> Any:  # noqa: ANN401 - a gradio update
         """One process per ticked GPU."""
@@ -324,14 +338,45 @@ def build(fields: dict[str, gr.components.Component], studio: Studio,
         show_progress="hidden")
 
     def connect(status: gr.components.Component, problems: gr.components.Component) -> None:
+        _connect_starts(studio, inputs, choice_of, cpu_allowed, launch, answers, [status, problems])
+        # The answers show while the form's output.dir holds a stopped run, as the resume offer does.
+        def ask_row(output_dir: str, max_steps: Any) -> tuple[Any, Any]:  # noqa: ANN401
+            return _ask_row(studio, output_dir, max_steps)
+
+        gr.on([section.expand, status.change], ask_row, [fields["output.dir"], fields["train.max_steps"]],
+              [ask, answers["resume"]], api_visibility="private", show_progress="hidden")
+
+    return connect
+
+
+def _ask_row(studio: Studio, output_dir: str, max_steps: Any) -> tuple[Any, Any]:  # noqa: ANN401
+    """Whether the answers to a Start over a stopped run show (while output_dir holds one), and the Continue label."""
+    import gradio as gr
+
+    stopped = studio.offered_run(output_dir, max_steps)
+    label = f"Continue at step {stopped.step} on several GPUs" if stopped else gr.skip()
+    return gr.update(visible=stopped is not None), label
+
+
+def _connect_starts(studio: Studio, inputs: dict[str, Any], choice_of: Callable[[dict[str, Any]], Choice],
+                    cpu_allowed: bool, launch: gr.Button, answers: dict[str, gr.Button],
+                    answer: list[gr.components.Component]) -> None:
+    """Start on several GPUs, and the two answers it may ask for (continue the stopped run, start a new one): each
+    answers the status line and the problems box."""
+    def handler(how: str) -> Callable[[dict[str, Any]], tuple[str, Any]]:
         def multi_gpu_start(values: dict[str, Any]) -> tuple[str, Any]:
             """Save the form's job as output.dir/job.toml and train it with accelerate launch on the ticked
-            devices; the Run view follows it."""
+            devices; the Run view follows it. Over a run stopped in output.dir it asks first: multi_gpu_resume
+            continues that run, multi_gpu_start_new starts anew (the stopped run moves to earlier_runs/<date-time>
+            once the new one's first step is about to train)."""
             choice = choice_of(values)
+            choice = Choice(choice.devices, choice.processes, choice.distributed, how == "resume", how == "new_run")
             outcome = start(studio, values, values.pop("base", None), choice, cpu_allowed)
             return outcome.message, problems_update(outcome)
 
-        launch.click(form.keyword_handler(multi_gpu_start, extra=API_EXTRA), inputs_kwargs=inputs,
-                     outputs=[status, problems], api_name="multi_gpu_start", concurrency_limit=1)
+        return multi_gpu_start
 
-    return connect
+    for how, button, name in (("ask", launch, "multi_gpu_start"), ("resume", answers["resume"], "multi_gpu_resume"),
+                              ("new_run", answers["new_run"], "multi_gpu_start_new")):
+        button.click(form.keyword_handler(handler(how), extra=API_EXTRA), inputs_kwargs=inputs, outputs=answer,
+                     api_name=name, concurrency_limit=1)

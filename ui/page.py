@@ -17,10 +17,17 @@ if TYPE_CHECKING:
 
 TITLE = "Flux LoRA Studio"
 # Toasts at the bottom right: at the top they covered the job bar's buttons (gradio 6 takes css in launch()).
-# A sample's whole label (step and prompt) under its image, not cut to one line.
+# A sample's whole label (step and prompt) under its picture (not over it), not cut to one line; the picture square.
 APP_CSS = """.toast-wrap { top: auto !important; bottom: var(--size-4); }
 #run-samples .caption, #run-samples .caption-label { white-space: normal !important; text-overflow: clip !important;
-  overflow: visible !important; max-width: none !important; }"""
+  overflow: visible !important; max-width: none !important; }
+#run-samples .thumbnail-item { aspect-ratio: auto !important; height: auto !important; display: flex;
+  flex-direction: column; }
+#run-samples .thumbnail-item img { aspect-ratio: 1 / 1; height: auto !important; }
+#run-samples .caption-label { position: static !important; border: none !important; border-radius: 0 !important; }"""
+# Gradio keeps every file a page uploads (datasets, job files) in its temp folder until the app stops, unless told to
+# delete them: every `frequency` seconds, the ones older than `age` (the app copies what it keeps at once).
+UPLOADS_KEPT_S = (600, 3600)
 
 
 def build_app(runner: ProcessRunner | TrainingRunner, workdir: Path, allowed: Iterable[str | Path] = (),
@@ -53,7 +60,7 @@ def build_app(runner: ProcessRunner | TrainingRunner, workdir: Path, allowed: It
     detected = detected_vram_gib()
     fields: dict[str, gr.components.Component] = {}
     menus: dict[str, gr.components.Component] = {}  # the Model tab's profile menu, which the Quick start sets
-    with gr.Blocks(title=TITLE) as app:
+    with gr.Blocks(title=TITLE, delete_cache=UPLOADS_KEPT_S) as app:
         gr.Markdown(f"## {TITLE}")
         base = gr.State({})  # fields of a loaded job that the form has no control for
         baseline = gr.State(defaults)  # the form's last fill: what differs from it are the user's edits
@@ -96,4 +103,12 @@ def build_app(runner: ProcessRunner | TrainingRunner, workdir: Path, allowed: It
         gr.on([fields["model.family"].change, fields["model.flavour"].change], placeholders,
               [fields["model.family"], fields["model.flavour"]], [fields["sample.steps"], fields["sample.guidance"]],
               api_visibility="private", show_progress="hidden")
+    app.run_publisher = studio.publisher  # served by serve_run_state once the app is launched
     return app
+
+
+def serve_run_state(app: gr.Blocks) -> None:
+    """On the launched app, the route the Run tab's pages poll (ui/run_route.py), behind the page's login."""
+    from ui.run_route import add_run_route
+
+    add_run_route(app.server_app, app.run_publisher)

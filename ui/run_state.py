@@ -4,8 +4,9 @@ One RunView is shared by every browser session, so a second browser sees the job
 Every method takes the view's lock: poll handlers of several sessions may run at once.
 
 Every open page polls once a second, and the app's users share one link: twenty pages must not cost the run
-more than one. So the pages are answered from a `Snapshot`, everything the Run tab shows already rendered,
-published at most every SNAPSHOT_EVERY_S (see Studio.snapshot): a poll only picks the latest one and sends it.
+more than one. So the pages are answered from a `Snapshot`, everything the Run tab shows already rendered, made at
+most every SNAPSHOT_EVERY_S by one publisher thread (ui/run_publisher.py) and serialised once: a poll only sends
+the latest bytes.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from trainer.events import (
     Progress,
     RunFinished,
     RunStarted,
+    SamplePreview,
     SampleSaved,
 )
+from ui.preview_state import next_preview
 
 LOG_LINES = 200
 DOWNLOADING = "downloading"  # the phase trainer/sources/hub.py announces while model files download
@@ -41,9 +44,11 @@ PLOT_POINTS = 300
 SNAPSHOT_EVERY_S = 0.5  # how often a new snapshot is published while the run changes (a page polls each second)
 PLOT_EVERY_S = 5.0  # how often a running run's loss plot is redrawn (status and progress: every snapshot)
 LOSS_COLUMNS = ["step", "loss", "series"]
+CLIP_COLUMNS = ["step", "clip_score"]
 # The loss plot's columns as gradio's LinePlot sends them to the browser (its PlotData), so a snapshot's plot is
 # sent as it is, never converted per page.
 LOSS_DATATYPES = {"step": "quantitative", "loss": "quantitative", "series": "nominal"}
+CLIP_DATATYPES = {"step": "quantitative", "clip_score": "quantitative"}
 
 ACTIVE = ("starting", "running", "stopping")
 FINISHED = ("completed", "stopped", "ended", "failed")  # ended: End training before max_steps (the run says stopped)
@@ -93,6 +98,9 @@ class Snapshot:
     logged: int  # log lines ever written: a page is sent the log only when it grows
     log_text: str
     samples: int
+    clips: int  # how many CLIP scores the CLIP plot holds (it is hidden before the first)
+    clip_plot: dict | None  # the CLIP score LinePlot's value as sent; None before the first score
+    preview: str  # the file of the sample rendering now, as far as it got ('' when none is: ui/previews.py)
     made: float  # time.monotonic() when it was taken
 
 
@@ -103,6 +111,11 @@ def thinned(points: list[LossPoint], limit: int) -> list[LossPoint]:
     stride = -(-len(points) // limit)
     kept = points[::stride]
     return kept if kept[-1] is points[-1] else [*kept, points[-1]]
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: a diverged step shows as a gap, as the DataFrame the plot took before sent it."""
+    return value if math.isfinite(value) else None
 
 
 def download_text(event: DownloadProgress) -> str:
@@ -149,6 +162,7 @@ class RunView:
         self.eval_losses: list[EvalPoint] = []
         self.clip_scores: list[EvalPoint] = []  # sample.clip_score_model: (step, mean CLIPScore)
         self.samples: list[Sample] = []
+        self.preview: SamplePreview | None = None  # the sample rendering now, as far as it got (ui/previews.py)
         self.log_lines: deque[str] = deque(maxlen=LOG_LINES)
         self.download: DownloadProgress | None = None  # the latest, while the phase is downloading
         self.ending = False  # End training was pressed: the run's "stopped" is shown as "ended"
@@ -248,6 +262,7 @@ class RunView:
                 self.version += 1
 
     def _apply(self, event: Event) -> None:
+        self.preview = next_preview(self.preview, event)
         if isinstance(event, RunStarted):
             self.max_steps = event.max_steps
             self.output_dir = event.output_dir
@@ -416,16 +431,28 @@ class RunView:
                 plot, losses, evals, plot_made = previous.plot, previous.losses, previous.evals, previous.plot_made
             else:
                 plot, losses, evals, plot_made = self._plot(), len(self.losses), len(self.eval_losses), now
+            clips = len(self.clip_scores)
+            clip_plot = previous.clip_plot if previous is not None and previous.run_id == self.run_id \
+                and previous.clips == clips else self._clip_plot()
             return Snapshot(self.run_id, self.version, self.status, self.status_text(), self.progress_html(),
-                            losses, evals, plot, plot_made, self.logged, self.log_text(), len(self.samples), now)
+                            losses, evals, plot, plot_made, self.logged, self.log_text(), len(self.samples), clips,
+                            clip_plot, self._live_preview(), now)
+
+    def _live_preview(self) -> str:
+        return self.preview.path if self.preview is not None and self.status in ACTIVE else ""
 
     def _plot(self) -> dict | None:
         rows = self.loss_rows()
         if not rows:
             return None
-        # JSON has no NaN: a diverged step shows as a gap, as the DataFrame the plot took before sent it
-        data = [[row["step"], row["loss"] if math.isfinite(row["loss"]) else None, row["series"]] for row in rows]
+        data = [[row["step"], _finite(row["loss"]), row["series"]] for row in rows]
         return {"columns": list(LOSS_COLUMNS), "data": data, "datatypes": dict(LOSS_DATATYPES), "mark": "line"}
+
+    def _clip_plot(self) -> dict | None:
+        if not self.clip_scores:
+            return None
+        data = [[point.step, _finite(point.loss)] for point in self.clip_scores]
+        return {"columns": list(CLIP_COLUMNS), "data": data, "datatypes": dict(CLIP_DATATYPES), "mark": "line"}
 
     def clip_rows(self) -> list[dict[str, float | int]]:
         """The CLIP score of each validation (sample.clip_score_model), for its line plot."""

@@ -4,6 +4,7 @@ whoever started it, and a second Start is refused while it goes on."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,14 +13,16 @@ from typing import Any
 import gradio as gr
 
 from trainer.folders import Folders
-from ui import form, multi_gpu
+from ui import form, multi_gpu, previews
 from ui.feedback import problems_update
 from ui.gauges import gauges_html, read_gauges
 from ui.jobs import Outcome
 from ui.resume import InterruptedRun
-from ui.run_state import LOSS_COLUMNS, REFUSED, RunView
+from ui.run_route import PART_JS
+from ui.run_state import CLIP_COLUMNS, LOSS_COLUMNS, REFUSED, RunView
 from ui.served import allowed_paths
-from ui.studio import STEPS_LABEL, Studio
+from ui.studio import STEPS_LABEL, Studio, steps_problems
+from ui.words import warn_as_typed
 
 LOSS_COLOURS = {"loss": "#93c5fd", "smoothed": "#1d4ed8", "eval": "#16a34a"}  # the series of RunView.loss_rows
 
@@ -32,11 +35,44 @@ FOLLOW_LOG_JS = """() => {
   box.dataset.seenHeight = box.scrollHeight;
 }"""
 BUTTONS = ("start", "train", "validate", "save", "stop", "end", "resume")  # the names of Studio.actions()
-# A button that cannot act now is disabled and says why on hover (gradio buttons have no tooltip). Done in the
-# browser from one small value: seven button outputs more cost every poll of every page a few milliseconds.
-BUTTON_STATES_JS = """(reasons) => { for (const [name, why] of Object.entries(reasons || {})) {
-  const button = document.getElementById('run-' + name);
-  if (button) { button.title = why; button.disabled = Boolean(why); } } }"""
+# The Run tab's outputs the browser's poll sets, in the order POLL_JS returns their values.
+POLL_OUTPUTS = ("status", "progress", "memory", "plot", "clip_plot", "log", "problems", "samples_seen", "ended",
+                "preview_seen")
+# Every open page polls once a second, in the browser alone (no gradio request): it fetches the run's state that
+# the publisher made once for every page (ui/run_route.py, 304 while unchanged), and the plots and the log only when
+# their version changed. A value left undefined leaves its output as it is. A button that cannot act now is
+# disabled and says why on hover (gradio buttons have no tooltip), after every poll: the Run tab's buttons exist
+# only once it was opened. A start's problems stay up until the run they were about moves on (e.g. "already in
+# progress"); a refusal is the problem itself.
+POLL_JS = """async () => {
+  const me = window.studioRun || (window.studioRun = {state: '', plot: '', clip: '', log: '', status: null,
+                                                      samples: '', ended: '', preview: '', actions: {}});
+  """ + PART_JS + """
+  const buttons = () => { for (const [name, why] of Object.entries(me.actions || {})) {
+    const button = document.getElementById('run-' + name);
+    if (button) { button.title = why; button.disabled = Boolean(why); } } };
+  const got = await part('state', me.state);
+  if (!got) { buttons(); return []; }
+  const state = got.value;
+  me.state = got.etag; me.actions = state.actions; buttons();
+  const out = [state.status_text, state.progress, state.memory];
+  for (const [index, name] of [[3, 'plot'], [4, 'clip'], [5, 'log']]) {
+    if (state[name] === me[name]) continue;
+    const fetched = await part(name, '');
+    if (!fetched) continue;
+    me[name] = fetched.etag;
+    out[index] = name === 'clip' ? {__type__: 'update', value: fetched.value, visible: fetched.value !== null}
+                                 : fetched.value;
+  }
+  if (me.status !== null && me.status !== state.status && state.status !== '""" + REFUSED + """')
+    out[6] = {__type__: 'update', visible: false, value: ''};
+  me.status = state.status;
+  for (const [index, name] of [[7, 'samples'], [8, 'ended'], [9, 'preview']]) {
+    if (state[name] !== me[name]) { out[index] = state[name]; me[name] = state[name]; }
+  }
+  out.length = """ + str(len(POLL_OUTPUTS)) + """;
+  return out;
+}"""
 # The Run tab's N is kept in the browser, so a reload shows the one the user chose.
 STEPS_KEY = "flux-studio-run-steps"
 DEFAULT_STEPS = 10
@@ -66,7 +102,7 @@ def clip_frame(view: RunView) -> Any:  # noqa: ANN401 - a pandas DataFrame, or N
     rows = view.clip_rows()
     if not rows:
         return None
-    return pd.DataFrame(rows, columns=["step", "clip_score"]).astype({"step": "int64", "clip_score": "float64"})
+    return pd.DataFrame(rows, columns=CLIP_COLUMNS).astype({"step": "int64", "clip_score": "float64"})
 
 
 def gallery_items(view: RunView, roots: list[str], folders: Folders | None = None) -> list[tuple[Any, str]]:
@@ -119,6 +155,7 @@ class _View:
     clip_plot: gr.LinePlot
     gallery: gr.Gallery
     log: gr.Textbox
+    preview_seen: gr.Textbox  # set by the poll to the live preview's key: its change sends the image
 
 
 def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.State,
@@ -142,8 +179,9 @@ def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.S
 def _build_view(fields: dict[str, gr.components.Component], studio: Studio, base: gr.State) -> _View:
     with gr.Row():
         buttons = {"start": gr.Button("Start", variant="primary", scale=2, elem_id="run-start")}
-        steps = gr.Number(DEFAULT_STEPS, label=STEPS_LABEL, precision=0, minimum=1, step=1, scale=1, min_width=90,
+        steps = gr.Number(DEFAULT_STEPS, label=STEPS_LABEL, precision=0, step=1, scale=1, min_width=90,
                           elem_id="run-steps")
+        warn_as_typed(steps, steps_problems)
         buttons["train"] = gr.Button("Train N steps", scale=2, elem_id="run-train")
         buttons["validate"] = gr.Button("Validate now", scale=2, elem_id="run-validate")
         buttons["save"] = gr.Button("Save LoRA", scale=2, elem_id="run-save")
@@ -166,14 +204,17 @@ def _build_view(fields: dict[str, gr.components.Component], studio: Studio, base
         # No fixed height: at 300 px the legend under the plot was cut off. Raw loss pale, its average strong.
         plot = gr.LinePlot(loss_frame(studio.view), x="step", y="loss", color="series", title="Loss", label="Loss",
                            color_title="", color_map=LOSS_COLOURS, scale=1, elem_id="run-loss")
-        gallery = gr.Gallery(label="Samples", columns=3, height=300, scale=1, object_fit="contain",
+        # Grows with its samples (at a fixed 300 px it scrolled after six); each label whole, under its picture.
+        gallery = gr.Gallery(label="Samples", columns=3, height="fit-content", scale=1, object_fit="contain",
                              elem_id="run-samples")
+    preview_seen = previews.build(studio)  # the sample rendering now, as far as it got (sample.preview_every)
     # sample.clip_score_model: how well the samples match their prompts, per validation (hidden until scored)
     clip_plot = gr.LinePlot(clip_frame(studio.view), x="step", y="clip_score", title="CLIP score of the samples",
                             label="CLIP score", visible=bool(studio.view.clip_scores), elem_id="run-clip-score")
     log = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, elem_id="studio-log")
     log.change(None, js=FOLLOW_LOG_JS, api_visibility="private", show_progress="hidden")
-    return _View(buttons, steps, offer, offer_row, status, problems, progress, memory, plot, clip_plot, gallery, log)
+    return _View(buttons, steps, offer, offer_row, status, problems, progress, memory, plot, clip_plot, gallery, log,
+                 preview_seen)
 
 
 def _connect_resume_offer(view: _View, fields: dict[str, gr.components.Component], studio: Studio,
@@ -203,6 +244,7 @@ def _connect_resume_offer(view: _View, fields: dict[str, gr.components.Component
                show_progress="hidden")
 
     def answer(outcome: Outcome) -> tuple[str, Any]:
+        studio.publisher.publish()  # the next poll shows the new run
         return outcome.message, problems_update(outcome)
 
     def resume_run(values: dict[str, Any]) -> tuple[str, Any]:
@@ -226,11 +268,16 @@ def _connect_actions(view: _View, studio: Studio, form_kwargs: dict[str, Any],
     """Start, Train N steps, Validate now, Save LoRA, Stop, End training."""
     buttons, answer = view.buttons, [view.status, view.problems]
 
+    def shown(outcome: Outcome) -> tuple[str, Any]:
+        # Published at once: the page's (and the API's) next poll shows what the button changed.
+        studio.publisher.publish()
+        return outcome.message, problems_update(outcome)
+
     def start_run(values: dict[str, Any]) -> tuple[str, Any]:
         """Validate the form and start training it; with every value left at its default this trains the demo.
         Over a run that can be resumed it asks first: Resume continues it, start_new starts a new one."""
         outcome = studio.start(values, values.pop("base", None))
-        return outcome.message, problems_update(outcome)
+        return shown(outcome)
 
     refresh_offer(buttons["start"].click(form.keyword_handler(start_run, extra=("base",)), inputs_kwargs=form_kwargs,
                                          outputs=answer, api_name="start", concurrency_limit=1))
@@ -241,7 +288,7 @@ def _connect_actions(view: _View, studio: Studio, form_kwargs: dict[str, Any],
         outcome = studio.train_steps(values, values.pop("steps", None), values.pop("base", None))
         for note in outcome.notes:
             gr.Warning(note)
-        return outcome.message, problems_update(outcome)
+        return shown(outcome)
 
     refresh_offer(buttons["train"].click(form.keyword_handler(train_run, extra=("base", "steps")),
                                          inputs_kwargs={"steps": view.steps, **form_kwargs}, outputs=answer,
@@ -251,20 +298,21 @@ def _connect_actions(view: _View, studio: Studio, form_kwargs: dict[str, Any],
         """Render the sample prompts with the current LoRA: now while paused, after the current step while
         training."""
         outcome = studio.validate_now()
-        return outcome.message, problems_update(outcome)
+        return shown(outcome)
 
     buttons["validate"].click(validate_now, None, answer, api_name="validate_now", concurrency_limit=1)
 
     def save_now() -> tuple[str, Any]:
         """Save an intermediate LoRA (name-stepNNNNNN) now while paused, after the current step while training."""
         outcome = studio.save_now()
-        return outcome.message, problems_update(outcome)
+        return shown(outcome)
 
     buttons["save"].click(save_now, None, answer, api_name="save_now", concurrency_limit=1)
 
     def stop_run() -> str:
         """Stop training after the current step; the LoRA is saved. Train N steps continues a paused session."""
         text = studio.stop()
+        studio.publisher.publish()
         if not text.startswith("stopping"):
             gr.Warning(text)  # the next poll rewrites the status line within a second; the toast stays to be read
         return text
@@ -274,7 +322,7 @@ def _connect_actions(view: _View, studio: Studio, form_kwargs: dict[str, Any],
     def end_training() -> tuple[str, Any]:
         """Save the final LoRA (if anything is unsaved), render the final samples and free the session."""
         outcome = studio.end_training()
-        return outcome.message, problems_update(outcome)
+        return shown(outcome)
 
     buttons["end"].click(end_training, None, answer, api_name="end_training", concurrency_limit=1)
 
@@ -289,67 +337,39 @@ def _connect_steps(steps: gr.Number, app: gr.Blocks | None) -> None:
              api_visibility="private", show_progress="hidden")
 
 
-def _connect_clip_plot(view: _View, studio: Studio) -> None:
-    """The CLIP score plot, shown once a run reports a score; re-sent only when a new score arrives."""
-    sent = gr.State(["", 0])  # per browser session: (run, scores) last sent
-
-    def refresh(last: list[Any]) -> tuple[Any, list[Any]]:
-        run = studio.view
-        with run.lock:
-            now = [run.run_id, len(run.clip_scores)]
-            if now == last:
-                return gr.skip(), last
-            return gr.update(value=clip_frame(run), visible=bool(run.clip_scores)), now
-
-    gr.Timer(2.0).tick(refresh, sent, [view.clip_plot, sent], api_name="clip_plot", show_progress="hidden",
-                       concurrency_limit=None)
-
-
 def _connect_poll(view: _View, studio: Studio, refresh_offer: Callable[[Any], None]) -> None:
-    """The timers: the run's status, progress, loss plot, log, samples and the buttons' states every second; the
-    gauges every two. A run that ends checks the resume offer again."""
-    seen = gr.State({})  # per browser session: what it was last sent, so unchanged plots are not re-sent
+    """The browser's poll every second (POLL_JS): the run's status, progress, memory gauges, loss and CLIP plots,
+    log, and the buttons' states, from the published state; the samples when new ones arrive. A run that ends
+    checks the resume offer again. The same state answers the API's /poll."""
     roots = allowed_paths(studio.workdir)
-    titles = gr.JSON({}, visible=False)  # why each button cannot act now ('' when it can), see BUTTON_STATES_JS
-    ended = gr.State("")  # the run and its state: a run that ends may leave something to resume
-
-    def poll(last: dict[str, Any]) -> tuple[Any, ...]:
-        """Status line first ('idle', 'running: step 12/40', 'paused at step 12 — …', 'completed: LoRA saved to
-        …', 'failed: …'); the last value says which samples there are (/samples returns them). The run's part is
-        answered from the published snapshot: nothing is drained or rendered per page."""
-        snap = studio.snapshot()
-        reasons = studio.actions()
-        key = {"run": snap.run_id, "losses": snap.losses, "evals": snap.evals, "log": snap.logged,
-               "status": snap.status, "reasons": reasons}
-        fresh = last.get("run") != key["run"]
-        plot_changed = last.get("losses") != key["losses"] or last.get("evals") != key["evals"]
-        plot_value = snap.plot if fresh or plot_changed else gr.skip()
-        log_value = snap.log_text if fresh or last.get("log") != key["log"] else gr.skip()
-        # A start's problems stay up until the run they were about moves on (e.g. "already in progress"); a
-        # refusal is the problem itself.
-        moved_on = bool(last) and last.get("status") != snap.status and snap.status != REFUSED
-        problems_value = gr.update(visible=False, value="") if moved_on else gr.skip()
-        return (snap.status_text, snap.progress_html, plot_value, log_value, problems_value, key,
-                [snap.run_id, snap.samples], reasons if last.get("reasons") != reasons else gr.skip(),
-                f"{snap.run_id}:{snap.status}")
+    # Set by the poll when a sample arrives or the run's status changes: their change events ask the server.
+    samples_seen = gr.Textbox("", visible="hidden", elem_id="run-samples-seen")
+    ended = gr.Textbox("", visible="hidden", elem_id="run-ended")
 
     def samples() -> list[tuple[Any, str]]:
         """The sample images so far, each labelled with its step and prompt."""
         with studio.view.lock:
             return gallery_items(studio.view, roots, studio.folders)
 
-    # The gallery has a state of its own, changed by the poll only when a sample arrives: gradio rebuilds an output
-    # that is skipped (20 ms for a gallery, a tenth of that for the others), so the poll never names the gallery.
-    shown = gr.State([0, 0])
-    shown.change(samples, None, view.gallery, api_name="samples", show_progress="hidden", concurrency_limit=None)
+    samples_seen.change(samples, None, view.gallery, api_name="samples", show_progress="hidden",
+                        concurrency_limit=None)
     refresh_offer(ended.change)
 
-    _connect_clip_plot(view, studio)
-    gauge_timer = gr.Timer(2.0)  # NVML and psutil reads are cheap, but need not follow every progress poll
-    gauge_timer.tick(lambda: gauges_html(read_gauges()), None, view.memory, api_name="memory_gauges",
-                     show_progress="hidden", concurrency_limit=None)
-    timer = gr.Timer(1.0)
-    # Set in the browser after every poll: the Run tab's buttons exist only once it was opened.
-    timer.tick(poll, seen, [view.status, view.progress, view.plot, view.log, view.problems, seen, shown, titles,
-                            ended], api_name="poll", show_progress="hidden", concurrency_limit=None).then(
-        None, titles, None, js=BUTTON_STATES_JS, api_visibility="private", show_progress="hidden")
+    def poll() -> tuple[str, str, dict | None, str, dict]:
+        """(status line, progress, loss plot, log, why each Run tab button cannot act now) of the published state:
+        'idle', 'running: step 12/40', 'paused at step 12 — …', 'completed: LoRA saved to …', 'failed: …'. The
+        samples: /samples."""
+        published = studio.publisher.latest()
+        snap = published.snapshot
+        return snap.status_text, snap.progress_html, snap.plot, snap.log_text, published.actions
+
+    # gradio reads the API's outputs from the return annotation, which `from __future__ import annotations` makes a
+    # string: one output per value, as the page's poll had.
+    poll.__signature__ = inspect.Signature(return_annotation=tuple[str, str, dict | None, str, dict])
+    gr.api(poll, api_name="poll", concurrency_limit=None)
+    outputs = {"status": view.status, "progress": view.progress, "memory": view.memory, "plot": view.plot,
+               "clip_plot": view.clip_plot, "log": view.log, "problems": view.problems,
+               "samples_seen": samples_seen, "ended": ended, "preview_seen": view.preview_seen}
+    gr.Timer(1.0).tick(None, None, [outputs[name] for name in POLL_OUTPUTS], js=POLL_JS, api_visibility="private",
+                       show_progress="hidden")
+    studio.publisher.start()

@@ -5,7 +5,6 @@ The gradio handlers in the tab modules call these and only turn the results into
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -26,19 +25,29 @@ from trainer.runners.base import (
     TrainSteps,
     ValidateNow,
 )
-from trainer.runners.caption import CaptionRunner
+from trainer.runners.caption import CaptionRunner, CaptionSnapshot
 from trainer.spec import JobSpec, SpecError, is_local_path, parse_spec, resolve_paths
 from ui import caption_editor, form
 from ui.captioning import make_request
 from ui.dataset_check import DatasetCheck, check_form
+from ui.gauges import gauges_html, read_gauges
 from ui.jobs import LAST_FORM, LastForm, Outcome, default_job_path, read_job, relative_paths, write_job
 from ui.model_info import flavour_summary, target_counts  # noqa: F401 - the tabs' and tests' old import path
 from ui.resume import InterruptedRun, find_interrupted_run, latest_state_step, read_history
 from ui.run_history import RESOLVED_JOB, History
-from ui.run_state import REFUSED, SNAPSHOT_EVERY_S, RunView, Snapshot
+from ui.run_publisher import RunPublisher
+from ui.run_state import REFUSED, RunView, Snapshot
 from ui.upload_limits import UploadLimits
 from ui.uploads import KEEP, UploadResult, dataset_folder, save_upload
-from ui.words import all_in_page_words
+from ui.words import (
+    CAPTION_LABELS,
+    IMAGE_FOLDER,
+    all_in_page_words,
+    field_problem,
+    flags_in_page_words,
+    named,
+    whole_number_problems,
+)
 
 ALREADY_RUNNING = "a run is already in progress; stop it or wait for it to finish"
 SESSION_PAUSED = ("a session is paused at step {step}; End training before starting a new run (or Train N steps "
@@ -46,6 +55,11 @@ SESSION_PAUSED = ("a session is paused at step {step}; End training before start
 CAPTIONING_IN_PROGRESS = "captioning is in progress; stop it or wait for it to finish (both need the GPU)"
 TRAINING_IN_PROGRESS = "a training run is in progress; caption when it has finished (both need the GPU)"
 STEPS_LABEL = "Steps to train now"  # the Run tab's N (the Training tab's run length is "Run length (steps)")
+
+
+def steps_problems(steps: Any) -> list[str]:  # noqa: ANN401
+    """The Run tab's N (Steps to train now), in page words (also checked as it is typed)."""
+    return whole_number_problems("steps", steps, {"steps": STEPS_LABEL})
 
 
 class Studio:
@@ -65,8 +79,11 @@ class Studio:
         self.jobs_dir = self.workdir / ".studio" / "jobs"
         self.last_form = LastForm(self.workdir / ".studio" / LAST_FORM)
         self.view = RunView()
-        self._snapshot: Snapshot | None = None
         self.captioning = CaptionRunner()
+        # The Run tab's (and captioning's) state for every page, published by one thread (started by the Run tab)
+        self.publisher = RunPublisher(self.view, self.refresh, lambda: gauges_html(read_gauges()),
+                                      self.captioning_shown)
+        self._caption_shown: CaptionSnapshot | None = None
         self.upload_limits = upload_limits or UploadLimits()
         self.history = History(self.folders, self.output_root)
         self.labels: dict[str, str] = {}  # key → the label the page shows (ui.page.build_app fills it)
@@ -110,8 +127,8 @@ class Studio:
             return None, None, Outcome(f"{refused}: the job has problems", all_in_page_words(exc.errors, self.labels),
                                        about_form=True)
         self.last_form.save(spec)  # what the user tried to run is what the next page load shows
-        problems = list(dict.fromkeys(self.folders.problems(spec_paths(spec))
-                                      + self.folders.problems(written_folders(spec), writing=True)))
+        problems = list(dict.fromkeys(self.folders.problems(self.named_paths(spec_paths(spec)))
+                                      + self.folders.problems(self.named_paths(written_folders(spec)), writing=True)))
         if problems:
             return None, None, Outcome(f"{refused}: a path is outside the folders this app may use", problems,
                                        about_form=True)
@@ -138,7 +155,7 @@ class Studio:
         """The whole run of the form's job; `resume` continues from the latest training state in output.dir.
         Over a run that can be resumed, a Start asks first (refused with the choice) unless `new_run` says the user
         chose a new run: the session then sets the earlier one aside once its first step is about to train."""
-        return self._shown(self._start(values, base, resume, new_run))
+        return self.shown(self._start(values, base, resume, new_run))
 
     def _start(self, values: dict[str, Any], base: dict[str, Any] | None, resume: bool,
                new_run: bool) -> Outcome:
@@ -146,10 +163,6 @@ class Studio:
         spec, demo, refused = self._prepare(values, base, verb)
         if refused:
             return refused
-        found = None if resume or new_run else self.resumable(spec.output.dir, spec.train.max_steps)
-        if found is not None:
-            message = f"{verb}: {found.choice()}"
-            return Outcome(message, [message])
         building = f"; building the demo in {demo} first" if demo else ""
         what = "resuming" if resume else "starting"
 
@@ -158,16 +171,21 @@ class Studio:
 
         refused = self.launch(spec, resume, verb, start_in_process,
                               f"{what} {spec.output.name}: {spec.train.max_steps} steps, output {spec.output.dir}"
-                              f"{building}")
+                              f"{building}", new_run)
         return refused or Outcome(f"{'resumed' if resume else 'started'}: {spec.train.max_steps} steps{building}")
 
     def launch(self, spec: JobSpec, resume: bool, verb: str, start: Callable[[], Outcome | None],
-               description: str) -> Outcome | None:
+               description: str, new_run: bool = False) -> Outcome | None:
         """What both Start buttons (in process, several processes) share once the form's job is prepared: the state
-        to resume exists, nothing else runs, then `start()` (a refusal of its own, or None) and the Run view reset.
-        Returns the refusal, or None when the run started."""
+        to resume exists; over a run that can be resumed, a start that is neither a resume nor a chosen `new_run`
+        asks first (refused with the choice; nothing moves); nothing else runs; then `start()` (a refusal of its
+        own, or None) and the Run view reset. Returns the refusal, or None when the run started."""
         if resume and latest_state_step(spec.output.dir) is None:
             message = f"{verb}: no saved training state in {Path(spec.output.dir) / 'state'}"
+            return Outcome(message, [message])
+        found = None if resume or new_run else self.resumable(spec.output.dir, spec.train.max_steps)
+        if found is not None:
+            message = f"{verb}: {found.choice()}"
             return Outcome(message, [message])
         with self.view.lock:  # no poll may drain the new run's first events before the view is reset
             refusal = self._refusal()
@@ -184,7 +202,7 @@ class Studio:
                 self.view.restore_history(read_history(spec.output.dir))
         return None
 
-    def _shown(self, outcome: Outcome) -> Outcome:
+    def shown(self, outcome: Outcome) -> Outcome:
         """A refused start with nothing else going on is what the Run tab's status line shows (not the last run's
         end); with a run going on, that run stays shown and the refusal goes to the problems box only."""
         if not outcome.ok and not (self.runner.running or self.runner.live):
@@ -201,16 +219,13 @@ class Studio:
 
     def train_steps(self, values: dict[str, Any], steps: Any, base: dict[str, Any] | None = None) -> Outcome:  # noqa: ANN401
         """Train `steps` more steps: on the live session, or on a new one set up from the form first."""
-        try:
-            steps = int(steps)
-        except (TypeError, ValueError):
-            steps = 0
-        if steps < 1:
-            message = f"not trained: {STEPS_LABEL} must be a whole number of at least 1"
-            return self._shown(Outcome(message, [message]))
+        problems = steps_problems(steps)
+        if problems:
+            return self.shown(Outcome(f"not trained: {problems[0]}", problems))
+        steps = int(float(steps))
         if self.runner.live:
             return self._continue(values, base, steps)
-        return self._shown(self._set_up_and_train(values, base, steps))
+        return self.shown(self._set_up_and_train(values, base, steps))
 
     def _set_up_and_train(self, values: dict[str, Any], base: dict[str, Any] | None, steps: int) -> Outcome:
         """Train N steps without a live session: a run stopped in output.dir is continued from its state (never
@@ -381,23 +396,25 @@ class Studio:
                 self.view.thread_ended()
         return self.view
 
+    def refresh(self) -> dict[str, str]:
+        """The runner's events drained into the view, and the buttons' states (see actions): the publisher's
+        thread alone calls it, so any number of pages cost the run what one does."""
+        with self.view.lock:
+            self.poll()
+            return self.actions()
+
+    def captioning_shown(self) -> CaptionSnapshot:
+        """The captioning job's state in the page's words (its messages name the command line's options), turned
+        into them once per change."""
+        snapshot, shown = self.captioning.snapshot(), self._caption_shown
+        if shown is None or shown.version != snapshot.version:
+            shown = self._caption_shown = replace(snapshot, line=flags_in_page_words(snapshot.line),
+                                                  log=flags_in_page_words(snapshot.log))
+        return shown
+
     def snapshot(self) -> Snapshot:
-        """What the pages show: the published snapshot, replaced by a fresh one (events drained, rendered once)
-        when it is older than SNAPSHOT_EVERY_S or a run began or changed status since; so any number of pages
-        polling cost the run what one does."""
-        current = self._snapshot
-        view = self.view
-        if current is not None and time.monotonic() - current.made < SNAPSHOT_EVERY_S \
-                and (current.run_id, current.status) == (view.run_id, view.status):
-            return current
-        with view.lock:
-            current = self._snapshot  # another page's poll may have published one while this one waited
-            if current is None or time.monotonic() - current.made >= SNAPSHOT_EVERY_S \
-                    or (current.run_id, current.status) != (view.run_id, view.status):
-                self.poll()
-                current = self._snapshot = view.snapshot(current) if current is None \
-                    or current.version != view.version else replace(current, made=time.monotonic())
-            return current
+        """What the pages show: the published snapshot (nothing is drained or rendered per page)."""
+        return self.publisher.latest().snapshot
 
     # ------------------------------------------------------------------ jobs as files
 
@@ -479,12 +496,16 @@ class Studio:
 
     def check_dataset(self, values: dict[str, Any], base: dict[str, Any] | None = None) -> DatasetCheck:
         """Health check and bucket plan of the form's datasets, as a run would make them (no model, no torch)."""
-        problems = self.folders.problems(self.dataset_paths(values, base))
+        problems = self.folders.problems(self.named_paths(self.dataset_paths(values, base)))
         if problems:
             details = "**Refused:**\n" + "\n".join(f"- {problem}" for problem in problems)
             return DatasetCheck("will not train", "will not train — a folder is outside the folders this app may "
                                                   "use", details)
-        return check_form(values, base, self.workdir, self.demo_dir)
+        return check_form(values, base, self.workdir, self.demo_dir, self.labels)
+
+    def named_paths(self, paths: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        """(key, path) pairs with each key as the page names its control, for the folders' refusals."""
+        return [(named(key, self.labels), path) for key, path in paths]
 
     @staticmethod
     def dataset_paths(values: dict[str, Any], base: dict[str, Any] | None = None) -> list[tuple[str, str]]:
@@ -505,13 +526,14 @@ class Studio:
         """
         if self.runner.running:
             return Outcome(f"not started: {TRAINING_IN_PROGRESS}", [TRAINING_IN_PROGRESS])
+        labels = {**self.labels, **CAPTION_LABELS}
         try:
             if str(folder or "").strip():
-                self.folders.check(folder, "image folder")
+                self.folders.check(folder, named(IMAGE_FOLDER, labels))
             source = (source or "").strip()
             if source and (is_local_path(source) or (self.workdir / source).is_dir()):
-                self.folders.check(source, "captioning model folder")
-            request = make_request(folder or "", kind, source, workdir=self.workdir, **options)
+                self.folders.check(source, f"model folder of {named('caption_source', labels)}")
+            request = make_request(folder or "", kind, source, workdir=self.workdir, labels=labels, **options)
             self.captioning.start(request)
         except (UserError, AlreadyRunning) as exc:
             return Outcome(f"not started: {exc}", [str(exc)])
@@ -526,10 +548,11 @@ class Studio:
     def load_captions(self, folder: str | None) -> tuple[caption_editor.EditorState, Outcome]:
         """The caption editor's state for the form's image folder."""
         if not str(folder or "").strip():
-            message = "no image folder given"
+            message = field_problem(IMAGE_FOLDER, "empty; type the folder of the images whose captions to edit",
+                                    self.labels)
             return caption_editor.empty_state(), Outcome(message, [message])
         try:
-            state = caption_editor.load_folder(self.folders.check(folder, "image folder"))
+            state = caption_editor.load_folder(self.folders.check(folder, named(IMAGE_FOLDER, self.labels)))
         except UserError as exc:
             return caption_editor.empty_state(), Outcome(str(exc), [str(exc)])
         count = len(state["names"])

@@ -9,6 +9,7 @@ import gradio as gr
 
 from ui.edit_pairs import edit_controls
 from ui.form import PROMPT_SEPARATOR, field_choices
+from ui.sliders import BoundSlider
 
 
 def formats_for_comfy_folder(folder: str | None, formats: list[str] | None) -> list[str] | None:
@@ -54,7 +55,7 @@ def _lora(fields: dict[str, gr.components.Component], defaults: dict[str, Any]) 
             info="size of the adapter; 16-32 suits most subjects")
         fields["lora.alpha"] = gr.Number(
             value=defaults["lora.alpha"], label="Alpha", info="scale = alpha / rank")
-        fields["lora.dropout"] = gr.Slider(
+        fields["lora.dropout"] = BoundSlider(
             0.0, 0.99, value=defaults["lora.dropout"], step=0.01, label="Dropout")
 
 

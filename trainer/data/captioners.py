@@ -413,8 +413,8 @@ def _cannot_load(kind: str, source: str, reason: str) -> str:
     """The one message for a model that will not load: what, from where, why, and the two ways to fix it."""
     repo = source if _looks_like_hub_id(source) else CAPTIONERS[kind]
     return (f"cannot load the {kind} captioning model from {source}: {reason}. To fix it, download it while "
-            f"online (`hf download {repo}`, or run this once with internet access), or give the path of a "
-            f"local folder that holds the model as the source (--source in the CLI).")
+            f"online (`hf download {repo}`, or run this once with internet access), or give as --source the path "
+            f"of a local folder that holds the model.")
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -552,7 +552,7 @@ def caption_folder(folder: Path, captioner: Captioner, options: CaptionOptions |
             captions = captioner.caption(images, max_new_tokens=options.max_length)
         except torch.OutOfMemoryError:
             raise UserError(f"out of memory captioning {len(images)} images at once with {captioner.kind} on "
-                            f"{captioner.device}; lower the batch size") from None
+                            f"{captioner.device}; lower --batch-size") from None
         for path, caption in zip(paths, captions, strict=True):
             if caption:
                 write_text_atomic(path.with_suffix(options.sidecar_suffix), compose_caption(caption, options) + "\n")

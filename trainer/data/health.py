@@ -169,24 +169,10 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
     report = HealthReport([Path(entry.path) for entry in entries])
     if not entries:
         report.rows.append(HealthRow(Path("data.datasets"), "no dataset given; add one with a `path` to a folder "
-                                     "of images", "error", "dataset"))
+                                     "of images", "error", "dataset", key="data.datasets"))
         return report
 
-    listed: list[tuple[int, Path]] = []
-    for index, entry in enumerate(entries):
-        folder = Path(entry.path)
-        if not folder.is_dir():
-            report.rows.append(HealthRow(folder, "dataset folder does not exist", "error", "dataset"))
-            continue
-        if not os.access(folder, os.R_OK | os.X_OK):  # listing it would raise PermissionError
-            report.rows.append(HealthRow(folder, "cannot read this folder (permission denied)", "error", "dataset"))
-            continue
-        report.rows += _stray_files(folder, (entry.masks, entry.conditioning or "")) + _link_rows(entry)
-        images = list_images(folder)
-        if not images:
-            report.rows.append(HealthRow(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder",
-                                         "error", "dataset"))
-        listed += [(index, image) for image in images]
+    listed = [(index, image) for index, entry in enumerate(entries) for image in _list_dataset(report, index, entry)]
     report.image_count = len(listed)
 
     mask_of = {path: _mask_of(entries[index], path) for index, path in listed}
@@ -202,7 +188,8 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
         if scan.size is not None:
             report.images.append(ImageInfo(path, scan.size, scan.sha256, index))
         if skip is not None:
-            report.rows.append(HealthRow(path, skip[1], "warning", skip[0], skipped=True))
+            setting = {"too small": "data.min_size", "mask": f"data.datasets[{index}].masks"}.get(skip[0], "")
+            report.rows.append(HealthRow(path, skip[1], "warning", skip[0], skipped=True, key=setting))
             report.skipped.add(path)
             continue  # nothing more worth saying about a file left out
         if entry.caption_strategy == "textfile":
@@ -219,6 +206,26 @@ def check_datasets(datasets: JobSpec | Sequence[DatasetEntry], min_size: int | N
     listed_per_dataset = [sum(1 for index, _ in listed if index == i) for i in range(len(entries))]
     _check_counts(report, entries, listed_per_dataset, batch_size, gradient_accumulation, held_out)
     return report
+
+
+def _list_dataset(report: HealthReport, index: int, entry: DatasetEntry) -> list[Path]:
+    """The training images of one dataset folder; rows for a folder that is missing, unreadable or without images,
+    and for the files in it that are not training images."""
+    folder, key = Path(entry.path), f"data.datasets[{index}].path"
+    if not folder.is_dir():
+        report.rows.append(HealthRow(folder, "dataset folder does not exist; give the folder that holds the images",
+                                     "error", "dataset", key=key))
+        return []
+    if not os.access(folder, os.R_OK | os.X_OK):  # listing it would raise PermissionError
+        report.rows.append(HealthRow(folder, "cannot read this folder (permission denied); allow reading it or copy "
+                                             "the images to a folder you can read", "error", "dataset", key=key))
+        return []
+    report.rows += _stray_files(folder, (entry.masks, entry.conditioning or "")) + _link_rows(entry)
+    images = list_images(folder)
+    if not images:
+        report.rows.append(HealthRow(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder; add images "
+                                             "or give the folder that holds them", "error", "dataset", key=key))
+    return images
 
 
 def _duplicates(report: HealthReport, scans: list[tuple[Path, _Scan]]) -> list[HealthRow]:
@@ -250,9 +257,10 @@ def _edit_model_without_pairs(spec: JobSpec) -> list[HealthRow]:
     flavour = registry.get_flavour(spec.model.family, spec.model.flavour)
     if not flavour.needs_reference_image:
         return []
-    return [HealthRow(Path("data.datasets"), f"{flavour.label} edits a reference image, but no dataset has a "
-                      "conditioning folder: it trains on the targets alone (text to image); give the folder of "
-                      "reference images if it should learn an edit", "warning", "pair")]
+    key = "data.datasets[0].conditioning"
+    return [HealthRow(Path(key), f"{flavour.label} edits a reference image, but no dataset has a conditioning "
+                      "folder: it trains on the targets alone (text to image); give the folder of reference images if "
+                      "it should learn an edit", "warning", "pair", key=key)]
 
 
 def _skip_reason(scan: _Scan, min_size: int, mask: Path | None,
@@ -275,8 +283,9 @@ def _check_counts(report: HealthReport, entries: list[DatasetEntry], listed: lis
                    for i in range(len(entries))]
     for index, entry in enumerate(entries):
         if listed[index] and not per_dataset[index]:
-            report.rows.append(HealthRow(Path(entry.path), "no usable image in this dataset (every one is skipped)",
-                                         "error", "dataset"))
+            report.rows.append(HealthRow(Path(entry.path), "no usable image in this dataset (every one is skipped, "
+                                                           "see their rows)", "error", "dataset",
+                                         key=f"data.datasets[{index}].path"))
     samples = sum(count * entry.repeats for count, entry in zip(per_dataset, entries, strict=True))
     samples -= min(held_out, per_dataset[0]) * entries[0].repeats
     report.samples = max(samples, 0)
@@ -285,8 +294,8 @@ def _check_counts(report: HealthReport, entries: list[DatasetEntry], listed: lis
     if report.samples < batch_size:
         report.rows.append(HealthRow(Path("train.batch_size"), f"{report.samples} samples (images × repeats) "
                                      f"cannot fill one batch of {batch_size}; lower it or add images", "error",
-                                     "count"))
+                                     "count", key="train.batch_size"))
     elif report.samples < batch_size * accumulation:
         report.rows.append(HealthRow(Path("train.gradient_accumulation"), f"{report.samples} samples are fewer "
                                      f"than one optimiser step takes ({batch_size} × {accumulation}); every step "
-                                     "repeats some images", "warning", "count"))
+                                     "repeats some images", "warning", "count", key="train.gradient_accumulation"))

@@ -4,6 +4,7 @@ Markdown (UI). Data only: health.py fills it, pairs.py adds the edit pairs' rows
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -22,6 +23,8 @@ class HealthRow:
     severity: Severity
     kind: Kind
     skipped: bool = False  # the image is left out of training
+    key: str = ""  # the job setting the row is about (train.batch_size, data.datasets[0].path); the page names its
+    # control instead (HealthReport.markdown's `name`)
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,15 @@ class HealthReport:
                 f"{len(usable_images(self))} usable, {len(self.skipped)} skipped, "
                 f"{self.samples} samples with repeats")
 
-    def _lines(self, per_kind: int | None) -> list[tuple[str, str, str]]:
+    def _where(self, row: HealthRow, name: Callable[[str], str] | None) -> str:
+        """The row's file as display_path shows it, after the setting it is about ('key: dataset/') if any."""
+        shown = display_path(self.datasets + self.reference_folders, row.file)
+        if not row.key:
+            return shown
+        setting = name(row.key) if name is not None else row.key
+        return setting if shown == row.key else f"{setting}: {shown}"
+
+    def _lines(self, per_kind: int | None, name: Callable[[str], str] | None = None) -> list[tuple[str, str, str]]:
         """(severity, file, problem): errors first; of each kind at most `per_kind` rows and a count of the rest."""
         groups: dict[tuple[bool, str], list[HealthRow]] = {}
         for row in sorted(self.rows, key=lambda row: (row.severity != "error", _KIND_ORDER.index(row.kind),
@@ -71,8 +82,7 @@ class HealthReport:
         out: list[tuple[str, str, str]] = []
         for (_, kind), rows in groups.items():
             shown = rows if per_kind is None else rows[:per_kind]
-            out += [(row.severity, display_path(self.datasets + self.reference_folders, row.file),
-                     row.problem + ("; skipped" * row.skipped))
+            out += [(row.severity, self._where(row, name), row.problem + ("; skipped" * row.skipped))
                     for row in shown]
             if len(rows) > len(shown):
                 out.append((rows[0].severity, "…", f"and {len(rows) - len(shown)} more like these ({kind})"))
@@ -84,17 +94,18 @@ class HealthReport:
         lines = [f"dataset health: {self.verdict} — {self.counts()}"]
         cells = self._lines(per_kind)
         if cells:
-            cells.insert(0, ("severity", "file", "problem"))
+            cells.insert(0, ("severity", "file or setting", "problem"))
             widths = [max(len(cell[i]) for cell in cells) for i in range(2)]
             lines += [f"  {a.ljust(widths[0])}  {b.ljust(widths[1])}  {c}" for a, b, c in cells]
         return "\n".join(lines)
 
-    def markdown(self, per_kind: int | None = 25) -> str:
-        """Markdown for the UI: the verdict in bold, the counts, a table of the problems."""
+    def markdown(self, per_kind: int | None = 25, name: Callable[[str], str] | None = None) -> str:
+        """Markdown for the UI: the verdict in bold, the counts, a table of the problems. `name`: how the page
+        names a job setting (the label of its control; the CLI's table shows the key)."""
         lines = [f"**Dataset health: {self.verdict}** — {_escape(self.counts())}"]
-        cells = self._lines(per_kind)
+        cells = self._lines(per_kind, name)
         if cells:
-            lines += ["", "| severity | file | problem |", "| --- | --- | --- |"]
+            lines += ["", "| severity | file or setting | problem |", "| --- | --- | --- |"]
             lines += [f"| {a} | {_escape(b)} | {_escape(c)} |" for a, b, c in cells]
         return "\n".join(lines)
 

@@ -56,14 +56,15 @@ def check_pairs(report: HealthReport, entries: Sequence[DatasetEntry], workers: 
         folder, dataset = Path(entry.conditioning), Path(entry.path)
         report.reference_folders.append(folder)
         if not folder.is_dir():
-            report.rows.append(HealthRow(folder, f"conditioning folder of data.datasets[{index}] does not exist; "
-                                                 "edit pairs need the reference images", "error", "dataset"))
+            report.rows.append(HealthRow(folder, "the reference folder does not exist; edit pairs need the "
+                                                 "reference images", "error", "dataset",
+                                         key=f"data.datasets[{index}].conditioning"))
             continue
         references = list_images(folder)
         if not references:
-            report.rows.append(HealthRow(folder, f"no reference images in the conditioning folder of "
-                                                 f"data.datasets[{index}]; add one per target, named like it",
-                                         "error", "dataset"))
+            report.rows.append(HealthRow(folder, "no reference images in the reference folder; add one per target, "
+                                                 "named like it", "error", "dataset",
+                                         key=f"data.datasets[{index}].conditioning"))
         targets = [info for info in report.images if info.dataset == index and info.path not in report.skipped]
         reference_of = {info.path: find_reference(info.path, folder) for info in targets}
         found = sorted({ref for ref in reference_of.values() if ref is not None})
@@ -94,8 +95,8 @@ def check_pairs(report: HealthReport, entries: Sequence[DatasetEntry], workers: 
         if stretched:
             report.rows.append(HealthRow(dataset, (
                 f"{_count(stretched, 'strict pair')} whose reference has another shape: {_few(stretched)}; strict "
-                "matching stretches each reference into its target's bucket; set conditioning_match = \"loose\" "
-                "unless that is meant"), "warning", "pair"))
+                "matching stretches each reference into its target's bucket; set it to \"loose\" unless that is "
+                "meant"), "warning", "pair", key=f"data.datasets[{index}].conditioning_match"))
         stems = {path.stem for path in list_images(dataset)} if dataset.is_dir() else set()
         orphans = [reference.name for reference in references if reference.stem not in stems]
         if orphans:

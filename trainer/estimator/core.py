@@ -98,6 +98,8 @@ OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "lion8bit": 1.0, "prodigy": 1
 
 VAE_PARAMS = 84e6  # both FLUX VAEs; the encoder alone is about a third
 VAE_PEAK_BYTES_PER_PIXEL = 400.0  # activations of one image through the VAE (slicing: one image at a time), 16-bit
+# sample.preview_decoder: a diffusers AutoencoderTiny (encoder and decoder, both loaded), e.g. taef1: 2.46 M
+TINY_DECODER_PARAMS = 2.5e6
 
 PHASES = ("loading", "caching text embeddings", "caching latents", "training step", "validation sampling")
 
@@ -349,6 +351,7 @@ def _training_ram(job: _Job, swapped_ram: float, step: _Step) -> dict[str, float
         "process (python, torch, CUDA libraries)": PROCESS_RAM_GIB * GIB,
         swapped_label: swapped_ram,
         "vae (parked for sampling)": job.vae_bytes if sampled else 0.0,
+        "preview decoder (parked for sampling)": _preview_decoder_bytes(job),
         "optimizer state + fp32 lora masters and grads (offloaded)": step.optimizer_ram,
         "checkpoint inputs (offloaded)": step.activations.offloaded,
         "cached latents and embeddings (in memory)": CACHES_RAM_GIB * GIB,
@@ -369,8 +372,17 @@ def _sampling_work(job: _Job) -> float:
     denoise = INFERENCE_FACTOR[job.compute_elem] * f.hidden_size * sample_tokens * cfg
     if spec.advanced.attention == "sage":
         denoise += SAGE_SAMPLING_BYTES * f.hidden_size * sample_tokens * cfg
+    # Live previews (sample.preview_every) decode between two denoising steps, at most PREVIEW_SIDE px, by the VAE
+    # or a smaller decoder: never more than the final decode, so they add no working memory here.
     decode = 0.0 if f.is_demo else VAE_PEAK_BYTES_PER_PIXEL * sample_res**2 * job.vae_elem / 2
     return max(denoise, decode, clip_scorer_bytes(spec.sample.clip_score_model))
+
+
+def _preview_decoder_bytes(job: _Job) -> float:
+    """sample.preview_decoder: the tiny autoencoder beside the VAE while sampling (in system RAM otherwise)."""
+    sample = job.spec.sample
+    used = sample.prompts and sample.preview_every and sample.preview_decoder and not job.f.is_demo
+    return TINY_DECODER_PARAMS * job.vae_elem if used else 0.0
 
 
 def _phases(job: _Job, weights: dict[str, float], step: _Step, train_ram: dict[str, float]) -> dict[str, PhaseMemory]:
@@ -387,10 +399,12 @@ def _phases(job: _Job, weights: dict[str, float], step: _Step, train_ram: dict[s
     loaded = job.text_loaded
     text_weights = {f"text encoder weights ({te_label})": te_gpu_weights} if loaded else no_gpu
     text_work = {"text encoder working memory": te_gpu - te_gpu_weights} if loaded else no_gpu
-    sampling = (_gpu_phase(weights | {"vae": vae_bytes},
+    tiny = _preview_decoder_bytes(job)
+    previews = {"preview decoder (tiny autoencoder)": tiny} if tiny else no_gpu
+    sampling = (_gpu_phase(weights | {"vae": vae_bytes} | previews,
                            step.kept_for_sampling | {"sampling working memory (denoiser, VAE decode, CLIP score)":
                                                      _sampling_work(job)},
-                           ram_step - train_ram["vae (parked for sampling)"] - step.activations.offloaded)
+                           ram_step - train_ram["vae (parked for sampling)"] - tiny - step.activations.offloaded)
                 if spec.sample.prompts else PhaseMemory(0.0, 0.0))
     return {
         "loading": _gpu_phase(no_gpu, no_gpu, loads.loading(loaded)),

@@ -43,7 +43,11 @@ class FamilyOps(Protocol):
 
     def sample(self, pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None,
                steps: int, guidance: float, seed: int, resolution: int,
-               reference: Image.Image | None = None) -> Image.Image: ...
+               reference: Image.Image | None = None, on_step: Callable[..., dict] | None = None) -> Image.Image: ...
+
+    # the sampler's packed latents of a height x width image as `decoder` (the VAE or a tiny one) takes them
+    def decoder_latents(self, pipe: Any, packed: torch.Tensor, height: int, width: int,
+                        decoder: Any) -> torch.Tensor: ...
 
 
 def family_ops(family: str) -> FamilyOps:

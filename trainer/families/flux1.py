@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -111,12 +112,13 @@ def predict(transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, text: d
 
 def sample(pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None,
            steps: int, guidance: float, seed: int, resolution: int,
-           reference: Image.Image | None = None) -> Image.Image:
-    """One image; with `reference` (Kontext), it goes to the pipeline's `image=` and sets the size."""
+           reference: Image.Image | None = None, on_step: Callable[..., dict] | None = None) -> Image.Image:
+    """One image; with `reference` (Kontext), it goes to the pipeline's `image=` and sets the size.
+    `on_step`: called after every denoising step with the latents (trainer/previews.py), which it leaves alone."""
     device = pipe.transformer.device
     del negative  # FLUX.1 dev is guidance-distilled: the scale goes in as an embedding, no true CFG pass
     width, height = reference.size if reference is not None else (resolution, resolution)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {} if on_step is None else {"callback_on_step_end": on_step}
     if type(pipe).__name__ == "FluxKontextPipeline":
         # Kontext otherwise rescales the output to 1024² and snaps the reference to its preferred sizes; the
         # reference is already cut to a bucket of the sample resolution, as training cut its pairs.
@@ -130,3 +132,13 @@ def sample(pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.T
         guidance_scale=guidance, num_inference_steps=steps, height=height, width=width,
         generator=torch.Generator("cpu").manual_seed(seed), **kwargs,
     ).images[0]
+
+
+def decoder_latents(pipe: Any, packed: torch.Tensor, height: int, width: int, decoder: Any) -> torch.Tensor:  # noqa: ANN401
+    """The sampler's packed latents (B, tokens, 64) of a `height` x `width` px image as `decoder` takes them
+    (B, 16, H/8, W/8), by the pipeline's own steps with the decoder's own scale and shift (a tiny autoencoder
+    such as taef1 has its own)."""
+    from diffusers import FluxPipeline
+
+    latents = FluxPipeline._unpack_latents(packed, height, width, pipe.vae_scale_factor)
+    return latents / decoder.config.scaling_factor + decoder.config.shift_factor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -97,10 +98,13 @@ def predict(transformer: Any, noisy: torch.Tensor, sigmas: torch.Tensor, text: d
 
 def sample(pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None,
            steps: int, guidance: float, seed: int, resolution: int,
-           reference: Image.Image | None = None) -> Image.Image:
-    """One image; with `reference` (an edit flavour), it goes to the pipeline's `image=` and sets the size."""
+           reference: Image.Image | None = None, on_step: Callable[..., dict] | None = None) -> Image.Image:
+    """One image; with `reference` (an edit flavour), it goes to the pipeline's `image=` and sets the size.
+    `on_step`: called after every denoising step with the latents (trainer/previews.py), which it leaves alone."""
     device = pipe.transformer.device
     kwargs: dict[str, Any] = {"guidance_scale": guidance}
+    if on_step is not None:
+        kwargs["callback_on_step_end"] = on_step
     if negative is not None:  # klein base: real classifier-free guidance against the empty prompt
         kwargs["negative_prompt_embeds"] = negative["prompt_embeds"].to(device)
     width, height = reference.size if reference is not None else (resolution, resolution)
@@ -110,3 +114,17 @@ def sample(pipe: Any, text: dict[str, torch.Tensor], negative: dict[str, torch.T
         prompt_embeds=text["prompt_embeds"].to(device), num_inference_steps=steps, height=height,
         width=width, generator=torch.Generator("cpu").manual_seed(seed), **kwargs,
     ).images[0]
+
+
+def decoder_latents(pipe: Any, packed: torch.Tensor, height: int, width: int, decoder: Any) -> torch.Tensor:  # noqa: ANN401
+    """The sampler's packed latents (B, tokens, 128) of a `height` x `width` px image as the VAE's decoder takes
+    them (B, 32, H/8, W/8), by the pipeline's own steps: tokens in raster order (text-to-image ids), the
+    batch-norm statistics undone, the 2x2 patches unfolded. A tiny decoder for FLUX.2 takes the same latents."""
+    del decoder
+    side = pipe.vae_scale_factor * 2
+    batch, _, channels = packed.shape
+    latents = packed.reshape(batch, int(height) // side, int(width) // side, channels).permute(0, 3, 1, 2)
+    vae = pipe.vae
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
+    return pipe._unpatchify_latents(latents * std + mean)

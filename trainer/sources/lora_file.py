@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from trainer.registry import FAMILIES
+from trainer.regular_files import NOT_REGULAR
 from trainer.sources.recognise import NotSafetensors, read_raw_header
 
 _METADATA_KEYS = ("flux_lora_studio.family", "ss_base_model_version", "modelspec.architecture")
@@ -60,6 +61,8 @@ def check_init_from(path: str | Path, family: str) -> str | None:
         return f"{field}: '{file}' is a folder; give the LoRA's .safetensors file"
     if file.suffix.lower() != ".safetensors":
         return f"{field}: '{file.name}' is not a .safetensors LoRA file"
+    if not file.is_file():  # a FIFO would block the header's read
+        return f"{field}: '{file}' {NOT_REGULAR}; give the LoRA's .safetensors file"
     try:
         found, evidence = lora_family(file)
     except NotSafetensors as exc:

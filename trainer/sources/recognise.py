@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer import registry
+from trainer.regular_files import open_regular
 from trainer.sources.architecture import Architecture, fitting, mismatch
 
 _MAX_HEADER = 100 * 1024 * 1024  # a real header is a few MB at most; larger means this is not safetensors
@@ -54,7 +55,7 @@ def read_raw_header(path: str | Path) -> dict[str, object]:
     path = Path(path)
     try:
         size = path.stat().st_size
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:  # a FIFO named like a LoRA or model file would block a plain open
             raw = handle.read(8)
             if len(raw) < 8:
                 raise NotSafetensors("the file is shorter than a safetensors header")
