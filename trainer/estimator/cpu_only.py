@@ -20,9 +20,11 @@ from trainer.estimator.core import CONTEXT, GIB, OVERHEAD, PROCESS_RAM_GIB, load
 from trainer.estimator.shapes import WEIGHT_BYTES
 from trainer.spec import JobSpec, with_text_encoder_precision
 
-# Python, torch, diffusers and transformers imported, before any model (CPU-only torch: no CUDA libraries);
-# measured by bench/rehearse.py: 1.0 GiB anonymous with a 1 GB real-width model loaded.
-PROCESS_RAM_GIB_CPU = 1.0
+# Python, torch, diffusers and transformers imported, before any model (CPU-only torch: no CUDA libraries).
+# Measured by bench/rehearse.py on klein base 9B once the text encoder was freed (the heap trimmed): caching
+# latents 0.73 GiB resident with the VAE (0.16) and a few latents; 1.0 before, fitted to a run whose heap held
+# the freed slices of its streamed loads.
+PROCESS_RAM_GIB_CPU = 0.5
 # A text encoder that transformers' from_pretrained loads (a 16- or 32-bit one from hub shards) keeps its files
 # mapped until it is freed, and the pages read stay resident (file-backed). Measured on klein base 4B (fp8 base,
 # Qwen3-4B bf16 in two hub shards): loading 15.54 GiB resident (11.09 anonymous + 4.45 file-backed) and caching
@@ -50,6 +52,8 @@ def cpu_only_phases(spec: JobSpec, first_run: bool = True, ram_gib: float | None
         if not phase.parts and not phase.ram_gib:
             continue
         device = sum(value for part, value in phase.parts.items() if part not in (CONTEXT, OVERHEAD))
+        if name == "caching latents":  # the VAE "on the device" is the one the host holds: count it once
+            device -= phase.parts.get("vae", 0.0)
         phases[name] = phase.ram_gib + device - lighter
     loads = loading_parts(spec, plan)  # no device tensors while loading: the CUDA context only
     phases["loading"], phases["loading transformer"] = loads["text encoders"] - lighter, loads["transformer"] - lighter
