@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -35,9 +36,14 @@ from trainer.errors import UserError  # noqa: E402
 
 GIB = 1024**3
 SAMPLE_SECONDS = 0.05
+PHASE_LINE = re.compile(r"^\[([a-z ]+)\] ?(.*)$")  # the trainer's console line for a phase it enters
 # estimator phase -> the rehearsal's phase names (the trainer's events)
-PHASES = ("loading", "caching text embeddings", "caching latents", "training step", "sampling", "saving")
+# the session loads twice: the pipeline with its text encoders and VAE first, the transformer once the caches are
+# filled (trainer/session.py); each has its own row and prediction
+PHASES = ("loading", "caching text embeddings", "caching latents", "loading transformer", "training step",
+          "sampling", "saving")
 PREDICTED_AS = {"loading": "loading", "caching text embeddings": "caching text embeddings",
+                "loading transformer": "loading transformer",
                 "caching latents": "caching latents", "training step": "training step",
                 "sampling": "validation sampling", "saving": "training step"}
 
@@ -58,27 +64,27 @@ def _status(pid: int) -> dict[str, int] | None:
 class Watcher(threading.Thread):
     """Samples the trainer's memory and follows its events: peak RSS (and its anon/file split) per phase."""
 
-    def __init__(self, pid: int, events: Path) -> None:
+    def __init__(self, pid: int, events: Path, log: Path | None = None) -> None:
         super().__init__(daemon=True)
-        self.pid, self.events = pid, events
+        self.pid, self.events, self.log = pid, events, log
         self.phase = "starting"
         self.peaks: dict[str, dict[str, int]] = {}
         self.started: dict[str, float] = {}
-        self.ended: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}  # a phase met more than once adds up
         self.steps: list[float] = []
         self.done = threading.Event()
-        self._offset = 0
+        self._offset = self._log_offset = 0
 
     def _enter(self, phase: str) -> None:
         now = time.time()
-        self.ended[self.phase] = now
+        spent = now - self.started.get(self.phase, now)
+        self.seconds[self.phase] = self.seconds.get(self.phase, 0.0) + spent
         peak = self.peaks.get(self.phase)
         if peak and "VmRSS" in peak:  # as it happens: a rehearsal stopped halfway still told what it saw
             print(f"  [{self.phase}] peak RSS {peak['VmRSS'] / GIB:.2f} GiB (anon {peak.get('RssAnon', 0) / GIB:.2f}, "
-                  f"file {peak.get('RssFile', 0) / GIB:.2f}), {now - self.started.get(self.phase, now):.0f} s",
-                  flush=True)
+                  f"file {peak.get('RssFile', 0) / GIB:.2f}), {spent:.0f} s", flush=True)
         self.phase = phase
-        self.started.setdefault(phase, now)
+        self.started[phase] = now
 
     def _read_events(self) -> None:
         if not self.events.is_file():
@@ -90,16 +96,37 @@ class Watcher(threading.Thread):
                     break
                 self._offset += len(line.encode())
                 event = json.loads(line)
-                if event["event"] == "phase":
-                    phase = "training step" if event["phase"] == "training" else event["phase"]
-                    if phase == "caching latents" and self.phase == "caching latents":
-                        continue
-                    self._enter(phase)
+                # the trainer writes its events file only once training starts (the earlier ones all at once):
+                # its other phases come from its log as they happen
+                if event["event"] == "phase" and (self.log is None or event["phase"] == "training"):
+                    self._phase(event["phase"], event.get("detail", ""))
                 elif event["event"] == "progress":
                     self.steps.append(event["step_seconds"])
 
+    def _phase(self, phase: str, detail: str) -> None:
+        phase = "training step" if phase == "training" else phase
+        if phase == "loading" and detail.startswith("transformer"):
+            phase = "loading transformer"
+        if phase != self.phase:  # caching latents and sampling say so more than once
+            self._enter(phase)
+
+    def _read_log(self) -> None:
+        """'[phase] detail' lines of the trainer's console output, as they are printed."""
+        if self.log is None or not self.log.is_file():
+            return
+        with open(self.log, "rb") as handle:
+            handle.seek(self._log_offset)
+            for raw in handle:
+                if not raw.endswith(b"\n"):
+                    break
+                self._log_offset += len(raw)
+                found = PHASE_LINE.match(raw.decode("utf-8", "replace"))
+                if found:
+                    self._phase(found[1], found[2])
+
     def run(self) -> None:
         while not self.done.is_set():
+            self._read_log()
             self._read_events()
             status = _status(self.pid)
             if not status or "VmRSS" not in status:  # gone, or a zombie
@@ -108,6 +135,7 @@ class Watcher(threading.Thread):
             if status["VmRSS"] > peak["VmRSS"]:
                 self.peaks[self.phase] = status
             time.sleep(SAMPLE_SECONDS)
+        self._read_log()
         self._read_events()
         self._enter("ended")
 
@@ -116,11 +144,13 @@ def run_trainer(job: Path, events: Path, log: Path, command: list[str] | None = 
     """`python -m trainer train job --no-progress` as a user runs it (or `command`), watched; (exit code, watcher,
     seconds)."""
     started = time.time()
+    own = command is None
     command = command or [sys.executable, "-m", "trainer", "train", str(job), "--no-progress"]
     with open(log, "w", encoding="utf-8") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**_env(), "CUDA_VISIBLE_DEVICES": ""})
-        watcher = Watcher(process.pid, events)
+                                   env={**_env(), "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"})
+        # the trainer's phases from its console lines; a given command (the text priming) writes events live
+        watcher = Watcher(process.pid, events, log if own else None)
         watcher.start()
         try:
             code = process.wait()
@@ -151,7 +181,7 @@ def table(watcher: Watcher, predicted: dict[str, float]) -> list[dict[str, objec
                      "rss_gib": round(rss, 2), "anon_gib": round(peak.get("RssAnon", 0) / GIB, 2),
                      "file_gib": round(peak.get("RssFile", 0) / GIB, 2),
                      "off_pct": None if not want else round(100 * (rss - want) / want, 1),
-                     "seconds": round(watcher.ended.get(phase, time.time()) - watcher.started[phase], 1)})
+                     "seconds": round(watcher.seconds.get(phase, time.time() - watcher.started[phase]), 1)})
     return rows
 
 
@@ -204,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def rehearse(args: argparse.Namespace) -> int:
+    from trainer.estimator.auto import resolve_lowvram
     from trainer.estimator.cpu_only import cpu_only_phases, text_only_gib
     from trainer.fabric.make import existing, fabricate, flavour_of, needed_bytes
+    from trainer.memory.system_ram import available_ram_gib
 
     flavour = flavour_of(args.flavour)
     fab_dir = Path(args.fab_dir)
@@ -213,6 +245,11 @@ def rehearse(args: argparse.Namespace) -> int:
     work = Path(args.work) if args.work else fab_dir / "rehearsals" / f"{args.flavour}-{args.layout}"
     made = existing(model, flavour, args.layout, 0)
     job, spec = build_job(flavour, args.layout, model, work, args.steps, args.resolution, args.preset, args.set)
+    if spec.model.text_encoder_precision == "auto":  # the session would choose by the RAM free at its start: fixed
+        chosen = resolve_lowvram(spec, None, ram_gib=available_ram_gib()).text_encoder_precision  # here, as now
+        print(f"model.text_encoder_precision auto: {chosen} with {available_ram_gib():.1f} GiB available", flush=True)
+        job, spec = build_job(flavour, args.layout, model, work, args.steps, args.resolution, args.preset,
+                              [*args.set, f'model.text_encoder_precision="{chosen}"'])
     predicted = cpu_only_phases(spec, first_run=not args.prime_text)
     peak = max(*predicted.values(), text_only_gib(spec) if args.prime_text else 0.0)
     check_disk_and_ram(0 if made else needed_bytes(flavour, args.layout), fab_dir, peak)

@@ -49,3 +49,21 @@ def python_env() -> dict[str, str]:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["HF_HUB_OFFLINE"] = "1"
     return env
+
+
+def run_demo_session(demo_dir: Path, overrides: list[str]) -> tuple[object, list[str]]:
+    """Train the demo job with `overrides` in this process (no samples, no training state); the ended Session and
+    the log messages it emitted."""
+    from trainer.events import LogMessage
+    from trainer.session import Session
+    from trainer.spec import load_spec, resolve_paths
+
+    spec = resolve_paths(load_spec(demo_dir / "job.toml", [
+        "sample.prompts=[]", "output.save_state=false", *overrides]), demo_dir)
+    messages: list[str] = []
+    session = Session(spec, emit=lambda e: messages.append(e.message) if isinstance(e, LogMessage) else None)
+    try:
+        session.run()
+    finally:
+        session.end()
+    return session, messages

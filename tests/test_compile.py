@@ -14,24 +14,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import run_demo_session
 from trainer import compiled_blocks
-from trainer.events import LogMessage
 from trainer.session import Session
-from trainer.spec import load_spec, resolve_paths
 
 LOW_VRAM = ["lowvram.blocks_to_swap=1", "lowvram.gradient_checkpointing=true", "model.base_precision='int8'"]
 
 
 def _run(demo_dir: Path, out: Path, *extra: str) -> tuple[dict[str, torch.Tensor], list[str], Session]:
-    spec = resolve_paths(load_spec(demo_dir / "job.toml", [
-        "train.max_steps=3", "sample.prompts=[]", "output.save_state=false", f"output.dir='{out}'", *LOW_VRAM,
-        *extra]), demo_dir)
-    messages: list[str] = []
-    session = Session(spec, emit=lambda e: messages.append(e.message) if isinstance(e, LogMessage) else None)
     try:
-        session.run()
+        session, messages = run_demo_session(demo_dir, ["train.max_steps=3", f"output.dir='{out}'", *LOW_VRAM, *extra])
     finally:
-        session.end()
         torch._dynamo.reset()
     return load_file(out / "demo_lora.safetensors"), messages, session
 

@@ -6,22 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from trainer.events import LogMessage
+from tests.conftest import run_demo_session
 from trainer.memory.cache_release import CacheRelease
-from trainer.session import Session
-from trainer.spec import SpecError, load_spec, resolve_paths
+from trainer.spec import SpecError, load_spec
 
 
 def test_released_every_n_steps_and_logged(demo_dir: Path, tmp_path: Path) -> None:
-    spec = resolve_paths(load_spec(demo_dir / "job.toml", [
-        "train.max_steps=5", "sample.prompts=[]", "output.save_state=false", f"output.dir='{tmp_path}'",
-        "lowvram.empty_cache_every=2"]), demo_dir)
-    messages: list[str] = []
-    session = Session(spec, emit=lambda e: messages.append(e.message) if isinstance(e, LogMessage) else None)
-    try:
-        session.run()
-    finally:
-        session.end()
+    session, messages = run_demo_session(demo_dir, ["train.max_steps=5", f"output.dir='{tmp_path}'",
+                                                    "lowvram.empty_cache_every=2"])
     assert session.cache_release.count == 2  # steps 2 and 4 of 5
     assert any("empty_cache_every = 2: released the cache 2 times" in m for m in messages)
 

@@ -75,6 +75,7 @@ from trainer.files import (
 from trainer.lora_formats import lora_filename
 from trainer.memory.cache_release import CacheRelease
 from trainer.memory.checkpointing import ActivationOffloader, enable_block_checkpointing
+from trainer.memory.heap import release_freed_heap
 from trainer.memory.optimizer_memory import FusedBackward, build_training_optimizer
 from trainer.memory.placement import TextEncoderPlacement, place_transformer
 from trainer.memory.quantize import quantised_sizes
@@ -487,6 +488,7 @@ class Session:
             if getattr(self.pipe, name, None) is not None:
                 setattr(self.pipe, name, None)
         gc.collect()
+        release_freed_heap()  # the encoder's freed tensors would otherwise stay resident (trainer/memory/heap.py)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -243,7 +243,9 @@ def start(studio: Studio, values: dict[str, Any], base: dict[str, Any] | None, c
     `choice.new_run` starts anew (the stopped run is set aside once the new one's first step is about to train).
     `cpu_allowed`: whether CPU processes may be chosen (None: FLUX_STUDIO_CPU_PROCESSES says). A refusal is what
     the Run tab's status line shows, as for Start."""
-    return studio.shown(_start(studio, values, base, choice, cpu_allowed))
+    outcome = studio.shown(_start(studio, values, base, choice, cpu_allowed))
+    studio.publisher.publish()  # the next poll (page or API) shows what this Start did, as after Start
+    return outcome
 
 
 def _start(studio: Studio, values: dict[str, Any], base: dict[str, Any] | None, choice: Choice,

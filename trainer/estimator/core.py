@@ -508,6 +508,17 @@ def _loads(job: _Job) -> _Loads:
                   te_whole, te_ram, transformer)
 
 
+def loading_parts(spec: JobSpec, plan: LowVramPlan) -> dict[str, float]:
+    """GiB of RAM of one process at the peak of each of the two loads, which run apart (trainer/session.py): the
+    pipeline with its text encoders and VAE ("text encoders"; the VAE alone on a warm text cache), then the
+    transformer beside the parked VAE and the caches ("transformer"). The "loading" phase is the larger."""
+    job = _job(with_text_encoder_precision(spec, plan.text_encoder_precision), plan, "single", 1)
+    loads = _loads(job)
+    encoders = loads.process + loads.vae + (loads.te_whole if job.text_loaded else 0.0)
+    return {"text encoders": encoders / GIB,
+            "transformer": (loads.process + loads.parked_vae + loads.caches + loads.transformer) / GIB}
+
+
 def _reference_tokens(spec: JobSpec, image_tokens: int) -> int:
     """Reference-image tokens beside the largest sample's image tokens: an edit pair's reference is cut to its
     target's bucket (strict) or to one of the same pixel area (loose), so it adds as many tokens as the target;

@@ -16,26 +16,35 @@ from __future__ import annotations
 from trainer import registry
 from trainer.estimator.activations import text_encoder_memory
 from trainer.estimator.auto import estimate_as_run, resolve_lowvram
-from trainer.estimator.core import CONTEXT, GIB, OVERHEAD, PROCESS_RAM_GIB
-from trainer.spec import JobSpec
+from trainer.estimator.core import CONTEXT, GIB, OVERHEAD, PROCESS_RAM_GIB, loading_parts
+from trainer.estimator.shapes import WEIGHT_BYTES
+from trainer.spec import JobSpec, with_text_encoder_precision
 
-# Python, torch, diffusers and transformers imported, before any model (CPU-only torch: no CUDA libraries);
-# measured by bench/rehearse.py: 1.0 GiB anonymous with a 1 GB real-width model loaded.
-PROCESS_RAM_GIB_CPU = 1.0
-# The safetensors pages mapped while the weights are read stay resident (file-backed) until their file is closed,
-# and the text encoder keeps its files mapped until it is freed. Measured on klein base 4B (fp8 base, Qwen3-4B bf16
-# in two hub shards): loading 15.54 GiB resident (11.09 anonymous + 4.45 file-backed) and caching text 15.73
-# (11.55 + 4.18), against 12.9 and 13.1 predicted for the copies alone: +2.6 GiB in both, about half of one 5 GB
-# hub shard. Reclaimable pages, but resident.
+# Python, torch, diffusers and transformers imported, before any model (CPU-only torch: no CUDA libraries).
+# Measured by bench/rehearse.py on klein base 9B once the text encoder was freed (the heap trimmed): caching
+# latents 0.73 GiB resident with the VAE (0.16) and a few latents; 1.0 before, fitted to a run whose heap held
+# the freed slices of its streamed loads.
+PROCESS_RAM_GIB_CPU = 0.5
+# A text encoder that transformers' from_pretrained loads (a 16- or 32-bit one from hub shards) keeps its files
+# mapped until it is freed, and the pages read stay resident (file-backed). Measured on klein base 4B (fp8 base,
+# Qwen3-4B bf16 in two hub shards): loading 15.54 GiB resident (11.09 anonymous + 4.45 file-backed) and caching
+# text 15.73 (11.55 + 4.18), against 12.9 and 13.1 predicted for the copies alone: +2.6 GiB in both, about half of
+# one 5 GB hub shard. Reclaimable pages, but resident. A text encoder the trainer streams itself (a quantised
+# precision, or a single file given) reads each tensor through a handle closed at once: klein base 9B, Qwen3-8B
+# int8 from four hub shards, 0.11 GiB file-backed at the loading peak.
 MAPPED_GIB = 2.6
 
 
-def cpu_only_phases(spec: JobSpec, first_run: bool = True) -> dict[str, float]:
+def cpu_only_phases(spec: JobSpec, first_run: bool = True, ram_gib: float | None = None) -> dict[str, float]:
     """Phase -> GiB of RAM for `spec` run with the CPU as its device; phases that do not run are left out.
-    `first_run`: the text encoder loads even where data.cache_text_embeddings is "disk" (a cold cache)."""
+    `first_run`: the text encoder loads even where data.cache_text_embeddings is "disk" (a cold cache).
+    `ram_gib`: the RAM available, from which the session resolves what the job leaves to auto.
+    "loading" is the pipeline's load (text encoders and VAE), "loading transformer" the transformer's, which
+    comes after the caches are filled."""
     if first_run and spec.data.cache_text_embeddings == "disk":
         spec = spec.model_copy(update={"data": spec.data.model_copy(update={"cache_text_embeddings": "memory"})})
-    plan = resolve_lowvram(spec, None)  # the session's plan on a device without VRAM
+    plan = resolve_lowvram(spec, None, ram_gib=ram_gib)  # the session's plan on a device without VRAM
+    spec = with_text_encoder_precision(spec, plan.text_encoder_precision)  # auto: what the plan chose
     result = estimate_as_run(spec, None, plan=plan)
     lighter = PROCESS_RAM_GIB - PROCESS_RAM_GIB_CPU
     phases: dict[str, float] = {}
@@ -43,12 +52,23 @@ def cpu_only_phases(spec: JobSpec, first_run: bool = True) -> dict[str, float]:
         if not phase.parts and not phase.ram_gib:
             continue
         device = sum(value for part, value in phase.parts.items() if part not in (CONTEXT, OVERHEAD))
+        if name == "caching latents":  # the VAE "on the device" is the one the host holds: count it once
+            device -= phase.parts.get("vae", 0.0)
         phases[name] = phase.ram_gib + device - lighter
-    text_loaded = spec.data.cache_text_embeddings != "disk"
-    for name in ("loading", "caching text embeddings") if text_loaded else ("loading",):
-        if name in phases:
+    loads = loading_parts(spec, plan)  # no device tensors while loading: the CUDA context only
+    phases["loading"], phases["loading transformer"] = loads["text encoders"] - lighter, loads["transformer"] - lighter
+    if spec.data.cache_text_embeddings != "disk" and _library_loads_text(spec):
+        for name in ("loading", "caching text embeddings"):
             phases[name] += MAPPED_GIB
     return phases
+
+
+def _library_loads_text(spec: JobSpec) -> bool:
+    """Whether transformers' from_pretrained loads a text encoder (mapping its hub shards): a 16/32-bit precision
+    and a slot without a single file (trainer/sources/assemble.py streams the others itself)."""
+    f = registry.get_flavour(spec.model.family, spec.model.flavour)
+    slots = (spec.model.text_encoder, spec.model.text_encoder_2)[:len(f.text_encoders)]
+    return spec.model.text_encoder_precision not in WEIGHT_BYTES and not all(slots)
 
 
 def text_only_gib(spec: JobSpec) -> float:

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from trainer.memory.block_store import BlockRecord, plain_name
+from trainer.memory.heap import release_freed_heap
 from trainer.memory.staging_ring import StagingRing
 from trainer.memory.swap_transfer import CpuTransfer, CudaTransfer, Transfer
 
@@ -241,6 +242,7 @@ class BlockSwapper:
             self._install_from_disk()
         else:
             self._install_in_ram()
+        release_freed_heap()
         largest = max(max(p.nbytes for p in self._packed), 1)
         self._slots = [self.transfer.slot_buffer(largest) for _ in range(self.slot_count)]
         self._occupant = [None] * self.slot_count
@@ -269,6 +271,7 @@ class BlockSwapper:
         self._packed = [_pack_layout(block, i) for i, block in enumerate(self.blocks[:self.swapped])]
         self._check_not_shared()
         for packed in self._packed:
+            release_freed_heap()  # the last block's tensors, freed as they were packed (trainer/memory/heap.py)
             host = self.transfer.host_buffer(max(packed.nbytes, 1))
             for param, span in packed.params:
                 host[span.offset:span.offset + span.nbytes].copy_(_as_bytes(param))

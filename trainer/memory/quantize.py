@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.errors import UserError
+from trainer.memory.heap import release_freed_heap
 
 FORMATS = ("fp8", "int8", "int4", "nf4")
 GROUP_SIZE = 64  # int4 groups and nf4 blocks; bitsandbytes' default NF4 block size, so our NF4(W) is theirs
@@ -470,6 +471,7 @@ def load_quantized_transformer(folder: str | Path, model_class: type, precision:
                 _load_tensor(model, key, files[key], compute_dtype, work_device)
         if sink is not None and prefix is not None:
             sink.complete(prefix, model.get_submodule(prefix))
+        release_freed_heap()  # once per block: the freed slices would stay resident (trainer/memory/heap.py)
     model.register_to_config(_name_or_path=str(folder))
     return model.eval()
 

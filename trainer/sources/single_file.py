@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from trainer.errors import UserError
+from trainer.memory.heap import HeapTrimmer, release_freed_heap
 from trainer.sources.reader import FileReader
 from trainer.sources.recognise import Recognised
 from trainer.sources.transformer_keys import identity_plan, transformer_plan
@@ -75,6 +76,7 @@ def load_transformer_file(path: str | Path, found: Recognised, config_folder: st
                 _fill(model, reader, name, plan[name], shapes[name], quantised.get(name), dtype, work_device)
         if sink is not None and prefix is not None:
             sink.complete(prefix, model.get_submodule(prefix))
+        release_freed_heap()  # once per block: the freed slices would stay resident (trainer/memory/heap.py)
     empty = _still_empty(model)
     if empty:
         raise UserError(f"model.transformer: '{reader.path.name}' left {len(empty)} tensors unset ({_few(empty)})")
@@ -213,15 +215,19 @@ def fill_text_encoder(readers: list[FileReader], found: Recognised, config_folde
         raise UserError(f"{field}: '{name0}' has {len(extra)} tensors {class_name} from "
                         f"'{Path(config_folder) / 'config.json'}' has not ({_few(extra)})")
     quantised = _quantise_text_linears(model, set(names.values()), precision, dtype)
+    trimmer = HeapTrimmer()  # freed slices of a streamed quantisation would stay resident (trainer/memory/heap.py)
     for name, key in names.items():
         reader = sources[name]
         if tuple(expected[key].shape) != reader.shape(name):
             raise UserError(f"{field}: '{reader.path.name}': '{name}' is {reader.shape(name)}, the config at "
                             f"'{Path(config_folder) / 'config.json'}' wants {tuple(expected[key].shape)}")
         if key in quantised:
-            _stream_quantised(model.get_submodule(key.rpartition(".")[0]), reader, name, precision)
+            layer = model.get_submodule(key.rpartition(".")[0])
+            _stream_quantised(layer, reader, name, precision)
+            trimmer.add(layer.qweight.nbytes)
         else:
             _set_tensor(model, key, reader.tensor(name, dtype))
+    trimmer.flush()
     tower = getattr(getattr(model, "model", None), "vision_tower", None)
     if found.kind == "mistral" and tower is not None and all(p.is_meta for p in tower.parameters()):
         # ComfyUI's Mistral file is the language model alone; the image tower only reads images, never prompts.
