@@ -13,6 +13,7 @@ are saved as the README's picture.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -20,24 +21,32 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# As the app trains (app.py's keep_the_page_responsive: a core left to the page), unless the caller says otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) - 1)))
 
 JOBS = {"flux2": "job.toml", "flux1": "job_flux1.toml"}
 
 
-def run_demo_job(demo: Path, family: str) -> tuple[float, list[tuple[int, str, str]]]:
-    """The family's demo job as it is, into DIR/out-FAMILY; returns its seconds and its samples (step, path, prompt)."""
+def load() -> str:
+    """The machine's load average (1, 5, 15 min): it is shared, so wall times are read beside it."""
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run_demo_job(demo: Path, family: str) -> tuple[float, float, list[tuple[int, str, str]]]:
+    """The family's demo job as it is, into DIR/out-FAMILY; returns its wall and CPU seconds and its samples
+    (step, path, prompt)."""
     from trainer.events import SampleSaved
     from trainer.session import Session
     from trainer.spec import load_spec, resolve_paths
 
     spec = resolve_paths(load_spec(demo / JOBS[family], [f"output.dir='{demo.parent / f'out-{family}'}'"]), demo)
     events: list = []
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     session = Session(spec, emit=events.append)
     session.run()
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     session.end()
-    return seconds, [(e.step, e.path, e.prompt) for e in events if isinstance(e, SampleSaved)]
+    return seconds, cpu, [(e.step, e.path, e.prompt) for e in events if isinstance(e, SampleSaved)]
 
 
 def main() -> int:
@@ -46,23 +55,27 @@ def main() -> int:
     parser.add_argument("--rebuild", action="store_true", help="build the demo even if this build is there")
     parser.add_argument("--picture", type=Path, default=None, help="save the README picture here")
     args = parser.parse_args()
+    import torch
+
     from trainer.demo import build_demo, is_built
     from trainer.demo_shapes import comparison_picture, learning_errors
     from trainer.quiet import silence_library_noise
 
     silence_library_noise()
+    print(f"torch threads: {torch.get_num_threads()} ({load()})")
     out = (args.out or Path(tempfile.mkdtemp(prefix="bench-demo-"))).resolve()
     demo = out / "demo"
     if args.rebuild or not is_built(demo):
-        started = time.perf_counter()
-        build_demo(demo, report=lambda stage: print(f"  {time.perf_counter() - started:5.1f} s  {stage}", flush=True))
-        print(f"build: {time.perf_counter() - started:.1f} s")
+        started, cpu = time.perf_counter(), time.process_time()
+        build_demo(demo, report=lambda stage: print(
+            f"  {time.perf_counter() - started:5.1f} s ({time.process_time() - cpu:5.1f} s CPU)  {stage}", flush=True))
+        print(f"build: {time.perf_counter() - started:.1f} s, {time.process_time() - cpu:.1f} s CPU ({load()})")
     else:
         print(f"build: reused {demo}")
     worst = 0.0
     for family in JOBS:
-        seconds, samples = run_demo_job(demo, family)
-        print(f"{family}: demo job {seconds:.1f} s (setup, training, samples and saves)")
+        seconds, cpu, samples = run_demo_job(demo, family)
+        print(f"{family}: demo job {seconds:.1f} s, {cpu:.1f} s CPU (setup, training, samples and saves; {load()})")
         for prompt, (first, last) in learning_errors(samples, demo / "dataset").items():
             worst = max(worst, last / first)
             print(f"  {prompt!r}: step 0 {first:5.1f}, end {last:5.1f}, ratio {last / first:.2f}")

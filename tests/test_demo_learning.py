@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from trainer import flow
 from trainer.demo import CACHE_ENV, DEMO_LEARNING_RATE, demo_key, ensure_demo
 from trainer.demo_shapes import DEMO_SEED, learning_errors, training_pictures
 from trainer.events import SampleSaved
+from trainer.registry import DEMO_TEXT_TOKENS
 from trainer.session import Session
 from trainer.spec import load_spec, resolve_paths
 
@@ -37,6 +39,15 @@ def _train(demo_dir: Path, out: Path, family: str) -> tuple[Session, list[tuple[
     return session, [(e.step, e.path, e.prompt) for e in events if isinstance(e, SampleSaved)]
 
 
+@pytest.fixture(scope="module", params=sorted(JOBS))
+def trained(request: pytest.FixtureRequest, demo_dir: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Session, list[tuple[int, str, str]]]]:
+    """One run per family, which the learning check and the diffusers comparison share (the suite's time)."""
+    session, samples = _train(demo_dir, tmp_path_factory.mktemp(f"learned-{request.param}"), request.param)
+    yield session, samples
+    session.end()
+
+
 def _flipped_target(monkeypatch: pytest.MonkeyPatch) -> None:
     """Test-only: the velocity target with its sign flipped, x0 − ε instead of ε − x0."""
     right = flow.noisy_latents
@@ -48,17 +59,13 @@ def _flipped_target(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(flow, "noisy_latents", wrong)
 
 
-@pytest.mark.parametrize("family", sorted(JOBS))
-def test_samples_of_training_captions_come_twice_as_close(demo_dir: Path, tmp_path: Path, family: str) -> None:
-    session, samples = _train(demo_dir, tmp_path, family)
-    try:
-        errors = learning_errors(samples, demo_dir / "dataset")
-        assert sorted(errors) == sorted(PROMPTS)
-        for prompt, (first, last) in errors.items():
-            assert last <= 0.5 * first, f"{family} {prompt!r}: error {first:.1f} at step 0, {last:.1f} at the end"
-        _diffusers_draws_the_trainers_sample(session, demo_dir, samples)
-    finally:
-        session.end()
+def test_samples_of_training_captions_come_twice_as_close(demo_dir: Path, trained: tuple) -> None:
+    session, samples = trained
+    errors = learning_errors(samples, demo_dir / "dataset")
+    assert sorted(errors) == sorted(PROMPTS)
+    for prompt, (first, last) in errors.items():
+        assert last <= 0.5 * first, (f"{session.spec.model.family} {prompt!r}: error {first:.1f} at step 0, "
+                                     f"{last:.1f} at the end")
 
 
 @pytest.mark.parametrize("family", sorted(JOBS))
@@ -72,19 +79,21 @@ def test_the_check_fails_when_the_target_is_wrong(demo_dir: Path, tmp_path: Path
     assert any(last > 0.5 * first for first, last in errors.values()), errors
 
 
-def _diffusers_draws_the_trainers_sample(session: Session, demo_dir: Path,
-                                         samples: list[tuple[int, str, str]]) -> None:
+def test_diffusers_pipeline_draws_the_trainers_sample(demo_dir: Path, trained: tuple) -> None:
     """The final LoRA, loaded by diffusers' own pipeline from the demo folder, draws the trainer's last sample of the
     first prompt from the prompt's text (the pipeline encodes it), at the sampler's settings."""
+    session, samples = trained
     family, flavour = session.spec.model.family, session.flavour
     pipe = type(session.pipe).from_pretrained(demo_dir / family)
     pipe.set_progress_bar_config(disable=True)
     lora = session.last_lora_path
     pipe.load_lora_weights(lora.parent, weight_name=lora.name)
     extra = {"text_encoder_out_layers": flavour.text_encoder_layers} if family == "flux2" else {}
+    size = flavour.sample_resolution
     with torch.no_grad():
         image = pipe(prompt=PROMPTS[0], num_inference_steps=flavour.sample_steps,
-                     guidance_scale=flavour.sample_guidance, height=64, width=64, max_sequence_length=64,
+                     guidance_scale=flavour.sample_guidance, height=size, width=size,
+                     max_sequence_length=DEMO_TEXT_TOKENS,
                      generator=torch.Generator("cpu").manual_seed(session.spec.sample.seed), **extra).images[0]
     last = max((step, path) for step, path, prompt in samples if prompt == PROMPTS[0])[1]
     with Image.open(last) as trainers:

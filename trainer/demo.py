@@ -58,19 +58,38 @@ def _byte_level_alphabet() -> list[str]:
     return list(bytes_to_unicode().values())
 
 
+def _demo_words() -> list[str]:
+    """Every word of the demo's captions and instructions, which its tokenizers keep whole."""
+    return [TRIGGER, "a", "on", "background", "make", "the", *COLOURS, *SHAPES]
+
+
+def _word_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-level BPE merges that build each word (and its space-led form, "Ġword") one character at a time, so a
+    demo caption takes a token a word; any other text still falls back to bytes. The space-led chains rank first: Ġ
+    only starts a piece, so no other merge can split a space-led word."""
+    chains = []
+    for word in words:
+        for form in ("Ġ" + word, word):
+            chains += [(form[0] != "Ġ", i, (form[:i], form[i])) for i in range(1, len(form))]
+    merges: list[tuple[str, str]] = []
+    for _, _, merge in sorted(chains):
+        if merge not in merges:
+            merges.append(merge)
+    return merges
+
+
 def _qwen_tokenizer():  # noqa: ANN202 - transformers type
     from transformers import Qwen2Tokenizer
 
     vocab = {c: i for i, c in enumerate(_byte_level_alphabet())}
-    for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
-        vocab[token] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=512)
+    merges = _word_merges(_demo_words())
+    for token in [a + b for a, b in merges] + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]:
+        vocab.setdefault(token, len(vocab))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=512)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    # The FLUX.2 klein pipeline renders prompts through the chat template, as Qwen3 does.
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
+    # The FLUX.2 klein pipeline renders prompts through the chat template, as Qwen3 does; the demo's keeps only the
+    # markers around the prompt, so a caption fits its few tokens.
+    tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
     return tokenizer
 
 
@@ -90,6 +109,8 @@ def _t5_tokenizer():  # noqa: ANN202
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     pieces += [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789▁.,!?'-"]
+    # Whole demo words score above their letters (-1 each), so the unigram model takes a caption a word a token.
+    pieces += [("▁" + word, 0.0) for word in _demo_words()]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 

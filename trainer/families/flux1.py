@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from trainer.registry import Flavour
+from trainer.registry import DEMO_TEXT_TOKENS, Flavour
 from trainer.sources.assemble import load_pipeline as assemble_pipeline
 
 # Both families load through one assembler (hub, folder or single files; quantised bases streamed): see
@@ -18,10 +18,10 @@ load_pipeline = assemble_pipeline
 
 
 def _max_sequence_length(flavour: Flavour) -> int:
-    # T5 token budget: the demo's one-character-per-token prompts fit in 64; schnell was trained with 256,
-    # the dev models with 512.
+    # T5 token budget: the demo's word-per-token prompts fit in its few; schnell was trained with 256, the dev
+    # models with 512.
     if flavour.is_demo:
-        return 64
+        return DEMO_TEXT_TOKENS
     return 256 if flavour.name == "schnell" else 512
 
 
