@@ -45,7 +45,7 @@ _VAE_GROUPS = 1
 STAMP = "demo.json"
 CACHE_ENV = "FLUX_LORA_STUDIO_DEMO_CACHE"
 # The demo job: a LoRA that learns the dataset within a minute on two CPU cores (tests/test_demo_learning.py).
-DEMO_STEPS = 600
+DEMO_STEPS = 1000
 DEMO_RANK = 8
 DEMO_LEARNING_RATE = 0.005
 SAMPLED_CAPTIONS = 3
