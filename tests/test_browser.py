@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from test_app import _launch, _shut_down, _wait_until_up
 
+from trainer.demo import DEMO_STEPS
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--disable-dev-shm-usage"]
@@ -97,7 +99,7 @@ def test_a_new_user_trains_the_demo_in_chromium(tmp_path):
                     .to_be_visible()
                 page.get_by_role("tab", name="Training").click()
                 steps = page.get_by_label("Run length (steps)", exact=True).filter(visible=True)
-                expect(steps).to_have_value("400")  # the preset filled the form
+                expect(steps).to_have_value(str(DEMO_STEPS))  # the preset filled the form
                 shot(page, "02-profile-and-preset")
 
                 page.get_by_role("tab", name="Run", exact=True).click()
