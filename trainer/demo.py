@@ -288,8 +288,8 @@ def sample_prompts() -> list[str]:
 # The tiny FLUX.1 base reads its captions mostly from CLIP's pooled vector, which enters every block through
 # time_text_embed and the modulation, layers the presets leave alone: with a preset only, the LoRA cannot teach it new
 # words (measured: every prompt's sample alike, 0.75 of the step-0 error after the demo run). With time_text_embed
-# beside the preset's layers: 0.41 and 0.26 (bench/bench_demo_learning.py). Pre-training it to read the T5 tokens
-# instead made it worse (1.06).
+# beside the preset's layers: 0.41 and 0.26 (bench/bench_demo_learning.py, on the 64-token build of 600 steps).
+# Pre-training it to read the T5 tokens instead made it worse (1.06).
 FLUX1_DEMO_TARGETS = r"((single_)?transformer_blocks\.\d+\.(?!(.*\.)?norm).+|time_text_embed\..+)"
 
 
