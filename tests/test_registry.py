@@ -124,14 +124,14 @@ def test_only_kontext_needs_a_reference_image() -> None:
 
 def test_demo_flavours_are_tiny_and_sample_fast() -> None:
     d2 = get_flavour("flux2", "demo")
-    assert (d2.double_blocks, d2.single_blocks, d2.hidden_size, d2.num_heads) == (2, 2, 32, 2)
+    assert (d2.double_blocks, d2.single_blocks, d2.hidden_size, d2.num_heads) == (2, 2, 128, 4)
     assert (d2.text_encoders, d2.text_encoder_layers, d2.joint_attention_dim) == (("Qwen3ForCausalLM",), (1, 2, 3), 48)
     assert (d2.pipeline_class, d2.guidance, d2.latent_channels) == ("Flux2KleinPipeline", "cfg", 32)
     # guidance 1.0 turns CFG off, so a demo sample is one forward pass per step
     assert (d2.sample_steps, d2.sample_guidance, d2.sample_resolution) == (4, 1.0, 64)
 
     d1 = get_flavour("flux1", "demo")
-    assert (d1.double_blocks, d1.single_blocks, d1.hidden_size, d1.num_heads) == (2, 2, 32, 2)
+    assert (d1.double_blocks, d1.single_blocks, d1.hidden_size, d1.num_heads) == (2, 2, 128, 4)
     assert (d1.text_encoders, d1.joint_attention_dim, d1.latent_channels) == (
         ("CLIPTextModel", "T5EncoderModel"),
         32,
