@@ -788,9 +788,9 @@ class Session:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             total = self._optimizer_step_or_explain()
-            # the first step's optimiser state, created inside the backward between the blocks' freed temporaries,
-            # leaves those holes resident in the heap (klein base 9B at 5 blocks deep, on the CPU: +0.27 GiB, kept
-            # through the later steps and sampling); once per step costs well under a millisecond
+            # an optimiser's first step makes its state above the step's freed temporaries, which would stay
+            # resident as heap holes through the later steps and sampling (fused backward trims as it steps:
+            # trainer/memory/optimizer_memory.py); once per step costs well under a millisecond
             release_freed_heap()
             if self.ema is not None:
                 self.ema.update(self.lora_parameters())
