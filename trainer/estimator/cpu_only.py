@@ -38,8 +38,8 @@ MAPPED_GIB = 2.6
 # parameter's optimiser state (fused backward) between the backward's freed temporaries, so the heap's arena grows
 # scattered, and the later steps' and sampling's temporaries fault its holes back in, resident until the step's
 # trim (trainer/session.py). About HEAP_BYTES_PER_TRAINABLE bytes per trainable parameter from the training step
-# on. Measured by bench/rehearse.py: FLUX.1 dev (65.4 M LoRA parameters) 15.16 GiB at the training step and 15.2
-# sampling against 13.89 and 13.48 without it (+1.27, +1.7 GiB); before the fused backward trimmed after each first
+# on. Measured by bench/rehearse.py: FLUX.1 dev (65.4 M LoRA parameters) 15.16 GiB at the training step and 15.49
+# sampling against 13.89 and 13.48 without it (+1.27, +2.01 GiB); before the fused backward trimmed after each first
 # step 32 bytes (klein base 9B +1.33 GiB with 43.5 M, FLUX.1 +1.97); klein base 9B widths, 5 blocks deep, 7.9 M
 # (bench/rehearse_shallow.py): +0.07 GiB over the estimate without it.
 HEAP_BYTES_PER_TRAINABLE = 20.0
