@@ -26,6 +26,26 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+# The longest files (1-3 minutes each, measured by --durations) start first, one on each worker: with xdist's
+# per-file schedule in collection order (--no-loadscope-reorder) they no longer end the run alone on one worker.
+SLOW_FILES_FIRST = (
+    "test_browser_session.py",
+    "test_browser_quickstart.py",
+    "test_multi_gpu.py",
+    "test_gpu_proof.py",
+    "test_browser.py",
+    "test_ui_multi_gpu.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOW_FILES_FIRST.index(name) if name in SLOW_FILES_FIRST else len(SLOW_FILES_FIRST)
+
+    items.sort(key=rank)  # stable: every file keeps its own tests' order
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from trainer.demo import build_demo

@@ -371,6 +371,9 @@ def test_cli_captions_a_folder(model_dirs, tmp_path, capsys):
     args = _parse(["caption", str(tmp_path / "missing"), "--model", "florence2"])
     with pytest.raises(UserError, match="no such folder of images"):
         args.func(args)
+    args = _parse(["caption", str(tmp_path / "data"), "--batch-size", "0", "--max-chars", "-1"])
+    with pytest.raises(UserError, match="--max-chars must be 0 .*--batch-size must be at least 1 \\(got 0\\)"):
+        args.func(args)  # the options as the command line spells them
 
 
 def test_caption_dataset_loads_no_model_when_nothing_can_be_captioned(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -126,10 +127,13 @@ def test_preflight_names_a_missing_empty_or_self_conditioning_folder_and_missing
     assert problems(f"{field}='{tmp_path / 'empty'}'")[0].startswith(f"{field}: no images (.jpg")
     assert "is the dataset folder itself" in problems(f"{field}='{demo_dir / 'dataset_edit'}'")[0]
     (tmp_path / "notes.txt").write_text("x")
-    assert problems("sample.prompts=['a', 'b']", f"sample.reference_images=['{tmp_path / 'gone.png'}', "
-                    f"'{tmp_path / 'notes.txt'}']") == [
-        f"sample.reference_images[0]: file '{tmp_path / 'gone.png'}' does not exist",
-        "sample.reference_images[1]: 'notes.txt' is not an image the trainer reads (.jpg, .jpeg, .png, .webp, .bmp)"]
+    os.mkfifo(tmp_path / "pipe.png")  # a pipe where an image belongs: named as such, never opened
+    assert problems("sample.prompts=['a', 'b', 'c']", f"sample.reference_images=['{tmp_path / 'gone.png'}', "
+                    f"'{tmp_path / 'notes.txt'}', '{tmp_path / 'pipe.png'}']") == [
+        f"sample.reference_images[0]: '{tmp_path / 'gone.png'}' does not exist; give an image file",
+        "sample.reference_images[1]: 'notes.txt' is not an image the trainer reads (.jpg, .jpeg, .png, .webp, .bmp)",
+        f"sample.reference_images[2]: '{tmp_path / 'pipe.png'}' is not a regular file (a pipe, socket or device); "
+        "give an image file"]
 
 
 def test_kontext_without_any_pair_is_warned_about(demo_dir: Path, tmp_path: Path) -> None:
@@ -162,7 +166,7 @@ def test_sample_references_one_for_all_one_each_or_the_first_pair(demo_dir: Path
                  f"'{other}']")
     assert sample_references(both, items, 2) == [first, other]
     missing = _spec(demo_dir, tmp_path / "out", "sample.prompts=['a']", "sample.reference_images=['nope.png']")
-    with pytest.raises(UserError, match=r"sample.reference_images\[0\]: file '.*nope.png' does not exist"):
+    with pytest.raises(UserError, match=r"sample.reference_images\[0\]: '.*nope.png' does not exist; give an image"):
         sample_references(missing, items, 1)
     image = reference_for_sampling(other, 64)
     assert image.size == (64, 64) and image.mode == "RGB"

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     options = CaptionOptions(trigger=args.trigger, prefix=args.prefix, suffix=args.suffix,
                              max_length=args.max_length, max_chars=args.max_chars, overwrite=args.overwrite,
                              batch_size=args.batch_size)
-    options.check()
+    options.check(flags=True)
     pending, skipped = plan_captions(folder, options)
     if not pending and not skipped:
         from trainer.data.datasets import IMAGE_EXTENSIONS

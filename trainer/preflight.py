@@ -11,6 +11,7 @@ from trainer.attention import check_attention
 from trainer.data.datasets import IMAGE_EXTENSIONS, find_mask, list_images
 from trainer.errors import UserError
 from trainer.prompts import sample_prompts
+from trainer.regular_files import file_problem
 from trainer.sources import model_files
 from trainer.sources.folder_fit import check_folder
 from trainer.sources.lora_file import check_init_from
@@ -147,8 +148,8 @@ def _check_sample_references(spec: JobSpec) -> list[str]:
     problems = []
     for index, text in enumerate(spec.sample.reference_images):
         path = Path(text)
-        if not path.is_file():
-            problems.append(f"sample.reference_images[{index}]: file '{path}' does not exist")
+        if (problem := file_problem(path)) is not None:
+            problems.append(f"sample.reference_images[{index}]: '{path}' {problem}; give an image file")
         elif path.suffix.lower() not in IMAGE_EXTENSIONS:
             problems.append(f"sample.reference_images[{index}]: '{path.name}' is not an image the trainer reads "
                             f"({', '.join(IMAGE_EXTENSIONS)})")

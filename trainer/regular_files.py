@@ -39,3 +39,12 @@ def read_regular(path: str | Path, limit: int) -> bytes | None:
     with open_regular(path) as handle:
         data = handle.read(limit + 1)
     return None if len(data) > limit else data
+
+
+def file_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as a file ("does not exist", "is a folder", NOT_REGULAR); None when it can."""
+    if path.is_file():
+        return None
+    if not path.exists():
+        return "does not exist"
+    return "is a folder" if path.is_dir() else NOT_REGULAR

@@ -110,7 +110,10 @@ def build(studio: Studio) -> Callable[..., None]:
         """Move the chosen run to the workdir's trash folder."""
         return trash_run(studio, name)
 
-    delete.click(trash, chosen, [problems, chosen, seen], api_name="delete_run", js=CONFIRM_DELETE).then(
+    # "multiple": gradio's default ("once") drops a click while this button's previous event still waits in the
+    # queue, so a Delete accepted right after a declined one was lost.
+    delete.click(trash, chosen, [problems, chosen, seen], api_name="delete_run", js=CONFIRM_DELETE,
+                 trigger_mode="multiple").then(
         refresh, [seen, chosen], listed, api_visibility="private")
 
     def connect(fields: dict[str, gr.components.Component], base: gr.State, baseline: gr.State, tabs: gr.Tabs,

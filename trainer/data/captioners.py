@@ -77,18 +77,22 @@ class CaptionOptions:
     batch_size: int = 4      # images per generate call; lower it if the GPU runs out of memory
     separator: str = ", "    # between prefix, trigger, caption and suffix
 
-    def check(self) -> None:
-        """Raise one UserError naming every option that cannot work."""
+    def check(self, flags: bool = False) -> None:
+        """Raise one UserError naming every option that cannot work: by its key, or (`flags`, for the CLI) as the
+        command line spells it (--batch-size)."""
+        def name(key: str) -> str:
+            return "--" + key.replace("_", "-") if flags else key
+
         problems = []
         if self.max_length < 1:
-            problems.append(f"max_length must be at least 1 token (got {self.max_length})")
+            problems.append(f"{name('max_length')} must be at least 1 token (got {self.max_length})")
         if self.max_chars < 0:
-            problems.append(f"max_chars must be 0 (no limit) or more (got {self.max_chars})")
+            problems.append(f"{name('max_chars')} must be 0 (no limit) or more (got {self.max_chars})")
         if self.batch_size < 1:
-            problems.append(f"batch_size must be at least 1 (got {self.batch_size})")
+            problems.append(f"{name('batch_size')} must be at least 1 (got {self.batch_size})")
         extension = self.extension if self.extension.startswith(".") else f".{self.extension}"
         if not re.fullmatch(r"\.[A-Za-z0-9_]+", extension):
-            problems.append(f"extension must look like .txt (got {self.extension!r})")
+            problems.append(f"{name('extension')} must look like .txt (got {self.extension!r})")
         if problems:
             raise UserError("caption options: " + "; ".join(problems))
 

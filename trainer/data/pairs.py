@@ -25,6 +25,7 @@ from trainer.data.datasets import TrainItem, find_reference, list_images
 from trainer.data.health_report import HealthReport, HealthRow
 from trainer.data.images import verify_image
 from trainer.errors import UserError
+from trainer.regular_files import file_problem
 from trainer.spec import DatasetEntry, JobSpec
 
 if TYPE_CHECKING:
@@ -180,11 +181,11 @@ def pairs_report(items: list[TrainItem], spec: JobSpec) -> list[str]:
 
 def sample_references(spec: JobSpec, items: list[TrainItem], prompts: int) -> list[Path | None]:
     """The reference image of each sample prompt: sample.reference_images (one for all, or one each), else the
-    first pair's reference, else none. Raises UserError for a listed file that does not exist."""
+    first pair's reference, else none. Raises UserError for a listed path that is not a readable file."""
     given = [Path(p) for p in spec.sample.reference_images]
     for index, path in enumerate(given):
-        if not path.is_file():
-            raise UserError(f"sample.reference_images[{index}]: file '{path}' does not exist")
+        if (problem := file_problem(path)) is not None:
+            raise UserError(f"sample.reference_images[{index}]: '{path}' {problem}; give an image file")
     if len(given) > 1:
         return list(given)
     if not given:
