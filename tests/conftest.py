@@ -1,9 +1,12 @@
-"""Shared fixtures: the demo (tiny random models + dataset) is built once per test run."""
+"""Shared fixtures: the demo (tiny pre-trained models + dataset) is built once and reused while its key holds."""
 
 from __future__ import annotations
 
+import getpass
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 # The demo's tiny matrices run faster on one thread than split over two (measured: ~1.7x on this suite).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# The demo's pre-trained models are built once per key (their code and library versions) in this folder, shared by
+# the test workers, the apps they start (which inherit it) and later runs.
+CACHE_ENV = "FLUX_LORA_STUDIO_DEMO_CACHE"
+os.environ.setdefault(CACHE_ENV, str(Path(tempfile.gettempdir()) / f"flux-lora-studio-demo-{getpass.getuser()}"))
 
 from trainer.quiet import silence_library_noise  # noqa: E402
 
@@ -48,10 +55,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.demo import build_demo
-
     out = tmp_path_factory.mktemp("demo")
-    build_demo(out)
+    from trainer.demo import cached_build
+
+    # Built once per key for every worker and later run; this worker's own copy, as tests may write beside it.
+    shutil.copytree(cached_build(Path(os.environ[CACHE_ENV])), out, dirs_exist_ok=True)
     return out
 
 

@@ -139,6 +139,17 @@ def tiny_flavour(family: str, name: str) -> Any:
                                max_blocks_to_swap=2)
 
 
+def demo_shaped_flavour(family: str, name: str) -> Any:
+    """The real flavour with the demo's model facts (trainer/demo.py's pipelines are wider than the tiny ones here):
+    the demo's weights under a real flavour's classes, guidance and sampling."""
+    from trainer.registry import get_flavour
+
+    demo = get_flavour(family, "demo")
+    facts = ("double_blocks", "single_blocks", "hidden_size", "num_heads", "joint_attention_dim", "pooled_dim",
+             "max_blocks_to_swap")
+    return dataclasses.replace(get_flavour(family, name), **{fact: getattr(demo, fact) for fact in facts})
+
+
 def pipeline_for(family: str, flavour: str) -> Any:
     """One shared tiny pipeline per kind (klein base 9B and 4B share one); tests that hook it must undo it."""
     return _build(family, "klein-base" if flavour.startswith("klein-base") else flavour)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from trainer.demo import DEMO_RANK
 from trainer.errors import UserError
 from trainer.session import Session
 from trainer.spec import SpecError, load_spec, resolve_paths
@@ -79,7 +80,7 @@ def test_init_from_another_rank_is_refused_with_the_field(demo_dir: Path, tmp_pa
     finally:
         first.end()
     with pytest.raises(UserError, match="lora.init_from"):
-        Session(_spec(demo_dir, tmp_path / "b", f"lora.init_from='{earlier}'", "lora.rank=8")).setup()
+        Session(_spec(demo_dir, tmp_path / "b", f"lora.init_from='{earlier}'", "lora.rank=4")).setup()
 
 
 def test_spec_refuses_presets_of_the_other_family_and_bad_combinations(demo_dir: Path, tmp_path: Path) -> None:
@@ -122,7 +123,7 @@ def test_every_format_is_written_copied_and_loads_in_diffusers(demo_dir: Path, t
     with safe_open(out / "shapes_kohya.safetensors", "pt") as handle:
         header = handle.metadata()
         assert any(key.startswith("lora_unet_double_blocks_0_img_attn_qkv") for key in handle.keys())
-    assert header["ss_network_dim"] == "4" and header["ss_steps"] == "4"
+    assert header["ss_network_dim"] == str(DEMO_RANK) and header["ss_steps"] == "4"
     assert "shapez" in header["modelspec.trigger_phrase"]
     outputs = {}
     with torch.no_grad():

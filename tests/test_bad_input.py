@@ -200,7 +200,7 @@ CASES = [
     Case("model file truncated", {"model.transformer": "{truncated.safetensors}"}, "model.transformer",
          ("truncated.safetensors", "not a readable safetensors file", "truncated", "download or copy it again")),
     Case("model folder of another flavour", {"model.flavour": "klein-base-4b"}, "model.source",
-         ("transformer/config.json' is FLUX.2 demo (tiny, random weights): 2 + 2 blocks, width 32",
+         ("transformer/config.json' is FLUX.2 demo (tiny, random weights): 2 + 2 blocks, width 128",
           "not FLUX.2 [klein] base 4B", "choose model.flavour = demo")),
     Case("wrong model in slot", {"model.transformer": "{flux2_vae.safetensors}"}, "model.transformer",
          ("flux2_vae.safetensors", "is a VAE", "not the FLUX.2 demo", "it belongs in model.vae")),

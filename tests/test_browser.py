@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from test_app import _launch, _shut_down, _wait_until_up
 
+from trainer.demo import DEMO_RANK, DEMO_STEPS
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--disable-dev-shm-usage"]
@@ -97,7 +99,7 @@ def test_a_new_user_trains_the_demo_in_chromium(tmp_path):
                     .to_be_visible()
                 page.get_by_role("tab", name="Training").click()
                 steps = page.get_by_label("Run length (steps)", exact=True).filter(visible=True)
-                expect(steps).to_have_value("400")  # the preset filled the form
+                expect(steps).to_have_value(str(DEMO_STEPS))  # the preset filled the form
                 shot(page, "02-profile-and-preset")
 
                 page.get_by_role("tab", name="Run", exact=True).click()
@@ -127,16 +129,17 @@ def test_a_new_user_trains_the_demo_in_chromium(tmp_path):
 
                 # The form survives a reload (as a restart): Start saved it, an edit is saved a second later.
                 page.get_by_role("tab", name="Training").click()
-                page.get_by_label("Rank", exact=True).fill("8")
+                rank = str(2 * DEMO_RANK)  # not the demo's own
+                page.get_by_label("Rank", exact=True).fill(rank)
                 page.get_by_label("Rank", exact=True).press("Tab")
                 remembered = tmp_path / ".studio" / "last_form.toml"
                 deadline = time.monotonic() + 10  # the remembered form is written after a quiet second
-                while "rank = 8" not in remembered.read_text(encoding="utf-8") and time.monotonic() < deadline:
+                while f"rank = {rank}" not in remembered.read_text(encoding="utf-8") and time.monotonic() < deadline:
                     time.sleep(0.2)
                 page.reload()
                 page.get_by_role("tab", name="Training").click()
-                expect(page.get_by_label("Rank", exact=True)).to_have_value("8")
-                expect(steps).to_have_value("400")
+                expect(page.get_by_label("Rank", exact=True)).to_have_value(rank)
+                expect(steps).to_have_value(str(DEMO_STEPS))
                 shot(page, "06-form-restored")
 
                 # A saved form that no longer reads is set aside with a notice; the demo job shows.
@@ -144,7 +147,7 @@ def test_a_new_user_trains_the_demo_in_chromium(tmp_path):
                 page.reload()
                 expect(page.locator("#job-notice")).to_contain_text("could not be restored")
                 page.get_by_role("tab", name="Training").click()
-                expect(steps).to_have_value("60")
+                expect(steps).to_have_value(str(DEMO_STEPS))  # the demo job's own
                 shot(page, "07-broken-form-notice")
             finally:
                 browser.close()

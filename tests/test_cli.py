@@ -10,6 +10,7 @@ from pathlib import Path
 from conftest import ROOT, python_env
 
 from trainer.__main__ import main
+from trainer.demo import sample_prompts
 
 
 def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -36,7 +37,8 @@ def test_train_runs_the_demo_headless(demo_dir: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert (out / "cli_lora.safetensors").is_file()
     assert (out / "job.resolved.toml").is_file()
-    assert len(list((out / "samples").glob("*.png"))) == 6  # two prompts at steps 0 (baseline), 2 and 4
+    # each of the demo job's prompts at steps 0 (baseline), 2 and 4
+    assert len(list((out / "samples").glob("*.png"))) == 3 * len(sample_prompts())
     kinds = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
     assert kinds[0] == "run_started" and kinds[-1] == "run_finished" and kinds.count("progress") == 4
     assert "run completed at step 4" in result.stdout

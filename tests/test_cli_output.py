@@ -25,7 +25,7 @@ family = "flux2"
 flavour = "demo"
 
 [lora]
-rank = 2  # the job's own rank (4) wins
+rank = 2  # the job's own rank (8) wins
 
 [train]
 gradient_accumulation = 2  # the job says nothing: the preset's value counts
@@ -50,7 +50,7 @@ def test_a_preset_run_records_its_plan_follows_the_umask_and_copies_to_comfyui(d
     captured = capsys.readouterr()
     assert code == 0, captured.err
     resolved = tomllib.loads((out / "job.resolved.toml").read_text())
-    assert resolved["train"]["gradient_accumulation"] == 2 and resolved["lora"]["rank"] == 4
+    assert resolved["train"]["gradient_accumulation"] == 2 and resolved["lora"]["rank"] == 8
     assert resolved["train"]["max_steps"] == 2
     # the plan that ran, not "auto": the bundle and every setting of it
     plan = resolved["lowvram"]

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.flavour_models import as_kontext_folder, tiny_flavour
+from tests.flavour_models import as_kontext_folder, demo_shaped_flavour
 from tests.test_dataset_run import _run
 from trainer.data.health import check_datasets
 from trainer.data.images import load_pixels
@@ -332,7 +332,7 @@ def test_kontext_trains_on_the_pairs_and_samples_from_the_reference(demo_dir: Pa
     # its sampling.
     from trainer import registry
 
-    monkeypatch.setitem(registry.FAMILIES["flux1"].flavours, "kontext", tiny_flavour("flux1", "kontext"))
+    monkeypatch.setitem(registry.FAMILIES["flux1"].flavours, "kontext", demo_shaped_flavour("flux1", "kontext"))
     source = as_kontext_folder(demo_dir / "flux1", tmp_path / "kontext")
     spec = _spec(demo_dir, tmp_path / "out", "model.family='flux1'", "model.flavour='kontext'",
                  f"model.source='{source}'", "sample.prompts=['make the circle red']", "sample.resolution=64",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trainer.families import family_ops, flux1
-from trainer.registry import get_flavour
+from trainer.registry import DEMO_TEXT_TOKENS, get_flavour
 
 PROMPTS = ["a red circle", "a green square on blue"]  # under the demo's 64 T5 tokens
 FLAVOUR = get_flavour("flux1", "demo")
@@ -43,7 +43,7 @@ def test_registry_resolves_the_module() -> None:
 
 def test_encode_prompts_gives_batched_t5_sequence_and_clip_pooled(pipe, text) -> None:
     embeds, pooled = text["prompt_embeds"], text["pooled_prompt_embeds"]
-    assert embeds.shape == (2, 64, pipe.text_encoder_2.config.d_model)  # demo: 64 T5 tokens
+    assert embeds.shape == (2, DEMO_TEXT_TOKENS, pipe.text_encoder_2.config.d_model)
     assert pooled.shape == (2, pipe.text_encoder.config.projection_dim)
     assert not embeds.requires_grad and not pooled.requires_grad
     # The session indexes items out of a batch: encoding one prompt alone must give the same row.
@@ -55,7 +55,7 @@ def test_encode_prompts_gives_batched_t5_sequence_and_clip_pooled(pipe, text) ->
 def test_t5_sequence_length_per_flavour() -> None:
     lengths = {name: flux1._max_sequence_length(get_flavour("flux1", name))
                for name in ("demo", "dev", "krea", "kontext", "schnell")}
-    assert lengths == {"demo": 64, "dev": 512, "krea": 512, "kontext": 512, "schnell": 256}
+    assert lengths == {"demo": DEMO_TEXT_TOKENS, "dev": 512, "krea": 512, "kontext": 512, "schnell": 256}
 
 
 def test_predict_matches_the_pipelines_transformer_call(pipe, text) -> None:
@@ -103,11 +103,18 @@ def test_encode_images_inverts_through_the_vae(pipe) -> None:
     assert not torch.allclose(latents, vae.encode(pixels).latent_dist.mode())
 
 
-def test_shift_mu_follows_the_schedulers_line() -> None:
-    assert flux1.shift_mu(256, FLAVOUR) == pytest.approx(0.5)
-    assert flux1.shift_mu(4096, FLAVOUR) == pytest.approx(1.15)
-    mus = [flux1.shift_mu(n, FLAVOUR) for n in (16, 256, 1024, 4096)]
+def test_shift_mu_follows_the_schedulers_line(pipe) -> None:
+    dev = get_flavour("flux1", "dev")
+    assert flux1.shift_mu(256, dev) == pytest.approx(0.5)
+    assert flux1.shift_mu(4096, dev) == pytest.approx(1.15)
+    mus = [flux1.shift_mu(n, dev) for n in (16, 256, 1024, 4096)]
     assert mus == sorted(mus) and len(set(mus)) == len(mus)
+    # the demo trains on the line its own scheduler samples with: its 16 tokens shifted as FLUX.2's demo (7)
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = pipe.scheduler.config
+    line = calculate_shift(16, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+    assert flux1.shift_mu(16, FLAVOUR) == pytest.approx(line) == pytest.approx(1.95)
 
 
 def test_sample_is_deterministic_for_a_seed(pipe, text) -> None:

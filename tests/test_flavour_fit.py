@@ -183,7 +183,7 @@ def test_the_demo_folder_under_a_real_flavour_is_refused_by_every_command(demo_d
         err = capsys.readouterr().err
         assert "IndexError" not in err and "Traceback" not in err
         assert f"'{demo_dir / family / 'transformer' / 'config.json'}' is {registry.FAMILIES[family].label} demo " \
-               f"(tiny, random weights): 2 + 2 blocks, width 32, not {label}" in err, (command, err)
+               f"(tiny, random weights): 2 + 2 blocks, width 128, not {label}" in err, (command, err)
         assert err.rstrip().endswith("choose model.flavour = demo"), (command, err)
     assert not (tmp_path / "out").exists()  # nothing was trained, nothing written
 
@@ -205,6 +205,6 @@ def test_a_hub_repo_of_another_flavour_is_refused_once_downloaded_before_it_load
     with serving(FakeHub("acme/not-klein", demo_dir / "flux2"), tmp_path / "cache"), \
             pytest.raises(UserError) as caught:
         family_ops("flux2").load_pipeline("acme/not-klein", klein, torch.bfloat16)
-    assert "transformer/config.json' is FLUX.2 demo (tiny, random weights): 2 + 2 blocks, width 32, not FLUX.2 " \
+    assert "transformer/config.json' is FLUX.2 demo (tiny, random weights): 2 + 2 blocks, width 128, not FLUX.2 " \
            "[klein] base 4B" in str(caught.value) and str(caught.value).endswith("choose model.flavour = demo")
     assert loaded == []

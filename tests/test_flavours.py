@@ -22,7 +22,7 @@ import torch
 from tests.flavour_models import IMAGE_SIZE, JOINT_DIM, pipeline_for
 from trainer import flow
 from trainer.families import family_ops
-from trainer.registry import get_flavour
+from trainer.registry import DEMO_TEXT_TOKENS, get_flavour
 
 PROMPTS = ["a red circle", "a green square on a blue background"]
 FLUX2 = [("flux2", "dev"), ("flux2", "klein-base-9b"), ("flux2", "klein-base-4b")]
@@ -406,7 +406,8 @@ def test_sample_gives_the_pipelines_image_for_the_prompt_and_seed(case: tuple[st
     ours = ops.sample(pipe, text, negative, steps, guidance, seed, resolution=IMAGE_SIZE)
     # the demos' own token budget and (FLUX.2) hidden-state layers; the real flavours' are the pipelines' defaults
     # but for schnell's 256 T5 tokens
-    settings: dict[str, Any] = {"max_sequence_length": 64 if flavour.is_demo else T5_TOKENS.get(name, 512)}
+    tokens = DEMO_TEXT_TOKENS if flavour.is_demo else T5_TOKENS.get(name, 512)
+    settings: dict[str, Any] = {"max_sequence_length": tokens}
     if flavour.is_demo and family == "flux2":
         settings["text_encoder_out_layers"] = flavour.text_encoder_layers
     theirs = pipe(prompt=PROMPTS[0], num_inference_steps=steps, guidance_scale=guidance, height=IMAGE_SIZE,

@@ -20,6 +20,8 @@ from trainer.checkpoint import save_lora_diffusers
 from trainer.errors import UserError
 from trainer.registry import get_flavour
 
+WIDTH = get_flavour("flux2", "demo").hidden_size  # the demo transformers' width (both families)
+
 RANK, ALPHA = 4, 6.0  # scale 1.5: alpha != rank, and not a power of two
 PROMPT = "a red circle on a blue background"
 SPEC_TOML = 'spec_version = 1\n[model]\nfamily = "flux2"\n[output]\nname = "shapes"\n'
@@ -210,8 +212,8 @@ def test_flux2_comfyui_keys_are_bfl_names_with_fused_qkv(transformers: dict) -> 
     assert len(modules) == 2 * 8 + 2 * 2
     assert all(k.startswith("diffusion_model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in comfy)
     qkv_a, qkv_b = comfy[f"{block[0]}.lora_A.weight"], comfy[f"{block[0]}.lora_B.weight"]
-    assert qkv_a.shape == (3 * RANK, 32) and qkv_b.shape == (3 * 32, 3 * RANK)
-    assert not qkv_b[:32, RANK:].any() and not qkv_b[32:64, :RANK].any()  # block-diagonal
+    assert qkv_a.shape == (3 * RANK, WIDTH) and qkv_b.shape == (3 * WIDTH, 3 * RANK)
+    assert not qkv_b[:WIDTH, RANK:].any() and not qkv_b[WIDTH:2 * WIDTH, :RANK].any()  # block-diagonal
     # the scale is folded into lora_A (no alpha keys for FLUX.2: diffusers' converter refuses them)
     torch.testing.assert_close(qkv_a[:RANK], tensors["transformer_blocks.0.attn.to_q.lora_A.weight"] * ALPHA / RANK)
 
@@ -225,13 +227,13 @@ def test_flux1_kohya_and_comfyui_keys_carry_alphas_scaled_with_the_fused_rank(tr
                           .replace("_lora_up_weight", ".lora_up.weight").replace("_alpha", ".alpha") for k in comfy}
     qkv = "lora_unet_double_blocks_1_img_attn_qkv"
     linear1 = "lora_unet_single_blocks_0_linear1"
-    assert kohya[f"{qkv}.lora_down.weight"].shape == (3 * RANK, 32)
+    assert kohya[f"{qkv}.lora_down.weight"].shape == (3 * RANK, WIDTH)
     assert kohya[f"{qkv}.alpha"].item() == pytest.approx(3 * ALPHA)
-    assert kohya[f"{linear1}.lora_down.weight"].shape == (4 * RANK, 32)  # q, k, v and proj_mlp
-    assert kohya[f"{linear1}.lora_up.weight"].shape == (3 * 32 + 4 * 32, 4 * RANK)
+    assert kohya[f"{linear1}.lora_down.weight"].shape == (4 * RANK, WIDTH)  # q, k, v and proj_mlp
+    assert kohya[f"{linear1}.lora_up.weight"].shape == (3 * WIDTH + 4 * WIDTH, 4 * RANK)
     assert kohya[f"{linear1}.alpha"].item() == pytest.approx(4 * ALPHA)
     assert kohya["lora_unet_double_blocks_0_img_mlp_0.alpha"].item() == pytest.approx(ALPHA)
-    assert kohya["lora_unet_single_blocks_1_linear2.lora_down.weight"].shape == (RANK, 160)
+    assert kohya["lora_unet_single_blocks_1_linear2.lora_down.weight"].shape == (RANK, 5 * WIDTH)  # attention + MLP
     assert comfy["diffusion_model.single_blocks.1.linear1.alpha"].item() == pytest.approx(4 * ALPHA)
     # diffusers' kohya converter applies no alpha to final_layer: its scale is in lora_down and alpha = rank
     assert kohya["lora_unet_final_layer_linear.alpha"].item() == RANK
@@ -259,7 +261,7 @@ def test_tiny_preset_pads_the_untargeted_k_with_zeros(transformers: dict) -> Non
     comfy = lf.to_comfyui("flux2", tensors, ALPHA, RANK)
     a = comfy["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"]
     b = comfy["diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight"]
-    assert a.shape == (3 * RANK, 32) and not a[RANK:2 * RANK].any() and not b[32:64].any()
+    assert a.shape == (3 * RANK, WIDTH) and not a[RANK:2 * RANK].any() and not b[WIDTH:2 * WIDTH].any()
     assert not any("txt_attn" in k or "single_blocks" in k for k in comfy)
 
 

@@ -20,7 +20,10 @@ from trainer.spec import load_spec, resolve_paths
 STEPS = 3
 # No clipping: the fused backward clips per parameter, which is its documented difference.
 BASE = [f"train.max_steps={STEPS}", "sample.prompts=[]", "train.gradient_accumulation=2", "train.max_grad_norm=0",
-        "train.mixed_precision='no'", "train.learning_rate=0.01", "lowvram.strategy='none'"]
+        "train.mixed_precision='no'", "train.learning_rate=0.01", "lowvram.strategy='none'",
+        # The preset's layers: the FLUX.1 demo job's LoRA also adapts time_text_embed, whose change reaches every
+        # block's modulation, so the fused/offloaded runs' rounding drifts past 1e-5 (measured 1.2e-4, losses equal)
+        "lora.targets='all'"]
 
 
 def _train(demo_dir: Path, out: Path, job: str, *settings: str) -> tuple[Session, list[float], dict[str, torch.Tensor]]:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from trainer import previews
+from trainer.demo import sample_prompts
 from trainer.events import (
     Event,
     PhaseChanged,
@@ -32,11 +33,11 @@ JOBS = {"flux2": "job.toml", "flux1": "job_flux1.toml"}
 
 
 def _run(demo_dir: Path, out: Path, family: str, *sets: str) -> tuple[list[Event], list[tuple[Path, bool, tuple]]]:
-    """One training step and the final samples; returns the events and, per preview, (path, whether the file was
-    there when announced, its size)."""
+    """One training step and the final samples of two of the job's prompts; returns the events and, per preview,
+    (path, whether the file was there when announced, its size)."""
     spec = resolve_paths(load_spec(demo_dir / JOBS[family], [
         "train.max_steps=1", "sample.every_steps=0", "output.save_state=false", f"output.dir='{out}'",
-        "output.log_with=[]", *sets]), demo_dir)
+        "output.log_with=[]", f"sample.prompts={sample_prompts()[:2]!r}", *sets]), demo_dir)
     assert check_files(spec) == []
     events: list[Event] = []
     seen: list[tuple[Path, bool, tuple]] = []

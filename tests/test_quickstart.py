@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from trainer.demo import DEMO_STEPS
 from ui import form, quickstart
 from ui.quickstart import NO_GPU_NOTE, choose, fill, model_words, verdict_line
 
@@ -48,7 +49,7 @@ def test_the_form_is_filled_from_the_preset_with_the_users_images_trigger_and_na
     demo_job = fill(choose("cpu-only"), tmp_path, demo, "", "", "first")
     spec = form.form_to_spec(demo_job.values, demo_job.hidden)
     assert spec.model.source == str(demo / "flux2") and spec.data.datasets[0].path == str(demo / "dataset")
-    assert spec.train.max_steps == 400  # the demo preset
+    assert spec.train.max_steps == DEMO_STEPS  # the demo preset
 
 
 def test_what_is_missing_is_named_by_its_field(tmp_path: Path):

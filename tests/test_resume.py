@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.checkpoint import saved_states
+from trainer.demo import DEMO_RANK
 from trainer.errors import UserError
 from trainer.events import Progress
 from trainer.runners.base import Commands
@@ -101,7 +102,7 @@ def test_resume_refuses_a_changed_adapter_or_a_missing_state(demo_dir: Path, tmp
         _run(_spec(demo_dir, tmp_path), resume=True)
     _run(_spec(demo_dir, tmp_path, "train.max_steps=2", "train.warmup_steps=1"))
     with pytest.raises(UserError, match=r"\[lora\] settings differ"):
-        _run(_spec(demo_dir, tmp_path, "lora.rank=8"), resume=True)
+        _run(_spec(demo_dir, tmp_path, f"lora.rank={2 * DEMO_RANK}"), resume=True)
 
 
 def test_a_new_run_that_fails_before_its_first_step_moves_nothing(demo_dir: Path, tmp_path: Path) -> None:

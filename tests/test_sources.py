@@ -431,13 +431,13 @@ def test_preflight_and_load_refuse_with_one_line_per_key(demo_dir: Path, demo_fi
 
 @pytest.mark.parametrize(("family", "flavour", "folder", "expected"), [
     ("flux2", "demo", "flux1", "{source}/transformer/config.json' is FLUX.1 demo (tiny, random weights): 2 + 2 blocks, "
-                               "width 32, not FLUX.2 demo (tiny, random weights) (model.family = flux2, model.flavour "
-                               "= demo: 2 + 2 blocks, width 32); set model.family = flux1 and model.flavour = demo"),
+                               "width 128, not FLUX.2 demo (tiny, random weights) (model.family = flux2, model.flavour "
+                               "= demo: 2 + 2 blocks, width 128); set model.family = flux1 and model.flavour = demo"),
     ("flux1", "demo", "kontext", "{source}' holds a FluxKontextPipeline (its model_index.json), but flux1 demo needs a "
                                  "FluxPipeline; set model.family flux1 with model.flavour kontext, or point "
                                  "model.source at a FLUX.1 demo (tiny, random weights) folder"),
     ("flux2", "dev", "flux2", "{source}/transformer/config.json' is FLUX.2 demo (tiny, random weights): 2 + 2 blocks, "
-                              "width 32, not FLUX.2 [dev] 32B (model.family = flux2, model.flavour = dev: 8 + 48 "
+                              "width 128, not FLUX.2 [dev] 32B (model.family = flux2, model.flavour = dev: 8 + 48 "
                               "blocks, width 6144); choose model.flavour = demo"),
 ], ids=["flux1-folder-as-flux2", "kontext-folder-as-dev", "demo-folder-as-dev"])
 def test_a_folder_of_another_pipeline_is_refused_before_loading(demo_dir: Path, tmp_path: Path, family: str,

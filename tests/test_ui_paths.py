@@ -15,6 +15,7 @@ from trainer.spec import parse_spec
 from ui import caption_editor, form, presets
 from ui.run_state import RunView, Sample
 from ui.run_tab import gallery_items
+from ui.sample_compare import compare_html
 from ui.studio import Studio
 
 
@@ -149,6 +150,21 @@ def test_resume_offer_and_gallery_stay_inside(studio, layout):
                     Sample(2, str(layout["allowed"] / "images" / "img_1.png"), "inside")]
     items = gallery_items(view, [], studio.folders)
     assert [label for _, label in items] == ["step 2: inside"]
+
+
+def test_step_zero_beside_the_latest_sample_of_each_prompt_stays_inside(studio, layout):
+    images = layout["allowed"] / "images"
+    view = RunView()
+    view.samples = [Sample(0, str(images / "img_0.png"), "a red circle"), Sample(0, str(images / "img_1.png"), "new"),
+                    Sample(5, str(images / "img_1.png"), "a red circle"), Sample(9, str(images / "img_0.png"),
+                                                                                 "a red circle"),
+                    Sample(0, str(layout["secret"] / "img_0.png"), "outside")]
+    assert [(a.step, b.step) for a, b in view.first_and_latest()] == [(0, 9), (0, 0), (0, 0)]
+    page = compare_html(view, [], studio.folders)
+    rows = page.split("a red circle")[1].split("new")
+    assert "step 0" in rows[0] and "step 9" in rows[0] and "step 5" not in rows[0]
+    assert "the next sample goes here" in rows[1]  # one sample so far: its place beside it is kept
+    assert page.count("data:image/png;base64,") == 3 and "(not readable)" in page  # the secret one is not sent
 
 
 def test_a_preset_is_named_never_a_path(tmp_path):

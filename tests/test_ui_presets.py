@@ -154,8 +154,8 @@ def test_a_fill_that_cannot_work_names_the_problem_and_changes_nothing(tmp_path)
 
 def test_edits_are_what_differs_from_the_last_fill(tmp_path):
     start = demo_values(tmp_path)
-    changed = dict(start, **{"lora.rank": 8, "dataset.path": "/elsewhere", "lowvram.override_blocks_to_swap": True})
-    assert presets.edits(changed, start) == {"lora": {"rank": 8}, "lowvram": {"blocks_to_swap": 0}}
+    changed = dict(start, **{"lora.rank": 16, "dataset.path": "/elsewhere", "lowvram.override_blocks_to_swap": True})
+    assert presets.edits(changed, start) == {"lora": {"rank": 16}, "lowvram": {"blocks_to_swap": 0}}
     assert presets.edits(start, start) == {}
 
 

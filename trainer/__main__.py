@@ -7,6 +7,7 @@ Problems the user can fix print as `error: ...` lines and exit 2; anything else 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -36,11 +37,12 @@ def _load_job(path: str, overrides: list[str], preset: str | None = None) -> Job
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from trainer.demo import FAMILIES, build_demo
+    from trainer.demo import CACHE_ENV, FAMILIES, build_demo, ensure_demo
 
     families = FAMILIES if args.family == "all" else (args.family,)
     print(f"building the demo ({', '.join(families)}) in {Path(args.out).resolve()} ...", flush=True)
-    job = build_demo(args.out, families)
+    # With a shared demo folder set (the tests set one), every family's build is made there once and copied
+    job = ensure_demo(args.out) if os.environ.get(CACHE_ENV) else build_demo(args.out, families)
     print(f"done. train it with:\n  python -m trainer train {job}")
     edit = job.parent / "job_edit.toml"
     if edit.is_file():

@@ -407,6 +407,15 @@ class RunView:
             rows += [{"step": point.step, "loss": point.loss, "series": "eval"} for point in self.eval_losses]
             return rows
 
+    def first_and_latest(self) -> list[tuple[Sample, Sample]]:
+        """Each prompt's first sample (step 0 in a new run) and its latest, prompts in the order they were sampled."""
+        with self._lock:
+            pairs: dict[str, tuple[Sample, Sample]] = {}
+            for sample in self.samples:
+                first = pairs[sample.prompt][0] if sample.prompt in pairs else sample
+                pairs[sample.prompt] = (first, sample)
+            return list(pairs.values())
+
     def progress_html(self) -> str:
         """The progress bar (coloured by status) over the progress line."""
         with self._lock:

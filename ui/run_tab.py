@@ -20,6 +20,7 @@ from ui.jobs import Outcome
 from ui.resume import InterruptedRun
 from ui.run_route import PART_JS
 from ui.run_state import CLIP_COLUMNS, LOSS_COLUMNS, REFUSED, RunView
+from ui.sample_compare import compare_html
 from ui.served import allowed_paths
 from ui.studio import STEPS_LABEL, Studio, steps_problems
 from ui.words import warn_as_typed
@@ -156,6 +157,7 @@ class _View:
     gallery: gr.Gallery
     log: gr.Textbox
     preview_seen: gr.Textbox  # set by the poll to the live preview's key: its change sends the image
+    compare: gr.HTML
 
 
 def build(fields: dict[str, gr.components.Component], studio: Studio, base: gr.State,
@@ -200,6 +202,8 @@ def _build_view(fields: dict[str, gr.components.Component], studio: Studio, base
     connect_multi_gpu(status, problems)
     progress = gr.HTML(progress_html(studio.view), label="Progress", elem_id="run-progress")
     memory = gr.HTML(gauges_html(read_gauges()), label="Memory", elem_id="run-memory")
+    compare = gr.HTML(compare_html(studio.view, allowed_paths(studio.workdir), studio.folders),
+                      label="Step 0 beside the latest", elem_id="run-compare")
     with gr.Row():
         # No fixed height: at 300 px the legend under the plot was cut off. Raw loss pale, its average strong.
         plot = gr.LinePlot(loss_frame(studio.view), x="step", y="loss", color="series", title="Loss", label="Loss",
@@ -214,7 +218,7 @@ def _build_view(fields: dict[str, gr.components.Component], studio: Studio, base
     log = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False, elem_id="studio-log")
     log.change(None, js=FOLLOW_LOG_JS, api_visibility="private", show_progress="hidden")
     return _View(buttons, steps, offer, offer_row, status, problems, progress, memory, plot, clip_plot, gallery, log,
-                 preview_seen)
+                 preview_seen, compare)
 
 
 def _connect_resume_offer(view: _View, fields: dict[str, gr.components.Component], studio: Studio,
@@ -355,6 +359,13 @@ def _connect_poll(view: _View, studio: Studio, refresh_offer: Callable[[Any], No
                         concurrency_limit=None)
     refresh_offer(ended.change)
 
+    def comparison() -> str:
+        """Each sample prompt's step-0 image beside its latest, labelled with their steps."""
+        with studio.view.lock:
+            return compare_html(studio.view, roots, studio.folders)
+
+    samples_seen.change(comparison, None, view.compare, api_name="compare", show_progress="hidden",
+                        concurrency_limit=None)
     def poll() -> tuple[str, str, dict | None, str, dict]:
         """(status line, progress, loss plot, log, why each Run tab button cannot act now) of the published state:
         'idle', 'running: step 12/40', 'paused at step 12 — …', 'completed: LoRA saved to …', 'failed: …'. The

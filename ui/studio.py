@@ -10,8 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from trainer.demo import FAMILIES as DEMO_FAMILIES
-from trainer.demo import is_demo_folder
+from trainer.demo import is_built
 from trainer.errors import UserError
 from trainer.folders import Folders, PathRefused, spec_paths, written_folders
 from trainer.preflight import check_files
@@ -102,9 +101,8 @@ class Studio:
         return any(path and Path(path).is_relative_to(self.demo_dir) for path in paths)
 
     def demo_built(self) -> bool:
-        return is_demo_folder(self.demo_dir) and all(
-            (self.demo_dir / family / "model_index.json").is_file() for family in DEMO_FAMILIES
-        )
+        """This code's demo is built (an older build is rebuilt by the runner, as a missing one is)."""
+        return is_built(self.demo_dir)
 
     def preflight(self, spec: JobSpec) -> list[str]:
         """File problems, leaving out the demo folder's while the runner is still to build it."""

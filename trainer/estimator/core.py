@@ -45,7 +45,7 @@ Assumed (figures from shared/TECHNIQUES.md, "Activations" and "Optimiser", and m
 constants here and in trainer/estimator/activations.py): activations ≈60·h bytes per token per block for FLUX.2 in
 16-bit compute (50 for FLUX.1; 90 and 72 in fp32), checkpoint inputs ≈4·h per double block and 2·h per single
 block, ≈18·h outside the blocks, the block being recomputed ≈1.05 blocks' activations; tokens = image tokens
-(res/16)² + text tokens (512, schnell 256, demo 64), and for edit pairs as many reference tokens again (a sample
+(res/16)² + text tokens (512, schnell 256, demo 16), and for edit pairs as many reference tokens again (a sample
 with a reference image likewise); attention in a fused kernel needs no s² workspace (otherwise
 4·heads·s² bytes per block); LoRA weights and grads in fp32 (peft keeps adapters in fp32); optimiser state per
 trainable parameter: AdamW 8 B, AdamW8bit 2 B, Lion8bit 1 B, Adafactor ≈4·(rows + cols) per matrix, Prodigy ≈16 B;

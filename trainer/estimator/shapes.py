@@ -283,5 +283,5 @@ TEXT_ENCODERS = {  # by Flavour.text_encoder_label
 
 def text_tokens(f: registry.Flavour) -> int:
     if f.is_demo:
-        return 64
+        return registry.DEMO_TEXT_TOKENS
     return 256 if f.name == "schnell" else 512

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from trainer.registry import Flavour
+from trainer.registry import DEMO_TEXT_TOKENS, Flavour
 from trainer.sources.assemble import load_pipeline as assemble_pipeline
 
 # Both families load through one assembler (hub, folder or single files; quantised bases streamed): see
@@ -18,10 +18,10 @@ load_pipeline = assemble_pipeline
 
 
 def _max_sequence_length(flavour: Flavour) -> int:
-    # T5 token budget: the demo's one-character-per-token prompts fit in 64; schnell was trained with 256,
-    # the dev models with 512.
+    # T5 token budget: the demo's word-per-token prompts fit in its few; schnell was trained with 256, the dev
+    # models with 512.
     if flavour.is_demo:
-        return 64
+        return DEMO_TEXT_TOKENS
     return 256 if flavour.name == "schnell" else 512
 
 
@@ -50,6 +50,12 @@ def image_seq_len(latents: torch.Tensor) -> int:
 
 # schnell's scheduler config: use_dynamic_shifting false, shift 1.0 (its sigmas are not shifted at all)
 _FIXED_SHIFT = 1.0
+# The dev scheduler's line: mu from base_shift at base_image_seq_len tokens to max_shift at max_image_seq_len.
+SHIFT_LINE = {"base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+# The demo's 64 px (16 tokens) gets the shift the FLUX.2 demo's pipeline gives it (exp(1.95) = 7): on the dev line it
+# would get 1.6, so training would almost never see the noise levels near 1 where sampling starts (the picture's
+# layout and colours are decided there) and the demo would not learn its captions. Its scheduler config says so too.
+DEMO_SHIFT_LINE = {"base_shift": 0.5, "max_shift": 1.95, "base_image_seq_len": 1, "max_image_seq_len": 16}
 
 
 def shift_mu(image_seq_len: int, flavour: Flavour) -> float:
@@ -60,7 +66,10 @@ def shift_mu(image_seq_len: int, flavour: Flavour) -> float:
         # The pipeline still computes a mu, but schnell's scheduler ignores it: train on the schedule it samples.
         return math.log(_FIXED_SHIFT)
     # The dev scheduler's resolution-dependent shift; its config is that of every dynamic FLUX.1 flavour.
-    return calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15)
+    line = DEMO_SHIFT_LINE if flavour.is_demo else SHIFT_LINE
+    return calculate_shift(image_seq_len, base_seq_len=line["base_image_seq_len"],
+                           max_seq_len=line["max_image_seq_len"], base_shift=line["base_shift"],
+                           max_shift=line["max_shift"])
 
 
 def _reference_tokens(reference: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from trainer.registry import Flavour
+from trainer.registry import DEMO_TEXT_TOKENS, Flavour
 from trainer.sources.assemble import load_pipeline as assemble_pipeline
 
 # Both families load through one assembler (hub, folder or single files; quantised bases streamed): see
@@ -17,8 +17,8 @@ load_pipeline = assemble_pipeline
 
 
 def _max_sequence_length(flavour: Flavour) -> int:
-    # The demo's tiny prompts fit in 64 tokens; real flavours use the pipeline's default of 512.
-    return 64 if flavour.is_demo else 512
+    # The demo's prompts fit in its few tokens; real flavours use the pipeline's default of 512.
+    return DEMO_TEXT_TOKENS if flavour.is_demo else 512
 
 
 def encode_prompts(pipe: Any, prompts: list[str], flavour: Flavour) -> dict[str, torch.Tensor]:
