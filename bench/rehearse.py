@@ -140,9 +140,10 @@ class Watcher(threading.Thread):
         self._enter("ended")
 
 
-def run_trainer(job: Path, events: Path, log: Path, command: list[str] | None = None) -> tuple[int, Watcher, float]:
+def run_trainer(job: Path, events: Path, log: Path, command: list[str] | None = None,
+                console: bool | None = None) -> tuple[int, Watcher, float]:
     """`python -m trainer train job --no-progress` as a user runs it (or `command`), watched; (exit code, watcher,
-    seconds)."""
+    seconds). `console`: phases from its console lines (default: for the trainer's own command)."""
     started = time.time()
     own = command is None
     command = command or [sys.executable, "-m", "trainer", "train", str(job), "--no-progress"]
@@ -150,7 +151,7 @@ def run_trainer(job: Path, events: Path, log: Path, command: list[str] | None = 
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                    env={**_env(), "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"})
         # the trainer's phases from its console lines; a given command (the text priming) writes events live
-        watcher = Watcher(process.pid, events, log if own else None)
+        watcher = Watcher(process.pid, events, log if (own if console is None else console) else None)
         watcher.start()
         try:
             code = process.wait()

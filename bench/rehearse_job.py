@@ -41,8 +41,9 @@ def model_edits(flavour: Flavour, layout: str, model: Path) -> dict[str, Any]:
 
 
 def build_job(flavour: Flavour, layout: str, model: Path, work: Path, steps: int, resolution: int,
-              preset: str | None, overrides: list[str]) -> tuple[Path, Any]:
-    """Writes work/job.toml and the dataset; returns (job path, spec)."""
+              preset: str | None, overrides: list[str], lowvram: dict[str, Any] | None = None) -> tuple[Path, Any]:
+    """Writes work/job.toml and the dataset; returns (job path, spec). `lowvram`: settings over the preset's,
+    before the job is checked (a shallow model allows fewer swapped blocks than the preset swaps)."""
     from trainer.demo import build_demo_dataset
     from trainer.profiles import apply_layers, get_preset
     from trainer.spec import load_spec, parse_spec, save_spec
@@ -63,6 +64,7 @@ def build_job(flavour: Flavour, layout: str, model: Path, work: Path, steps: int
         "sample": {"prompts": [PROMPT], "steps": 2, "every_steps": 0, "resolution": resolution},
         "output": {"dir": str(work / "output"), "name": "rehearsal", "formats": family_formats(flavour.family),
                    "save_state": False},
+        **({"lowvram": lowvram} if lowvram else {}),
     }
     job = work / "job.toml"
     save_spec(parse_spec(apply_layers({}, chosen.profile, chosen, edits)), job)

@@ -190,9 +190,12 @@ def test_quantised_bases_shrink_the_block_weights() -> None:
     flavour = registry.get_flavour("flux2", "klein-base-9b")
     fp8, plain = shapes.weight_layout(flavour, "fp8"), shapes.weight_layout(flavour, "bf16")
     assert fp8.other == plain.other
-    # a quantised Linear computes through a bf16 copy of itself: the largest one is the workspace
+    # a quantised Linear computes through a bf16 copy of itself: the largest one is the workspace, beside its
+    # packed 4-bit indices widened to int32 for the lookup (2 more bytes per weight); 8-bit formats scale in place
     quantised = estimate_job(_spec("flux2", "klein-base-9b", model={"base_precision": "nf4"}))
-    assert _item(quantised, "dequantisation") == pytest.approx(2 * 4096 * 9 * 4096 / core.GIB)
+    assert _item(quantised, "dequantisation") == pytest.approx(4 * 4096 * 9 * 4096 / core.GIB)
+    eight_bit = estimate_job(_spec("flux2", "klein-base-9b", model={"base_precision": "int8"}))
+    assert _item(eight_bit, "dequantisation") == pytest.approx(2 * 4096 * 9 * 4096 / core.GIB)
 
 
 def test_each_strategy_lowers_the_klein_9b_training_step() -> None:

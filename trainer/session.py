@@ -788,6 +788,10 @@ class Session:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             total = self._optimizer_step_or_explain()
+            # an optimiser's first step makes its state above the step's freed temporaries, which would stay
+            # resident as heap holes through the later steps and sampling (fused backward trims as it steps:
+            # trainer/memory/optimizer_memory.py); once per step costs well under a millisecond
+            release_freed_heap()
             if self.ema is not None:
                 self.ema.update(self.lora_parameters())
             self.step += 1

@@ -38,7 +38,8 @@ and int8 1 B plus one fp32 scale per output row; int4 and nf4 0.5 B plus one fp3
 Linears inside blocks are quantised, FLUX.1's modulation Linears in model.modulation_precision's format
 (trainer.spec.modulation_format); embedders, norm_out and proj_out stay in bf16. A quantised text encoder keeps
 its token table in bf16. A quantised Linear is dequantised
-to bf16 while it computes: one copy of the largest such Linear is the "dequantisation workspace".
+to bf16 while it computes: one copy of the largest such Linear (with the 4-bit formats' widened indices:
+DEQUANT_BYTES) is the "dequantisation workspace".
 
 Assumed (figures from shared/TECHNIQUES.md, "Activations" and "Optimiser", and measured on the CPU; see the
 constants here and in trainer/estimator/activations.py): activations ≈60·h bytes per token per block for FLUX.2 in
@@ -89,9 +90,22 @@ ALLOCATOR_OVERHEAD = 0.10
 TIGHT_SHARE = 0.90
 PROCESS_RAM_GIB = 2.0  # python, torch and the CUDA libraries, before any model
 DISK_READ_GBPS = 3.0  # a typical NVMe (PCIe 3 x4 reads ≈3.5 GB/s sequentially), lowvram.disk_read_gbps unset
+# A quantised transformer streams in a slice of rows at a time (trainer/memory/quantize.py, sources/single_file.py:
+# 16 MiB of fp32 and its temporaries), the heap trimmed once per block: its load peaks at the quantised model plus
+# this, not plus a block in bf16. Measured by bench/rehearse.py (CPU, hub shards, fp8): klein base 9B 9.71 GiB
+# resident at the load's peak against 9.55 for the loaded model with the process, VAE and caches (+0.16); FLUX.1
+# dev 12.06 against 11.92 (+0.14); klein base 9B at 5 blocks deep (bench/rehearse_shallow.py) 2.70 against 2.75.
+STREAM_WORKSPACE_GIB = 0.15
 CACHES_RAM_GIB = 0.1  # latents and embeddings cached in memory for a small dataset (see the note per caption)
 CONTEXT = "cuda context"
 OVERHEAD = "allocator overhead"
+
+# The dequantisation workspace per weight of the largest quantised Linear (trainer/memory/quantize.py dequantize):
+# 8-bit formats convert to bf16 and scale in place (2 bytes); the 4-bit ones hold the packed bytes widened to int32
+# for the lookup beside the bf16 weights it gives (2 + 2). Measured on the CPU at klein base 9B's widths, 5 blocks
+# deep (bench/rehearse_shallow.py, int4): the first step peaked 0.30 GiB above the estimate with 2 bytes, the
+# largest Linear having 151 M weights.
+DEQUANT_BYTES = {"fp8": 2.0, "int8": 2.0, "int4": 4.0, "nf4": 4.0}
 
 # Bytes of optimiser state per trainable parameter (adafactor is computed per matrix).
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0, "lion8bit": 1.0, "prodigy": 16.0}
@@ -316,7 +330,7 @@ def _training_step(job: _Job, fused_attention: bool) -> _Step:
     optimizer_gpu = 0.0 if plan.optimizer_offload else optimizer_bytes
     act = training_activations(f, plan, job.tokens, spec.train.batch_size, job.compute_elem, fused_attention,
                                TRAINS_WITH[spec.advanced.attention])
-    dequant = 2.0 * job.layout.largest_linear_params if job.precision in QUANTISED else 0.0
+    dequant = DEQUANT_BYTES.get(job.precision, 0.0) * job.layout.largest_linear_params
     optimizer_label = f"optimizer state ({spec.train.optimizer}" + (
         ", offloaded to RAM)" if plan.optimizer_offload else ")")
     ema_gpu = _ema_bytes(spec, lora_params, "gpu")
@@ -455,10 +469,10 @@ def _swapped_ram(plan: LowVramPlan, swapped: tuple[float, ...], precision: str, 
             sum(swapped))
 
 
-def _transformer_load(f: registry.Flavour, layout: WeightLayout, precision: str, on_disk: tuple[float, ...]) -> float:
-    """The transformer's RAM peak while it streams in: quantised one block in bf16 at a time; the swapped blocks
-    `on_disk` go to the block cache as soon as each is complete, so at most one of them is in RAM."""
-    peak = layout.total + (max(weight_layout(f, "bf16").blocks) if precision in QUANTISED else 0.0)
+def _transformer_load(layout: WeightLayout, precision: str, on_disk: tuple[float, ...]) -> float:
+    """The transformer's RAM peak while it streams in: quantised a slice of rows at a time (STREAM_WORKSPACE_GIB);
+    the swapped blocks `on_disk` go to the block cache as soon as each is complete, so at most one is in RAM."""
+    peak = layout.total + (STREAM_WORKSPACE_GIB * GIB if precision in QUANTISED else 0.0)
     return peak - sum(on_disk) + max(on_disk, default=0.0)
 
 
@@ -503,7 +517,7 @@ def _loads(job: _Job) -> _Loads:
     """The phases before training, in sequence, for `job` (bytes, one process)."""
     te_whole, _, _, te_ram = text_encoder_memory(job.f, job.spec, job.plan.text_encoder_device)
     sampled = bool(job.spec.sample.prompts)
-    transformer = _transformer_load(job.f, job.layout, job.precision, job.swapped if job.on_disk else ())
+    transformer = _transformer_load(job.layout, job.precision, job.swapped if job.on_disk else ())
     return _Loads(PROCESS_RAM_GIB * GIB, job.vae_bytes, job.vae_bytes if sampled else 0.0, CACHES_RAM_GIB * GIB,
                   te_whole, te_ram, transformer)
 

@@ -6,6 +6,7 @@ copies: a block or text-encoder layer streamed "to the device" is copied into a 
 swapped weights wait in host masters. So one phase needs, in one RAM, the host's share as predicted plus the
 device's tensors (ring slots included), less what only a GPU has: the CUDA context and the caching allocator's
 overhead; and the process itself is lighter without the CUDA libraries (PROCESS_RAM_GIB_CPU, not PROCESS_RAM_GIB).
+What only the CPU has is added: glibc's heap holes from the training step on (HEAP_BYTES_PER_TRAINABLE).
 
 What it predicts is the process's resident memory, anonymous and file-backed together: weights that the loader
 leaves mapped from their safetensors files are as resident as copied ones while they are used.
@@ -17,7 +18,7 @@ from trainer import registry
 from trainer.estimator.activations import text_encoder_memory
 from trainer.estimator.auto import estimate_as_run, resolve_lowvram
 from trainer.estimator.core import CONTEXT, GIB, OVERHEAD, PROCESS_RAM_GIB, loading_parts
-from trainer.estimator.shapes import WEIGHT_BYTES
+from trainer.estimator.shapes import WEIGHT_BYTES, lora_param_counts
 from trainer.spec import JobSpec, with_text_encoder_precision
 
 # Python, torch, diffusers and transformers imported, before any model (CPU-only torch: no CUDA libraries).
@@ -33,6 +34,15 @@ PROCESS_RAM_GIB_CPU = 0.5
 # precision, or a single file given) reads each tensor through a handle closed at once: klein base 9B, Qwen3-8B
 # int8 from four hub shards, 0.11 GiB file-backed at the loading peak.
 MAPPED_GIB = 2.6
+# glibc's heap, where a GPU has its caching allocator's overhead (left out above): the first step makes each LoRA
+# parameter's optimiser state (fused backward) between the backward's freed temporaries, so the heap's arena grows
+# scattered, and the later steps' and sampling's temporaries fault its holes back in, resident until the step's
+# trim (trainer/session.py). About HEAP_BYTES_PER_TRAINABLE bytes per trainable parameter from the training step
+# on. Measured by bench/rehearse.py: FLUX.1 dev (65.4 M LoRA parameters) 15.16 GiB at the training step and 15.49
+# sampling against 13.89 and 13.48 without it (+1.27, +2.01 GiB); before the fused backward trimmed after each first
+# step 32 bytes (klein base 9B +1.33 GiB with 43.5 M, FLUX.1 +1.97); klein base 9B widths, 5 blocks deep, 7.9 M
+# (bench/rehearse_shallow.py): +0.07 GiB over the estimate without it.
+HEAP_BYTES_PER_TRAINABLE = 20.0
 
 
 def cpu_only_phases(spec: JobSpec, first_run: bool = True, ram_gib: float | None = None) -> dict[str, float]:
@@ -47,6 +57,8 @@ def cpu_only_phases(spec: JobSpec, first_run: bool = True, ram_gib: float | None
     spec = with_text_encoder_precision(spec, plan.text_encoder_precision)  # auto: what the plan chose
     result = estimate_as_run(spec, None, plan=plan)
     lighter = PROCESS_RAM_GIB - PROCESS_RAM_GIB_CPU
+    f = registry.get_flavour(spec.model.family, spec.model.flavour)
+    holes = HEAP_BYTES_PER_TRAINABLE * lora_param_counts(f, spec.lora.targets, spec.lora.rank, spec.lora.type)[1] / GIB
     phases: dict[str, float] = {}
     for name, phase in result.phases.items():
         if not phase.parts and not phase.ram_gib:
@@ -55,6 +67,8 @@ def cpu_only_phases(spec: JobSpec, first_run: bool = True, ram_gib: float | None
         if name == "caching latents":  # the VAE "on the device" is the one the host holds: count it once
             device -= phase.parts.get("vae", 0.0)
         phases[name] = phase.ram_gib + device - lighter
+        if name in ("training step", "validation sampling"):
+            phases[name] += holes
     loads = loading_parts(spec, plan)  # no device tensors while loading: the CUDA context only
     phases["loading"], phases["loading transformer"] = loads["text encoders"] - lighter, loads["transformer"] - lighter
     if spec.data.cache_text_embeddings != "disk" and _library_loads_text(spec):

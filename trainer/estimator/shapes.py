@@ -153,7 +153,7 @@ class WeightLayout:
 
     blocks: tuple[float, ...]
     other: float  # embedders, modulation, norm_out, proj_out: always on the GPU
-    largest_linear_params: int  # the biggest quantised Linear: its bf16 copy is the dequantisation workspace
+    largest_linear_params: int  # the biggest quantised Linear: its dequantised copy is the workspace
 
     @property
     def total(self) -> float:

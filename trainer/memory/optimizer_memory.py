@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from trainer.memory.heap import release_freed_heap
+
 BuildOptimizer = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 BuildScheduler = Callable[[torch.optim.Optimizer], Any]
 
@@ -141,6 +143,11 @@ class FusedBackward:
         else:
             optimizer.step()
         param.grad = None
+        if self.steps_taken < len(self.params):  # the first step: this parameter's optimiser state was just made
+            # it lies above the backward's and the step's freed temporaries, which would stay resident as heap holes
+            # (on the CPU, about 32 bytes per trainable parameter: +1.3 GiB on klein base 9B, +2.0 on FLUX.1 dev);
+            # handed back at once, they cost a few page faults when reused
+            release_freed_heap()
         self.steps_taken += 1  # parameters handled inside the backward
 
     @property
