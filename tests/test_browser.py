@@ -68,6 +68,7 @@ def step_shown(page) -> int:  # noqa: ANN001
 def test_a_new_user_trains_the_demo_in_chromium(tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=WAIT_MS)  # a busy machine: a click's answer can take more than expect's 5 s
     shots = tmp_path / "screenshots"
     shots.mkdir()
     print(f"\nscreenshots: {shots}")

@@ -52,8 +52,9 @@ def small_png(source: Path, target: Path) -> None:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=WAIT_MS)  # a busy machine: the page itself can take more than expect's 5 s to draw
     workdir = tmp_path_factory.mktemp("quickstart")
     process, url, log = _launch(workdir)
     try:
