@@ -21,7 +21,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # The demo's pre-trained models are built once per key (their code and library versions) in this folder, shared by
 # the test workers, the apps they start (which inherit it) and later runs.
-CACHE_ENV = "FLUX_LORA_STUDIO_DEMO_CACHE"
+from trainer.demo import CACHE_ENV  # noqa: E402
+
 os.environ.setdefault(CACHE_ENV, str(Path(tempfile.gettempdir()) / f"flux-lora-studio-demo-{getpass.getuser()}"))
 
 from trainer.quiet import silence_library_noise  # noqa: E402
