@@ -222,7 +222,11 @@ def _launch(workdir: Path, *flags: str, env: dict[str, str] | None = None) -> tu
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
     log = (workdir / "app.log").open("w")
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", **(env or {}))
+    # Its own gradio cache beside the workdir: apps of other tests (or other users) on the machine would share
+    # /tmp/gradio, where gradio rewrites a cached image in place while another app may be serving that same file.
+    cache = workdir.parent / f"{workdir.name}-gradio-cache"
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", GRADIO_TEMP_DIR=str(cache),
+               **(env or {}))
     env.pop("OMP_NUM_THREADS", None)  # the app chooses its own (tests set 1 for themselves)
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--workdir", str(workdir), "--no-browser",
