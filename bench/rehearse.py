@@ -45,7 +45,7 @@ PHASES = ("loading", "caching text embeddings", "caching latents", "loading tran
 PREDICTED_AS = {"loading": "loading", "caching text embeddings": "caching text embeddings",
                 "loading transformer": "loading transformer",
                 "caching latents": "caching latents", "training step": "training step",
-                "sampling": "validation sampling", "saving": "training step"}
+                "sampling": "validation sampling", "saving": "saving"}
 
 
 def _status(pid: int) -> dict[str, int] | None:
