@@ -224,7 +224,7 @@ def _launch(workdir: Path, *flags: str, env: dict[str, str] | None = None) -> tu
     log = (workdir / "app.log").open("w")
     # Its own gradio cache beside the workdir. In the shared /tmp/gradio, apps of the same install name a cached file
     # by its content (one hash seed per install), gradio rewrites a cached image in place, and each app's cleanup
-    # deletes the others' old files: a tests' app served a file shorter than it had announced there once.
+    # deletes the others' old files: a test's app served a file shorter than it had announced there once.
     cache = workdir.parent / f"{workdir.name}-gradio-cache"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", GRADIO_TEMP_DIR=str(cache),
                **(env or {}))
