@@ -93,9 +93,7 @@ def _write_demo_files(pipe: object, family: str, out: Path) -> dict[str, Path]:
     save_file(diffusers_to_bfl(transformer, family), paths["transformer_bare"])
     save_file(vae_diffusers_to_ldm(_state(pipe.vae), family), paths["vae"])
     text = _state(pipe.text_encoder)
-    if family == "flux2":
-        text.pop("lm_head.weight")  # ComfyUI's Qwen3 files leave out the head tied to the embedding
-    else:
+    if family != "flux2":  # the Qwen3 state has no head (never loaded), as ComfyUI's Qwen3 files leave it out
         # ComfyUI's clip_l names the text model `text_model.` and carries the full CLIP's projection and logit
         # scale, which the text model lacks
         text = {f"text_model.{name}": tensor for name, tensor in text.items()}
@@ -524,12 +522,34 @@ def test_mistral_file_without_image_tower_and_pruned(tmp_path: Path) -> None:
     model = load_text_encoder_file(tmp_path / "mistral_pruned.safetensors", found, tmp_path / "text_encoder",
                                    "Mistral3ForConditionalGeneration", torch.float32, hidden_layers=(1, 2))
     assert model.model.vision_tower is None
+    assert not any("lm_head" in name for name in model.state_dict())  # its untied head is in the file, unread
     ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
         theirs = reference(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
     for layer in (1, 2):
         torch.testing.assert_close(ours[layer], theirs[layer], rtol=0, atol=1e-6)
+
+
+def test_a_decoder_loads_without_its_head_and_embeds_as_transformers_does(demo_dir: Path) -> None:
+    """The prompt embedding is hidden states: the language-model head is never loaded, and what remains gives the
+    hidden states transformers' own loading gives."""
+    from transformers import Qwen3ForCausalLM
+
+    from trainer.sources.single_file import NoLogits
+
+    pipe = family_ops("flux2").load_pipeline(str(demo_dir / "flux2"), FLAVOUR["flux2"], torch.float32,
+                                             skip=("transformer", "vae"))
+    ours = pipe.text_encoder
+    assert isinstance(ours.lm_head, NoLogits) and not any("lm_head" in name for name in ours.state_dict())
+    theirs = Qwen3ForCausalLM.from_pretrained(demo_dir / "flux2" / "text_encoder", dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = ours(input_ids=ids, output_hidden_states=True, use_cache=False)
+        want = theirs(input_ids=ids, output_hidden_states=True, use_cache=False)
+    assert got.logits.shape == (2, 7, 0)  # no logits computed
+    for mine, reference in zip(got.hidden_states, want.hidden_states, strict=True):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------- the hub

@@ -154,6 +154,21 @@ def load_vae_file(path: str | Path, found: Recognised, config_folder: str | Path
 # Tensors of the full CLIP that CLIPTextModel lacks (FLUX.1 takes the pooled output before the projection).
 _CLIP_EXTRAS = ("text_projection.weight", "logit_scale", "embeddings.position_ids")
 _DECODER_STEMS = ("model.language_model.", "language_model.model.", "model.")
+_DECODERS = ("qwen3", "mistral")  # language models whose hidden states are the prompt embedding
+
+
+class NoLogits(torch.nn.Module):
+    """A decoder's language-model head, left out: the pipelines read hidden states and never the logits, so the
+    head's weights (Qwen3-8B's untied 0.62 B, Mistral's 0.67 B) are never loaded and no logits are computed (512
+    tokens of a 152k vocabulary: 0.6 TFLOP and a 1.2 GiB dequantised head per prompt batch)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[..., :0]
+
+
+def _unused(kind: str, name: str) -> bool:
+    """A file's tensor that no prompt ever reads: the full CLIP's extras, a decoder's language-model head."""
+    return (kind == "clip" and name.endswith(_CLIP_EXTRAS)) or (kind in _DECODERS and name.endswith("lm_head.weight"))
 
 
 def _text_key(kind: str, name: str, expected: dict[str, Any]) -> str | None:
@@ -167,7 +182,6 @@ def _text_key(kind: str, name: str, expected: dict[str, Any]) -> str | None:
         rest = next((name[len(stem):] for stem in _DECODER_STEMS if name.startswith(stem)), None)
         if rest is not None and not rest.startswith(("vision_tower.", "multi_modal_projector.")):
             candidates += [stem + rest for stem in _DECODER_STEMS]
-        candidates += ["lm_head.weight"] if name.endswith("lm_head.weight") else []
         bare = name.removeprefix("model.")
         candidates += [bare, f"model.{bare}"] if bare.startswith(("vision_tower.", "multi_modal_projector.")) else []
     return next((c for c in candidates if c in expected), None)
@@ -195,7 +209,7 @@ def fill_text_encoder(readers: list[FileReader], found: Recognised, config_folde
                       dtype: torch.dtype, hidden_layers: tuple[int, ...] = (), precision: str = "") -> torch.nn.Module:
     """The text encoder whose tensors `readers` hold (one single file, or the shards of a diffusers folder's
     text_encoder/), built on the meta device and filled tensor by tensor. With a quantised `precision` its Linears
-    (layers, an untied lm_head, a vision tower) are quantised a slice of rows at a time, so the peak is the final
+    (layers, a vision tower) are quantised a slice of rows at a time, so the peak is the final
     size plus one slice; the token table and norms stay in `dtype`."""
     import transformers
     from accelerate import init_empty_weights
@@ -205,11 +219,12 @@ def fill_text_encoder(readers: list[FileReader], found: Recognised, config_folde
     config = transformers.AutoConfig.from_pretrained(str(config_folder))
     with init_empty_weights():
         model = model_class(config)
+    if found.kind in _DECODERS:
+        model.lm_head = NoLogits()
     expected = _prune_layers(model, found, field, name0, hidden_layers)
     sources = {name: reader for reader in readers for name in reader.names()}
     names = {name: _text_key(found.kind, name, expected) for name in sources}
-    extra = sorted(name for name, key in names.items()
-                   if key is None and not (found.kind == "clip" and name.endswith(_CLIP_EXTRAS)))
+    extra = sorted(name for name, key in names.items() if key is None and not _unused(found.kind, name))
     names = {name: key for name, key in names.items() if key is not None}
     if extra:
         raise UserError(f"{field}: '{name0}' has {len(extra)} tensors {class_name} from "
@@ -233,7 +248,7 @@ def fill_text_encoder(readers: list[FileReader], found: Recognised, config_folde
         # ComfyUI's Mistral file is the language model alone; the image tower only reads images, never prompts.
         model.model.vision_tower = None
         model.model.multi_modal_projector = None
-    _tie_unused_heads(model)
+    _tie_t5_embedding(model)
     empty = _still_empty(model)
     if empty:
         raise UserError(f"{field}: '{name0}' lacks {len(empty)} tensors {class_name} needs ({_few(empty)})")
@@ -294,17 +309,10 @@ def _stream_quantised(layer: torch.nn.Module, reader: FileReader, name: str, pre
     layer.load_weight(lambda start, stop: reader.rows(name, start, stop, torch.float32), work_device=work)
 
 
-def _tie_unused_heads(model: torch.nn.Module) -> None:
-    """Tied or absent output/input embeddings: the language-model head (never used for hidden states) and T5's
-    encoder embedding share the input embedding, as transformers ties them."""
+def _tie_t5_embedding(model: torch.nn.Module) -> None:
+    """T5's encoder embedding, tied or absent in the file, shares the input embedding, as transformers ties it."""
     embedding = model.get_input_embeddings().weight
-    if embedding.is_meta:
-        return
-    for name in ("lm_head", "encoder.embed_tokens"):
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
-        if module.weight.is_meta:
-            module.weight = embedding
+    tokens = getattr(getattr(model, "encoder", None), "embed_tokens", None)
+    if tokens is not None and tokens.weight.is_meta and not embedding.is_meta:
+        tokens.weight = embedding
 
