@@ -108,8 +108,8 @@ def _activations(f: registry.Flavour, blocks_to_swap: int, every: int, offload: 
 
 def text_encoder_weights(shape: TextEncoderShape, precision: str) -> tuple[float, float]:
     """(bytes of one repeated layer, bytes of everything else) of a text encoder stored in `precision`. A quantised
-    encoder (trainer/memory/quantize.py) stores every Linear quantised — the layers, an untied lm_head, CLIP
-    beside T5, a vision tower — and keeps the token table and the norms in bf16."""
+    encoder (trainer/memory/quantize.py) stores every Linear quantised — the layers, CLIP beside T5, a vision
+    tower — and keeps the token table and the norms in bf16."""
     if precision not in WEIGHT_BYTES:
         return shape.layer_params * BYTES[precision], shape.outside_params * BYTES[precision]
     table = shape.vocab * shape.hidden
@@ -127,15 +127,15 @@ def text_encoder_memory(f: registry.Flavour, spec: JobSpec, device: str) -> tupl
     whole = shape.layers * layer + outside
     elem = 2 if precision in WEIGHT_BYTES else BYTES[precision]  # a quantised encoder computes in bf16
     tokens = text_tokens(f)
-    # every layer's hidden state is returned (output_hidden_states), a few temporaries, and the logits
-    work = ((shape.layers + 9) * shape.hidden * tokens + tokens * shape.vocab) * elem
+    # every layer's hidden state is returned (output_hidden_states) and a few temporaries; no logits (NoLogits)
+    work = (shape.layers + 9) * shape.hidden * tokens * elem
     if precision in WEIGHT_BYTES:
-        work += shape.vocab * shape.hidden * 2  # a Linear dequantised while it computes: at most the lm_head's size
+        work += shape.hidden * shape.ffn * 2  # a Linear dequantised to bf16 while it computes: the widest one
     if device == "gpu":
         return whole, whole + work, whole, 0.0
     if device == "offload":
         # trainer/memory/placement.py: the layers stream through a ring of 2 slots, everything else (token table,
-        # lm_head, final norm, a vision tower) sits on the GPU; the layers' pinned masters stay in RAM
+        # final norm, a vision tower) sits on the GPU; the layers' pinned masters stay in RAM
         on_gpu = TEXT_ENCODER_RING * layer + outside
         return whole, on_gpu + work, on_gpu, shape.layers * layer
     return whole, 0.0, 0.0, whole + work  # cpu

@@ -251,19 +251,20 @@ def adafactor_bytes(f: registry.Flavour, targets: str, rank: int, type: str) -> 
 
 @dataclass(frozen=True)
 class TextEncoderShape:
-    """Sizes from the models' config.json files: decoder layers, hidden size, vocabulary, tied embeddings."""
+    """Sizes from the models' config.json files: decoder layers, hidden size, vocabulary, feed-forward width. A
+    decoder's language-model head is never loaded (trainer/sources/single_file.py NoLogits: prompts read hidden
+    states), so `params` counts the token table once, tied or not."""
 
-    params: float  # everything loaded: decoder layers, token embedding, lm_head, extras
+    params: float  # everything loaded: the repeated layers, the token embedding, extras
     layers: int
     hidden: int
     vocab: int
-    tied: bool  # lm_head shares the token embedding table
-    extra: float = 0.0  # parameters outside the layers besides the tables: a vision tower, or CLIP-L beside T5
+    ffn: int  # a layer's widest Linear is hidden x ffn (the MLP's): the most a quantised Linear dequantises at once
+    extra: float = 0.0  # parameters outside the layers besides the table: a vision tower, or CLIP-L beside T5
 
     @property
     def layer_params(self) -> float:
-        tables = self.vocab * self.hidden * (1 if self.tied else 2)
-        return (self.params - tables - self.extra) / self.layers
+        return (self.params - self.vocab * self.hidden - self.extra) / self.layers
 
     @property
     def outside_params(self) -> float:
@@ -271,13 +272,13 @@ class TextEncoderShape:
         return self.params - self.layers * self.layer_params
 
 
-TEXT_ENCODERS = {  # by Flavour.text_encoder_label
-    "Qwen3-4B": TextEncoderShape(4.02e9, 36, 2560, 151936, tied=True),
-    "Qwen3-8B": TextEncoderShape(8.19e9, 36, 4096, 151936, tied=False),
+TEXT_ENCODERS = {  # by Flavour.text_encoder_label; params without the untied heads (Qwen3-8B 0.62 B, Mistral 0.67 B)
+    "Qwen3-4B": TextEncoderShape(4.02e9, 36, 2560, 151936, ffn=9728),
+    "Qwen3-8B": TextEncoderShape(7.57e9, 36, 4096, 151936, ffn=12288),
     # Mistral3ForConditionalGeneration: 40 text layers and a ≈0.44 B vision tower (unused for prompts)
-    "Mistral-Small-3.1-24B": TextEncoderShape(24.0e9, 40, 5120, 131072, tied=False, extra=0.44e9),
+    "Mistral-Small-3.1-24B": TextEncoderShape(23.33e9, 40, 5120, 131072, ffn=32768, extra=0.44e9),
     # T5-XXL's encoder (24 layers of d_model 4096, no lm_head); CLIP-L (0.12 B) runs first, whole
-    "CLIP-L + T5-XXL": TextEncoderShape(4.76e9 + 0.12e9, 24, 4096, 32128, tied=True, extra=0.12e9),
+    "CLIP-L + T5-XXL": TextEncoderShape(4.76e9 + 0.12e9, 24, 4096, 32128, ffn=10240, extra=0.12e9),
 }
 
 
