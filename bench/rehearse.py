@@ -45,7 +45,7 @@ PHASES = ("loading", "caching text embeddings", "caching latents", "loading tran
 PREDICTED_AS = {"loading": "loading", "caching text embeddings": "caching text embeddings",
                 "loading transformer": "loading transformer",
                 "caching latents": "caching latents", "training step": "training step",
-                "sampling": "validation sampling", "saving": "training step"}
+                "sampling": "validation sampling", "saving": "saving"}
 
 
 def _status(pid: int) -> dict[str, int] | None:
@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cache the text embeddings first with the text encoders alone (bench/rehearse_prime.py), "
                              "then rehearse a repeated run: for flavours whose first run exceeds this machine's RAM")
     parser.add_argument("--json", help="also write the results as JSON to this file")
+    parser.add_argument("--estimate-only", action="store_true",
+                        help="print the CPU-only estimate per phase and stop (nothing fabricated or run)")
     args = parser.parse_args(argv)
     try:
         return rehearse(args)
@@ -252,6 +254,10 @@ def rehearse(args: argparse.Namespace) -> int:
         job, spec = build_job(flavour, args.layout, model, work, args.steps, args.resolution, args.preset,
                               [*args.set, f'model.text_encoder_precision="{chosen}"'])
     predicted = cpu_only_phases(spec, first_run=not args.prime_text)
+    if args.estimate_only:
+        print(f"{flavour.label}, {args.layout}, text encoder {spec.model.text_encoder_precision}: " + ", ".join(
+            f"{phase} {predicted[PREDICTED_AS[phase]]:.2f}" for phase in PHASES if PREDICTED_AS[phase] in predicted))
+        return 0
     peak = max(*predicted.values(), text_only_gib(spec) if args.prime_text else 0.0)
     check_disk_and_ram(0 if made else needed_bytes(flavour, args.layout), fab_dir, peak)
     if made is None:

@@ -36,12 +36,14 @@ torch.set_num_threads(1)
 
 # The longest files (1-3 minutes each, measured by --durations) start first, one on each worker: with xdist's
 # per-file schedule in collection order (--no-loadscope-reorder) they no longer end the run alone on one worker.
+# xdist hands each worker its next file while it still runs one, so the first four are the first two on each.
 SLOW_FILES_FIRST = (
     "test_browser_session.py",
     "test_browser_quickstart.py",
     "test_multi_gpu.py",
-    "test_gpu_proof.py",
+    "test_browser_job_bar.py",
     "test_browser.py",
+    "test_gpu_proof.py",
     "test_ui_multi_gpu.py",
 )
 

@@ -222,7 +222,12 @@ def _launch(workdir: Path, *flags: str, env: dict[str, str] | None = None) -> tu
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
     log = (workdir / "app.log").open("w")
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", **(env or {}))
+    # Its own gradio cache beside the workdir. In the shared /tmp/gradio, apps of the same install name a cached file
+    # by its content (one hash seed per install), gradio rewrites a cached image in place, and each app's cleanup
+    # deletes the others' old files: a test's app served a file shorter than it had announced there once.
+    cache = workdir.parent / f"{workdir.name}-gradio-cache"
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", GRADIO_TEMP_DIR=str(cache),
+               **(env or {}))
     env.pop("OMP_NUM_THREADS", None)  # the app chooses its own (tests set 1 for themselves)
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--workdir", str(workdir), "--no-browser",

@@ -40,6 +40,26 @@ pytestmark = [
 ]
 
 
+class Shots:
+    """Screenshots of each stage in a folder (its path printed), and when each was taken."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir()
+        print(f"\nscreenshots: {folder}")
+        self.folder, self.started, self.stages = folder, time.monotonic(), []
+
+    def __call__(self, page, name: str) -> None:  # noqa: ANN001 - a playwright Page
+        page.screenshot(path=self.folder / f"{name}.png", full_page=True)
+        self.stage(name)
+
+    def stage(self, name: str) -> None:
+        """Note that the test got to `name` now (printed with the screenshots' times)."""
+        self.stages.append(f"{name} at {time.monotonic() - self.started:.0f} s")
+
+    def summary(self) -> str:
+        return f"{', '.join(self.stages)}; {time.monotonic() - self.started:.0f} s in all"
+
+
 def choose(page, label: str, option: str | re.Pattern) -> None:  # noqa: ANN001 - a playwright Page
     """Open a gradio dropdown by its label and click one of its options."""
     page.get_by_role("combobox", name=label).click()
@@ -69,16 +89,8 @@ def test_a_new_user_trains_the_demo_in_chromium(tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=WAIT_MS)  # a busy machine: a click's answer can take more than expect's 5 s
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
-    print(f"\nscreenshots: {shots}")
-    started = time.monotonic()
-    stages: list[str] = []
-
-    def shot(page, name: str) -> None:  # noqa: ANN001
-        page.screenshot(path=shots / f"{name}.png", full_page=True)
-        stages.append(f"{name} at {time.monotonic() - started:.0f} s")
-
+    shot = Shots(tmp_path / "screenshots")
+    shots = shot.folder
     process, url, log = _launch(tmp_path)
     try:
         with sync_playwright() as playwright:
@@ -159,4 +171,4 @@ def test_a_new_user_trains_the_demo_in_chromium(tmp_path):
         "01-opened.png", "02-profile-and-preset.png", "03-training.png", "04-sample.png", "05-stopped.png",
         "06-form-restored.png", "07-broken-form-notice.png"]
     assert (tmp_path / ".studio" / "last_form.toml.broken").read_text(encoding="utf-8") == "[lora\n"
-    print(f"browser test: {', '.join(stages)}; {time.monotonic() - started:.0f} s in all")
+    print(f"browser test: {shot.summary()}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_app import _launch, _shut_down, _wait_until_up
-from test_browser import CHROMIUM, CHROMIUM_ARGS, WAIT_MS, choose, wait_until
+from test_browser import CHROMIUM, CHROMIUM_ARGS, WAIT_MS, Shots, choose, wait_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -76,13 +76,13 @@ def test_a_newcomer_trains_a_first_lora_from_the_quick_start(app, tmp_path):
     from playwright.sync_api import expect
 
     page, workdir = app
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
-    print(f"\nscreenshots: {shots}")
+    shot = Shots(tmp_path / "screenshots")
+    shots = shot.folder
     expect(page.get_by_role("tab", name="Quick start", selected=True)).to_be_visible()  # the first thing shown
     choose(page, "GPU", "CPU only (no NVIDIA GPU)")  # as on this machine; a GPU machine preselects its own
     expect(page.locator("#quick-model")).to_contain_text("Real FLUX models need an NVIDIA GPU")
 
+    shot.stage("chosen")
     page.locator("#quick-upload input[type=file]").set_input_files([str(p) for p in images(tmp_path / "mine")])
     expect(page.locator("#quick-upload-message")).to_contain_text("6 files written to", timeout=WAIT_MS)
     expect(page.locator("#quick-upload-thumbnails img")).to_have_count(4)
@@ -90,26 +90,31 @@ def test_a_newcomer_trains_a_first_lora_from_the_quick_start(app, tmp_path):
     assert sorted(p.name for p in dataset.iterdir()) == [
         "photo_0.png", "photo_0.txt", "photo_1.png", "photo_1.txt", "photo_2.png", "photo_3.png"]
     expect(page.get_by_label("Image folder").first).to_have_value(str(dataset))
+    shot.stage("uploaded")
     page.get_by_label("Trigger word").first.fill("ohwx")
     page.get_by_label("LoRA name").fill("first_lora")
     page.get_by_label("LoRA name").press("Tab")
     expect(page.locator("#quick-verdict")).to_contain_text("fits — no NVIDIA GPU")
     page.evaluate("window.scrollTo(0, 0)")
-    page.screenshot(path=shots / "quickstart-full.png", full_page=True)
+    shot(page, "quickstart-full")
     small_png(shots / "quickstart-full.png", shots / "quickstart.png")
 
     page.locator("#quick-start").click()
     expect(page.get_by_role("tab", name="Run", exact=True, selected=True)).to_be_visible(timeout=WAIT_MS)
+    shot.stage("run-tab")
     wait_until(page, "a sample image has loaded", SAMPLE_SHOWN, shots)
+    shot.stage("sample")
     page.get_by_role("button", name="Stop", exact=True).click()
     expect(page.get_by_label("Status", exact=True)).to_have_value(re.compile(r"^stopped: LoRA saved to "),
                                                                   timeout=WAIT_MS)
+    shot.stage("stopped")
     page.get_by_role("tab", name="Dataset & Captioning").click()  # the quick start filled the form
     expect(page.get_by_label("Image folder").filter(visible=True)).to_have_value(str(dataset))
     page.get_by_role("button", name="Caption editor ▼").click()  # the uploaded images, with their captions
     page.get_by_role("button", name="Load captions").click()
     expect(page.get_by_label("Editor", exact=True)).to_have_value(f"4 images in {dataset}", timeout=WAIT_MS)
     expect(page.get_by_label("photo_0.png", exact=True)).to_have_value("a plain square, number 0")
+    shot.stage("captions")
     page.get_by_role("tab", name="Model").click()
     expect(page.get_by_role("combobox", name="Hardware profile")).to_have_value("CPU only (no NVIDIA GPU)")
 
@@ -117,26 +122,28 @@ def test_a_newcomer_trains_a_first_lora_from_the_quick_start(app, tmp_path):
     row = page.locator("#runs-table").get_by_test_id("cell-0-0")  # the newest run is the first row
     expect(row).to_have_text("first_lora", timeout=WAIT_MS)
     expect(page.locator("#runs-table")).to_contain_text("stopped")
+    shot.stage("runs-row")
     row.click()
     expect(page.locator("#runs-details")).to_contain_text("first_lora — stopped", timeout=WAIT_MS)
     expect(page.locator("#runs-samples img").first).to_be_visible(timeout=WAIT_MS)
+    shot.stage("details")
     with page.expect_download() as download:
         page.locator("#runs-loras a[download='first_lora.safetensors']").click()
     saved = tmp_path / "downloaded.safetensors"
     download.value.save_as(saved)
     assert saved.read_bytes() == (workdir / "output" / "first_lora" / "first_lora.safetensors").read_bytes()
-    page.screenshot(path=shots / "runs.png", full_page=True)
+    shot(page, "runs")
 
     page.once("dialog", lambda dialog: dialog.dismiss())  # Delete asks first; declined, nothing moves
     page.get_by_role("button", name="Delete").click()
-    # the declined Delete's event may still be queued; a click while it is pending is dropped by gradio
+    # the declined Delete's event leaves gradio's queue first (the app queues a click made while it waits, too)
     expect(page.locator("#runs-table")).not_to_contain_text("queue:", timeout=WAIT_MS)
-    page.wait_for_timeout(1000)
     page.once("dialog", lambda dialog: dialog.accept())
     page.get_by_role("button", name="Delete").click()
     expect(page.locator("#runs-table")).not_to_contain_text("first_lora", timeout=WAIT_MS)
     assert not (workdir / "output" / "first_lora").exists()
     assert [p.name.split("-")[0] for p in (workdir / "trash").iterdir()] == ["first_lora"]
+    print(f"quick start: {shot.summary()}")
 
 
 def test_a_zip_whose_entry_leaves_its_folder_is_refused(app, tmp_path):

@@ -115,7 +115,7 @@ VAE_PEAK_BYTES_PER_PIXEL = 400.0  # activations of one image through the VAE (sl
 # sample.preview_decoder: a diffusers AutoencoderTiny (encoder and decoder, both loaded), e.g. taef1: 2.46 M
 TINY_DECODER_PARAMS = 2.5e6
 
-PHASES = ("loading", "caching text embeddings", "caching latents", "training step", "validation sampling")
+PHASES = ("loading", "caching text embeddings", "caching latents", "training step", "validation sampling", "saving")
 
 
 @dataclass(frozen=True)
@@ -226,6 +226,7 @@ class _Step:
 
     dynamic: dict[str, float]
     kept_for_sampling: dict[str, float]
+    between_steps: dict[str, float]  # what outlives a step: the LoRA, its optimiser state and EMA (saving)
     optimizer_ram: float  # offloaded optimiser state, fp32 masters and gradient copies
     activations: Activations
     modules: int
@@ -335,8 +336,8 @@ def _training_step(job: _Job, fused_attention: bool) -> _Step:
         ", offloaded to RAM)" if plan.optimizer_offload else ")")
     ema_gpu = _ema_bytes(spec, lora_params, "gpu")
     ema = {"lora EMA (fp32)": ema_gpu} if ema_gpu else {}
-    kept = {"lora weights (fp32)": lora_bytes, optimizer_label: optimizer_gpu, "dequantisation workspace": dequant,
-            **ema}
+    between = {"lora weights (fp32)": lora_bytes, optimizer_label: optimizer_gpu, **ema}
+    kept = between | {"dequantisation workspace": dequant}
     dynamic = {
         "lora weights (fp32)": lora_bytes,
         **ema,
@@ -347,7 +348,7 @@ def _training_step(job: _Job, fused_attention: bool) -> _Step:
         "dequantisation workspace": dequant,
     }
     optimizer_ram = optimizer_bytes + 2 * lora_bytes if plan.optimizer_offload else 0.0  # + masters, grad copies
-    return _Step(dynamic, kept, optimizer_ram, act, modules, lora_params)
+    return _Step(dynamic, kept, between, optimizer_ram, act, modules, lora_params)
 
 
 def _ema_bytes(spec: JobSpec, lora_params: int, where: str) -> float:
@@ -427,6 +428,8 @@ def _phases(job: _Job, weights: dict[str, float], step: _Step, train_ram: dict[s
                                       loads.caching_latents()),
         "training step": _gpu_phase(weights, step.dynamic, ram_step),
         "validation sampling": sampling,
+        # the LoRA written out between steps: no activations, no dequantisation (files are written from the host)
+        "saving": _gpu_phase(weights, step.between_steps, ram_step - step.activations.offloaded),
     }
 
 

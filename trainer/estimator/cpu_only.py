@@ -8,8 +8,10 @@ device's tensors (ring slots included), less what only a GPU has: the CUDA conte
 overhead; and the process itself is lighter without the CUDA libraries (PROCESS_RAM_GIB_CPU, not PROCESS_RAM_GIB).
 What only the CPU has is added: glibc's heap holes from the training step on (HEAP_BYTES_PER_TRAINABLE).
 
-What it predicts is the process's resident memory, anonymous and file-backed together: weights that the loader
-leaves mapped from their safetensors files are as resident as copied ones while they are used.
+What it predicts is the process's resident memory, anonymous and file-backed together. The trainer's own loaders
+(every text encoder, single files, quantised or block-cached transformers) keep no safetensors file mapped
+(trainer/sources/reader.py reopens the file for each tensor and copies it), so little is file-backed: klein base 9B
+measured 0.11 GiB at its loading peak.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from trainer import registry
 from trainer.estimator.activations import text_encoder_memory
 from trainer.estimator.auto import estimate_as_run, resolve_lowvram
 from trainer.estimator.core import CONTEXT, GIB, OVERHEAD, PROCESS_RAM_GIB, loading_parts
-from trainer.estimator.shapes import WEIGHT_BYTES, lora_param_counts
+from trainer.estimator.shapes import lora_param_counts
 from trainer.spec import JobSpec, with_text_encoder_precision
 
 # Python, torch, diffusers and transformers imported, before any model (CPU-only torch: no CUDA libraries).
@@ -26,14 +28,6 @@ from trainer.spec import JobSpec, with_text_encoder_precision
 # latents 0.73 GiB resident with the VAE (0.16) and a few latents; 1.0 before, fitted to a run whose heap held
 # the freed slices of its streamed loads.
 PROCESS_RAM_GIB_CPU = 0.5
-# A text encoder that transformers' from_pretrained loads (a 16- or 32-bit one from hub shards) keeps its files
-# mapped until it is freed, and the pages read stay resident (file-backed). Measured on klein base 4B (fp8 base,
-# Qwen3-4B bf16 in two hub shards): loading 15.54 GiB resident (11.09 anonymous + 4.45 file-backed) and caching
-# text 15.73 (11.55 + 4.18), against 12.9 and 13.1 predicted for the copies alone: +2.6 GiB in both, about half of
-# one 5 GB hub shard. Reclaimable pages, but resident. A text encoder the trainer streams itself (a quantised
-# precision, or a single file given) reads each tensor through a handle closed at once: klein base 9B, Qwen3-8B
-# int8 from four hub shards, 0.11 GiB file-backed at the loading peak.
-MAPPED_GIB = 2.6
 # glibc's heap, where a GPU has its caching allocator's overhead (left out above): the first step makes each LoRA
 # parameter's optimiser state (fused backward) between the backward's freed temporaries, so the heap's arena grows
 # scattered, and the later steps' and sampling's temporaries fault its holes back in, resident until the step's
@@ -71,18 +65,7 @@ def cpu_only_phases(spec: JobSpec, first_run: bool = True, ram_gib: float | None
             phases[name] += holes
     loads = loading_parts(spec, plan)  # no device tensors while loading: the CUDA context only
     phases["loading"], phases["loading transformer"] = loads["text encoders"] - lighter, loads["transformer"] - lighter
-    if spec.data.cache_text_embeddings != "disk" and _library_loads_text(spec):
-        for name in ("loading", "caching text embeddings"):
-            phases[name] += MAPPED_GIB
     return phases
-
-
-def _library_loads_text(spec: JobSpec) -> bool:
-    """Whether transformers' from_pretrained loads a text encoder (mapping its hub shards): a 16/32-bit precision
-    and a slot without a single file (trainer/sources/assemble.py streams the others itself)."""
-    f = registry.get_flavour(spec.model.family, spec.model.flavour)
-    slots = (spec.model.text_encoder, spec.model.text_encoder_2)[:len(f.text_encoders)]
-    return spec.model.text_encoder_precision not in WEIGHT_BYTES and not all(slots)
 
 
 def text_only_gib(spec: JobSpec) -> float:

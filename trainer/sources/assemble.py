@@ -79,7 +79,7 @@ def load_components(folder: Path, flavour: Flavour, dtype: torch.dtype, skip: tu
                     files: ModelFiles, found: dict[str, Recognised], text_encoder_precision: str = "bf16",
                     modulation: str | None = None) -> dict[str, Any]:
     """Component name -> module, for the components built here: those given as files, a quantised transformer
-    and quantised text encoders streamed from the folder. The pipeline loads the others."""
+    and every text encoder (streamed from its file or the folder's shards). The pipeline loads the others."""
     import diffusers
 
     from trainer.memory.quantize import FORMATS
@@ -93,15 +93,16 @@ def load_components(folder: Path, flavour: Flavour, dtype: torch.dtype, skip: tu
         built["vae"] = load_vae_file(given["vae"], found["vae"], _config_folder(folder, "vae", given["vae"]),
                                      getattr(diffusers, flavour.vae_class), dtype)
     for index, slot in enumerate(("text_encoder", "text_encoder_2")):
-        if slot not in skip and index < len(flavour.text_encoders) and (
-                slot in given or text_encoder_precision in FORMATS):
+        # streamed here in every precision: transformers' from_pretrained keeps a 16-bit encoder's shards mapped
+        # while it lives, and the pages read stay resident beside the copy (klein base 4B: +7.6 GiB of RSS)
+        if slot not in skip and index < len(flavour.text_encoders):
             built[slot] = _text_encoder(folder, flavour, index, dtype, text_encoder_precision, files, found)
     return built
 
 
 def _text_encoder(folder: Path, flavour: Flavour, index: int, dtype: torch.dtype, precision: str, files: ModelFiles,
                   found: dict[str, Recognised]) -> torch.nn.Module:
-    """A text encoder from its single file, or streamed (quantised) from the folder's shards."""
+    """A text encoder from its single file, or streamed from the folder's shards (quantised or not)."""
     from trainer.sources.reader import FileReader
     from trainer.sources.single_file import fill_text_encoder
 
@@ -173,7 +174,7 @@ def load_pipeline(source: str, flavour: Flavour, dtype: torch.dtype, skip: tuple
     """The flavour's pipeline from `source` and the single `files`; components in `skip` stay None.
 
     `dtype` is the compute dtype; `base_precision` the storage of the frozen transformer and
-    `text_encoder_precision` of the text encoders (fp8/int8/int4/nf4 are quantised while the weights stream;
+    `text_encoder_precision` of the text encoders (they stream in; fp8/int8/int4/nf4 are quantised as they do;
     `modulation`: FLUX.1's modulation format, see trainer.spec.modulation_format). `emit` receives download
     progress events."""
     import diffusers
@@ -181,10 +182,12 @@ def load_pipeline(source: str, flavour: Flavour, dtype: torch.dtype, skip: tuple
     files = files or ModelFiles()
     found = recognise_files(files, flavour)
     folder = local_folder(source, flavour, skip, files, emit)
+    # FLUX.2 dev's PixtralProcessor needs torchvision: its tokenizer, all the pipeline uses, loads alone (first: a
+    # broken tokenizer folder is named in a second, before gigabytes of weights stream in)
+    tokenizers = load_processor_tokenizers(folder, skip)
     built = load_components(folder, flavour, dtype, skip, base_precision, files, found, text_encoder_precision,
                             modulation)
-    # FLUX.2 dev's PixtralProcessor needs torchvision: its tokenizer, all the pipeline uses, loads alone
-    built.update(load_processor_tokenizers(folder, (*skip, *built)))
+    built.update(tokenizers)
     pipeline_class = getattr(diffusers, flavour.pipeline_class)
     left_out = {name: None for name in (*skip, *built)}
     # safetensors only: a pickled .bin in a downloaded or shared folder could run code when loaded
