@@ -129,3 +129,21 @@ def test_pre_training_is_the_same_for_a_seed(monkeypatch: pytest.MonkeyPatch) ->
         pretrain_transformer(pipe, "flux2", DEMO_SEED, steps=2)
         weights.append({**pipe.vae.state_dict(), **pipe.transformer.state_dict()})
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_the_build_key_follows_the_settings_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build depends on settings outside the demo's code: the text token budget and the demo flavours (whose
+    text encoder layers and sampling steps the pre-training reads); changing one must rebuild the demo."""
+    from dataclasses import replace
+
+    from trainer import registry
+
+    before = demo_key()
+    monkeypatch.setattr(registry, "DEMO_TEXT_TOKENS", registry.DEMO_TEXT_TOKENS + 1)
+    assert demo_key() != before
+    monkeypatch.undo()
+    flavours = registry.FAMILIES["flux2"].flavours
+    monkeypatch.setitem(flavours, "demo", replace(flavours["demo"], sample_steps=flavours["demo"].sample_steps + 1))
+    assert demo_key() != before
+    monkeypatch.undo()
+    assert demo_key() == before

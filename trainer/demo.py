@@ -348,13 +348,19 @@ FAMILIES = ("flux2", "flux1")
 
 
 def demo_key() -> str:
-    """What a build depends on: the demo's code, the code its pre-training runs, and the library versions."""
+    """What a build depends on: the demo's code, the code its pre-training runs, the settings it reads from elsewhere
+    (the demo flavours, the text token budget, the default flow-matching settings) and the library versions."""
     from importlib.metadata import version
+
+    from trainer import registry
+    from trainer.spec import AdvancedSection
 
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
     for path in [here / name for name in _SOURCES] + [here / "flow.py", *sorted((here / "families").glob("*.py"))]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    settings = [registry.get_flavour(family, "demo") for family in FAMILIES]
+    digest.update(repr([*settings, registry.DEMO_TEXT_TOKENS, AdvancedSection()]).encode())
     libraries = " ".join(version(name) for name in ("torch", "diffusers", "transformers"))
     digest.update(f"{libraries} {DEMO_SEED}".encode())
     return digest.hexdigest()[:20]

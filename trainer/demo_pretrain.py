@@ -21,14 +21,19 @@ import torch
 from trainer.demo_shapes import COLOURS, SHAPES, Picture, random_pictures, render
 
 POOL = 256  # distinct pictures per stage: plenty for shapes this simple
-# Measured with bench/bench_demo_learning.py (one thread): 80 s of CPU for the build, its steps as cheap as it
-# goes before the samples stop converging (VAE 450 x 8 and transformers 400 x 16: 105 s, the same ratios).
+# Measured with bench/bench_demo_learning.py (one thread, as the app builds): 52 s of CPU for the build (78 s before
+# Adam was fused and FLUX.1's transformer took 160 steps). Every count here is close to a cliff, found by trying:
+# the VAE at 160-180 steps (any warmup, learning rate or batch tried) decodes the training pictures 35-52 of 255 off
+# against 23 at 200; FLUX.2's transformer at 180-260 steps (learning rates 3e-3 to 1.2e-2) leaves the demo run's
+# blue square on red at 0.47-0.60 of its step-0 error against 0.29 at 300.
 VAE_STEPS = 200
 VAE_BATCH = 16  # a step's fixed cost is most of it at 8: twice the pictures for 1.6x the time
 VAE_LR = 8e-3  # 4e-3 left blue on red decoding as green (round trip 37 of 255; 35 at 8e-3 on L1 alone)
-TRANSFORMER_STEPS = 300
+VAE_WARMUP = 0.3  # 0.15: training pictures 26 of 255 off on average, the worst 40; 0.3: 23 and 31
+TRANSFORMER_STEPS = {"flux2": 300, "flux1": 160}  # FLUX.1 at 160 (a higher peak): 0.19-0.40 of step 0's error
 TRANSFORMER_BATCH = 16
-TRANSFORMER_LR = 3e-3
+TRANSFORMER_LR = {"flux2": 3e-3, "flux1": 6e-3}
+TRANSFORMER_WARMUP = {"flux2": 0.15, "flux1": 0.25}
 
 
 def picture_pixels(count: int, seed: int) -> torch.Tensor:
@@ -50,16 +55,19 @@ def coded_caption(picture: Picture) -> str:
     return f"{SHAPES.index(picture.shape)} {names.index(picture.fg)} {names.index(picture.bg)}"
 
 
-def _one_cycle(optimizer: torch.optim.Optimizer, peak: float, steps: int) -> Any:  # noqa: ANN401
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=steps, pct_start=0.15)
+def _adam(module: torch.nn.Module, peak: float, steps: int, warmup: float) -> tuple[torch.optim.Optimizer, Any]:
+    """Adam with a one-cycle schedule (`warmup`: the share of the steps rising to `peak`). Fused: one kernel over
+    every tensor instead of a loop of small ops each step (a tenth of a transformer step on this CPU), as
+    deterministic."""
+    optimizer = torch.optim.Adam(module.parameters(), lr=peak, fused=True)
+    return optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=steps, pct_start=warmup)
 
 
 def train_vae(vae: Any, seed: int, steps: int = VAE_STEPS) -> float:  # noqa: ANN401 - a diffusers VAE
     """Teach the VAE to reconstruct demo pictures (mean absolute error of the decoded means); returns the last loss."""
     pixels = picture_pixels(POOL, seed)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=VAE_LR)
-    schedule = _one_cycle(optimizer, VAE_LR, steps)
+    optimizer, schedule = _adam(vae, VAE_LR, steps, VAE_WARMUP)
     vae.train()
     loss = torch.zeros(())
     for _ in range(steps):
@@ -123,8 +131,9 @@ def set_latent_statistics(vae: Any, family: str, seed: int) -> None:  # noqa: AN
                                scaling_factor=round(1.0 / float(latents.std()), 4))
 
 
-def pretrain_transformer(pipe: Any, family: str, seed: int, steps: int = TRANSFORMER_STEPS) -> float:  # noqa: ANN401
-    """Flow matching on demo pictures with their coded captions, every weight trained; returns the last loss."""
+def pretrain_transformer(pipe: Any, family: str, seed: int, steps: int | None = None) -> float:  # noqa: ANN401
+    """Flow matching on demo pictures with their coded captions, every weight trained (the family's steps unless
+    `steps` is given); returns the last loss."""
     from trainer import flow, registry
     from trainer.families import family_ops
     from trainer.spec import AdvancedSection
@@ -135,8 +144,8 @@ def pretrain_transformer(pipe: Any, family: str, seed: int, steps: int = TRANSFO
     with torch.no_grad():
         latents = torch.cat([ops.encode_images(pipe, chunk) for chunk in pixels_of(pictures).split(64)])
     transformer, generator = pipe.transformer, torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(transformer.parameters(), lr=TRANSFORMER_LR)
-    schedule = _one_cycle(optimizer, TRANSFORMER_LR, steps)
+    steps = steps or TRANSFORMER_STEPS[family]
+    optimizer, schedule = _adam(transformer, TRANSFORMER_LR[family], steps, TRANSFORMER_WARMUP[family])
     advanced = AdvancedSection()
     mu = ops.shift_mu(ops.image_seq_len(latents[:1]), flavour)
     transformer.train()
@@ -171,5 +180,5 @@ def pretrain(pipe: Any, family: str, seed: int, report: Callable[[str], None],  
         vae_from_flux2(pipe.vae, flux2_vae, seed)
         pipe.vae.eval()
     set_latent_statistics(pipe.vae, family, seed)
-    report(f"{family}: pre-training the transformer ({TRANSFORMER_STEPS} steps)")
+    report(f"{family}: pre-training the transformer ({TRANSFORMER_STEPS[family]} steps)")
     pretrain_transformer(pipe, family, seed)
