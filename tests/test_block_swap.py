@@ -302,7 +302,9 @@ def test_text_encoder_layers_stream_forward_only(demo_dir: Path) -> None:
     prompts = ["a red circle", "a blue square on a green background"]
     reference = ops.encode_prompts(pipe, prompts, flavour)["prompt_embeds"]
     layers = list(pipe.text_encoder.model.layers)
-    with pytest.raises(ValueError, match="freeze the base model"):  # loaded models require grad by default
+    assert not any(p.requires_grad for p in pipe.text_encoder.parameters())  # the loader freezes text encoders
+    pipe.text_encoder.requires_grad_(True)
+    with pytest.raises(ValueError, match="freeze the base model"):  # layers that would train are refused
         BlockSwapper(layers, len(layers), "cpu").install()
     pipe.text_encoder.requires_grad_(False)
     log: list[tuple] = []
