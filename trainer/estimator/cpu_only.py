@@ -37,6 +37,11 @@ PROCESS_RAM_GIB_CPU = 0.5
 # step 32 bytes (klein base 9B +1.33 GiB with 43.5 M, FLUX.1 +1.97); klein base 9B widths, 5 blocks deep, 7.9 M
 # (bench/rehearse_shallow.py): +0.07 GiB over the estimate without it.
 HEAP_BYTES_PER_TRAINABLE = 20.0
+# The share of the VAE's parameters that encode (encoder and quant conv: 34.3 M of 83.8 M in AutoencoderKL, 34.4 M of
+# 84.0 M in AutoencoderKLFlux2). diffusers maps the VAE of a folder, so caching latents reads only the encoder's
+# pages; a single file is read whole by the trainer. Measured caching latents: hub layouts 0.69-0.75 GiB, ComfyUI
+# files 0.79-0.83 (klein base 4B and 9B, FLUX.1 dev).
+VAE_ENCODER_SHARE = 0.41
 
 
 def cpu_only_phases(spec: JobSpec, first_run: bool = True, ram_gib: float | None = None) -> dict[str, float]:
@@ -59,7 +64,8 @@ def cpu_only_phases(spec: JobSpec, first_run: bool = True, ram_gib: float | None
             continue
         device = sum(value for part, value in phase.parts.items() if part not in (CONTEXT, OVERHEAD))
         if name == "caching latents":  # the VAE "on the device" is the one the host holds: count it once
-            device -= phase.parts.get("vae", 0.0)
+            vae = phase.parts.get("vae", 0.0)
+            device -= vae + (0.0 if spec.model.vae else vae * (1 - VAE_ENCODER_SHARE))
         phases[name] = phase.ram_gib + device - lighter
         if name in ("training step", "validation sampling"):
             phases[name] += holes
