@@ -263,7 +263,7 @@ def test_pruned_decoder_file_needs_the_layers_read(demo_dir: Path, demo_files: d
     save_file({k: v for k, v in state.items() if not k.startswith("model.layers.2.")}, tmp_path / "short.safetensors")
     files = ModelFiles(text_encoder=str(tmp_path / "short.safetensors"))
     with pytest.raises(UserError, match=r"model.text_encoder: 'short.safetensors' has 2 layers; this model reads "
-                                        r"hidden state 3, so it needs at least 4"):
+                                        r"hidden state 3, so it needs at least 3"):
         family_ops("flux2").load_pipeline(str(demo_dir / "flux2"), FLAVOUR["flux2"], torch.float32, files=files)
 
 
@@ -550,6 +550,29 @@ def test_a_decoder_loads_without_its_head_and_embeds_as_transformers_does(demo_d
     assert got.logits.shape == (2, 7, 0)  # no logits computed
     for mine, reference in zip(got.hidden_states, want.hidden_states, strict=True):
         torch.testing.assert_close(mine, reference, rtol=0, atol=0)
+
+
+def test_a_decoder_keeps_only_the_layers_up_to_the_deepest_hidden_state_read(demo_dir: Path) -> None:
+    """Layers past the deepest hidden state the pipeline stacks are neither loaded nor run (klein reads 27 of
+    Qwen3's 36, FLUX.2 dev 30 of Mistral's 40); the states it reads are transformers' own, exactly."""
+    from transformers import Qwen3ForCausalLM
+
+    from trainer.sources.reader import FileReader
+    from trainer.sources.recognise import Recognised
+    from trainer.sources.single_file import fill_text_encoder
+
+    folder = demo_dir / "flux2" / "text_encoder"
+    readers = [FileReader(path, "", "model.text_encoder") for path in sorted(folder.glob("*.safetensors"))]
+    ours = fill_text_encoder(readers, Recognised("qwen3", "Qwen3ForCausalLM", layout="hf"), folder,
+                             "Qwen3ForCausalLM", torch.float32, hidden_layers=(1,))
+    theirs = Qwen3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert len(theirs.model.layers) == 3 and len(ours.model.layers) == 2 and ours.config.num_hidden_layers == 2
+    ids = torch.randint(0, ours.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = ours(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+        want = theirs(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    for index in (0, 1):  # what a pipeline reading hidden state 1 stacks
+        torch.testing.assert_close(got[index], want[index], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------- the hub

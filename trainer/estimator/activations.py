@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from trainer import registry
 from trainer.estimator.plans import LowVramPlan
-from trainer.estimator.shapes import BYTES, TEXT_ENCODERS, WEIGHT_BYTES, TextEncoderShape, text_tokens
+from trainer.estimator.shapes import BYTES, WEIGHT_BYTES, TextEncoderShape, loaded_text_encoder, text_tokens
 from trainer.spec import JobSpec, text_encoder_precision
 
 # Activation bytes per token per block per unit of hidden size h, saved for backward. Measured with
@@ -119,7 +119,7 @@ def text_encoder_weights(shape: TextEncoderShape, precision: str) -> tuple[float
 
 def text_encoder_memory(f: registry.Flavour, spec: JobSpec, device: str) -> tuple[float, float, float, float]:
     """(whole encoder bytes, GPU bytes while caching, of which weights, RAM bytes while caching)."""
-    shape = None if f.is_demo else TEXT_ENCODERS.get(f.text_encoder_label)
+    shape = loaded_text_encoder(f)
     if shape is None:
         return 0.0, 0.0, 0.0, 0.0
     precision = text_encoder_precision(spec.model)  # auto unresolved here: what auto holds when RAM allows

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from trainer import registry
 from trainer.adapters import _PRESET_PATTERNS  # torch-free at import
@@ -280,6 +280,19 @@ TEXT_ENCODERS = {  # by Flavour.text_encoder_label; params without the untied he
     # T5-XXL's encoder (24 layers of d_model 4096, no lm_head); CLIP-L (0.12 B) runs first, whole
     "CLIP-L + T5-XXL": TextEncoderShape(4.76e9 + 0.12e9, 24, 4096, 32128, ffn=10240, extra=0.12e9),
 }
+
+
+def loaded_text_encoder(f: registry.Flavour) -> TextEncoderShape | None:
+    """The text encoder as the loader builds it (trainer/sources/single_file.py `_prune_layers`): a decoder keeps
+    its layers up to the deepest hidden state the pipeline stacks, plus that layer's successor, and no image tower
+    (klein: 28 of Qwen3's 36 layers; FLUX.2 dev: 31 of Mistral's 40, as ComfyUI's own file); None for the demo."""
+    shape = None if f.is_demo else TEXT_ENCODERS.get(f.text_encoder_label)
+    if shape is None or not f.text_encoder_layers:
+        return shape
+    keep = min(max(f.text_encoder_layers) + 1, shape.layers)
+    # for a FLUX.2 decoder `extra` is Mistral's image tower, dropped with the layers past `keep`
+    loaded = shape.params - (shape.layers - keep) * shape.layer_params - shape.extra
+    return replace(shape, params=loaded, layers=keep, extra=0.0)
 
 
 def text_tokens(f: registry.Flavour) -> int:

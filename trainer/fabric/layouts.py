@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from trainer.fabric.models import Component, scheduler_config
 from trainer.fabric.stream import TensorSpec, shard, values, write_file
@@ -18,11 +22,16 @@ COMFY_NAMES = {
                                  "text_encoder": "qwen_3_4b.safetensors", "vae": "flux2-vae.safetensors"},
     ("flux2", "klein-base-9b"): {"transformer": "flux-2-klein-base-9b.safetensors",
                                  "text_encoder": "qwen_3_8b.safetensors", "vae": "flux2-vae.safetensors"},
-    ("flux2", "dev"): {"transformer": "flux2-dev.safetensors",
-                       "text_encoder": "mistral_3_small_flux2_bf16.safetensors", "vae": "flux2-vae.safetensors"},
+    # FLUX.2 [dev] as ComfyUI's own repack ships it: fp8 with scales, Mistral cut after the layers FLUX.2 reads
+    ("flux2", "dev"): {"transformer": "flux2_dev_fp8mixed.safetensors",
+                       "text_encoder": "mistral_3_small_flux2_fp8.safetensors", "vae": "flux2-vae.safetensors"},
     ("flux1", "dev"): {"transformer": "flux1-dev.safetensors", "text_encoder": "clip_l.safetensors",
                        "text_encoder_2": "t5xxl_fp16.safetensors", "vae": "ae.safetensors"},
 }
+# the components a flavour's ComfyUI files store in scaled fp8, and the decoder layers its text encoder file keeps
+COMFY_FP8 = {("flux2", "dev"): ("transformer", "text_encoder")}
+COMFY_TEXT_LAYERS = {("flux2", "dev"): 31}  # Mistral's first 31 of 40: FLUX.2 reads hidden states 10, 20 and 30
+FP8_SCALE = 0.02 * 4.5 / 448  # one scale per weight: 4.5 standard deviations of normal(0, 0.02) at fp8's largest
 COMFY_FOLDERS = {"transformer": "diffusion_models", "vae": "vae", "text_encoder": "text_encoders",
                  "text_encoder_2": "text_encoders"}
 
@@ -65,14 +74,38 @@ def _bfl_transformer(flavour: Flavour, tensors: dict) -> list[TensorSpec]:
             for key, shape in bfl_shapes(plan, shapes).items()]
 
 
+def _scaled_fp8(specs: list[TensorSpec]) -> list[TensorSpec]:
+    """The repeated layers' Linear weights in fp8 e4m3 with one fp32 `.weight_scale` each (ComfyUI's and BFL's
+    scaled fp8); token tables, norms, biases and the layers outside the blocks stay bf16 (the "mixed" files)."""
+    out = []
+    for spec in specs:
+        if len(spec.shape) == 2 and spec.name.endswith(".weight") and re.search(r"(blocks|layers)\.\d+\.", spec.name):
+            out.append(replace(spec, dtype=torch.float8_e4m3fn, scale=FP8_SCALE))
+            scale = torch.tensor(FP8_SCALE, dtype=torch.float32)
+            out.append(TensorSpec(spec.name.removesuffix("weight") + "weight_scale", (), torch.float32, tensor=scale))
+        else:
+            out.append(spec)
+    return out
+
+
+def _kept_layers(flavour: Flavour, specs: list[TensorSpec]) -> list[TensorSpec]:
+    """A ComfyUI text encoder file cut after the decoder layers the flavour reads."""
+    keep = COMFY_TEXT_LAYERS.get((flavour.family, flavour.name))
+    if keep is None:
+        return specs
+    return [s for s in specs if not ((m := re.search(r"\.layers\.(\d+)\.", s.name)) and int(m[1]) >= keep)]
+
+
 def file_specs(flavour: Flavour, component: Component, layout: str, seed: int = 0) -> list[TensorSpec]:
     """The tensors of one component's weights file(s), named as the layout stores them; the values are the same
-    in both layouts (each comfy tensor is made of the hub tensors' rows)."""
+    in both layouts (each comfy tensor is made of the hub tensors' rows; fp8 ones rounded)."""
     tensors = component.tensors
     if layout == "hub":
         return [TensorSpec(name, shape, dtype) for name, (shape, dtype) in tensors.items()]
+    fp8 = component.name in COMFY_FP8.get((flavour.family, flavour.name), ())
     if component.name == "transformer":
-        return _bfl_transformer(flavour, tensors)
+        specs = _bfl_transformer(flavour, tensors)
+        return _scaled_fp8(specs) if fp8 else specs
     if component.name == "vae":  # small (84 M parameters): converted in memory by the same function tests use
         from trainer.sources.vae_keys import vae_diffusers_to_ldm
 
@@ -84,7 +117,8 @@ def file_specs(flavour: Flavour, component: Component, layout: str, seed: int = 
     if component.class_name == "CLIPTextModel":  # ComfyUI's clip_l carries the full CLIP's projection
         width = next(s.shape[0] for s in specs if s.name.endswith("final_layer_norm.weight"))
         specs.append(TensorSpec("text_projection.weight", (width, width)))
-    return specs
+    specs = _kept_layers(flavour, specs)
+    return _scaled_fp8(specs) if fp8 else specs
 
 
 def _save_config(component: Component, folder: Path) -> None:

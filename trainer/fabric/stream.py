@@ -23,6 +23,7 @@ _CHUNK_BYTES = 256 * 1024**2  # one slice of rows generated at a time: bounds th
 # Each tensor repeats a seeded random period of this prime length (a prime: no two rows of a matrix alike). Drawing
 # every value would take about 4 minutes per 16 GB on this project's 2-core machine; copying a period is disk-bound.
 PERIOD = 1_000_003
+FP8_MAX = 448.0  # float8 e4m3fn's largest finite value: a cast beyond it gives NaN
 
 
 Part = tuple[str, tuple[int, ...], int, int]  # (source tensor name, its shape, first row, row after the last)
@@ -39,6 +40,7 @@ class TensorSpec:
     dtype: torch.dtype = torch.bfloat16
     parts: tuple[Part, ...] = ()
     tensor: torch.Tensor | None = None
+    scale: float = 0.0  # fp8 weights: stored = value / scale, as ComfyUI's and BFL's scaled fp8 files keep them
 
     @property
     def nbytes(self) -> int:
@@ -67,9 +69,10 @@ def _seed(seed: int, name: str) -> int:
 
 
 def _rows(source: str, shape: tuple[int, ...], first: int, stop: int, dtype: torch.dtype,
-          seed: int) -> Iterable[torch.Tensor]:
+          seed: int, scale: float = 0.0) -> Iterable[torch.Tensor]:
     """Rows first..stop-1 of the fabricated tensor `source` of `shape`, a slice at a time (the same values however
-    the rows are cut: each element's value depends on its position in the whole tensor only)."""
+    the rows are cut: each element's value depends on its position in the whole tensor only); with a `scale`, the
+    values divided by it (an fp8 file's stored numbers)."""
     kind = fill_kind(source, shape)
     if not shape:
         value = torch.ones(()) if kind == "ones" else torch.zeros(())
@@ -84,7 +87,10 @@ def _rows(source: str, shape: tuple[int, ...], first: int, stop: int, dtype: tor
     step = max(1, _CHUNK_BYTES // max(1, per_row * torch.empty((), dtype=dtype).element_size()))
     if kind == "normal":
         generator = torch.Generator().manual_seed(_seed(seed, source))
-        period = (torch.randn(min(PERIOD, shape[0] * per_row), generator=generator) * 0.02).to(dtype)
+        period = torch.randn(min(PERIOD, shape[0] * per_row), generator=generator) * 0.02
+        if scale:  # quantised once per tensor: the rows repeat the period, so this is the whole cost
+            period = (period / scale).clamp(-FP8_MAX, FP8_MAX)
+        period = period.to(dtype)
     for start in range(first, stop, step):
         count = min(step, stop - start)
         if kind == "zeros":
@@ -102,7 +108,7 @@ def _slices(spec: TensorSpec, seed: int) -> Iterable[torch.Tensor]:
         yield spec.tensor.to(spec.dtype)
         return
     for source, shape, first, stop in spec.sources():
-        yield from _rows(source, shape, first, stop, spec.dtype, seed)
+        yield from _rows(source, shape, first, stop, spec.dtype, seed, spec.scale)
 
 
 def values(spec: TensorSpec, seed: int) -> torch.Tensor:

@@ -221,8 +221,8 @@ def fill_text_encoder(readers: list[FileReader], found: Recognised, config_folde
         model = model_class(config)
     if found.kind in _DECODERS:
         model.lm_head = NoLogits()
-    expected = _prune_layers(model, found, field, name0, hidden_layers)
-    sources = {name: reader for reader in readers for name in reader.names()}
+    expected, keep = _prune_layers(model, found, field, name0, hidden_layers)
+    sources = {name: reader for reader in readers for name in reader.names() if not _dropped(found.kind, name, keep)}
     names = {name: _text_key(found.kind, name, expected) for name in sources}
     extra = sorted(name for name, key in names.items() if key is None and not _unused(found.kind, name))
     names = {name: key for name, key in names.items() if key is not None}
@@ -243,11 +243,6 @@ def fill_text_encoder(readers: list[FileReader], found: Recognised, config_folde
         else:
             _set_tensor(model, key, reader.tensor(name, dtype))
     trimmer.flush()
-    tower = getattr(getattr(model, "model", None), "vision_tower", None)
-    if found.kind == "mistral" and tower is not None and all(p.is_meta for p in tower.parameters()):
-        # ComfyUI's Mistral file is the language model alone; the image tower only reads images, never prompts.
-        model.model.vision_tower = None
-        model.model.multi_modal_projector = None
     _tie_t5_embedding(model)
     empty = _still_empty(model)
     if empty:
@@ -257,26 +252,44 @@ def fill_text_encoder(readers: list[FileReader], found: Recognised, config_folde
 
 
 def _prune_layers(model: torch.nn.Module, found: Recognised, field: str, name: str,
-                  hidden_layers: tuple[int, ...]) -> dict[str, Any]:
-    """The model's state dict once the decoder layers a pruned file lacks are dropped (they are never used)."""
+                  hidden_layers: tuple[int, ...]) -> tuple[dict[str, Any], int]:
+    """(the model's state dict, the decoder layers kept) once the layers past the deepest hidden state the
+    pipeline reads are dropped: never computed or loaded, whether the file has them (the hub's Qwen3 and Mistral:
+    8 of 36 and 9 of 40 layers) or was cut short (ComfyUI's Mistral for FLUX.2). A Mistral's image tower goes too:
+    prompts never read it (only prompt upsampling, which this trainer never calls)."""
+    if found.kind == "mistral" and getattr(getattr(model, "model", None), "vision_tower", None) is not None:
+        model.model.vision_tower = None
+        model.model.multi_modal_projector = None
     expected = model.state_dict()
-    if found.kind not in ("qwen3", "mistral"):
-        return expected
+    if found.kind not in _DECODERS:
+        return expected, 0
     stem = _layer_stem(expected)
     layers = model.get_submodule(stem.rstrip("."))
-    if not found.layers or found.layers >= len(layers):
-        return expected
-    needed = max(hidden_layers, default=len(layers) - 1) + 1  # the deepest one must not be the normed last
-    if found.layers < needed:
-        raise UserError(f"{field}: '{name}' has {found.layers} layers; this model reads hidden state {needed - 1}, "
-                        f"so it needs at least {needed}")
-    del layers[found.layers:]
+    # one past the deepest hidden state read, which must not be the last one (transformers norms that)
+    deepest = max(hidden_layers, default=len(layers))
+    keep = min(deepest + 1, len(layers))
+    if found.layers and found.layers < keep:
+        raise UserError(f"{field}: '{name}' has {found.layers} layers; this model reads hidden state {deepest}, "
+                        f"so it needs at least {keep}")
+    if keep == len(layers):
+        return expected, keep
+    del layers[keep:]
     text_config = getattr(model.config, "text_config", model.config)
-    text_config.num_hidden_layers = found.layers
+    text_config.num_hidden_layers = keep
     if getattr(text_config, "layer_types", None):
-        text_config.layer_types = text_config.layer_types[:found.layers]
+        text_config.layer_types = text_config.layer_types[:keep]
     return {k: v for k, v in model.state_dict().items()
-            if not (k.startswith(stem) and int(k[len(stem):].split(".")[0]) >= found.layers)}
+            if not (k.startswith(stem) and int(k[len(stem):].split(".")[0]) >= keep)}, keep
+
+
+def _dropped(kind: str, name: str, keep: int) -> bool:
+    """A file's tensor of what `_prune_layers` dropped: a decoder layer past the kept ones, a Mistral image tower."""
+    if kind not in _DECODERS:
+        return False
+    if kind == "mistral" and re.search(r"(^|\.)(vision_tower|multi_modal_projector)\.", name):
+        return True
+    found = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+    return found is not None and int(found[1]) >= keep
 
 
 def _quantise_text_linears(model: torch.nn.Module, keys: set[str], precision: str, dtype: torch.dtype) -> set[str]:
