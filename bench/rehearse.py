@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 def rehearse(args: argparse.Namespace) -> int:
     from trainer.estimator.auto import resolve_lowvram
     from trainer.estimator.cpu_only import cpu_only_phases, text_only_gib
+    from trainer.estimator.job import estimate_job
     from trainer.fabric.make import existing, fabricate, flavour_of, needed_bytes
     from trainer.memory.system_ram import available_ram_gib
 
@@ -259,7 +260,8 @@ def rehearse(args: argparse.Namespace) -> int:
             f"{phase} {predicted[PREDICTED_AS[phase]]:.2f}" for phase in PHASES if PREDICTED_AS[phase] in predicted))
         return 0
     peak = max(*predicted.values(), text_only_gib(spec) if args.prime_text else 0.0)
-    check_disk_and_ram(0 if made else needed_bytes(flavour, args.layout), fab_dir, peak)
+    cache = int(estimate_job(spec, None, suggest=False).block_cache_gib * GIB)  # written beside the latents
+    check_disk_and_ram(0 if made else needed_bytes(flavour, args.layout), cache, fab_dir, peak)
     if made is None:
         print(f"fabricating {flavour.label} ({args.layout}) in {model} ...", flush=True)
         made = fabricate(flavour, args.layout, model, progress=lambda line: print(line, flush=True))

@@ -73,15 +73,18 @@ def build_job(flavour: Flavour, layout: str, model: Path, work: Path, steps: int
     return job, spec
 
 
-def check_disk_and_ram(disk_bytes: int, folder: Path, peak_gib: float) -> None:
-    """Refuses before anything starts when the fabricated model does not fit the disk or the predicted peak the
-    available RAM: one line with what it needs and has."""
+def check_disk_and_ram(model_bytes: int, cache_bytes: int, folder: Path, peak_gib: float) -> None:
+    """Refuses before anything starts when the fabricated model still to write and the block cache the run writes
+    (lowvram.swap_from = "disk") do not fit the disk, or the predicted peak the available RAM: one line with what
+    it needs and has."""
     import psutil
 
     from trainer.fabric.make import check_room
 
-    if disk_bytes:
-        check_room(folder, disk_bytes, "rehearse")
+    if model_bytes + cache_bytes:
+        contents = " + ".join(f"{size / GIB:.1f} GiB of {name}" for size, name in (
+            (model_bytes, "fabricated weights"), (cache_bytes, "block cache")) if size)
+        check_room(folder, model_bytes + cache_bytes, "rehearse", contents)
     available = psutil.virtual_memory().available / GIB
     if peak_gib > available:
         raise UserError(f"rehearse: the run needs {peak_gib:.1f} GiB of RAM at its peak (the estimate for this "

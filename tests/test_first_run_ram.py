@@ -70,8 +70,8 @@ def test_quantised_text_encoders_keep_the_token_table_in_bf16() -> None:
     assert outside8 == pytest.approx(table)  # the table alone (no head is loaded), in bf16 in every precision
     whole = {p: estimate_job(_preset_job("flux2-klein-base-9b-8gb", model={"text_encoder_precision": p}))
              .components[f"text encoder (Qwen3-8B, {p})"] for p in ("bf16", "fp8", "nf4")}
-    assert whole["bf16"] == pytest.approx(14.1, abs=0.2)  # 7.57 B parameters without the untied head
-    assert whole["fp8"] == pytest.approx(7.6, abs=0.2) and whole["nf4"] == pytest.approx(4.8, abs=0.2)
+    assert whole["bf16"] == pytest.approx(11.2, abs=0.2)  # 6.03 B parameters: the 28 layers read, no head
+    assert whole["fp8"] == pytest.approx(6.2, abs=0.2) and whole["nf4"] == pytest.approx(4.0, abs=0.2)
 
 
 def test_flux1_modulation_quantised_brings_a_4bit_step_under_10_5_gib() -> None:
@@ -129,22 +129,22 @@ def test_auto_quantises_the_text_encoder_first_then_puts_blocks_on_disk_and_a_st
     from trainer.estimator.auto import resolve_lowvram
     from trainer.memory.system_ram import ram_verdict
 
-    preset = get_preset("flux2-dev-24gb")  # FLUX.2 dev: Mistral-Small-3.1 47 GiB first run in bf16, 30 blocks swapped
+    preset = get_preset("flux2-dev-24gb")  # FLUX.2 dev: Mistral-Small-3.1's 31 layers read, 30 blocks swapped
     layers = apply_layers({}, get_profile(preset.profile), preset, EDITS)
     del layers["model"]["text_encoder_precision"], layers["lowvram"]["swap_from"]  # both left to auto
     spec = parse_spec(layers)
     assert spec.model.text_encoder_precision == "auto"
     as_is = resolve_lowvram(spec, 23.5)  # no RAM figure: bf16, blocks in RAM
     assert (as_is.text_encoder_precision, as_is.swap_from) == ("bf16", "ram")
-    # fake available RAM figures around the estimate's first runs: bf16 46.9, int8 33.2, int8 + disk 25.1 GiB
-    chosen = {ram: resolve_lowvram(spec, 23.5, ram_gib=ram) for ram in (64.0, 40.0, 30.0, 20.0)}
+    # fake available RAM figures around the estimate's first runs: bf16 35.5, int8 33.2, int8 + disk 19.4 GiB
+    chosen = {ram: resolve_lowvram(spec, 23.5, ram_gib=ram) for ram in (64.0, 34.5, 25.0, 15.0)}
     assert [(p.text_encoder_precision, p.swap_from) for p in chosen.values()] == [
-        ("bf16", "ram"), ("int8", "ram"), ("int8", "disk"), ("bf16", "ram")]  # 20: nothing fits, as it is
-    assert "text encoder int8: 33.2 GiB of RAM on the first run fits the 40.0 GiB available" in chosen[40.0].reason
-    assert "blocks on disk and text encoder int8" in chosen[30.0].reason
-    verdict = ram_verdict(spec, chosen[40.0], 23.5, available_gib=40.0)  # the estimate follows the plan's choice
+        ("bf16", "ram"), ("int8", "ram"), ("int8", "disk"), ("bf16", "ram")]  # 15: nothing fits, as it is
+    assert "text encoder int8: 33.2 GiB of RAM on the first run fits the 34.5 GiB available" in chosen[34.5].reason
+    assert "blocks on disk and text encoder int8" in chosen[25.0].reason
+    verdict = ram_verdict(spec, chosen[34.5], 23.5, available_gib=40.0)  # the estimate follows the plan's choice
     assert verdict.verdict == "fits" and verdict.first_run_gib == pytest.approx(33.19, abs=0.05)
-    before = ram_verdict(spec, as_is, 23.5, available_gib=40.0)  # the RAM verdict's cheapest change names it
+    before = ram_verdict(spec, as_is, 23.5, available_gib=34.5)  # the RAM verdict's cheapest change names it
     assert before.remedy.startswith('model.text_encoder_precision = "int8" (33.2 GiB)')
     stated = parse_spec(deep_merge(layers, {"model": {"text_encoder_precision": "bf16"}}))
     kept = resolve_lowvram(stated, 23.5, ram_gib=30.0)  # a preset or job that states bf16 keeps it
@@ -162,7 +162,7 @@ def test_a_session_loads_and_keys_its_text_embeddings_with_the_precision_auto_ch
                                  "base_precision": "fp8"},  # text_encoder_precision left to auto
                        "data": {"datasets": [{"path": str(tmp_path / "images")}]},
                        "output": {"dir": str(tmp_path / "out")}})
-    for available, chosen in ((64.0, "bf16"), (16.0, "int8")):  # a fake machine: Qwen3-8B in bf16 needs ≈17 GiB
+    for available, chosen in ((64.0, "bf16"), (12.0, "int8")):  # a fake machine: the first run in bf16 needs 13.4 GiB
         monkeypatch.setattr(system_ram, "available_ram_gib", lambda available=available: available)
         session = Session(spec)  # nothing loads yet: the plan and the concrete job
         assert session.plan.text_encoder_precision == chosen

@@ -27,7 +27,7 @@ def test_each_gpu_gets_a_flavour_and_its_preset(profile, flavour, preset):
 def test_the_model_is_described_with_its_download_and_first_run_ram():
     assert model_words(choose("rtx-3060ti-8gb")).startswith(
         "**FLUX.2 [klein] base 4B** — about 16 GB to download once (from `black-forest-labs/FLUX.2-klein-base-4B`); "
-        "the first run needs about 10 GiB of RAM (it loads the text encoder")  # int8 text encoder, one model at a time
+        "the first run needs about 8 GiB of RAM (it loads the text encoder")  # int8 text encoder, one model at a time
     assert NO_GPU_NOTE in model_words(choose("cpu-only")) and "Real FLUX models need an NVIDIA GPU" in NO_GPU_NOTE
     assert "No NVIDIA GPU was found on this machine" in model_words(choose("rtx-3060ti-8gb"), gpu_found=False)
 

@@ -8,6 +8,7 @@ recognition reads. huggingface_hub's own client talks to a Hub in memory (tests/
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -682,3 +683,39 @@ def test_a_job_with_single_files_trains_from_them(demo_dir: Path, demo_files: di
         session.end()
     assert model_identity(spec, "vae").startswith(str(files["vae"]))
     assert model_identity(spec, "text_encoder") == str(demo_dir / "flux2")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+_READ_UNDER_A_LIMIT = """
+import resource, sys, torch
+from safetensors import safe_open
+from trainer.sources.reader import FileReader
+
+size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+limit = size + 2 * 1024**3  # 2 GiB of address space more than now; the file is 8 GiB
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+try:
+    with safe_open(sys.argv[1], framework="pt") as handle:
+        handle.get_slice("big")[0:2]
+    print("mapped")
+except Exception:
+    print("mapping refused")
+rows = FileReader(sys.argv[1], "", "model.transformer").rows("big", 5, 7, torch.float32)
+print(tuple(rows.shape), float(rows.abs().sum()))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs Linux's RLIMIT_AS to stand for a machine with little RAM")
+def test_a_file_larger_than_memory_reads_without_mapping_it(tmp_path: Path) -> None:
+    """safetensors maps a file whole, and Linux refuses a private mapping larger than RAM + swap (the 33 GB FLUX.2
+    dev fp8 file on a 24 GB machine). The reader reads the rows it needs: here two rows of an 8 GiB file under a
+    2 GiB address-space limit, which safetensors' mapping cannot open."""
+    import subprocess
+
+    path = header_only_file(tmp_path / "big.safetensors", {"big": (1024 * 1024, 4096)})
+    done = subprocess.run([sys.executable, "-c", _READ_UNDER_A_LIMIT, str(path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["mapping refused", "(2, 4096) 0.0"]

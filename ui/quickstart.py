@@ -13,6 +13,7 @@ from typing import Any
 from trainer import registry
 from trainer.estimator.core import verdict
 from trainer.estimator.job import estimate_job
+from trainer.estimator.shapes import text_encoder_file_gib
 from trainer.profiles import Profile, ProfileError, get_preset, list_presets
 from trainer.spec import JobSpec, SpecError, deep_merge, parse_spec
 from ui import form, presets
@@ -97,8 +98,10 @@ def _costs(family: str, flavour: str, preset: str | None) -> tuple[float, float]
     cold = parse_spec(deep_merge(job, {"data": {"cache_text_embeddings": "memory"}}))
     weights = parse_spec(deep_merge(job, {"model": {"base_precision": "bf16",
                                                             "text_encoder_precision": "bf16"}}))
-    return (sum(estimate_job(weights, None, suggest=False).components.values()),
-            estimate_job(cold, None, suggest=False).ram_gib)
+    loaded = estimate_job(weights, None, suggest=False).components  # the text encoder as loaded: its layers read
+    download = sum(gib for name, gib in loaded.items() if not name.startswith("text encoder"))
+    flavour_info = registry.get_flavour(family, flavour)
+    return download + text_encoder_file_gib(flavour_info), estimate_job(cold, None, suggest=False).ram_gib
 
 
 def model_words(choice: Choice, gpu_found: bool = True) -> str:

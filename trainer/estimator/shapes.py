@@ -295,6 +295,13 @@ def loaded_text_encoder(f: registry.Flavour) -> TextEncoderShape | None:
     return replace(shape, params=loaded, layers=keep, extra=0.0)
 
 
+def text_encoder_file_gib(f: registry.Flavour) -> float:
+    """The released bf16 text encoder's size (every layer and tower, heads aside), GiB: what a user downloads, of
+    which `loaded_text_encoder` is what loads."""
+    shape = None if f.is_demo else TEXT_ENCODERS.get(f.text_encoder_label)
+    return 0.0 if shape is None else shape.params * BYTES["bf16"] / 1024**3
+
+
 def text_tokens(f: registry.Flavour) -> int:
     if f.is_demo:
         return registry.DEMO_TEXT_TOKENS

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from trainer.fabric.models import Component, scheduler_config
-from trainer.fabric.stream import TensorSpec, shard, values, write_file
+from trainer.fabric.stream import TensorSpec, fp8_scale, shard, values, write_file
 from trainer.registry import Flavour
 
 SHARD_BYTES = 5 * 1000**3  # the hub's shard size
@@ -31,7 +31,6 @@ COMFY_NAMES = {
 # the components a flavour's ComfyUI files store in scaled fp8, and the decoder layers its text encoder file keeps
 COMFY_FP8 = {("flux2", "dev"): ("transformer", "text_encoder")}
 COMFY_TEXT_LAYERS = {("flux2", "dev"): 31}  # Mistral's first 31 of 40: FLUX.2 reads hidden states 10, 20 and 30
-FP8_SCALE = 0.02 * 4.5 / 448  # one scale per weight: 4.5 standard deviations of normal(0, 0.02) at fp8's largest
 COMFY_FOLDERS = {"transformer": "diffusion_models", "vae": "vae", "text_encoder": "text_encoders",
                  "text_encoder_2": "text_encoders"}
 
@@ -74,15 +73,17 @@ def _bfl_transformer(flavour: Flavour, tensors: dict) -> list[TensorSpec]:
             for key, shape in bfl_shapes(plan, shapes).items()]
 
 
-def _scaled_fp8(specs: list[TensorSpec]) -> list[TensorSpec]:
+def _scaled_fp8(specs: list[TensorSpec], seed: int) -> list[TensorSpec]:
     """The repeated layers' Linear weights in fp8 e4m3 with one fp32 `.weight_scale` each (ComfyUI's and BFL's
-    scaled fp8); token tables, norms, biases and the layers outside the blocks stay bf16 (the "mixed" files)."""
+    scaled fp8: the largest value at fp8's largest); token tables, norms, biases and the layers outside the blocks
+    stay bf16 (the "mixed" files)."""
     out = []
     for spec in specs:
         if len(spec.shape) == 2 and spec.name.endswith(".weight") and re.search(r"(blocks|layers)\.\d+\.", spec.name):
-            out.append(replace(spec, dtype=torch.float8_e4m3fn, scale=FP8_SCALE))
-            scale = torch.tensor(FP8_SCALE, dtype=torch.float32)
-            out.append(TensorSpec(spec.name.removesuffix("weight") + "weight_scale", (), torch.float32, tensor=scale))
+            scale = fp8_scale(spec, seed)
+            out.append(replace(spec, dtype=torch.float8_e4m3fn, scale=scale))
+            out.append(TensorSpec(spec.name.removesuffix("weight") + "weight_scale", (), torch.float32,
+                                  tensor=torch.tensor(scale, dtype=torch.float32)))
         else:
             out.append(spec)
     return out
@@ -105,7 +106,7 @@ def file_specs(flavour: Flavour, component: Component, layout: str, seed: int = 
     fp8 = component.name in COMFY_FP8.get((flavour.family, flavour.name), ())
     if component.name == "transformer":
         specs = _bfl_transformer(flavour, tensors)
-        return _scaled_fp8(specs) if fp8 else specs
+        return _scaled_fp8(specs, seed) if fp8 else specs
     if component.name == "vae":  # small (84 M parameters): converted in memory by the same function tests use
         from trainer.sources.vae_keys import vae_diffusers_to_ldm
 
@@ -118,7 +119,7 @@ def file_specs(flavour: Flavour, component: Component, layout: str, seed: int = 
         width = next(s.shape[0] for s in specs if s.name.endswith("final_layer_norm.weight"))
         specs.append(TensorSpec("text_projection.weight", (width, width)))
     specs = _kept_layers(flavour, specs)
-    return _scaled_fp8(specs) if fp8 else specs
+    return _scaled_fp8(specs, seed) if fp8 else specs
 
 
 def _save_config(component: Component, folder: Path) -> None:

@@ -71,8 +71,9 @@ def needed_bytes(flavour: registry.Flavour, layout: str, small_encoders: bool = 
     return sum(spec.nbytes for c in components for spec in file_specs(flavour, c, "hub" if c.name == "vae" else layout))
 
 
-def check_room(folder: Path, need: int, what: str) -> None:
-    """Refuses before anything is written when the disk or the RAM cannot take it; one line, needs and has."""
+def check_room(folder: Path, need: int, what: str, contents: str = "") -> None:
+    """Refuses before anything is written when the disk or the RAM cannot take it; one line, needs and has.
+    `contents` says what `need` is made of (default: weights)."""
     import psutil
 
     probe = folder
@@ -81,7 +82,8 @@ def check_room(folder: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(probe).free
     if need + DISK_MARGIN > free:
         raise UserError(f"{what}: needs {(need + DISK_MARGIN) / GIB:.1f} GiB of free disk in '{probe}' "
-                        f"({need / GIB:.1f} GiB of weights + {DISK_MARGIN / GIB:.0f} GiB left free); it has "
+                        f"({contents or f'{need / GIB:.1f} GiB of weights'} + {DISK_MARGIN / GIB:.0f} GiB left free); "
+                        f"it has "
                         f"{free / GIB:.1f} GiB. Free some space or choose another --out")
     available = psutil.virtual_memory().available
     if WRITER_RAM > available:

@@ -68,6 +68,22 @@ def _seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
+def _period(source: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The seeded fp32 values a 'normal' tensor repeats."""
+    count = 1
+    for n in shape:
+        count *= n
+    generator = torch.Generator().manual_seed(_seed(seed, source))
+    return torch.randn(min(PERIOD, count), generator=generator) * 0.02
+
+
+def fp8_scale(spec: TensorSpec, seed: int) -> float:
+    """The scale that maps the largest value of `spec` (of its parts) to fp8 e4m3's largest, as scaled fp8 files
+    choose it: nothing saturates."""
+    largest = max(_period(source, shape, seed).abs().max().item() for source, shape, _, _ in spec.sources())
+    return largest / FP8_MAX
+
+
 def _rows(source: str, shape: tuple[int, ...], first: int, stop: int, dtype: torch.dtype,
           seed: int, scale: float = 0.0) -> Iterable[torch.Tensor]:
     """Rows first..stop-1 of the fabricated tensor `source` of `shape`, a slice at a time (the same values however
@@ -86,8 +102,7 @@ def _rows(source: str, shape: tuple[int, ...], first: int, stop: int, dtype: tor
         per_row *= n
     step = max(1, _CHUNK_BYTES // max(1, per_row * torch.empty((), dtype=dtype).element_size()))
     if kind == "normal":
-        generator = torch.Generator().manual_seed(_seed(seed, source))
-        period = torch.randn(min(PERIOD, shape[0] * per_row), generator=generator) * 0.02
+        period = _period(source, shape, seed)
         if scale:  # quantised once per tensor: the rows repeat the period, so this is the whole cost
             period = (period / scale).clamp(-FP8_MAX, FP8_MAX)
         period = period.to(dtype)

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from trainer import safetensors_rows
 from trainer.errors import UserError
 from trainer.memory.heap import release_freed_heap
 
@@ -389,8 +390,6 @@ def quantize_model(model: torch.nn.Module, fmt: str, compute_dtype: torch.dtype,
 
 def _weight_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it: one file, or the shards an index json names."""
-    from safetensors import safe_open
-
     default = "diffusion_pytorch_model.safetensors"
     indexes = [folder / f"{default}.index.json"] if (folder / f"{default}.index.json").is_file() else []
     indexes = indexes or sorted(folder.glob("*.safetensors.index.json"))
@@ -402,27 +401,18 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         found = ", ".join(f.name for f in files) or "none"
         raise UserError(f"model.source: '{folder}' should hold one safetensors file or an index of shards "
                         f"(found: {found})")
-    with safe_open(str(files[0]), framework="pt") as handle:
-        return {key: files[0] for key in handle.keys()}
+    return {key: files[0] for key in safetensors_rows.names(files[0])}
 
 
 def _read(file: Path, key: str, dtype: torch.dtype | None, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """A copy of a tensor (floating ones in `dtype`), or of its rows start..stop-1, from a file opened for this
-    read only: safetensors maps the file, and pages read stay in this process's resident memory until the file
-    is closed, so one handle kept open would grow RSS by everything read so far."""
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as handle:
-        tensor = handle.get_tensor(key) if rows is None else handle.get_slice(key)[rows[0]:rows[1]]
-        # a copy whatever the dtypes: the tensor may be a view of the mapping that closes here
-        return tensor.to(dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype, copy=True)
+    """A tensor (floating ones in `dtype`), or its rows start..stop-1, read from `file` (trainer/safetensors_rows.py:
+    plain reads, no mapping)."""
+    tensor = safetensors_rows.read(file, key, rows)
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def _shape(file: Path, key: str) -> tuple[int, ...]:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as handle:
-        return tuple(handle.get_slice(key).get_shape())
+    return safetensors_rows.shape(file, key)
 
 
 def _few(names: list[str]) -> str:

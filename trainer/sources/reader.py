@@ -6,8 +6,8 @@ W = stored * scale) and BFL's fp8 releases (`weight_scale`, the same rule). Inpu
 `input_scale`) only matter to fp8 matrix multiplies at inference and are ignored. Block-scaled or packed 4-bit
 formats (nvfp4, mxfp8: U8 values with block scales) are refused with a message.
 
-Each read reopens the file: safetensors maps it, and pages read stay in this process's resident memory while a
-handle is open, so one handle kept across a 20 GB load would grow RSS by the whole file.
+Reads are plain reads of the bytes wanted (trainer/safetensors_rows.py): no file is mapped, so none is refused
+for being larger than RAM and no page read stays resident.
 """
 
 from __future__ import annotations
@@ -41,12 +41,9 @@ class FileReader:
         return self.infos[name].shape
 
     def _raw(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        from safetensors import safe_open
+        from trainer import safetensors_rows
 
-        with safe_open(str(self.path), framework="pt") as handle:
-            key = self.prefix + name
-            tensor = handle.get_tensor(key) if rows is None else handle.get_slice(key)[rows[0]:rows[1]]
-            return tensor.clone()  # the tensor may be a view of the mapping that closes here
+        return safetensors_rows.read(self.path, self.prefix + name, rows)
 
     def _scale_name(self, name: str) -> str | None:
         stem = name.removesuffix(".weight")
