@@ -180,10 +180,8 @@ def _text_key(kind: str, name: str, expected: dict[str, Any]) -> str | None:
         candidates += [f"text_model.{name}", name.removeprefix("text_model.")]
     if kind == "mistral":
         rest = next((name[len(stem):] for stem in _DECODER_STEMS if name.startswith(stem)), None)
-        if rest is not None and not rest.startswith(("vision_tower.", "multi_modal_projector.")):
+        if rest is not None:  # the image tower's tensors never get here (`_dropped`)
             candidates += [stem + rest for stem in _DECODER_STEMS]
-        bare = name.removeprefix("model.")
-        candidates += [bare, f"model.{bare}"] if bare.startswith(("vision_tower.", "multi_modal_projector.")) else []
     return next((c for c in candidates if c in expected), None)
 
 
