@@ -50,8 +50,10 @@ def main(job: str) -> int:
     from trainer.events import PhaseChanged
 
     emit(PhaseChanged(phase="loading", detail="text encoders only"))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.model.text_encoder_precision, torch.float32)
-    pipe = ops.load_pipeline(model_source(spec), flavour, dtype, skip=("transformer",), files=model_files(spec.model))
+    # the session's compute dtype and text encoder storage (a quantised encoder computes in bf16)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.train.mixed_precision, torch.float32)
+    pipe = ops.load_pipeline(model_source(spec), flavour, dtype, skip=("transformer",), files=model_files(spec.model),
+                             text_encoder_precision=spec.model.text_encoder_precision)
     caches = InputCaches(spec, ops, flavour, emit, lambda: False, output)
     caches.fill_text(pipe, captions)
     emit.close()
