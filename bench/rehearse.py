@@ -56,9 +56,18 @@ def _status(pid: int) -> dict[str, int] | None:
     values = {}
     for line in text.splitlines():
         key, _, rest = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
             values[key] = int(rest.split()[0]) * 1024
     return values
+
+
+def _reset_high_water_mark(pid: int) -> None:
+    """Linux's peak RSS (VmHWM) of `pid` starts again from its RSS now: a phase's peak is then exact, not the
+    highest of the 50 ms samples (a short-lived allocation can fall between two)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not allowed: the samples alone
+        pass
 
 
 class Watcher(threading.Thread):
@@ -68,7 +77,8 @@ class Watcher(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.events, self.log = pid, events, log
         self.phase = "starting"
-        self.peaks: dict[str, dict[str, int]] = {}
+        self.peaks: dict[str, dict[str, int]] = {}  # the sample with the highest RSS per phase
+        self.high: dict[str, int] = {}  # the kernel's peak RSS per phase (VmHWM, reset as each phase starts)
         self.started: dict[str, float] = {}
         self.seconds: dict[str, float] = {}  # a phase met more than once adds up
         self.steps: list[float] = []
@@ -79,12 +89,18 @@ class Watcher(threading.Thread):
         now = time.time()
         spent = now - self.started.get(self.phase, now)
         self.seconds[self.phase] = self.seconds.get(self.phase, 0.0) + spent
+        status = _status(self.pid)  # the old phase's last word: its peak up to now
+        if status:
+            self.high[self.phase] = max(self.high.get(self.phase, 0), status.get("VmHWM", 0))
         peak = self.peaks.get(self.phase)
         if peak and "VmRSS" in peak:  # as it happens: a rehearsal stopped halfway still told what it saw
-            print(f"  [{self.phase}] peak RSS {peak['VmRSS'] / GIB:.2f} GiB (anon {peak.get('RssAnon', 0) / GIB:.2f}, "
-                  f"file {peak.get('RssFile', 0) / GIB:.2f}), {spent:.0f} s", flush=True)
+            top = max(peak["VmRSS"], self.high.get(self.phase, 0))
+            print(f"  [{self.phase}] peak RSS {top / GIB:.2f} GiB (sampled {peak['VmRSS'] / GIB:.2f}: anon "
+                  f"{peak.get('RssAnon', 0) / GIB:.2f}, file {peak.get('RssFile', 0) / GIB:.2f}), {spent:.0f} s",
+                  flush=True)
         self.phase = phase
         self.started[phase] = now
+        _reset_high_water_mark(self.pid)
 
     def _read_events(self) -> None:
         if not self.events.is_file():
@@ -134,6 +150,7 @@ class Watcher(threading.Thread):
             peak = self.peaks.setdefault(self.phase, {"VmRSS": 0})
             if status["VmRSS"] > peak["VmRSS"]:
                 self.peaks[self.phase] = status
+            self.high[self.phase] = max(self.high.get(self.phase, 0), status.get("VmHWM", 0))
             time.sleep(SAMPLE_SECONDS)
         self._read_log()
         self._read_events()
@@ -177,9 +194,10 @@ def table(watcher: Watcher, predicted: dict[str, float]) -> list[dict[str, objec
         if peak is None:
             continue
         want = predicted.get(PREDICTED_AS[phase])
-        rss = peak["VmRSS"] / GIB
+        rss = max(peak["VmRSS"], watcher.high.get(phase, 0)) / GIB
         rows.append({"phase": phase, "predicted_gib": None if want is None else round(want, 2),
-                     "rss_gib": round(rss, 2), "anon_gib": round(peak.get("RssAnon", 0) / GIB, 2),
+                     "rss_gib": round(rss, 2), "sampled_gib": round(peak["VmRSS"] / GIB, 2),
+                     "anon_gib": round(peak.get("RssAnon", 0) / GIB, 2),
                      "file_gib": round(peak.get("RssFile", 0) / GIB, 2),
                      "off_pct": None if not want else round(100 * (rss - want) / want, 1),
                      "seconds": round(watcher.seconds.get(phase, time.time() - watcher.started[phase]), 1)})
@@ -187,11 +205,12 @@ def table(watcher: Watcher, predicted: dict[str, float]) -> list[dict[str, objec
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
-    print(f"{'phase':26}{'predicted':>10}{'peak RSS':>10}{'anon':>8}{'file':>8}{'off':>8}{'wall s':>9}")
+    print(f"{'phase':26}{'predicted':>10}{'peak RSS':>10}{'sampled':>9}{'anon':>8}{'file':>8}{'off':>8}{'wall s':>9}")
     for row in rows:
         predicted = "-" if row["predicted_gib"] is None else f"{row['predicted_gib']:.2f}"
         off = "-" if row["off_pct"] is None else f"{row['off_pct']:+.1f}%"
-        print(f"{row['phase']:26}{predicted:>10}{row['rss_gib']:>10.2f}{row['anon_gib']:>8.2f}{row['file_gib']:>8.2f}"
+        print(f"{row['phase']:26}{predicted:>10}{row['rss_gib']:>10.2f}{row['sampled_gib']:>9.2f}{row['anon_gib']:>8.2f}"
+              f"{row['file_gib']:>8.2f}"
               f"{off:>8}{row['seconds']:>9.1f}")
 
 
