@@ -35,5 +35,6 @@ def test_phases_come_from_the_console_and_the_two_loads_have_their_own_rows(tmp_
                                    "caching latents", "loading transformer", "training step", "saving", "sampling"]
     assert watcher.steps == [3.5]
     # the kernel's peak, reset as each phase starts, is never below what the samples saw in the phase
-    assert watcher.high and all(watcher.high[p] >= watcher.peaks[p]["VmRSS"] for p in watcher.peaks if p in watcher.high)
+    seen = [phase for phase in watcher.peaks if phase in watcher.high]
+    assert seen and all(watcher.high[phase] >= watcher.peaks[phase]["VmRSS"] for phase in seen)
     assert 0.2 < watcher.seconds["caching latents"] < 0.6  # both of its lines: one phase
