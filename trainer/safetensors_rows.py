@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+# safetensors dtype names (the fabricator writes with the same table)
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
@@ -62,4 +63,4 @@ def read(path: str | Path, key: str, rows: tuple[int, int] | None = None) -> tor
             if not got:
                 raise OSError(f"'{path}' ends inside tensor '{key}'")
             done += got
-    return buffer.view(_DTYPES[info["dtype"]]).reshape(dims)
+    return buffer.view(DTYPES[info["dtype"]]).reshape(dims)

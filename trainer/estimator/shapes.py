@@ -282,11 +282,15 @@ TEXT_ENCODERS = {  # by Flavour.text_encoder_label; params without the untied he
 }
 
 
+def _released_text_encoder(f: registry.Flavour) -> TextEncoderShape | None:
+    return None if f.is_demo else TEXT_ENCODERS.get(f.text_encoder_label)
+
+
 def loaded_text_encoder(f: registry.Flavour) -> TextEncoderShape | None:
     """The text encoder as the loader builds it (trainer/sources/single_file.py `_prune_layers`): a decoder keeps
     its layers up to the deepest hidden state the pipeline stacks, plus that layer's successor, and no image tower
     (klein: 28 of Qwen3's 36 layers; FLUX.2 dev: 31 of Mistral's 40, as ComfyUI's own file); None for the demo."""
-    shape = None if f.is_demo else TEXT_ENCODERS.get(f.text_encoder_label)
+    shape = _released_text_encoder(f)
     if shape is None or not f.text_encoder_layers:
         return shape
     keep = min(max(f.text_encoder_layers) + 1, shape.layers)
@@ -298,7 +302,7 @@ def loaded_text_encoder(f: registry.Flavour) -> TextEncoderShape | None:
 def text_encoder_file_gib(f: registry.Flavour) -> float:
     """The released bf16 text encoder's size (every layer and tower, heads aside), GiB: what a user downloads, of
     which `loaded_text_encoder` is what loads."""
-    shape = None if f.is_demo else TEXT_ENCODERS.get(f.text_encoder_label)
+    shape = _released_text_encoder(f)
     return 0.0 if shape is None else shape.params * BYTES["bf16"] / 1024**3
 
 

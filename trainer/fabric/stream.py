@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-_DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64",
-                torch.float8_e4m3fn: "F8_E4M3"}
+from trainer.safetensors_rows import DTYPES
+
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _CHUNK_BYTES = 256 * 1024**2  # one slice of rows generated at a time: bounds the writer's memory
 # Each tensor repeats a seeded random period of this prime length (a prime: no two rows of a matrix alike). Drawing
 # every value would take about 4 minutes per 16 GB on this project's 2-core machine; copying a period is disk-bound.
