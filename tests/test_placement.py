@@ -32,6 +32,26 @@ def test_streamed_text_encoders_give_the_same_embeddings(demo_dir: Path, family:
         torch.testing.assert_close(again[name], value, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("mode", ["cpu", "offload"])
+def test_an_encoder_computing_on_the_cpu_trims_the_heap_after_each_layer(
+        demo_dir: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainer.memory.placement as placement_module
+
+    ops, flavour = family_ops("flux2"), registry.get_flavour("flux2", "demo")
+    pipe = ops.load_pipeline(str(demo_dir / "flux2"), flavour, torch.float32)
+    expected = ops.encode_prompts(pipe, PROMPTS, flavour)
+    trims: list[int] = []
+    monkeypatch.setattr(placement_module, "release_freed_heap", lambda: trims.append(1) or True)
+    placement = TextEncoderPlacement(pipe, torch.device("cpu"), mode)
+    placed = ops.encode_prompts(pipe, PROMPTS, flavour)
+    assert len(trims) == len(decoder_layers(pipe.text_encoder))  # one forward of the prompts: one trim per layer
+    for name, value in expected.items():  # the hook leaves each layer's output as it was
+        torch.testing.assert_close(placed[name], value, rtol=0, atol=0, msg=name)
+    placement.release()
+    ops.encode_prompts(pipe, PROMPTS, flavour)
+    assert len(trims) == len(decoder_layers(pipe.text_encoder))  # released: no hook left
+
+
 def test_decoder_layers_finds_the_outer_list(demo_dir: Path) -> None:
     ops, flavour = family_ops("flux1"), registry.get_flavour("flux1", "demo")
     pipe = ops.load_pipeline(str(demo_dir / "flux1"), flavour, torch.float32)
