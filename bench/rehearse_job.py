@@ -11,7 +11,9 @@ from trainer.errors import UserError
 from trainer.registry import Flavour
 
 GIB = 1024**3
-IMAGES = 4
+# A full batch of text-encoder prompts (registry.TEXT_ENCODE_BATCH), each image its own caption as in a real
+# dataset: the text-caching phase holds what any dataset of 8 captions or more holds.
+IMAGES = 8
 PROMPT = "a red circle on a blue background"
 
 
@@ -54,8 +56,8 @@ def build_job(flavour: Flavour, layout: str, model: Path, work: Path, steps: int
     if dataset.exists():
         shutil.rmtree(dataset)
     build_demo_dataset(work, count=IMAGES, size=resolution)
-    for caption in dataset.glob("*.txt"):  # one caption, also the sample's prompt: two texts to encode with ""
-        caption.write_text(PROMPT, encoding="utf-8")
+    for index, caption in enumerate(sorted(dataset.glob("*.txt"))):  # the first is also the sample's prompt
+        caption.write_text(PROMPT if index == 0 else f"{PROMPT}, study {index + 1}", encoding="utf-8")
     edits = {
         "model": model_edits(flavour, layout, model),
         "data": {"datasets": [{"path": str(dataset)}], "resolution": resolution},

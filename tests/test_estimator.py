@@ -133,9 +133,9 @@ def test_klein_9b_is_plausible_phase_by_phase() -> None:
     assert result.phases["loading"].vram_gib == core.CUDA_CONTEXT_GIB
     assert 17 < result.phases["loading"].ram_gib < 21
     assert result.phases["caching text embeddings"].ram_gib < 20  # the transformer is not loaded yet
-    # the text encoder streams its layers (offload): its token table (≈1.2 GiB; no head is loaded) and two layers on
-    # the GPU
-    assert 2 < result.phases["caching text embeddings"].vram_gib < 3
+    # the text encoder streams its layers (offload): its token table (≈1.2 GiB; no head is loaded), two layers and
+    # a batch of 8 prompts' hidden states from every layer (≈1.2 GiB) on the GPU
+    assert 3 < result.phases["caching text embeddings"].vram_gib < 4.5
     on_gpu = estimate_job(spec, 24.0, plan=_plan(spec, "conservative", text_encoder_device="gpu"))
     assert 11 < on_gpu.phases["caching text embeddings"].vram_gib < 13  # 11.2 GiB of bf16 weights (28 of 36 layers)
     warm = estimate_job(_spec("flux2", "klein-base-9b", lowvram={"strategy": "conservative"},

@@ -19,6 +19,9 @@ _DERIVE = -1  # max_blocks_to_swap sentinel: derive it from the block counts
 # Text tokens of a demo prompt (both families): its tokenizers know the demo's words whole (trainer/demo.py), so a
 # caption and the FLUX.2 chat markers fit; a quarter of the 64 characters it took, as cheap again to train on.
 DEMO_TEXT_TOKENS = 16
+# Prompts per text-encoder forward while embeddings are cached (trainer/data/cache.py): a layer streamed to the GPU
+# serves this many at once; every layer's hidden state of each is held until the forward ends (the estimator).
+TEXT_ENCODE_BATCH = 8
 
 FLUX2_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 FLUX1_COMPONENTS = (

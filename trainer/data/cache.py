@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from trainer.registry import TEXT_ENCODE_BATCH
+
 
 class TextEmbeddingCache:
     """Caption → embeddings (each tensor with a leading batch dimension of 1), stored on the CPU."""
@@ -14,7 +16,7 @@ class TextEmbeddingCache:
         self._store: dict[str, dict[str, torch.Tensor]] = {}
 
     def fill(self, captions: Iterable[str], encode: Callable[[list[str]], dict[str, torch.Tensor]],
-             batch_size: int = 8) -> None:
+             batch_size: int = TEXT_ENCODE_BATCH) -> None:
         missing = list(dict.fromkeys(c for c in captions if c not in self._store))
         for start in range(0, len(missing), batch_size):
             chunk = missing[start:start + batch_size]

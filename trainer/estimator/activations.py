@@ -126,7 +126,7 @@ def text_encoder_memory(f: registry.Flavour, spec: JobSpec, device: str) -> tupl
     layer, outside = text_encoder_weights(shape, precision)
     whole = shape.layers * layer + outside
     elem = 2 if precision in WEIGHT_BYTES else BYTES[precision]  # a quantised encoder computes in bf16
-    tokens = text_tokens(f)
+    tokens = text_tokens(f) * registry.TEXT_ENCODE_BATCH  # a full batch of prompts: any dataset of 8 captions
     # every layer's hidden state is returned (output_hidden_states) and a few temporaries; no logits (NoLogits)
     work = (shape.layers + 9) * shape.hidden * tokens * elem
     if precision in WEIGHT_BYTES:
