@@ -54,8 +54,12 @@ def main(job: str) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.train.mixed_precision, torch.float32)
     pipe = ops.load_pipeline(model_source(spec), flavour, dtype, skip=("transformer",), files=model_files(spec.model),
                              text_encoder_precision=spec.model.text_encoder_precision)
+    from trainer.memory.placement import TextEncoderPlacement
+
+    placement = TextEncoderPlacement(pipe, torch.device("cpu"), "cpu")  # on the CPU, its heap trimmed per layer
     caches = InputCaches(spec, ops, flavour, emit, lambda: False, output)
     caches.fill_text(pipe, captions)
+    placement.release()
     emit.close()
     return 0
 
