@@ -583,3 +583,24 @@ def test_a_cpu_only_run_counts_what_each_vae_layout_makes_resident_while_caching
     mapped, whole = cpu_only_phases(spec)["caching latents"], cpu_only_phases(single)["caching latents"]
     assert whole - mapped == pytest.approx(core.VAE_PARAMS * 2 * (1 - VAE_ENCODER_SHARE) / core.GIB)
     assert 0.65 < mapped < whole < 0.85
+
+
+def test_the_cached_inputs_grow_with_the_dataset_on_disk(tmp_path: Path) -> None:
+    # every image's latents and every caption's embedding stay in RAM from caching on (trainer/data/cache.py)
+    def with_images(count: int) -> object:
+        folder = tmp_path / f"images{count}"
+        folder.mkdir()
+        for index in range(count):
+            (folder / f"{index:03d}.png").write_bytes(b"")  # counted by name, as the dataset lists them
+        return _spec("flux2", "klein-base-9b", data={"datasets": [{"path": str(folder)}], "resolution": 1024})
+
+    small, large = estimate_job(with_images(10)), estimate_job(with_images(110))
+    f = registry.get_flavour("flux2", "klein-base-9b")
+    per_image = 512 * f.joint_attention_dim * 2 + f.latent_channels * 128 * 128 * 4  # bf16 embedding, fp32 latents
+    assert per_image / 1024**2 == pytest.approx(14.0, abs=0.1)  # 12 MiB of embedding, 2 MiB of latents at 1024 px
+    for phase in ("caching latents", "training step"):
+        grown = large.phases[phase].ram_gib - small.phases[phase].ram_gib
+        assert grown == pytest.approx(100 * per_image / 1024**3, rel=1e-6), phase
+    assert any("(counted for 110 images in the datasets)" in note for note in large.notes)
+    unknown = estimate_job(_spec("flux2", "klein-base-9b", data={"datasets": [{"path": str(tmp_path / "none")}]}))
+    assert any(f"{registry.TEXT_ENCODE_BATCH} images assumed" in note for note in unknown.notes)

@@ -70,6 +70,7 @@ from trainer.estimator.activations import (
     text_encoder_memory,
     training_activations,
 )
+from trainer.estimator.caches import cached_inputs_bytes, dataset_images
 from trainer.estimator.plans import LowVramPlan, mode_problems, plan_under
 from trainer.estimator.scoring import clip_scorer_bytes
 from trainer.estimator.shapes import (
@@ -96,7 +97,6 @@ DISK_READ_GBPS = 3.0  # a typical NVMe (PCIe 3 x4 reads ≈3.5 GB/s sequentially
 # resident at the load's peak against 9.55 for the loaded model with the process, VAE and caches (+0.16); FLUX.1
 # dev 12.06 against 11.92 (+0.14); klein base 9B at 5 blocks deep (bench/rehearse_shallow.py) 2.70 against 2.75.
 STREAM_WORKSPACE_GIB = 0.15
-CACHES_RAM_GIB = 0.1  # latents and embeddings cached in memory for a small dataset (see the note per caption)
 CONTEXT = "cuda context"
 OVERHEAD = "allocator overhead"
 
@@ -369,7 +369,7 @@ def _training_ram(job: _Job, swapped_ram: float, step: _Step) -> dict[str, float
         "preview decoder (parked for sampling)": _preview_decoder_bytes(job),
         "optimizer state + fp32 lora masters and grads (offloaded)": step.optimizer_ram,
         "checkpoint inputs (offloaded)": step.activations.offloaded,
-        "cached latents and embeddings (in memory)": CACHES_RAM_GIB * GIB,
+        "cached latents and embeddings (in memory)": _caches(job),
         "lora EMA (fp32, ema_device = cpu)": _ema_bytes(job.spec, step.lora_params, "cpu"),
     }
 
@@ -446,9 +446,12 @@ def _notes(job: _Job, step: _Step, weights: dict[str, float], mode_reason: str, 
     if gpus > 1 or job.mode != "single":
         notes += _distributed_notes(spec, job.mode, mode_reason, gpus, weights)
     if not f.is_demo:
-        per_caption = text_tokens(f) * f.joint_attention_dim * 2 / 1024**2
-        notes.append(f"each caption's cached text embedding takes {per_caption:.1f} MiB "
-                     f"({'on disk' if not job.text_loaded else 'in RAM'})")
+        images = dataset_images(spec)
+        per_caption = text_tokens(f) * f.joint_attention_dim * job.compute_elem / 1024**2
+        counted = f"{images} images in the datasets" if images is not None else \
+            f"{registry.TEXT_ENCODE_BATCH} images assumed: no dataset folder yet"
+        notes.append(f"each caption's cached text embedding takes {per_caption:.1f} MiB of RAM through training "
+                     f"(counted for {counted})")
     te_whole, te_gpu, te_gpu_weights, _ = text_encoder_memory(f, spec, plan.text_encoder_device)
     if not job.text_loaded and te_whole:
         cold = _gpu_phase({"weights": te_gpu_weights}, {"work": te_gpu - te_gpu_weights}, 0.0)
@@ -516,12 +519,16 @@ def _disk_note(spec: JobSpec, swapped: int, saved: float, cached: float) -> str:
             "hide it (the OS page cache serves them faster while RAM is free)")
 
 
+def _caches(job: _Job) -> float:
+    return cached_inputs_bytes(job.spec, job.f, job.compute_elem)
+
+
 def _loads(job: _Job) -> _Loads:
     """The phases before training, in sequence, for `job` (bytes, one process)."""
     te_whole, _, _, te_ram = text_encoder_memory(job.f, job.spec, job.plan.text_encoder_device)
     sampled = bool(job.spec.sample.prompts)
     transformer = _transformer_load(job.layout, job.precision, job.swapped if job.on_disk else ())
-    return _Loads(PROCESS_RAM_GIB * GIB, job.vae_bytes, job.vae_bytes if sampled else 0.0, CACHES_RAM_GIB * GIB,
+    return _Loads(PROCESS_RAM_GIB * GIB, job.vae_bytes, job.vae_bytes if sampled else 0.0, _caches(job),
                   te_whole, te_ram, transformer)
 
 
