@@ -80,8 +80,12 @@ def _job(model: Path, work: Path, case: Case, resolution: int) -> Any:
     from trainer.spec import parse_spec
 
     preset = get_preset(PRESET)
+    lowvram = case.edits.get("lowvram", {})
+    if lowvram:  # a case that names its strategy runs it: the preset's own [lowvram] choices step aside
+        stated = {key: None for key in preset.spec.get("lowvram", {}) if key not in ("strategy", "vram_gib")}
+        lowvram = {**stated, **lowvram}
     edits = {"model": {"source": str(model), **case.edits.get("model", {})},
-             "lowvram": case.edits.get("lowvram", {}),
+             "lowvram": lowvram,
              "data": {"datasets": [{"path": str(work / "dataset")}], "resolution": resolution,
                       "cache_dir": str(work / "cache")},
              "train": {"max_steps": case.steps, "gradient_accumulation": 1},
@@ -90,14 +94,25 @@ def _job(model: Path, work: Path, case: Case, resolution: int) -> Any:
     return parse_spec(apply_layers({}, preset.profile, preset, edits))
 
 
-def _predicted(spec: Any, cap: float | None) -> float:
-    """The estimator's training-step tensors on the GPU, GiB (no CUDA context, no allocator overhead)."""
-    from trainer.estimator.auto import estimate_as_run, resolve_lowvram
+def _predicted(spec: Any, cap: float | None, plan: Any) -> float:
+    """The estimator's training-step tensors on the GPU for the plan the session ran, GiB (no CUDA context, no
+    allocator overhead)."""
+    from trainer.estimator.auto import estimate_as_run
     from trainer.estimator.core import CONTEXT, OVERHEAD
 
-    plan = resolve_lowvram(spec, cap)
     parts = estimate_as_run(spec, cap, plan=plan).phases["training step"].parts
     return sum(value for name, value in parts.items() if name not in (CONTEXT, OVERHEAD))
+
+
+def _outside_allocator_gib() -> float:
+    """GPU memory this process holds outside torch's allocator (the CUDA context, cuBLAS's workspace), which
+    set_per_process_memory_fraction does not limit: what the device uses beyond what torch has reserved (the proof
+    runs alone on its GPU)."""
+    import torch
+
+    torch.cuda.init()
+    free, total = torch.cuda.mem_get_info()
+    return (total - free - torch.cuda.memory_reserved()) / 2**30
 
 
 def run_case(case: Case, spec: Any, cuda: bool) -> None:
@@ -107,9 +122,11 @@ def run_case(case: Case, spec: Any, cuda: bool) -> None:
     from trainer.session import Session
 
     total = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0.0
+    usable = spec.lowvram.vram_gib or CAP_GIB  # the 8 GB profile's usable memory, the CUDA context included
     if cuda:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB / total) if case.cap else 1.0)
         torch.cuda.empty_cache()
+        cap = (usable - _outside_allocator_gib()) / total if case.cap else 1.0
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap))
     steps: list[events.Progress] = []
     started = time.perf_counter()
     try:
@@ -119,8 +136,13 @@ def run_case(case: Case, spec: Any, cuda: bool) -> None:
         finally:
             session.end()
         last = steps[-1]
+        predicted = _predicted(session.spec, usable if case.cap else total or None, session.plan)
+        plan = session.plan
         case.result = {"s_per_step": round(last.step_seconds, 2), "peak_vram_gib": round(last.vram_gib, 2),
-                       "predicted_gib": round(_predicted(spec, CAP_GIB if case.cap else total or None), 2),
+                       "predicted_gib": round(predicted, 2),
+                       "plan": {"strategy": plan.strategy, "blocks_to_swap": plan.blocks_to_swap,
+                                "cpu_offload_checkpointing": plan.cpu_offload_checkpointing,
+                                "fused_backward": plan.fused_backward, "optimizer_offload": plan.optimizer_offload},
                        "seconds": round(time.perf_counter() - started, 1)}
     except Exception as exc:  # noqa: BLE001 - a case that fails is reported and the proof goes on
         case.result = {"error": f"{type(exc).__name__}: {exc}"[:400], "trace": traceback.format_exc()[-1500:]}
@@ -180,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/gpu_proof", help="model, images, caches and runs")
     parser.add_argument("--json", help="write the results to this file too")
     args = parser.parse_args(argv)
+    if args.dry_run:  # the session picks the GPU where there is one: the dry run is the CPU's
+        import os
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
     from trainer.quiet import disable_loading_bars, silence_library_noise

@@ -31,6 +31,16 @@ def test_gpu_proof_dry_run_runs_every_case(tmp_path: Path) -> None:
     for name, result in results.items():
         assert "error" not in result, (name, result)
         assert result["s_per_step"] > 0 and result["predicted_gib"] > 0, name
+    plans = {name: result["plan"] for name, result in results.items()}
+    # each case runs the strategy it names, not the preset's own [lowvram] choices (25 blocks, offloads, fused)
+    assert plans["8gb-capped"] == {"strategy": "aggressive", "blocks_to_swap": 25, "cpu_offload_checkpointing": True,
+                                   "fused_backward": True, "optimizer_offload": False}
+    assert plans["half-swapped"]["blocks_to_swap"] == 16 and plans["none-swapped"]["blocks_to_swap"] == 0
+    for name in ("half-swapped", "none-swapped", "base-fp8", "base-int8", "base-int4", "base-nf4"):
+        assert plans[name]["strategy"] == "conservative", name
+        assert not plans[name]["cpu_offload_checkpointing"] and not plans[name]["fused_backward"], name
+    assert plans["aggressive"]["fused_backward"] and plans["aggressive"]["blocks_to_swap"] == 16
+    assert plans["extreme"]["blocks_to_swap"] == 30 and plans["extreme"]["optimizer_offload"]
 
 
 def test_gpu_proof_without_a_gpu_says_so() -> None:

@@ -798,6 +798,8 @@ class Session:
             self.losses.append(total)
             if self.cache_release.due(self.step):  # inside the step's timing: its cost shows in step_seconds
                 self.cache_release.release()
+            if self.device.type == "cuda":  # the step's backward may still run on the GPU: its time is the step's
+                torch.cuda.synchronize(self.device)
             now = time.perf_counter()
             rate = (self.step - start_step) / max(now - started, 1e-9)
             self.emit(Progress(step=self.step, max_steps=spec.train.max_steps, loss=total,
