@@ -84,3 +84,23 @@ def test_only_the_chosen_blocks_are_checkpointed(family_name: str) -> None:
     family().pow(2).mean().backward()
     recomputed = sorted(i for i in set(calls) if calls.count(i) == 2)
     assert recomputed == [0, 3, 4, 6]
+
+
+def test_the_backward_brings_back_the_whole_previous_block_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When a block starts its recomputation, both streams it stored (a double block's image and text hidden
+    states) are already on their way back, started by the block after it: none waits to be asked for."""
+    family = BUILDERS["flux2"](lora=True)
+    offloader = ActivationOffloader(torch.device("cpu"))
+    enable_block_checkpointing(family.transformer, transformer_blocks(family.transformer), 1, (), offloader)
+    late: list[int] = []
+    bring_back = ActivationOffloader.bring_back
+
+    def watched(self: ActivationOffloader, block: int) -> None:
+        first = block == self._blocks  # the forward's last block, the backward's first: nothing after it
+        late.extend(s.block for s in self._pending if s.block == block and s.loaded is None and not first)
+        bring_back(self, block)
+
+    monkeypatch.setattr(ActivationOffloader, "bring_back", watched)
+    _step(family, steps=1)
+    assert offloader._blocks >= 4 and not offloader._pending  # double and single blocks, every input came back
+    assert late == []

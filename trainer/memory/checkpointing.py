@@ -38,20 +38,25 @@ class ActivationOffloader:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self._pending: list[_Stored] = []  # forward order; backward takes from the end
         self.bytes_offloaded = 0
+        self._blocks = 0  # checkpointed block calls so far: each call's inputs share its number
 
-    def store(self, tensor: torch.Tensor) -> _Stored:
-        stored = _Stored(self, tensor)
+    def new_block(self) -> int:
+        self._blocks += 1
+        return self._blocks
+
+    def store(self, tensor: torch.Tensor, block: int) -> _Stored:
+        stored = _Stored(self, tensor, block)
         self._pending.append(stored)
         return stored
 
-    def prefetch_before(self, stored: _Stored) -> None:
-        """While `stored`'s block recomputes, start bringing back the inputs of the block before it."""
-        try:
-            index = self._pending.index(stored)
-        except ValueError:
-            return
-        if index > 0:
-            self._pending[index - 1].start_load()
+    def bring_back(self, block: int) -> None:
+        """As `block` starts its recomputation: its own inputs first (the backward's first block had none
+        prefetched), then every input of the block stored before it, which loads while this one recomputes (a
+        double block's two streams both: one alone would leave the other to load when its block asks)."""
+        earlier = [stored for stored in self._pending if stored.block < block]
+        ahead = [stored for stored in earlier if stored.block == earlier[-1].block] if earlier else []
+        for stored in [s for s in self._pending if s.block == block] + ahead:
+            stored.start_load()
 
     def forget(self, stored: _Stored) -> None:
         if stored in self._pending:
@@ -64,8 +69,8 @@ class ActivationOffloader:
 class _Stored:
     """One tensor in CPU memory, with the event that says its copy is done."""
 
-    def __init__(self, owner: ActivationOffloader, tensor: torch.Tensor) -> None:
-        self.owner = owner
+    def __init__(self, owner: ActivationOffloader, tensor: torch.Tensor, block: int) -> None:
+        self.owner, self.block = owner, block
         self.device = tensor.device
         self.requires_grad = tensor.requires_grad
         self.loaded: torch.Tensor | None = None
@@ -129,10 +134,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             args, kwargs = pytree.tree_unflatten(list(flat), spec)
             outputs = block(*args, **kwargs)
         ctx.stored, ctx.kept = {}, {}
+        ctx.number = offloader.new_block()
         streams = _stream_positions(spec, flat)
         for i, value in enumerate(flat):
             if i in streams:
-                ctx.stored[i] = offloader.store(value)
+                ctx.stored[i] = offloader.store(value, ctx.number)
             else:
                 ctx.kept[i] = value  # shared inputs are alive elsewhere; a reference costs nothing
         ctx.count = len(flat)
@@ -142,8 +148,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Any:
         offloader: ActivationOffloader = ctx.offloader
         inputs: list[Any] = [None] * ctx.count
+        offloader.bring_back(ctx.number)
         for i, stored in ctx.stored.items():
-            offloader.prefetch_before(stored)
             inputs[i] = stored.take()
         for i, value in ctx.kept.items():
             inputs[i] = value.detach().requires_grad_(value.requires_grad) if isinstance(value, torch.Tensor) \
