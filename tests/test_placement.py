@@ -56,3 +56,31 @@ def test_decoder_layers_finds_the_outer_list(demo_dir: Path) -> None:
     ops, flavour = family_ops("flux1"), registry.get_flavour("flux1", "demo")
     pipe = ops.load_pipeline(str(demo_dir / "flux1"), flavour, torch.float32)
     assert decoder_layers(pipe.text_encoder_2) == list(pipe.text_encoder_2.encoder.block)
+
+
+def test_a_run_stopped_while_caching_text_releases_its_placement(demo_dir: Path, tmp_path: Path) -> None:
+    """Stop pressed while the captions are encoded: the session ends with the text encoder's streaming undone
+    (on a GPU, the layers' host buffers unpinned), not left for the next run in this process to pin again."""
+    from trainer.errors import UserError
+    from trainer.events import PhaseChanged
+    from trainer.runners.base import Commands
+    from trainer.session import Session
+    from trainer.spec import load_spec, resolve_paths
+
+    spec = resolve_paths(load_spec(demo_dir / "job.toml", [
+        "sample.prompts=[]", "output.save_state=false", f"output.dir='{tmp_path}'",
+        "lowvram.text_encoder_device='offload'"]), demo_dir)
+    commands, placed = Commands(), []
+
+    def emit(event: object) -> None:
+        if isinstance(event, PhaseChanged) and event.phase == "caching text embeddings":
+            commands.request_stop()
+            placed.append(session._text_placement)
+
+    session = Session(spec, emit=emit, commands=commands)
+    with pytest.raises(UserError, match="stopped while caching text embeddings"):
+        session.run()
+    assert placed[0] is not None and placed[0].swappers  # streamed while it cached
+    session.end()
+    assert session._text_placement is None
+    assert not placed[0].swappers and not placed[0].hooks

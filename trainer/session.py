@@ -1081,6 +1081,9 @@ class Session:
 
     def end(self) -> None:
         """Free everything the session holds: models, caches, optimiser state, CUDA memory."""
+        if self._text_placement is not None:  # a run that stopped while caching: its layers' buffers unpinned
+            self._text_placement.release()
+            self._text_placement = None
         if self.swapper is not None:
             self.swapper.remove()
             self.swapper = None

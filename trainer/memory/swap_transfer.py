@@ -72,6 +72,24 @@ class CpuTransfer:
         pass
 
 
+def _clear_last_cuda_error() -> None:
+    """A failed CUDA runtime call stays the thread's last error until it is read, and torch's next kernel launch
+    check would raise it as its own failure: read it away (cudaGetLastError) from the runtime torch loaded, found
+    by its versioned name (already loaded, so the same library instance)."""
+    import ctypes
+    import sys
+
+    major = (torch.version.cuda or "").split(".")[0]
+    windows = sys.platform == "win32"
+    names = [f"cudart64_{major}.dll", f"cudart64_{major}0.dll"] if windows else [f"libcudart.so.{major}"]
+    for name in names:
+        try:
+            ctypes.CDLL(name).cudaGetLastError()
+            return
+        except (OSError, AttributeError):
+            continue
+
+
 class CudaTransfer:
     """Copies on a side stream from pinned host memory; events order them against the compute stream."""
 
@@ -94,6 +112,7 @@ class CudaTransfer:
         buffer = raw[start:start + size]  # the view keeps `raw` alive
         code = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), size, 0))
         if code != 0:
+            _clear_last_cuda_error()
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # torch's allocator, rounded up
         self._registered.add(buffer.data_ptr())
         return buffer[:nbytes]
