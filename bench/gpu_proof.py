@@ -3,11 +3,12 @@ bench/gpu_proof.sh (≤ 8 minutes on one H100); `--dry-run` runs the same logic 
 
 It fabricates klein base 9B (hub layout, python -m trainer fabricate; a few generated 1024 px images) and trains
 each case below in this process, the user's own Session on the job the 8 GB preset makes, with
-`torch.cuda.set_per_process_memory_fraction` capping the process at 8 GiB where a case says so. Text embeddings and
-latents are cached on disk by the first case and read by the others. For each case: s/step (the last step), the
-peak VRAM of the step (torch.cuda.max_memory_allocated, reset each step) and the estimator's training-step tensors
-for the same plan (trainer/estimator/core.py: its phase minus the CUDA context and allocator overhead, which
-max_memory_allocated does not see). Then the targets:
+`torch.cuda.set_per_process_memory_fraction` capping the process at the 8 GB profile's usable memory (the CUDA
+context counted) where a case says so. Text embeddings are cached on disk by the first case and read by the others;
+latents too, by the cases of the same base precision (the latent cache's key holds it). For each case: s/step (the
+last step), the peak VRAM of the step (torch.cuda.max_memory_allocated, reset each step) and the estimator's
+training-step tensors for the plan the session ran (trainer/estimator/core.py: its phase minus the CUDA context and
+allocator overhead, which max_memory_allocated does not see). Then the targets:
 
   8gb-capped / no-savers     the 8 GB preset at 1024 px, capped at 8 GiB, against the same job with no memory
                              savers (bf16 base, nothing swapped or checkpointed) uncapped: ≤ 1.5x
