@@ -29,13 +29,12 @@ def dataset_images(spec: JobSpec) -> int | None:
     return total if counted else None
 
 
-def cached_inputs_bytes(spec: JobSpec, f: registry.Flavour, compute_elem: int) -> float:
-    """Bytes of the cached latents and embeddings: each image's latents at the job's largest resolution, each
-    caption's embedding (one per image, "" and the sample prompts), over CACHES_RAM_GIB. Without the dataset on
-    disk, a full text-encoder batch of images (registry.TEXT_ENCODE_BATCH)."""
+def cached_inputs_bytes(spec: JobSpec, f: registry.Flavour, compute_elem: int, images: int | None) -> float:
+    """Bytes of the cached latents and embeddings of `images` (`dataset_images`): each image's latents at the job's
+    largest resolution, each caption's embedding (one per image, "" and the sample prompts), over CACHES_RAM_GIB.
+    Without the dataset on disk (None), a full text-encoder batch of images (registry.TEXT_ENCODE_BATCH)."""
     if f.is_demo:
         return CACHES_RAM_GIB * 1024**3
-    images = dataset_images(spec)
     images = registry.TEXT_ENCODE_BATCH if images is None else images
     resolution = max(spec.data.every_resolution())
     latent = f.latent_channels * (resolution // 8) ** 2 * LATENT_ELEM

@@ -191,6 +191,7 @@ class _Job:
     resolution: int
     image_tokens: int
     reference_tokens: int
+    images: int | None = None  # in the dataset folders (caches.dataset_images), listed once per estimate
 
     @property
     def precision(self) -> str:
@@ -283,7 +284,7 @@ def _job(spec: JobSpec, plan: LowVramPlan, mode: str, gpus: int) -> _Job:
     return _Job(spec, f, plan, mode, gpus, weight_layout(f, precision, modulation),
                 compute_elem=4 if (spec.train.mixed_precision == "no" and precision == "fp32") else 2,
                 vae_elem=4 if precision == "fp32" else 2, resolution=resolution, image_tokens=image_tokens,
-                reference_tokens=_reference_tokens(spec, image_tokens))
+                reference_tokens=_reference_tokens(spec, image_tokens), images=dataset_images(spec))
 
 
 def _base_weights(job: _Job) -> tuple[dict[str, float], float]:
@@ -446,9 +447,8 @@ def _notes(job: _Job, step: _Step, weights: dict[str, float], mode_reason: str, 
     if gpus > 1 or job.mode != "single":
         notes += _distributed_notes(spec, job.mode, mode_reason, gpus, weights)
     if not f.is_demo:
-        images = dataset_images(spec)
         per_caption = text_tokens(f) * f.joint_attention_dim * job.compute_elem / 1024**2
-        counted = f"{images} images in the datasets" if images is not None else \
+        counted = f"{job.images} images in the datasets" if job.images is not None else \
             f"{registry.TEXT_ENCODE_BATCH} images assumed: no dataset folder yet"
         notes.append(f"each caption's cached text embedding takes {per_caption:.1f} MiB of RAM through training "
                      f"(counted for {counted})")
@@ -520,7 +520,7 @@ def _disk_note(spec: JobSpec, swapped: int, saved: float, cached: float) -> str:
 
 
 def _caches(job: _Job) -> float:
-    return cached_inputs_bytes(job.spec, job.f, job.compute_elem)
+    return cached_inputs_bytes(job.spec, job.f, job.compute_elem, job.images)
 
 
 def _loads(job: _Job) -> _Loads:
